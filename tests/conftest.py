@@ -1,0 +1,35 @@
+"""Shared test fixtures.
+
+Reference material (golden tensors, real tokenizer files) lives in ``../shared`` beside the clone, or
+wherever ``ANIMA_SHARED_DIR`` points. Tests that need it skip with a visible reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tiny ops are dominated by thread start-up and contention on small CI machines.
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DIR = Path(os.environ.get("ANIMA_SHARED_DIR", REPO_ROOT.parent / "shared"))
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        pytest.skip(f"{what} not found at {path} (set ANIMA_SHARED_DIR to the shared reference folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return _require_dir(SHARED_DIR / "golden", "golden reference tensors")
+
+
+@pytest.fixture(scope="session")
+def tokenizers_dir() -> Path:
+    return _require_dir(SHARED_DIR / "tokenizers", "real tokenizer files")
