@@ -1,0 +1,606 @@
+"""Command-line flags of the trainer (everything except the dataset flags), TOML config files, validation.
+
+Flag names and defaults follow sd-scripts so existing command lines and `--config_file` TOMLs keep working.
+`parse_args(argv)` is the single entry point: it builds the parser, merges `--config_file`, normalises
+aliases and runs `validate_args`, which raises `AnimaError` (one line naming the flags) for combinations that
+cannot work and returns warnings for flags that have no effect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import toml
+
+from library.errors import AnimaError
+
+GPU_ONLY = "[GPU only] "
+
+TIMESTEP_SAMPLINGS = ["sigma", "uniform", "sigmoid", "shift", "flux_shift"]
+WEIGHTING_SCHEMES = ["sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"]
+ATTN_MODES = ["torch", "xformers", "flash", "sageattn", "sdpa"]
+LOSS_TYPES = ["l1", "l2", "huber", "smooth_l1"]
+HUBER_SCHEDULES = ["constant", "exponential", "snr"]
+MAX_BLOCKS_TO_SWAP = 26  # 28 blocks minus the two that must stay resident
+
+# Keys never written by --output_config (secrets and the config flags themselves).
+_NOT_SAVED_IN_CONFIG = {"config_file", "output_config", "wandb_api_key"}
+
+
+def int_or_float(value: str) -> int | float:
+    """Parse a step count or a ratio: "123" -> 123 steps, "0.1" -> ratio 0.1, "10%" -> 0.1.
+
+    A value of 1 or more must be a whole number (a ratio is always below 1).
+    """
+    text = str(value).strip()
+    if text.endswith("%"):
+        number = float(text[:-1]) / 100.0
+        if not 0.0 <= number <= 1.0:
+            raise argparse.ArgumentTypeError(f"percentage must be between 0% and 100%, got {value!r}")
+        return number
+    try:
+        number = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a step count or a ratio, got {value!r}") from exc
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value!r}")
+    if number >= 1:
+        if not re.fullmatch(r"\d+", text):
+            raise argparse.ArgumentTypeError(f"a value of 1 or more must be a whole number of steps, got {value!r}")
+        return int(text)
+    return number
+
+
+def _add(group: argparse._ActionsContainer, parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """Add `--name` unless another module (the dataset flags) already defined it: one definition per flag."""
+    if f"--{name}" in parser._option_string_actions:
+        return
+    group.add_argument(f"--{name}", **kwargs)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model files")
+    a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
+    a("pretrained_model_name_or_path", type=str, default=None,
+      help="Anima DiT .safetensors (ComfyUI `net.` prefix accepted)")
+    a("qwen3", type=str, default=None, help="Qwen3-0.6B text encoder: a Hugging Face folder or one .safetensors file")
+    a("vae", type=str, default=None, help="Qwen-Image VAE .safetensors")
+    a("llm_adapter_path", type=str, default=None,
+      help="separate LLM adapter weights; default: the adapter inside the DiT file")
+    a("t5_tokenizer_path", type=str, default=None, help="T5 tokenizer folder; default: the bundled one")
+    a("tokenizer_cache_dir", type=str, default=None, help="unused for Anima (kept for sd-scripts command lines)")
+    a("v2", action="store_true", help="Stable Diffusion 2 option; has no effect for Anima (warned)")
+    a("v_parameterization", action="store_true", help="Stable Diffusion option; has no effect for Anima (warned)")
+    a("disable_mmap_load_safetensors", action="store_true", help="unused for Anima")
+
+
+def _add_anima_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Anima training")
+    a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
+    a("timestep_sampling", choices=TIMESTEP_SAMPLINGS, default="sigmoid", help="how sigma is drawn per sample")
+    a("sigmoid_scale", type=float, default=1.0, help="scale of the normal draw in sigmoid/shift/flux_shift sampling")
+    a("discrete_flow_shift", type=float, default=1.0,
+      help="shift s in s*t/(1+(s-1)*t); used by `shift` and `sigma` sampling")
+    a("weighting_scheme", choices=WEIGHTING_SCHEMES, default="uniform",
+      help="loss weight (sigma_sqrt, cosmap); logit_normal/mode shape sigma only with --timestep_sampling sigma")
+    a("logit_mean", type=float, default=0.0, help="mean of the logit_normal density")
+    a("logit_std", type=float, default=1.0, help="std of the logit_normal density")
+    a("mode_scale", type=float, default=1.29, help="scale of the `mode` density")
+    a("qwen3_max_token_length", type=int, default=512, help="Qwen3 tokens: truncate and pad to this length")
+    a("t5_max_token_length", type=int, default=512, help="T5 tokens: truncate and pad to this length")
+    a("attn_mode", choices=ATTN_MODES, default=None,
+      help="DiT attention: torch (default, alias sdpa); " + GPU_ONLY + "xformers (needs --split_attn), flash; "
+      "sageattn is inference only. Overrides --xformers")
+    a("split_attn", action="store_true", help="run attention one sample at a time (less memory)")
+    a("vae_chunk_size", type=int, default=None, help="spatial chunking inside the VAE (less memory)")
+    a("vae_disable_cache", action="store_true", help="disable the VAE's causal-conv cache (less memory)")
+    for component in ("self_attn", "cross_attn", "mlp", "mod", "llm_adapter"):
+        a(f"{component}_lr", type=float, default=None,
+          help=f"learning rate of the {component} LoRA modules; 0 freezes them; default: the DiT learning rate")
+    a("blocks_to_swap", type=int, default=None,
+      help=GPU_ONLY + f"number of DiT blocks kept in CPU memory and swapped in on demand (1-{MAX_BLOCKS_TO_SWAP})")
+    a("cpu_offload_checkpointing", action="store_true",
+      help=GPU_ONLY + "offload checkpointed activations to CPU (blocking)")
+    a("unsloth_offload_checkpointing", action="store_true",
+      help=GPU_ONLY + "offload checkpointed activations to CPU asynchronously; implies --gradient_checkpointing")
+
+
+def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("network (LoRA)")
+    a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
+    a("network_module", type=str, default=None, help="network module to train: networks.lora_anima")
+    a("network_dim", type=int, default=None, help="LoRA rank (default 4)")
+    a("network_alpha", type=float, default=1, help="LoRA alpha; scale = alpha / rank")
+    a("network_dropout", type=float, default=None, help="dropout on the rank-r activations")
+    a("network_args", type=str, default=None, nargs="*", help="extra network options as key=value")
+    a("network_train_unet_only", action="store_true", help="train only the DiT LoRA")
+    a("network_train_text_encoder_only", action="store_true", help="train only the Qwen3 LoRA")
+    a("network_weights", type=str, default=None, help="LoRA weights to start from")
+    a("dim_from_weights", action="store_true", help="take ranks/alphas from --network_weights")
+    a("base_weights", type=str, default=None, nargs="*", help="LoRA files merged into the base model before training")
+    a("base_weights_multiplier", type=float, default=None, nargs="*", help="multiplier per --base_weights file")
+    a("scale_weight_norms", type=float, default=None, help="max-norm regularisation of each LoRA module")
+    a("unet_lr", type=float, default=None, help="learning rate of the DiT LoRA (default --learning_rate)")
+    a("text_encoder_lr", type=float, default=None, nargs="*",
+      help="learning rate of the Qwen3 LoRA (default --learning_rate)")
+    a("training_comment", type=str, default=None, help="stored as ss_training_comment")
+    a("no_metadata", action="store_true", help="write only the minimal metadata into the LoRA file")
+    a("save_model_as", choices=[None, "ckpt", "pt", "safetensors"], default="safetensors",
+      help="LoRA file format (metadata only in safetensors)")
+    a("lora_format", choices=["sd-scripts", "comfy"], default="sd-scripts",
+      help="key names in the saved LoRA: sd-scripts (lora_unet_*) or comfy (diffusion_model.*, lora_A/lora_B)")
+
+
+def _add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("optimizer and learning-rate schedule")
+    a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
+    a("optimizer_type", type=str, default="", help="AdamW (default), AdamW8bit, Adafactor, Lion, Prodigy, ...")
+    a("use_8bit_adam", action="store_true", help="legacy alias of --optimizer_type AdamW8bit")
+    a("use_lion_optimizer", action="store_true", help="legacy alias of --optimizer_type Lion")
+    a("learning_rate", type=float, default=2.0e-6, help="base learning rate")
+    a("max_grad_norm", type=float, default=1.0, help="clip the total gradient norm; 0 disables")
+    a("optimizer_args", type=str, default=None, nargs="*", help="optimizer options as key=value")
+    a("lr_scheduler", type=str, default="constant",
+      help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, "
+      "cosine_with_min_lr, warmup_stable_decay, piecewise_constant, adafactor")
+    a("lr_scheduler_type", type=str, default="", help="custom scheduler class")
+    a("lr_scheduler_args", type=str, default=None, nargs="*", help="scheduler options as key=value")
+    a("lr_warmup_steps", type=int_or_float, default=0, help="warmup steps, or a ratio of total steps (0.1, 10%%)")
+    a("lr_decay_steps", type=int_or_float, default=0, help="decay steps or ratio (warmup_stable_decay)")
+    a("lr_scheduler_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
+    a("lr_scheduler_power", type=float, default=1, help="power of the polynomial scheduler")
+    a("lr_scheduler_timescale", type=int, default=None, help="timescale of inverse_sqrt")
+    a("lr_scheduler_min_lr_ratio", type=float, default=None, help="minimum LR ratio (cosine_with_min_lr, WSD)")
+    a("fused_backward_pass", action="store_true",
+      help="apply the optimizer step inside backward (Adafactor only, no gradient accumulation)")
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training loop")
+    a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
+    a("max_train_steps", type=int, default=1600, help="number of optimizer steps")
+    a("max_train_epochs", type=int, default=None, help="number of epochs (overrides --max_train_steps)")
+    a("train_batch_size", type=int, default=1, help="batch size per process")
+    a("gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    a("mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="autocast and frozen-model dtype")
+    a("full_fp16", action="store_true", help="keep the LoRA weights in fp16 (needs --mixed_precision fp16)")
+    a("full_bf16", action="store_true", help="keep the LoRA weights in bf16 (needs --mixed_precision bf16)")
+    a("fp8_base", action="store_true", help=GPU_ONLY + "not supported for Anima: disabled with a warning")
+    a("fp8_base_unet", action="store_true", help=GPU_ONLY + "not supported for Anima: disabled with a warning")
+    a("no_half_vae", action="store_true", help="keep the VAE in float32")
+    a("seed", type=int, default=None, help="random seed (default: random)")
+    a("gradient_checkpointing", action="store_true", help="recompute DiT block activations in backward")
+    a("max_data_loader_n_workers", type=int, default=8, help="data loader workers (capped by the CPU count)")
+    a("persistent_data_loader_workers", action="store_true", help="keep data loader workers between epochs")
+    a("loss_type", choices=LOSS_TYPES, default="l2", help="element-wise loss")
+    a("huber_schedule", choices=HUBER_SCHEDULES, default="snr",
+      help="huber c per sample; `snr` is not available for Anima (use constant or exponential)")
+    a("huber_c", type=float, default=0.1, help="huber c")
+    a("huber_scale", type=float, default=1.0, help="huber scale")
+    a("ip_noise_gamma", type=float, default=None, help="input-perturbation noise strength")
+    a("ip_noise_gamma_random_strength", action="store_true", help="draw the ip noise strength in [0, gamma)")
+    a("masked_loss", action="store_true", help="multiply the loss by a mask image")
+    a("prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
+    # Stable Diffusion noise/loss tweaks: parsed so old command lines work, warned as having no effect.
+    a("noise_offset", type=float, default=None, help="no effect for Anima (warned)")
+    a("noise_offset_random_strength", action="store_true", help="no effect for Anima (warned)")
+    a("multires_noise_iterations", type=int, default=None, help="no effect for Anima (warned)")
+    a("multires_noise_discount", type=float, default=0.3, help="no effect for Anima")
+    a("adaptive_noise_scale", type=float, default=None, help="no effect for Anima (warned)")
+    a("min_snr_gamma", type=float, default=None, help="no effect for Anima (warned)")
+    a("debiased_estimation_loss", action="store_true", help="no effect for Anima (warned)")
+    a("scale_v_pred_loss_like_noise_pred", action="store_true", help="no effect for Anima (warned)")
+    a("v_pred_like_loss", type=float, default=None, help="no effect for Anima (warned)")
+    a("zero_terminal_snr", action="store_true", help="no effect for Anima (warned)")
+    a("min_timestep", type=int, default=None, help="only recorded in the model-spec metadata")
+    a("max_timestep", type=int, default=None, help="only recorded in the model-spec metadata")
+    a("weighted_captions", action="store_true", help="not supported by the Anima tokenizer (rejected)")
+    a("clip_skip", type=int, default=None, help="Stable Diffusion option; has no effect for Anima (warned)")
+    a("max_token_length", type=int, default=None, choices=[None, 150, 225],
+      help="Stable Diffusion option; use --qwen3_max_token_length/--t5_max_token_length")
+    a("mem_eff_attn", action="store_true", help="unused for Anima")
+    a("sdpa", action="store_true", help="unused for Anima (torch SDPA is the default)")
+    a("xformers", action="store_true", help=GPU_ONLY + "use xformers attention (same as --attn_mode xformers)")
+    a("torch_compile", action="store_true", help="compile the model with torch.compile")
+    a("dynamo_backend", type=str, default="inductor", help="torch.compile backend")
+    a("ddp_timeout", type=int, default=None, help="multi-GPU: process-group timeout in minutes")
+    a("ddp_gradient_as_bucket_view", action="store_true", help="multi-GPU: DDP gradient_as_bucket_view")
+    a("ddp_static_graph", action="store_true", help="multi-GPU: DDP static_graph")
+    a("lowram", action="store_true", help="keep models on the accelerator while caching")
+    a("highvram", action="store_true", help="skip cache clearing during latent caching")
+    a("initial_epoch", type=int, default=None, help="epoch to start counting from")
+    a("initial_step", type=int, default=None, help="step to start counting from")
+    a("skip_until_initial_step", action="store_true", help="skip the data before --initial_step")
+    a("validation_seed", type=int, default=None, help="seed for validation (default --seed)")
+    a("validate_every_n_steps", type=int, default=None, help="validate every N steps")
+    a("validate_every_n_epochs", type=int, default=None, help="validate every N epochs")
+    a("max_validation_steps", type=int, default=None, help="cap on validation batches")
+    a("cache_only", action="store_true", help="write the latent / text-encoder caches and exit without training")
+
+
+def _add_dataset_fallback_arguments(parser: argparse.ArgumentParser) -> None:
+    """Dataset flags the trainer reads itself; defined here only if the dataset module did not define them."""
+    g = parser.add_argument_group("dataset and caching")
+    a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
+    a("dataset_config", type=str, default=None, help="dataset TOML/JSON")
+    a("cache_latents", action="store_true", help="encode all images with the VAE once")
+    a("cache_latents_to_disk", action="store_true", help="cache latents in *_anima.npz files")
+    a("cache_text_encoder_outputs", action="store_true",
+      help="encode all captions with Qwen3 once (needs --network_train_unet_only)")
+    a("cache_text_encoder_outputs_to_disk", action="store_true", help="cache text outputs in *_anima_te.npz files")
+    a("vae_batch_size", type=int, default=1, help="batch size of latent caching")
+    a("text_encoder_batch_size", type=int, default=None, help="batch size of text caching")
+    a("skip_cache_check", action="store_true", help="only check that cache files exist")
+    a("shuffle_caption", action="store_true", help="shuffle comma-separated tags")
+    a("caption_tag_dropout_rate", type=float, default=0.0, help="drop comma-separated tags")
+    a("token_warmup_step", type=float, default=0, help="caption token warm-up")
+    a("resolution", type=str, default=None, help="training resolution \"W,H\" or \"S\"")
+
+
+def _add_saving_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("saving and resuming")
+    a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
+    a("output_dir", type=str, default=None, help="output folder")
+    a("output_name", type=str, default=None, help="base name of the LoRA files")
+    a("save_precision", choices=[None, "float", "fp16", "bf16"], default=None, help="dtype of the saved LoRA")
+    a("save_every_n_epochs", type=int, default=None, help="save every N epochs")
+    a("save_every_n_steps", type=int, default=None, help="save every N steps")
+    a("save_n_epoch_ratio", type=int, default=None, help="save about N times over the run")
+    a("save_last_n_epochs", type=int, default=None, help="keep only the last N epoch files")
+    a("save_last_n_steps", type=int, default=None, help="keep only the step files of the last N steps")
+    a("save_last_n_epochs_state", type=int, default=None, help="keep only the last N epoch states")
+    a("save_last_n_steps_state", type=int, default=None, help="keep only the states of the last N steps")
+    a("save_state", action="store_true", help="also save the training state with every LoRA file")
+    a("save_state_on_train_end", action="store_true", help="save the training state at the end")
+    a("resume", type=str, default=None, help="state folder to resume from")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sample images")
+    a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
+    a("sample_prompts", type=str, default=None, help="prompt file (.txt, .toml, .json)")
+    a("sample_every_n_steps", type=int, default=None, help="sample every N steps")
+    a("sample_every_n_epochs", type=int, default=None, help="sample every N epochs (overrides steps)")
+    a("sample_at_first", action="store_true", help="sample before training")
+    a("sample_sampler", type=str, default="ddim", help="unused: Anima always samples with its Euler sampler")
+
+
+def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("logging and metadata")
+    a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
+    a("logging_dir", type=str, default=None, help="TensorBoard folder (enables tensorboard)")
+    a("log_with", choices=["tensorboard", "wandb", "all"], default=None, help="tracker")
+    a("log_prefix", type=str, default=None, help="prefix of the run folder")
+    a("log_tracker_name", type=str, default=None, help="tracker project name")
+    a("log_tracker_config", type=str, default=None, help="tracker init kwargs TOML")
+    a("wandb_run_name", type=str, default=None, help="wandb run name")
+    a("wandb_api_key", type=str, default=None, help="wandb API key (never written to configs)")
+    a("log_config", action="store_true", help="log the training arguments to the tracker")
+    a("console_log_level", type=str, default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+      help="console log level")
+    a("console_log_file", type=str, default=None, help="also write the console log to this file")
+    a("console_log_simple", action="store_true", help="plain console log format")
+    for field in ("title", "author", "description", "license", "tags"):
+        a(f"metadata_{field}", type=str, default=None, help=f"model-spec {field}")
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("config file")
+    a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
+    a("config_file", type=str, default=None, help="TOML with training arguments (command line wins)")
+    a("output_config", type=str, default=None, help="write the given arguments to this TOML and exit")
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    """The full trainer parser: dataset flags (from the dataset module) plus every training flag."""
+    parser = argparse.ArgumentParser(
+        prog="anima_train_network.py",
+        description="Train a LoRA for Anima. Flags marked [GPU only] need a CUDA device.",
+    )
+    try:
+        from library.dataset_config import add_dataset_arguments
+    except ImportError:  # dataset module not installed yet: the fallback set below still parses
+        add_dataset_arguments = None
+    if add_dataset_arguments is not None:
+        add_dataset_arguments(parser)
+    _add_model_arguments(parser)
+    _add_anima_arguments(parser)
+    _add_network_arguments(parser)
+    _add_optimizer_arguments(parser)
+    _add_training_arguments(parser)
+    _add_dataset_fallback_arguments(parser)
+    _add_saving_arguments(parser)
+    _add_sampling_arguments(parser)
+    _add_logging_arguments(parser)
+    _add_config_arguments(parser)
+    return parser
+
+
+# --- config files -------------------------------------------------------------------------------------------
+
+
+def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {action.dest: action for action in parser._actions if action.option_strings}
+
+
+def _config_path(path: str) -> Path:
+    return Path(path if path.endswith(".toml") else path + ".toml")
+
+
+def load_config_defaults(parser: argparse.ArgumentParser, config_file: str) -> dict[str, Any]:
+    """Read `--config_file`: every table is flattened; each key must be a known flag with a valid value."""
+    path = _config_path(config_file)
+    if not path.is_file():
+        raise AnimaError(f"--config_file {path}: file not found; give the path of an existing TOML file")
+    try:
+        data = toml.load(path)
+    except (toml.TomlDecodeError, UnicodeDecodeError) as exc:
+        raise AnimaError(f"--config_file {path}: not valid TOML ({exc}); fix the syntax") from exc
+
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        for sub_key, sub_value in items:
+            flat[sub_key] = sub_value
+
+    actions = _actions_by_dest(parser)
+    defaults: dict[str, Any] = {}
+    for key, value in flat.items():
+        action = actions.get(key)
+        if action is None or key in ("config_file", "output_config"):
+            raise AnimaError(f"--config_file {path}: unknown key '{key}'; remove it or fix the spelling")
+        defaults[key] = _convert_config_value(path, action, value)
+    return defaults
+
+
+def _convert_config_value(path: Path, action: argparse.Action, value: Any) -> Any:
+    """Apply the flag's own type and choices to a TOML value so the file is checked like the command line."""
+    where = f"--config_file {path}: key '{action.dest}'"
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        if not isinstance(value, bool):
+            raise AnimaError(f"{where} must be true or false, got {value!r}")
+        return value
+    if action.nargs in ("*", "+"):
+        values = value if isinstance(value, list) else [value]
+        return [_convert_scalar(where, action, v) for v in values]
+    if isinstance(value, list):
+        raise AnimaError(f"{where} takes a single value, got a list")
+    return _convert_scalar(where, action, value)
+
+
+def _convert_scalar(where: str, action: argparse.Action, value: Any) -> Any:
+    if action.type is not None and value is not None:
+        try:
+            value = action.type(str(value)) if action.type is not float else float(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            raise AnimaError(f"{where}: invalid value {value!r} ({exc})") from exc
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(str(c) for c in action.choices)
+        raise AnimaError(f"{where}: invalid value {value!r}; choose one of {choices}")
+    return value
+
+
+def write_config(parser: argparse.ArgumentParser, args: argparse.Namespace, path: str) -> Path:
+    """Write every argument that differs from the parser default to a TOML file (refuses to overwrite)."""
+    out = _config_path(path)
+    if out.exists():
+        raise AnimaError(f"--output_config {out}: file already exists; choose another name or delete it")
+    values = {}
+    for dest, action in _actions_by_dest(parser).items():
+        if dest in _NOT_SAVED_IN_CONFIG:
+            continue
+        value = getattr(args, dest, None)
+        if value is None or value == action.default:
+            continue
+        values[dest] = value
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(toml.dumps(values), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+# --- parsing + validation -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """Parse the command line (and `--config_file`), normalise aliases, validate.
+
+    Returns (args, warnings). Raises AnimaError on bad input. `--output_config` is handled by the caller
+    (`handle_output_config`) so it can exit before any work.
+    """
+    parser = setup_parser()
+    args = parser.parse_args(argv)
+    if args.config_file:
+        parser.set_defaults(**load_config_defaults(parser, args.config_file))
+        args = parser.parse_args(argv)
+    warnings = validate_args(args)
+    return args, warnings
+
+
+def handle_output_config(argv: Sequence[str] | None = None) -> Path | None:
+    """If `--output_config` is given, write the config and return its path (the caller then exits)."""
+    parser = setup_parser()
+    args = parser.parse_args(argv)
+    if not args.output_config:
+        return None
+    if args.config_file:
+        parser.set_defaults(**load_config_defaults(parser, args.config_file))
+        args = parser.parse_args(argv)
+    return write_config(parser, args, args.output_config)
+
+
+def _flag(name: str) -> str:
+    return f"--{name}"
+
+
+def validate_args(args: argparse.Namespace) -> list[str]:
+    """Normalise aliases and reject combinations that cannot work. Returns warnings for no-effect flags.
+
+    Everything here runs before any model is loaded, so a bad command line fails in a second.
+    """
+    warnings: list[str] = []
+    reject = _Rejections()
+
+    # Attention mode: --xformers selects xformers only when --attn_mode is absent; sdpa is an alias of torch.
+    if args.attn_mode is None:
+        args.attn_mode = "xformers" if args.xformers else "torch"
+    if args.attn_mode == "sdpa":
+        args.attn_mode = "torch"
+    if args.attn_mode == "sageattn":
+        reject("--attn_mode sageattn is inference only; use torch, flash or xformers for training")
+    if args.attn_mode == "xformers" and not args.split_attn:
+        reject("--attn_mode xformers (or --xformers) needs --split_attn; add it or use --attn_mode torch")
+
+    # Options that do nothing for Anima: accepted so sd-scripts command lines run, but never silently.
+    if args.fp8_base or args.fp8_base_unet:
+        warnings.append("--fp8_base / --fp8_base_unet are not supported for Anima; training without fp8")
+        args.fp8_base = False
+        args.fp8_base_unet = False
+    for name in ("v2", "v_parameterization", "noise_offset_random_strength", "debiased_estimation_loss",
+                 "scale_v_pred_loss_like_noise_pred", "zero_terminal_snr", "mem_eff_attn"):
+        if getattr(args, name):
+            warnings.append(f"{_flag(name)} has no effect for Anima training; ignored")
+    for name in ("clip_skip", "max_token_length", "noise_offset", "multires_noise_iterations",
+                 "adaptive_noise_scale", "min_snr_gamma", "v_pred_like_loss", "tokenizer_cache_dir"):
+        if getattr(args, name) is not None:
+            warnings.append(f"{_flag(name)} has no effect for Anima training; ignored")
+    if args.sample_sampler not in (None, "ddim", "euler"):
+        warnings.append("--sample_sampler is ignored: Anima samples with its own Euler flow sampler")
+
+    if args.weighted_captions:
+        reject("--weighted_captions is not supported by the Anima tokenizer; remove it")
+    if args.loss_type in ("huber", "smooth_l1") and args.huber_schedule == "snr":
+        reject(f"--loss_type {args.loss_type} with --huber_schedule snr is not supported for Anima; "
+               "add --huber_schedule constant or exponential")
+
+    # Caching flags: *_to_disk implies the in-memory flag.
+    if args.cache_latents_to_disk and not args.cache_latents:
+        args.cache_latents = True
+    if args.cache_text_encoder_outputs_to_disk and not args.cache_text_encoder_outputs:
+        args.cache_text_encoder_outputs = True
+    if args.cache_text_encoder_outputs:
+        if args.network_train_text_encoder_only:
+            reject("--cache_text_encoder_outputs cannot be combined with --network_train_text_encoder_only "
+                   "(the Qwen3 LoRA cannot be trained on cached outputs)")
+        elif not args.network_train_unet_only:
+            warnings.append("--cache_text_encoder_outputs: the Qwen3 LoRA cannot be trained on cached outputs; "
+                            "training the DiT LoRA only (--network_train_unet_only)")
+            args.network_train_unet_only = True
+        live_caption_flags = [f for f in ("shuffle_caption",) if getattr(args, f, False)]
+        live_caption_flags += [f for f in ("caption_tag_dropout_rate", "token_warmup_step")
+                               if (getattr(args, f, 0) or 0) > 0]
+        if live_caption_flags:
+            flags = ", ".join(_flag(f) for f in live_caption_flags)
+            reject(f"--cache_text_encoder_outputs cannot be combined with {flags} "
+                   "(cached captions are fixed); remove one of them")
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        reject("--network_train_unet_only and --network_train_text_encoder_only exclude each other; keep one")
+
+    # Memory features.
+    if args.unsloth_offload_checkpointing and args.cpu_offload_checkpointing:
+        reject("--unsloth_offload_checkpointing and --cpu_offload_checkpointing exclude each other; keep one")
+    if args.blocks_to_swap:
+        if args.cpu_offload_checkpointing or args.unsloth_offload_checkpointing:
+            reject("--blocks_to_swap cannot be combined with --cpu_offload_checkpointing or "
+                   "--unsloth_offload_checkpointing; keep one")
+        if not 1 <= args.blocks_to_swap <= MAX_BLOCKS_TO_SWAP:
+            reject(f"--blocks_to_swap {args.blocks_to_swap}: must be between 1 and {MAX_BLOCKS_TO_SWAP}")
+    if args.unsloth_offload_checkpointing and not args.gradient_checkpointing:
+        warnings.append("--unsloth_offload_checkpointing turns on --gradient_checkpointing")
+        args.gradient_checkpointing = True
+
+    # Precision.
+    if args.full_fp16 and args.mixed_precision != "fp16":
+        reject("--full_fp16 needs --mixed_precision fp16")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        reject("--full_bf16 needs --mixed_precision bf16")
+    if args.full_fp16 and args.full_bf16:
+        reject("--full_fp16 and --full_bf16 exclude each other; keep one")
+
+    # Optimizer.
+    legacy = [f for f in ("use_8bit_adam", "use_lion_optimizer") if getattr(args, f)]
+    if len(legacy) > 1 or (legacy and args.optimizer_type):
+        reject("--use_8bit_adam / --use_lion_optimizer cannot be combined with each other or with "
+               "--optimizer_type; use only --optimizer_type")
+    if args.fused_backward_pass:
+        if (args.optimizer_type or "").lower() != "adafactor":
+            reject("--fused_backward_pass only works with --optimizer_type Adafactor")
+        if args.gradient_accumulation_steps > 1:
+            reject("--fused_backward_pass does not work with --gradient_accumulation_steps > 1")
+    warmup_free = args.lr_scheduler in ("constant", "adafactor") or bool(args.lr_scheduler_type)
+    if warmup_free and args.lr_warmup_steps:
+        name = args.lr_scheduler_type or args.lr_scheduler
+        reject(f"--lr_warmup_steps must be 0 with the {name} scheduler; remove it or use constant_with_warmup")
+
+    # Numbers that must be positive.
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            reject(f"{_flag(name)} must be at least 1, got {getattr(args, name)}")
+    for name in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
+                 "save_last_n_steps", "qwen3_max_token_length", "t5_max_token_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            reject(f"{_flag(name)} must be at least 1, got {value}")
+    for name in ("sample_every_n_steps", "sample_every_n_epochs"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            warnings.append(f"{_flag(name)} {value} is not positive; sampling on that schedule is off")
+            setattr(args, name, None)
+    if args.ip_noise_gamma is not None and args.ip_noise_gamma < 0:
+        reject("--ip_noise_gamma must not be negative")
+
+    # Logging.
+    if args.logging_dir and args.log_with is None:
+        args.log_with = "tensorboard"
+    if args.log_with in ("tensorboard", "all") and not args.logging_dir:
+        reject(f"--log_with {args.log_with} needs --logging_dir")
+    if args.log_with in ("wandb", "all"):
+        reject("--log_with wandb is not available in this trainer; use --log_with tensorboard")
+
+    # Files named on the command line must exist (caught before any long work).
+    for name in ("pretrained_model_name_or_path", "qwen3", "vae", "llm_adapter_path", "t5_tokenizer_path",
+                 "network_weights", "sample_prompts", "resume", "dataset_config"):
+        path = getattr(args, name, None)
+        if path and not os.path.exists(path):
+            reject(f"{_flag(name)} {path}: not found; check the path")
+    for path in args.base_weights or []:
+        if not os.path.exists(path):
+            reject(f"--base_weights {path}: not found; check the path")
+    if args.base_weights_multiplier and len(args.base_weights_multiplier) > len(args.base_weights or []):
+        reject("--base_weights_multiplier has more values than --base_weights files")
+
+    reject.raise_if_any()
+    return warnings
+
+
+class _Rejections:
+    """Collect every rejection so the user sees all conflicting flags at once, on one line."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def __call__(self, message: str) -> None:
+        self.messages.append(message)
+
+    def raise_if_any(self) -> None:
+        if self.messages:
+            raise AnimaError("; ".join(self.messages))
+
+
+def require_training_inputs(args: argparse.Namespace) -> None:
+    """Flags a training (or caching) run cannot start without."""
+    missing = [_flag(n) for n in ("pretrained_model_name_or_path", "qwen3", "vae") if not getattr(args, n)]
+    if not args.cache_only:
+        missing += [_flag(n) for n in ("output_dir", "network_module") if not getattr(args, n)]
+    if missing:
+        raise AnimaError(f"missing required option(s): {', '.join(missing)}")
+    if not args.dataset_config and not getattr(args, "train_data_dir", None) and not getattr(args, "in_json", None):
+        raise AnimaError("no dataset: give --dataset_config (a dataset TOML) or --train_data_dir")
+    if args.network_module and args.network_module != "networks.lora_anima":
+        raise AnimaError(f"--network_module {args.network_module}: only networks.lora_anima is supported")
