@@ -1,0 +1,296 @@
+"""Sample-prompt parsing, the Euler flow sampler and sample-image writing."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from library.errors import AnimaError
+from library.sampling import (
+    CachedPromptEncodings,
+    SamplePrompt,
+    euler_flow_sample,
+    generate_sample_images,
+    load_sample_prompts,
+    prompt_texts,
+    sample_image_filename,
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt files
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_txt_line_with_every_option_is_parsed_rounded_and_clamped(tmp_path):
+    path = _write(tmp_path, "p.txt", "a cat --n lowres, bad --w 1000 --h 777 --d 42 --s 2000 --l 4.5 --fs 2.5\n")
+    [p] = load_sample_prompts(path)
+    assert p == SamplePrompt(index=0, prompt="a cat", negative_prompt="lowres, bad", width=992, height=768,
+                             seed=42, sample_steps=1000, scale=4.5, flow_shift=2.5)
+
+
+def test_txt_defaults_comments_blank_lines_and_case_insensitive_options(tmp_path):
+    path = _write(tmp_path, "p.txt", "# a comment\n\nfirst prompt\n  second --W 256 --H 100 --S 0\n")
+    first, second = load_sample_prompts(path)
+    assert first == SamplePrompt(index=0, prompt="first prompt")
+    assert (first.width, first.height, first.sample_steps, first.scale, first.flow_shift, first.seed) == (
+        512, 512, 30, 7.5, 3.0, None)
+    assert first.negative_prompt == ""
+    assert (second.index, second.prompt, second.width, second.height, second.sample_steps) == (1, "second", 256, 96, 1)
+
+
+def test_side_below_minimum_becomes_64(tmp_path):
+    [p] = load_sample_prompts(_write(tmp_path, "p.txt", "x --w 20 --h 70\n"))
+    assert (p.width, p.height) == (64, 64)
+
+
+def test_ignored_options_of_other_models_are_accepted(tmp_path):
+    [p] = load_sample_prompts(_write(tmp_path, "p.txt", "x --g 3.5 --ss euler --ctr 0.5 --rcfg 1 --cn img.png\n"))
+    assert p.prompt == "x" and p.scale == 7.5
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("a cat --w wide", "width must be an integer"),
+        ("a cat --l high", "scale must be a number"),
+        ("a cat --fs nan", "flow_shift must be a finite number"),
+        ("a cat --fs 0", "flow_shift must be > 0"),
+        ("a cat --zz 3", "unknown sample option '--zz 3'"),
+        ("a cat --d", "option --d needs a value"),
+        (" --w 512", "prompt text is missing"),
+    ],
+)
+def test_bad_txt_line_names_file_and_line(tmp_path, line, message):
+    path = _write(tmp_path, "p.txt", f"# header\n{line}\n")
+    with pytest.raises(AnimaError, match=re.escape(message)) as err:
+        load_sample_prompts(path)
+    assert f"{path}:2" in str(err.value)
+
+
+def test_toml_subsets_merge_over_shared_keys(tmp_path):
+    path = _write(tmp_path, "p.toml", """
+[prompt]
+width = 256
+height = 320
+sample_steps = 12
+negative_prompt = "blurry"
+
+[[prompt.subset]]
+prompt = "a dog"
+seed = 7
+
+[[prompt.subset]]
+prompt = "a fox"
+width = 128
+scale = 1.0
+flow_shift = 1
+""")
+    a, b = load_sample_prompts(path)
+    assert a == SamplePrompt(index=0, prompt="a dog", negative_prompt="blurry", width=256, height=320, seed=7,
+                             sample_steps=12)
+    assert b == SamplePrompt(index=1, prompt="a fox", negative_prompt="blurry", width=128, height=320,
+                             sample_steps=12, scale=1.0, flow_shift=1.0)
+
+
+def test_toml_unknown_key_and_missing_subset_are_errors(tmp_path):
+    bad_key = _write(tmp_path, "a.toml", '[prompt]\n[[prompt.subset]]\nprompt = "x"\nwidht = 5\n')
+    with pytest.raises(AnimaError, match=r"a\.toml: prompt\.subset\[0\].*unknown sample prompt key.*widht"):
+        load_sample_prompts(bad_key)
+    no_subset = _write(tmp_path, "b.toml", '[prompt]\nwidth = 64\n')
+    with pytest.raises(AnimaError, match=r"b\.toml.*no \[\[prompt\.subset\]\]"):
+        load_sample_prompts(no_subset)
+
+
+def test_json_dicts_and_strings(tmp_path):
+    items = [
+        {"prompt": "red square", "negative_prompt": "noise", "width": 128, "height": 64, "seed": 3,
+         "sample_steps": 5, "scale": 2.0, "flow_shift": "2.0"},
+        "blue circle --d 9 --s 4",
+    ]
+    a, b = load_sample_prompts(_write(tmp_path, "p.json", json.dumps(items)))
+    assert a == SamplePrompt(index=0, prompt="red square", negative_prompt="noise", width=128, height=64, seed=3,
+                             sample_steps=5, scale=2.0, flow_shift=2.0)
+    assert b == SamplePrompt(index=1, prompt="blue circle", seed=9, sample_steps=4)
+
+
+def test_json_bad_value_names_the_item(tmp_path):
+    path = _write(tmp_path, "p.json", json.dumps([{"prompt": "ok"}, {"prompt": "x", "seed": True}]))
+    with pytest.raises(AnimaError, match=r"p\.json: item 1: seed must be an integer"):
+        load_sample_prompts(path)
+
+
+def test_missing_file_wrong_suffix_and_empty_file_are_errors(tmp_path):
+    with pytest.raises(AnimaError, match="--sample_prompts: file not found"):
+        load_sample_prompts(tmp_path / "nope.txt")
+    with pytest.raises(AnimaError, match=r"must end in \.txt, \.toml or \.json"):
+        load_sample_prompts(_write(tmp_path, "p.yaml", "x"))
+    with pytest.raises(AnimaError, match="contains no prompts"):
+        load_sample_prompts(_write(tmp_path, "e.txt", "# only a comment\n"))
+
+
+def test_prompt_texts_lists_each_distinct_text_once():
+    prompts = [SamplePrompt(0, "a", "n"), SamplePrompt(1, "b", ""), SamplePrompt(2, "a", "")]
+    assert prompt_texts(prompts) == ["a", "n", "b", ""]
+
+
+def test_sample_image_filename_for_step_and_epoch():
+    assert sample_image_filename("lora", 120, None, 3, 42, "20260101120000") == "lora_000120_03_20260101120000_42.png"
+    assert sample_image_filename(None, 5, 0, 0, None, "20260101120000") == "e000000_00_20260101120000.png"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Euler loop
+
+
+class _LinearVelocity(torch.nn.Module):
+    """v = a * x + b * t + mean(context): cheap, non-trivial, and depends on every input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(0.3))
+        self.b = torch.nn.Parameter(torch.tensor(-0.7))
+        self.calls: list[tuple[float, float]] = []
+
+    def forward(self, x, t, context, padding_mask=None):
+        assert padding_mask is not None and padding_mask.shape == (x.shape[0], 1, x.shape[3], x.shape[4])
+        assert not padding_mask.any()
+        self.calls.append((float(t[0]), float(context.mean())))
+        return self.a * x + self.b * t.view(-1, 1, 1, 1, 1) + context.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+
+
+def test_euler_two_steps_with_cfg_equals_hand_computation():
+    model = _LinearVelocity()
+    noise = torch.randn(1, 16, 1, 2, 3, generator=torch.Generator().manual_seed(0))
+    pos, neg = torch.full((1, 4, 8), 0.5), torch.full((1, 4, 8), -0.25)
+    sigmas = torch.tensor([1.0, 0.6, 0.0])
+    scale = 4.0
+
+    def v(x, t, c):
+        return 0.3 * x - 0.7 * t + c
+
+    x = noise.clone()
+    for s0, s1 in ((1.0, 0.6), (0.6, 0.0)):
+        v_pos, v_neg = v(x, s0, 0.5), v(x, s0, -0.25)
+        x = x + (v_neg + scale * (v_pos - v_neg)) * (s1 - s0)
+
+    with torch.no_grad():
+        out = euler_flow_sample(model, noise, sigmas, pos, neg, scale)
+    torch.testing.assert_close(out, x, rtol=1e-6, atol=1e-6)
+    flat_calls = [value for call in model.calls for value in call]
+    assert flat_calls == pytest.approx([1.0, 0.5, 1.0, -0.25, 0.6, 0.5, 0.6, -0.25])
+
+
+def test_euler_without_cfg_makes_one_pass_per_step():
+    model = _LinearVelocity()
+    noise = torch.randn(1, 16, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        euler_flow_sample(model, noise, torch.tensor([1.0, 0.5, 0.0]), torch.zeros(1, 2, 4),
+                          torch.ones(1, 2, 4), scale=1.0)
+    assert len(model.calls) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate_sample_images with stand-in components (fast, no checkpoints)
+
+
+class _StandInDiT(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 16)
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def encode_text(self, qwen3_embeds, qwen3_mask, t5_ids, t5_mask):
+        return qwen3_embeds * qwen3_mask[..., None]
+
+    def forward(self, x, t, context, padding_mask=None):
+        bias = self.proj(context.mean(dim=1))  # [B, 16]
+        return x * (1 - t.view(-1, 1, 1, 1, 1)) + bias.view(-1, 16, 1, 1, 1)
+
+
+class _StandInVAE(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.nn.Conv2d(16, 3, 1)
+
+    def decode_latents_to_pixels(self, z):
+        return torch.tanh(torch.nn.functional.interpolate(self.mix(z), scale_factor=8.0))
+
+
+def _fake_encodings(texts: list[str], width: int) -> CachedPromptEncodings:
+    gen = torch.Generator().manual_seed(5)
+    encodings = {}
+    for text in texts:
+        mask = torch.zeros(1, 6, dtype=torch.long)
+        mask[0, : max(len(text.split()), 1) if text else 0] = 1
+        encodings[text] = {
+            "qwen3_embeds": torch.randn(1, 6, width, generator=gen) * mask[..., None],
+            "qwen3_mask": mask,
+            "t5_ids": torch.tensor([[5, 6, 1, 0, 0, 0, 0, 0]]),
+            "t5_mask": torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0]]),
+        }
+    return CachedPromptEncodings(encodings)
+
+
+def test_generate_writes_named_pngs_and_restores_mode_and_rng(tmp_path):
+    torch.manual_seed(0)
+    model, vae = _StandInDiT(), _StandInVAE()
+    model.train()
+    model.dropout.eval()  # a mixed state must come back exactly as it was
+    prompts = [SamplePrompt(0, "a cat", "", width=64, height=96, seed=1, sample_steps=3),
+               SamplePrompt(1, "a dog", "bad", width=80, height=64, seed=None, sample_steps=2, scale=1.0)]
+    encoder = _fake_encodings(prompt_texts(prompts), 8)
+
+    rng_before = torch.random.get_rng_state()
+    paths = generate_sample_images(model, vae, encoder, prompts, output_dir=tmp_path, output_name="run", step=7)
+
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    assert model.training and model.proj.training and not model.dropout.training
+    assert [p.parent for p in paths] == [tmp_path / "sample"] * 2
+    assert re.fullmatch(r"run_000007_00_\d{14}_1\.png", paths[0].name)
+    assert re.fullmatch(r"run_000007_01_\d{14}\.png", paths[1].name)
+    assert Image.open(paths[0]).size == (64, 96) and Image.open(paths[1]).size == (80, 64)
+    assert Image.open(paths[0]).mode == "RGB"
+    assert sorted(p.name for p in (tmp_path / "sample").iterdir()) == sorted(p.name for p in paths)  # no temp left
+
+
+def test_generate_is_deterministic_for_a_seed_and_skips_unencodable_prompts(tmp_path, caplog):
+    model, vae = _StandInDiT(), _StandInVAE()
+    prompts = [SamplePrompt(0, "seeded", "", width=64, height=64, seed=11, sample_steps=2),
+               SamplePrompt(1, "not cached", "", width=64, height=64, seed=11, sample_steps=2)]
+    encoder = _fake_encodings(["seeded", ""], 8)
+    first = generate_sample_images(model, vae, encoder, prompts, output_dir=tmp_path / "a", output_name=None,
+                                   step=0, epoch=0)
+    second = generate_sample_images(model, vae, encoder, prompts[:1], output_dir=tmp_path / "b", output_name=None,
+                                    step=0, epoch=0)
+    assert len(first) == 1 and "sample prompt 1 skipped" in caplog.text
+    assert first[0].name.startswith("e000000_00_")
+    assert np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(second[0])))
+    assert np.asarray(Image.open(first[0])).std() > 0
+
+
+def test_cached_encodings_are_looked_up_by_exact_text():
+    class Counting:
+        def __init__(self):
+            self.seen = []
+
+        def encode(self, captions):
+            self.seen += captions
+            return {"qwen3_embeds": torch.full((1, 2, 3), float(len(captions[0])))}
+
+    counting = Counting()
+    cache = CachedPromptEncodings.from_encoder(counting, [SamplePrompt(0, "ab", ""), SamplePrompt(1, "ab", "xyz")])
+    assert counting.seen == ["ab", "", "xyz"]
+    assert cache.encode(["xyz", "ab"])["qwen3_embeds"][:, 0, 0].tolist() == [3.0, 2.0]
+    with pytest.raises(KeyError):
+        cache.encode(["ab "])
