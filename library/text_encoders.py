@@ -1,0 +1,338 @@
+"""The Qwen3 text encoder: loading a checkpoint, encoding captions, and the encoding object used by caches.
+
+Qwen3-0.6B runs as the bare decoder (no LM head). Its ``last_hidden_state`` (after the final RMSNorm) with
+rows of padding tokens set to exactly 0 is the caption embedding the DiT's LLM adapter reads. The T5 side is
+ids only (see ``library.anima_tokenizers``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from library.anima_tokenizers import (
+    AnimaTokenizer,
+    TokenizedCaptions,
+    load_qwen3_tokenizer,
+    load_t5_tokenizer,
+    tokenizer_digest,
+)
+from library.errors import AnimaError
+
+__all__ = [
+    "AnimaTextEncoding",
+    "AnimaTokenizer",
+    "TokenizedCaptions",
+    "DEFAULT_QWEN3_CONFIG",
+    "encode_qwen3",
+    "load_qwen3_text_encoder",
+    "load_qwen3_tokenizer",
+    "load_t5_tokenizer",
+    "text_encoder_identity",
+    "tokenizer_digest",
+]
+
+DEFAULT_QWEN3_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "qwen3_06b" / "config.json"
+# Bump when the encoding recipe changes so that cached embeddings are rebuilt.
+ENCODING_RECIPE_VERSION = "anima-qwen3-last-hidden-zero-pad-v1"
+# Set on a loaded encoder: identifies its weight files without reading them again.
+SOURCE_IDENTITY_ATTR = "anima_source_identity"
+
+_CHECKPOINT_PREFIX = "model."
+_IGNORED_KEYS = {"lm_head.weight"}  # tied to embed_tokens in Qwen3-0.6B; the bare decoder has no head
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+# --- locating and reading checkpoint files -----------------------------------------------------------------
+
+
+def _weight_files_in_dir(directory: Path) -> list[Path]:
+    """The weight files of a Hugging Face model folder (single or sharded; safetensors preferred)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_file = directory / index_name
+        if index_file.is_file():
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as error:
+                raise AnimaError(
+                    f"--qwen3: cannot read shard index {index_file} ({error}); re-download the model"
+                ) from error
+            shards = [directory / name for name in sorted(set(weight_map.values()))]
+            missing = [str(shard) for shard in shards if not shard.is_file()]
+            if missing:
+                raise AnimaError(
+                    f"--qwen3: shard {missing[0]} listed in {index_file} is missing; re-download the model"
+                )
+            return shards
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return [directory / name]
+    safetensors_files = sorted(directory.glob("*.safetensors"))
+    if safetensors_files:
+        return safetensors_files
+    raise AnimaError(
+        f"--qwen3 directory {directory} holds no weights (model.safetensors, sharded safetensors or pytorch_model.bin)"
+    )
+
+
+def _read_key_shapes(weight_file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a checkpoint file, without reading safetensors data."""
+    try:
+        if weight_file.suffix == ".safetensors":
+            with safe_open(str(weight_file), framework="pt") as handle:
+                return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        if weight_file.suffix in _TORCH_SUFFIXES:
+            return {key: tuple(tensor.shape) for key, tensor in _torch_load(weight_file).items()}
+    except AnimaError:
+        raise
+    except Exception as error:
+        raise AnimaError(f"--qwen3: cannot read {weight_file} ({error}); pass an intact Qwen3 checkpoint") from error
+    raise AnimaError(f"--qwen3: {weight_file} has an unknown format; use a .safetensors file or a model directory")
+
+
+def _torch_load(weight_file: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(str(weight_file), map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise AnimaError(f"--qwen3: {weight_file} is not a state dict of tensors; pass a Qwen3 checkpoint")
+    return state
+
+
+def _read_qwen3_config(config_file: Path):
+    from transformers import Qwen3Config
+
+    if not config_file.is_file():
+        raise AnimaError(f"--qwen3: config {config_file} not found; a model directory needs its config.json")
+    try:
+        values = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:
+        raise AnimaError(f"--qwen3: cannot read config {config_file} ({error})") from error
+    if values.get("model_type") != "qwen3":
+        raise AnimaError(
+            f"--qwen3: {config_file} describes model_type {values.get('model_type')!r}, not 'qwen3'; "
+            "pass the Qwen3-0.6B text encoder"
+        )
+    config = Qwen3Config.from_dict(values)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _map_checkpoint_key(key: str) -> str | None:
+    """Checkpoint key -> ``Qwen3Model`` key (None = ignored)."""
+    if key.startswith(_CHECKPOINT_PREFIX):
+        key = key[len(_CHECKPOINT_PREFIX) :]
+    return None if key in _IGNORED_KEYS else key
+
+
+def _source_identity(files: list[Path]) -> str:
+    """Identifies checkpoint files by path, size and modification time (no weight data is read)."""
+    hasher = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        hasher.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return hasher.hexdigest()[:16]
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+
+def load_qwen3_text_encoder(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    config_path: str | os.PathLike | None = None,
+):
+    """Load Qwen3-0.6B as a frozen bare decoder (transformers ``Qwen3Model``, eval mode, no grad on weights).
+
+    ``path``: a Hugging Face model folder (config.json + weights, possibly sharded) or a single checkpoint
+    file, whose config is ``config_path`` or else the bundled ``configs/qwen3_06b/config.json``.
+    A leading ``model.`` is stripped from keys and ``lm_head.weight`` ignored. Every other key must match.
+    """
+    from transformers import Qwen3Model
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    path = Path(path)
+    if not path.exists():
+        raise AnimaError(f"--qwen3: {path} does not exist; pass a Qwen3-0.6B model directory or .safetensors file")
+    if path.is_dir():
+        weight_files = _weight_files_in_dir(path)
+        config_file = Path(config_path) if config_path is not None else path / "config.json"
+    else:
+        weight_files = [path]
+        config_file = Path(config_path) if config_path is not None else DEFAULT_QWEN3_CONFIG
+    config = _read_qwen3_config(config_file)
+
+    # Check every key and shape before any weight is read.
+    file_of_key: dict[str, tuple[Path, str]] = {}
+    file_shapes: dict[str, tuple[int, ...]] = {}
+    for weight_file in weight_files:
+        for key, shape in _read_key_shapes(weight_file).items():
+            mapped = _map_checkpoint_key(key)
+            if mapped is not None:
+                file_of_key[mapped] = (weight_file, key)
+                file_shapes[mapped] = shape
+
+    with torch.device("meta"):
+        model = Qwen3Model(config)
+    expected_shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    _check_keys(path, file_shapes, expected_shapes, config_file)
+
+    state: dict[str, torch.Tensor] = {}
+    for weight_file in weight_files:
+        wanted = {key: mapped for mapped, (file, key) in file_of_key.items() if file == weight_file}
+        if weight_file.suffix == ".safetensors":
+            with safe_open(str(weight_file), framework="pt") as handle:
+                for key, mapped in wanted.items():
+                    state[mapped] = _to_weight(handle.get_tensor(key), device, dtype)
+        else:
+            loaded = _torch_load(weight_file)
+            for key, mapped in wanted.items():
+                state[mapped] = _to_weight(loaded[key], device, dtype)
+            del loaded
+    # assign=True keeps the loaded tensors as the parameters: no second copy of the weights.
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    # Non-persistent RoPE buffers are not in checkpoints: rebuild them on the target device (float32).
+    with torch.device(device):
+        model.rotary_emb = Qwen3RotaryEmbedding(config=config)
+    leftovers = [name for name, tensor in model.state_dict(keep_vars=True).items() if tensor.is_meta]
+    leftovers += [name for name, tensor in model.named_buffers() if tensor.is_meta]
+    if leftovers:
+        raise RuntimeError(f"Qwen3 tensors left uninitialised after loading: {leftovers[:5]}")
+
+    model.requires_grad_(False)
+    model.eval()
+    config_identity = hashlib.sha256(config.to_json_string().encode()).hexdigest()[:16]
+    setattr(model, SOURCE_IDENTITY_ATTR, f"{_source_identity(weight_files)}:{config_identity}")
+    return model
+
+
+def _to_weight(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    if tensor.is_floating_point():
+        return tensor.to(device=device, dtype=dtype)
+    return tensor.to(device=device)
+
+
+def _check_keys(
+    path: Path,
+    found: dict[str, tuple[int, ...]],
+    expected: dict[str, tuple[int, ...]],
+    config_file: Path,
+) -> None:
+    """One clear error for a checkpoint that is not (this size of) Qwen3."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if len(missing) > len(expected) // 2:
+        examples = ", ".join(sorted(found)[:3]) or "none"
+        raise AnimaError(
+            f"--qwen3: {path} is not a Qwen3 text encoder checkpoint (its keys look like: {examples}); "
+            "pass the Qwen3-0.6B text encoder (keys model.embed_tokens.weight, model.layers.N.*)"
+        )
+    if missing or unexpected:
+        raise AnimaError(
+            f"--qwen3: {path} does not match the Qwen3 config {config_file}: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys "
+            f"(e.g. {unexpected[:3]}); pass a complete Qwen3-0.6B checkpoint"
+        )
+    wrong = [key for key in sorted(expected) if tuple(found[key]) != expected[key]]
+    if wrong:
+        key = wrong[0]
+        raise AnimaError(
+            f"--qwen3: {path} has {len(wrong)} tensors of the wrong size (e.g. {key}: {found[key]} vs "
+            f"{expected[key]} in {config_file}); pass Qwen3-0.6B or a model directory with its own config.json"
+        )
+
+
+# --- encoding -----------------------------------------------------------------------------------------------
+
+
+def encode_qwen3(text_encoder, qwen3_ids: torch.Tensor, qwen3_mask: torch.Tensor) -> torch.Tensor:
+    """Qwen3 ``last_hidden_state`` with padding rows set to exactly 0: [B, Lq] ids/mask -> [B, Lq, Dq].
+
+    Runs in the encoder's dtype on its device; the result stays there. Gradients flow if enabled (TE LoRA).
+    """
+    device = text_encoder.get_input_embeddings().weight.device
+    qwen3_ids = qwen3_ids.to(device)
+    qwen3_mask = qwen3_mask.to(device)
+    # A caption without tokens would give attention rows with no key at all (NaN in some kernels): let it
+    # attend to its first (pad) token instead; its output rows are zeroed below anyway.
+    safe_mask = qwen3_mask.clone()
+    empty_rows = qwen3_mask.sum(dim=1) == 0
+    if qwen3_ids.shape[1] > 0:
+        safe_mask[empty_rows, 0] = 1
+    hidden = text_encoder(input_ids=qwen3_ids, attention_mask=safe_mask, use_cache=False).last_hidden_state
+    return hidden.masked_fill(qwen3_mask.unsqueeze(-1) == 0, 0.0)  # hidden: [B, Lq, Dq]
+
+
+def text_encoder_identity(text_encoder) -> str:
+    """Identifies the encoder weights cheaply: the loaded files' path/size/mtime, or a digest of a few tensors."""
+    source = getattr(text_encoder, SOURCE_IDENTITY_ATTR, None)
+    if source is not None:
+        return f"files:{source}"
+    # An in-memory model: hash its config and a sample of its weights (first embedding rows, last layers).
+    hasher = hashlib.sha256(text_encoder.config.to_json_string().encode())
+    named = dict(text_encoder.named_parameters())
+    sampled = ["embed_tokens.weight", "norm.weight"] + sorted(named)[-4:]
+    for name in sampled:
+        tensor = named[name].detach().reshape(-1)[:65536].to(device="cpu", dtype=torch.float32)
+        hasher.update(name.encode())
+        hasher.update(tensor.numpy().tobytes())
+    return f"weights:{hasher.hexdigest()[:16]}"
+
+
+def _same_device(actual: torch.device, wanted: torch.device) -> bool:
+    # "cuda" means the current CUDA device: it matches any "cuda:N".
+    return actual.type == wanted.type and (wanted.index is None or actual.index == wanted.index)
+
+
+class AnimaTextEncoding:
+    """Captions -> everything the DiT needs from text; used by the text-output cache and the trainer.
+
+    ``text_encoder`` must already be on ``device`` with weights of ``dtype``; both are part of ``identity``
+    because they change the embeddings.
+    """
+
+    def __init__(self, tokenizer: AnimaTokenizer, text_encoder, device: torch.device | str, dtype: torch.dtype):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._encoder_identity = text_encoder_identity(text_encoder)
+
+    @property
+    def identity(self) -> str:
+        """Changes whenever the encoder weights, the tokenizers, the max lengths or the dtype change."""
+        return f"{ENCODING_RECIPE_VERSION}|{self.tokenizer.identity}|te:{self._encoder_identity}|{self.dtype}"
+
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """{"qwen3_embeds": [B,Lq,Dq] float32 (pad rows 0), "qwen3_mask", "t5_ids", "t5_mask": [B,L] int64}, on CPU."""
+        return self.encode_tokens(self.tokenizer(captions))
+
+    def encode_tokens(
+        self, tokens: TokenizedCaptions, output_device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """Encode already tokenised captions (e.g. tokenised in a data loader).
+
+        Gradients are tracked only when enabled and some encoder parameter (a LoRA) requires them.
+        """
+        weight = self.text_encoder.get_input_embeddings().weight
+        if not _same_device(weight.device, self.device) or weight.dtype != self.dtype:
+            raise ValueError(
+                f"text encoder is on {weight.device} / {weight.dtype}, but this AnimaTextEncoding was built for "
+                f"{self.device} / {self.dtype}; move the encoder first"
+            )
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.text_encoder.parameters())
+        with torch.set_grad_enabled(needs_grad):
+            embeds = encode_qwen3(self.text_encoder, tokens.qwen3_ids, tokens.qwen3_mask)
+        return {
+            "qwen3_embeds": embeds.to(device=output_device, dtype=torch.float32),
+            "qwen3_mask": tokens.qwen3_mask.to(output_device),
+            "t5_ids": tokens.t5_ids.to(output_device),
+            "t5_mask": tokens.t5_mask.to(output_device),
+        }
