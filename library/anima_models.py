@@ -1,0 +1,582 @@
+"""The Anima diffusion model: a MiniTrainDIT (Cosmos-Predict2 style DiT) plus the LLM adapter.
+
+Parameter names match the released checkpoint after stripping its ``net.`` prefix, so LoRA module names
+(``blocks.0.self_attn.q_proj``, ``llm_adapter.blocks.0.cross_attn.q_proj``...) follow from the module tree.
+
+Numerics: the timestep sinusoid, RMSNorm statistics and RoPE rotations are computed in float32 and cast back to
+the activation dtype (the dtype of the weights); everything else runs in the activation dtype.
+
+Token layout inside the DiT: ``[B, L, D]`` with the (t, h, w) patch grid flattened row-major.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from library.attention import attention, normalize_attn_mode
+
+NORM_EPS = 1e-6
+
+
+@dataclass
+class AnimaConfig:
+    """Sizes of the DiT and its LLM adapter. Defaults are the released 2B model."""
+
+    in_channels: int = 16  # latent channels (the zero padding-mask channel is added on top)
+    out_channels: int = 16
+    model_channels: int = 2048
+    num_blocks: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    crossattn_emb_channels: int = 1024  # width of the text context = adapter width
+    adaln_lora_dim: int = 256
+    patch_spatial: int = 2
+    patch_temporal: int = 1
+    rope_h_extrapolation_ratio: float = 4.0
+    rope_w_extrapolation_ratio: float = 4.0
+    rope_t_extrapolation_ratio: float = 1.0
+    adapter_source_dim: int = 1024  # Qwen3 hidden size
+    adapter_model_dim: int = 1024
+    adapter_num_layers: int = 6
+    adapter_num_heads: int = 16
+    adapter_mlp_ratio: float = 4.0
+    adapter_vocab_size: int = 32128  # T5 vocabulary incl. padding rows
+
+    def __post_init__(self) -> None:
+        if self.model_channels % self.num_heads:
+            raise ValueError(f"model_channels {self.model_channels} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 8:
+            raise ValueError(f"DiT head dim {self.head_dim} must be even and >= 8 for 3D RoPE")
+        if self.adapter_model_dim % self.adapter_num_heads or (self.adapter_model_dim // self.adapter_num_heads) % 2:
+            raise ValueError(
+                f"adapter_model_dim {self.adapter_model_dim} must split into {self.adapter_num_heads} even-width heads"
+            )
+        if self.adapter_model_dim != self.crossattn_emb_channels:
+            raise ValueError(
+                f"adapter width {self.adapter_model_dim} must equal crossattn_emb_channels {self.crossattn_emb_channels}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_channels // self.num_heads
+
+    @property
+    def mlp_channels(self) -> int:
+        return int(self.model_channels * self.mlp_ratio)
+
+    @property
+    def adapter_mlp_channels(self) -> int:
+        return int(self.adapter_model_dim * self.adapter_mlp_ratio)
+
+    @property
+    def patch_features(self) -> int:
+        """Input width of the patch embedding: (latent channels + padding-mask channel) * patch volume."""
+        return (self.in_channels + 1) * self.patch_spatial**2 * self.patch_temporal
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned weight; statistics in float32, result cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float = NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight.to(x.dtype)
+
+
+def layer_norm_no_affine(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=NORM_EPS)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split ("rotate half") rotary embedding: lane j pairs with lane j + Dh/2.
+
+    x: [B, L, H, Dh]; cos/sin: [L, Dh] float32. Rotation in float32, result in x's dtype.
+    """
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+
+
+def _inverse_frequencies(dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """theta^(-2k/dim) for k in [0, dim/2), float32: [dim // 2]."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device)[: dim // 2] / dim
+    return 1.0 / (theta**exponents)
+
+
+def video_rope_angles(
+    frames: int, height: int, width: int, head_dim: int, ratios: tuple[float, float, float], device=None
+) -> torch.Tensor:
+    """3D RoPE angles for a (t, h, w) patch grid: [T*H*W, head_dim] float32, tokens in (t, h, w) row-major order.
+
+    Lanes per token: [t-axis | h-axis | w-axis] angles, duplicated for the half-split rotation. The h/w axes get
+    (head_dim // 6) * 2 lanes each, t the rest. Each axis uses NTK-scaled theta = 10000 * ratio^(dim / (dim - 2)).
+    ratios = (h, w, t) extrapolation ratios.
+    """
+    dim_h = head_dim // 6 * 2
+    dim_w = dim_h
+    dim_t = head_dim - dim_h - dim_w
+
+    def axis_angles(length: int, dim: int, ratio: float) -> torch.Tensor:
+        theta = 10000.0 * ratio ** (dim / (dim - 2))
+        positions = torch.arange(length, dtype=torch.float32, device=device)
+        return torch.outer(positions, _inverse_frequencies(dim, theta, device))  # [length, dim/2]
+
+    a_t = axis_angles(frames, dim_t, ratios[2])
+    a_h = axis_angles(height, dim_h, ratios[0])
+    a_w = axis_angles(width, dim_w, ratios[1])
+    grid = torch.cat(
+        [
+            a_t[:, None, None, :].expand(frames, height, width, -1),
+            a_h[None, :, None, :].expand(frames, height, width, -1),
+            a_w[None, None, :, :].expand(frames, height, width, -1),
+        ],
+        dim=-1,
+    ).reshape(frames * height * width, head_dim // 2)
+    return torch.cat([grid, grid], dim=-1)
+
+
+def sequence_rope_angles(length: int, head_dim: int, device=None, theta: float = 10000.0) -> torch.Tensor:
+    """1D RoPE angles for positions 0..length-1: [length, head_dim] float32 (duplicated halves)."""
+    positions = torch.arange(length, dtype=torch.float32, device=device)
+    half = torch.outer(positions, _inverse_frequencies(head_dim, theta, device))
+    return torch.cat([half, half], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LLM adapter: T5-token queries attend to Qwen3 hidden states and produce the DiT's text context.
+
+
+class AdapterAttention(nn.Module):
+    def __init__(self, query_dim: int, kv_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = query_dim // num_heads
+        self.q_proj = nn.Linear(query_dim, query_dim, bias=False)
+        self.k_proj = nn.Linear(kv_dim, query_dim, bias=False)
+        self.v_proj = nn.Linear(kv_dim, query_dim, bias=False)
+        self.o_proj = nn.Linear(query_dim, query_dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv: torch.Tensor,
+        q_rope: tuple[torch.Tensor, torch.Tensor],
+        k_rope: tuple[torch.Tensor, torch.Tensor],
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b, lq, _ = x.shape
+        lk = kv.shape[1]
+        q = self.q_norm(self.q_proj(x).view(b, lq, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(kv).view(b, lk, self.num_heads, self.head_dim))
+        v = self.v_proj(kv).view(b, lk, self.num_heads, self.head_dim)
+        q = apply_rope(q, *q_rope)
+        k = apply_rope(k, *k_rope)
+        # The adapter is small and masked: always SDPA.
+        out = attention(q, k, v, "torch", mask=key_mask)
+        return self.o_proj(out.reshape(b, lq, -1))
+
+
+class AdapterBlock(nn.Module):
+    def __init__(self, source_dim: int, model_dim: int, num_heads: int, mlp_channels: int):
+        super().__init__()
+        self.norm_self_attn = RMSNorm(model_dim)
+        self.self_attn = AdapterAttention(model_dim, model_dim, num_heads)
+        self.norm_cross_attn = RMSNorm(model_dim)
+        self.cross_attn = AdapterAttention(model_dim, source_dim, num_heads)
+        self.norm_mlp = RMSNorm(model_dim)
+        self.mlp = nn.Sequential(nn.Linear(model_dim, mlp_channels), nn.GELU(), nn.Linear(mlp_channels, model_dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        source: torch.Tensor,
+        target_rope: tuple[torch.Tensor, torch.Tensor],
+        source_rope: tuple[torch.Tensor, torch.Tensor],
+        target_mask: torch.Tensor | None,
+        source_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        h = self.norm_self_attn(x)
+        x = x + self.self_attn(h, h, target_rope, target_rope, target_mask)
+        # Keys/values read the raw source states (no norm on the source side).
+        x = x + self.cross_attn(self.norm_cross_attn(x), source, target_rope, source_rope, source_mask)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class LLMAdapter(nn.Module):
+    """Maps Qwen3 hidden states + T5 token ids to a [B, St, model_dim] context."""
+
+    def __init__(self, source_dim: int, model_dim: int, num_layers: int, num_heads: int, mlp_channels: int, vocab: int):
+        super().__init__()
+        self.head_dim = model_dim // num_heads
+        self.embed = nn.Embedding(vocab, model_dim)
+        self.blocks = nn.ModuleList(
+            [AdapterBlock(source_dim, model_dim, num_heads, mlp_channels) for _ in range(num_layers)]
+        )
+        self.out_proj = nn.Linear(model_dim, model_dim)
+        self.norm = RMSNorm(model_dim)
+
+    def forward(
+        self,
+        source_hidden_states: torch.Tensor,
+        target_input_ids: torch.Tensor,
+        target_attention_mask: torch.Tensor | None = None,
+        source_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """source_hidden_states: [B, Sq, Ds]; target_input_ids: [B, St]; masks: [B, S] (1 = real token).
+
+        Returns [B, St, model_dim]; rows at padded target positions are computed, not zeroed (see
+        ``Anima.encode_text``).
+        """
+        x = self.embed(target_input_ids)
+        source = source_hidden_states.to(x.dtype)
+        device = x.device
+        target_angles = sequence_rope_angles(x.shape[1], self.head_dim, device)
+        source_angles = sequence_rope_angles(source.shape[1], self.head_dim, device)
+        target_rope = (target_angles.cos(), target_angles.sin())
+        source_rope = (source_angles.cos(), source_angles.sin())
+        target_mask = None if target_attention_mask is None else target_attention_mask.bool()
+        source_mask = None if source_attention_mask is None else source_attention_mask.bool()
+        for block in self.blocks:
+            x = block(x, source, target_rope, source_rope, target_mask, source_mask)
+        return self.norm(self.out_proj(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DiT
+
+
+class PatchToTokens(nn.Module):
+    """[B, C, T, H, W] -> [B, T/pt, H/p, W/p, C*pt*p*p], features ordered (c, t-offset, row-offset, col-offset)."""
+
+    def __init__(self, patch_spatial: int, patch_temporal: int):
+        super().__init__()
+        self.p = patch_spatial
+        self.pt = patch_temporal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        p, pt = self.p, self.pt
+        x = x.reshape(b, c, t // pt, pt, h // p, p, w // p, p)
+        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # b, t', h', w', c, r, m, n
+        return x.reshape(b, t // pt, h // p, w // p, c * pt * p * p)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_spatial: int, patch_temporal: int, in_features: int, model_channels: int):
+        super().__init__()
+        # Slot 0 is the parameter-free rearrange, so the Linear is stored as ``proj.1``.
+        self.proj = nn.Sequential(
+            PatchToTokens(patch_spatial, patch_temporal), nn.Linear(in_features, model_channels, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)  # [B, T', H', W', D]
+
+
+class SinusoidalTimesteps(nn.Module):
+    """t [B] -> [B, 1, D] float32 features [cos | sin], frequencies exp(-ln(10000) k / (D/2))."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float().reshape(-1, 1, 1) * freqs  # [B, 1, half]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoid -> (the sinusoid itself, adaLN-LoRA term [B, 1, 3D]) as used with adaLN-LoRA."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, dim, bias=False)
+        self.activation = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, 3 * dim, bias=False)
+
+    def forward(self, sinusoid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sinusoid = sinusoid.to(self.linear_1.weight.dtype)
+        return sinusoid, self.linear_2(self.activation(self.linear_1(sinusoid)))
+
+
+def _adaln_modulation(model_channels: int, adaln_lora_dim: int, chunks: int) -> nn.Sequential:
+    # SiLU -> low-rank down -> up; keys ``.1.weight`` and ``.2.weight``.
+    return nn.Sequential(
+        nn.SiLU(),
+        nn.Linear(model_channels, adaln_lora_dim, bias=False),
+        nn.Linear(adaln_lora_dim, chunks * model_channels, bias=False),
+    )
+
+
+class DiTAttention(nn.Module):
+    """Self- or cross-attention with per-head RMS QK-norm; RoPE only when given (self-attention)."""
+
+    def __init__(self, query_dim: int, context_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = query_dim // num_heads
+        self.q_proj = nn.Linear(query_dim, query_dim, bias=False)
+        self.k_proj = nn.Linear(context_dim, query_dim, bias=False)
+        self.v_proj = nn.Linear(context_dim, query_dim, bias=False)
+        self.output_proj = nn.Linear(query_dim, query_dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        attn_mode: str,
+        split_attn: bool,
+    ) -> torch.Tensor:
+        b, lq, _ = x.shape
+        lk = context.shape[1]
+        q = self.q_norm(self.q_proj(x).view(b, lq, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(context).view(b, lk, self.num_heads, self.head_dim))
+        v = self.v_proj(context).view(b, lk, self.num_heads, self.head_dim)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
+        # No mask: zero (padded) context rows take part in the softmax on purpose.
+        out = attention(q, k, v, attn_mode, split_batch=split_attn)
+        return self.output_proj(out.reshape(b, lq, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.layer1 = nn.Linear(dim, hidden, bias=False)
+        self.activation = nn.GELU()
+        self.layer2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.activation(self.layer1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm DiT block: gated self-attention, cross-attention and MLP, each modulated by adaLN-LoRA."""
+
+    def __init__(self, config: AnimaConfig):
+        super().__init__()
+        d = config.model_channels
+        self.self_attn = DiTAttention(d, d, config.num_heads)
+        self.cross_attn = DiTAttention(d, config.crossattn_emb_channels, config.num_heads)
+        self.mlp = FeedForward(d, config.mlp_channels)
+        self.adaln_modulation_self_attn = _adaln_modulation(d, config.adaln_lora_dim, 3)
+        self.adaln_modulation_cross_attn = _adaln_modulation(d, config.adaln_lora_dim, 3)
+        self.adaln_modulation_mlp = _adaln_modulation(d, config.adaln_lora_dim, 3)
+        self.gradient_checkpointing = False
+
+    def _body(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        adaln_lora: torch.Tensor,
+        attn_mode: str,
+        split_attn: bool,
+    ) -> torch.Tensor:
+        # x: [B, L, D]; emb: [B, 1, D]; adaln_lora: [B, 1, 3D] (shared by every sub-layer)
+        shift, scale, gate = (self.adaln_modulation_self_attn(emb) + adaln_lora).chunk(3, dim=-1)
+        h = layer_norm_no_affine(x) * (1 + scale) + shift
+        x = x + gate * self.self_attn(h, h, (rope_cos, rope_sin), attn_mode, split_attn)
+
+        shift, scale, gate = (self.adaln_modulation_cross_attn(emb) + adaln_lora).chunk(3, dim=-1)
+        h = layer_norm_no_affine(x) * (1 + scale) + shift
+        x = x + gate * self.cross_attn(h, context, None, attn_mode, split_attn)
+
+        shift, scale, gate = (self.adaln_modulation_mlp(emb) + adaln_lora).chunk(3, dim=-1)
+        h = layer_norm_no_affine(x) * (1 + scale) + shift
+        return x + gate * self.mlp(h)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        adaln_lora: torch.Tensor,
+        attn_mode: str = "torch",
+        split_attn: bool = False,
+    ) -> torch.Tensor:
+        args = (x, emb, context, rope_cos, rope_sin, adaln_lora, attn_mode, split_attn)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._body, *args, use_reentrant=False)
+        return self._body(*args)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, config: AnimaConfig):
+        super().__init__()
+        d = config.model_channels
+        out_features = config.patch_spatial**2 * config.patch_temporal * config.out_channels
+        self.linear = nn.Linear(d, out_features, bias=False)
+        self.adaln_modulation = _adaln_modulation(d, config.adaln_lora_dim, 2)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, adaln_lora: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1]
+        shift, scale = (self.adaln_modulation(emb) + adaln_lora[..., : 2 * d]).chunk(2, dim=-1)
+        return self.linear(layer_norm_no_affine(x) * (1 + scale) + shift)
+
+
+class Anima(nn.Module):
+    """MiniTrainDIT velocity predictor with the LLM adapter as ``llm_adapter``.
+
+    attn_mode / split_attn are plain attributes and may be changed after construction.
+    """
+
+    def __init__(self, config: AnimaConfig, attn_mode: str = "torch", split_attn: bool = False):
+        super().__init__()
+        self.config = config
+        self.attn_mode = attn_mode
+        self.split_attn = split_attn
+        d = config.model_channels
+        self.x_embedder = PatchEmbed(config.patch_spatial, config.patch_temporal, config.patch_features, d)
+        self.t_embedder = nn.Sequential(SinusoidalTimesteps(d), TimestepEmbedding(d))
+        self.t_embedding_norm = RMSNorm(d)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_blocks)])
+        self.final_layer = FinalLayer(config)
+        self.llm_adapter = LLMAdapter(
+            config.adapter_source_dim,
+            config.adapter_model_dim,
+            config.adapter_num_layers,
+            config.adapter_num_heads,
+            config.adapter_mlp_channels,
+            config.adapter_vocab_size,
+        )
+        # (T', H', W', device) -> (cos, sin) [L, head_dim] float32; derived data, never in the state dict.
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def attn_mode(self) -> str:
+        return self._attn_mode
+
+    @attn_mode.setter
+    def attn_mode(self, mode: str) -> None:
+        self._attn_mode = normalize_attn_mode(mode)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.proj[1].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_embedder.proj[1].weight.device
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each DiT block in backward (non-reentrant); acts only in training mode with grad enabled."""
+        for block in self.blocks:
+            block.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        for block in self.blocks:
+            block.gradient_checkpointing = False
+
+    def rope_angles(self, frames: int, height: int, width: int, device=None) -> torch.Tensor:
+        """3D RoPE angle table for a patch grid (T', H', W'): [T'*H'*W', head_dim] float32."""
+        c = self.config
+        ratios = (c.rope_h_extrapolation_ratio, c.rope_w_extrapolation_ratio, c.rope_t_extrapolation_ratio)
+        return video_rope_angles(frames, height, width, c.head_dim, ratios, device)
+
+    def _rope_cos_sin(self, frames: int, height: int, width: int, device: torch.device):
+        key = (frames, height, width, str(device))
+        cached = self._rope_cache.get(key)
+        if cached is None:
+            angles = self.rope_angles(frames, height, width, device)
+            cached = (angles.cos(), angles.sin())
+            self._rope_cache[key] = cached
+        return cached
+
+    def encode_text(
+        self,
+        qwen3_embeds: torch.Tensor,
+        qwen3_mask: torch.Tensor,
+        t5_ids: torch.Tensor,
+        t5_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run the LLM adapter: qwen3_embeds [B, Lq, Dq], masks [B, L] (1 = token), t5_ids [B, Lt] -> [B, Lt, D].
+
+        Rows at T5 padding positions are set to exactly 0 (they still take part, as zeros, in the DiT's
+        cross-attention). An all-zero Qwen3 mask (empty prompt) gives a finite context.
+        """
+        out = self.llm_adapter(qwen3_embeds, t5_ids, target_attention_mask=t5_mask, source_attention_mask=qwen3_mask)
+        keep = t5_mask.to(device=out.device).bool()[..., None]
+        return torch.where(keep, out, torch.zeros_like(out))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        crossattn_emb: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: [B, C, T, H, W] noisy latents; timesteps: [B] sigma in [0, 1]; crossattn_emb: [B, S, Dc].
+
+        padding_mask: [B, 1, H, W] or None (zeros). Returns the velocity prediction [B, C_out, T, H, W] in the
+        activation dtype.
+        """
+        c = self.config
+        if x.ndim != 5:
+            raise ValueError(f"expected latents [B, C, T, H, W], got shape {tuple(x.shape)}")
+        b, _, t, h, w = x.shape
+        p, pt = c.patch_spatial, c.patch_temporal
+        if h % p or w % p or t % pt:
+            raise ValueError(f"latent size (T={t}, H={h}, W={w}) must be a multiple of the patch ({pt}, {p}, {p})")
+        if timesteps.numel() != b:
+            raise ValueError(f"expected one timestep per sample ([{b}]), got shape {tuple(timesteps.shape)}")
+        dtype = self.dtype
+
+        if padding_mask is None:
+            padding_mask = torch.zeros(b, 1, h, w, device=x.device, dtype=dtype)
+        elif padding_mask.shape[-2:] != (h, w):
+            padding_mask = F.interpolate(padding_mask.float(), size=(h, w), mode="nearest")
+        mask = padding_mask.to(device=x.device, dtype=dtype)[:, :, None].expand(b, 1, t, h, w)
+        x = torch.cat([x.to(dtype), mask], dim=1)  # [B, C+1, T, H, W]
+
+        x = self.x_embedder(x)  # [B, T', H', W', D]
+        grid = x.shape[1:4]
+        x = x.flatten(1, 3)  # [B, L, D]
+
+        sinusoid, adaln_lora = self.t_embedder(timesteps.reshape(b))  # [B, 1, D], [B, 1, 3D]
+        emb = self.t_embedding_norm(sinusoid)
+        rope_cos, rope_sin = self._rope_cos_sin(*grid, x.device)
+        context = crossattn_emb.to(dtype)
+
+        for block in self.blocks:
+            x = block(x, emb, context, rope_cos, rope_sin, adaln_lora, self.attn_mode, self.split_attn)
+
+        x = self.final_layer(x, emb, adaln_lora)  # [B, L, p*p*pt*C_out]
+        return self._unpatchify(x, grid)
+
+    def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        # Output features are ordered (row-offset, col-offset, t-offset, channel): not the inverse of the input.
+        c = self.config
+        p, pt, co = c.patch_spatial, c.patch_temporal, c.out_channels
+        tg, hg, wg = grid
+        x = x.reshape(x.shape[0], tg, hg, wg, p, p, pt, co)
+        x = x.permute(0, 7, 1, 6, 2, 4, 3, 5)  # b, c, t', pt, h', p1, w', p2
+        return x.reshape(x.shape[0], co, tg * pt, hg * p, wg * p)

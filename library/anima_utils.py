@@ -1,0 +1,232 @@
+"""Loading an Anima DiT checkpoint (with its LLM adapter) and inferring its config from the weights."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from library.anima_models import Anima, AnimaConfig
+from library.attention import check_attn_mode
+from library.errors import AnimaError
+
+MODEL_FLAG = "--pretrained_model_name_or_path"
+ADAPTER_FLAG = "--llm_adapter_path"
+
+# Leading prefixes used by the various distributions of the same weights.
+_KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "net.")
+# Derived tables some files carry; the model recomputes them.
+_DERIVED_KEYS = re.compile(
+    r"^(pos_embedder\.(seq|dim_spatial_range|dim_temporal_range)|llm_adapter\.rotary_emb\.inv_freq)$"
+)
+# RoPE extrapolation ratios (h, w, t) by latent channel count.
+_ROPE_RATIOS = {16: (4.0, 4.0, 1.0), 17: (3.0, 3.0, 1.0)}
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in _KEY_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def _read_state_dict(path: str, flag: str, device: str | torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read a .safetensors / .pt / .pth file tensor by tensor, casting floats to dtype on device as it goes
+    (so peak memory is one copy of the weights)."""
+    if not os.path.exists(path):
+        raise AnimaError(f"{flag}: file not found: {path}")
+    if os.path.isdir(path):
+        raise AnimaError(f"{flag}: {path} is a folder; pass the single .safetensors file of the Anima DiT")
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        target = dtype if tensor.is_floating_point() else tensor.dtype
+        return tensor.to(device=device, dtype=target)
+
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                return {key: convert(f.get_tensor(key)) for key in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise AnimaError(f"{flag}: cannot read {path} as safetensors ({e})") from None
+    if ext in (".pt", ".pth", ".ckpt"):
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # pickle/zip errors come in many types
+            raise AnimaError(f"{flag}: cannot read {path} as a PyTorch weights file ({e})") from None
+        for wrapper in ("state_dict", "model"):
+            if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
+                loaded = loaded[wrapper]
+        if not isinstance(loaded, Mapping):
+            raise AnimaError(f"{flag}: {path} does not hold a state dict")
+        return {key: convert(t) for key, t in loaded.items() if isinstance(t, torch.Tensor)}
+    raise AnimaError(f"{flag}: unsupported file type '{ext}' for {path}; use a .safetensors file")
+
+
+def _normalize_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, tensor in state_dict.items():
+        key = _strip_prefix(key)
+        if not _DERIVED_KEYS.match(key):
+            out[key] = tensor
+    return out
+
+
+def _shape(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    if key not in state_dict:
+        raise KeyError(key)
+    return tuple(state_dict[key].shape)
+
+
+def _count_indexed(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+    indices = {int(m.group(1)) for key in state_dict if (m := pattern.match(key))}
+    return max(indices) + 1 if indices else 0
+
+
+def infer_anima_config(state_dict: Mapping[str, torch.Tensor]) -> AnimaConfig:
+    """Infer every size of the DiT and the adapter from a (prefix-stripped) state dict.
+
+    Raises KeyError naming a missing key and ValueError for inconsistent shapes; ``load_anima_model`` turns both
+    into one AnimaError naming the file.
+    """
+    sd = state_dict
+    model_channels, patch_features = _shape(sd, "x_embedder.proj.1.weight")
+    patch_spatial, patch_temporal = 2, 1  # not recoverable from shapes; every Anima/Cosmos-Predict2 DiT uses these
+    patch_volume = patch_spatial**2 * patch_temporal
+    if patch_features % patch_volume:
+        raise ValueError(f"x_embedder.proj.1.weight in-features {patch_features} is not a multiple of {patch_volume}")
+    in_channels = patch_features // patch_volume - 1  # minus the padding-mask channel
+    if in_channels not in _ROPE_RATIOS:
+        raise ValueError(f"unsupported latent channel count {in_channels} (expected one of {sorted(_ROPE_RATIOS)})")
+    rope_h, rope_w, rope_t = _ROPE_RATIOS[in_channels]
+
+    num_blocks = _count_indexed(sd, "blocks.")
+    if num_blocks == 0:
+        raise KeyError("blocks.0.*")
+    head_dim = _shape(sd, "blocks.0.self_attn.q_norm.weight")[0]
+    if model_channels % head_dim:
+        raise ValueError(f"model width {model_channels} is not a multiple of the head dim {head_dim}")
+    crossattn = _shape(sd, "blocks.0.cross_attn.k_proj.weight")[1]
+    adaln_lora_dim = _shape(sd, "blocks.0.adaln_modulation_self_attn.1.weight")[0]
+    mlp_channels = _shape(sd, "blocks.0.mlp.layer1.weight")[0]
+    out_channels = _shape(sd, "final_layer.linear.weight")[0] // patch_volume
+
+    vocab, adapter_embed_dim = _shape(sd, "llm_adapter.embed.weight")
+    adapter_layers = _count_indexed(sd, "llm_adapter.blocks.")
+    if adapter_layers == 0:
+        raise KeyError("llm_adapter.blocks.0.*")
+    adapter_model_dim = _shape(sd, "llm_adapter.blocks.0.self_attn.q_proj.weight")[0]
+    adapter_head_dim = _shape(sd, "llm_adapter.blocks.0.self_attn.q_norm.weight")[0]
+    adapter_source_dim = _shape(sd, "llm_adapter.blocks.0.cross_attn.k_proj.weight")[1]
+    adapter_mlp_channels = _shape(sd, "llm_adapter.blocks.0.mlp.0.weight")[0]
+    if adapter_embed_dim != adapter_model_dim or adapter_model_dim % adapter_head_dim:
+        raise ValueError(
+            f"llm_adapter widths do not fit together (embed {adapter_embed_dim}, model {adapter_model_dim}, "
+            f"head {adapter_head_dim})"
+        )
+
+    return AnimaConfig(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        model_channels=model_channels,
+        num_blocks=num_blocks,
+        num_heads=model_channels // head_dim,
+        mlp_ratio=mlp_channels / model_channels,
+        crossattn_emb_channels=crossattn,
+        adaln_lora_dim=adaln_lora_dim,
+        patch_spatial=patch_spatial,
+        patch_temporal=patch_temporal,
+        rope_h_extrapolation_ratio=rope_h,
+        rope_w_extrapolation_ratio=rope_w,
+        rope_t_extrapolation_ratio=rope_t,
+        adapter_source_dim=adapter_source_dim,
+        adapter_model_dim=adapter_model_dim,
+        adapter_num_layers=adapter_layers,
+        adapter_num_heads=adapter_model_dim // adapter_head_dim,
+        adapter_mlp_ratio=adapter_mlp_channels / adapter_model_dim,
+        adapter_vocab_size=vocab,
+    )
+
+
+def _adapter_weights(path: str, device, dtype) -> dict[str, torch.Tensor]:
+    """Adapter-only file: keys ``llm_adapter.*``, ``net.llm_adapter.*`` or bare adapter keys -> ``llm_adapter.*``."""
+    raw = _normalize_keys(_read_state_dict(path, ADAPTER_FLAG, device, dtype))
+    out = {}
+    for key, tensor in raw.items():
+        if not key.startswith("llm_adapter."):
+            key = "llm_adapter." + key
+        out[key] = tensor
+    if "llm_adapter.embed.weight" not in out:
+        raise AnimaError(f"{ADAPTER_FLAG}: {path} has no llm_adapter embed weight; it is not an Anima LLM adapter file")
+    return out
+
+
+def _list_keys(keys, limit: int = 5) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_anima_model(
+    path: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_mode: str = "torch",
+    split_attn: bool = False,
+    llm_adapter_path: str | None = None,
+) -> Anima:
+    """Load an Anima DiT (+ LLM adapter) checkpoint; the config is inferred from the weights.
+
+    Accepts ``net.``, ``diffusion_model.`` and ``model.diffusion_model.`` key prefixes and ignores the derived
+    ``pos_embedder.*`` RoPE tables. ``llm_adapter_path`` weights replace or complete the adapter. All floating
+    weights are cast to ``dtype`` on ``device``; the model is returned in eval mode with gradients enabled
+    (the trainer decides what trains).
+    """
+    attn_mode = check_attn_mode(attn_mode, training=False)
+    path = os.fspath(path)
+    state_dict = _normalize_keys(_read_state_dict(path, MODEL_FLAG, device, dtype))
+    if "x_embedder.proj.1.weight" not in state_dict:
+        hint = _list_keys(state_dict.keys(), 3) or "no tensors"
+        raise AnimaError(
+            f"{MODEL_FLAG}: {path} is not an Anima DiT checkpoint (no x_embedder.proj.1.weight; found {hint}); "
+            "pass the Anima diffusion-model .safetensors"
+        )
+    if llm_adapter_path is not None:
+        state_dict.update(_adapter_weights(os.fspath(llm_adapter_path), device, dtype))
+    if not any(key.startswith("llm_adapter.") for key in state_dict):
+        raise AnimaError(
+            f"{MODEL_FLAG}: {path} has no llm_adapter.* weights: pass {ADAPTER_FLAG} <adapter .safetensors> "
+            "or use a checkpoint that includes the adapter"
+        )
+
+    try:
+        config = infer_anima_config(state_dict)
+    except KeyError as e:
+        raise AnimaError(f"{MODEL_FLAG}: {path} is missing {e.args[0]}; the Anima checkpoint is incomplete") from None
+    except ValueError as e:
+        raise AnimaError(f"{MODEL_FLAG}: {path} has an unsupported layout: {e}") from None
+
+    with torch.device("meta"):
+        model = Anima(config, attn_mode=attn_mode, split_attn=split_attn)
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    missing = expected.keys() - state_dict.keys()
+    unexpected = state_dict.keys() - expected.keys()
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_list_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_list_keys(unexpected)}")
+        raise AnimaError(f"{MODEL_FLAG}: {path} does not match the inferred Anima layout: {'; '.join(parts)}")
+    wrong_shape = [k for k, shape in expected.items() if tuple(state_dict[k].shape) != shape]
+    if wrong_shape:
+        details = ", ".join(f"{k} {tuple(state_dict[k].shape)} (expected {expected[k]})" for k in wrong_shape[:3])
+        raise AnimaError(f"{MODEL_FLAG}: {path} has tensors of inconsistent shape: {details}")
+
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    del state_dict
+    return model.eval()
