@@ -1,0 +1,210 @@
+"""The DiT + LLM adapter reproduce the reference tensors of the tiny golden checkpoint (float32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from library.anima_utils import load_anima_model
+
+MAX_REL_ERR = 1e-4
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    scale = expected.abs().max().item()
+    rel = (actual - expected).abs().max().item() / max(scale, 1e-12)
+    assert rel <= MAX_REL_ERR, f"{name}: max relative error {rel:.3e} > {MAX_REL_ERR}"
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=name)
+
+
+@pytest.fixture(scope="module")
+def golden(golden_dir):
+    return load_file(str(golden_dir / "dit_tiny_golden.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def model(golden_dir):
+    return load_anima_model(golden_dir / "dit_tiny.safetensors")
+
+
+def _context(model, g, extra_t5_pad: int = 0) -> torch.Tensor:
+    ids, t5_mask = g["in.t5_input_ids"], g["in.t5_attn_mask"]
+    if extra_t5_pad:
+        pad = torch.zeros(ids.shape[0], extra_t5_pad, dtype=ids.dtype)
+        ids, t5_mask = torch.cat([ids, pad], 1), torch.cat([t5_mask, pad], 1)
+    return model.encode_text(g["in.qwen3_embeds"], g["in.qwen3_attn_mask"], ids, t5_mask)
+
+
+def _predict(model, g, context: torch.Tensor) -> torch.Tensor:
+    return model(g["in.noisy_latents"], g["in.timesteps"], context, g["in.padding_mask"])[:, :, 0]
+
+
+@pytest.fixture(scope="module")
+def traced(model, golden):
+    """One no-grad forward with hooks recording the intermediate tensors."""
+    captured = {}
+    hooks = [
+        model.x_embedder.register_forward_hook(lambda m, i, o: captured.__setitem__("x_embed", o)),
+        model.t_embedder.register_forward_hook(lambda m, i, o: captured.__setitem__("adaln_lora", o[1])),
+        model.t_embedding_norm.register_forward_hook(lambda m, i, o: captured.__setitem__("t_emb", o)),
+    ]
+    for index, block in enumerate(model.blocks):
+        hooks.append(block.register_forward_hook(lambda m, i, o, n=index: captured.__setitem__(f"block{n}_out", o)))
+    try:
+        with torch.no_grad():
+            captured["crossattn_emb"] = _context(model, golden)
+            captured["model_pred"] = _predict(model, golden, captured["crossattn_emb"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def test_adapter_output_matches_reference(model, golden):
+    with torch.no_grad():
+        out = model.llm_adapter(
+            golden["in.qwen3_embeds"],
+            golden["in.t5_input_ids"],
+            target_attention_mask=golden["in.t5_attn_mask"],
+            source_attention_mask=golden["in.qwen3_attn_mask"],
+        )
+    assert_matches(out, golden["out.adapter_out"], "adapter_out")
+
+
+def test_encode_text_matches_reference_and_zeroes_t5_padding(traced, golden):
+    context = traced["crossattn_emb"]
+    assert_matches(context, golden["out.crossattn_emb"], "crossattn_emb")
+    padded = golden["in.t5_attn_mask"] == 0
+    assert padded.any()
+    assert (context[padded] == 0).all()
+
+
+def test_rope_angle_table_matches_reference(model, golden):
+    expected = golden["out.rope_emb"]  # [T*H*W, 1, 1, head_dim] for the 1x4x6 patch grid
+    angles = model.rope_angles(1, 4, 6)
+    assert_matches(angles, expected[:, 0, 0, :], "rope_emb")
+
+
+@pytest.mark.parametrize("name", ["x_embed", "t_emb", "adaln_lora"])
+def test_embeddings_match_reference(traced, golden, name):
+    assert_matches(traced[name], golden[f"out.{name}"], name)
+
+
+@pytest.mark.parametrize("name", ["block0_out", "block1_out"])
+def test_block_outputs_match_reference(traced, golden, name):
+    expected = golden[f"out.{name}"]  # [B, T', H', W', D]; blocks work on flattened tokens [B, L, D]
+    assert_matches(traced[name].reshape(expected.shape), expected, name)
+
+
+def test_prediction_target_and_loss_match_reference(traced, golden):
+    pred = traced["model_pred"]
+    assert_matches(pred, golden["out.model_pred"], "model_pred")
+    target = golden["in.noise"] - golden["in.x0"]
+    assert_matches(target, golden["out.target"], "target")
+    loss_per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    assert_matches(loss_per_sample, golden["out.loss_per_sample"], "loss_per_sample")
+    assert_matches(loss_per_sample.mean().reshape(1), golden["out.loss"], "loss")
+
+
+def test_longer_t5_padding_matches_reference(model, golden):
+    # Padded context rows are zeros that still join the softmax, so the pad length changes the output.
+    with torch.no_grad():
+        pred = _predict(model, golden, _context(model, golden, extra_t5_pad=8))
+    assert_matches(pred, golden["out.model_pred_t5_padded_plus8"], "model_pred_t5_padded_plus8")
+    assert (pred - golden["out.model_pred"]).abs().max() > 1e-3
+
+
+def test_split_attn_gives_same_prediction(model, golden, traced):
+    model.split_attn = True
+    try:
+        with torch.no_grad():
+            pred = _predict(model, golden, traced["crossattn_emb"])
+    finally:
+        model.split_attn = False
+    assert_matches(pred, golden["out.model_pred"], "model_pred (split_attn)")
+
+
+def test_split_attn_keeps_full_context_for_small_images(model, golden, traced):
+    # 24 image tokens < 40 context rows: the context must not be cut to the query length.
+    context = torch.cat([traced["crossattn_emb"], torch.zeros(2, 28, traced["crossattn_emb"].shape[-1])], dim=1)
+    with torch.no_grad():
+        plain = _predict(model, golden, context)
+        model.split_attn = True
+        try:
+            split = _predict(model, golden, context)
+        finally:
+            model.split_attn = False
+    torch.testing.assert_close(split, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_single_sample_equals_its_row_in_the_batch(model, golden, traced):
+    with torch.no_grad():
+        context = model.encode_text(
+            golden["in.qwen3_embeds"][1:],
+            golden["in.qwen3_attn_mask"][1:],
+            golden["in.t5_input_ids"][1:],
+            golden["in.t5_attn_mask"][1:],
+        )
+        pred = model(golden["in.noisy_latents"][1:], golden["in.timesteps"][1:], context)[:, :, 0]
+    torch.testing.assert_close(context, traced["crossattn_emb"][1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pred, traced["model_pred"][1:], rtol=1e-5, atol=1e-5)
+
+
+def _loss_and_grads(model, golden):
+    model.zero_grad(set_to_none=True)
+    context = _context(model, golden)
+    pred = _predict(model, golden, context)
+    loss = (pred - golden["out.target"]).pow(2).mean()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return pred.detach(), grads
+
+
+def test_gradient_checkpointing_gives_identical_outputs_and_gradients(model, golden):
+    model.train()
+    try:
+        pred_plain, grads_plain = _loss_and_grads(model, golden)
+        model.enable_gradient_checkpointing()
+        assert all(block.gradient_checkpointing for block in model.blocks)
+        pred_ckpt, grads_ckpt = _loss_and_grads(model, golden)
+    finally:
+        model.disable_gradient_checkpointing()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    assert torch.equal(pred_plain, pred_ckpt)
+    assert grads_plain.keys() == grads_ckpt.keys()
+    assert any(name.startswith("blocks.0.") for name in grads_plain)
+    assert any(name.startswith("llm_adapter.") for name in grads_plain)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_empty_prompt_gives_finite_output_and_gradients(model, golden):
+    qwen3 = torch.zeros_like(golden["in.qwen3_embeds"])
+    qwen3_mask = torch.zeros_like(golden["in.qwen3_attn_mask"])
+    ids = torch.zeros_like(golden["in.t5_input_ids"])
+    ids[:, 0] = 1  # "</s>" only, as the T5 tokenizer encodes ""
+    t5_mask = torch.zeros_like(golden["in.t5_attn_mask"])
+    t5_mask[:, 0] = 1
+    model.train()
+    try:
+        model.zero_grad(set_to_none=True)
+        context = model.encode_text(qwen3, qwen3_mask, ids, t5_mask)
+        pred = model(golden["in.noisy_latents"], golden["in.timesteps"], context)
+        pred.square().mean().backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    assert torch.isfinite(context).all() and torch.isfinite(pred).all()
+    assert (context[:, 1:] == 0).all()
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_rope_tables_are_not_in_the_state_dict(model):
+    keys = model.state_dict().keys()
+    assert not [k for k in keys if "pos_embedder" in k or "rope" in k or "inv_freq" in k]
+    assert len(keys) == 89
