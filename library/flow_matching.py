@@ -1,0 +1,217 @@
+"""Rectified-flow training math: σ sampling, the model's timestep, noisy input, target and loss weighting.
+
+Convention: x_σ = (1 − σ)·x0 + σ·ε with σ ∈ [0, 1] (σ = 1 is pure noise); the model predicts the velocity
+ε − x0 and receives t = σ (not 0…1000). Every function takes explicit parameters; the docstrings name the CLI
+flag each one comes from so the trainer can pass ``args.<flag>`` straight through.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from library.errors import AnimaError
+
+TIMESTEP_SAMPLING_METHODS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform")
+
+# Size of the discrete σ table used by `--timestep_sampling sigma` (the flow-match Euler scheduler's table).
+NUM_TRAIN_TIMESTEPS = 1000
+
+# flux_shift: μ is linear in the number of 2×2 latent patches, 0.5 at 256 patches and 1.15 at 4096 patches.
+_FLUX_SHIFT_BASE_TOKENS, _FLUX_SHIFT_MAX_TOKENS = 256, 4096
+_FLUX_SHIFT_BASE_MU, _FLUX_SHIFT_MAX_MU = 0.5, 1.15
+
+
+def check_flow_matching_options(
+    timestep_sampling: str = "sigmoid",
+    weighting_scheme: str = "uniform",
+    discrete_flow_shift: float = 1.0,
+    logit_std: float = 1.0,
+    ip_noise_gamma: float | None = None,
+) -> None:
+    """Validate the σ-sampling flags up front, so a bad value fails before models are loaded.
+
+    Raises AnimaError naming the flag and the accepted values.
+    """
+    if timestep_sampling not in TIMESTEP_SAMPLING_METHODS:
+        raise AnimaError(
+            f"--timestep_sampling {timestep_sampling!r} is not supported; use one of {', '.join(TIMESTEP_SAMPLING_METHODS)}"
+        )
+    if weighting_scheme not in WEIGHTING_SCHEMES:
+        raise AnimaError(
+            f"--weighting_scheme {weighting_scheme!r} is not supported; use one of {', '.join(WEIGHTING_SCHEMES)}"
+        )
+    if not discrete_flow_shift > 0:
+        raise AnimaError(f"--discrete_flow_shift must be > 0 (got {discrete_flow_shift}); 1.0 means no shift")
+    if not logit_std > 0:
+        raise AnimaError(f"--logit_std must be > 0 (got {logit_std})")
+    if ip_noise_gamma is not None and ip_noise_gamma < 0:
+        raise AnimaError(f"--ip_noise_gamma must be >= 0 (got {ip_noise_gamma})")
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """S(σ; s) = s·σ / (1 + (s − 1)·σ): moves mass towards noisier σ for s > 1; keeps 0 → 0 and 1 → 1."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flux_shift_mu(latent_height: int, latent_width: int) -> float:
+    """μ of `--timestep_sampling flux_shift` for a latent of this size (patch count n = (h//2)·(w//2))."""
+    patches = (latent_height // 2) * (latent_width // 2)
+    slope = (_FLUX_SHIFT_MAX_MU - _FLUX_SHIFT_BASE_MU) / (_FLUX_SHIFT_MAX_TOKENS - _FLUX_SHIFT_BASE_TOKENS)
+    return _FLUX_SHIFT_BASE_MU + (patches - _FLUX_SHIFT_BASE_TOKENS) * slope
+
+
+def discrete_sigma_table(discrete_flow_shift: float = 1.0) -> torch.Tensor:
+    """σ table of `--timestep_sampling sigma`: table[j] = S((1000 − j)/1000; shift), j = 0…999, float32 [1000].
+
+    Descending from 1 to S(0.001; shift); never 0.
+    """
+    base = torch.arange(NUM_TRAIN_TIMESTEPS, 0, -1, dtype=torch.float32) / NUM_TRAIN_TIMESTEPS
+    return shift_sigmas(base, discrete_flow_shift)
+
+
+def _density_u(
+    batch_size: int, weighting_scheme: str, logit_mean: float, logit_std: float, mode_scale: float, generator
+) -> torch.Tensor:
+    """u ∈ [0, 1] drawn from the density the weighting scheme asks for (only `sigma` sampling uses this)."""
+    if weighting_scheme == "logit_normal":
+        normal = torch.randn(batch_size, generator=generator, dtype=torch.float32)
+        return torch.sigmoid(logit_mean + logit_std * normal)
+    u = torch.rand(batch_size, generator=generator, dtype=torch.float32)
+    if weighting_scheme == "mode":
+        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def sample_sigmas(
+    batch_size: int,
+    timestep_sampling: str = "sigmoid",
+    *,
+    sigmoid_scale: float = 1.0,
+    discrete_flow_shift: float = 1.0,
+    weighting_scheme: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    latent_size: tuple[int, int] | None = None,
+    weight_dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Draw one σ per sample. Returns float32 [batch_size] in [0, 1].
+
+    Parameters (CLI flag in brackets):
+      timestep_sampling [--timestep_sampling]: "uniform" σ ~ U[0,1); "sigmoid" σ = sig(scale·N(0,1));
+        "shift" = sigmoid then S(σ; discrete_flow_shift); "flux_shift" = sigmoid then S(σ; e^μ) with μ from the
+        latent size; "sigma" = σ looked up in `discrete_sigma_table(discrete_flow_shift)` at index floor(1000·u),
+        u drawn by the weighting scheme's density.
+      sigmoid_scale [--sigmoid_scale]: multiplies the normal draw in sigmoid/shift/flux_shift.
+      discrete_flow_shift [--discrete_flow_shift]: the shift s in shift and sigma modes.
+      weighting_scheme, logit_mean, logit_std, mode_scale [--weighting_scheme, --logit_mean, --logit_std,
+        --mode_scale]: only change the draw in sigma mode (logit_normal: u = sig(N(mean, std)); mode:
+        u' = 1 − u − mode_scale·(cos²(πu/2) − 1 + u); others: u ~ U[0,1)).
+      latent_size: (h, w) of the latent, required by flux_shift.
+      weight_dtype: sigma mode only — σ is held in this dtype (the value is rounded through it, as the training
+        recipe did), then returned as float32.
+      generator: torch.Generator for reproducible draws; draws happen on the generator's device (CPU when None)
+        and the result is moved to `device`.
+    """
+    check_flow_matching_options(timestep_sampling, weighting_scheme, discrete_flow_shift, logit_std)
+    if timestep_sampling == "sigma":
+        u = _density_u(batch_size, weighting_scheme, logit_mean, logit_std, mode_scale, generator)
+        # u == 1 (mode scheme at u=0) or a mode_scale that pushes u outside [0, 1] would index off the table.
+        indices = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
+        sigmas = discrete_sigma_table(discrete_flow_shift)[indices].to(weight_dtype).float()
+    elif timestep_sampling == "uniform":
+        sigmas = torch.rand(batch_size, generator=generator, dtype=torch.float32)
+    else:
+        normal = torch.randn(batch_size, generator=generator, dtype=torch.float32)
+        sigmas = torch.sigmoid(sigmoid_scale * normal)
+        if timestep_sampling == "shift":
+            sigmas = shift_sigmas(sigmas, discrete_flow_shift)
+        elif timestep_sampling == "flux_shift":
+            if latent_size is None:
+                raise ValueError("flux_shift sampling needs latent_size=(h, w)")
+            sigmas = shift_sigmas(sigmas, math.exp(flux_shift_mu(*latent_size)))
+    return sigmas.to(device)
+
+
+def model_timesteps(sigmas: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
+    """The t the DiT receives: (1000·σ) cast to the weight dtype, then / 1000 (result in the weight dtype).
+
+    With bf16 this rounds σ to about 3 significant digits (σ=0.73456 → 0.734375), as the model was trained
+    with; the noisy input keeps the unrounded σ. With float32 it is σ up to float rounding.
+    """
+    return (sigmas * NUM_TRAIN_TIMESTEPS).to(weight_dtype) / NUM_TRAIN_TIMESTEPS
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] → [B, 1, …, 1] so it broadcasts against `like` ([B, C, H, W] or [B, C, T, H, W])."""
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def noisy_input(
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    weight_dtype: torch.dtype = torch.float32,
+    *,
+    ip_noise_gamma: float | None = None,
+    ip_noise_gamma_random_strength: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """x_σ = (1 − σ)·x0 + σ·(ε + γ'·ξ), cast to the weight dtype.
+
+    x0, noise: [B, C, H, W] (or 5-D); sigmas: [B] (unrounded).
+    ip_noise_gamma [--ip_noise_gamma]: input-perturbation strength γ; None or 0 disables it. ξ is a fresh normal
+      draw in the weight dtype. The target stays ε − x0 (only the input is perturbed).
+    ip_noise_gamma_random_strength [--ip_noise_gamma_random_strength]: γ' = U[0,1)·γ, one scalar per batch;
+      otherwise γ' = γ.
+    generator: drives the ξ and γ' draws (CPU when None); results are moved to x0's device.
+    """
+    if ip_noise_gamma:
+        gamma = ip_noise_gamma
+        if ip_noise_gamma_random_strength:
+            gamma = torch.rand(1, generator=generator).item() * ip_noise_gamma
+        gen_device = generator.device if generator is not None else "cpu"
+        xi = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=weight_dtype).to(x0.device)
+        noise = noise + gamma * xi
+    s = _per_sample(sigmas, x0)
+    return ((1 - s) * x0 + s * noise).to(weight_dtype)
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The prediction target: ε − x0 (rectified-flow velocity)."""
+    return noise - x0
+
+
+def loss_weighting(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weight w(σ), float32 [B]  [--weighting_scheme].
+
+    sigma_sqrt → σ⁻² (large near σ = 0); cosmap → 2 / (π·(1 − 2σ + 2σ²)); none, uniform, logit_normal and mode
+    → 1 (the last two only change how σ is drawn in sigma mode).
+    """
+    sigmas = sigmas.float()
+    if weighting_scheme == "sigma_sqrt":
+        return sigmas**-2.0
+    if weighting_scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    if weighting_scheme in WEIGHTING_SCHEMES:
+        return torch.ones_like(sigmas)
+    raise AnimaError(
+        f"--weighting_scheme {weighting_scheme!r} is not supported; use one of {', '.join(WEIGHTING_SCHEMES)}"
+    )
+
+
+def sampling_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """Euler sampling schedule: linspace(1, 0, steps + 1) shifted by S(σ; shift). float32 [steps + 1], 1 → 0.
+
+    Step i integrates x ← x + v(x, σ_i)·(σ_{i+1} − σ_i). shift = 1 leaves the linear schedule unchanged.
+    """
+    if steps < 1:
+        raise AnimaError(f"sampling steps must be >= 1 (got {steps})")
+    if not shift > 0:
+        raise AnimaError(f"sampling flow shift must be > 0 (got {shift})")
+    return shift_sigmas(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32), shift)

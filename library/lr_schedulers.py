@@ -1,0 +1,297 @@
+"""LR-scheduler factory (`--lr_scheduler`, `--lr_scheduler_type`, `--lr_scheduler_args`, warmup/decay steps).
+
+The schedules themselves are the transformers / diffusers implementations (the usual definitions, so LR curves
+match other trainers); this module turns the CLI flags into the right call and checks them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import re
+from typing import Any
+
+import torch
+
+from library.errors import AnimaError
+from library.optimizers import is_schedule_free, parse_literal_kwargs
+
+logger = logging.getLogger(__name__)
+
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+    "piecewise_constant",
+    "adafactor",
+)
+_DOTTED_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def parse_int_or_float(value: str) -> int | float:
+    """argparse type of --lr_warmup_steps / --lr_decay_steps: "123" → 123 steps, "0.1" → ratio 0.1,
+    "10%" → ratio 0.1. A value ≥ 1 must be a whole step count; negative values are rejected."""
+    text = value.strip()
+    try:
+        if text.endswith("%"):
+            number: int | float = float(text[:-1]) / 100.0
+        else:
+            number = float(text)
+            if number >= 1:
+                number = int(text)  # ValueError for "1.5": a ratio must be below 1
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither a step count (e.g. 100), a ratio below 1 (e.g. 0.1) nor a percentage (e.g. 10%)"
+        ) from None
+    if number < 0 or (isinstance(number, float) and number >= 1):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a step count >= 0 or a ratio in [0, 1)")
+    return number
+
+
+def steps_from_int_or_float(value: int | float | str | None, num_training_steps: int, flag: str) -> int:
+    """Steps from a step count (int) or a ratio of `num_training_steps` (float, floor), as --lr_warmup_steps.
+
+    Strings go through `parse_int_or_float` (values coming from a TOML config may be any of the three).
+    """
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        try:
+            value = parse_int_or_float(value)
+        except argparse.ArgumentTypeError as e:
+            raise AnimaError(f"{flag}: {e}") from None
+    if isinstance(value, bool) or value < 0:
+        raise AnimaError(f"{flag} must be a step count >= 0 or a ratio in [0, 1) (got {value!r})")
+    if isinstance(value, float):
+        if value >= 1:
+            raise AnimaError(f"{flag}: a ratio must be below 1 (got {value}); give a whole number for a step count")
+        return int(value * num_training_steps)
+    return int(value)
+
+
+class ScheduleFreeScheduler:
+    """Stand-in scheduler for schedule-free optimizers: they handle the LR themselves, so step() does nothing;
+    it only reports the current LRs for logging."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
+def _is_relative_step_adafactor(optimizer: torch.optim.Optimizer) -> bool:
+    import transformers.optimization
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return isinstance(inner, transformers.optimization.Adafactor) and bool(inner.defaults.get("relative_step"))
+
+
+def resolve_lr_scheduler_name(lr_scheduler: str, optimizer: torch.optim.Optimizer, learning_rate: float) -> str:
+    """The scheduler name to actually use: Adafactor with relative_step computes its own LR, so the schedule
+    becomes "adafactor:<learning_rate>" (the LR is only reported). Otherwise `lr_scheduler` unchanged."""
+    if _is_relative_step_adafactor(optimizer):
+        if not lr_scheduler.startswith("adafactor"):
+            logger.info(
+                "Adafactor with relative_step=True: using the adafactor LR scheduler instead of %s", lr_scheduler
+            )
+        return f"adafactor:{learning_rate}"
+    return lr_scheduler
+
+
+def _no_warmup(name: str, num_warmup_steps: int) -> None:
+    if num_warmup_steps:
+        raise AnimaError(
+            f"--lr_warmup_steps must be 0 with the {name} scheduler (got {num_warmup_steps} steps); "
+            "set it to 0 or use a scheduler with warmup such as constant_with_warmup"
+        )
+
+
+def _custom_scheduler_class(scheduler_type: str) -> type:
+    if not _DOTTED_PATH.fullmatch(scheduler_type):
+        raise AnimaError(f"--lr_scheduler_type {scheduler_type!r} is not a class name or dotted class path")
+    if "." in scheduler_type:
+        module_name, _, class_name = scheduler_type.rpartition(".")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise AnimaError(f"--lr_scheduler_type {scheduler_type}: cannot import {module_name!r} ({e})") from None
+    else:
+        module, class_name = torch.optim.lr_scheduler, scheduler_type
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        raise AnimaError(
+            f"--lr_scheduler_type {scheduler_type}: no scheduler class {class_name!r} in {module.__name__}"
+        )
+    return cls
+
+
+def _call(name: str, factory: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return factory(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise AnimaError(f"LR scheduler {name}: bad settings or --lr_scheduler_args ({e})") from None
+
+
+def create_lr_scheduler(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    num_training_steps: int,
+    num_warmup_steps: int | float | str | None = 0,
+    *,
+    num_decay_steps: int | float | str | None = 0,
+    num_cycles: int = 1,
+    power: float = 1.0,
+    timescale: int | None = None,
+    min_lr_ratio: float | None = None,
+    scheduler_type: str = "",
+    scheduler_args: list[str] | None = None,
+) -> Any:
+    """Build the LR scheduler.
+
+    name [--lr_scheduler]: one of LR_SCHEDULERS, or "adafactor:<lr>" (from `resolve_lr_scheduler_name`).
+    num_training_steps: scheduler ticks over the run = --max_train_steps × number of processes (the scheduler
+      is stepped once per process per optimizer step).
+    num_warmup_steps [--lr_warmup_steps], num_decay_steps [--lr_decay_steps]: step counts or ratios of
+      num_training_steps (see `steps_from_int_or_float`). Warmup must be 0 for constant, adafactor and custom.
+    num_cycles [--lr_scheduler_num_cycles]: cosine_with_restarts cycles; cosine_with_min_lr and
+      warmup_stable_decay get num_cycles / 2 (1 → one half cosine wave).
+    power [--lr_scheduler_power]: polynomial power. timescale [--lr_scheduler_timescale]: inverse_sqrt.
+    min_lr_ratio [--lr_scheduler_min_lr_ratio]: floor as a fraction of the LR for cosine_with_min_lr
+      (required unless min_lr is in scheduler_args) and warmup_stable_decay (default 0).
+    scheduler_type [--lr_scheduler_type]: a torch.optim.lr_scheduler class name or dotted class path; built
+      with only scheduler_args.  scheduler_args [--lr_scheduler_args]: `key=literal` items passed on.
+    Schedule-free optimizers get a `ScheduleFreeScheduler` whatever the name.
+    Schedules (lr0 = the group LR, W warmup, T total, D decay, S = T − W − D stable):
+      constant: lr0; constant_with_warmup: lr0·min(1, s/W); linear: warmup then lr0·(T−s)/(T−W);
+      cosine: warmup then lr0·½(1 + cos(π·p)), p = (s−W)/(T−W); cosine_with_restarts: same with p taken
+      modulo 1/cycles; polynomial: warmup then (lr0 − lr_end)·(1 − p)^power + lr_end (lr_end 1e-7);
+      inverse_sqrt: warmup then lr0/√((s + timescale − W)/timescale) (timescale default W or 10⁴);
+      cosine_with_min_lr: cosine floored at min_lr_ratio; warmup_stable_decay: warmup, S steps at lr0, then a
+      cosine decay to min_lr_ratio over D steps; piecewise_constant: step_rules="1:10,0.1:20,0.01" in
+      scheduler_args (multiplier:until_step, …, final multiplier).
+    """
+    kwargs = parse_literal_kwargs(scheduler_args, "--lr_scheduler_args")
+    warmup = steps_from_int_or_float(num_warmup_steps, num_training_steps, "--lr_warmup_steps")
+    decay = steps_from_int_or_float(num_decay_steps, num_training_steps, "--lr_decay_steps")
+
+    if is_schedule_free(getattr(optimizer, "optimizer", optimizer)):
+        return ScheduleFreeScheduler(optimizer)
+
+    if scheduler_type:
+        _no_warmup(scheduler_type, warmup)
+        return _call(scheduler_type, _custom_scheduler_class(scheduler_type), optimizer, **kwargs)
+
+    if name.startswith("adafactor"):
+        import transformers.optimization
+
+        _no_warmup("adafactor", warmup)
+        if not _is_relative_step_adafactor(optimizer):
+            raise AnimaError(
+                "--lr_scheduler adafactor needs --optimizer_type Adafactor with relative_step=True; pick another scheduler"
+            )
+        _, _, initial_lr = name.partition(":")
+        try:
+            lr0 = float(initial_lr) if initial_lr else 0.0
+        except ValueError:
+            raise AnimaError(f"--lr_scheduler {name!r}: expected adafactor or adafactor:<initial lr>") from None
+        return transformers.optimization.AdafactorSchedule(getattr(optimizer, "optimizer", optimizer), lr0)
+
+    if name not in LR_SCHEDULERS:
+        raise AnimaError(
+            f"--lr_scheduler {name!r} is unknown; use one of {', '.join(LR_SCHEDULERS)} "
+            "or --lr_scheduler_type for a custom class"
+        )
+    if num_training_steps < 1:
+        raise ValueError(f"num_training_steps must be >= 1 (got {num_training_steps})")
+
+    import transformers.optimization as tro
+
+    if name == "piecewise_constant":
+        from diffusers.optimization import get_piecewise_constant_schedule
+
+        if "step_rules" not in kwargs:
+            raise AnimaError(
+                '--lr_scheduler piecewise_constant needs --lr_scheduler_args step_rules="1:10,0.1:20,0.01"'
+            )
+        return _call(name, get_piecewise_constant_schedule, optimizer, **kwargs)
+    if name == "constant":
+        _no_warmup(name, warmup)
+        return _call(name, tro.get_constant_schedule, optimizer, **kwargs)
+    if name == "constant_with_warmup":
+        return _call(name, tro.get_constant_schedule_with_warmup, optimizer, num_warmup_steps=warmup, **kwargs)
+    if name == "inverse_sqrt":
+        return _call(
+            name, tro.get_inverse_sqrt_schedule, optimizer, num_warmup_steps=warmup, timescale=timescale, **kwargs
+        )
+    if warmup > num_training_steps:
+        raise AnimaError(f"--lr_warmup_steps ({warmup}) is longer than the whole run ({num_training_steps} steps)")
+    if name == "cosine_with_restarts":
+        return _call(
+            name,
+            tro.get_cosine_with_hard_restarts_schedule_with_warmup,
+            optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=num_training_steps,
+            num_cycles=num_cycles,
+            **kwargs,
+        )
+    if name == "polynomial":
+        return _call(
+            name,
+            tro.get_polynomial_decay_schedule_with_warmup,
+            optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=num_training_steps,
+            power=power,
+            **kwargs,
+        )
+    if name == "cosine_with_min_lr":
+        if min_lr_ratio is None and "min_lr" not in kwargs and "min_lr_rate" not in kwargs:
+            raise AnimaError("--lr_scheduler cosine_with_min_lr needs --lr_scheduler_min_lr_ratio (e.g. 0.1)")
+        if min_lr_ratio is not None:
+            kwargs.setdefault("min_lr_rate", min_lr_ratio)
+        return _call(
+            name,
+            tro.get_cosine_with_min_lr_schedule_with_warmup,
+            optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=num_training_steps,
+            num_cycles=num_cycles / 2,
+            **kwargs,
+        )
+    if name == "warmup_stable_decay":
+        stable = num_training_steps - warmup - decay
+        if stable < 0:
+            raise AnimaError(
+                f"--lr_warmup_steps ({warmup}) + --lr_decay_steps ({decay}) exceed the run ({num_training_steps} steps)"
+            )
+        return _call(
+            name,
+            tro.get_wsd_schedule,
+            optimizer,
+            num_warmup_steps=warmup,
+            num_stable_steps=stable,
+            num_decay_steps=decay,
+            num_cycles=num_cycles / 2,
+            min_lr_ratio=min_lr_ratio or 0.0,
+            **kwargs,
+        )
+    factory = tro.get_linear_schedule_with_warmup if name == "linear" else tro.get_cosine_schedule_with_warmup
+    return _call(name, factory, optimizer, num_warmup_steps=warmup, num_training_steps=num_training_steps, **kwargs)

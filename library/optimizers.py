@@ -1,0 +1,343 @@
+"""Optimizer factory (`--optimizer_type`, `--optimizer_args`) and the Adafactor fused backward pass.
+
+Names are case-insensitive. Besides the named optimizers below, any `torch.optim` class name or a dotted
+class path (`bitsandbytes.optim.PagedAdamW8bit`, `my_package.module.MyOptimizer`) is accepted; the module
+is imported by name, nothing the user types is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import logging
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from library.errors import AnimaError
+
+logger = logging.getLogger(__name__)
+
+# Longest accepted `key=value` item: ast.literal_eval on a huge or deeply nested literal can exhaust memory or
+# the parser's recursion limit, and no real optimizer setting needs more.
+_MAX_ARG_LENGTH = 1000
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DOTTED_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+def parse_literal_kwargs(items: Iterable[str] | None, flag: str) -> dict[str, Any]:
+    """Parse `key=value` items into kwargs; each value must be a Python literal (number, True/False/None,
+    quoted string, tuple/list/dict of literals). Split at the first '='.
+
+    Values go through `ast.literal_eval` only: calls, names and attribute access are rejected, never run.
+    Bad items raise AnimaError naming `flag` (e.g. "--optimizer_args") and the fix.
+    """
+    kwargs: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not _IDENTIFIER.fullmatch(key):
+            raise AnimaError(
+                f"{flag}: {item[:80]!r} is not key=value with a Python identifier as key (e.g. weight_decay=0.01)"
+            )
+        if len(text) > _MAX_ARG_LENGTH:
+            raise AnimaError(f"{flag}: the value of {key!r} is longer than {_MAX_ARG_LENGTH} characters")
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise AnimaError(
+                f"{flag}: the value of {key!r} ({text[:80]!r}) is not a Python literal; use numbers, True/False/None, "
+                f'tuples like (0.9,0.99) or quoted strings like {key}="text"'
+            ) from None
+    return kwargs
+
+
+def format_kwargs(kwargs: dict[str, Any]) -> str:
+    """`k=v,k=v` (str of each value): the form recorded in the `ss_optimizer` metadata."""
+    return ",".join(f"{k}={v}" for k, v in kwargs.items())
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
+
+    update = sign(β1·m + (1 − β1)·g); p ← p·(1 − lr·wd) − lr·update; m ← β2·m + (1 − β2)·g.
+    Typical lr is 3–10× smaller than AdamW's, weight decay 3–10× larger.
+    """
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
+        if not lr > 0:
+            raise ValueError(f"Lion: lr must be > 0 (got {lr})")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Lion: betas must be in [0, 1) (got {betas})")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                exp_avg = state["exp_avg"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                update = exp_avg.mul(beta1).add_(p.grad, alpha=1 - beta1).sign_()
+                p.add_(update, alpha=-group["lr"])
+                exp_avg.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+        return loss
+
+
+def _import_attr(module_name: str, attr: str, pip_name: str, optimizer_type: str) -> Any:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise AnimaError(
+            f"--optimizer_type {optimizer_type} needs the package {pip_name!r}; install it with: pip install {pip_name}"
+        ) from None
+    return getattr(module, attr)
+
+
+# display name → (module, class name, pip package, default kwargs added when absent); matched case-insensitively
+_PACKAGED_OPTIMIZERS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    "AdamW8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", {}),
+    "SGDNesterov8bit": ("bitsandbytes.optim", "SGD8bit", "bitsandbytes", {"momentum": 0.9, "nesterov": True}),
+    "Lion8bit": ("bitsandbytes.optim", "Lion8bit", "bitsandbytes", {}),
+    "PagedAdamW8bit": ("bitsandbytes.optim", "PagedAdamW8bit", "bitsandbytes", {}),
+    "PagedLion8bit": ("bitsandbytes.optim", "PagedLion8bit", "bitsandbytes", {}),
+    "PagedAdamW": ("bitsandbytes.optim", "PagedAdamW", "bitsandbytes", {}),
+    "PagedAdamW32bit": ("bitsandbytes.optim", "PagedAdamW32bit", "bitsandbytes", {}),
+    "DAdaptation": ("dadaptation.experimental", "DAdaptAdamPreprint", "dadaptation", {}),
+    "DAdaptAdamPreprint": ("dadaptation.experimental", "DAdaptAdamPreprint", "dadaptation", {}),
+    "DAdaptAdaGrad": ("dadaptation", "DAdaptAdaGrad", "dadaptation", {}),
+    "DAdaptAdam": ("dadaptation", "DAdaptAdam", "dadaptation", {}),
+    "DAdaptAdan": ("dadaptation", "DAdaptAdan", "dadaptation", {}),
+    "DAdaptAdanIP": ("dadaptation.experimental", "DAdaptAdanIP", "dadaptation", {}),
+    "DAdaptLion": ("dadaptation", "DAdaptLion", "dadaptation", {}),
+    "DAdaptSGD": ("dadaptation", "DAdaptSGD", "dadaptation", {}),
+    "Prodigy": ("prodigyopt", "Prodigy", "prodigyopt", {}),
+    "RAdamScheduleFree": ("schedulefree", "RAdamScheduleFree", "schedulefree", {}),
+    "AdamWScheduleFree": ("schedulefree", "AdamWScheduleFree", "schedulefree", {}),
+    "SGDScheduleFree": ("schedulefree", "SGDScheduleFree", "schedulefree", {}),
+}
+_PACKAGED_BY_KEY = {name.lower(): spec for name, spec in _PACKAGED_OPTIMIZERS.items()}
+_BUILTIN_OPTIMIZERS = ("AdamW", "SGDNesterov", "Lion", "Adafactor")
+# Optimizers that find their own step size: the lr should be about 1.0.
+_ADAPTIVE_LR_PREFIXES = ("dadapt", "prodigy")
+
+
+def optimizer_type_names() -> list[str]:
+    """Every name `--optimizer_type` accepts directly (torch.optim class names and dotted paths also work)."""
+    return list(_BUILTIN_OPTIMIZERS) + list(_PACKAGED_OPTIMIZERS)
+
+
+def _group_lrs(param_groups: list[Any]) -> list[float]:
+    return [g["lr"] for g in param_groups if isinstance(g, dict) and g.get("lr") is not None]
+
+
+def _resolve_torch_or_dotted(optimizer_type: str) -> type:
+    """A torch.optim class name (exact case first, then case-insensitive) or a dotted `module.Class` path."""
+    if "." in optimizer_type:
+        if not _DOTTED_PATH.fullmatch(optimizer_type):
+            raise AnimaError(
+                f"--optimizer_type {optimizer_type!r} is not a valid dotted class path like package.module.Class"
+            )
+        module_name, _, class_name = optimizer_type.rpartition(".")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise AnimaError(f"--optimizer_type {optimizer_type}: cannot import module {module_name!r} ({e})") from None
+        cls = getattr(module, class_name, None)
+        if cls is None:
+            raise AnimaError(f"--optimizer_type {optimizer_type}: module {module_name!r} has no {class_name!r}")
+    else:
+        candidates = {n: getattr(torch.optim, n) for n in dir(torch.optim)}
+        candidates = {
+            n: c for n, c in candidates.items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+        }
+        cls = candidates.get(optimizer_type) or next(
+            (c for n, c in candidates.items() if n.lower() == optimizer_type.lower()), None
+        )
+        if cls is None or cls is torch.optim.Optimizer:
+            raise AnimaError(
+                f"--optimizer_type {optimizer_type!r} is unknown; use one of {', '.join(optimizer_type_names())}, "
+                f"a torch.optim class name ({', '.join(sorted(n for n in candidates if n != 'Optimizer'))}) "
+                "or a dotted class path like bitsandbytes.optim.PagedAdamW8bit"
+            )
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise AnimaError(f"--optimizer_type {optimizer_type}: {cls!r} is not a torch.optim.Optimizer subclass")
+    return cls
+
+
+def _prepare_adafactor(param_groups: list[Any], lr: float, kwargs: dict[str, Any]) -> float | None:
+    """Adafactor defaults: relative_step=True unless given; warmup_init forces it. With relative_step the
+    optimizer computes its own step size, so the given LR and per-group LRs are dropped (returns lr=None)."""
+    kwargs.setdefault("relative_step", True)
+    if not kwargs["relative_step"] and kwargs.get("warmup_init", False):
+        logger.info("Adafactor: warmup_init=True needs relative_step=True; turning relative_step on")
+        kwargs["relative_step"] = True
+    if not kwargs["relative_step"]:
+        if kwargs.get("clip_threshold", 1.0) != 1.0:
+            logger.warning("Adafactor: clip_threshold=1.0 is recommended")
+        return lr
+    if lr != 0.0:
+        logger.warning("Adafactor with relative_step=True: --learning_rate %s is only reported as the initial LR", lr)
+    dropped = [g.pop("lr", None) for g in param_groups if isinstance(g, dict)]
+    if any(x is not None for x in dropped):
+        logger.warning("Adafactor with relative_step=True: per-group LRs (--unet_lr, --text_encoder_lr) are ignored")
+    return None
+
+
+def create_optimizer(
+    optimizer_type: str,
+    param_groups: Iterable[Any],
+    lr: float,
+    optimizer_args: list[str] | None = None,
+    *,
+    use_8bit_adam: bool = False,
+    use_lion_optimizer: bool = False,
+) -> tuple[str, str, torch.optim.Optimizer]:
+    """Build the optimizer. Returns (name "module.Class", args "k=v,…" for metadata, optimizer).
+
+    optimizer_type [--optimizer_type]: case-insensitive; "" means AdamW. See `optimizer_type_names()`.
+    param_groups: parameters or param-group dicts (a group's own "lr" wins over `lr`).
+    lr [--learning_rate]: default LR.
+    optimizer_args [--optimizer_args]: `key=value` items, values are Python literals.
+    use_8bit_adam / use_lion_optimizer [--use_8bit_adam / --use_lion_optimizer]: legacy shortcuts for
+      AdamW8bit / Lion; they cannot be combined with each other or with --optimizer_type.
+    Adafactor defaults to relative_step=True: the optimizer then ignores lr and the group LRs, and the LR
+    scheduler must become `adafactor:<lr>` (see `lr_schedulers.resolve_lr_scheduler_name`).
+    """
+    if use_8bit_adam or use_lion_optimizer:
+        if (use_8bit_adam and use_lion_optimizer) or optimizer_type:
+            raise AnimaError(
+                "--use_8bit_adam, --use_lion_optimizer and --optimizer_type are exclusive; use only --optimizer_type"
+            )
+        optimizer_type = "AdamW8bit" if use_8bit_adam else "Lion"
+    optimizer_type = optimizer_type or "AdamW"
+    kwargs = parse_literal_kwargs(optimizer_args, "--optimizer_args")
+    param_groups = list(param_groups)
+    if not param_groups:
+        raise AnimaError(
+            "the optimizer got no trainable parameters (check --network_train_unet_only / text-encoder flags)"
+        )
+    key = optimizer_type.lower()
+
+    if key == "adamw":
+        cls: type = torch.optim.AdamW
+    elif key == "sgdnesterov":
+        cls = torch.optim.SGD
+        kwargs.setdefault("momentum", 0.9)
+        kwargs.setdefault("nesterov", True)
+    elif key == "lion":
+        cls = Lion
+    elif key == "adafactor":
+        import transformers.optimization
+
+        cls = transformers.optimization.Adafactor
+        lr = _prepare_adafactor(param_groups, lr, kwargs)
+    elif key in _PACKAGED_BY_KEY:
+        module_name, class_name, pip_name, defaults = _PACKAGED_BY_KEY[key]
+        cls = _import_attr(module_name, class_name, pip_name, optimizer_type)
+        for k, v in defaults.items():
+            kwargs.setdefault(k, v)
+    else:
+        cls = _resolve_torch_or_dotted(optimizer_type)
+
+    if key.startswith(_ADAPTIVE_LR_PREFIXES):
+        lrs = _group_lrs(param_groups) or [lr]
+        if min(lrs) <= 0.1:
+            logger.warning(
+                "%s adapts the step size itself: a learning rate around 1.0 is expected (got %s)", cls.__name__, lrs
+            )
+        if len(set(lrs)) > 1:
+            logger.warning("%s with several learning rates: the adaptation may not work as expected", cls.__name__)
+
+    try:
+        optimizer = cls(param_groups, lr=lr, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise AnimaError(
+            f"--optimizer_args for {cls.__name__} ({format_kwargs(kwargs) or 'none'}) were rejected: {e}"
+        ) from None
+    return f"{cls.__module__}.{cls.__name__}", format_kwargs(kwargs), optimizer
+
+
+def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
+    """Schedule-free optimizers keep their own LR schedule and need train()/eval() switching around evaluation."""
+    return type(optimizer).__name__.lower().endswith("schedulefree")
+
+
+class FusedBackwardHandle:
+    """Hooks installed by `install_fused_backward_pass`; `remove()` detaches them."""
+
+    def __init__(self, handles: list[Any]):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def _adafactor_step_one(optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict[str, Any]) -> None:
+    """Run the optimizer's own update for one parameter: Adafactor's update and state are per-parameter, so a
+    step over a one-parameter view of the group equals that parameter's share of a full step."""
+    all_groups = optimizer.param_groups
+    optimizer.param_groups = [{**group, "params": [param]}]
+    try:
+        optimizer.step()
+    finally:
+        optimizer.param_groups = all_groups
+
+
+def install_fused_backward_pass(
+    optimizer: torch.optim.Optimizer,
+    max_grad_norm: float = 0.0,
+    gradient_accumulation_steps: int = 1,
+    num_processes: int = 1,
+) -> FusedBackwardHandle:
+    """`--fused_backward_pass`: step each parameter as soon as its gradient is ready, then free the gradient.
+
+    Saves the memory of holding every gradient at once. Constraints (AnimaError otherwise):
+      - optimizer: transformers Adafactor only [--optimizer_type Adafactor];
+      - gradient_accumulation_steps must be 1 [--gradient_accumulation_steps] (the step happens inside backward);
+      - num_processes must be 1: the hook fires before gradients are averaged across processes.
+    max_grad_norm [--max_grad_norm]: when ≠ 0 each parameter's gradient is clipped to this norm on its own
+    (the global norm is never available here), so it is not the same as the usual global clipping.
+    Mixed precision with a loss scaler (fp16) is not supported: the gradients would still be scaled.
+    After backward the gradients are already None; the trainer skips its own clip and optimizer.step()
+    (calling them is harmless). Returns a handle whose `remove()` uninstalls the hooks.
+    """
+    import transformers.optimization
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's AcceleratedOptimizer
+    if not isinstance(inner, transformers.optimization.Adafactor):
+        raise AnimaError("--fused_backward_pass works only with --optimizer_type Adafactor")
+    if gradient_accumulation_steps != 1:
+        raise AnimaError("--fused_backward_pass does not work with --gradient_accumulation_steps > 1; set it to 1")
+    if num_processes != 1:
+        raise AnimaError("--fused_backward_pass works only with a single process; drop it for multi-GPU training")
+
+    def make_hook(group: dict[str, Any]) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([param], max_grad_norm)
+            _adafactor_step_one(inner, param, group)
+            param.grad = None
+
+        return hook
+
+    handles = [
+        p.register_post_accumulate_grad_hook(make_hook(group))
+        for group in inner.param_groups
+        for p in group["params"]
+        if p.requires_grad
+    ]
+    return FusedBackwardHandle(handles)
