@@ -1,0 +1,347 @@
+"""LoRA file formats for Anima: key naming, sd-scripts <-> ComfyUI conversion, reading/writing, hashes.
+
+Two key layouts exist for the same weights (``r`` = rank):
+
+* sd-scripts ("kohya"), the default:
+  ``lora_unet_<path with . -> _>.lora_down.weight`` [r, in], ``.lora_up.weight`` [out, r], ``.alpha`` [];
+  text encoder (Qwen3) modules use the prefix ``lora_te_``.
+* ComfyUI: ``diffusion_model.<path>.lora_A.weight`` [r, in], ``.lora_B.weight`` [out, r], optional ``.alpha``;
+  text encoder modules use ``text_encoders.qwen3_06b.transformer.model.<path>``.
+
+Both apply ``W x + up(down(x)) * alpha / r``; a missing alpha means scale 1 (alpha = r). diffusers rejects
+files with keys lacking "lora", so by default the ComfyUI writer folds alpha/r into ``lora_B`` and drops the
+alpha keys: ComfyUI and diffusers then both apply the same effective update.
+
+Turning ``lora_unet_blocks_0_self_attn_q_proj`` back into ``blocks.0.self_attn.q_proj`` is ambiguous in
+general (``_`` is also part of names), so it is resolved either against the module names of a real model
+(the network passes them) or against the table of Anima's Linear layers below (the converter CLI).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from library.errors import AnimaError
+from library.saving import atomic_write, safetensors_hashes
+
+UNET_PREFIX = "lora_unet"
+TE_PREFIX = "lora_te"
+# Some sd-scripts versions wrote the single text encoder as "te1"; accepted when reading, never written.
+TE_PREFIX_ALIASES = ("lora_te1",)
+
+COMFY_UNET_PREFIX = "diffusion_model."
+COMFY_TE_PREFIX = "text_encoders.qwen3_06b.transformer.model."
+
+SD_SCRIPTS_FORMAT = "sd-scripts"
+COMFY_FORMAT = "comfy"
+LORA_FORMATS = (SD_SCRIPTS_FORMAT, COMFY_FORMAT)
+
+# Metadata keys this project writes next to the trainer's ss_* keys.
+FORMAT_METADATA_KEY = "ss_lora_format"
+ALPHA_FOLDED_METADATA_KEY = "ss_lora_alpha_folded"
+
+_SD_SUFFIX_TO_COMFY = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}
+_COMFY_SUFFIX_TO_SD = {
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    # Some tools write ComfyUI prefixes with kohya suffixes; ComfyUI accepts both.
+    "lora_down.weight": "lora_down.weight",
+    "lora_up.weight": "lora_up.weight",
+    "alpha": "alpha",
+}
+
+# Every Linear layer of the Anima DiT + LLM adapter and of Qwen3-0.6B (`Qwen3Model` names), "{i}" = index.
+# This is the one table used to restore dotted module paths when no model is at hand.
+ANIMA_DIT_LINEAR_PATHS = (
+    "x_embedder.proj.1",
+    "t_embedder.1.linear_1",
+    "t_embedder.1.linear_2",
+    *(
+        f"blocks.{{i}}.{attn}.{proj}"
+        for attn in ("self_attn", "cross_attn")
+        for proj in ("q_proj", "k_proj", "v_proj", "output_proj")
+    ),
+    "blocks.{i}.mlp.layer1",
+    "blocks.{i}.mlp.layer2",
+    *(f"blocks.{{i}}.adaln_modulation_{part}.{j}" for part in ("self_attn", "cross_attn", "mlp") for j in (1, 2)),
+    "final_layer.linear",
+    "final_layer.adaln_modulation.1",
+    "final_layer.adaln_modulation.2",
+    *(
+        f"llm_adapter.blocks.{{i}}.{attn}.{proj}"
+        for attn in ("self_attn", "cross_attn")
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
+    ),
+    "llm_adapter.blocks.{i}.mlp.0",
+    "llm_adapter.blocks.{i}.mlp.2",
+    "llm_adapter.out_proj",
+)
+QWEN3_LINEAR_PATHS = (
+    *(f"layers.{{i}}.self_attn.{proj}" for proj in ("q_proj", "k_proj", "v_proj", "o_proj")),
+    *(f"layers.{{i}}.mlp.{proj}" for proj in ("gate_proj", "up_proj", "down_proj")),
+)
+
+
+def lora_name_for(prefix: str, module_path: str) -> str:
+    """``("lora_unet", "blocks.0.mlp.layer1")`` -> ``"lora_unet_blocks_0_mlp_layer1"``."""
+    return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    # Underscored form of a dotted template; "{i}" captures the index.
+    parts = template.replace(".", "_").split("{i}")
+    return re.compile(r"(\d+)".join(re.escape(p) for p in parts))
+
+
+_UNET_TEMPLATES = [(t, _template_regex(t)) for t in ANIMA_DIT_LINEAR_PATHS]
+_TE_TEMPLATES = [(t, _template_regex(t)) for t in QWEN3_LINEAR_PATHS]
+
+
+def module_path_from_table(lora_name: str) -> str:
+    """Dotted module path of an sd-scripts LoRA name, using the table of Anima/Qwen3 Linear layers."""
+    prefix, body = split_lora_name(lora_name)
+    templates = _UNET_TEMPLATES if prefix == UNET_PREFIX else _TE_TEMPLATES
+    for template, pattern in templates:
+        match = pattern.fullmatch(body)
+        if match:
+            path = template
+            for index in match.groups():
+                path = path.replace("{i}", index, 1)
+            return path
+    raise AnimaError(
+        f"LoRA module '{lora_name}' is not a known Anima DiT / LLM adapter / Qwen3 Linear layer; "
+        "cannot restore its module path (convert from a file written for Anima)"
+    )
+
+
+def split_lora_name(lora_name: str) -> tuple[str, str]:
+    """``"lora_unet_blocks_0_mlp_layer1"`` -> ``("lora_unet", "blocks_0_mlp_layer1")``; aliases normalised."""
+    for prefix in (UNET_PREFIX, TE_PREFIX, *TE_PREFIX_ALIASES):
+        if lora_name.startswith(prefix + "_"):
+            normalised = UNET_PREFIX if prefix == UNET_PREFIX else TE_PREFIX
+            return normalised, lora_name[len(prefix) + 1 :]
+    raise AnimaError(f"LoRA key '{lora_name}' has no 'lora_unet_' or 'lora_te_' prefix")
+
+
+def split_sd_key(key: str) -> tuple[str, str]:
+    """``"<lora_name>.lora_down.weight"`` -> ``(lora_name, "lora_down.weight")``."""
+    for suffix in _SD_SUFFIX_TO_COMFY:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    raise AnimaError(
+        f"unsupported LoRA tensor '{key}': only plain LoRA (lora_down/lora_up/alpha) is supported (no LoHa/LoKr/DoRA)"
+    )
+
+
+def _split_comfy_key(key: str) -> tuple[str, str]:
+    for suffix in _COMFY_SUFFIX_TO_SD:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    raise AnimaError(
+        f"unsupported LoRA tensor '{key}': only plain LoRA (lora_A/lora_B/alpha) is supported (no LoHa/LoKr/DoRA)"
+    )
+
+
+def detect_lora_format(sd: Mapping[str, torch.Tensor]) -> str:
+    """``"sd-scripts"`` or ``"comfy"``; a mixed or unrecognised key set is an error."""
+    if not sd:
+        raise AnimaError("the LoRA file holds no tensors")
+    kinds = set()
+    for key in sd:
+        if key.startswith((UNET_PREFIX + "_", TE_PREFIX + "_", *(a + "_" for a in TE_PREFIX_ALIASES))):
+            kinds.add(SD_SCRIPTS_FORMAT)
+        elif key.startswith((COMFY_UNET_PREFIX, COMFY_TE_PREFIX)):
+            kinds.add(COMFY_FORMAT)
+        else:
+            raise AnimaError(
+                f"unrecognised LoRA key '{key}': expected 'lora_unet_' / 'lora_te_' (sd-scripts) or "
+                f"'{COMFY_UNET_PREFIX}' / '{COMFY_TE_PREFIX}' (ComfyUI) keys"
+            )
+    if len(kinds) > 1:
+        raise AnimaError("the LoRA file mixes sd-scripts and ComfyUI key styles; convert it to one style first")
+    return kinds.pop()
+
+
+def group_by_module(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """sd-scripts state dict -> {lora_name: {"lora_down.weight": .., "lora_up.weight": .., "alpha": ..}},
+    checked for completeness and rank consistency."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in sd.items():
+        lora_name, suffix = split_sd_key(key)
+        modules.setdefault(lora_name, {})[suffix] = tensor
+    for lora_name, parts in modules.items():
+        down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
+        if down is None or up is None:
+            raise AnimaError(f"LoRA module '{lora_name}' lacks its lora_down or lora_up weight (truncated file?)")
+        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
+            raise AnimaError(
+                f"LoRA module '{lora_name}' has inconsistent shapes down {tuple(down.shape)} / up {tuple(up.shape)}"
+            )
+        alpha = parts.get("alpha")
+        if alpha is not None and alpha.numel() != 1:
+            raise AnimaError(f"LoRA module '{lora_name}' has a non-scalar alpha of shape {tuple(alpha.shape)}")
+    return modules
+
+
+def convert_to_comfy(
+    sd: Mapping[str, torch.Tensor],
+    module_paths: Mapping[str, str] | None = None,
+    fold_alpha: bool = True,
+) -> dict[str, torch.Tensor]:
+    """sd-scripts keys -> ComfyUI keys.
+
+    module_paths: lora_name -> dotted module path (from the model); without it the Anima layer table is used.
+    fold_alpha: multiply lora_B by alpha/r and drop alpha (loads in ComfyUI and diffusers with the same
+    effective scale); False keeps the alpha keys (ComfyUI only).
+    """
+    if detect_lora_format(sd) != SD_SCRIPTS_FORMAT:
+        raise AnimaError("convert_to_comfy expects sd-scripts keys (lora_unet_/lora_te_), got ComfyUI keys")
+    out: dict[str, torch.Tensor] = {}
+    for lora_name, parts in group_by_module(sd).items():
+        prefix, body = split_lora_name(lora_name)
+        canonical = f"{prefix}_{body}"
+        if module_paths is not None and canonical in module_paths:
+            path = module_paths[canonical]
+        else:
+            path = module_path_from_table(lora_name)
+        base = (COMFY_UNET_PREFIX if prefix == UNET_PREFIX else COMFY_TE_PREFIX) + path
+        down, up, alpha = parts["lora_down.weight"], parts["lora_up.weight"], parts.get("alpha")
+        if fold_alpha:
+            if alpha is not None:
+                scale = alpha.float() / down.shape[0]
+                up = (up.float() * scale).to(up.dtype)
+            alpha = None
+        out[f"{base}.lora_A.weight"] = down
+        out[f"{base}.lora_B.weight"] = up
+        if alpha is not None:
+            out[f"{base}.alpha"] = alpha
+    return out
+
+
+def convert_from_comfy(sd: Mapping[str, torch.Tensor], add_missing_alpha: bool = True) -> dict[str, torch.Tensor]:
+    """ComfyUI keys -> sd-scripts keys. A module without alpha has scale 1; with add_missing_alpha its
+    alpha is written as r so the file stays self-describing, otherwise it is left out."""
+    if detect_lora_format(sd) != COMFY_FORMAT:
+        raise AnimaError(
+            "convert_from_comfy expects ComfyUI keys (diffusion_model./text_encoders.), got sd-scripts keys"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in sd.items():
+        module_key, suffix = _split_comfy_key(key)
+        if module_key.startswith(COMFY_TE_PREFIX):
+            lora_name = lora_name_for(TE_PREFIX, module_key[len(COMFY_TE_PREFIX) :])
+        else:
+            lora_name = lora_name_for(UNET_PREFIX, module_key[len(COMFY_UNET_PREFIX) :])
+        out[f"{lora_name}.{_COMFY_SUFFIX_TO_SD[suffix]}"] = tensor
+    if add_missing_alpha:
+        for lora_name, parts in group_by_module(out).items():
+            if "alpha" not in parts:
+                down = parts["lora_down.weight"]
+                out[f"{lora_name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=down.dtype)
+    else:
+        group_by_module(out)
+    return out
+
+
+def to_sd_scripts_format(sd: Mapping[str, torch.Tensor], add_missing_alpha: bool = True) -> dict[str, torch.Tensor]:
+    """Either format -> sd-scripts keys, with ``lora_te1_`` normalised to ``lora_te_``."""
+    if detect_lora_format(sd) == COMFY_FORMAT:
+        return convert_from_comfy(sd, add_missing_alpha=add_missing_alpha)
+    out = {}
+    for key, tensor in sd.items():
+        lora_name, suffix = split_sd_key(key)
+        prefix, body = split_lora_name(lora_name)
+        out[f"{prefix}_{body}.{suffix}"] = tensor
+    group_by_module(out)
+    return out
+
+
+def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a LoRA file (``.safetensors``, or a ``torch.save`` state dict) -> (tensors, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnimaError(f"LoRA file not found: {path} (check the path given to --network_weights / --src)")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises several types for damaged headers
+            raise AnimaError(f"{path} is not a readable safetensors file ({e})") from e
+        return tensors, metadata
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise AnimaError(f"{path} is not a readable LoRA state dict ({e}); use a .safetensors file") from e
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise AnimaError(f"{path} does not hold a flat dict of tensors, so it is not a LoRA state dict")
+    return dict(tensors), {}
+
+
+def save_lora_file(
+    path: str | os.PathLike, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Atomic write. ``.safetensors`` gets the metadata plus fresh sshs_* hashes; other suffixes get a plain
+    ``torch.save`` of the state dict (no metadata)."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    if path.suffix == ".safetensors":
+        meta = {k: str(v) for k, v in (metadata or {}).items()}
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(tensors, meta)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    else:
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+
+
+def format_metadata(lora_format: str, fold_alpha: bool) -> dict[str, str]:
+    """The metadata this project adds to describe the key layout."""
+    meta = {FORMAT_METADATA_KEY: lora_format}
+    if lora_format == COMFY_FORMAT:
+        meta[ALPHA_FOLDED_METADATA_KEY] = str(fold_alpha)
+    return meta
+
+
+def check_lora_format(value: str, flag: str = "--lora_format") -> str:
+    if value not in LORA_FORMATS:
+        raise AnimaError(f"{flag} must be one of {', '.join(LORA_FORMATS)}, got '{value}'")
+    return value
+
+
+def sample_keys(keys: Iterable[str], limit: int = 5) -> str:
+    """Short, sorted listing for error messages."""
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+__all__ = [
+    "ANIMA_DIT_LINEAR_PATHS",
+    "COMFY_FORMAT",
+    "COMFY_TE_PREFIX",
+    "COMFY_UNET_PREFIX",
+    "LORA_FORMATS",
+    "QWEN3_LINEAR_PATHS",
+    "SD_SCRIPTS_FORMAT",
+    "TE_PREFIX",
+    "UNET_PREFIX",
+    "check_lora_format",
+    "convert_from_comfy",
+    "convert_to_comfy",
+    "detect_lora_format",
+    "format_metadata",
+    "group_by_module",
+    "load_lora_file",
+    "lora_name_for",
+    "module_path_from_table",
+    "save_lora_file",
+    "split_lora_name",
+    "split_sd_key",
+    "to_sd_scripts_format",
+]
