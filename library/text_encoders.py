@@ -96,7 +96,10 @@ def _read_key_shapes(weight_file: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _torch_load(weight_file: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(str(weight_file), map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(str(weight_file), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # files from the legacy (non-zip) torch format cannot be memory-mapped
+        state = torch.load(str(weight_file), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):

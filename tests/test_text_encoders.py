@@ -221,6 +221,16 @@ def test_single_safetensors_file_with_model_prefix_loads_like_the_directory(
     assert _max_rel_err(out["qwen3_embeds"], golden["out.prompt_embeds"]) <= 1e-4
 
 
+def test_torch_format_single_file_loads(qwen3_tiny_dir, tmp_path, tiny_encoder):
+    state = load_file(str(qwen3_tiny_dir / "model.safetensors"))
+    torch.save(state, tmp_path / "qwen3_tiny.pt")
+    encoder = load_qwen3_text_encoder(
+        tmp_path / "qwen3_tiny.pt", dtype=torch.float32, config_path=qwen3_tiny_dir / "config.json"
+    )
+    reference = tiny_encoder.state_dict()
+    assert all(torch.equal(value, reference[key]) for key, value in encoder.state_dict().items())
+
+
 def test_sharded_directory_loads(qwen3_tiny_dir, tmp_path, tiny_encoder):
     state = load_file(str(qwen3_tiny_dir / "model.safetensors"))
     keys = sorted(state)
