@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from library.errors import AnimaError
+from library.flow_matching import sampling_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -309,14 +310,6 @@ class CachedPromptEncodings:
 # Sampler
 
 
-def _sampling_sigmas(steps: int, shift: float) -> torch.Tensor:
-    # σ_i = linspace(1, 0, steps+1) with the flow shift σ' = sσ / (1 + (s-1)σ); endpoints stay 1 and 0.
-    sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    if shift != 1.0:
-        sigmas = shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
-    return sigmas.to(torch.float32)
-
-
 def euler_flow_sample(
     model: Callable[..., torch.Tensor],
     noise: torch.Tensor,
@@ -466,7 +459,7 @@ def generate_sample_images(
                         prompt.index, prompt.prompt, prompt.negative_prompt, prompt.width, prompt.height,
                         prompt.sample_steps, prompt.scale, prompt.flow_shift, prompt.seed)
             noise = _initial_noise(prompt).to(device)
-            sigmas = _sampling_sigmas(prompt.sample_steps, prompt.flow_shift)
+            sigmas = sampling_sigmas(prompt.sample_steps, prompt.flow_shift)
             latents = euler_flow_sample(model, noise, sigmas, context, negative, prompt.scale)
             pixels = _decode(vae, latents[:, :, 0], device)  # [1, 3, H, W]
             timestamp = time.strftime("%Y%m%d%H%M%S", time.localtime())

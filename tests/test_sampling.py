@@ -294,3 +294,73 @@ def test_cached_encodings_are_looked_up_by_exact_text():
     assert cache.encode(["xyz", "ab"])["qwen3_embeds"][:, 0, 0].tolist() == [3.0, 2.0]
     with pytest.raises(KeyError):
         cache.encode(["ab "])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The golden tiny DiT and VAE
+
+
+@pytest.fixture(scope="module")
+def golden_models(golden_dir):
+    from library.anima_utils import load_anima_model
+    from library.qwen_image_vae import load_vae
+
+    dit = load_anima_model(str(golden_dir / "dit_tiny.safetensors"), "cpu", torch.float32)
+    vae = load_vae(golden_dir / "vae_tiny.safetensors", "cpu", torch.float32)
+    return dit, vae
+
+
+def _golden_encodings(texts: list[str]) -> CachedPromptEncodings:
+    # Stand-ins for Qwen3 outputs (width 48, as the golden adapter expects) and T5 ids; empty text = no tokens.
+    gen = torch.Generator().manual_seed(3)
+    encodings = {}
+    for text in texts:
+        n = len(text.split())
+        qwen3_mask = (torch.arange(10) < n).long()[None]
+        t5_mask = (torch.arange(12) < n + 1).long()[None]
+        t5_ids = torch.randint(2, 32000, (1, 12), generator=gen) * t5_mask
+        t5_ids[0, n] = 1
+        encodings[text] = {"qwen3_embeds": torch.randn(1, 10, 48, generator=gen) * qwen3_mask[..., None],
+                           "qwen3_mask": qwen3_mask, "t5_ids": t5_ids, "t5_mask": t5_mask}
+    return CachedPromptEncodings(encodings)
+
+
+def test_euler_loop_on_golden_dit_equals_two_hand_written_steps(golden_models):
+    dit, _ = golden_models
+    enc = _golden_encodings(["a red fox", ""])
+    with torch.no_grad():
+        pos, neg = (dit.encode_text(*(enc.encode([t])[k] for k in ("qwen3_embeds", "qwen3_mask", "t5_ids", "t5_mask")))
+                    for t in ("a red fox", ""))
+        noise = torch.randn(1, 16, 1, 8, 12, generator=torch.Generator().manual_seed(0))
+        sigmas = torch.tensor([1.0, 0.75, 0.0])
+        mask = torch.zeros(1, 1, 8, 12)
+        x = noise.clone()
+        for i in range(2):
+            t = sigmas[i : i + 1]
+            v_pos, v_neg = dit(x, t, pos, padding_mask=mask), dit(x, t, neg, padding_mask=mask)
+            x = x + (v_neg + 3.0 * (v_pos - v_neg)) * (sigmas[i + 1] - sigmas[i])
+        out = euler_flow_sample(dit, noise, sigmas, pos, neg, 3.0)
+    assert x.abs().max() > 0.1
+    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
+
+
+def test_golden_sampling_is_deterministic_sized_and_leaves_training_state_alone(golden_models, tmp_path):
+    dit, vae = golden_models
+    prompts = [SamplePrompt(0, "a red fox", "", width=96, height=64, seed=5, sample_steps=3, scale=3.0),
+               SamplePrompt(1, "a blue bird", "dark", width=64, height=64, seed=6, sample_steps=2, scale=1.0)]
+    enc = _golden_encodings(prompt_texts(prompts))
+    dit.train()
+    try:
+        rng_before = torch.random.get_rng_state()
+        first = generate_sample_images(dit, vae, enc, prompts, output_dir=tmp_path / "a", output_name="g", step=10)
+        assert torch.equal(torch.random.get_rng_state(), rng_before)
+        assert all(m.training for m in dit.modules())
+        second = generate_sample_images(dit, vae, enc, prompts, output_dir=tmp_path / "b", output_name="g", step=10)
+    finally:
+        dit.eval()
+    images = [[np.asarray(Image.open(p)) for p in run] for run in (first, second)]
+    assert [a.shape for a in images[0]] == [(64, 96, 3), (64, 64, 3)]
+    for a, b in zip(*images):
+        assert np.array_equal(a, b)
+        assert a.std() > 1.0  # a real picture, not a constant
+    assert not np.array_equal(images[0][0][:, :64], images[0][1])
