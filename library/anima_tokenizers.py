@@ -121,9 +121,11 @@ def _resolve_tokenizer_dir(
 def load_qwen3_tokenizer(qwen3_path: str | os.PathLike | None = None, tokenizer_path: str | os.PathLike | None = None):
     """The Qwen3 tokenizer from ``--qwen3_tokenizer_path``, else the ``--qwen3`` directory, else the hub.
 
-    Returns a transformers ``Qwen2Tokenizer`` with a pad token and right padding.
+    Returns a transformers ``Qwen2TokenizerFast`` with a pad token and right padding.
     """
-    from transformers import Qwen2Tokenizer
+    from transformers import (
+        Qwen2TokenizerFast,
+    )  # the tokenizers-backed class (an alias of Qwen2Tokenizer in transformers 5)
 
     model_dir = Path(qwen3_path) if qwen3_path is not None else None
     if model_dir is None:
@@ -144,7 +146,7 @@ def load_qwen3_tokenizer(qwen3_path: str | os.PathLike | None = None, tokenizer_
         "Qwen3",
     )
     try:
-        tokenizer = Qwen2Tokenizer.from_pretrained(str(directory))
+        tokenizer = Qwen2TokenizerFast.from_pretrained(str(directory))
     except Exception as error:
         raise AnimaError(
             f"Qwen3 tokenizer in {directory} could not be read ({error}); it needs {_QWEN3_NEEDED}"
@@ -162,9 +164,9 @@ def load_qwen3_tokenizer(qwen3_path: str | os.PathLike | None = None, tokenizer_
 def load_t5_tokenizer(tokenizer_path: str | os.PathLike | None = None):
     """The T5 (v1.1 XXL vocabulary) tokenizer from ``--t5_tokenizer_path``, else the hub.
 
-    Returns a transformers ``T5Tokenizer`` that appends ``</s>`` and pads with id 0 on the right.
+    Returns a transformers ``T5TokenizerFast`` that appends ``</s>`` and pads with id 0 on the right.
     """
-    from transformers import T5Tokenizer
+    from transformers import T5TokenizerFast  # an alias of T5Tokenizer in transformers 5
 
     directory = _resolve_tokenizer_dir(
         tokenizer_path,
@@ -178,7 +180,7 @@ def load_t5_tokenizer(tokenizer_path: str | os.PathLike | None = None):
         "T5",
     )
     try:
-        tokenizer = T5Tokenizer.from_pretrained(str(directory))
+        tokenizer = T5TokenizerFast.from_pretrained(str(directory))
     except Exception as error:
         raise AnimaError(f"T5 tokenizer in {directory} could not be read ({error}); it needs {_T5_NEEDED}") from error
     eos_only = tokenizer("")["input_ids"]
