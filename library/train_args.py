@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import toml
 
 from library.errors import AnimaError
+from library.lr_schedulers import parse_int_or_float
 
 GPU_ONLY = "[GPU only] "
 
@@ -32,28 +32,8 @@ MAX_BLOCKS_TO_SWAP = 26  # 28 blocks minus the two that must stay resident
 _NOT_SAVED_IN_CONFIG = {"config_file", "output_config", "wandb_api_key"}
 
 
-def int_or_float(value: str) -> int | float:
-    """Parse a step count or a ratio: "123" -> 123 steps, "0.1" -> ratio 0.1, "10%" -> 0.1.
-
-    A value of 1 or more must be a whole number (a ratio is always below 1).
-    """
-    text = str(value).strip()
-    if text.endswith("%"):
-        number = float(text[:-1]) / 100.0
-        if not 0.0 <= number <= 1.0:
-            raise argparse.ArgumentTypeError(f"percentage must be between 0% and 100%, got {value!r}")
-        return number
-    try:
-        number = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a step count or a ratio, got {value!r}") from exc
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value!r}")
-    if number >= 1:
-        if not re.fullmatch(r"\d+", text):
-            raise argparse.ArgumentTypeError(f"a value of 1 or more must be a whole number of steps, got {value!r}")
-        return int(text)
-    return number
+# Step count or ratio ("123", "0.1", "10%"): one parser shared with the LR scheduler factory.
+int_or_float = parse_int_or_float
 
 
 def _add(group: argparse._ActionsContainer, parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:

@@ -1,0 +1,210 @@
+"""Train a LoRA for Anima: `accelerate launch anima_train_network.py --pretrained_model_name_or_path ... `.
+
+`AnimaNetworkTrainer` fills the model hooks of `train_network.NetworkTrainer`: loading the DiT, Qwen3 and
+the Qwen-Image VAE, caption encoding (live or cached), latent encoding, the flow-matching step and sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from library import flow_matching
+from library.errors import AnimaError
+from library.train_args import handle_output_config, parse_args, require_training_inputs
+from library.train_logging import logger, setup_console_logging
+from train_network import NetworkTrainer
+
+ANIMA_METADATA_ARGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "timestep_sampling",
+                       "sigmoid_scale", "discrete_flow_shift")
+
+
+def file_identity(path: str, dtype: torch.dtype) -> str:
+    """Cheap identity of a weights file for cache validity: path, size, mtime and the compute dtype."""
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}|{stat.st_size}|{int(stat.st_mtime)}|{dtype}"
+
+
+class AnimaNetworkTrainer(NetworkTrainer):
+    """The Anima hooks: Qwen3 + T5-id conditioning through the LLM adapter, Qwen-Image VAE latents."""
+
+    def __init__(self) -> None:
+        self.text_encoder: torch.nn.Module | None = None
+        self.text_encoding: Any = None
+        self.vae: torch.nn.Module | None = None
+        self.sample_prompt_encoder: Any = None
+
+    # --- checks -----------------------------------------------------------------------------------------------
+
+    def assert_extra_args(self, args: argparse.Namespace, train_group: Any, val_group: Any) -> None:
+        flow_matching.check_flow_matching_options(args.timestep_sampling, args.weighting_scheme,
+                                                  args.discrete_flow_shift, args.logit_std, args.ip_noise_gamma)
+        from library.attention import check_attn_mode
+
+        check_attn_mode(args.attn_mode, training=True)
+        if args.blocks_to_swap or args.cpu_offload_checkpointing or args.unsloth_offload_checkpointing:
+            if not torch.cuda.is_available():
+                flags = [f for f in ("blocks_to_swap", "cpu_offload_checkpointing", "unsloth_offload_checkpointing")
+                         if getattr(args, f)]
+                raise AnimaError(f"--{flags[0]} needs a CUDA GPU; remove it on this machine")
+            raise AnimaError("--blocks_to_swap / --cpu_offload_checkpointing / --unsloth_offload_checkpointing are "
+                             "not implemented in this trainer yet; use --gradient_checkpointing")
+
+    # --- models -----------------------------------------------------------------------------------------------
+
+    def load_frozen_models(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> None:
+        from library.anima_tokenizers import AnimaTokenizer, load_qwen3_tokenizer, load_t5_tokenizer
+        from library.qwen_image_vae import load_vae
+        from library.text_encoders import AnimaTextEncoding, load_qwen3_text_encoder
+
+        tokenizer = AnimaTokenizer(load_qwen3_tokenizer(args.qwen3), load_t5_tokenizer(args.t5_tokenizer_path),
+                                   args.qwen3_max_token_length, args.t5_max_token_length)
+        device = accelerator.device
+        self.text_encoder = load_qwen3_text_encoder(args.qwen3, device=device, dtype=weight_dtype)
+        self.text_encoding = AnimaTextEncoding(tokenizer, self.text_encoder, device, weight_dtype)
+        vae_dtype = self.vae_dtype
+        # The VAE is needed on the device only for live encoding; caching moves it there itself.
+        self.vae = load_vae(args.vae, device=device, dtype=vae_dtype, chunk_size=args.vae_chunk_size,
+                            disable_cache=args.vae_disable_cache)
+        self.vae_identity = file_identity(args.vae, vae_dtype) + f"|chunk{args.vae_chunk_size}"
+
+    def load_dit(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> torch.nn.Module:
+        from library.anima_utils import load_anima_model
+
+        dit = load_anima_model(args.pretrained_model_name_or_path, device=accelerator.device, dtype=weight_dtype,
+                               attn_mode=args.attn_mode, split_attn=args.split_attn,
+                               llm_adapter_path=args.llm_adapter_path)
+        return dit
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder] if self.text_encoder is not None else []
+
+    def free_text_encoders_if_unused(self, args: argparse.Namespace) -> None:
+        if args.cache_text_encoder_outputs and not self.train_te:
+            self.text_encoder = None
+            self.text_encoding = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    # --- caches -----------------------------------------------------------------------------------------------
+
+    def cache_latents(self, args: argparse.Namespace, accelerator: Accelerator, groups: list[Any]) -> None:
+        # The main process encodes (and writes disk caches) first; the others then reuse the files.
+        with accelerator.main_process_first():
+            for group in groups:
+                group.cache_latents(self.vae, self.vae_identity, batch_size=args.vae_batch_size,
+                                    to_disk=args.cache_latents_to_disk, skip_check=args.skip_cache_check,
+                                    is_main_process=accelerator.is_main_process)
+
+    def cache_text_encoder_outputs(self, args: argparse.Namespace, accelerator: Accelerator,
+                                   groups: list[Any]) -> None:
+        batch_size = args.text_encoder_batch_size or args.train_batch_size
+        with accelerator.main_process_first(), torch.no_grad():
+            for group in groups:
+                group.cache_text_encoder_outputs(self.text_encoding, batch_size=batch_size,
+                                                 to_disk=args.cache_text_encoder_outputs_to_disk,
+                                                 skip_check=args.skip_cache_check,
+                                                 is_main_process=accelerator.is_main_process)
+        if args.sample_prompts and accelerator.is_main_process:
+            # Encode the sample prompts now: the text encoder is freed before training.
+            from library.sampling import CachedPromptEncodings, load_sample_prompts
+
+            self.sample_prompt_encoder = CachedPromptEncodings.from_encoder(
+                self.text_encoding, load_sample_prompts(args.sample_prompts))
+
+    # --- one step ---------------------------------------------------------------------------------------------
+
+    def batch_latents(self, args: argparse.Namespace, batch: dict, weight_dtype: torch.dtype) -> torch.Tensor:
+        device = self.accelerator.device
+        if batch.get("latents") is not None:
+            return batch["latents"].to(device=device, dtype=weight_dtype)  # [B, 16, h, w]
+        with torch.no_grad():
+            pixels = batch["images"].to(device=device, dtype=self.vae_dtype)  # [B, 3, H, W] in [-1, 1]
+            latents = self.vae.encode_pixels_to_latents(pixels)
+        if torch.isnan(latents).any():
+            logger.warning("NaN in VAE latents of %s; replaced by 0", batch.get("image_keys"))
+            latents = torch.nan_to_num(latents, nan=0.0)
+        return latents.to(weight_dtype)
+
+    def batch_text(self, args: argparse.Namespace, batch: dict, train_text_encoder: bool) -> dict[str, torch.Tensor]:
+        device = self.accelerator.device
+        if batch.get("text") is not None:
+            text = batch["text"]  # cached; caption dropout already swapped in the empty-caption encoding
+        elif self.text_encoding is not None:
+            text = self.text_encoding.encode(list(batch["captions"]))
+        else:
+            raise AnimaError("a batch without cached text outputs reached training after the text encoder was "
+                             "freed; delete stale *_anima_te.npz files or drop --cache_text_encoder_outputs")
+        return {k: v.to(device) for k, v in text.items()}
+
+    def noise_pred_and_target(self, args: argparse.Namespace, accelerator: Accelerator, latents: torch.Tensor,
+                              text: dict[str, torch.Tensor], weight_dtype: torch.dtype
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """latents x0 [B, 16, h, w] -> (velocity prediction, target ε − x0, σ [B], loss weight [B])."""
+        batch_size = latents.shape[0]
+        noise = torch.randn_like(latents)
+        sigmas = flow_matching.sample_sigmas(
+            batch_size, args.timestep_sampling, sigmoid_scale=args.sigmoid_scale,
+            discrete_flow_shift=args.discrete_flow_shift, weighting_scheme=args.weighting_scheme,
+            logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale,
+            latent_size=tuple(latents.shape[-2:]), weight_dtype=weight_dtype, device=latents.device,
+        )
+        noisy = flow_matching.noisy_input(latents, noise, sigmas, weight_dtype, ip_noise_gamma=args.ip_noise_gamma,
+                                          ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength)
+        timesteps = flow_matching.model_timesteps(sigmas, weight_dtype)
+        with accelerator.autocast():
+            context = self.dit.encode_text(text["qwen3_embeds"].to(weight_dtype), text["qwen3_mask"],
+                                           text["t5_ids"], text["t5_mask"])
+            pred = self.dit(noisy.unsqueeze(2), timesteps, context)  # [B, 16, 1, h, w]
+        target = flow_matching.velocity_target(latents.float(), noise.float())
+        weighting = flow_matching.loss_weighting(args.weighting_scheme, sigmas)
+        return pred.squeeze(2), target, sigmas, weighting
+
+    # --- sampling and metadata --------------------------------------------------------------------------------
+
+    def sample_images(self, args: argparse.Namespace, accelerator: Accelerator, epoch: int | None, step: int) -> None:
+        from library.sampling import generate_sample_images, load_sample_prompts
+
+        encoder = self.sample_prompt_encoder or self.text_encoding
+        if encoder is None:
+            logger.warning("sample images skipped: no text encoder and no cached prompt encodings")
+            return
+        generate_sample_images(
+            self.dit, self.vae, encoder, load_sample_prompts(args.sample_prompts), output_dir=args.output_dir,
+            output_name=args.output_name, step=step, epoch=epoch, device=accelerator.device,
+            autocast_dtype=self.weight_dtype if self.weight_dtype != torch.float32 else None, network=self.network,
+        )
+
+    def update_metadata(self, metadata: dict[str, str], args: argparse.Namespace) -> None:
+        for name in ANIMA_METADATA_ARGS:
+            metadata[f"ss_{name}"] = str(getattr(args, name))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: bad input ends with one `error: ...` line and exit code 2."""
+    try:
+        written = handle_output_config(argv)
+        if written is not None:
+            print(f"wrote {written}")
+            return 0
+        args, warnings = parse_args(argv)
+        setup_console_logging(args.console_log_level, args.console_log_file, args.console_log_simple)
+        for warning in warnings:
+            logger.warning(warning)
+        require_training_inputs(args)
+        AnimaNetworkTrainer().train(args)
+    except AnimaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,216 @@
+"""The trainer command line: every guide flag parses, config files round-trip, bad combinations fail early."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import toml
+
+from anima_train_network import main
+from library.errors import AnimaError
+from library.train_args import int_or_float, parse_args, setup_parser
+
+
+def parse(*argv: str) -> tuple[argparse.Namespace, list[str]]:
+    return parse_args(list(argv))
+
+
+def test_guide_command_line_parses_to_the_given_values(tmp_path):
+    # The guide's example command (plus the flag it needs for cached text outputs).
+    for name in ("dit.safetensors", "qwen3", "vae.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    args, warnings = parse(
+        "--pretrained_model_name_or_path", str(tmp_path / "dit.safetensors"), "--qwen3", str(tmp_path / "qwen3"),
+        "--vae", str(tmp_path / "vae.safetensors"),
+        "--output_dir", "out", "--output_name", "my_lora", "--save_model_as", "safetensors",
+        "--network_module", "networks.lora_anima", "--network_dim", "8", "--learning_rate", "1e-4",
+        "--optimizer_type", "AdamW8bit", "--lr_scheduler", "constant", "--timestep_sampling", "sigmoid",
+        "--discrete_flow_shift", "1.0", "--max_train_epochs", "10", "--save_every_n_epochs", "1",
+        "--mixed_precision", "bf16", "--gradient_checkpointing", "--cache_latents", "--cache_text_encoder_outputs",
+        "--vae_chunk_size", "64", "--vae_disable_cache", "--network_train_unet_only",
+    )
+    assert warnings == []
+    assert args.network_dim == 8 and args.learning_rate == 1e-4 and args.optimizer_type == "AdamW8bit"
+    assert args.max_train_epochs == 10 and args.save_every_n_epochs == 1 and args.mixed_precision == "bf16"
+    assert args.gradient_checkpointing and args.cache_latents and args.cache_text_encoder_outputs
+    assert args.vae_chunk_size == 64 and args.vae_disable_cache and args.attn_mode == "torch"
+
+
+def test_anima_and_training_flags_parse_with_their_types():
+    args, _ = parse(
+        "--timestep_sampling", "flux_shift", "--sigmoid_scale", "1.5", "--weighting_scheme", "logit_normal",
+        "--logit_mean", "0.2", "--logit_std", "0.8", "--mode_scale", "1.1", "--qwen3_max_token_length", "128",
+        "--t5_max_token_length", "256", "--attn_mode", "sdpa", "--split_attn", "--self_attn_lr", "1e-5",
+        "--cross_attn_lr", "2e-5", "--mlp_lr", "0", "--mod_lr", "3e-5", "--llm_adapter_lr", "4e-5",
+        "--text_encoder_lr", "5e-6", "--loss_type", "huber", "--huber_schedule", "constant", "--huber_c", "0.2",
+        "--huber_scale", "2", "--ip_noise_gamma", "0.1", "--ip_noise_gamma_random_strength",
+        "--gradient_accumulation_steps", "4", "--max_grad_norm", "0.5", "--seed", "7", "--max_train_steps", "30",
+        "--save_every_n_steps", "10", "--save_last_n_steps", "20", "--save_last_n_epochs", "2", "--save_state",
+        "--sample_every_n_steps", "5", "--sample_every_n_epochs", "1", "--sample_at_first",
+        "--lr_warmup_steps", "10%", "--lr_scheduler", "cosine", "--llm_adapter_path", ".",
+    )
+    assert args.timestep_sampling == "flux_shift" and args.sigmoid_scale == 1.5
+    assert args.weighting_scheme == "logit_normal" and args.logit_mean == 0.2 and args.logit_std == 0.8
+    assert args.attn_mode == "torch"  # sdpa is an alias
+    assert (args.self_attn_lr, args.cross_attn_lr, args.mlp_lr, args.mod_lr, args.llm_adapter_lr) == (
+        1e-5, 2e-5, 0.0, 3e-5, 4e-5)
+    assert args.text_encoder_lr == [5e-6]
+    assert args.loss_type == "huber" and args.huber_c == 0.2 and args.huber_scale == 2.0
+    assert args.ip_noise_gamma == 0.1 and args.ip_noise_gamma_random_strength
+    assert args.lr_warmup_steps == pytest.approx(0.1)
+    assert args.qwen3_max_token_length == 128 and args.t5_max_token_length == 256
+
+
+def test_int_or_float_reads_steps_ratios_and_percentages():
+    assert int_or_float("123") == 123 and isinstance(int_or_float("123"), int)
+    assert int_or_float("0.1") == pytest.approx(0.1)
+    assert int_or_float("10%") == pytest.approx(0.1)
+    with pytest.raises(argparse.ArgumentTypeError):
+        int_or_float("1.5")
+
+
+def test_config_file_round_trip_and_command_line_wins(tmp_path):
+    out = tmp_path / "saved.toml"
+    assert main(["--output_config", str(out), "--network_dim", "16", "--learning_rate", "3e-4",
+                 "--timestep_sampling", "shift", "--network_args", "train_llm_adapter=true", "rank_dropout=0.1",
+                 "--wandb_api_key", "secret"]) == 0
+    saved = toml.load(out)
+    assert saved == {"network_dim": 16, "learning_rate": 3e-4, "timestep_sampling": "shift",
+                     "network_args": ["train_llm_adapter=true", "rank_dropout=0.1"]}
+
+    args, _ = parse("--config_file", str(out), "--network_dim", "32")
+    assert args.network_dim == 32  # command line over TOML
+    assert args.learning_rate == 3e-4 and args.timestep_sampling == "shift"
+    assert args.network_args == ["train_llm_adapter=true", "rank_dropout=0.1"]
+    # Without the .toml suffix, as sd-scripts allows.
+    args, _ = parse("--config_file", str(out)[: -len(".toml")])
+    assert args.network_dim == 16
+
+
+def test_config_file_sections_are_flattened_and_values_type_checked(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('[model]\nnetwork_dim = 4\n[train]\nlr_warmup_steps = "5%"\nmax_train_steps = 10\n')
+    args, _ = parse("--config_file", str(config), "--lr_scheduler", "linear")
+    assert args.network_dim == 4 and args.lr_warmup_steps == pytest.approx(0.05) and args.max_train_steps == 10
+
+
+@pytest.mark.parametrize("content, words", [
+    ("netwrk_dim = 4\n", ["unknown key 'netwrk_dim'"]),
+    ('timestep_sampling = "cubic"\n', ["timestep_sampling", "cubic"]),
+    ("gradient_checkpointing = 1\n", ["gradient_checkpointing", "true or false"]),
+    ("network_dim = [1, 2]\n", ["network_dim", "single value"]),
+])
+def test_config_file_bad_keys_or_values_name_the_key(tmp_path, content, words):
+    config = tmp_path / "bad.toml"
+    config.write_text(content)
+    with pytest.raises(AnimaError) as err:
+        parse("--config_file", str(config))
+    for word in words:
+        assert word in str(err.value)
+    assert str(config) in str(err.value)
+
+
+def test_output_config_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "x.toml"
+    out.write_text("")
+    with pytest.raises(AnimaError, match="already exists"):
+        from library.train_args import handle_output_config
+
+        handle_output_config(["--output_config", str(out)])
+
+
+def test_missing_config_file_is_one_clear_error(tmp_path):
+    with pytest.raises(AnimaError, match="--config_file .*not found"):
+        parse("--config_file", str(tmp_path / "nope.toml"))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--fused_backward_pass", "--optimizer_type", "AdamW"], ["--fused_backward_pass", "Adafactor"]),
+    (["--fused_backward_pass", "--optimizer_type", "Adafactor", "--gradient_accumulation_steps", "2"],
+     ["--fused_backward_pass", "--gradient_accumulation_steps"]),
+    (["--cache_text_encoder_outputs", "--shuffle_caption"], ["--cache_text_encoder_outputs", "--shuffle_caption"]),
+    (["--cache_text_encoder_outputs", "--network_train_text_encoder_only"],
+     ["--cache_text_encoder_outputs", "--network_train_text_encoder_only"]),
+    (["--blocks_to_swap", "4", "--cpu_offload_checkpointing"], ["--blocks_to_swap", "--cpu_offload_checkpointing"]),
+    (["--blocks_to_swap", "4", "--unsloth_offload_checkpointing"],
+     ["--blocks_to_swap", "--unsloth_offload_checkpointing"]),
+    (["--unsloth_offload_checkpointing", "--cpu_offload_checkpointing"], ["--unsloth_offload_checkpointing"]),
+    (["--blocks_to_swap", "27"], ["--blocks_to_swap 27"]),
+    (["--full_bf16"], ["--full_bf16", "--mixed_precision bf16"]),
+    (["--full_fp16", "--mixed_precision", "bf16"], ["--full_fp16", "fp16"]),
+    (["--loss_type", "huber"], ["--huber_schedule snr", "constant"]),
+    (["--lr_scheduler", "constant", "--lr_warmup_steps", "10"], ["--lr_warmup_steps", "constant"]),
+    (["--log_with", "tensorboard"], ["--log_with tensorboard", "--logging_dir"]),
+    (["--attn_mode", "sageattn"], ["sageattn", "inference"]),
+    (["--xformers"], ["xformers", "--split_attn"]),
+    (["--use_8bit_adam", "--optimizer_type", "AdamW"], ["--use_8bit_adam", "--optimizer_type"]),
+    (["--weighted_captions"], ["--weighted_captions"]),
+    (["--pretrained_model_name_or_path", "/no/such/dit.safetensors"], ["/no/such/dit.safetensors", "not found"]),
+    (["--max_train_steps", "0"], ["--max_train_steps"]),
+])
+def test_incompatible_flags_are_rejected_naming_the_flags(argv, words):
+    with pytest.raises(AnimaError) as err:
+        parse(*argv)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_all_conflicts_are_reported_together():
+    with pytest.raises(AnimaError) as err:
+        parse("--full_bf16", "--fused_backward_pass")
+    assert "--full_bf16" in str(err.value) and "--fused_backward_pass" in str(err.value)
+
+
+def test_unsupported_sd_flags_are_warned_not_silently_ignored():
+    args, warnings = parse("--fp8_base", "--v2", "--v_parameterization", "--clip_skip", "2", "--noise_offset", "0.1")
+    assert args.fp8_base is False
+    text = " ".join(warnings)
+    for flag in ("--fp8_base", "--v2", "--v_parameterization", "--clip_skip", "--noise_offset"):
+        assert flag in text
+
+
+def test_cached_text_outputs_train_only_the_dit_lora_with_a_warning():
+    args, warnings = parse("--cache_text_encoder_outputs_to_disk")
+    assert args.cache_text_encoder_outputs and args.network_train_unet_only
+    assert any("--network_train_unet_only" in w for w in warnings)
+
+
+def test_disk_latent_cache_implies_latent_cache_and_unsloth_implies_checkpointing():
+    args, warnings = parse("--cache_latents_to_disk", "--unsloth_offload_checkpointing")
+    assert args.cache_latents and args.gradient_checkpointing
+    assert any("--gradient_checkpointing" in w for w in warnings)
+
+
+def test_non_positive_sample_cadence_is_disabled_with_a_warning():
+    args, warnings = parse("--sample_every_n_steps", "0")
+    assert args.sample_every_n_steps is None and any("--sample_every_n_steps" in w for w in warnings)
+
+
+def test_logging_dir_turns_on_tensorboard():
+    args, _ = parse("--logging_dir", "logs")
+    assert args.log_with == "tensorboard"
+
+
+def test_help_marks_gpu_only_flags():
+    text = setup_parser().format_help()
+    for flag in ("--blocks_to_swap", "--fp8_base", "--xformers", "--unsloth_offload_checkpointing"):
+        start = text.index(f"\n  {flag}")  # the option's help entry, not the usage line
+        block = text[start:start + 400]
+        assert "[GPU only]" in block, flag
+
+
+def test_cli_prints_one_error_line_and_exits_2(capsys, tmp_path):
+    code = main(["--pretrained_model_name_or_path", str(tmp_path / "missing.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "missing.safetensors" in err
+    assert "Traceback" not in err
+
+
+def test_cli_requires_model_paths_before_any_work(capsys):
+    assert main(["--output_dir", "out"]) == 2
+    err = capsys.readouterr().err
+    assert "--pretrained_model_name_or_path" in err and "--qwen3" in err and "--vae" in err

@@ -1,0 +1,659 @@
+"""Generic LoRA training: `NetworkTrainer.train()` runs a fixed sequence of phases; a model plugs in via hooks.
+
+Phases: check args -> accelerator and dtypes -> datasets -> frozen models -> caches -> DiT -> network ->
+optimizer and scheduler -> prepare -> resume -> loop -> final save. Model specifics (how models are loaded,
+how text and images are encoded, the noise/target/model call, sampling, extra metadata) live in a subclass
+that overrides the hook methods grouped at the top of the class; `AnimaNetworkTrainer` is that subclass.
+
+Multi-process (accelerate DDP): every process trains on its shard of the batches; gradients of the network
+are averaged by an explicit all-reduce before clipping and the optimizer step, so all processes hold the same
+weights. Only the main process writes caches, LoRA files, states, samples and logs; the others wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+
+from library import saving
+from library.errors import AnimaError
+from library.losses import huber_threshold, per_sample_loss
+from library.train_logging import LossRecorder, TrainingReporter, logger, lr_logs
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NetworkTrainer:
+    """Template of a LoRA training run. Subclasses implement the hooks marked "model hook"."""
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Model hooks
+
+    def assert_extra_args(self, args: argparse.Namespace, train_group: Any, val_group: Any) -> None:
+        """Model hook: model-specific checks that need the datasets (raise AnimaError)."""
+
+    def load_frozen_models(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> None:
+        """Model hook: load the text encoder(s) and the VAE (kept frozen)."""
+        raise NotImplementedError
+
+    def cache_latents(self, args: argparse.Namespace, accelerator: Accelerator, groups: list[Any]) -> None:
+        """Model hook: encode all images once with the VAE (`--cache_latents`)."""
+        raise NotImplementedError
+
+    def cache_text_encoder_outputs(self, args: argparse.Namespace, accelerator: Accelerator,
+                                   groups: list[Any]) -> None:
+        """Model hook: encode all captions (and sample prompts) once (`--cache_text_encoder_outputs`)."""
+        raise NotImplementedError
+
+    def load_dit(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> torch.nn.Module:
+        """Model hook: load the denoiser the LoRA attaches to."""
+        raise NotImplementedError
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """Model hook: text encoders the network may attach LoRA to (empty when they were freed)."""
+        return []
+
+    def batch_latents(self, args: argparse.Namespace, batch: dict, weight_dtype: torch.dtype) -> torch.Tensor:
+        """Model hook: latents of a batch, from the cache or encoded live. [B, C, h, w]."""
+        raise NotImplementedError
+
+    def batch_text(self, args: argparse.Namespace, batch: dict, train_text_encoder: bool) -> dict[str, torch.Tensor]:
+        """Model hook: text conditioning of a batch, from the cache or encoded live."""
+        raise NotImplementedError
+
+    def noise_pred_and_target(self, args: argparse.Namespace, accelerator: Accelerator, latents: torch.Tensor,
+                              text: dict[str, torch.Tensor], weight_dtype: torch.dtype
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Model hook: returns (prediction, target, sigmas [B], loss weighting [B])."""
+        raise NotImplementedError
+
+    def sample_images(self, args: argparse.Namespace, accelerator: Accelerator, epoch: int | None,
+                      step: int) -> None:
+        """Model hook: render `--sample_prompts` (main process only)."""
+
+    def update_metadata(self, metadata: dict[str, str], args: argparse.Namespace) -> None:
+        """Model hook: add model-specific ss_* keys."""
+
+    def free_text_encoders_if_unused(self, args: argparse.Namespace) -> None:
+        """Model hook: drop text encoders when their outputs are cached and they are not trained."""
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The run
+
+    def train(self, args: argparse.Namespace) -> Path | None:
+        """Run every phase; returns the final LoRA file (None for `--cache_only`)."""
+        self.args = args
+        self.setup_run(args)
+        self.setup_accelerator(args)
+        self.build_datasets(args)
+        self.load_frozen_models(args, self.accelerator, self.weight_dtype)
+        self.build_caches(args)
+        if args.cache_only:
+            self.accelerator.wait_for_everyone()
+            self.accelerator.end_training()
+            return None
+        self.dit = self.load_dit(args, self.accelerator, self.weight_dtype)
+        self.create_network(args)
+        self.create_optimizer(args)
+        self.prepare(args)
+        self.resume(args)
+        self.build_metadata(args)
+        self.free_text_encoders_if_unused(args)
+        self.train_loop(args)
+        return self.save_final(args)
+
+    # --- phases -----------------------------------------------------------------------------------------------
+
+    def setup_run(self, args: argparse.Namespace) -> None:
+        """Session id, start time, seed."""
+        self.session_id = random.randint(0, 2**32)
+        self.training_started_at = time.time()
+        if args.seed is None:
+            args.seed = random.randint(0, 2**32 - 1)
+
+    def setup_accelerator(self, args: argparse.Namespace) -> None:
+        """Accelerator (grad accumulation, mixed precision, DDP) and the dtypes derived from the flags."""
+        kwargs_handlers = []
+        if args.ddp_timeout:
+            import datetime
+
+            kwargs_handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout)))
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            # The per-epoch shuffle depends only on (seed, epoch), so a resumed run sees the same order.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            kwargs_handlers=kwargs_handlers,
+            dynamo_backend=args.dynamo_backend if args.torch_compile else None,
+        )
+        set_seed(args.seed)
+        self.is_main = self.accelerator.is_main_process
+        self.weight_dtype = DTYPES[args.mixed_precision]
+        self.save_dtype = SAVE_DTYPES[args.save_precision]
+        self.vae_dtype = torch.float32 if args.no_half_vae else self.weight_dtype
+
+    def build_datasets(self, args: argparse.Namespace) -> None:
+        """Dataset groups from `--dataset_config` / folders; caching options are checked before any model loads."""
+        from library.dataset_config import build_dataset_groups
+
+        self.train_group, self.val_group = build_dataset_groups(args)
+        if self.train_group is None or len(self.train_group) == 0:
+            source = args.dataset_config or getattr(args, "train_data_dir", None)
+            raise AnimaError(f"no training images found in {source}; check image_dir / file extensions")
+        for group in self.groups():
+            group.check_caching_options(args.cache_latents, args.cache_text_encoder_outputs)
+        self.assert_extra_args(args, self.train_group, self.val_group)
+
+    def groups(self) -> list[Any]:
+        return [g for g in (self.train_group, self.val_group) if g is not None]
+
+    def build_caches(self, args: argparse.Namespace) -> None:
+        """Latent and text-encoder caches; only the main process writes files, the others wait."""
+        if args.cache_latents:
+            self.cache_latents(args, self.accelerator, self.groups())
+            self.accelerator.wait_for_everyone()
+        if args.cache_text_encoder_outputs:
+            self.cache_text_encoder_outputs(args, self.accelerator, self.groups())
+            self.accelerator.wait_for_everyone()
+
+    def train_text_encoder(self, args: argparse.Namespace) -> bool:
+        return not args.network_train_unet_only and not args.cache_text_encoder_outputs
+
+    def create_network(self, args: argparse.Namespace) -> None:
+        """Import the network module, merge --base_weights, create the LoRA and attach it."""
+        try:
+            network_module = importlib.import_module(args.network_module)
+        except ImportError as exc:
+            raise AnimaError(f"--network_module {args.network_module}: cannot import ({exc})") from exc
+        self.network_module = network_module
+        text_encoders = self.text_encoders()
+        for i, path in enumerate(args.base_weights or []):
+            multiplier = (args.base_weights_multiplier or [])[i] if i < len(args.base_weights_multiplier or []) else 1.0
+            logger.info("merging base weights %s (multiplier %s)", path, multiplier)
+            merged, _ = network_module.create_network_from_weights(multiplier, path, None, text_encoders, self.dit,
+                                                                  for_inference=True)
+            merged.merge_to(text_encoders, self.dit, weights_sd=None, dtype=self.weight_dtype,
+                            device=self.accelerator.device)
+
+        self.network_args = parse_network_args(args.network_args)
+        if args.dim_from_weights:
+            if not args.network_weights:
+                raise AnimaError("--dim_from_weights needs --network_weights")
+            network, _ = network_module.create_network_from_weights(1.0, args.network_weights, None, text_encoders,
+                                                                   self.dit)
+        else:
+            if "dropout" not in self.network_args:
+                self.network_args["dropout"] = args.network_dropout
+            network = network_module.create_network(
+                1.0, args.network_dim, args.network_alpha, None, text_encoders, self.dit,
+                neuron_dropout=args.network_dropout,
+                **{k: v for k, v in self.network_args.items() if k != "dropout"},
+            )
+        if network is None:
+            raise AnimaError("the network module returned no network; check --network_args")
+        train_dit = not args.network_train_text_encoder_only
+        train_te = self.train_text_encoder(args) and bool(text_encoders)
+        network.apply_to(text_encoders, self.dit, train_te, train_dit)
+        if args.network_weights and not args.dim_from_weights:
+            info = network.load_weights(args.network_weights)
+            logger.info("loaded network weights from %s: %s", args.network_weights, info)
+        if args.gradient_checkpointing:
+            self.dit.enable_gradient_checkpointing()
+            for te in text_encoders if train_te else []:
+                if hasattr(te, "gradient_checkpointing_enable"):
+                    te.gradient_checkpointing_enable()
+        if args.full_fp16 or args.full_bf16:
+            network.to(self.weight_dtype)
+        self.network = network
+        self.train_te = train_te
+        self.train_dit = train_dit
+
+    def create_optimizer(self, args: argparse.Namespace) -> None:
+        """Parameter groups (per component / LoRA+), optimizer, data loader, step counts, LR scheduler."""
+        from library.dataset_config import make_dataloader
+        from library.lr_schedulers import create_lr_scheduler, resolve_lr_scheduler_name
+        from library.optimizers import create_optimizer, install_fused_backward_pass
+
+        component_lrs = {name: getattr(args, f"{name}_lr")
+                         for name in ("self_attn", "cross_attn", "mlp", "mod", "llm_adapter")}
+        groups, descriptions = self.network.prepare_optimizer_params(
+            args.text_encoder_lr, args.unet_lr, args.learning_rate, component_lrs)
+        trained = {id(p) for g in groups for p in g["params"]}
+        for p in self.network.parameters():
+            p.requires_grad_(id(p) in trained)  # lr 0 groups were dropped: their parameters stay frozen
+        if not trained:
+            raise AnimaError("no LoRA parameter is trained: every learning rate is 0 or no module matched")
+        self.trainable_params = [p for p in self.network.parameters() if p.requires_grad]
+        self.lr_descriptions = descriptions
+        self.optimizer_name, self.optimizer_args_text, optimizer = create_optimizer(
+            args.optimizer_type, groups, args.learning_rate, args.optimizer_args,
+            use_8bit_adam=args.use_8bit_adam, use_lion_optimizer=args.use_lion_optimizer)
+
+        workers = min(args.max_data_loader_n_workers, max((torch.multiprocessing.cpu_count() or 1) - 1, 0))
+        self.train_loader = make_dataloader(self.train_group, num_workers=workers,
+                                            persistent_workers=args.persistent_data_loader_workers, seed=args.seed)
+        self.val_loader = (make_dataloader(self.val_group, num_workers=workers,
+                                           persistent_workers=args.persistent_data_loader_workers, seed=args.seed)
+                           if self.val_group is not None else None)
+
+        # Steps per epoch are counted per process after sharding.
+        batches = math.ceil(len(self.train_loader) / self.accelerator.num_processes)
+        self.steps_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+        if args.max_train_epochs is not None:
+            args.max_train_steps = args.max_train_epochs * self.steps_per_epoch
+            logger.info("--max_train_epochs %d -> %d steps", args.max_train_epochs, args.max_train_steps)
+        self.num_epochs = math.ceil(args.max_train_steps / self.steps_per_epoch)
+        if args.save_n_epoch_ratio:
+            args.save_every_n_epochs = max(1, self.num_epochs // args.save_n_epoch_ratio)
+        self.train_group.set_max_train_steps(args.max_train_steps)
+
+        self.optimizer = optimizer
+        # Stepped once per optimizer step on every process, so its length is --max_train_steps.
+        self.lr_scheduler = create_lr_scheduler(
+            resolve_lr_scheduler_name(args.lr_scheduler, optimizer, args.learning_rate), optimizer,
+            args.max_train_steps, args.lr_warmup_steps, num_decay_steps=args.lr_decay_steps,
+            num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
+            timescale=args.lr_scheduler_timescale, min_lr_ratio=args.lr_scheduler_min_lr_ratio,
+            scheduler_type=args.lr_scheduler_type, scheduler_args=args.lr_scheduler_args)
+        self.fused_backward = None
+        if args.fused_backward_pass:
+            self.fused_backward = install_fused_backward_pass(
+                optimizer, args.max_grad_norm, args.gradient_accumulation_steps, self.accelerator.num_processes)
+
+    def prepare(self, args: argparse.Namespace) -> None:
+        """Move models to the device, freeze the base models, let accelerate wrap optimizer and loaders."""
+        device = self.accelerator.device
+        self.dit.requires_grad_(False)
+        self.dit.to(device)
+        for te in self.text_encoders():
+            te.requires_grad_(False)
+        self.network.to(device)
+        # The network is not wrapped in DDP: its layers run inside the DiT's forward, so DDP's forward
+        # bookkeeping would never see them. Gradients are all-reduced explicitly instead.
+        self.optimizer, self.train_loader = self.accelerator.prepare(self.optimizer, self.train_loader)
+        if self.val_loader is not None:
+            self.val_loader = self.accelerator.prepare(self.val_loader)
+        for p in self.trainable_params:
+            p.requires_grad_(True)
+        self.broadcast_network()
+        if args.gradient_checkpointing:
+            self.dit.train()  # checkpointing acts only in training mode
+            for te in self.text_encoders() if self.train_te else []:
+                te.train()
+        else:
+            self.dit.eval()
+            for te in self.text_encoders():
+                te.eval()
+
+    def broadcast_network(self) -> None:
+        """Start every process from the main process's LoRA weights."""
+        if self.accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            for p in self.network.parameters():
+                dist.broadcast(p.data, src=0)
+
+    def resume(self, args: argparse.Namespace) -> None:
+        """Restore network, optimizer, scheduler, RNG and counters from `--resume`."""
+        self.global_step = 0
+        self.first_epoch = 0
+        self.skip_batches = 0
+        if not args.resume:
+            if args.initial_epoch or args.initial_step:
+                self.apply_initial_step(args, 0)
+            return
+        folder = Path(args.resume)
+        state = saving.read_train_state(folder)
+        self.load_state(folder)
+        self.global_step = state["global_step"]
+        self.first_epoch = state["current_epoch"]
+        self.skip_batches = state["epoch_step"]
+        logger.info("resumed from %s: epoch %d, step %d", folder, self.first_epoch, self.global_step)
+        if args.initial_epoch or args.initial_step:
+            logger.warning("--initial_step/--initial_epoch override the step stored in %s", folder)
+            self.apply_initial_step(args, self.global_step)
+        if self.global_step >= args.max_train_steps:
+            raise AnimaError(f"--resume {folder}: already at step {self.global_step} of --max_train_steps "
+                             f"{args.max_train_steps}; raise --max_train_steps or --max_train_epochs")
+
+    def apply_initial_step(self, args: argparse.Namespace, default: int) -> None:
+        step = default
+        if args.initial_step is not None:
+            step = args.initial_step
+        elif args.initial_epoch is not None:
+            step = (args.initial_epoch - 1) * self.steps_per_epoch
+        if step >= args.max_train_steps:
+            raise AnimaError(f"--initial_step {step} must be below --max_train_steps {args.max_train_steps}")
+        self.global_step = step
+        self.first_epoch = step // self.steps_per_epoch
+        in_epoch_steps = step - self.first_epoch * self.steps_per_epoch
+        # Only with --skip_until_initial_step is the data actually skipped; otherwise the epoch starts fresh.
+        self.skip_batches = in_epoch_steps * args.gradient_accumulation_steps if args.skip_until_initial_step else 0
+
+    def build_metadata(self, args: argparse.Namespace) -> None:
+        """ss_* metadata of the run (fixed part) and the model spec."""
+        dataset_metadata = self.train_group.metadata() if hasattr(self.train_group, "metadata") else None
+        num_val = getattr(self.val_group, "num_train_images", 0) if self.val_group is not None else 0
+        optimizer_text = self.optimizer_name + (f"({self.optimizer_args_text})" if self.optimizer_args_text else "")
+        metadata = saving.training_metadata(
+            args, session_id=self.session_id, training_started_at=self.training_started_at,
+            num_train_images=self.train_group.num_train_images, num_reg_images=self.train_group.num_reg_images,
+            num_validation_images=num_val, num_batches_per_epoch=len(self.train_loader),
+            num_epochs=self.num_epochs, optimizer_name=optimizer_text,
+            network_args=self.network_args if args.network_args else None, dataset_metadata=dataset_metadata,
+        )
+        if not args.no_metadata:
+            self.update_metadata(metadata, args)
+        self.metadata = metadata
+        self.model_spec = saving.model_spec(args, self.training_started_at)
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+
+    def train_loop(self, args: argparse.Namespace) -> None:
+        accelerator = self.accelerator
+        self.reporter = TrainingReporter(
+            total_steps=args.max_train_steps, initial_step=self.global_step, is_main_process=self.is_main,
+            logging_dir=args.logging_dir if args.log_with else None, log_prefix=args.log_prefix,
+        )
+        self.reporter.message(
+            f"training: {self.train_group.num_train_images} images, {len(self.train_loader)} batches per epoch "
+            f"per process, {self.num_epochs} epochs, {args.max_train_steps} steps, "
+            f"{accelerator.num_processes} process(es), grad accumulation {args.gradient_accumulation_steps}"
+        )
+        recorder = LossRecorder()
+        self.last_epoch = self.first_epoch
+        if args.sample_at_first and self.global_step == 0:
+            self.run_sampling(epoch=0, step=0)
+        try:
+            for epoch in range(self.first_epoch, self.num_epochs):
+                if self.global_step >= args.max_train_steps:
+                    break
+                self.last_epoch = epoch
+                self.train_group.set_current_epoch(epoch + 1)
+                self.network.train()
+                if hasattr(self.train_loader, "set_epoch"):
+                    self.train_loader.set_epoch(epoch)
+                loader = self.train_loader
+                if self.skip_batches:
+                    loader = accelerator.skip_first_batches(self.train_loader, self.skip_batches)
+                epoch_batches = self.skip_batches
+                self.skip_batches = 0
+                recorder.reset()
+                for batch in loader:
+                    epoch_batches += 1
+                    loss = self.train_step(args, batch)
+                    if not accelerator.sync_gradients:
+                        continue
+                    self.global_step += 1
+                    self.train_group.set_current_step(self.global_step)
+                    step_in_epoch = math.ceil(epoch_batches / args.gradient_accumulation_steps) - 1
+                    recorder.add(step_in_epoch, loss)
+                    logs = {"loss/current": loss, "loss/average": recorder.average}
+                    logs.update(lr_logs(self.lr_scheduler, self.lr_descriptions))
+                    if args.scale_weight_norms:
+                        logs.update(self.max_norm_logs)
+                    self.reporter.step(self.global_step, epoch + 1, logs)
+                    self.after_step(args, epoch, epoch_batches)
+                    if self.global_step >= args.max_train_steps:
+                        break
+                self.reporter.scalars(self.global_step, {"loss/epoch_average": recorder.average})
+                self.after_epoch(args, epoch + 1)
+        finally:
+            self.reporter.close()
+        accelerator.wait_for_everyone()
+
+    def train_step(self, args: argparse.Namespace, batch: dict) -> float:
+        """One micro-batch: forward, backward; on sync steps all-reduce, clip, optimizer and scheduler step."""
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.network):
+            loss = self.batch_loss(args, batch, training=True)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.fused_backward is None:
+                self.all_reduce_gradients()
+                if args.max_grad_norm:
+                    accelerator.clip_grad_norm_(self.trainable_params, args.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                self.lr_scheduler.step()
+        if args.scale_weight_norms and accelerator.sync_gradients:
+            keys_scaled, mean_norm, max_norm = self.network.apply_max_norm_regularization(
+                args.scale_weight_norms, accelerator.device)
+            self.max_norm_logs = {"max_norm/keys_scaled": keys_scaled, "max_norm/average_key_norm": mean_norm,
+                                  "max_norm/max_key_norm": max_norm}
+        return self.mean_over_processes(loss.detach())
+
+    def batch_loss(self, args: argparse.Namespace, batch: dict, training: bool) -> torch.Tensor:
+        """Mean loss of a batch: latents and text -> prediction/target -> weighted per-sample loss."""
+        latents = self.batch_latents(args, batch, self.weight_dtype)
+        with torch.set_grad_enabled(training and self.train_te):
+            text = self.batch_text(args, batch, train_text_encoder=training and self.train_te)
+        with torch.set_grad_enabled(training):
+            pred, target, sigmas, weighting = self.noise_pred_and_target(args, self.accelerator, latents, text,
+                                                                         self.weight_dtype)
+            huber_c = (huber_threshold(args.huber_schedule, sigmas, args.huber_c, args.huber_scale)
+                       if args.loss_type in ("huber", "smooth_l1") else None)
+            mask = batch.get("alpha_masks")
+            loss = per_sample_loss(pred, target, args.loss_type, huber_c=huber_c, weighting=weighting,
+                                   mask=mask.to(pred.device) if mask is not None else None,
+                                   sample_weights=batch["loss_weights"].to(pred.device))
+            return loss.mean()
+
+    def all_reduce_gradients(self) -> None:
+        """Average the network gradients over processes (identical updates everywhere)."""
+        if self.accelerator.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        for p in self.trainable_params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= self.accelerator.num_processes
+
+    def mean_over_processes(self, value: torch.Tensor) -> float:
+        if self.accelerator.num_processes > 1:
+            value = self.accelerator.reduce(value.float().reshape(1), reduction="mean")
+        return float(value.float().mean().item())
+
+    def after_step(self, args: argparse.Namespace, epoch: int, epoch_batches: int) -> None:
+        """Step-triggered sampling, checkpoint, state and validation."""
+        step = self.global_step
+        if args.sample_every_n_steps and not args.sample_every_n_epochs and step % args.sample_every_n_steps == 0:
+            self.run_sampling(epoch=None, step=step)
+        if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
+            self.save_model(saving.step_model_name(args, step), steps=step, epoch=epoch)
+            self.prune(saving.step_model_name(args, p) for p in [saving.step_to_prune(
+                step, args.save_every_n_steps, args.save_last_n_steps)] if p is not None)
+            if args.save_state:
+                self.save_state(saving.step_state_name(args, step), epoch=epoch, epoch_batches=epoch_batches)
+                keep = args.save_last_n_steps_state or args.save_last_n_steps
+                self.prune(saving.step_state_name(args, p) for p in [saving.step_to_prune(
+                    step, args.save_every_n_steps, keep)] if p is not None)
+        if self.val_loader is not None and args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
+            self.validate(args)
+
+    def after_epoch(self, args: argparse.Namespace, epoch: int) -> None:
+        """Epoch-triggered validation, checkpoint (never for the final epoch), state and sampling."""
+        if self.val_loader is not None and (
+                (args.validate_every_n_epochs and epoch % args.validate_every_n_epochs == 0)
+                or (not args.validate_every_n_epochs and not args.validate_every_n_steps)):
+            self.validate(args)
+        if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < self.num_epochs:
+            self.save_model(saving.epoch_model_name(args, epoch), steps=self.global_step, epoch=epoch)
+            self.prune(saving.epoch_model_name(args, p) for p in [saving.epoch_to_prune(
+                epoch, args.save_every_n_epochs, args.save_last_n_epochs)] if p is not None)
+            if args.save_state:
+                self.save_state(saving.epoch_state_name(args, epoch), epoch=epoch, epoch_batches=0)
+                keep = args.save_last_n_epochs_state or args.save_last_n_epochs
+                self.prune(saving.epoch_state_name(args, p) for p in [saving.epoch_to_prune(
+                    epoch, args.save_every_n_epochs, keep)] if p is not None)
+        if args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0:
+            self.run_sampling(epoch=epoch, step=self.global_step)
+
+    def run_sampling(self, epoch: int | None, step: int) -> None:
+        if not self.args.sample_prompts:
+            return
+        if self.is_main:
+            self.sample_images(self.args, self.accelerator, epoch, step)
+        self.accelerator.wait_for_everyone()
+
+    @torch.no_grad()
+    def validate(self, args: argparse.Namespace) -> None:
+        """Mean loss on the validation set with a fixed seed (RNG restored afterwards)."""
+        self.network.eval()
+        seed = args.validation_seed if args.validation_seed is not None else args.seed
+        cpu_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        torch.manual_seed(seed)
+        random.seed(seed)
+        total, count = 0.0, 0
+        try:
+            for i, batch in enumerate(self.val_loader):
+                if args.max_validation_steps is not None and i >= args.max_validation_steps:
+                    break
+                total += self.mean_over_processes(self.batch_loss(args, batch, training=False).detach())
+                count += 1
+        finally:
+            torch.set_rng_state(cpu_state)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            if cuda_states is not None:
+                torch.cuda.set_rng_state_all(cuda_states)
+            self.network.train()
+        if count:
+            self.reporter.scalars(self.global_step, {"loss/validation/step_average": total / count})
+            self.reporter.message(f"validation loss at step {self.global_step}: {total / count:.4f}")
+
+    # --- saving -----------------------------------------------------------------------------------------------
+
+    def save_model(self, file_name: str, *, steps: int, epoch: int) -> Path | None:
+        """Write the LoRA atomically (main process); the others wait."""
+        path = Path(self.args.output_dir) / file_name
+        if self.is_main:
+            metadata = saving.metadata_for_save(self.metadata, self.model_spec, steps=steps, epoch=epoch,
+                                                no_metadata=self.args.no_metadata)
+            is_safetensors = path.suffix == ".safetensors"
+            # save_weights writes atomically (temp file + rename).
+            self.network.save_weights(str(path), self.save_dtype, metadata if is_safetensors else None,
+                                      lora_format=self.args.lora_format)
+            self.reporter.message(f"saved {path}")
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def prune(self, names: Any) -> None:
+        if self.is_main:
+            for name in names:
+                path = Path(self.args.output_dir) / name
+                if path.exists():
+                    saving.remove_path(path)
+                    self.reporter.message(f"removed old checkpoint {path}")
+        self.accelerator.wait_for_everyone()
+
+    def save_state(self, folder_name: str, *, epoch: int, epoch_batches: int) -> None:
+        """Training state folder: network weights, optimizer, scheduler, RNG of every process, counters."""
+        path = Path(self.args.output_dir) / folder_name
+        rng = _rng_state()
+        gathered = _gather_objects(self.accelerator, rng)
+        if self.is_main:
+            def write(tmp: Path) -> None:
+                import safetensors.torch
+
+                weights = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
+                safetensors.torch.save_file(weights, str(tmp / saving.NETWORK_STATE_FILE))
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+                for rank, state in enumerate(gathered):
+                    torch.save(state, tmp / f"rng_{rank}.pt")
+                saving.write_train_state(tmp, epoch=epoch, global_step=self.global_step, epoch_step=epoch_batches)
+
+            saving.atomic_write_dir(path, write)
+            self.reporter.message(f"saved state {path}")
+        self.accelerator.wait_for_everyone()
+
+    def load_state(self, folder: Path) -> None:
+        import safetensors.torch
+
+        needed = [saving.NETWORK_STATE_FILE, "optimizer.pt", "scheduler.pt"]
+        missing = [n for n in needed if not (folder / n).is_file()]
+        if missing:
+            raise AnimaError(f"--resume {folder}: missing {', '.join(missing)}; give a folder written by --save_state")
+        weights = safetensors.torch.load_file(str(folder / saving.NETWORK_STATE_FILE),
+                                              device=str(self.accelerator.device))
+        result = self.network.load_state_dict(weights, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise AnimaError(f"--resume {folder}: the saved network does not match this one "
+                             f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); "
+                             "use the same --network_dim/--network_args as the saved run")
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        rng_file = folder / f"rng_{self.accelerator.process_index}.pt"
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+
+    def save_final(self, args: argparse.Namespace) -> Path:
+        epoch = self.num_epochs
+        if args.save_state or args.save_state_on_train_end:
+            self.save_state(saving.last_state_name(args), epoch=epoch, epoch_batches=0)
+        path = self.save_model(saving.last_model_name(args), steps=self.global_step, epoch=epoch)
+        self.accelerator.end_training()
+        self.reporter.summary(steps=self.global_step, output_file=str(path), device=self.accelerator.device)
+        return path
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+
+def parse_network_args(items: list[str] | None) -> dict[str, str]:
+    """`key=value` items of --network_args (split at the first '=')."""
+    parsed: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise AnimaError(f"--network_args {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG states as plain tensors/lists (loadable with weights_only=True)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_objects(accelerator: Accelerator, obj: Any) -> list[Any]:
+    if accelerator.num_processes == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * accelerator.num_processes
+    dist.all_gather_object(out, obj)
+    return out
