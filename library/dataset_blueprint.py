@@ -1,0 +1,57 @@
+"""Resolved dataset settings: what one `[[datasets]]` entry and each of its subsets means after the
+subset > dataset > [general] > command line > default fallback has been applied.
+
+These plain records are produced by `library.dataset_config` and consumed by `library.image_dataset`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from library.captions import CaptionOptions
+
+RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+
+
+@dataclass
+class SubsetConfig:
+    """One `[[datasets.subsets]]` entry, fully resolved."""
+
+    kind: str  # "dreambooth" or "finetuning"
+    where: str  # e.g. "ds.toml datasets[0].subsets[1]", for messages
+    image_dir: str | None = None
+    metadata_file: str | None = None
+    is_reg: bool = False
+    class_tokens: str | None = None
+    caption_extension: str = ".caption"
+    cache_info: bool = False
+    alpha_mask: bool = False
+    num_repeats: int = 1
+    captions: CaptionOptions = field(default_factory=CaptionOptions)
+    color_aug: bool = False
+    flip_aug: bool = False
+    random_crop: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None
+    resize_interpolation: str | None = None
+    custom_attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    """One `[[datasets]]` entry, fully resolved."""
+
+    where: str
+    is_dreambooth: bool
+    batch_size: int = 1
+    resolution: tuple[int, int] | None = None  # (W, H)
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    validation_split: float = 0.0
+    validation_seed: int | None = None
+    network_multiplier: float = 1.0
+    resize_interpolation: str | None = None
+    subsets: list[SubsetConfig] = field(default_factory=list)

@@ -1,0 +1,329 @@
+"""Latent cache: encode every image once with the VAE, in memory or in `*_anima.npz` files beside the images.
+
+Disk format (readable by sd-scripts, and sd-scripts caches are found here):
+  file  `<image path without extension>_<W:04d>x<H:04d>_anima.npz`, W x H = the original image size;
+  keys  suffixed `_<h>x<w>` with the latent size (bucket / 8), so one file holds several resolutions:
+        `latents_*` float32 [16, h, w], `original_size_*` [W, H], `crop_ltrb_*` [l, t, r, b],
+        `latents_flipped_*` (flip_aug), `alpha_mask_*` float32 [H, W] (alpha_mask),
+        and `provenance_*`: a JSON string of what produced the entry (this project only).
+
+Provenance = image fingerprint (size, mtime, SHA-256), bucket, resize size, crop, interpolation, flip, alpha and
+the VAE identity. An entry whose provenance differs from the current settings is re-encoded with a log line.
+An entry without provenance (written by sd-scripts or another tool) cannot be verified, so it is re-encoded
+too; `--skip_cache_check` reuses any entry whose keys are present without looking inside.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from library import dataset_image_io as image_io
+from library.errors import AnimaError
+
+if TYPE_CHECKING:
+    from library.image_dataset import DatasetGroup, ImageDataset, ImageInfo
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+LATENT_CHANNELS = 16
+VAE_STRIDE = 8
+
+Size = tuple[int, int]
+
+
+def latents_npz_path(image_path: str | os.PathLike, image_size: Size) -> str:
+    stem = os.path.splitext(os.fspath(image_path))[0]
+    return f"{stem}_{image_size[0]:04d}x{image_size[1]:04d}_anima.npz"
+
+
+def key_suffix(bucket: Size) -> str:
+    """`_<h>x<w>` of the latent for a bucket (W, H)."""
+    return f"_{bucket[1] // VAE_STRIDE}x{bucket[0] // VAE_STRIDE}"
+
+
+def image_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    fingerprint: dict[str, Any] = dict(image_io.file_fingerprint(path))
+    fingerprint["sha256"] = file_sha256(path)
+    return fingerprint
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def image_unchanged(stored: dict[str, Any], path: str | os.PathLike) -> bool:
+    """Same size and mtime, or (after a touch or copy) the same bytes."""
+    current = image_io.file_fingerprint(path)
+    if current["size"] != stored.get("size"):
+        return False
+    if current["mtime_ns"] == stored.get("mtime_ns"):
+        return True
+    return file_sha256(path) == stored.get("sha256")
+
+
+def save_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write an npz through a temporary file and os.replace, so a crash never leaves a partial cache."""
+    temp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(temp, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    """All arrays of an npz; raises ValueError with the reason for a truncated or foreign file."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def merge_into_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Add/replace keys in an npz, keeping its other entries (other resolutions); an unreadable file is replaced."""
+    existing: dict[str, np.ndarray] = {}
+    if os.path.exists(path):
+        try:
+            existing = read_npz(path)
+        except ValueError as exc:
+            logger.info("replacing unreadable cache file %s (%s)", path, exc)
+    existing.update(arrays)
+    save_npz_atomic(path, existing)
+
+
+def _expected_provenance(dataset: ImageDataset, info: ImageInfo, vae_identity: str) -> dict[str, Any]:
+    subset = dataset.subsets[info.subset_index]
+    assert info.bucket is not None and info.resized is not None
+    return {
+        "format": CACHE_FORMAT,
+        "vae": vae_identity,
+        "bucket": list(info.bucket),
+        "resized": list(info.resized),
+        "crop": "center",
+        "interpolation": subset.resize_interpolation or dataset.config.resize_interpolation or "default",
+        "flip": subset.flip_aug,
+        "alpha": subset.alpha_mask,
+    }
+
+
+def _stale_reason(dataset: ImageDataset, info: ImageInfo, path: str, vae_identity: str,
+                  skip_check: bool) -> str | None:
+    """None if the disk entry can be used, else why it must be re-encoded."""
+    if not os.path.exists(path):
+        return "missing"
+    subset = dataset.subsets[info.subset_index]
+    assert info.bucket is not None
+    suffix = key_suffix(info.bucket)
+    needed = ["latents" + suffix] + (["latents_flipped" + suffix] if subset.flip_aug else []) \
+        + (["alpha_mask" + suffix] if subset.alpha_mask else [])
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = set(data.files)
+            if any(n not in names for n in needed):
+                return "lacks this resolution/flip/alpha entry"
+            if skip_check:
+                return None
+            if "provenance" + suffix not in names:
+                return "no provenance recorded (written by another tool)"
+            stored = json.loads(str(data["provenance" + suffix]))
+            shape = data["latents" + suffix].shape
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        return f"unreadable ({type(exc).__name__})"
+    expected = _expected_provenance(dataset, info, vae_identity)
+    for field in ("format", "vae", "bucket", "resized", "crop", "interpolation", "alpha"):
+        if stored.get(field) != expected[field]:
+            return f"{field} changed"
+    if expected["flip"] and not stored.get("flip"):
+        return "flip changed"
+    if tuple(shape[-3:]) != (LATENT_CHANNELS, info.bucket[1] // VAE_STRIDE, info.bucket[0] // VAE_STRIDE):
+        return "latent shape differs"
+    if not image_unchanged(stored.get("image", {}), info.path):
+        return "image changed"
+    return None
+
+
+def check_cache_name_collisions(infos: list[ImageInfo], suffix_of: Any) -> None:
+    """Two different images must not share a cache file (e.g. `a.png` and `a.jpg`)."""
+    owners: dict[str, Path] = {}
+    for info in infos:
+        name = suffix_of(info)
+        other = owners.setdefault(name, info.path)
+        if other != info.path:
+            raise AnimaError(f"{other} and {info.path} would share the cache file {name}; rename one of them")
+
+
+def cache_group_latents(group: DatasetGroup, vae: Any, vae_identity: str, *, batch_size: int, to_disk: bool,
+                        skip_check: bool, is_main_process: bool = True) -> list[tuple[str, str]]:
+    """Fill the latent cache of every image; returns (path, reason) of images that could not be decoded."""
+    entries = sorted(group.image_infos(), key=lambda e: (e[1].bucket[0] * e[1].bucket[1], e[1].bucket))
+    if to_disk:
+        check_cache_name_collisions([info for _, info in entries], lambda i: latents_npz_path(i.path, i.image_size))
+
+    todo: list[tuple[ImageDataset, ImageInfo]] = []
+    reasons: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    for dataset, info in entries:
+        if info.latents is not None:
+            continue
+        if to_disk:
+            path = latents_npz_path(info.path, info.image_size)
+            reason = _stale_reason(dataset, info, path, vae_identity, skip_check)
+            if reason is None:
+                info.latents_npz = path
+                continue
+            if reason != "missing":
+                reasons[reason] += 1
+                examples.setdefault(reason, path)
+        todo.append((dataset, info))
+    for reason, count in reasons.items():
+        logger.info("re-encoding %d latent cache(s): %s (e.g. %s)", count, reason, examples[reason])
+    logger.info("latent cache: %d image(s), %d reused from disk, %d to encode", len(entries),
+                len(entries) - len(todo), len(todo))
+
+    bad: list[tuple[str, str]] = []
+    write = to_disk and is_main_process
+    with tqdm(total=len(todo), desc="caching latents", unit="img", disable=not todo) as progress:
+        for batch in _vae_batches(todo, batch_size):
+            loaded = _load_batch(batch)
+            good = []
+            for (dataset, info), result in zip(batch, loaded):
+                if isinstance(result, str):
+                    bad.append((str(info.path), result))
+                else:
+                    good.append((dataset, info, result))
+            if good:
+                _encode_and_store(good, vae, vae_identity, write)
+            progress.update(len(batch))
+    return bad
+
+
+def _vae_batches(todo: list[tuple[ImageDataset, ImageInfo]], batch_size: int):
+    """Consecutive runs of images with the same bucket, flip and alpha settings, at most batch_size long."""
+    batch: list[tuple[ImageDataset, ImageInfo]] = []
+    condition = None
+    for dataset, info in todo:
+        subset = dataset.subsets[info.subset_index]
+        this = (info.bucket, subset.flip_aug, subset.alpha_mask)
+        if batch and (this != condition or len(batch) >= max(1, batch_size)):
+            yield batch
+            batch = []
+        condition = this
+        batch.append((dataset, info))
+    if batch:
+        yield batch
+
+
+def _load_one(dataset: ImageDataset, info: ImageInfo) -> tuple[np.ndarray, np.ndarray] | str:
+    subset = dataset.subsets[info.subset_index]
+    try:
+        pixels = image_io.load_image(info.path, keep_alpha=subset.alpha_mask)
+    except image_io.BadImageError as exc:
+        return str(exc)
+    interpolation = subset.resize_interpolation or dataset.config.resize_interpolation
+    pixels = image_io.resize_and_crop(pixels, info.resized, info.bucket, interpolation, None)
+    return image_io.split_alpha(pixels)
+
+
+def _load_batch(batch: list[tuple[ImageDataset, ImageInfo]]) -> list[Any]:
+    workers = max(1, min(len(batch), os.cpu_count() or 1))
+    if workers == 1:
+        return [_load_one(d, i) for d, i in batch]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda e: _load_one(*e), batch))
+
+
+@torch.no_grad()
+def _encode(vae: Any, rgb_list: list[np.ndarray]) -> torch.Tensor:
+    pixels = torch.stack([image_io.to_tensor(rgb) for rgb in rgb_list]).to(vae.device, vae.dtype)
+    latents = vae.encode_pixels_to_latents(pixels)  # [B, 16, H/8, W/8]
+    if latents.dim() == 5:  # [B, 16, 1, h, w] from video-style VAEs
+        latents = latents.squeeze(2)
+    latents = latents.float().cpu()
+    if not torch.isfinite(latents).all():
+        raise AnimaError("the VAE produced NaN/inf latents while caching; use --no_half_vae or a float32 VAE")
+    return latents
+
+
+def _encode_and_store(good: list[tuple[ImageDataset, ImageInfo, tuple[np.ndarray, np.ndarray]]], vae: Any,
+                      vae_identity: str, write: bool) -> None:
+    dataset0, info0, _ = good[0]
+    subset = dataset0.subsets[info0.subset_index]
+    rgbs = [result[0] for _, _, result in good]
+    latents = _encode(vae, rgbs)
+    flipped = _encode(vae, [np.ascontiguousarray(rgb[:, ::-1]) for rgb in rgbs]) if subset.flip_aug else None
+    for k, (dataset, info, (_, alpha)) in enumerate(good):
+        mask = torch.from_numpy(np.ascontiguousarray(alpha)) if subset.alpha_mask else None
+        if write:
+            path = latents_npz_path(info.path, info.image_size)
+            suffix = key_suffix(info.bucket)
+            provenance = _expected_provenance(dataset, info, vae_identity)
+            provenance["image"] = image_fingerprint(info.path)
+            arrays = {
+                "latents" + suffix: latents[k].numpy(),
+                "original_size" + suffix: np.array(info.image_size, dtype=np.int64),
+                "crop_ltrb" + suffix: np.array(_letterbox_ltrb(info.bucket, info.image_size), dtype=np.float32),
+                "provenance" + suffix: np.array(json.dumps(provenance, sort_keys=True)),
+            }
+            if flipped is not None:
+                arrays["latents_flipped" + suffix] = flipped[k].numpy()
+            if mask is not None:
+                arrays["alpha_mask" + suffix] = mask.numpy()
+            merge_into_npz(path, arrays)
+            info.latents_npz = path
+        else:
+            info.latents = latents[k].clone()
+            info.latents_flipped = flipped[k].clone() if flipped is not None else None
+            info.cached_alpha_mask = mask
+
+
+def _letterbox_ltrb(bucket: Size, image_size: Size) -> tuple[float, float, float, float]:
+    """Where the whole image would sit if fitted inside the bucket, centred (an SDXL leftover kept for format)."""
+    scale = min(bucket[0] / image_size[0], bucket[1] / image_size[1])
+    width, height = image_size[0] * scale, image_size[1] * scale
+    left, top = (bucket[0] - width) / 2, (bucket[1] - height) / 2
+    return left, top, left + width, top + height
+
+
+def load_cached_latents(info: ImageInfo, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(latent [16, h, w] float32, alpha mask [H, W] or None) for one sample, flipped if asked."""
+    if info.latents is not None:
+        latent = info.latents_flipped if flip and info.latents_flipped is not None else info.latents
+        mask = info.cached_alpha_mask
+    else:
+        assert info.latents_npz is not None and info.bucket is not None
+        suffix = key_suffix(info.bucket)
+        try:
+            with np.load(info.latents_npz, allow_pickle=False) as data:
+                name = ("latents_flipped" if flip else "latents") + suffix
+                if name not in data.files:
+                    raise KeyError(name)
+                latent = torch.from_numpy(data[name].astype(np.float32))
+                mask = torch.from_numpy(data["alpha_mask" + suffix]) if "alpha_mask" + suffix in data.files else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+            raise AnimaError(f"latent cache {info.latents_npz} cannot be read ({type(exc).__name__}: {exc}); delete "
+                             "it and run the caching again") from exc
+        if latent.dim() == 4:  # older 5-D caches store [16, 1, h, w]
+            latent = latent.squeeze(1)
+    if mask is not None and flip:
+        mask = mask.flip(-1)
+    return latent, mask

@@ -1,0 +1,150 @@
+"""Text-encoder output cache: encode every caption once, in memory or in `*_anima_te.npz` files beside the images.
+
+Disk format (sd-scripts compatible names and keys, plus `provenance`):
+  file `<image path without extension>_anima_te.npz`
+  `prompt_embeds` float32 [Lq, D], `attn_mask` int64 [Lq], `t5_input_ids` int32 [Lt], `t5_attn_mask` int32 [Lt],
+  `caption_dropout_rate` float32 scalar (written for sd-scripts; this project reads the rate from the current
+  config instead), `provenance` JSON: the text encoding identity (model, tokenizers, max lengths) and the exact
+  caption text that was encoded.
+
+An entry is re-encoded (with a log line) when the caption text or the text encoding identity changed, or when it
+has no provenance (sd-scripts caches: their caption cannot be verified); `--skip_cache_check` reuses any file whose
+keys are present. Caption dropout is applied at train time by swapping in the cached encoding of "".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from library.errors import AnimaError
+from library.latent_cache import CACHE_FORMAT, check_cache_name_collisions, merge_into_npz
+
+if TYPE_CHECKING:
+    from library.image_dataset import DatasetGroup, ImageInfo
+
+logger = logging.getLogger(__name__)
+
+# Our batch keys -> (npz key, stored dtype).
+DISK_KEYS = {
+    "qwen3_embeds": ("prompt_embeds", np.float32),
+    "qwen3_mask": ("attn_mask", np.int64),
+    "t5_ids": ("t5_input_ids", np.int32),
+    "t5_mask": ("t5_attn_mask", np.int32),
+}
+_LOADED_DTYPES = {"qwen3_embeds": torch.float32, "qwen3_mask": torch.int64, "t5_ids": torch.int64,
+                  "t5_mask": torch.int64}
+
+
+def text_npz_path(image_path: str | os.PathLike) -> str:
+    return os.path.splitext(os.fspath(image_path))[0] + "_anima_te.npz"
+
+
+def _stale_reason(path: str, caption: str, identity: str, skip_check: bool) -> str | None:
+    if not os.path.exists(path):
+        return "missing"
+    needed = [disk for disk, _ in DISK_KEYS.values()]
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if any(n not in data.files for n in needed):
+                return "lacks some outputs"
+            if skip_check:
+                return None
+            if "provenance" not in data.files:
+                return "no provenance recorded (written by another tool)"
+            stored = json.loads(str(data["provenance"]))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        return f"unreadable ({type(exc).__name__})"
+    if stored.get("format") != CACHE_FORMAT:
+        return "format changed"
+    if stored.get("text_encoding") != identity:
+        return "text encoder, tokenizer or max length changed"
+    if stored.get("caption") != caption:
+        return "caption changed"
+    return None
+
+
+def _split_batch(outputs: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
+    missing = [k for k in DISK_KEYS if k not in outputs]
+    if missing:
+        raise AnimaError(f"text encoding returned no {', '.join(missing)}; it must return {', '.join(DISK_KEYS)}")
+    cpu = {k: outputs[k].detach().cpu().to(_LOADED_DTYPES[k]) for k in DISK_KEYS}
+    return [{k: v[i].clone() for k, v in cpu.items()} for i in range(count)]
+
+
+def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int, to_disk: bool, skip_check: bool,
+                     is_main_process: bool = True) -> None:
+    """Encode every image's caption (and "" once, for caption dropout) with `text_encoding`."""
+    from library.image_dataset import cached_caption_text
+
+    identity = str(text_encoding.identity)
+    entries = group.image_infos()
+    if to_disk:
+        check_cache_name_collisions([info for _, info in entries], lambda i: text_npz_path(i.path))
+    with torch.no_grad():
+        group.empty_text = _split_batch(text_encoding.encode([""]), 1)[0]
+
+    todo: list[tuple[ImageInfo, str, float]] = []
+    reasons: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    for dataset, info in entries:
+        subset = dataset.subsets[info.subset_index]
+        caption = cached_caption_text(info, subset)
+        if info.text is not None:
+            continue
+        if to_disk:
+            path = text_npz_path(info.path)
+            reason = _stale_reason(path, caption, identity, skip_check)
+            if reason is None:
+                info.text_npz = path
+                continue
+            if reason != "missing":
+                reasons[reason] += 1
+                examples.setdefault(reason, path)
+        todo.append((info, caption, subset.captions.caption_dropout_rate))
+    for reason, count in reasons.items():
+        logger.info("re-encoding %d text cache(s): %s (e.g. %s)", count, reason, examples[reason])
+    logger.info("text-encoder cache: %d caption(s), %d reused from disk, %d to encode", len(entries),
+                len(entries) - len(todo), len(todo))
+
+    write = to_disk and is_main_process
+    step = max(1, batch_size)
+    with tqdm(total=len(todo), desc="caching text-encoder outputs", unit="caption", disable=not todo) as progress:
+        for start in range(0, len(todo), step):
+            batch = todo[start: start + step]
+            with torch.no_grad():
+                outputs = _split_batch(text_encoding.encode([caption for _, caption, _ in batch]), len(batch))
+            for (info, caption, rate), output in zip(batch, outputs):
+                if write:
+                    path = text_npz_path(info.path)
+                    arrays = {disk: output[key].numpy().astype(dtype) for key, (disk, dtype) in DISK_KEYS.items()}
+                    arrays["caption_dropout_rate"] = np.array(rate, dtype=np.float32)
+                    provenance = {"format": CACHE_FORMAT, "text_encoding": identity, "caption": caption}
+                    arrays["provenance"] = np.array(json.dumps(provenance, ensure_ascii=False, sort_keys=True))
+                    merge_into_npz(path, arrays)
+                    info.text_npz = path
+                else:
+                    info.text = output
+            progress.update(len(batch))
+
+
+def load_cached_text(info: ImageInfo) -> dict[str, torch.Tensor]:
+    """One sample's text-encoder outputs, from memory or its npz file."""
+    if info.text is not None:
+        return info.text
+    assert info.text_npz is not None
+    try:
+        with np.load(info.text_npz, allow_pickle=False) as data:
+            return {key: torch.from_numpy(np.asarray(data[disk])).to(_LOADED_DTYPES[key])
+                    for key, (disk, _) in DISK_KEYS.items()}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise AnimaError(f"text cache {info.text_npz} cannot be read ({type(exc).__name__}: {exc}); delete it and "
+                         "run the caching again") from exc
