@@ -240,18 +240,12 @@ def convert_from_comfy(sd: Mapping[str, torch.Tensor], add_missing_alpha: bool =
         else:
             lora_name = lora_name_for(UNET_PREFIX, module_key[len(COMFY_UNET_PREFIX) :])
         out[f"{lora_name}.{_COMFY_SUFFIX_TO_SD[suffix]}"] = tensor
-    if add_missing_alpha:
-        for lora_name, parts in group_by_module(out).items():
-            if "alpha" not in parts:
-                down = parts["lora_down.weight"]
-                out[f"{lora_name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=down.dtype)
-    else:
-        group_by_module(out)
-    return out
+    return _with_alpha(out) if add_missing_alpha else _checked(out)
 
 
 def to_sd_scripts_format(sd: Mapping[str, torch.Tensor], add_missing_alpha: bool = True) -> dict[str, torch.Tensor]:
-    """Either format -> sd-scripts keys, with ``lora_te1_`` normalised to ``lora_te_``."""
+    """Either format -> sd-scripts keys, with ``lora_te1_`` normalised to ``lora_te_``. A module without
+    alpha means scale 1; add_missing_alpha writes that as alpha = r."""
     if detect_lora_format(sd) == COMFY_FORMAT:
         return convert_from_comfy(sd, add_missing_alpha=add_missing_alpha)
     out = {}
@@ -259,8 +253,20 @@ def to_sd_scripts_format(sd: Mapping[str, torch.Tensor], add_missing_alpha: bool
         lora_name, suffix = split_sd_key(key)
         prefix, body = split_lora_name(lora_name)
         out[f"{prefix}_{body}.{suffix}"] = tensor
-    group_by_module(out)
-    return out
+    return _with_alpha(out) if add_missing_alpha else _checked(out)
+
+
+def _checked(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    group_by_module(sd)
+    return sd
+
+
+def _with_alpha(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for lora_name, parts in group_by_module(sd).items():
+        if "alpha" not in parts:
+            down = parts["lora_down.weight"]
+            sd[f"{lora_name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=down.dtype)
+    return sd
 
 
 def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,0 +1,78 @@
+"""Convert an Anima LoRA between the sd-scripts and ComfyUI key layouts.
+
+    python -m networks.convert_lora --src in.safetensors --dst out.safetensors --to comfy
+    python -m networks.convert_lora --src in.safetensors --dst out.safetensors --to sd-scripts
+
+Metadata is copied (``ss_lora_format`` updated, sshs_* hashes recomputed). By default the ComfyUI output
+folds alpha/r into lora_B so that diffusers (which rejects alpha keys) loads it too; ``--keep_alpha`` writes
+the alpha keys instead (ComfyUI only, converts back exactly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from library.errors import AnimaError
+from networks.lora_format import (
+    ALPHA_FOLDED_METADATA_KEY,
+    COMFY_FORMAT,
+    LORA_FORMATS,
+    convert_to_comfy,
+    detect_lora_format,
+    format_metadata,
+    load_lora_file,
+    save_lora_file,
+    to_sd_scripts_format,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m networks.convert_lora", description="Convert an Anima LoRA between sd-scripts and ComfyUI keys."
+    )
+    parser.add_argument("--src", required=True, help="input LoRA (.safetensors, either layout)")
+    parser.add_argument("--dst", required=True, help="output file (.safetensors keeps metadata)")
+    parser.add_argument("--to", required=True, choices=LORA_FORMATS, help="target layout")
+    parser.add_argument(
+        "--keep_alpha",
+        action="store_true",
+        help="comfy output: keep alpha keys instead of folding alpha/rank into lora_B (diffusers cannot load it)",
+    )
+    return parser
+
+
+def convert_file(src: str, dst: str, to: str, keep_alpha: bool = False) -> int:
+    """Convert src into dst; returns the number of LoRA modules written."""
+    if Path(src).resolve() == Path(dst).resolve():
+        raise AnimaError(f"--dst {dst} is the same file as --src; choose another output path")
+    tensors, metadata = load_lora_file(src)
+    source_format = detect_lora_format(tensors)
+    sd = to_sd_scripts_format(tensors, add_missing_alpha=True)
+    fold_alpha = not keep_alpha
+    if to == COMFY_FORMAT:
+        out = convert_to_comfy(sd, fold_alpha=fold_alpha)
+    else:
+        out = sd
+    metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_") and k != ALPHA_FOLDED_METADATA_KEY}
+    metadata.update(format_metadata(to, fold_alpha))
+    save_lora_file(dst, out, metadata)
+    modules = len({key.split(".")[0] for key in sd})
+    print(f"{src} ({source_format}) -> {dst} ({to}): {modules} LoRA modules")
+    return modules
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        convert_file(args.src, args.dst, args.to, keep_alpha=args.keep_alpha)
+    except AnimaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
