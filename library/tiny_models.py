@@ -245,6 +245,10 @@ def write_tiny_images(image_dir: Path, num_images: int, seed: int = 0) -> list[s
     """Captioned shape images, alternating PNG/JPEG and three aspect ratios; returns the captions."""
     rng = random.Random(seed)
     image_dir.mkdir(parents=True, exist_ok=True)
+    # Remove an older set (and the latent/text caches written beside it) so no stale image stays in the dataset.
+    for old in image_dir.glob("shape_*"):
+        if old.is_file():
+            old.unlink()
     captions = []
     for i in range(num_images):
         width, height = _SIZES[i % len(_SIZES)]

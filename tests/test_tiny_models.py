@@ -39,10 +39,11 @@ def test_a_different_recipe_rebuilds_the_setup(tmp_path, monkeypatch):
     write_tiny_anima_setup(tmp_path, num_images=2, seed=0)
     write_tiny_anima_setup(tmp_path, num_images=2, seed=0)
     assert len(calls) == 4
-    write_tiny_anima_setup(tmp_path, num_images=3, seed=0)
+    (tmp_path / "images" / "shape_000_0064x0064_anima.npz").write_bytes(b"stale cache")
+    write_tiny_anima_setup(tmp_path, num_images=1, seed=0)
     assert len(calls) == 8
-    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["recipe"]["num_images"] == 3
-    assert len(list((tmp_path / "images").glob("*.txt"))) == 3
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["recipe"]["num_images"] == 1
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["shape_000.png", "shape_000.txt"]
 
 
 def test_dit_file_has_released_layout_and_is_deterministic(tiny, tmp_path):
