@@ -8,6 +8,7 @@ Examples:
 The base weights are frozen and the latents require grad, which is what LoRA training back-propagates through;
 pass --train_weights to also compute full weight gradients. With --blocks N < 28 the per-block time is the
 number to extrapolate from (embedders, final layer and the adapter are negligible next to the blocks).
+Saved activations: what autograd keeps for backward in one forward (weights excluded), device independent.
 Peak memory: CUDA max allocated; on CPU the process' peak resident set size (includes Python and torch).
 """
 
@@ -55,6 +56,26 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def saved_activation_mib(model: Anima, run_forward) -> float:
+    """Bytes autograd keeps for backward during one forward, weights excluded (device independent)."""
+    weight_ptrs = {p.data_ptr() for p in model.parameters()}
+    seen: set[tuple] = set()
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.data_ptr() not in weight_ptrs and key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = run_forward()
+    del output
+    return total / 2**20
 
 
 def timed(fn, device: torch.device, warmup: int, steps: int) -> float:
@@ -119,6 +140,7 @@ def measure_resolution(
         x.grad = None
         model.zero_grad(set_to_none=True)
 
+    saved = saved_activation_mib(model, lambda: model(x, sigmas, context))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     fwd = timed(forward_only, device, args.warmup, args.steps)
@@ -127,7 +149,8 @@ def measure_resolution(
     print(
         f"{resolution}x{resolution} (latent {latent}x{latent}, {tokens} tokens): "
         f"forward {fwd * 1e3:.1f} ms, forward+backward {step * 1e3:.1f} ms, "
-        f"per block fwd+bwd {step / args.blocks * 1e3:.1f} ms, peak memory {peak_memory_mib(device):.0f} MiB"
+        f"per block fwd+bwd {step / args.blocks * 1e3:.1f} ms, saved activations {saved:.0f} MiB "
+        f"({saved / args.blocks:.0f} MiB/block), peak memory {peak_memory_mib(device):.0f} MiB"
     )
 
 
