@@ -169,14 +169,14 @@ def noisy_input(
       draw in the weight dtype. The target stays ε − x0 (only the input is perturbed).
     ip_noise_gamma_random_strength [--ip_noise_gamma_random_strength]: γ' = U[0,1)·γ, one scalar per batch;
       otherwise γ' = γ.
-    generator: drives the ξ and γ' draws (CPU when None); results are moved to x0's device.
+    generator: drives the ξ and γ' draws (on the generator's device, else x0's); ξ ends on x0's device.
     """
     if ip_noise_gamma:
         gamma = ip_noise_gamma
         if ip_noise_gamma_random_strength:
             gamma = torch.rand(1, generator=generator).item() * ip_noise_gamma
-        gen_device = generator.device if generator is not None else "cpu"
-        xi = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=weight_dtype).to(x0.device)
+        draw_device = generator.device if generator is not None else x0.device
+        xi = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=weight_dtype).to(x0.device)
         noise = noise + gamma * xi
     s = _per_sample(sigmas, x0)
     return ((1 - s) * x0 + s * noise).to(weight_dtype)

@@ -183,8 +183,8 @@ def create_lr_scheduler(
       cosine: warmup then lr0·½(1 + cos(π·p)), p = (s−W)/(T−W); cosine_with_restarts: same with p taken
       modulo 1/cycles; polynomial: warmup then (lr0 − lr_end)·(1 − p)^power + lr_end (lr_end 1e-7);
       inverse_sqrt: warmup then lr0/√((s + timescale − W)/timescale) (timescale default W or 10⁴);
-      cosine_with_min_lr: cosine floored at min_lr_ratio; warmup_stable_decay: warmup, S steps at lr0, then a
-      cosine decay to min_lr_ratio over D steps; piecewise_constant: step_rules="1:10,0.1:20,0.01" in
+      cosine_with_min_lr: cosine floored at min_lr_ratio; warmup_stable_decay: linear warmup from
+      min_lr_ratio·lr0, S steps at lr0, then a cosine decay to min_lr_ratio·lr0 over D steps (kept after); piecewise_constant: step_rules="1:10,0.1:20,0.01" in
       scheduler_args (multiplier:until_step, …, final multiplier).
     """
     kwargs = parse_literal_kwargs(scheduler_args, "--lr_scheduler_args")

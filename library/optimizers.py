@@ -263,8 +263,9 @@ def create_optimizer(
     try:
         optimizer = cls(param_groups, lr=lr, **kwargs)
     except (TypeError, ValueError) as e:
+        given = format_kwargs(kwargs) or "none"
         raise AnimaError(
-            f"--optimizer_args for {cls.__name__} ({format_kwargs(kwargs) or 'none'}) were rejected: {e}"
+            f"{cls.__name__} rejected its settings (--learning_rate {lr}, --optimizer_args {given}): {e}"
         ) from None
     return f"{cls.__module__}.{cls.__name__}", format_kwargs(kwargs), optimizer
 
