@@ -1,0 +1,214 @@
+"""Image discovery, bad images, batches per bucket, seeded per-epoch shuffling, augmentations, validation split."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from library.dataset_config import add_dataset_arguments, build_dataset_groups, make_dataloader
+from library.errors import AnimaError
+
+
+def write_image(path: Path, width: int, height: int, fmt: str | None = None, mode: str = "RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    channels = 4 if mode == "RGBA" else 3
+    pixels = np.random.default_rng(width * 7 + height).integers(0, 255, (height, width, channels), dtype=np.uint8)
+    Image.fromarray(pixels, mode).save(path, format=fmt)
+    return path
+
+
+def make_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_dataset_arguments(parser)
+    args = parser.parse_args(list(argv))
+    args.seed = 7
+    args.train_batch_size = 1
+    return args
+
+
+def toml_group(tmp_path: Path, dataset_keys: str = "", subset_keys: str = "", *argv: str):
+    path = tmp_path / "ds.toml"
+    path.write_text(f"[[datasets]]\n{dataset_keys}\n  [[datasets.subsets]]\n  image_dir = '{tmp_path / 'img'}'\n"
+                    f"{subset_keys}\n", encoding="utf-8")
+    return build_dataset_groups(make_args("--dataset_config", str(path), *argv))
+
+
+def test_corrupt_and_truncated_images_are_skipped_with_a_warning_listing_them(tmp_path, caplog):
+    img = tmp_path / "img"
+    write_image(img / "good.png", 64, 64)
+    good_jpeg = write_image(img / "cut.jpg", 64, 64, "JPEG").read_bytes()
+    (img / "cut.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 2])
+    good_png = write_image(img / "cut.png", 64, 64).read_bytes()
+    (img / "cut.png").write_bytes(good_png[: len(good_png) - 20])
+    good_webp = write_image(img / "cut.webp", 64, 64, "WEBP").read_bytes()
+    (img / "cut.webp").write_bytes(good_webp[: len(good_webp) // 2])
+    (img / "garbage.png").write_bytes(b"not an image at all")
+    (img / "zero.jpg").write_bytes(b"")
+    before = {p.name: p.read_bytes() for p in img.iterdir()}
+    with caplog.at_level(logging.WARNING):
+        train, _ = toml_group(tmp_path, "resolution = 64")
+    assert [Path(i.key).name for i in train.datasets[0].infos] == ["good.png"]
+    warning = next(r.getMessage() for r in caplog.records if "unusable image" in r.getMessage())
+    for name in ("cut.jpg", "cut.png", "cut.webp", "garbage.png", "zero.jpg"):
+        assert name in warning
+    assert {p.name: p.read_bytes() for p in img.iterdir()} == before  # training data never modified
+
+
+def test_strict_images_stops_on_the_first_bad_image(tmp_path):
+    write_image(tmp_path / "img" / "good.png", 64, 64)
+    (tmp_path / "img" / "bad.png").write_bytes(b"junk")
+    with pytest.raises(AnimaError, match="bad image .*bad.png"):
+        toml_group(tmp_path, "resolution = 64", "", "--strict_images")
+
+
+def test_missing_captions_warn_and_suggest_the_other_extension(tmp_path, caplog):
+    write_image(tmp_path / "img" / "a.png", 64, 64)
+    (tmp_path / "img" / "a.txt").write_text("a caption", encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        train, _ = toml_group(tmp_path, "resolution = 64")  # default extension .caption
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "have no .caption caption file" in messages and "caption_extension = '.txt'" in messages
+    assert train.datasets[0].infos[0].caption == ""
+
+
+def test_batches_never_mix_buckets_and_respect_batch_size(tmp_path):
+    for i in range(5):
+        write_image(tmp_path / "img" / f"wide{i}.png", 128, 64)
+    for i in range(3):
+        write_image(tmp_path / "img" / f"tall{i}.png", 64, 128)
+    train, _ = toml_group(tmp_path, "resolution = 64\nbatch_size = 2\nenable_bucket = true\nmin_bucket_reso = 32\n"
+                          "max_bucket_reso = 128\nbucket_reso_steps = 16")
+    sizes = []
+    for index in range(len(train)):
+        batch = train[index]
+        images = batch["images"]
+        assert images.dtype == torch.float32 and images.min() >= -1 and images.max() <= 1
+        assert len(batch["image_keys"]) == images.shape[0] <= 2
+        assert len({Path(k).name[:4] for k in batch["image_keys"]}) == 1
+        sizes.append(images.shape[0])
+    assert len(train) == 3 + 2 and sum(sizes) == 8
+    assert train[0]["latents"] is None and train[0]["text"] is None and train[0]["alpha_masks"] is None
+
+
+def test_epoch_shuffle_is_seeded_and_changes_between_epochs(tmp_path):
+    for i in range(8):
+        write_image(tmp_path / "img" / f"{i}.png", 64, 64)
+
+    def order(epoch: int) -> list[list[str]]:
+        train, _ = toml_group(tmp_path, "resolution = 64\nbatch_size = 2")
+        train.set_current_epoch(epoch)
+        return [train[i]["image_keys"] for i in range(len(train))]
+
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+
+
+def test_dataloader_workers_see_the_epoch_and_match_in_process_batches(tmp_path):
+    for i in range(6):
+        write_image(tmp_path / "img" / f"{i}.png", 64, 64)
+    (tmp_path / "img" / "0.caption").write_text("x", encoding="utf-8")
+    train, _ = toml_group(tmp_path, "resolution = 64\nbatch_size = 2", "flip_aug = true")
+    expected = {}
+    train.set_current_epoch(3)
+    for i in range(len(train)):
+        batch = train[i]
+        expected[tuple(batch["image_keys"])] = batch["images"]
+    loader = make_dataloader(train, num_workers=2, persistent_workers=False, seed=0)
+    train.set_current_epoch(3)
+    got = {tuple(b["image_keys"]): b["images"] for b in loader}
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_flip_aug_mirrors_some_samples(tmp_path):
+    write_image(tmp_path / "img" / "a.png", 64, 64)
+    train, _ = toml_group(tmp_path, "resolution = 64", "flip_aug = true\nnum_repeats = 1")
+    seen = []
+    for epoch in range(1, 9):
+        train.set_current_epoch(epoch)
+        seen.append(train[0]["images"])
+    plain = [s for s in seen if torch.equal(s, seen[0])]
+    mirrored = [s for s in seen if torch.equal(s, seen[0].flip(-1))]
+    assert plain and mirrored and len(plain) + len(mirrored) == len(seen)
+
+
+def test_alpha_mask_comes_from_the_alpha_channel(tmp_path):
+    path = tmp_path / "img" / "a.png"
+    path.parent.mkdir(parents=True)
+    rgba = np.zeros((64, 64, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[:, :32, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(path)
+    write_image(tmp_path / "img" / "b.jpg", 64, 64, "JPEG")
+    train, _ = toml_group(tmp_path, "resolution = 64\nbatch_size = 2", "alpha_mask = true")
+    batch = train[0]
+    masks = dict(zip([Path(k).name for k in batch["image_keys"]], batch["alpha_masks"]))
+    assert batch["alpha_masks"].shape == (2, 1, 64, 64)
+    assert masks["a.png"][0, :, :32].sum() == 0 and torch.all(masks["a.png"][0, :, 32:] == 1)
+    assert torch.all(masks["b.jpg"] == 1)
+
+
+def test_images_of_any_size_are_resized_and_cropped_to_the_resolution_without_buckets(tmp_path):
+    write_image(tmp_path / "img" / "big.png", 300, 100)
+    write_image(tmp_path / "img" / "tiny.png", 5, 3)
+    train, _ = toml_group(tmp_path, "resolution = [64, 32]\nbatch_size = 2")
+    assert train[0]["images"].shape == (2, 3, 32, 64)
+
+
+def test_random_crop_and_color_aug_change_pixels_deterministically(tmp_path):
+    write_image(tmp_path / "img" / "a.png", 160, 64)
+    train, _ = toml_group(tmp_path, "resolution = 64", "random_crop = true\ncolor_aug = true")
+    samples = []
+    for epoch in range(1, 7):
+        train.set_current_epoch(epoch)
+        samples.append(train[0]["images"])
+    train.set_current_epoch(1)
+    assert torch.equal(train[0]["images"], samples[0])
+    assert any(not torch.equal(s, samples[0]) for s in samples[1:])
+
+
+def test_validation_split_is_seeded_and_excludes_reg(tmp_path):
+    for i in range(10):
+        write_image(tmp_path / "img" / f"{i}.png", 64, 64)
+    for i in range(2):
+        write_image(tmp_path / "reg" / f"r{i}.png", 64, 64)
+    path = tmp_path / "ds.toml"
+    path.write_text(f"""[[datasets]]
+resolution = 64
+validation_split = 0.2
+validation_seed = 5
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / 'img'}'
+  num_repeats = 2
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / 'reg'}'
+  is_reg = true
+""", encoding="utf-8")
+    train, val = build_dataset_groups(make_args("--dataset_config", str(path)))
+    again_train, again_val = build_dataset_groups(make_args("--dataset_config", str(path)))
+    val_keys = sorted(i.key for i in val.datasets[0].infos)
+    assert val_keys == sorted(i.key for i in again_val.datasets[0].infos)
+    assert len(val_keys) == 2 and val.num_train_images == 2  # validation uses one repeat
+    train_keys = {i.key for i in train.datasets[0].infos if not i.is_reg}
+    assert len(train_keys) == 8 and not train_keys & set(val_keys)
+    assert all("reg" not in Path(k).parent.name for k in val_keys)
+    assert train.num_train_images == 16 and train.num_reg_images == 16
+
+
+def test_metadata_from_config_lists_datasets_tags_and_buckets(tmp_path):
+    write_image(tmp_path / "img" / "a.png", 64, 64)
+    (tmp_path / "img" / "a.caption").write_text("red, blue", encoding="utf-8")
+    train, _ = toml_group(tmp_path, "resolution = 64", "num_repeats = 3")
+    import json
+    meta = train.metadata()
+    datasets = json.loads(meta["ss_datasets"])
+    assert datasets[0]["num_train_images"] == 3 and datasets[0]["subsets"][0]["num_repeats"] == 3
+    assert json.loads(meta["ss_tag_frequency"]) == {"img": {"red": 3, "blue": 3}}
+    assert datasets[0]["bucket_info"]["buckets"]["0"]["count"] == 3
+    assert meta["ss_num_train_images"] == "3"
