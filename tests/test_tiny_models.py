@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import toml
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -110,7 +109,10 @@ def test_images_captions_dataset_toml_and_prompts(tiny):
         assert caption.startswith("a ") and "background" in caption
         assert np.asarray(Image.open(p)).std() > 5  # a shape on a background, not a flat colour
 
-    config = toml.load(tiny.dataset_toml)
+    from library.dataset_config import load_dataset_config, validate_user_config
+
+    config = load_dataset_config(tiny.dataset_toml)
+    validate_user_config(config, str(tiny.dataset_toml))
     assert config["general"]["caption_extension"] == ".txt"
     [dataset] = config["datasets"]
     assert dataset["bucket_reso_steps"] % 16 == 0
