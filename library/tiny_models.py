@@ -20,11 +20,15 @@ import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import toml
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from library.anima_models import AnimaConfig
 
 # Bump when the written files change, so cached setups are rebuilt.
 SETUP_VERSION = 1
@@ -57,7 +61,7 @@ class TinySetup:
     sample_prompts: Path
 
 
-def tiny_dit_config():
+def tiny_dit_config() -> AnimaConfig:
     """The DiT + adapter sizes of the tiny checkpoint (same shapes as the golden reference model)."""
     from library.anima_models import AnimaConfig
 
