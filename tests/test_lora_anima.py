@@ -593,3 +593,24 @@ def test_merge_to_bakes_the_update_into_base_weights():
     assert network.is_mergeable()
     merger.merge_to(None, model, weights, torch.float32, "cpu")
     torch.testing.assert_close(dit_output(model), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dropouts_draw_the_same_masks_when_checkpointed_blocks_recompute():
+    def lora_grads(checkpointing: bool) -> torch.Tensor:
+        model = tiny_dit()
+        network = create_network(1.0, 4, 1.0, None, None, model, rank_dropout="0.3", module_dropout="0.2")
+        network.apply_to(None, model)
+        randomize_up(network)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        network.on_epoch_start(None, model)
+        torch.manual_seed(3)
+        out = model(torch.randn(2, 16, 1, 4, 6), torch.tensor([0.2, 0.7]), torch.randn(2, 5, 16))
+        out.square().mean().backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in network.parameters()]
+        return torch.cat([g.flatten() for g in grads])
+
+    plain = lora_grads(False)
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(lora_grads(True), plain, rtol=0, atol=0)
