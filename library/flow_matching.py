@@ -72,14 +72,19 @@ def discrete_sigma_table(discrete_flow_shift: float = 1.0) -> torch.Tensor:
     return shift_sigmas(base, discrete_flow_shift)
 
 
+def _draw_device(generator: torch.Generator | None) -> torch.device:
+    """Random draws happen where the generator lives (a generator only feeds tensors on its own device)."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def _density_u(
     batch_size: int, weighting_scheme: str, logit_mean: float, logit_std: float, mode_scale: float, generator
 ) -> torch.Tensor:
     """u ∈ [0, 1] drawn from the density the weighting scheme asks for (only `sigma` sampling uses this)."""
     if weighting_scheme == "logit_normal":
-        normal = torch.randn(batch_size, generator=generator, dtype=torch.float32)
+        normal = torch.randn(batch_size, generator=generator, device=_draw_device(generator))
         return torch.sigmoid(logit_mean + logit_std * normal)
-    u = torch.rand(batch_size, generator=generator, dtype=torch.float32)
+    u = torch.rand(batch_size, generator=generator, device=_draw_device(generator))
     if weighting_scheme == "mode":
         return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     return u
@@ -123,11 +128,12 @@ def sample_sigmas(
         u = _density_u(batch_size, weighting_scheme, logit_mean, logit_std, mode_scale, generator)
         # u == 1 (mode scheme at u=0) or a mode_scale that pushes u outside [0, 1] would index off the table.
         indices = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
-        sigmas = discrete_sigma_table(discrete_flow_shift)[indices].to(weight_dtype).float()
+        table = discrete_sigma_table(discrete_flow_shift).to(indices.device)
+        sigmas = table[indices].to(weight_dtype).float()
     elif timestep_sampling == "uniform":
-        sigmas = torch.rand(batch_size, generator=generator, dtype=torch.float32)
+        sigmas = torch.rand(batch_size, generator=generator, device=_draw_device(generator))
     else:
-        normal = torch.randn(batch_size, generator=generator, dtype=torch.float32)
+        normal = torch.randn(batch_size, generator=generator, device=_draw_device(generator))
         sigmas = torch.sigmoid(sigmoid_scale * normal)
         if timestep_sampling == "shift":
             sigmas = shift_sigmas(sigmas, discrete_flow_shift)
@@ -174,7 +180,7 @@ def noisy_input(
     if ip_noise_gamma:
         gamma = ip_noise_gamma
         if ip_noise_gamma_random_strength:
-            gamma = torch.rand(1, generator=generator).item() * ip_noise_gamma
+            gamma = torch.rand(1, generator=generator, device=_draw_device(generator)).item() * ip_noise_gamma
         draw_device = generator.device if generator is not None else x0.device
         xi = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=weight_dtype).to(x0.device)
         noise = noise + gamma * xi
