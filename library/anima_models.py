@@ -68,11 +68,11 @@ class AnimaConfig:
 
     @property
     def mlp_channels(self) -> int:
-        return int(self.model_channels * self.mlp_ratio)
+        return round(self.model_channels * self.mlp_ratio)
 
     @property
     def adapter_mlp_channels(self) -> int:
-        return int(self.adapter_model_dim * self.adapter_mlp_ratio)
+        return round(self.adapter_model_dim * self.adapter_mlp_ratio)
 
     @property
     def patch_features(self) -> int:
