@@ -33,3 +33,11 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def tokenizers_dir() -> Path:
     return _require_dir(SHARED_DIR / "tokenizers", "real tokenizer files")
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny random Anima checkpoints, tokenizers, images, dataset TOML and prompts, shared by the session."""
+    from library.tiny_models import write_tiny_anima_setup
+
+    return write_tiny_anima_setup(tmp_path_factory.mktemp("tiny_setup"))
