@@ -65,7 +65,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
 
         tokenizer = AnimaTokenizer(load_qwen3_tokenizer(args.qwen3), load_t5_tokenizer(args.t5_tokenizer_path),
                                    args.qwen3_max_token_length, args.t5_max_token_length)
-        device = accelerator.device
+        device = self.device
         self.text_encoder = load_qwen3_text_encoder(args.qwen3, device=device, dtype=weight_dtype)
         self.text_encoding = AnimaTextEncoding(tokenizer, self.text_encoder, device, weight_dtype)
         vae_dtype = self.vae_dtype
@@ -77,7 +77,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
     def load_dit(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> torch.nn.Module:
         from library.anima_utils import load_anima_model
 
-        dit = load_anima_model(args.pretrained_model_name_or_path, device=accelerator.device, dtype=weight_dtype,
+        dit = load_anima_model(args.pretrained_model_name_or_path, device=self.device, dtype=weight_dtype,
                                attn_mode=args.attn_mode, split_attn=args.split_attn,
                                llm_adapter_path=args.llm_adapter_path)
         return dit
@@ -121,7 +121,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
     # --- one step ---------------------------------------------------------------------------------------------
 
     def batch_latents(self, args: argparse.Namespace, batch: dict, weight_dtype: torch.dtype) -> torch.Tensor:
-        device = self.accelerator.device
+        device = self.device
         if batch.get("latents") is not None:
             return batch["latents"].to(device=device, dtype=weight_dtype)  # [B, 16, h, w]
         with torch.no_grad():
@@ -133,7 +133,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
         return latents.to(weight_dtype)
 
     def batch_text(self, args: argparse.Namespace, batch: dict, train_text_encoder: bool) -> dict[str, torch.Tensor]:
-        device = self.accelerator.device
+        device = self.device
         if batch.get("text") is not None:
             text = batch["text"]  # cached; caption dropout already swapped in the empty-caption encoding
         elif self.text_encoding is not None:
@@ -177,7 +177,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
             return
         generate_sample_images(
             self.dit, self.vae, encoder, load_sample_prompts(args.sample_prompts), output_dir=args.output_dir,
-            output_name=args.output_name, step=step, epoch=epoch, device=accelerator.device,
+            output_name=args.output_name, step=step, epoch=epoch, device=self.device,
             autocast_dtype=self.weight_dtype if self.weight_dtype != torch.float32 else None, network=self.network,
         )
 

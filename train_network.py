@@ -129,7 +129,10 @@ class NetworkTrainer:
             import datetime
 
             kwargs_handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout)))
+        # Without an accelerator device, say so: accelerate then runs multi-process launches on CPU (gloo).
+        no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
         self.accelerator = Accelerator(
+            cpu=no_accelerator,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             mixed_precision=args.mixed_precision,
             # The per-epoch shuffle depends only on (seed, epoch), so a resumed run sees the same order.
@@ -138,6 +141,9 @@ class NetworkTrainer:
             dynamo_backend=args.dynamo_backend if args.torch_compile else None,
         )
         set_seed(args.seed)
+        # Multi-process CPU runs report "cpu:0"; CPU tensors carry no index, so use plain "cpu".
+        device = self.accelerator.device
+        self.device = torch.device("cpu") if device.type == "cpu" else device
         self.is_main = self.accelerator.is_main_process
         self.weight_dtype = DTYPES[args.mixed_precision]
         self.save_dtype = SAVE_DTYPES[args.save_precision]
@@ -184,7 +190,7 @@ class NetworkTrainer:
             merged, _ = network_module.create_network_from_weights(multiplier, path, None, text_encoders, self.dit,
                                                                   for_inference=True)
             merged.merge_to(text_encoders, self.dit, weights_sd=None, dtype=self.weight_dtype,
-                            device=self.accelerator.device)
+                            device=self.device)
 
         self.network_args = parse_network_args(args.network_args)
         if args.dim_from_weights:
@@ -273,7 +279,7 @@ class NetworkTrainer:
 
     def prepare(self, args: argparse.Namespace) -> None:
         """Move models to the device, freeze the base models, let accelerate wrap optimizer and loaders."""
-        device = self.accelerator.device
+        device = self.device
         self.dit.requires_grad_(False)
         self.dit.to(device)
         for te in self.text_encoders():
@@ -429,7 +435,7 @@ class NetworkTrainer:
                 self.lr_scheduler.step()
         if args.scale_weight_norms and accelerator.sync_gradients:
             keys_scaled, mean_norm, max_norm = self.network.apply_max_norm_regularization(
-                args.scale_weight_norms, accelerator.device)
+                args.scale_weight_norms, self.device)
             self.max_norm_logs = {"max_norm/keys_scaled": keys_scaled, "max_norm/average_key_norm": mean_norm,
                                   "max_norm/max_key_norm": max_norm}
         return self.mean_over_processes(loss.detach())
@@ -589,7 +595,7 @@ class NetworkTrainer:
         if missing:
             raise AnimaError(f"--resume {folder}: missing {', '.join(missing)}; give a folder written by --save_state")
         weights = safetensors.torch.load_file(str(folder / saving.NETWORK_STATE_FILE),
-                                              device=str(self.accelerator.device))
+                                              device=str(self.device))
         result = self.network.load_state_dict(weights, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise AnimaError(f"--resume {folder}: the saved network does not match this one "
@@ -607,7 +613,7 @@ class NetworkTrainer:
             self.save_state(saving.last_state_name(args), epoch=epoch, epoch_batches=0)
         path = self.save_model(saving.last_model_name(args), steps=self.global_step, epoch=epoch)
         self.accelerator.end_training()
-        self.reporter.summary(steps=self.global_step, output_file=str(path), device=self.accelerator.device)
+        self.reporter.summary(steps=self.global_step, output_file=str(path), device=self.device)
         return path
 
 

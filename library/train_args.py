@@ -479,6 +479,9 @@ def validate_args(args: argparse.Namespace) -> list[str]:
             flags = ", ".join(_flag(f) for f in live_caption_flags)
             reject(f"--cache_text_encoder_outputs cannot be combined with {flags} "
                    "(cached captions are fixed); remove one of them")
+    if args.cache_only and not (args.cache_latents_to_disk or args.cache_text_encoder_outputs_to_disk):
+        reject("--cache_only writes disk caches: add --cache_latents_to_disk and/or "
+               "--cache_text_encoder_outputs_to_disk")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         reject("--network_train_unet_only and --network_train_text_encoder_only exclude each other; keep one")
 
