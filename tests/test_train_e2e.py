@@ -20,10 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from library.tiny_models import write_tiny_anima_setup
-
-    return write_tiny_anima_setup(tmp_path_factory.mktemp("tiny"), num_images=4, seed=3)
+def tiny(tiny_setup):
+    return tiny_setup  # the session's shared tiny models and images (see conftest.py)
 
 
 def base_argv(tiny, out: Path, *extra: str) -> list[str]:

@@ -1,0 +1,67 @@
+"""Checkpoint names, pruning windows, atomic writes and state counters."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from library import saving
+from library.errors import AnimaError
+
+
+def names_args(**kw) -> argparse.Namespace:
+    return argparse.Namespace(output_name=kw.get("output_name"), save_model_as=kw.get("save_model_as", "safetensors"))
+
+
+def test_file_names_follow_the_sd_scripts_patterns():
+    args = names_args(output_name="my")
+    assert saving.epoch_model_name(args, 3) == "my-000003.safetensors"
+    assert saving.step_model_name(args, 50) == "my-step00000050.safetensors"
+    assert saving.last_model_name(args) == "my.safetensors"
+    assert saving.epoch_state_name(args, 3) == "my-000003-state"
+    unnamed = names_args(save_model_as="pt")
+    assert saving.epoch_model_name(unnamed, 1) == "epoch-000001.pt"
+    assert saving.step_model_name(unnamed, 2) == "at-step00000002.pt"
+    assert saving.last_state_name(unnamed) == "last-state"
+
+
+def test_step_pruning_keeps_the_last_n_steps():
+    # Saves every 10 steps, keep the last 20 steps: after saving 40, step 10 goes (20 and 30 stay).
+    assert saving.step_to_prune(40, 10, 20) == 10
+    assert saving.step_to_prune(20, 10, 20) is None
+    assert saving.step_to_prune(40, 10, None) is None
+
+
+def test_epoch_pruning_keeps_the_last_n_epoch_files():
+    assert saving.epoch_to_prune(5, 1, 2) == 3
+    assert saving.epoch_to_prune(2, 1, 2) is None
+    assert saving.epoch_to_prune(6, 2, 2) == 2
+
+
+def test_atomic_dir_replaces_an_old_state_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "s"
+    saving.atomic_write_dir(target, lambda d: (d / "a.txt").write_text("1"))
+    saving.atomic_write_dir(target, lambda d: (d / "b.txt").write_text("2"))
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_failed_atomic_write_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "x.safetensors"
+    target.write_text("old")
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        saving.atomic_write(target, fail)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_train_state_round_trip_and_bad_folder(tmp_path):
+    saving.write_train_state(tmp_path, epoch=2, global_step=17, epoch_step=3)
+    assert saving.read_train_state(tmp_path) == {"current_epoch": 2, "global_step": 17, "epoch_step": 3}
+    with pytest.raises(AnimaError, match="--resume"):
+        saving.read_train_state(tmp_path / "nothing")
