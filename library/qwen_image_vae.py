@@ -91,18 +91,23 @@ def _conv2d_in_row_bands(
     bias: torch.Tensor | None,
     stride: int,
     out_rows_per_band: int,
+    accumulate_into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A 2-D conv (no padding of its own) computed band by band of output rows.
 
     ``read_padded_rows(p0, p1)`` returns rows [p0, p1) of the (virtually) padded input, already padded in
-    width; it is asked only for the rows a band needs (its rows plus the kernel halo).
+    width; it is asked only for the rows a band needs (its rows plus the kernel halo). With
+    ``accumulate_into`` the bands are added to that tensor in place (a residual sum without a new tensor).
     """
     kernel_h = weight.shape[2]
     out_height = (padded_height - kernel_h) // stride + 1
-    out: torch.Tensor | None = None
+    out = accumulate_into
     for o0 in range(0, out_height, out_rows_per_band):
         o1 = min(o0 + out_rows_per_band, out_height)
         band = F.conv2d(read_padded_rows(o0 * stride, (o1 - 1) * stride + kernel_h), weight, bias, stride=stride)
+        if accumulate_into is not None:
+            out[:, :, o0:o1] += band
+            continue
         if out is None:
             out = band.new_empty(band.shape[0], band.shape[1], out_height, band.shape[3])
         out[:, :, o0:o1] = band
@@ -111,14 +116,22 @@ def _conv2d_in_row_bands(
 
 
 def _padded_row_reader(
-    x: torch.Tensor, left: int, right: int, top: int, bottom: int
+    x: torch.Tensor,
+    left: int,
+    right: int,
+    top: int,
+    bottom: int,
+    pre: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Callable[[int, int], torch.Tensor]:
-    """Rows of ``x`` zero-padded by (left, right, top, bottom), materialising only the rows asked for."""
+    """Rows of ``pre(x)`` zero-padded by (left, right, top, bottom), materialising only the rows asked for.
+    ``pre`` must act on each pixel on its own (norm + SiLU), so applying it to a band of rows is exact."""
     height = x.shape[2]
 
     def read(p0: int, p1: int) -> torch.Tensor:
         r0, r1 = p0 - top, p1 - top  # rows of x
         rows = x[:, :, max(r0, 0) : min(r1, height)]
+        if pre is not None:
+            rows = pre(rows)
         return F.pad(rows, (left, right, max(0, -r0), max(0, r1 - height)))
 
     return read
@@ -162,13 +175,29 @@ class CausalConv3d(nn.Conv3d):
         self.spatial_padding = padding
         self.chunk_size: int | None = None  # input rows per band; None = whole image
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        pre: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """conv(pre(x)) + residual. ``pre`` is a per-pixel op (norm + SiLU). When chunked, ``pre`` runs band by
+        band and, with autograd off, the result is accumulated into ``residual`` in place, so neither
+        pre(x) nor a separate output ever exists at full size."""
         weight = self.weight[:, :, -1]  # [O, I, kH, kW]
         pad = self.spatial_padding
         if self.chunk_size is None or weight.shape[2] == 1 or x.shape[2] <= self.chunk_size:
-            return F.conv2d(x, weight, self.bias, padding=pad)
-        reader = _padded_row_reader(x, pad, pad, pad, pad)
-        return _conv2d_in_row_bands(reader, x.shape[2] + 2 * pad, weight, self.bias, 1, self.chunk_size)
+            out = F.conv2d(x if pre is None else pre(x), weight, self.bias, padding=pad)
+        else:
+            reader = _padded_row_reader(x, pad, pad, pad, pad, pre)
+            if residual is not None and _grad_free():
+                return _conv2d_in_row_bands(
+                    reader, x.shape[2] + 2 * pad, weight, self.bias, 1, self.chunk_size, residual
+                )
+            out = _conv2d_in_row_bands(reader, x.shape[2] + 2 * pad, weight, self.bias, 1, self.chunk_size)
+        if residual is None:
+            return out
+        return out.add_(residual) if _grad_free() else out + residual
 
 
 class ChannelRMSNorm(nn.Module):
@@ -191,7 +220,17 @@ class ChannelRMSNorm(nn.Module):
         return y.mul_(gamma) if _grad_free() else y * gamma
 
 
+def _norm_silu(norm: ChannelRMSNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: F.silu(norm(x), inplace=_grad_free())  # the norm's output is fresh, so in-place is safe
+
+
 class ResidualBlock(nn.Module):
+    """x + conv2(SiLU(norm2(conv1(SiLU(norm1(x)))))), with a 1x1 conv on the skip path when widths differ.
+
+    With chunking and autograd off, an identity skip sums into ``x`` in place: block inputs are always
+    intermediates of this model, never the caller's tensor.
+    """
+
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         self.norm1 = ChannelRMSNorm(in_dim)
@@ -201,11 +240,9 @@ class ResidualBlock(nn.Module):
         self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inplace = _grad_free()
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
-        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))  # dropout is 0 in this model
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return h.add_(shortcut) if inplace else h + shortcut
+        h = self.conv1(x, pre=_norm_silu(self.norm1))
+        return self.conv2(h, pre=_norm_silu(self.norm2), residual=shortcut)  # dropout is 0 in this model
 
 
 class MidAttention(nn.Module):
@@ -317,7 +354,7 @@ class VAEEncoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.norm_out(x), inplace=_grad_free()))
+        return self.conv_out(x, pre=_norm_silu(self.norm_out))
 
 
 class VAEDecoder(nn.Module):
@@ -344,7 +381,7 @@ class VAEDecoder(nn.Module):
         x = self.mid_block(x)
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.norm_out(x), inplace=_grad_free()))
+        return self.conv_out(x, pre=_norm_silu(self.norm_out))
 
 
 # ---------------------------------------------------------------------------------------------------------
