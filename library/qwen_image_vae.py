@@ -17,10 +17,15 @@ input into its causal cache, which only pays off for video. This module does the
 2-D convs, no padded copies (except the chunks below) and no cache, so it is faster and uses less memory
 for identical numbers (see ``bench/bench_vae.py``).
 
-``chunk_size`` (``--vae_chunk_size``) computes the 3x3 convs in bands of input rows, so the conv workspace
-(and, for the upsamplers, the 2x-upsampled input) only exists one band at a time. A band of n input rows
-gives n/2 output rows in the stride-2 downsamplers, so odd n are rounded up to even. Results equal the
-unchunked ones up to float rounding.
+``chunk_size`` (``--vae_chunk_size``) computes the 3x3 convs in bands of input rows. Per band it also
+applies the preceding norm + SiLU (both act per pixel) and, with autograd off, adds the conv output into
+the residual sum in place. So the conv workspace, the normalized input, the upsamplers' 2x-upsampled
+input and a separate block output only ever exist one band at a time; peak memory roughly halves (see
+the bench). A band of n input rows gives n/2 output rows in the stride-2 downsamplers, so odd n are
+rounded up to even. Results equal the unchunked ones up to float rounding.
+
+``disable_cache`` (``--vae_disable_cache``) is accepted for compatibility; there is no cache on this path,
+so it changes nothing.
 """
 
 from __future__ import annotations
@@ -388,6 +393,15 @@ class VAEDecoder(nn.Module):
 # The model
 
 
+def _check_pixel_range(pixels: torch.Tensor) -> None:
+    """Images scaled to [0, 255] (or other ranges) would encode to plausible-looking wrong latents."""
+    largest = pixels.detach().abs().amax().item()
+    if largest > 1.0 + 1e-3:
+        raise AnimaError(
+            f"Qwen-Image VAE: pixels must be in [-1, 1] but reach {largest:.4g}; scale images as x / 127.5 - 1"
+        )
+
+
 class QwenImageVAE(nn.Module):
     """Qwen-Image VAE for single images. ``state_dict()`` keys equal diffusers ``AutoencoderKLQwenImage``'s."""
 
@@ -474,6 +488,7 @@ class QwenImageVAE(nn.Module):
         """pixels [B, 3, H, W] (or [B, 3, 1, H, W]) in [-1, 1] -> (mean, logvar), each [B, 16, H/8, W/8]
         (same rank as the input); logvar is clamped to [-30, 20]."""
         x, was_5d = self._to_frame(pixels, "pixels", self.config.in_channels, SCALE_FACTOR)
+        _check_pixel_range(x)
         mean, logvar = self._posterior(x)
         if was_5d:
             return mean.unsqueeze(2), logvar.unsqueeze(2)
@@ -483,6 +498,7 @@ class QwenImageVAE(nn.Module):
         """pixels [B, 3, H, W] in [-1, 1] -> normalized latents [B, 16, H/8, W/8] (posterior mean, no sampling):
         (mean - LATENTS_MEAN) / LATENTS_STD. 5-D [B, 3, 1, H, W] input gives 5-D output."""
         x, was_5d = self._to_frame(pixels, "pixels", self.config.in_channels, SCALE_FACTOR)
+        _check_pixel_range(x)
         mu, _ = self._posterior(x)
         stat_mean, stat_std = self._latent_stats(mu)
         latents = ((mu.float() - stat_mean) / stat_std).to(mu.dtype)
@@ -494,7 +510,7 @@ class QwenImageVAE(nn.Module):
         z, was_5d = self._to_frame(latents, "latents", self.config.z_dim, 1)
         stat_mean, stat_std = self._latent_stats(z)
         z = (z.float() * stat_std + stat_mean).to(z.dtype)
-        pixels = self.decoder(self.post_quant_conv(z)).clamp_(-1.0, 1.0)
+        pixels = self.decoder(self.post_quant_conv(z)).clamp(-1.0, 1.0)
         return pixels.unsqueeze(2) if was_5d else pixels
 
 

@@ -296,6 +296,11 @@ def test_size_not_multiple_of_8_is_rejected_with_bucket_hint(vae):
         vae.encode_pixels_to_latents(torch.zeros(1, 3, 60, 96))
 
 
+def test_pixels_outside_minus_one_to_one_are_rejected(vae):
+    with pytest.raises(AnimaError, match=r"must be in \[-1, 1\] but reach 255"):
+        vae.encode_pixels_to_latents(torch.full((1, 3, 16, 16), 255.0))
+
+
 def test_video_input_is_rejected(vae):
     with pytest.raises(AnimaError, match="only single images"):
         vae.encode_pixels_to_latents(torch.zeros(1, 3, 5, 64, 64))
