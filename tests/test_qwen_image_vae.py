@@ -179,9 +179,12 @@ def test_bf16_encode_decode_stays_close_to_fp32(vae_file, golden, reference_outp
 def test_chunked_convs_match_unchunked(vae_file, golden, reference_outputs, chunk_size):
     model = load_vae(vae_file, chunk_size=chunk_size)
     assert model.chunk_size == chunk_size + chunk_size % 2
+    pixels, golden_latents = golden["in.pixels"].clone(), golden["out.latents"].clone()
     with torch.no_grad():
-        latents = model.encode_pixels_to_latents(golden["in.pixels"])
-        decoded = model.decode_latents_to_pixels(golden["out.latents"])
+        latents = model.encode_pixels_to_latents(pixels)
+        decoded = model.decode_latents_to_pixels(golden_latents)
+    # In-place residual sums must never touch the caller's tensors.
+    assert torch.equal(pixels, golden["in.pixels"]) and torch.equal(golden_latents, golden["out.latents"])
     assert max_rel_err(latents, reference_outputs[0]) <= 1e-5
     assert (decoded - reference_outputs[1]).abs().max().item() <= 1e-5
 
