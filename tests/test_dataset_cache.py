@@ -319,3 +319,18 @@ def test_same_stem_images_cannot_share_a_disk_cache(tmp_path, images):
     train, _ = build_dataset_groups(args)
     with pytest.raises(AnimaError, match="would share the cache file"):
         train.cache_text_encoder_outputs(FakeTextEncoding(), batch_size=2, to_disk=True, skip_check=False)
+
+
+def test_real_tiny_vae_latents_cached_equal_a_direct_encode(tmp_path, images, golden_dir):
+    load_vae = pytest.importorskip("library.qwen_image_vae").load_vae
+    vae = load_vae(golden_dir / "vae_tiny.safetensors", device="cpu", dtype=torch.float32)
+    args = make_args(tmp_path, "--cache_latents_to_disk")
+    live, _ = build_dataset_groups(args)
+    cached = cache_latents(args, vae, "vae_tiny")
+    for index in range(len(live)):
+        pixels = live[index]["images"]
+        with torch.no_grad():
+            expected = vae.encode_pixels_to_latents(pixels)
+        got = cached[index]["latents"]
+        assert got.shape == (pixels.shape[0], 16, pixels.shape[2] // 8, pixels.shape[3] // 8)
+        torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)
