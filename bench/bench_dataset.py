@@ -57,6 +57,7 @@ def main() -> None:
     cli.add_argument("--resolution", type=int, default=512)
     cli.add_argument("--batch_size", type=int, default=4)
     cli.add_argument("--vae_batch_size", type=int, default=4)
+    cli.add_argument("--no_real_vae", action="store_true", help="skip the (slow) golden tiny Qwen-Image VAE")
     options = cli.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -85,7 +86,7 @@ def main() -> None:
         vaes = [("8x avg-pool stand-in VAE", PoolVAE(), "pool")]
         shared = Path(os.environ.get("ANIMA_SHARED_DIR", Path(__file__).resolve().parent.parent.parent / "shared"))
         tiny = shared / "golden" / "vae_tiny.safetensors"
-        if tiny.is_file():
+        if tiny.is_file() and not options.no_real_vae:
             from library.qwen_image_vae import load_vae
             vaes.append(("golden tiny Qwen-Image VAE", load_vae(tiny, device="cpu", dtype=torch.float32), "tiny"))
         for name, vae, identity in vaes:

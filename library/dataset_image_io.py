@@ -134,8 +134,10 @@ def split_alpha(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1]."""
-    tensor = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float()  # copy: PIL arrays are read-only
-    return tensor / 127.5 - 1.0
+    chw = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)  # a fresh, writable copy
+    chw *= 1.0 / 127.5
+    chw -= 1.0
+    return torch.from_numpy(chw)
 
 
 def file_fingerprint(path: str | os.PathLike) -> dict[str, int]:

@@ -212,3 +212,19 @@ def test_metadata_from_config_lists_datasets_tags_and_buckets(tmp_path):
     assert json.loads(meta["ss_tag_frequency"]) == {"img": {"red": 3, "blue": 3}}
     assert datasets[0]["bucket_info"]["buckets"]["0"]["count"] == 3
     assert meta["ss_num_train_images"] == "3"
+
+
+def test_cache_info_writes_sizes_once_and_reuses_them(tmp_path):
+    write_image(tmp_path / "img" / "a.png", 64, 48)
+    train, _ = toml_group(tmp_path, "resolution = 64", "cache_info = true")
+    info_file = tmp_path / "img" / "metadata_cache.json"
+    import json
+    stored = json.loads(info_file.read_text(encoding="utf-8"))
+    assert stored[str(tmp_path / "img" / "a.png")]["resolution"] == [64, 48]
+    stored[str(tmp_path / "img" / "a.png")]["resolution"] = [96, 48]  # proves the file is read, not the image
+    info_file.write_text(json.dumps(stored), encoding="utf-8")
+    train, _ = toml_group(tmp_path, "resolution = 64", "cache_info = true")
+    assert train.datasets[0].infos[0].image_size == (96, 48)
+    info_file.write_text("{broken", encoding="utf-8")
+    with pytest.raises(AnimaError, match="metadata_cache.json"):
+        toml_group(tmp_path, "resolution = 64", "cache_info = true")
