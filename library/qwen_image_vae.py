@@ -261,8 +261,11 @@ class MidAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        qkv = self.to_qkv(self.norm(x)).flatten(2).transpose(1, 2)  # [N, H*W, 3C]
-        q, k, v = (t.unsqueeze(1) for t in qkv.chunk(3, dim=-1))  # each [N, 1, H*W, C]
+        qkv = self.to_qkv(self.norm(x)).view(batch, 3, channels, height * width)
+        # Contiguous q/k/v matter: strided ones make CPU SDPA fall back to materialising the full
+        # (H*W)^2 attention matrix (2.3 GiB more at 1024^2 input).
+        qkv = qkv.transpose(2, 3).contiguous()  # [N, 3, H*W, C]
+        q, k, v = (t.unsqueeze(1) for t in qkv.unbind(1))  # each [N, 1, H*W, C]
         h = F.scaled_dot_product_attention(q, k, v)
         h = h.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
         h = self.proj(h)
