@@ -293,8 +293,11 @@ def text_encoder_identity(text_encoder) -> str:
 
 
 def _same_device(actual: torch.device, wanted: torch.device) -> bool:
-    # "cuda" means the current CUDA device: it matches any "cuda:N".
-    return actual.type == wanted.type and (wanted.index is None or actual.index == wanted.index)
+    # "cuda" means the current CUDA device: it matches any "cuda:N". There is one CPU device, whatever the
+    # index ("cpu:0" from accelerate equals "cpu").
+    if actual.type != wanted.type:
+        return False
+    return actual.type == "cpu" or wanted.index is None or actual.index == wanted.index
 
 
 class AnimaTextEncoding:

@@ -260,6 +260,12 @@ def test_encoding_refuses_an_encoder_of_another_dtype(golden_tokenizer, tiny_enc
         AnimaTextEncoding(golden_tokenizer, tiny_encoder, "cpu", torch.bfloat16).encode(["a"])
 
 
+def test_encoding_accepts_an_indexed_cpu_device(golden_tokenizer, tiny_encoder):
+    # accelerate reports the CPU as "cpu:0" in multi-process runs; it is the same device as "cpu".
+    out = AnimaTextEncoding(golden_tokenizer, tiny_encoder, "cpu:0", torch.float32).encode(["a"])
+    assert out["qwen3_embeds"].shape[0] == 1
+
+
 # --- identity ---------------------------------------------------------------------------------------------------
 
 
