@@ -86,7 +86,7 @@ def test_rendered_reference_escapes_table_breaking_text():
     assert "| `--mode` | `a` \\| `b` | `a` | mode |" in text
     assert "| `--on` | switch | off | switch |" in text
     assert "## Demo group" in text
-    assert "--help" not in text.split("-->", 1)[1]
+    assert "| `--help`" not in text
 
 
 def test_every_flag_in_the_docs_exists():
@@ -152,3 +152,13 @@ def test_relative_links_in_the_docs_point_to_existing_files(doc):
 
 def test_readme_keeps_the_ci_test_command():
     assert "bash tests/run.sh" in (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_training_guide_lists_exactly_the_valid_network_args():
+    from networks.lora_anima import VALID_NETWORK_ARGS
+
+    guide = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
+    table = guide.split("`--network_args` (`key=value` items):", 1)[1].split("\n\n", 2)[1]
+    keys = re.findall(r"^\| `(\w+)` \|", table, flags=re.MULTILINE)
+    assert sorted(keys) == sorted(VALID_NETWORK_ARGS), (
+        f"docs/training.md network_args table {sorted(keys)} differs from VALID_NETWORK_ARGS {sorted(VALID_NETWORK_ARGS)}")
