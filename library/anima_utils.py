@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from library.anima_models import Anima, AnimaConfig
 from library.attention import check_attn_mode
+from library.checkpoint_io import CheckpointFile, guess_checkpoint_kind, open_checkpoint, sample_keys, strip_prefix
 from library.errors import AnimaError
 
 MODEL_FLAG = "--pretrained_model_name_or_path"
 ADAPTER_FLAG = "--llm_adapter_path"
+DIT_WHAT = "the Anima diffusion-model .safetensors (DiT with its LLM adapter)"
+ADAPTER_WHAT = "an Anima LLM adapter .safetensors"
 
 # Leading prefixes used by the various distributions of the same weights.
 _KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "net.")
@@ -26,52 +29,13 @@ _DERIVED_KEYS = re.compile(
 _ROPE_RATIOS = {16: (4.0, 4.0, 1.0), 17: (3.0, 3.0, 1.0)}
 
 
-def _strip_prefix(key: str) -> str:
-    for prefix in _KEY_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix) :]
-    return key
-
-
-def _read_state_dict(path: str, flag: str, device: str | torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read a .safetensors / .pt / .pth file tensor by tensor, casting floats to dtype on device as it goes
-    (so peak memory is one copy of the weights)."""
-    if not os.path.exists(path):
-        raise AnimaError(f"{flag}: file not found: {path}")
-    if os.path.isdir(path):
-        raise AnimaError(f"{flag}: {path} is a folder; pass the single .safetensors file of the Anima DiT")
-
-    def convert(tensor: torch.Tensor) -> torch.Tensor:
-        target = dtype if tensor.is_floating_point() else tensor.dtype
-        return tensor.to(device=device, dtype=target)
-
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".safetensors":
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                return {key: convert(f.get_tensor(key)) for key in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise AnimaError(f"{flag}: cannot read {path} as safetensors ({e})") from None
-    if ext in (".pt", ".pth", ".ckpt"):
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # pickle/zip errors come in many types
-            raise AnimaError(f"{flag}: cannot read {path} as a PyTorch weights file ({e})") from None
-        for wrapper in ("state_dict", "model"):
-            if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
-                loaded = loaded[wrapper]
-        if not isinstance(loaded, Mapping):
-            raise AnimaError(f"{flag}: {path} does not hold a state dict")
-        return {key: convert(t) for key, t in loaded.items() if isinstance(t, torch.Tensor)}
-    raise AnimaError(f"{flag}: unsupported file type '{ext}' for {path}; use a .safetensors file")
-
-
-def _normalize_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _model_key_map(keys: Iterable[str]) -> dict[str, str]:
+    """Model key -> file key: known prefixes stripped, derived tables dropped."""
     out = {}
-    for key, tensor in state_dict.items():
-        key = _strip_prefix(key)
+    for file_key in keys:
+        key = strip_prefix(file_key, _KEY_PREFIXES)
         if not _DERIVED_KEYS.match(key):
-            out[key] = tensor
+            out[key] = file_key
     return out
 
 
@@ -152,23 +116,16 @@ def infer_anima_config(state_dict: Mapping[str, torch.Tensor]) -> AnimaConfig:
     )
 
 
-def _adapter_weights(path: str, device, dtype) -> dict[str, torch.Tensor]:
+def _adapter_key_map(adapter: CheckpointFile) -> dict[str, str]:
     """Adapter-only file: keys ``llm_adapter.*``, ``net.llm_adapter.*`` or bare adapter keys -> ``llm_adapter.*``."""
-    raw = _normalize_keys(_read_state_dict(path, ADAPTER_FLAG, device, dtype))
     out = {}
-    for key, tensor in raw.items():
-        if not key.startswith("llm_adapter."):
-            key = "llm_adapter." + key
-        out[key] = tensor
+    for key, file_key in _model_key_map(adapter.keys()).items():
+        out[key if key.startswith("llm_adapter.") else "llm_adapter." + key] = file_key
     if "llm_adapter.embed.weight" not in out:
-        raise AnimaError(f"{ADAPTER_FLAG}: {path} has no llm_adapter embed weight; it is not an Anima LLM adapter file")
+        raise AnimaError(
+            f"{ADAPTER_FLAG}: {adapter.path} has no llm_adapter embed weight; it is not an Anima LLM adapter file"
+        )
     return out
-
-
-def _list_keys(keys, limit: int = 5) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def load_anima_model(
@@ -188,45 +145,53 @@ def load_anima_model(
     """
     attn_mode = check_attn_mode(attn_mode, training=False)
     path = os.fspath(path)
-    state_dict = _normalize_keys(_read_state_dict(path, MODEL_FLAG, device, dtype))
-    if "x_embedder.proj.1.weight" not in state_dict:
-        hint = _list_keys(state_dict.keys(), 3) or "no tensors"
-        raise AnimaError(
-            f"{MODEL_FLAG}: {path} is not an Anima DiT checkpoint (no x_embedder.proj.1.weight; found {hint}); "
-            "pass the Anima diffusion-model .safetensors"
-        )
-    if llm_adapter_path is not None:
-        state_dict.update(_adapter_weights(os.fspath(llm_adapter_path), device, dtype))
-    if not any(key.startswith("llm_adapter.") for key in state_dict):
-        raise AnimaError(
-            f"{MODEL_FLAG}: {path} has no llm_adapter.* weights: pass {ADAPTER_FLAG} <adapter .safetensors> "
-            "or use a checkpoint that includes the adapter"
-        )
+    with contextlib.ExitStack() as stack:
+        dit = stack.enter_context(open_checkpoint(path, MODEL_FLAG, DIT_WHAT))
+        # Every check below runs on shapes from the file headers (meta tensors), before any weight is read.
+        sources = {key: (dit, file_key) for key, file_key in _model_key_map(dit.keys()).items()}
+        if "x_embedder.proj.1.weight" not in sources:
+            raise AnimaError(
+                f"{MODEL_FLAG}: {path} is not an Anima DiT checkpoint (no x_embedder.proj.1.weight; it looks like "
+                f"{guess_checkpoint_kind(dit.keys())}; found {sample_keys(dit.keys(), 3)}); pass {DIT_WHAT}"
+            )
+        if llm_adapter_path is not None:
+            adapter = stack.enter_context(open_checkpoint(os.fspath(llm_adapter_path), ADAPTER_FLAG, ADAPTER_WHAT))
+            sources.update({key: (adapter, file_key) for key, file_key in _adapter_key_map(adapter).items()})
+        if not any(key.startswith("llm_adapter.") for key in sources):
+            raise AnimaError(
+                f"{MODEL_FLAG}: {path} has no llm_adapter.* weights: pass {ADAPTER_FLAG} <adapter .safetensors> "
+                "or use a checkpoint that includes the adapter"
+            )
+        file_shapes = {file: file.meta_state_dict() for file in {file for file, _ in sources.values()}}
+        shapes = {key: file_shapes[file][file_key] for key, (file, file_key) in sources.items()}
 
-    try:
-        config = infer_anima_config(state_dict)
-    except KeyError as e:
-        raise AnimaError(f"{MODEL_FLAG}: {path} is missing {e.args[0]}; the Anima checkpoint is incomplete") from None
-    except ValueError as e:
-        raise AnimaError(f"{MODEL_FLAG}: {path} has an unsupported layout: {e}") from None
+        try:
+            config = infer_anima_config(shapes)
+        except KeyError as e:
+            raise AnimaError(
+                f"{MODEL_FLAG}: {path} is missing {e.args[0]}; the Anima checkpoint is incomplete"
+            ) from None
+        except ValueError as e:
+            raise AnimaError(f"{MODEL_FLAG}: {path} has an unsupported layout: {e}") from None
 
-    with torch.device("meta"):
-        model = Anima(config, attn_mode=attn_mode, split_attn=split_attn)
-    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    missing = expected.keys() - state_dict.keys()
-    unexpected = state_dict.keys() - expected.keys()
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_list_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_list_keys(unexpected)}")
-        raise AnimaError(f"{MODEL_FLAG}: {path} does not match the inferred Anima layout: {'; '.join(parts)}")
-    wrong_shape = [k for k, shape in expected.items() if tuple(state_dict[k].shape) != shape]
-    if wrong_shape:
-        details = ", ".join(f"{k} {tuple(state_dict[k].shape)} (expected {expected[k]})" for k in wrong_shape[:3])
-        raise AnimaError(f"{MODEL_FLAG}: {path} has tensors of inconsistent shape: {details}")
+        with torch.device("meta"):
+            model = Anima(config, attn_mode=attn_mode, split_attn=split_attn)
+        expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+        missing = expected.keys() - sources.keys()
+        unexpected = sources.keys() - expected.keys()
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {sample_keys(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {sample_keys(unexpected)}")
+            raise AnimaError(f"{MODEL_FLAG}: {path} does not match the inferred Anima layout: {'; '.join(parts)}")
+        wrong_shape = [k for k, shape in expected.items() if tuple(shapes[k].shape) != shape]
+        if wrong_shape:
+            details = ", ".join(f"{k} {tuple(shapes[k].shape)} (expected {expected[k]})" for k in wrong_shape[:3])
+            raise AnimaError(f"{MODEL_FLAG}: {path} has tensors of inconsistent shape: {details}")
 
+        state_dict = {key: file.tensor(file_key, device, dtype) for key, (file, file_key) in sources.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     del state_dict
     return model.eval()

@@ -39,10 +39,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
+from library.checkpoint_io import VIDEO_VAE_KIND, find_prefix, guess_checkpoint_kind, open_checkpoint, sample_keys
 from library.errors import AnimaError
 from library.qwen_image_vae_keys import (
     DIFFUSERS_ANCHOR_KEY,
@@ -520,97 +519,47 @@ class QwenImageVAE(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # Loading
 
+VAE_FLAG = "--vae"
+VAE_WHAT = "the Qwen-Image VAE (.safetensors or .pth, e.g. split_files/vae/qwen_image_vae.safetensors)"
 _KNOWN_PREFIXES = ("first_stage_model.", "vae.", "model.", "module.", "autoencoder.")
-_TORCH_PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
-
-
-def _guess_checkpoint_kind(keys: list[str]) -> str:
-    """A short description of what a state dict that is not this VAE probably is."""
-    joined = "\n".join(keys[:2000])
-
-    def has(*fragments: str) -> bool:
-        return any(f in joined for f in fragments)
-
-    if has("lora_down", "lora_up", "lora_A", "lora_B", "lokr_", "hada_"):
-        return "a LoRA/network file"
-    if has("llm_adapter.", "x_embedder.", "t_embedder.", "net.blocks.", "adaln_modulation"):
-        return "an Anima DiT checkpoint (pass it as --pretrained_model_name_or_path)"
-    if has("embed_tokens.", "self_attn.q_proj", "mlp.gate_proj"):
-        return "a text encoder (Qwen3/LLM) checkpoint (pass it as --qwen3)"
-    if has("encoder.block.", "shared.weight"):
-        return "a T5 text encoder checkpoint"
-    if has("encoder.down.0.", "encoder.down_blocks.0.resnets.", "decoder.up.0."):
-        return "a 2-D image VAE (SD/SDXL/Flux style), not the Qwen-Image (Wan 2.1) VAE"
-    if has("double_blocks.", "single_blocks.", "transformer_blocks.", "diffusion_model."):
-        return "a diffusion transformer/UNet checkpoint"
-    if has("encoder.conv_in.", "encoder.conv1.", "decoder.upsamples.", "decoder.up_blocks."):
-        return "a video VAE of a different configuration (e.g. Wan 2.2)"
-    return "not a VAE checkpoint"
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix.lower() in _TORCH_PICKLE_SUFFIXES:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unreadable pickle or disallowed objects: report, never fall back to eval
-            raise AnimaError(
-                f"--vae: cannot read {path} as a PyTorch weights file ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); pass a .safetensors or .pth VAE"
-            ) from exc
-        for nest_key in ("state_dict", "model"):
-            if isinstance(loaded, Mapping) and isinstance(loaded.get(nest_key), Mapping):
-                loaded = loaded[nest_key]
-        if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-            raise AnimaError(
-                f"--vae: {path} does not hold a plain state dict of tensors; pass the Qwen-Image VAE weights"
-            )
-        return dict(loaded)
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AnimaError(
-            f"--vae: cannot read {path} as .safetensors ({exc}); pass a .safetensors, .pth or .pt VAE file"
-        ) from exc
 
 
 def _resolve_vae_file(path: Path) -> Path:
-    if path.is_dir():  # a diffusers repo or its vae/ folder
-        for candidate in (
-            path / "diffusion_pytorch_model.safetensors",
-            path / "vae" / "diffusion_pytorch_model.safetensors",
-        ):
-            if candidate.is_file():
-                return candidate
-        raise AnimaError(
-            f"--vae: {path} is a folder without diffusion_pytorch_model.safetensors; pass the VAE file itself"
-        )
-    if not path.is_file():
-        raise AnimaError(f"--vae: file not found: {path}; pass the path of the Qwen-Image VAE (.safetensors or .pth)")
-    return path
-
-
-def _to_diffusers_layout(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """Strip a wrapping prefix (e.g. ``vae.``, ``first_stage_model.``) and convert original names."""
-    for prefix in ("", *_KNOWN_PREFIXES):
-        for anchor, is_original in ((DIFFUSERS_ANCHOR_KEY, False), (ORIGINAL_ANCHOR_KEY, True)):
-            if prefix + anchor not in state_dict:
-                continue
-            if prefix:
-                inner = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-                if len(inner) != len(state_dict):
-                    logger.info(
-                        "--vae: using the %d '%s*' tensors of %s, ignoring %d others",
-                        len(inner),
-                        prefix,
-                        path,
-                        len(state_dict) - len(inner),
-                    )
-                state_dict = inner
-            return original_to_diffusers_keys(state_dict) if is_original else state_dict
-    keys = sorted(state_dict)
+    """A diffusers repo or its vae/ folder -> its weights file; a file path is returned as is."""
+    if not path.is_dir():
+        return path
+    for candidate in (
+        path / "diffusion_pytorch_model.safetensors",
+        path / "vae" / "diffusion_pytorch_model.safetensors",
+    ):
+        if candidate.is_file():
+            return candidate
     raise AnimaError(
-        f"--vae: {path} is not a Qwen-Image VAE: it looks like {_guess_checkpoint_kind(keys)} "
-        f"(first keys: {', '.join(keys[:3])}); pass the Qwen-Image VAE file (e.g. split_files/vae/qwen_image_vae.safetensors)"
+        f"{VAE_FLAG}: {path} is a folder without diffusion_pytorch_model.safetensors; pass the VAE file itself"
+    )
+
+
+def _diffusers_key_map(file_keys: list[str], path: Path) -> dict[str, str]:
+    """diffusers name -> file key: strips a wrapping prefix (e.g. ``vae.``, ``first_stage_model.``) and
+    converts original/ComfyUI names."""
+    for anchor, is_original in ((DIFFUSERS_ANCHOR_KEY, False), (ORIGINAL_ANCHOR_KEY, True)):
+        prefix = find_prefix(file_keys, anchor, _KNOWN_PREFIXES)
+        if prefix is None:
+            continue
+        inner = {key[len(prefix) :]: key for key in file_keys if key.startswith(prefix)}
+        if len(inner) != len(file_keys):
+            logger.info(
+                "%s: using the %d '%s*' tensors of %s, ignoring %d others",
+                VAE_FLAG,
+                len(inner),
+                prefix,
+                path,
+                len(file_keys) - len(inner),
+            )
+        return original_to_diffusers_keys(inner) if is_original else inner
+    raise AnimaError(
+        f"{VAE_FLAG}: {path} is not a Qwen-Image VAE: it looks like {guess_checkpoint_kind(file_keys)} "
+        f"(first keys: {sample_keys(file_keys, 3)}); pass {VAE_WHAT}"
     )
 
 
@@ -667,9 +616,11 @@ def _check_matches(model: QwenImageVAE, state_dict: Mapping[str, torch.Tensor], 
             f"{len(wrong_shape)} shape mismatches (e.g. {k}: file {tuple(state_dict[k].shape)}, "
             f"expected {tuple(expected[k].shape)})"
         )
+    kind = guess_checkpoint_kind(state_dict)
+    origin = "a damaged file or another VAE configuration" if kind == VIDEO_VAE_KIND else kind
     raise AnimaError(
-        f"--vae: {path} does not match the Qwen-Image VAE: {'; '.join(problems)}. It looks like "
-        f"{_guess_checkpoint_kind(sorted(state_dict))}; pass the Qwen-Image VAE file"
+        f"{VAE_FLAG}: {path} does not match the Qwen-Image VAE: {'; '.join(problems)}. It looks like "
+        f"{origin}; pass {VAE_WHAT}"
     )
 
 
@@ -686,21 +637,25 @@ def load_vae(
     ``QwenImageVAE.set_chunk_size``. ``disable_cache`` is accepted for CLI compatibility and has no effect
     on images (there is no causal cache in the image path).
     """
-    file = _resolve_vae_file(Path(path))
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise AnimaError(
             f"--vae_chunk_size must be a positive integer (got {chunk_size!r}); omit it to disable chunking"
         )
-    state_dict = _to_diffusers_layout(_read_state_dict(file), file)
-    config = infer_vae_config(state_dict)
-    if (config.in_channels, config.z_dim) != (3, LATENT_CHANNELS):
-        raise AnimaError(
-            f"--vae: {file} is a video VAE with {config.in_channels} input and {config.z_dim} latent channels "
-            f"(e.g. Wan 2.2); Anima needs the Qwen-Image VAE (3 and {LATENT_CHANNELS})"
-        )
-    with torch.device("meta"):
-        model = QwenImageVAE(config, chunk_size=chunk_size, disable_cache=disable_cache)
-    _check_matches(model, state_dict, file)
-    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    with open_checkpoint(_resolve_vae_file(Path(path)), VAE_FLAG, VAE_WHAT) as checkpoint:
+        file = checkpoint.path
+        # Names, shapes and the config are checked on meta tensors before any weight is read.
+        key_map = _diffusers_key_map(checkpoint.keys(), file)
+        file_shapes = checkpoint.meta_state_dict()
+        shapes = {key: file_shapes[file_key] for key, file_key in key_map.items()}
+        config = infer_vae_config(shapes)
+        if (config.in_channels, config.z_dim) != (3, LATENT_CHANNELS):
+            raise AnimaError(
+                f"{VAE_FLAG}: {file} is a video VAE with {config.in_channels} input and {config.z_dim} latent "
+                f"channels (e.g. Wan 2.2); Anima needs the Qwen-Image VAE (3 and {LATENT_CHANNELS})"
+            )
+        with torch.device("meta"):
+            model = QwenImageVAE(config, chunk_size=chunk_size, disable_cache=disable_cache)
+        _check_matches(model, shapes, file)
+        state_dict = checkpoint.read(key_map, device=device, dtype=dtype)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval().requires_grad_(False)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
-import torch
+# Values are carried through unchanged: tensors, or anything else keyed by name (e.g. file keys).
+V = TypeVar("V")
 
 # Module prefixes outside the numbered stage lists: (original, diffusers).
 _FIXED_PREFIXES: tuple[tuple[str, str], ...] = (
@@ -116,11 +118,11 @@ def _diffusers_decoder_layout(keys: Iterable[str]) -> dict[str, int]:
     return layout
 
 
-def original_to_diffusers_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def original_to_diffusers_keys(state_dict: Mapping[str, V]) -> dict[str, V]:
     """Rename an original/ComfyUI-layout state dict to diffusers names. Unknown keys pass through unchanged
     (so that a strict load reports them)."""
     decoder_layout = _original_decoder_layout(state_dict)
-    converted: dict[str, torch.Tensor] = {}
+    converted: dict[str, V] = {}
     for key, tensor in state_dict.items():
         if match := _ORIGINAL_DOWNSAMPLE.match(key):
             new_key = f"encoder.down_blocks.{match.group(1)}." + _rename_block_part(match.group(2), True)
@@ -139,11 +141,11 @@ def original_to_diffusers_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[s
     return converted
 
 
-def diffusers_to_original_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def diffusers_to_original_keys(state_dict: Mapping[str, V]) -> dict[str, V]:
     """Rename a diffusers-layout state dict to original/ComfyUI names (inverse of ``original_to_diffusers_keys``)."""
     decoder_layout = _diffusers_decoder_layout(state_dict)
     inverse_fixed = tuple((d, o) for o, d in _FIXED_PREFIXES)
-    converted: dict[str, torch.Tensor] = {}
+    converted: dict[str, V] = {}
     for key, tensor in state_dict.items():
         if match := _DIFFUSERS_DOWN_BLOCK.match(key):
             new_key = f"encoder.downsamples.{match.group(1)}." + _rename_block_part(match.group(2), False)

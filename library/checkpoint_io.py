@@ -1,0 +1,303 @@
+"""Reading checkpoint files: the one place that opens ``.safetensors`` and PyTorch weight files.
+
+Every loader (DiT, VAE, Qwen3, LoRA) goes through ``open_checkpoint``:
+
+* ``.safetensors`` is read through its header: keys, shapes and dtypes cost no tensor data, and tensors are
+  then read one at a time;
+* ``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin`` go through ``torch.load(weights_only=True, mmap=True)`` (never
+  arbitrary pickled objects); nested ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers are unwrapped and
+  non-tensor entries (step counters, configs) ignored;
+* a file with another or no extension is recognised by its first bytes.
+
+Reading casts floating tensors to the wanted dtype on the wanted device tensor by tensor, so a 2B model
+loads with one copy of its weights in memory. Problems with the file itself (missing, a folder, unreadable,
+no tensors) end in one ``AnimaError`` line naming the flag, the file and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Collection, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from library.errors import AnimaError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+# Wrappers that training frameworks put around a state dict; unwrapped in this order, repeatedly.
+NESTED_STATE_DICT_KEYS = ("state_dict", "model")
+
+SAFETENSORS = "safetensors"
+TORCH = "torch"
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+_LEGACY_TORCH_MAGIC = b"\x80"  # a pickle protocol header: torch.save's legacy format
+
+
+def sample_keys(keys: Iterable[str], limit: int = 5) -> str:
+    """Short, sorted listing for error messages: ``"a, b, c (+4 more)"``."""
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def cast_tensor(tensor: torch.Tensor, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Move to ``device``; floating tensors also become ``dtype`` (None keeps theirs), others keep their dtype."""
+    target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    return tensor.to(device=device, dtype=target)
+
+
+def strip_prefix(key: str, prefixes: Iterable[str]) -> str:
+    """``key`` without the first of ``prefixes`` it starts with (unchanged if none)."""
+    for prefix in prefixes:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def find_prefix(keys: Collection[str], anchor: str, prefixes: Iterable[str]) -> str | None:
+    """The prefix ("" first, then ``prefixes`` in order) under which ``anchor`` is one of ``keys``; None if none."""
+    for prefix in ("", *prefixes):
+        if prefix + anchor in keys:
+            return prefix
+    return None
+
+
+VIDEO_VAE_KIND = "a Qwen-Image / Wan video VAE (pass it as --vae)"
+# Fragments of key names -> what a file holding them probably is. First match wins, so the more specific
+# entries come first.
+_KIND_FRAGMENTS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("lora_down", "lora_up", "lora_A", "lora_B", "lokr_", "hada_"), "a LoRA/network file"),
+    (
+        ("llm_adapter.", "x_embedder.", "t_embedder.", "net.blocks.", "adaln_modulation"),
+        "an Anima DiT checkpoint (pass it as --pretrained_model_name_or_path)",
+    ),
+    (
+        ("embed_tokens.", "self_attn.q_proj", "mlp.gate_proj"),
+        "a text encoder (Qwen3/LLM) checkpoint (pass it as --qwen3)",
+    ),
+    (("encoder.block.", "shared.weight"), "a T5 text encoder checkpoint"),
+    (
+        ("encoder.head.0.gamma", "encoder.downsamples.0.residual.", "encoder.down_blocks.0.norm1.gamma"),
+        VIDEO_VAE_KIND,
+    ),
+    (
+        ("encoder.down.0.", "encoder.down_blocks.0.resnets.", "decoder.up.0."),
+        "a 2-D image VAE (SD/SDXL/Flux style), not the Qwen-Image (Wan 2.1) VAE",
+    ),
+    (
+        ("double_blocks.", "single_blocks.", "transformer_blocks.", "diffusion_model."),
+        "a diffusion transformer/UNet checkpoint",
+    ),
+    (
+        ("encoder.conv_in.", "encoder.conv1.", "decoder.upsamples.", "decoder.up_blocks."),
+        "a VAE of another layout (e.g. Wan 2.2); Anima needs the Qwen-Image VAE",
+    ),
+)
+
+
+def guess_checkpoint_kind(keys: Iterable[str]) -> str:
+    """A short description of what a state dict with these keys probably is (for error messages)."""
+    joined = "\n".join(sorted(keys)[:2000])
+    for fragments, kind in _KIND_FRAGMENTS:
+        if any(fragment in joined for fragment in fragments):
+            return kind
+    return "not a model checkpoint this trainer knows"
+
+
+def _sniff_format(path: Path) -> str | None:
+    """Format from the first bytes: safetensors starts with an 8-byte header length and a JSON object."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_LEGACY_TORCH_MAGIC):
+        return TORCH
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):
+        return SAFETENSORS
+    return None
+
+
+def checkpoint_format(path: str | os.PathLike, flag: str, what: str) -> str:
+    """``"safetensors"`` or ``"torch"`` for an existing file; one clear error for a missing file, a folder or
+    a file that is neither."""
+    path = Path(path)
+    if not path.exists():
+        raise AnimaError(f"{flag}: file not found: {path}; pass the path of {what}")
+    if path.is_dir():
+        raise AnimaError(f"{flag}: {path} is a folder; pass the single weights file of {what}")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return SAFETENSORS
+    if suffix in TORCH_SUFFIXES:
+        return TORCH
+    try:
+        sniffed = _sniff_format(path)
+    except OSError as error:
+        raise AnimaError(f"{flag}: cannot read {path} ({error})") from None
+    if sniffed is None:
+        raise AnimaError(
+            f"{flag}: {path} is neither a .safetensors nor a PyTorch weights file "
+            f"({', '.join(TORCH_SUFFIXES)}); pass {what}"
+        )
+    return sniffed
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _unwrap_state_dict(loaded: object) -> object:
+    unwrapped = True
+    while unwrapped and isinstance(loaded, Mapping):
+        unwrapped = False
+        for key in NESTED_STATE_DICT_KEYS:
+            if isinstance(loaded.get(key), Mapping):
+                loaded, unwrapped = loaded[key], True
+                break
+    return loaded
+
+
+class CheckpointFile:
+    """An open checkpoint file. Use as a context manager, or call ``close``.
+
+    ``keys``/``shapes``/``meta_state_dict`` read no tensor data (safetensors header; for torch files the
+    memory-mapped load). ``tensor``/``read`` read tensors one by one, cast with ``cast_tensor``.
+    """
+
+    def __init__(self, path: str | os.PathLike, flag: str, what: str) -> None:
+        self.path = Path(path)
+        self.flag = flag
+        self.what = what
+        self.format = checkpoint_format(self.path, flag, what)
+        self._safetensors = None
+        self._torch_tensors: dict[str, torch.Tensor] = {}
+        self._metadata: dict[str, str] = {}
+        try:
+            if self.format == SAFETENSORS:
+                self._safetensors = safe_open(str(self.path), framework="pt", device="cpu")
+                self._metadata = dict(self._safetensors.metadata() or {})
+                self._keys = list(self._safetensors.keys())
+            else:
+                self._torch_tensors = self._load_torch()
+                self._keys = list(self._torch_tensors)
+        except AnimaError:
+            raise
+        except Exception as error:  # safetensors, zip and pickle errors come in many types
+            kind = ".safetensors" if self.format == SAFETENSORS else "PyTorch weights"
+            raise AnimaError(
+                f"{flag}: cannot read {self.path} as a {kind} file ({_first_line(error)}); "
+                f"the file is damaged or not {what}"
+            ) from None
+        if not self._keys:
+            raise AnimaError(f"{flag}: {self.path} holds no tensors; pass {what}")
+
+    def _load_torch(self) -> dict[str, torch.Tensor]:
+        try:
+            loaded = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            # The legacy (non-zip) torch format cannot be memory-mapped: read it whole.
+            loaded = torch.load(self.path, map_location="cpu", weights_only=True)
+        state = _unwrap_state_dict(loaded)
+        if not isinstance(state, Mapping):
+            raise AnimaError(f"{self.flag}: {self.path} does not hold a state dict (found {type(state).__name__})")
+        tensors = {
+            key: value for key, value in state.items() if isinstance(key, str) and isinstance(value, torch.Tensor)
+        }
+        if not tensors:
+            raise AnimaError(f"{self.flag}: {self.path} holds no tensors, so it is not a state dict; pass {self.what}")
+        return tensors
+
+    # -- inspection (no tensor data) ------------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors ``__metadata__`` (empty for torch files)."""
+        return dict(self._metadata)
+
+    def meta_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every key as a tensor on the meta device with the file's shape and dtype (costs no memory)."""
+        if self._safetensors is None:
+            return {key: torch.empty_like(t, device="meta") for key, t in self._torch_tensors.items()}
+        out = {}
+        for key in self._keys:
+            tensor_slice = self._safetensors.get_slice(key)
+            dtype = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), torch.float32)
+            out[key] = torch.empty(tensor_slice.get_shape(), dtype=dtype, device="meta")
+        return out
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(t.shape) for key, t in self.meta_state_dict().items()}
+
+    # -- reading --------------------------------------------------------------------------------------------
+
+    def tensor(self, key: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, cast with ``cast_tensor``."""
+        try:
+            raw = self._torch_tensors[key] if self._safetensors is None else self._safetensors.get_tensor(key)
+        except Exception as error:  # a truncated data section shows up only here
+            raise AnimaError(f"{self.flag}: cannot read tensor {key} of {self.path} ({_first_line(error)})") from None
+        return cast_tensor(raw, device, dtype)
+
+    def read(
+        self,
+        keys: Mapping[str, str] | Iterable[str] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Tensors one at a time. ``keys``: None (all), file keys, or {new name: file key} to rename."""
+        if keys is None:
+            keys = self._keys
+        names = keys if isinstance(keys, Mapping) else {key: key for key in keys}
+        return {name: self.tensor(file_key, device, dtype) for name, file_key in names.items()}
+
+    def close(self) -> None:
+        self._safetensors = None  # safe_open releases its memory map when dropped
+        self._torch_tensors = {}
+
+    def __enter__(self) -> CheckpointFile:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def open_checkpoint(path: str | os.PathLike, flag: str, what: str) -> CheckpointFile:
+    """Open a checkpoint for inspection and reading. ``flag`` (e.g. ``--vae``) and ``what`` (e.g. ``the
+    Qwen-Image VAE``) make the error messages."""
+    return CheckpointFile(path, flag, what)
+
+
+def load_state_dict(
+    path: str | os.PathLike,
+    flag: str,
+    what: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, read one at a time and cast with ``cast_tensor``."""
+    with open_checkpoint(path, flag, what) as checkpoint:
+        return checkpoint.read(device=device, dtype=dtype)
