@@ -7,13 +7,13 @@ ids only (see ``library.anima_tokenizers``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from library.anima_tokenizers import (
     AnimaTokenizer,
@@ -22,6 +22,7 @@ from library.anima_tokenizers import (
     load_t5_tokenizer,
     tokenizer_digest,
 )
+from library.checkpoint_io import CheckpointFile, guess_checkpoint_kind, open_checkpoint, sample_keys, strip_prefix
 from library.errors import AnimaError
 
 __all__ = [
@@ -43,9 +44,10 @@ ENCODING_RECIPE_VERSION = "anima-qwen3-last-hidden-zero-pad-v1"
 # Set on a loaded encoder: identifies its weight files without reading them again.
 SOURCE_IDENTITY_ATTR = "anima_source_identity"
 
-_CHECKPOINT_PREFIX = "model."
+QWEN3_FLAG = "--qwen3"
+QWEN3_WHAT = "the Qwen3-0.6B text encoder (a model folder or a single .safetensors file)"
+_CHECKPOINT_PREFIXES = ("model.",)
 _IGNORED_KEYS = {"lm_head.weight"}  # tied to embed_tokens in Qwen3-0.6B; the bare decoder has no head
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 # --- locating and reading checkpoint files -----------------------------------------------------------------
@@ -80,33 +82,6 @@ def _weight_files_in_dir(directory: Path) -> list[Path]:
     )
 
 
-def _read_key_shapes(weight_file: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of a checkpoint file, without reading safetensors data."""
-    try:
-        if weight_file.suffix == ".safetensors":
-            with safe_open(str(weight_file), framework="pt") as handle:
-                return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-        if weight_file.suffix in _TORCH_SUFFIXES:
-            return {key: tuple(tensor.shape) for key, tensor in _torch_load(weight_file).items()}
-    except AnimaError:
-        raise
-    except Exception as error:
-        raise AnimaError(f"--qwen3: cannot read {weight_file} ({error}); pass an intact Qwen3 checkpoint") from error
-    raise AnimaError(f"--qwen3: {weight_file} has an unknown format; use a .safetensors file or a model directory")
-
-
-def _torch_load(weight_file: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(str(weight_file), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files from the legacy (non-zip) torch format cannot be memory-mapped
-        state = torch.load(str(weight_file), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise AnimaError(f"--qwen3: {weight_file} is not a state dict of tensors; pass a Qwen3 checkpoint")
-    return state
-
-
 def _read_qwen3_config(config_file: Path):
     from transformers import Qwen3Config
 
@@ -128,8 +103,7 @@ def _read_qwen3_config(config_file: Path):
 
 def _map_checkpoint_key(key: str) -> str | None:
     """Checkpoint key -> ``Qwen3Model`` key (None = ignored)."""
-    if key.startswith(_CHECKPOINT_PREFIX):
-        key = key[len(_CHECKPOINT_PREFIX) :]
+    key = strip_prefix(key, _CHECKPOINT_PREFIXES)
     return None if key in _IGNORED_KEYS else key
 
 
@@ -161,43 +135,31 @@ def load_qwen3_text_encoder(
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
     path = Path(path)
-    if not path.exists():
-        raise AnimaError(f"--qwen3: {path} does not exist; pass a Qwen3-0.6B model directory or .safetensors file")
     if path.is_dir():
         weight_files = _weight_files_in_dir(path)
         config_file = Path(config_path) if config_path is not None else path / "config.json"
     else:
         weight_files = [path]
         config_file = Path(config_path) if config_path is not None else DEFAULT_QWEN3_CONFIG
-    config = _read_qwen3_config(config_file)
 
-    # Check every key and shape before any weight is read.
-    file_of_key: dict[str, tuple[Path, str]] = {}
-    file_shapes: dict[str, tuple[int, ...]] = {}
-    for weight_file in weight_files:
-        for key, shape in _read_key_shapes(weight_file).items():
-            mapped = _map_checkpoint_key(key)
-            if mapped is not None:
-                file_of_key[mapped] = (weight_file, key)
-                file_shapes[mapped] = shape
+    with contextlib.ExitStack() as stack:
+        checkpoints = [stack.enter_context(open_checkpoint(file, QWEN3_FLAG, QWEN3_WHAT)) for file in weight_files]
+        config = _read_qwen3_config(config_file)
+        # Check every key and shape (from the file headers) before any weight is read.
+        sources: dict[str, tuple[CheckpointFile, str]] = {}
+        file_shapes: dict[str, tuple[int, ...]] = {}
+        for checkpoint in checkpoints:
+            for key, shape in checkpoint.shapes().items():
+                mapped = _map_checkpoint_key(key)
+                if mapped is not None:
+                    sources[mapped] = (checkpoint, key)
+                    file_shapes[mapped] = shape
 
-    with torch.device("meta"):
-        model = Qwen3Model(config)
-    expected_shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
-    _check_keys(path, file_shapes, expected_shapes, config_file)
-
-    state: dict[str, torch.Tensor] = {}
-    for weight_file in weight_files:
-        wanted = {key: mapped for mapped, (file, key) in file_of_key.items() if file == weight_file}
-        if weight_file.suffix == ".safetensors":
-            with safe_open(str(weight_file), framework="pt") as handle:
-                for key, mapped in wanted.items():
-                    state[mapped] = _to_weight(handle.get_tensor(key), device, dtype)
-        else:
-            loaded = _torch_load(weight_file)
-            for key, mapped in wanted.items():
-                state[mapped] = _to_weight(loaded[key], device, dtype)
-            del loaded
+        with torch.device("meta"):
+            model = Qwen3Model(config)
+        expected_shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+        _check_keys(path, file_shapes, expected_shapes, config_file)
+        state = {mapped: checkpoint.tensor(key, device, dtype) for mapped, (checkpoint, key) in sources.items()}
     # assign=True keeps the loaded tensors as the parameters: no second copy of the weights.
     model.load_state_dict(state, strict=True, assign=True)
     del state
@@ -216,12 +178,6 @@ def load_qwen3_text_encoder(
     return model
 
 
-def _to_weight(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-    if tensor.is_floating_point():
-        return tensor.to(device=device, dtype=dtype)
-    return tensor.to(device=device)
-
-
 def _check_keys(
     path: Path,
     found: dict[str, tuple[int, ...]],
@@ -231,10 +187,10 @@ def _check_keys(
     """One clear error for a checkpoint that is not Qwen3, or not the Qwen3 the config describes."""
     looks_like_qwen3 = "embed_tokens.weight" in found and any(key.startswith("layers.") for key in found)
     if not looks_like_qwen3:
-        examples = ", ".join(sorted(found)[:3]) or "none"
         raise AnimaError(
-            f"--qwen3: {path} is not a Qwen3 text encoder checkpoint (its keys look like: {examples}); "
-            "pass the Qwen3-0.6B text encoder (keys model.embed_tokens.weight, model.layers.N.*)"
+            f"{QWEN3_FLAG}: {path} is not a Qwen3 text encoder checkpoint (it looks like {guess_checkpoint_kind(found)}; "
+            f"keys: {sample_keys(found, 3)}); pass the Qwen3-0.6B text encoder (keys model.embed_tokens.weight, "
+            "model.layers.N.*)"
         )
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))

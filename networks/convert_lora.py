@@ -48,7 +48,7 @@ def convert_file(src: str, dst: str, to: str, keep_alpha: bool = False) -> int:
     """Convert src into dst; returns the number of LoRA modules written."""
     if Path(src).resolve() == Path(dst).resolve():
         raise AnimaError(f"--dst {dst} is the same file as --src; choose another output path")
-    tensors, metadata = load_lora_file(src)
+    tensors, metadata = load_lora_file(src, flag="--src")
     source_format = detect_lora_format(tensors)
     sd = to_sd_scripts_format(tensors, add_missing_alpha=True)
     fold_alpha = not keep_alpha

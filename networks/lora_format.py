@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from library.checkpoint_io import open_checkpoint, sample_keys
 from library.errors import AnimaError
 from library.saving import atomic_write, safetensors_hashes
 
@@ -269,26 +269,16 @@ def _with_alpha(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a LoRA file (``.safetensors``, or a ``torch.save`` state dict) -> (tensors, metadata)."""
-    path = Path(path)
-    if not path.is_file():
-        raise AnimaError(f"LoRA file not found: {path} (check the path given to --network_weights / --src)")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises several types for damaged headers
-            raise AnimaError(f"{path} is not a readable safetensors file ({e})") from e
-        return tensors, metadata
-    try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise AnimaError(f"{path} is not a readable LoRA state dict ({e}); use a .safetensors file") from e
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise AnimaError(f"{path} does not hold a flat dict of tensors, so it is not a LoRA state dict")
-    return dict(tensors), {}
+LORA_WHAT = "an Anima LoRA file (.safetensors)"
+
+
+def load_lora_file(
+    path: str | os.PathLike, flag: str = "--network_weights"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a LoRA file (``.safetensors``, or a ``torch.save`` state dict) -> (tensors, metadata).
+    ``flag`` names the option the path came from in error messages."""
+    with open_checkpoint(path, flag, LORA_WHAT) as checkpoint:
+        return checkpoint.read(), checkpoint.metadata()
 
 
 def save_lora_file(
@@ -320,13 +310,6 @@ def check_lora_format(value: str, flag: str = "--lora_format") -> str:
     return value
 
 
-def sample_keys(keys: Iterable[str], limit: int = 5) -> str:
-    """Short, sorted listing for error messages."""
-    keys = sorted(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 __all__ = [
     "ANIMA_DIT_LINEAR_PATHS",
     "COMFY_FORMAT",
@@ -346,6 +329,7 @@ __all__ = [
     "load_lora_file",
     "lora_name_for",
     "module_path_from_table",
+    "sample_keys",
     "save_lora_file",
     "split_lora_name",
     "split_sd_key",

@@ -237,7 +237,7 @@ def test_converter_cli_errors_are_one_line(tmp_path, capsys):
         convert_main(["--src", str(tmp_path / "missing.safetensors"), "--dst", "x.safetensors", "--to", "comfy"]) == 1
     )
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: LoRA file not found") and "\n" not in err
+    assert err.startswith("error: --src: file not found") and "\n" not in err
 
 
 def test_converter_runs_as_a_module(tmp_path, golden_dir):
