@@ -18,9 +18,10 @@ RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", 
 class SubsetConfig:
     """One `[[datasets.subsets]]` entry, fully resolved."""
 
-    kind: str  # "dreambooth" or "finetuning"
+    kind: str  # "dreambooth", "finetuning" or "conditioning" (image_dir + conditioning_data_dir, masked loss)
     where: str  # e.g. "ds.toml datasets[0].subsets[1]", for messages
     image_dir: str | None = None
+    conditioning_data_dir: str | None = None  # mask images with the same stems as the images
     metadata_file: str | None = None
     is_reg: bool = False
     class_tokens: str | None = None
@@ -32,7 +33,7 @@ class SubsetConfig:
     color_aug: bool = False
     flip_aug: bool = False
     random_crop: bool = False
-    face_crop_aug_range: tuple[float, float] | None = None
+    face_crop_aug_range: tuple[float, float] | None = None  # face size = min(resolution) / r, r in this range
     resize_interpolation: str | None = None
     custom_attributes: dict[str, Any] = field(default_factory=dict)
 
@@ -42,7 +43,7 @@ class DatasetConfig:
     """One `[[datasets]]` entry, fully resolved."""
 
     where: str
-    is_dreambooth: bool
+    is_dreambooth: bool  # DreamBooth: regularization images are balanced against training images
     batch_size: int = 1
     resolution: tuple[int, int] | None = None  # (W, H)
     enable_bucket: bool = False

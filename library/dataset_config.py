@@ -7,6 +7,9 @@ then the command line (argparse defaults included), then the built-in default; t
 Without `--dataset_config`, `--train_data_dir` (and `--reg_data_dir`) folders named `<repeats>_<class tokens>`
 become DreamBooth subsets, or `--in_json` makes one fine-tuning subset.
 
+Subsets with `conditioning_data_dir` (all subsets of their dataset, and only with `--masked_loss`) pair each image
+with the image of the same stem in that folder; its red channel is the loss mask.
+
 Differences from sd-scripts, on purpose: integers are accepted for float keys (`validation_split = 0`), booleans
 are rejected for integer keys, unknown keys name the closest valid key, and every problem is one AnimaError line.
 """
@@ -43,8 +46,9 @@ from library.image_dataset import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_dataset_arguments", "build_dataset_groups", "cache_only_main", "DatasetGroup", "make_dataloader",
-           "normalize_dataset_args", "load_dataset_config", "resolve_dataset_configs"]
+__all__ = ["add_dataset_arguments", "build_dataset_groups", "cache_only_main", "DatasetGroup", "debug_dataset_main",
+           "make_dataloader", "normalize_dataset_args", "load_dataset_config", "parse_face_crop_range",
+           "resolve_dataset_configs"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Schema: key -> value kind. Kinds: int, float (int accepted), bool, str, resolution, float_pair, table.
@@ -65,10 +69,11 @@ SUBSET_KEYS = {
 DREAMBOOTH_SHARED_KEYS = {"caption_extension": "str", "class_tokens": "str", "cache_info": "bool"}
 DREAMBOOTH_SUBSET_KEYS = {"image_dir": "str", "is_reg": "bool", "alpha_mask": "bool"}
 FINETUNING_SUBSET_KEYS = {"metadata_file": "str", "image_dir": "str", "alpha_mask": "bool"}
+CONDITIONING_SUBSET_KEYS = {"image_dir": "str", "conditioning_data_dir": "str"}
 COMMAND_LINE_ONLY = {"prior_loss_weight", "debug_dataset", "max_token_length", "train_batch_size",
                      "dataset_repeats"}
 ALL_KEYS = {**DATASET_KEYS, **SUBSET_KEYS, **DREAMBOOTH_SHARED_KEYS, **DREAMBOOTH_SUBSET_KEYS,
-            **FINETUNING_SUBSET_KEYS, "subsets": "list", "conditioning_data_dir": "str"}
+            **FINETUNING_SUBSET_KEYS, **CONDITIONING_SUBSET_KEYS, "subsets": "list"}
 
 # The one place for defaults; the command-line flags use these too.
 DEFAULTS: dict[str, Any] = {
@@ -86,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
 # Config key -> command-line flag, where the names differ.
 CLI_NAMES = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
 NO_CLI_FALLBACK = {"network_multiplier", "custom_attributes", "class_tokens", "image_dir", "is_reg", "metadata_file"}
+DEBUG_DATASET_BATCHES = 4  # batches --debug_dataset prints
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,9 +142,17 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
                    help="steps (or fraction of the run if < 1) until all tags are used")
     g.add_argument("--color_aug", action="store_true", help="random hue/gamma changes")
     g.add_argument("--flip_aug", action="store_true", help="random horizontal flips")
-    g.add_argument("--face_crop_aug_range", type=str, default=None, help="not supported (rejected)")
+    g.add_argument("--face_crop_aug_range", type=str, default=None,
+                   help='"a,b": crop around the face named in the file (name_cx_cy_w_h) so its size is '
+                        "min(resolution)/r, r random in [a, b]; only without bucketing")
     g.add_argument("--random_crop", action="store_true", help="random instead of centred crops")
     g.add_argument("--alpha_mask", action="store_true", help="use the image alpha channel as the loss mask")
+    g.add_argument("--conditioning_data_dir", type=str, default=None,
+                   help="with --train_data_dir and --masked_loss: folder of mask images named like the images "
+                        "(red channel: 0 = ignore, 255 = full loss)")
+    g.add_argument("--debug_dataset", action="store_true",
+                   help="print the buckets and the first batches (image keys, captions, masks) and exit; writes "
+                        "nothing")
     g.add_argument("--cache_info", action="store_true", help="keep image sizes in metadata_cache.json per folder")
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
     g.add_argument("--validation_split", type=float, default=d["validation_split"],
@@ -181,6 +195,26 @@ def parse_resolution(value: Any, where: str) -> tuple[int, int] | None:
     if min(value) <= 0:
         raise AnimaError(f"{where}: resolution sides must be positive, got {value!r}")
     return int(value[0]), int(value[1])
+
+
+def parse_face_crop_range(value: Any, where: str) -> tuple[float, float] | None:
+    """"a,b" / [a, b] -> (a, b) with 0 < a <= b."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = [float(p) for p in value.split(",")]
+        except ValueError:
+            raise AnimaError(f'{where}: face_crop_aug_range {value!r} must be two numbers "a,b", e.g. "2.0,4.0"'
+                             ) from None
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise AnimaError(f"{where}: face_crop_aug_range must be two numbers [a, b], got {value!r}")
+    low, high = float(value[0]), float(value[1])
+    if not 0 < low <= high:
+        raise AnimaError(f"{where}: face_crop_aug_range [{low}, {high}] must satisfy 0 < a <= b (a = the largest "
+                         "face, b = the smallest, as fractions min(resolution) / face size)")
+    return low, high
 
 
 def normalize_dataset_args(args: argparse.Namespace) -> None:
@@ -256,12 +290,10 @@ def _check_table(table: Any, allowed: dict[str, str], where: str, scope: str) ->
 def _unknown_key_message(key: str, scope: str) -> str:
     if key in COMMAND_LINE_ONLY:
         return f"{key!r} is a command-line option (--{key}), not a dataset config key; remove it"
-    if key == "conditioning_data_dir":
-        return "conditioning_data_dir (ControlNet / masked-loss datasets) is not supported; remove it"
     if key in ALL_KEYS:
         if key in DATASET_KEYS:
             place = "[[datasets]] or [general]"
-        elif key in DREAMBOOTH_SUBSET_KEYS or key in FINETUNING_SUBSET_KEYS:
+        elif key in DREAMBOOTH_SUBSET_KEYS or key in FINETUNING_SUBSET_KEYS or key in CONDITIONING_SUBSET_KEYS:
             place = "[[datasets.subsets]]"
         elif key in DREAMBOOTH_SHARED_KEYS:
             place = "a DreamBooth (image_dir) dataset; fine-tuning (metadata_file) datasets do not use it"
@@ -278,8 +310,12 @@ def _subset_kind(dataset: dict[str, Any], where: str) -> str:
     if not isinstance(subsets, list) or not subsets:
         raise AnimaError(f"{where}: a dataset needs at least one [[datasets.subsets]] table")
     has_metadata = [isinstance(s, dict) and "metadata_file" in s for s in subsets]
-    if any(isinstance(s, dict) and "conditioning_data_dir" in s for s in subsets):
-        raise AnimaError(f"{where}: conditioning_data_dir (ControlNet / masked-loss datasets) is not supported")
+    has_conditioning = [isinstance(s, dict) and "conditioning_data_dir" in s for s in subsets]
+    if any(has_conditioning):
+        if not all(has_conditioning) or any(has_metadata):
+            raise AnimaError(f"{where}: either every subset of a dataset has conditioning_data_dir (masked loss) or "
+                             "none has; put the other subsets in a separate [[datasets]]")
+        return "conditioning"
     if all(has_metadata):
         return "finetuning"
     if any(has_metadata):
@@ -307,14 +343,22 @@ def validate_user_config(config: dict[str, Any], source: str) -> None:
         if kind == "dreambooth":
             dataset_allowed = {**DATASET_KEYS, **SUBSET_KEYS, **DREAMBOOTH_SHARED_KEYS}
             subset_allowed = {**SUBSET_KEYS, **DREAMBOOTH_SHARED_KEYS, **DREAMBOOTH_SUBSET_KEYS}
+        elif kind == "conditioning":
+            dataset_allowed = {**DATASET_KEYS, **SUBSET_KEYS, **DREAMBOOTH_SHARED_KEYS}
+            subset_allowed = {**SUBSET_KEYS, **DREAMBOOTH_SHARED_KEYS, **CONDITIONING_SUBSET_KEYS}
         else:
             dataset_allowed = {**DATASET_KEYS, **SUBSET_KEYS}
             subset_allowed = {**SUBSET_KEYS, **FINETUNING_SUBSET_KEYS}
         _check_table(dataset, dataset_allowed, where, "[[datasets]]")
         for j, subset in enumerate(dataset["subsets"]):
             subset_where = f"{where}.subsets[{j}]"
+            if kind == "conditioning":
+                for key in ("is_reg", "alpha_mask"):
+                    if isinstance(subset, dict) and key in subset:
+                        raise AnimaError(f"{subset_where}: {key} cannot be used with conditioning_data_dir (the "
+                                         "conditioning images are the loss masks); remove it")
             _check_table(subset, subset_allowed, subset_where, "[[datasets.subsets]]")
-            required = "image_dir" if kind == "dreambooth" else "metadata_file"
+            required = "metadata_file" if kind == "finetuning" else "image_dir"
             if required not in subset:
                 raise AnimaError(f"{subset_where}: required key {required!r} is missing")
 
@@ -349,6 +393,9 @@ def resolve_dataset_configs(config: dict[str, Any], args: argparse.Namespace, so
             resize_interpolation=pick("resize_interpolation", dataset, general),
         )
         _check_dataset_values(dataset_config)
+        if kind == "conditioning" and not getattr(args, "masked_loss", False):
+            raise AnimaError(f"{where}: conditioning_data_dir gives loss masks, which need --masked_loss; add "
+                             "--masked_loss or remove conditioning_data_dir")
         for j, subset in enumerate(dataset["subsets"]):
             subset_where = f"{where}.subsets[{j}]"
 
@@ -368,15 +415,23 @@ def resolve_dataset_configs(config: dict[str, Any], args: argparse.Namespace, so
             extension = sub("caption_extension") or DEFAULTS["caption_extension"]
             if not extension.startswith("."):
                 extension = "." + extension
-            face_range = sub("face_crop_aug_range")
+            face_range = parse_face_crop_range(sub("face_crop_aug_range"), subset_where)
+            if face_range is not None and dataset_config.enable_bucket:
+                logger.warning("%s: face_crop_aug_range only applies without bucketing; with enable_bucket the "
+                               "images are cropped to their bucket and the face boxes are ignored", subset_where)
+            alpha_mask = bool(sub("alpha_mask"))
+            if kind == "conditioning" and alpha_mask:
+                raise AnimaError(f"{subset_where}: --alpha_mask cannot be combined with conditioning_data_dir (both "
+                                 "give the loss mask); drop --alpha_mask or the conditioning_data_dir")
             subset_config = SubsetConfig(
                 kind=kind, where=subset_where,
                 image_dir=subset.get("image_dir"), metadata_file=subset.get("metadata_file"),
+                conditioning_data_dir=subset.get("conditioning_data_dir"),
                 is_reg=bool(subset.get("is_reg", False)), class_tokens=pick("class_tokens", subset, dataset, general),
-                caption_extension=extension, cache_info=bool(sub("cache_info")), alpha_mask=bool(sub("alpha_mask")),
+                caption_extension=extension, cache_info=bool(sub("cache_info")), alpha_mask=alpha_mask,
                 num_repeats=sub("num_repeats"), captions=captions, color_aug=bool(sub("color_aug")),
                 flip_aug=bool(sub("flip_aug")), random_crop=bool(sub("random_crop")),
-                face_crop_aug_range=tuple(face_range) if face_range else None,
+                face_crop_aug_range=face_range,
                 resize_interpolation=sub("resize_interpolation") if subset.get("resize_interpolation") else None,
                 custom_attributes=dict(sub("custom_attributes") or {}),
             )
@@ -427,8 +482,6 @@ def _check_dataset_values(config: DatasetConfig) -> None:
 
 def _check_subset_values(subset: SubsetConfig) -> None:
     where = subset.where
-    if subset.face_crop_aug_range is not None:
-        raise AnimaError(f"{where}: face_crop_aug_range is not supported by this trainer; remove it")
     if subset.resize_interpolation is not None and subset.resize_interpolation not in RESIZE_INTERPOLATIONS:
         raise AnimaError(f"{where}: resize_interpolation {subset.resize_interpolation!r} is not one of "
                          f"{', '.join(RESIZE_INTERPOLATIONS)}")
@@ -472,7 +525,14 @@ def _dreambooth_subsets_from_folder(parent: str, is_reg: bool, flag: str) -> lis
 
 
 def config_from_command_line(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    """The user config implied by --train_data_dir/--reg_data_dir (DreamBooth) or --in_json (fine-tuning)."""
+    """The user config implied by --train_data_dir/--reg_data_dir (DreamBooth) or --in_json (fine-tuning).
+
+    With --conditioning_data_dir every --train_data_dir sub-folder takes its mask images from that folder.
+    """
+    conditioning_dir = getattr(args, "conditioning_data_dir", None)
+    if conditioning_dir and (getattr(args, "in_json", None) or getattr(args, "reg_data_dir", None)):
+        raise AnimaError("--conditioning_data_dir works with --train_data_dir alone (no --in_json, no "
+                         "--reg_data_dir); use a dataset config for other layouts")
     if getattr(args, "in_json", None):
         subset = {"metadata_file": args.in_json}
         if getattr(args, "train_data_dir", None):
@@ -484,6 +544,10 @@ def config_from_command_line(args: argparse.Namespace) -> tuple[dict[str, Any], 
     if not subsets:
         raise AnimaError(f"--train_data_dir {args.train_data_dir} has no <repeats>_<class tokens> sub-folder "
                          "(e.g. 10_sks girl); put the images in such a folder")
+    if conditioning_dir:
+        for subset in subsets:
+            subset["conditioning_data_dir"] = conditioning_dir
+            del subset["is_reg"]
     if getattr(args, "reg_data_dir", None):
         subsets += _dreambooth_subsets_from_folder(args.reg_data_dir, True, "--reg_data_dir")
     return {"datasets": [{"subsets": subsets}]}, "--train_data_dir"
@@ -500,10 +564,8 @@ def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, Datase
     image is decoded.
     """
     normalize_dataset_args(args)
-    if getattr(args, "face_crop_aug_range", None):
-        raise AnimaError("--face_crop_aug_range is not supported by this trainer; remove it")
     if getattr(args, "dataset_config", None):
-        for flag in ("train_data_dir", "reg_data_dir", "in_json"):
+        for flag in ("train_data_dir", "reg_data_dir", "in_json", "conditioning_data_dir"):
             if getattr(args, flag, None):
                 logger.warning("--%s is ignored because --dataset_config is given", flag)
         source = str(args.dataset_config)
@@ -514,7 +576,13 @@ def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, Datase
     # Parse --resolution once so the fallback sees (W, H).
     cli = argparse.Namespace(**vars(args))
     cli.resolution = parse_resolution(getattr(args, "resolution", None), "--resolution")
+    cli.face_crop_aug_range = parse_face_crop_range(getattr(args, "face_crop_aug_range", None),
+                                                    "--face_crop_aug_range")
     dataset_configs = resolve_dataset_configs(user_config, cli, source)
+    if getattr(args, "masked_loss", False) and not any(s.alpha_mask or s.conditioning_data_dir
+                                                       for c in dataset_configs for s in c.subsets):
+        logger.warning("--masked_loss is on but no subset has conditioning_data_dir or alpha_mask, so the loss "
+                       "is not masked")
 
     seed = getattr(args, "seed", None)
     if seed is None:
@@ -525,8 +593,9 @@ def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, Datase
     bad_images = BadImages(strict)
 
     train_datasets, val_datasets = [], []
+    write_cache_info = not getattr(args, "debug_dataset", False)  # --debug_dataset writes nothing
     for config in dataset_configs:
-        train, val = _build_dataset(config, bad_images, seed, dataset_seed, prior_loss_weight)
+        train, val = _build_dataset(config, bad_images, seed, dataset_seed, prior_loss_weight, write_cache_info)
         if train is not None:
             train_datasets.append(train)
         if val is not None:
@@ -549,7 +618,7 @@ def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, Datase
 
 
 def _build_dataset(config: DatasetConfig, bad_images: BadImages, seed: int, dataset_seed: int,
-                   prior_loss_weight: float) -> tuple[ImageDataset | None, ImageDataset | None]:
+                   prior_loss_weight: float, write_cache_info: bool) -> tuple[ImageDataset | None, ImageDataset | None]:
     train_infos: list[ImageInfo] = []
     reg_infos: list[ImageInfo] = []
     val_infos: list[ImageInfo] = []
@@ -567,7 +636,7 @@ def _build_dataset(config: DatasetConfig, bad_images: BadImages, seed: int, data
         seen.add(identity)
         index = len(used_subsets)
         used_subsets.append(subset)
-        infos = collect_subset_images(subset, index, bad_images)
+        infos = collect_subset_images(subset, index, bad_images, write_cache_info=write_cache_info)
         if subset.is_reg:
             reg_infos.extend(infos)
             continue
@@ -638,4 +707,37 @@ def cache_only_main(args: argparse.Namespace, *, load_vae: Callable[[], tuple[An
                 d.config.batch_size for d in group.datasets)
             group.cache_text_encoder_outputs(text_encoding, batch_size=batch_size, to_disk=True,
                                              skip_check=skip_check, is_main_process=is_main_process)
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --debug_dataset
+
+
+def debug_dataset_main(args: argparse.Namespace, *, num_batches: int = DEBUG_DATASET_BATCHES,
+                       write: Callable[[str], None] = print) -> tuple[DatasetGroup, DatasetGroup | None]:
+    """`--debug_dataset`: build the datasets, then print the buckets and the first batches of epoch 1.
+
+    Each batch line names its dataset, bucket and images with the caption the model would see and, where the
+    dataset has loss masks, the masked fraction. Nothing is written: no metadata_cache.json, no caches.
+    """
+    train, val = build_dataset_groups(args)
+    for index, dataset in enumerate(train.datasets):
+        config = dataset.config
+        write(f"dataset {index}: {dataset.num_train_images} train + {dataset.num_reg_images} reg samples, "
+              f"{len(dataset)} batches of up to {config.batch_size}, resolution {config.resolution}")
+        for size, members in zip(dataset.bucket_sizes, dataset._bucket_members):
+            write(f"  bucket {size[0]}x{size[1]}: {len(members)} samples")
+    if val is not None:
+        write(f"validation: {val.num_train_images} samples in {len(val)} batches")
+    train.set_current_epoch(1)
+    for index in range(min(num_batches, len(train))):
+        batch = train[index]
+        pixels = batch["images"] if batch["images"] is not None else batch["latents"]
+        height, width = pixels.shape[-2:]
+        write(f"batch {index}: {len(batch['image_keys'])} image(s), tensor {width}x{height}")
+        masks = batch["loss_masks"]
+        for row, (key, caption) in enumerate(zip(batch["image_keys"], batch["captions"])):
+            masked = f", masked {1.0 - float(masks[row].mean()):.0%}" if masks is not None else ""
+            write(f"  {key}{masked}: {caption!r}")
     return train, val

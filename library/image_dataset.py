@@ -35,7 +35,7 @@ from library.captions import (
 )
 from library.dataset_blueprint import DatasetConfig, SubsetConfig
 from library.errors import AnimaError
-from library.latent_cache import cache_group_latents, load_cached_latents
+from library.latent_cache import cache_group_latents, load_cached_latents, loss_mask_key
 from library.text_cache import cache_group_text, load_cached_text
 
 logger = logging.getLogger(__name__)
@@ -60,10 +60,12 @@ class ImageInfo:
     resized: Size | None = None
     latents: torch.Tensor | None = None  # [16, h, w] float32, memory cache
     latents_flipped: torch.Tensor | None = None
-    cached_alpha_mask: torch.Tensor | None = None  # [H, W] float32
+    cached_loss_mask: torch.Tensor | None = None  # [H, W] float32: alpha or conditioning mask, memory cache
     latents_npz: str | None = None  # set when latents are read from a disk cache at train time
     text: dict[str, torch.Tensor] | None = None  # per-sample text-encoder outputs (no batch axis)
     text_npz: str | None = None
+    face: image_io.FaceBox | None = None  # from the file name, only when the subset uses face_crop_aug_range
+    conditioning_path: Path | None = None  # the mask image of a conditioning_data_dir subset
 
 
 class BadImages:
@@ -89,14 +91,19 @@ class BadImages:
 # Collecting images and captions
 
 
-def collect_subset_images(subset: SubsetConfig, subset_index: int, bad_images: BadImages) -> list[ImageInfo]:
-    """The images of one subset with their captions and sizes (empty, with a warning, if there are none)."""
+def collect_subset_images(subset: SubsetConfig, subset_index: int, bad_images: BadImages, *,
+                          write_cache_info: bool = True) -> list[ImageInfo]:
+    """The images of one subset with their captions and sizes (empty, with a warning, if there are none).
+
+    `write_cache_info=False` never writes metadata_cache.json (the --debug_dataset dry run).
+    """
     if subset.kind == "finetuning":
         return _collect_finetuning(subset, subset_index, bad_images)
-    return _collect_dreambooth(subset, subset_index, bad_images)
+    return _collect_dreambooth(subset, subset_index, bad_images, write_cache_info)
 
 
-def _collect_dreambooth(subset: SubsetConfig, subset_index: int, bad_images: BadImages) -> list[ImageInfo]:
+def _collect_dreambooth(subset: SubsetConfig, subset_index: int, bad_images: BadImages,
+                        write_cache_info: bool) -> list[ImageInfo]:
     image_dir = Path(subset.image_dir or "")
     if not image_dir.is_dir():
         raise AnimaError(f"{subset.where}: image_dir {image_dir} does not exist or is not a folder; fix the path")
@@ -125,9 +132,67 @@ def _collect_dreambooth(subset: SubsetConfig, subset_index: int, bad_images: Bad
 
     if missing_captions:
         _warn_missing_captions(subset, image_dir, missing_captions)
-    if subset.cache_info and not known_sizes and infos:
+    if subset.cache_info and not known_sizes and infos and write_cache_info:
         _write_cache_info(image_dir, infos)
+    if subset.conditioning_data_dir:
+        infos = _attach_conditioning_images(subset, infos, bad_images)
+    _attach_face_boxes(subset, infos)
     return infos
+
+
+def _attach_face_boxes(subset: SubsetConfig, infos: list[ImageInfo]) -> None:
+    """Read `name_cx_cy_w_h` face boxes when the subset uses face_crop_aug_range; warn about names without one."""
+    if subset.face_crop_aug_range is None:
+        return
+    without = []
+    for info in infos:
+        info.face = image_io.face_box_from_stem(info.path.stem)
+        if info.face is None:
+            without.append(info.path.name)
+    if without:
+        shown = ", ".join(without[:5]) + (f" and {len(without) - 5} more" if len(without) > 5 else "")
+        logger.warning("%s: %d image(s) have no face box in their name (name_cx_cy_w_h) and are cropped as if "
+                       "face_crop_aug_range were off: %s", subset.where, len(without), shown)
+
+
+def _attach_conditioning_images(subset: SubsetConfig, infos: list[ImageInfo],
+                                bad_images: BadImages) -> list[ImageInfo]:
+    """Pair every image with the conditioning image of the same stem; AnimaError if one is missing."""
+    image_dir = Path(subset.image_dir or "")
+    conditioning_dir = Path(subset.conditioning_data_dir or "")
+    if not conditioning_dir.is_dir():
+        raise AnimaError(f"{subset.where}: conditioning_data_dir {conditioning_dir} does not exist or is not a "
+                         "folder; fix the path")
+    if conditioning_dir.resolve() == image_dir.resolve():
+        raise AnimaError(f"{subset.where}: conditioning_data_dir is the same folder as image_dir ({image_dir}); put "
+                         "the mask images in their own folder")
+    by_stem: dict[str, Path] = {}
+    for path in image_io.list_images(conditioning_dir):
+        other = by_stem.setdefault(path.stem, path)
+        if other != path:
+            raise AnimaError(f"{subset.where}: {other} and {path} are both conditioning images for stem "
+                             f"{path.stem!r}; keep one")
+    missing = [info for info in infos if info.path.stem not in by_stem]
+    if missing:
+        first = missing[0].path
+        more = f" (and {len(missing) - 1} more image(s))" if len(missing) > 1 else ""
+        raise AnimaError(f"{subset.where}: no conditioning image for {first}: expected {conditioning_dir / first.stem}"
+                         f".png (or another image extension){more}; add the mask image(s) or remove the image(s)")
+    paired = []
+    for info in infos:
+        conditioning_path = by_stem[info.path.stem]
+        try:
+            size = image_io.check_image_file(conditioning_path)
+        except image_io.BadImageError as exc:
+            bad_images.add(conditioning_path, f"conditioning image of {info.path}: {exc}")
+            continue
+        if not image_io.same_aspect(size, info.image_size):
+            raise AnimaError(f"{subset.where}: conditioning image {conditioning_path} is {size[0]}x{size[1]} but "
+                             f"{info.path} is {info.image_size[0]}x{info.image_size[1]}; the mask must have the "
+                             "image's aspect ratio (ideally its size)")
+        info.conditioning_path = conditioning_path.resolve()
+        paired.append(info)
+    return paired
 
 
 def _read_caption(image_path: Path, subset: SubsetConfig) -> str | None:
@@ -222,6 +287,7 @@ def _collect_finetuning(subset: SubsetConfig, subset_index: int, bad_images: Bad
                 caption = caption + separator + tags
         infos.append(ImageInfo(key=key, path=path.resolve(), caption=caption, num_repeats=subset.num_repeats,
                                is_reg=False, subset_index=subset_index, image_size=size))
+    _attach_face_boxes(subset, infos)
     return infos
 
 
@@ -285,7 +351,7 @@ class ImageDataset:
         self.prior_loss_weight = prior_loss_weight
         self.seed = seed
         self.is_validation = is_validation
-        self.has_alpha = any(s.alpha_mask for s in self.subsets)
+        self.has_loss_mask = any(s.alpha_mask or s.conditioning_data_dir for s in self.subsets)
         self.bucket_manager = self._make_bucket_manager()
         self.bucket_sizes: list[Size] = []
         self._bucket_members: list[list[int]] = []  # canonical order, each index repeated num_repeats times
@@ -375,7 +441,7 @@ class ImageDataset:
             subset = self.subsets[info.subset_index]
             flip = subset.flip_aug and rng.random() < 0.5
             if info.latents is not None or info.latents_npz is not None:
-                latent, mask = load_cached_latents(info, flip)
+                latent, mask = load_cached_latents(info, flip, loss_mask_key(subset, info))
                 latents.append(latent)
             else:
                 image, mask = self._load_pixels(info, subset, flip, rng)
@@ -396,39 +462,46 @@ class ImageDataset:
                                                 max_train_steps=max_train_steps))
             weights.append(self.prior_loss_weight if info.is_reg else 1.0)
 
-        alpha_masks = None
-        if self.has_alpha:
-            alpha_masks = torch.stack([m if m is not None else _ones_like_bucket(info) for m, info
-                                       in zip(masks, infos)]).unsqueeze(1)
+        loss_masks = None
+        if self.has_loss_mask:  # [B, 1, H, W]; samples without a mask weigh every pixel fully
+            loss_masks = torch.stack([m if m is not None else _ones_like_bucket(info) for m, info
+                                      in zip(masks, infos)]).unsqueeze(1)
         return {
             "latents": torch.stack(latents).float() if latents else None,
             "images": torch.stack(images) if images else None,
             "captions": captions,
             "text": {k: torch.stack([t[k] for t in texts]) for k in texts[0]} if texts else None,
             "loss_weights": torch.tensor(weights, dtype=torch.float32),
-            "alpha_masks": alpha_masks,
+            "loss_masks": loss_masks,
             "image_keys": [info.key for info in infos],
             "network_multipliers": torch.full((len(infos),), float(self.config.network_multiplier)),
         }
 
     def _load_pixels(self, info: ImageInfo, subset: SubsetConfig, flip: bool,
                      rng: random.Random) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Image [3, H, W] in [-1, 1] and alpha mask [H, W] (None unless the subset uses alpha)."""
+        """Image [3, H, W] in [-1, 1] and loss mask [H, W] (None unless the subset has alpha or conditioning)."""
+        interpolation = subset.resize_interpolation or self.config.resize_interpolation
+        plan = self.crop_plan(info, subset, rng)
         try:
-            pixels = image_io.load_image(info.path, keep_alpha=subset.alpha_mask)
+            rgb, mask = image_io.load_image_and_mask(info.path, plan, interpolation, alpha_mask=subset.alpha_mask,
+                                                     conditioning_path=info.conditioning_path)
         except image_io.BadImageError as exc:
             raise AnimaError(f"cannot load image {info.path}: {exc}; fix or remove the file") from exc
-        interpolation = subset.resize_interpolation or self.config.resize_interpolation
-        assert info.bucket is not None and info.resized is not None
-        pixels = image_io.resize_and_crop(pixels, info.resized, info.bucket, interpolation,
-                                          rng if subset.random_crop else None)
-        rgb, alpha = image_io.split_alpha(pixels)
         if subset.color_aug:
             rgb = image_io.apply_color_aug(rgb, rng)
         if flip:
-            rgb, alpha = rgb[:, ::-1], alpha[:, ::-1]
-        mask = torch.from_numpy(np.ascontiguousarray(alpha)) if subset.alpha_mask else None
-        return image_io.to_tensor(rgb), mask
+            rgb = rgb[:, ::-1]
+            mask = mask[:, ::-1] if mask is not None else None
+        mask_tensor = torch.from_numpy(np.ascontiguousarray(mask)) if mask is not None else None
+        return image_io.to_tensor(rgb), mask_tensor
+
+    def crop_plan(self, info: ImageInfo, subset: SubsetConfig, rng: random.Random) -> image_io.CropPlan:
+        """Face-centred crop (face box in the name, face_crop_aug_range, no bucketing), else bucket cover + crop."""
+        assert info.bucket is not None and info.resized is not None
+        if info.face is not None and subset.face_crop_aug_range is not None and not self.config.enable_bucket:
+            return image_io.plan_face_crop(info.image_size, info.bucket, info.face, subset.face_crop_aug_range,
+                                           subset.random_crop, rng)
+        return image_io.plan_bucket_crop(info.resized, info.bucket, rng if subset.random_crop else None)
 
 
 def _ones_like_bucket(info: ImageInfo) -> torch.Tensor:
@@ -513,8 +586,10 @@ class DatasetGroup(Dataset):
         for dataset in self.datasets:
             for subset in dataset.subsets:
                 if cache_latents:
-                    for name in ("color_aug", "random_crop"):
-                        if getattr(subset, name):
+                    face_crop = subset.face_crop_aug_range is not None and not dataset.config.enable_bucket
+                    for name, active in (("color_aug", subset.color_aug), ("random_crop", subset.random_crop),
+                                         ("face_crop_aug_range", face_crop)):
+                        if active:
                             raise AnimaError(f"{subset.where}: {name} changes the pixels every step, so it cannot "
                                              f"be used with --cache_latents; turn off {name} or latent caching")
                 if cache_text:

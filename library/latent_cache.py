@@ -5,10 +5,11 @@ Disk format (readable by sd-scripts, and sd-scripts caches are found here):
   keys  suffixed `_<h>x<w>` with the latent size (bucket / 8), so one file holds several resolutions:
         `latents_*` float32 [16, h, w], `original_size_*` [W, H], `crop_ltrb_*` [l, t, r, b],
         `latents_flipped_*` (flip_aug), `alpha_mask_*` float32 [H, W] (alpha_mask),
+        `conditioning_mask_*` float32 [H, W] (conditioning_data_dir subsets, `--masked_loss`; this project only),
         and `provenance_*`: a JSON string of what produced the entry (this project only).
 
-Provenance = image fingerprint (size, mtime, SHA-256), bucket, resize size, crop, interpolation, flip, alpha and
-the VAE identity. An entry whose provenance differs from the current settings is re-encoded with a log line.
+Provenance = image fingerprint (size, mtime, SHA-256), bucket, resize size, crop, interpolation, flip, alpha, the
+conditioning image's fingerprint (masked-loss subsets) and the VAE identity. An entry whose provenance differs from the current settings is re-encoded with a log line.
 An entry without provenance (written by sd-scripts or another tool) cannot be verified, so it is re-encoded
 too; `--skip_cache_check` reuses any entry whose keys are present without looking inside.
 """
@@ -52,6 +53,13 @@ def latents_npz_path(image_path: str | os.PathLike, image_size: Size) -> str:
 def key_suffix(bucket: Size) -> str:
     """`_<h>x<w>` of the latent for a bucket (W, H)."""
     return f"_{bucket[1] // VAE_STRIDE}x{bucket[0] // VAE_STRIDE}"
+
+
+def loss_mask_key(subset: Any, info: ImageInfo) -> str | None:
+    """The cache key prefix of a sample's loss mask: conditioning image, alpha channel, or None (no mask)."""
+    if info.conditioning_path is not None:
+        return "conditioning_mask"
+    return "alpha_mask" if subset.alpha_mask else None
 
 
 def image_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
@@ -123,6 +131,8 @@ def _expected_provenance(dataset: ImageDataset, info: ImageInfo, vae_identity: s
         "interpolation": subset.resize_interpolation or dataset.config.resize_interpolation or "default",
         "flip": subset.flip_aug,
         "alpha": subset.alpha_mask,
+        # Only present for masked-loss subsets, so older entries without the key stay valid.
+        **({"conditioning": True} if info.conditioning_path is not None else {}),
     }
 
 
@@ -134,8 +144,9 @@ def _stale_reason(dataset: ImageDataset, info: ImageInfo, path: str, vae_identit
     subset = dataset.subsets[info.subset_index]
     assert info.bucket is not None
     suffix = key_suffix(info.bucket)
+    mask_key = loss_mask_key(subset, info)
     needed = ["latents" + suffix] + (["latents_flipped" + suffix] if subset.flip_aug else []) \
-        + (["alpha_mask" + suffix] if subset.alpha_mask else [])
+        + ([mask_key + suffix] if mask_key else [])
     try:
         with np.load(path, allow_pickle=False) as data:
             names = set(data.files)
@@ -153,12 +164,17 @@ def _stale_reason(dataset: ImageDataset, info: ImageInfo, path: str, vae_identit
     for field in ("format", "vae", "bucket", "resized", "crop", "interpolation", "alpha"):
         if stored.get(field) != expected[field]:
             return f"{field} changed"
+    if stored.get("conditioning", False) != expected.get("conditioning", False):
+        return "conditioning changed"
     if expected["flip"] and not stored.get("flip"):
         return "flip changed"
     if tuple(shape[-3:]) != (LATENT_CHANNELS, info.bucket[1] // VAE_STRIDE, info.bucket[0] // VAE_STRIDE):
         return "latent shape differs"
     if not image_unchanged(stored.get("image", {}), info.path):
         return "image changed"
+    if info.conditioning_path is not None and not image_unchanged(stored.get("conditioning_image", {}),
+                                                                  info.conditioning_path):
+        return "conditioning image changed"
     return None
 
 
@@ -223,7 +239,7 @@ def _vae_batches(todo: list[tuple[ImageDataset, ImageInfo]], batch_size: int):
     condition = None
     for dataset, info in todo:
         subset = dataset.subsets[info.subset_index]
-        this = (info.bucket, subset.flip_aug, subset.alpha_mask)
+        this = (info.bucket, subset.flip_aug, loss_mask_key(subset, info))
         if batch and (this != condition or len(batch) >= max(1, batch_size)):
             yield batch
             batch = []
@@ -233,15 +249,16 @@ def _vae_batches(todo: list[tuple[ImageDataset, ImageInfo]], batch_size: int):
         yield batch
 
 
-def _load_one(dataset: ImageDataset, info: ImageInfo) -> tuple[np.ndarray, np.ndarray] | str:
+def _load_one(dataset: ImageDataset, info: ImageInfo) -> tuple[np.ndarray, np.ndarray | None] | str:
+    """(rgb, loss mask or None) cropped exactly like the live loader without random crop, or why it failed."""
     subset = dataset.subsets[info.subset_index]
+    interpolation = subset.resize_interpolation or dataset.config.resize_interpolation
+    plan = image_io.plan_bucket_crop(info.resized, info.bucket, None)
     try:
-        pixels = image_io.load_image(info.path, keep_alpha=subset.alpha_mask)
+        return image_io.load_image_and_mask(info.path, plan, interpolation, alpha_mask=subset.alpha_mask,
+                                            conditioning_path=info.conditioning_path)
     except image_io.BadImageError as exc:
         return str(exc)
-    interpolation = subset.resize_interpolation or dataset.config.resize_interpolation
-    pixels = image_io.resize_and_crop(pixels, info.resized, info.bucket, interpolation, None)
-    return image_io.split_alpha(pixels)
 
 
 def _load_batch(batch: list[tuple[ImageDataset, ImageInfo]]) -> list[Any]:
@@ -264,20 +281,23 @@ def _encode(vae: Any, rgb_list: list[np.ndarray]) -> torch.Tensor:
     return latents
 
 
-def _encode_and_store(good: list[tuple[ImageDataset, ImageInfo, tuple[np.ndarray, np.ndarray]]], vae: Any,
+def _encode_and_store(good: list[tuple[ImageDataset, ImageInfo, tuple[np.ndarray, np.ndarray | None]]], vae: Any,
                       vae_identity: str, write: bool) -> None:
     dataset0, info0, _ = good[0]
     subset = dataset0.subsets[info0.subset_index]
     rgbs = [result[0] for _, _, result in good]
     latents = _encode(vae, rgbs)
     flipped = _encode(vae, [np.ascontiguousarray(rgb[:, ::-1]) for rgb in rgbs]) if subset.flip_aug else None
-    for k, (dataset, info, (_, alpha)) in enumerate(good):
-        mask = torch.from_numpy(np.ascontiguousarray(alpha)) if subset.alpha_mask else None
+    for k, (dataset, info, (_, mask_array)) in enumerate(good):
+        mask = torch.from_numpy(np.ascontiguousarray(mask_array)) if mask_array is not None else None
+        mask_key = loss_mask_key(dataset.subsets[info.subset_index], info)
         if write:
             path = latents_npz_path(info.path, info.image_size)
             suffix = key_suffix(info.bucket)
             provenance = _expected_provenance(dataset, info, vae_identity)
             provenance["image"] = image_fingerprint(info.path)
+            if info.conditioning_path is not None:
+                provenance["conditioning_image"] = image_fingerprint(info.conditioning_path)
             arrays = {
                 "latents" + suffix: latents[k].numpy(),
                 "original_size" + suffix: np.array(info.image_size, dtype=np.int64),
@@ -286,14 +306,14 @@ def _encode_and_store(good: list[tuple[ImageDataset, ImageInfo, tuple[np.ndarray
             }
             if flipped is not None:
                 arrays["latents_flipped" + suffix] = flipped[k].numpy()
-            if mask is not None:
-                arrays["alpha_mask" + suffix] = mask.numpy()
+            if mask is not None and mask_key is not None:
+                arrays[mask_key + suffix] = mask.numpy()
             merge_into_npz(path, arrays)
             info.latents_npz = path
         else:
             info.latents = latents[k].clone()
             info.latents_flipped = flipped[k].clone() if flipped is not None else None
-            info.cached_alpha_mask = mask
+            info.cached_loss_mask = mask
 
 
 def _letterbox_ltrb(bucket: Size, image_size: Size) -> tuple[float, float, float, float]:
@@ -304,11 +324,15 @@ def _letterbox_ltrb(bucket: Size, image_size: Size) -> tuple[float, float, float
     return left, top, left + width, top + height
 
 
-def load_cached_latents(info: ImageInfo, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(latent [16, h, w] float32, alpha mask [H, W] or None) for one sample, flipped if asked."""
+def load_cached_latents(info: ImageInfo, flip: bool,
+                        mask_key: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(latent [16, h, w] float32, loss mask [H, W] or None) for one sample, flipped if asked.
+
+    `mask_key` ("alpha_mask", "conditioning_mask" or None) names the mask this sample uses (see loss_mask_key).
+    """
     if info.latents is not None:
         latent = info.latents_flipped if flip and info.latents_flipped is not None else info.latents
-        mask = info.cached_alpha_mask
+        mask = info.cached_loss_mask if mask_key is not None else None
     else:
         assert info.latents_npz is not None and info.bucket is not None
         suffix = key_suffix(info.bucket)
@@ -318,7 +342,11 @@ def load_cached_latents(info: ImageInfo, flip: bool) -> tuple[torch.Tensor, torc
                 if name not in data.files:
                     raise KeyError(name)
                 latent = torch.from_numpy(data[name].astype(np.float32))
-                mask = torch.from_numpy(data["alpha_mask" + suffix]) if "alpha_mask" + suffix in data.files else None
+                mask = None
+                if mask_key is not None:
+                    if mask_key + suffix not in data.files:
+                        raise KeyError(mask_key + suffix)
+                    mask = torch.from_numpy(data[mask_key + suffix].astype(np.float32))
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
             raise AnimaError(f"latent cache {info.latents_npz} cannot be read ({type(exc).__name__}: {exc}); delete "
                              "it and run the caching again") from exc

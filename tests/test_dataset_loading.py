@@ -93,7 +93,7 @@ def test_batches_never_mix_buckets_and_respect_batch_size(tmp_path):
         assert len({Path(k).name[:4] for k in batch["image_keys"]}) == 1
         sizes.append(images.shape[0])
     assert len(train) == 3 + 2 and sum(sizes) == 8
-    assert train[0]["latents"] is None and train[0]["text"] is None and train[0]["alpha_masks"] is None
+    assert train[0]["latents"] is None and train[0]["text"] is None and train[0]["loss_masks"] is None
 
 
 def test_epoch_shuffle_is_seeded_and_changes_between_epochs(tmp_path):
@@ -148,8 +148,8 @@ def test_alpha_mask_comes_from_the_alpha_channel(tmp_path):
     write_image(tmp_path / "img" / "b.jpg", 64, 64, "JPEG")
     train, _ = toml_group(tmp_path, "resolution = 64\nbatch_size = 2", "alpha_mask = true")
     batch = train[0]
-    masks = dict(zip([Path(k).name for k in batch["image_keys"]], batch["alpha_masks"]))
-    assert batch["alpha_masks"].shape == (2, 1, 64, 64)
+    masks = dict(zip([Path(k).name for k in batch["image_keys"]], batch["loss_masks"]))
+    assert batch["loss_masks"].shape == (2, 1, 64, 64)
     assert masks["a.png"][0, :, :32].sum() == 0 and torch.all(masks["a.png"][0, :, 32:] == 1)
     assert torch.all(masks["b.jpg"] == 1)
 
