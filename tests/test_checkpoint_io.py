@@ -1,0 +1,172 @@
+"""library.checkpoint_io: one reader for every checkpoint format, header-only inspection, one-line errors."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from library import checkpoint_io
+from library.anima_utils import load_anima_model
+from library.checkpoint_io import (
+    find_prefix,
+    guess_checkpoint_kind,
+    load_state_dict,
+    open_checkpoint,
+    strip_prefix,
+)
+from library.errors import AnimaError
+
+WEIGHTS = {
+    "net.a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+    "net.b.bias": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+    "net.steps": torch.tensor([7, 8], dtype=torch.int64),
+}
+
+
+def _one_line_error(call, match: str) -> str:
+    with pytest.raises(AnimaError, match=match) as raised:
+        call()
+    assert "\n" not in str(raised.value)
+    return str(raised.value)
+
+
+def test_safetensors_keys_shapes_and_metadata_without_reading(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file(WEIGHTS, str(path), metadata={"note": "x"})
+    with open_checkpoint(path, "--flag", "a test file") as checkpoint:
+        assert checkpoint.format == "safetensors"
+        assert sorted(checkpoint.keys()) == sorted(WEIGHTS)
+        assert checkpoint.shapes() == {"net.a.weight": (2, 3), "net.b.bias": (2,), "net.steps": (2,)}
+        meta = checkpoint.meta_state_dict()
+        assert all(t.is_meta for t in meta.values())
+        assert {k: t.dtype for k, t in meta.items()} == {k: t.dtype for k, t in WEIGHTS.items()}
+        assert checkpoint.metadata() == {"note": "x"}
+
+
+def test_reading_casts_floats_only(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file(WEIGHTS, str(path))
+    loaded = load_state_dict(path, "--flag", "a test file", dtype=torch.float16)
+    assert loaded["net.a.weight"].dtype == torch.float16 and loaded["net.b.bias"].dtype == torch.float16
+    assert loaded["net.steps"].dtype == torch.int64 and torch.equal(loaded["net.steps"], WEIGHTS["net.steps"])
+    assert torch.equal(loaded["net.a.weight"].float(), WEIGHTS["net.a.weight"])
+    kept = load_state_dict(path, "--flag", "a test file")
+    assert all(kept[k].dtype == t.dtype and torch.equal(kept[k], t) for k, t in WEIGHTS.items())
+
+
+def test_read_can_rename_and_select_keys(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file(WEIGHTS, str(path))
+    with open_checkpoint(path, "--flag", "a test file") as checkpoint:
+        renamed = checkpoint.read({"a": "net.a.weight"})
+    assert list(renamed) == ["a"] and torch.equal(renamed["a"], WEIGHTS["net.a.weight"])
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".ckpt", ".bin"])
+def test_torch_files_unwrap_nested_state_dicts_and_skip_non_tensors(tmp_path, suffix):
+    path = tmp_path / f"w{suffix}"
+    torch.save({"epoch": 3, "state_dict": {"model": dict(WEIGHTS)}}, path)
+    with open_checkpoint(path, "--flag", "a test file") as checkpoint:
+        assert checkpoint.format == "torch"
+        assert checkpoint.shapes()["net.a.weight"] == (2, 3)
+        assert checkpoint.meta_state_dict()["net.b.bias"].dtype == torch.bfloat16
+        loaded = checkpoint.read(dtype=torch.float32)
+    assert sorted(loaded) == sorted(WEIGHTS)
+    assert loaded["net.b.bias"].dtype == torch.float32 and loaded["net.steps"].dtype == torch.int64
+
+
+def test_legacy_torch_format_is_read_without_mmap(tmp_path):
+    path = tmp_path / "old.pth"
+    torch.save(dict(WEIGHTS), path, _use_new_zipfile_serialization=False)
+    loaded = load_state_dict(path, "--flag", "a test file")
+    assert torch.equal(loaded["net.a.weight"], WEIGHTS["net.a.weight"])
+
+
+def test_files_without_a_known_extension_are_recognised_by_content(tmp_path):
+    safetensors_blob, torch_blob = tmp_path / "blob_a", tmp_path / "blob_b.weights"
+    save_file(WEIGHTS, str(safetensors_blob))
+    torch.save(dict(WEIGHTS), torch_blob)
+    assert open_checkpoint(safetensors_blob, "--flag", "x").format == "safetensors"
+    assert open_checkpoint(torch_blob, "--flag", "x").format == "torch"
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    _one_line_error(lambda: open_checkpoint(text, "--flag", "x"), r"--flag: .*notes\.txt is neither")
+
+
+def test_missing_file_and_folder_name_the_flag(tmp_path):
+    _one_line_error(lambda: open_checkpoint(tmp_path / "nope.safetensors", "--vae", "the VAE"), "--vae: file not found")
+    _one_line_error(lambda: open_checkpoint(tmp_path, "--vae", "the VAE"), "--vae: .* is a folder")
+
+
+def test_corrupt_and_truncated_files_give_one_line(tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"definitely not safetensors")
+    _one_line_error(lambda: open_checkpoint(garbage, "--flag", "x"), r"--flag: cannot read .*garbage\.safetensors")
+    whole = tmp_path / "whole.safetensors"
+    save_file({"a": torch.zeros(1000)}, str(whole))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(whole.read_bytes()[:-100])
+
+    def read_truncated():
+        with open_checkpoint(truncated, "--flag", "x") as checkpoint:
+            checkpoint.read()
+
+    _one_line_error(read_truncated, r"--flag: cannot read .*truncated\.safetensors")
+    broken_zip = tmp_path / "broken.pt"
+    broken_zip.write_bytes(b"PK\x03\x04 not really a zip")
+    _one_line_error(lambda: open_checkpoint(broken_zip, "--flag", "x"), r"cannot read .*broken\.pt as a PyTorch")
+
+
+class ArbitraryObject:
+    """Stands for any pickled object that is not plain weights."""
+
+
+def test_pickled_objects_are_never_unpickled(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"weights": torch.zeros(1), "obj": ArbitraryObject()}, path)  # refused by weights_only
+    _one_line_error(lambda: open_checkpoint(path, "--flag", "x"), r"cannot read .*evil\.pt")
+
+
+def test_files_without_tensors_are_rejected(tmp_path):
+    path = tmp_path / "empty.pt"
+    torch.save({"a": [1, 2]}, path)
+    _one_line_error(lambda: open_checkpoint(path, "--flag", "the VAE"), r"empty\.pt holds no tensors.*the VAE")
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty))
+    _one_line_error(lambda: open_checkpoint(empty, "--flag", "the VAE"), "holds no tensors")
+
+
+def test_prefix_helpers():
+    assert strip_prefix("net.blocks.0", ("model.diffusion_model.", "net.")) == "blocks.0"
+    assert strip_prefix("blocks.0", ("net.",)) == "blocks.0"
+    keys = {"vae.encoder.conv1.weight", "other"}
+    assert find_prefix(keys, "encoder.conv1.weight", ("first_stage_model.", "vae.")) == "vae."
+    assert find_prefix(keys, "encoder.conv_in.weight", ("vae.",)) is None
+    assert find_prefix({"encoder.conv1.weight"}, "encoder.conv1.weight", ("vae.",)) == ""
+
+
+def test_guess_checkpoint_kind_names_the_right_flag():
+    assert "--pretrained_model_name_or_path" in guess_checkpoint_kind(["net.x_embedder.proj.1.weight"])
+    assert "--vae" in guess_checkpoint_kind(["encoder.down_blocks.0.norm1.gamma"])
+    assert "--qwen3" in guess_checkpoint_kind(["model.embed_tokens.weight"])
+    assert "LoRA" in guess_checkpoint_kind(["lora_unet_x.lora_down.weight"])
+    assert "SD/SDXL" in guess_checkpoint_kind(["encoder.down_blocks.0.resnets.0.conv1.weight"])
+
+
+def test_dit_loader_checks_shapes_before_reading_any_weight(golden_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    weights = load_file(str(golden_dir / "dit_tiny.safetensors"))
+    weights["net.blocks.1.self_attn.q_proj.weight"] = torch.zeros(128, 64)
+    path = tmp_path / "bad_shape.safetensors"
+    save_file(weights, str(path))
+    reads = []
+    original = checkpoint_io.CheckpointFile.tensor
+    monkeypatch.setattr(
+        checkpoint_io.CheckpointFile, "tensor", lambda self, key, *a, **k: reads.append(key) or original(self, key, *a, **k)
+    )
+    with pytest.raises(AnimaError, match="inconsistent shape"):
+        load_anima_model(path)
+    assert reads == []
+    model = load_anima_model(golden_dir / "dit_tiny.safetensors", dtype=torch.bfloat16)
+    assert len(reads) == len(model.state_dict())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
