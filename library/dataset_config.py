@@ -726,8 +726,9 @@ def debug_dataset_main(args: argparse.Namespace, *, num_batches: int = DEBUG_DAT
         config = dataset.config
         write(f"dataset {index}: {dataset.num_train_images} train + {dataset.num_reg_images} reg samples, "
               f"{len(dataset)} batches of up to {config.batch_size}, resolution {config.resolution}")
-        for size, members in zip(dataset.bucket_sizes, dataset._bucket_members):
-            write(f"  bucket {size[0]}x{size[1]}: {len(members)} samples")
+        for bucket in dataset.bucket_info()["buckets"].values():
+            width, height = bucket["resolution"]
+            write(f"  bucket {width}x{height}: {bucket['count']} samples")
     if val is not None:
         write(f"validation: {val.num_train_images} samples in {len(val)} batches")
     train.set_current_epoch(1)
