@@ -176,3 +176,34 @@ def test_jxl_images_load_when_the_plugin_is_installed(tmp_path, folder):
     assert "c.jxl" in [Path(i.key).name for i in train.datasets[0].infos]
     decoded = image_io.load_image(folder / "c.jxl", keep_alpha=False)
     assert np.array_equal(decoded, pixels)
+
+
+def test_caption_separator_and_token_warmup_flags_shape_the_live_caption(tmp_path, folder):
+    (folder / "a.caption").write_text("head;t1;t2;t3;t4", encoding="utf-8")
+    args = folder_args(tmp_path, "--caption_separator", ";", "--keep_tokens", "1", "--token_warmup_min", "2",
+                       "--token_warmup_step", "100")
+    train, _ = build_dataset_groups(args)
+    train.set_max_train_steps(100)
+    train.set_current_step(0)
+    captions = {c for i in range(len(train)) for c in train[i]["captions"]}
+    # Split on ";", the kept head plus the first token_warmup_min flexible tags, joined with ", ".
+    assert "head, t1, t2" in captions
+
+
+class BatchRecordingVAE(FakeVAE):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_sizes: list[int] = []
+
+    def encode_pixels_to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.batch_sizes.append(pixels.shape[0])
+        return super().encode_pixels_to_latents(pixels)
+
+
+def test_vae_batch_size_flag_sets_the_latent_caching_batch(tmp_path, folder):
+    write_image(folder / "b.png", 64, 64, seed=2)
+    write_image(folder / "c.png", 64, 64, seed=3)
+    vae = BatchRecordingVAE()
+    cache_only_main(folder_args(tmp_path, "--cache_latents_to_disk", "--vae_batch_size", "2"),
+                    load_vae=lambda: (vae, "vae"))
+    assert vae.batch_sizes == [2, 1]
