@@ -209,6 +209,19 @@ def tokenizer_digest(tokenizer) -> str:
     return hasher.hexdigest()[:16]
 
 
+def _pad_and_truncate(tokenizer, captions: list[str], max_length: int, add_special_tokens: bool):
+    """ids and attention mask [B, max_length], right-padded and truncated to exactly ``max_length``."""
+    return tokenizer(
+        captions,
+        add_special_tokens=add_special_tokens,
+        padding="max_length",
+        padding_side="right",
+        max_length=max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+
+
 class AnimaTokenizer:
     """Turns captions into the Qwen3 and T5 ids/masks the Anima text path needs."""
 
@@ -245,25 +258,9 @@ class AnimaTokenizer:
             empty_t5 = torch.zeros(0, self.t5_max_length, dtype=torch.long)
             return TokenizedCaptions(empty, empty.clone(), empty_t5, empty_t5.clone())
         # Raw text only: special tokens are never added on the Qwen3 side, whatever the tokenizer config says.
-        qwen3 = self.qwen3_tokenizer(
-            captions,
-            add_special_tokens=False,
-            padding="max_length",
-            padding_side="right",
-            max_length=self.qwen3_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+        qwen3 = _pad_and_truncate(self.qwen3_tokenizer, captions, self.qwen3_max_length, add_special_tokens=False)
         # add_special_tokens appends </s>; truncation shortens the text and keeps the </s>.
-        t5 = self.t5_tokenizer(
-            captions,
-            add_special_tokens=True,
-            padding="max_length",
-            padding_side="right",
-            max_length=self.t5_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+        t5 = _pad_and_truncate(self.t5_tokenizer, captions, self.t5_max_length, add_special_tokens=True)
         return TokenizedCaptions(
             qwen3_ids=qwen3["input_ids"].long(),
             qwen3_mask=qwen3["attention_mask"].long(),

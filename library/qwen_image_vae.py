@@ -404,6 +404,13 @@ def _check_pixel_range(pixels: torch.Tensor) -> None:
         )
 
 
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise AnimaError(
+            f"--vae_chunk_size must be a positive integer (got {chunk_size!r}); omit it to disable chunking"
+        )
+
+
 class QwenImageVAE(nn.Module):
     """Qwen-Image VAE for single images. ``state_dict()`` keys equal diffusers ``AutoencoderKLQwenImage``'s."""
 
@@ -435,18 +442,14 @@ class QwenImageVAE(nn.Module):
     def set_chunk_size(self, chunk_size: int | None) -> None:
         """Compute 3x3 convs in bands of ``chunk_size`` input rows (None: whole image). Odd sizes are
         rounded up to even, because stride-2 downsamplers turn a band of n rows into n/2 rows."""
-        if chunk_size is not None:
-            if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-                raise AnimaError(
-                    f"--vae_chunk_size must be a positive integer (got {chunk_size!r}); omit it to disable chunking"
-                )
-            if chunk_size % 2:
-                logger.info(
-                    "--vae_chunk_size %d is odd; using %d (the stride-2 downsamplers need an even band height)",
-                    chunk_size,
-                    chunk_size + 1,
-                )
-                chunk_size += 1
+        _check_chunk_size(chunk_size)
+        if chunk_size is not None and chunk_size % 2:
+            logger.info(
+                "--vae_chunk_size %d is odd; using %d (the stride-2 downsamplers need an even band height)",
+                chunk_size,
+                chunk_size + 1,
+            )
+            chunk_size += 1
         self.chunk_size = chunk_size
         for module in self.modules():
             if isinstance(module, (CausalConv3d, Resample)):
@@ -637,10 +640,7 @@ def load_vae(
     ``QwenImageVAE.set_chunk_size``. ``disable_cache`` is accepted for CLI compatibility and has no effect
     on images (there is no causal cache in the image path).
     """
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise AnimaError(
-            f"--vae_chunk_size must be a positive integer (got {chunk_size!r}); omit it to disable chunking"
-        )
+    _check_chunk_size(chunk_size)  # before the file is opened
     with open_checkpoint(_resolve_vae_file(Path(path)), VAE_FLAG, VAE_WHAT) as checkpoint:
         file = checkpoint.path
         # Names, shapes and the config are checked on meta tensors before any weight is read.

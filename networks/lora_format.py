@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -130,23 +130,22 @@ def split_lora_name(lora_name: str) -> tuple[str, str]:
     raise AnimaError(f"LoRA key '{lora_name}' has no 'lora_unet_' or 'lora_te_' prefix")
 
 
-def split_sd_key(key: str) -> tuple[str, str]:
-    """``"<lora_name>.lora_down.weight"`` -> ``(lora_name, "lora_down.weight")``."""
-    for suffix in _SD_SUFFIX_TO_COMFY:
+def _split_suffix(key: str, suffixes: Iterable[str], expected: str) -> tuple[str, str]:
+    for suffix in suffixes:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
     raise AnimaError(
-        f"unsupported LoRA tensor '{key}': only plain LoRA (lora_down/lora_up/alpha) is supported (no LoHa/LoKr/DoRA)"
+        f"unsupported LoRA tensor '{key}': only plain LoRA ({expected}) is supported (no LoHa/LoKr/DoRA)"
     )
+
+
+def split_sd_key(key: str) -> tuple[str, str]:
+    """``"<lora_name>.lora_down.weight"`` -> ``(lora_name, "lora_down.weight")``."""
+    return _split_suffix(key, _SD_SUFFIX_TO_COMFY, "lora_down/lora_up/alpha")
 
 
 def _split_comfy_key(key: str) -> tuple[str, str]:
-    for suffix in _COMFY_SUFFIX_TO_SD:
-        if key.endswith("." + suffix):
-            return key[: -len(suffix) - 1], suffix
-    raise AnimaError(
-        f"unsupported LoRA tensor '{key}': only plain LoRA (lora_A/lora_B/alpha) is supported (no LoHa/LoKr/DoRA)"
-    )
+    return _split_suffix(key, _COMFY_SUFFIX_TO_SD, "lora_A/lora_B/alpha")
 
 
 def detect_lora_format(sd: Mapping[str, torch.Tensor]) -> str:

@@ -175,6 +175,12 @@ def test_sigma_sampling_with_mode_density_matches_formula():
     _sigma_mode_cdf_at_table(s, table, u_tail)
 
 
+def test_sigma_sampling_stays_on_the_table_when_mode_density_leaves_unit_interval():
+    # mode_scale -2 maps small u above 1 (u = 0.1 -> 1.05); the table index is clamped instead of overflowing.
+    s = _draw("sigma", weighting_scheme="mode", mode_scale=-2.0)
+    assert bool(torch.isin(s, discrete_sigma_table(1.0)).all())
+
+
 def test_sigma_sampling_in_bf16_holds_table_values_rounded_to_bf16():
     s = _draw("sigma", discrete_flow_shift=3.0, weight_dtype=torch.bfloat16)
     assert s.dtype == torch.float32

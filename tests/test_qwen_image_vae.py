@@ -189,6 +189,22 @@ def test_chunked_convs_match_unchunked(vae_file, golden, reference_outputs, chun
     assert (decoded - reference_outputs[1]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("height, width", [(8, 8), (8, 24), (24, 40), (40, 8)])
+def test_chunking_handles_odd_latent_sizes_and_images_smaller_than_a_chunk(vae_file, height, width):
+    # 8x24 etc. give odd latent sizes (1x3, 3x5); chunk 2 cuts every layer, 64 is larger than the image.
+    vae = load_vae(vae_file)
+    pixels = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(height * width)) * 2 - 1
+    with torch.no_grad():
+        vae.set_chunk_size(None)
+        latents = vae.encode_pixels_to_latents(pixels)
+        decoded = vae.decode_latents_to_pixels(latents)
+        for chunk_size in (2, 64):
+            vae.set_chunk_size(chunk_size)
+            assert vae.encode_pixels_to_latents(pixels).shape == (1, 16, height // 8, width // 8)
+            assert max_rel_err(vae.encode_pixels_to_latents(pixels), latents) <= 1e-5
+            assert (vae.decode_latents_to_pixels(latents) - decoded).abs().max().item() <= 1e-5
+
+
 def test_odd_chunk_size_is_rounded_up_with_a_note(vae_file, caplog):
     with caplog.at_level(logging.INFO, logger="library.qwen_image_vae"):
         model = load_vae(vae_file, chunk_size=7)
