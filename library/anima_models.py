@@ -11,6 +11,7 @@ Token layout inside the DiT: ``[B, L, D]`` with the (t, h, w) patch grid flatten
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from library.attention import attention, normalize_attn_mode
+from library.block_swap import BlockSwapper
+from library.errors import AnimaError
+from library.offload_checkpointing import CPU_OFFLOAD, UNSLOTH_OFFLOAD, checkpoint_with_cpu_offload
 
 NORM_EPS = 1e-6
 
@@ -387,6 +391,7 @@ class Block(nn.Module):
         self.adaln_modulation_cross_attn = _adaln_modulation(d, config.adaln_lora_dim, 3)
         self.adaln_modulation_mlp = _adaln_modulation(d, config.adaln_lora_dim, 3)
         self.gradient_checkpointing = False
+        self.checkpoint_offload: str | None = None  # None, CPU_OFFLOAD or UNSLOTH_OFFLOAD
 
     def _body(
         self,
@@ -425,7 +430,12 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         args = (x, emb, context, rope_cos, rope_sin, adaln_lora, attn_mode, split_attn)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._body, *args, use_reentrant=False)
+            if self.checkpoint_offload is None:
+                return checkpoint(self._body, *args, use_reentrant=False)
+            body = functools.partial(self._body, attn_mode=attn_mode, split_attn=split_attn)
+            return checkpoint_with_cpu_offload(
+                body, *args[:6], asynchronous=self.checkpoint_offload == UNSLOTH_OFFLOAD
+            )
         return self._body(*args)
 
 
@@ -470,6 +480,7 @@ class Anima(nn.Module):
         )
         # (T', H', W', device) -> (cos, sin) [L, head_dim] float32; derived data, never in the state dict.
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.block_swapper: BlockSwapper | None = None
 
     @property
     def attn_mode(self) -> str:
@@ -487,14 +498,73 @@ class Anima(nn.Module):
     def device(self) -> torch.device:
         return self.x_embedder.proj[1].weight.device
 
-    def enable_gradient_checkpointing(self) -> None:
-        """Recompute each DiT block in backward (non-reentrant); acts only in training mode with grad enabled."""
+    def enable_gradient_checkpointing(self, cpu_offload: bool = False, unsloth_offload: bool = False) -> None:
+        """Recompute each DiT block in backward; acts only in training mode with grad enabled.
+
+        Plain: non-reentrant torch checkpointing (block inputs stay on the device). ``cpu_offload``: block inputs
+        kept in CPU memory, blocking copies. ``unsloth_offload``: the same with asynchronous copies (side stream,
+        pinned memory). See ``library.offload_checkpointing``. Offloading excludes block swap.
+        """
+        if cpu_offload and unsloth_offload:
+            raise AnimaError(
+                "--unsloth_offload_checkpointing and --cpu_offload_checkpointing exclude each other; keep one"
+            )
+        offload = CPU_OFFLOAD if cpu_offload else UNSLOTH_OFFLOAD if unsloth_offload else None
+        if offload is not None and self.block_swapper is not None:
+            raise AnimaError(
+                f"--blocks_to_swap cannot be combined with --{offload}_checkpointing; keep one "
+                "(block swap works with plain --gradient_checkpointing)"
+            )
         for block in self.blocks:
             block.gradient_checkpointing = True
+            block.checkpoint_offload = offload
 
     def disable_gradient_checkpointing(self) -> None:
         for block in self.blocks:
             block.gradient_checkpointing = False
+            block.checkpoint_offload = None
+
+    # ---- block swap (library.block_swap) -----------------------------------------------------------------------
+
+    def enable_block_swap(self, num_blocks: int, device: torch.device) -> None:
+        """Keep the weights of ``num_blocks`` DiT blocks in CPU memory and stream them in during forward/backward.
+
+        The block weights move to (pinned) CPU memory now; then call ``move_to_device_except_swap_blocks(device)``
+        and ``prepare_block_swap_before_forward()``. Block weights must stay frozen and must not be moved with
+        ``.to()`` afterwards (checked at every forward).
+        """
+        if any(block.checkpoint_offload is not None for block in self.blocks):
+            raise AnimaError(
+                "--blocks_to_swap cannot be combined with --cpu_offload_checkpointing or "
+                "--unsloth_offload_checkpointing; keep one"
+            )
+        self.block_swapper = BlockSwapper(self.blocks, num_blocks, device)
+
+    def move_to_device_except_swap_blocks(self, device: torch.device) -> None:
+        """Move everything but the swapped block weights (embedders, final layer, adapter, block buffers)."""
+        for name, child in self.named_children():
+            if name != "blocks":
+                child.to(device)
+        for block in self.blocks:
+            for module in block.modules():
+                for key, buffer in module.named_buffers(recurse=False):
+                    module._buffers[key] = buffer.to(device)
+
+    def prepare_block_swap_before_forward(self) -> None:
+        """Put the blocks in the starting layout (first N - n on the device); a no-op without block swap."""
+        if self.block_swapper is not None:
+            self.block_swapper.prepare()
+
+    def switch_block_swap_for_inference(self) -> None:
+        """Forward-only swapping (sampling): every block leaves after it ran."""
+        if self.block_swapper is not None:
+            self.block_swapper.forward_only = True
+            self.block_swapper.prepare()
+
+    def switch_block_swap_for_training(self) -> None:
+        if self.block_swapper is not None:
+            self.block_swapper.forward_only = False
+            self.block_swapper.prepare()
 
     def rope_angles(self, frames: int, height: int, width: int, device=None) -> torch.Tensor:
         """3D RoPE angle table for a patch grid (T', H', W'): [T'*H'*W', head_dim] float32."""
@@ -566,8 +636,15 @@ class Anima(nn.Module):
         rope_cos, rope_sin = self._rope_cos_sin(*grid, x.device)
         context = crossattn_emb.to(dtype)
 
-        for block in self.blocks:
+        swapper = self.block_swapper
+        if swapper is not None:
+            swapper.begin_forward()
+        for index, block in enumerate(self.blocks):
+            if swapper is not None:
+                swapper.before_block(index)
             x = block(x, emb, context, rope_cos, rope_sin, adaln_lora, self.attn_mode, self.split_attn)
+            if swapper is not None:
+                x = swapper.after_block(index, x)
 
         x = self.final_layer(x, emb, adaln_lora)  # [B, L, p*p*pt*C_out]
         return self._unpatchify(x, grid)
