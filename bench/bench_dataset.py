@@ -1,10 +1,11 @@
 """Dataset pipeline speed on CPU: bucketing (+ header checks), batch loading, and latent caching.
 
-    python bench/bench_dataset.py [--images 200] [--size 768] [--workers 0]
+    python bench/bench_dataset.py [--images 200] [--size 768] [--no_real_vae] [--masked_loss]
 
 Creates synthetic JPEG/PNG/WebP images in a temporary folder, then reports
   * images/s for building the dataset (image discovery, header/truncation checks, captions, buckets),
-  * images/s for producing training batches (decode, resize, crop, flip, to tensor),
+  * images/s for producing training batches (decode, resize, crop, flip, to tensor); with --masked_loss every
+    image also has a conditioning (mask) image that is decoded, resized and cropped the same way,
   * latents/s for caching with a tiny stand-in VAE (8x average pool) and, if the golden tiny Qwen-Image VAE is
     found (ANIMA_SHARED_DIR or ../shared), with it too. Numbers only; nothing is asserted.
 """
@@ -36,6 +37,18 @@ class PoolVAE(torch.nn.Module):
         return torch.cat([pooled] * 5 + [pooled[:, :1]], dim=1)
 
 
+def make_masks(images: Path, masks: Path) -> None:
+    """A PNG mask (left half 0, right half 255) the size of every image, with the image's stem."""
+    masks.mkdir(parents=True)
+    for path in images.iterdir():
+        if path.suffix != ".txt":
+            with Image.open(path) as image:
+                width, height = image.size
+            mask = np.zeros((height, width, 3), dtype=np.uint8)
+            mask[:, width // 2:] = 255
+            Image.fromarray(mask).save(masks / f"{path.stem}.png")
+
+
 def make_images(folder: Path, count: int, size: int) -> None:
     rng = np.random.default_rng(0)
     formats = [("JPEG", ".jpg"), ("PNG", ".png"), ("WEBP", ".webp")]
@@ -58,6 +71,7 @@ def main() -> None:
     cli.add_argument("--batch_size", type=int, default=4)
     cli.add_argument("--vae_batch_size", type=int, default=4)
     cli.add_argument("--no_real_vae", action="store_true", help="skip the (slow) golden tiny Qwen-Image VAE")
+    cli.add_argument("--masked_loss", action="store_true", help="give every image a conditioning (mask) image")
     options = cli.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -66,12 +80,17 @@ def main() -> None:
         images = root / "train" / "1_bench"
         images.mkdir(parents=True)
         make_images(images, options.images, options.size)
+        mask_flags = []
+        if options.masked_loss:
+            make_masks(images, root / "masks")
+            mask_flags = ["--conditioning_data_dir", str(root / "masks")]
         parser = argparse.ArgumentParser()
         add_dataset_arguments(parser)
         args = parser.parse_args(["--train_data_dir", str(root / "train"), "--resolution", str(options.resolution),
                                   "--enable_bucket", "--caption_extension", ".txt", "--flip_aug",
-                                  "--max_bucket_reso", str(options.resolution * 2)])
+                                  "--max_bucket_reso", str(options.resolution * 2), *mask_flags])
         args.seed, args.train_batch_size = 0, options.batch_size
+        args.masked_loss = options.masked_loss
 
         start = time.perf_counter()
         train, _ = build_dataset_groups(args)
