@@ -244,7 +244,12 @@ class CheckpointFile:
             raw = self._torch_tensors[key] if self._safetensors is None else self._safetensors.get_tensor(key)
         except Exception as error:  # a truncated data section shows up only here
             raise AnimaError(f"{self.flag}: cannot read tensor {key} of {self.path} ({_first_line(error)})") from None
-        return cast_tensor(raw, device, dtype)
+        out = cast_tensor(raw, device, dtype)
+        if out is raw and self._safetensors is None:
+            # Still a view of the memory-mapped file: own the data, so that a file replaced or truncated
+            # while training can never change (or crash) the loaded weights.
+            out = out.clone()
+        return out
 
     def read(
         self,
@@ -280,6 +285,9 @@ _SAFETENSORS_DTYPES = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }

@@ -74,6 +74,15 @@ def test_torch_files_unwrap_nested_state_dicts_and_skip_non_tensors(tmp_path, su
     assert loaded["net.b.bias"].dtype == torch.float32 and loaded["net.steps"].dtype == torch.int64
 
 
+def test_tensors_read_from_torch_files_do_not_depend_on_the_file(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save(dict(WEIGHTS), path)
+    loaded = load_state_dict(path, "--flag", "a test file")
+    with open(path, "r+b") as handle:  # overwrite the (memory-mapped) file in place after loading
+        handle.write(b"\x7f" * path.stat().st_size)
+    assert torch.equal(loaded["net.a.weight"], WEIGHTS["net.a.weight"])
+
+
 def test_legacy_torch_format_is_read_without_mmap(tmp_path):
     path = tmp_path / "old.pth"
     torch.save(dict(WEIGHTS), path, _use_new_zipfile_serialization=False)
