@@ -59,20 +59,28 @@ class AnimaNetworkTrainer(NetworkTrainer):
     # --- models -----------------------------------------------------------------------------------------------
 
     def load_frozen_models(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> None:
+        self.text_encoding = self.load_text_encoding_for_caching(args)
+        self.text_encoder = self.text_encoding.text_encoder
+        self.vae, self.vae_identity = self.load_vae_for_caching(args)
+
+    def load_text_encoding_for_caching(self, args: argparse.Namespace) -> Any:
+        """Tokenizers + Qwen3 on the device, wrapped in the encoding object the caches and the loop use."""
         from library.anima_tokenizers import AnimaTokenizer, load_qwen3_tokenizer, load_t5_tokenizer
-        from library.qwen_image_vae import load_vae
         from library.text_encoders import AnimaTextEncoding, load_qwen3_text_encoder
 
-        tokenizer = AnimaTokenizer(load_qwen3_tokenizer(args.qwen3), load_t5_tokenizer(args.t5_tokenizer_path),
-                                   args.qwen3_max_token_length, args.t5_max_token_length)
-        device = self.device
-        self.text_encoder = load_qwen3_text_encoder(args.qwen3, device=device, dtype=weight_dtype)
-        self.text_encoding = AnimaTextEncoding(tokenizer, self.text_encoder, device, weight_dtype)
-        vae_dtype = self.vae_dtype
-        # The VAE is needed on the device only for live encoding; caching moves it there itself.
-        self.vae = load_vae(args.vae, device=device, dtype=vae_dtype, chunk_size=args.vae_chunk_size,
-                            disable_cache=args.vae_disable_cache)
-        self.vae_identity = file_identity(args.vae, vae_dtype) + f"|chunk{args.vae_chunk_size}"
+        tokenizer = AnimaTokenizer(
+            load_qwen3_tokenizer(qwen3_path=args.qwen3, tokenizer_path=args.qwen3_tokenizer_path),
+            load_t5_tokenizer(args.t5_tokenizer_path), args.qwen3_max_token_length, args.t5_max_token_length)
+        text_encoder = load_qwen3_text_encoder(args.qwen3, device=self.device, dtype=self.weight_dtype)
+        return AnimaTextEncoding(tokenizer, text_encoder, self.device, self.weight_dtype)
+
+    def load_vae_for_caching(self, args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+        """The VAE on the device and the identity string that ties latent caches to it."""
+        from library.qwen_image_vae import load_vae
+
+        vae = load_vae(args.vae, device=self.device, dtype=self.vae_dtype, chunk_size=args.vae_chunk_size,
+                       disable_cache=args.vae_disable_cache)
+        return vae, file_identity(args.vae, self.vae_dtype) + f"|chunk{args.vae_chunk_size}"
 
     def load_dit(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> torch.nn.Module:
         from library.anima_utils import load_anima_model
@@ -176,7 +184,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
             logger.warning("sample images skipped: no text encoder and no cached prompt encodings")
             return
         generate_sample_images(
-            self.dit, self.vae, encoder, load_sample_prompts(args.sample_prompts), output_dir=args.output_dir,
+            accelerator.unwrap_model(self.dit), self.vae, encoder, load_sample_prompts(args.sample_prompts), output_dir=args.output_dir,
             output_name=args.output_name, step=step, epoch=epoch, device=self.device,
             autocast_dtype=self.weight_dtype if self.weight_dtype != torch.float32 else None, network=self.network,
         )

@@ -17,6 +17,8 @@ import importlib
 import math
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,14 @@ class NetworkTrainer:
     def cache_text_encoder_outputs(self, args: argparse.Namespace, accelerator: Accelerator,
                                    groups: list[Any]) -> None:
         """Model hook: encode all captions (and sample prompts) once (`--cache_text_encoder_outputs`)."""
+        raise NotImplementedError
+
+    def load_vae_for_caching(self, args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+        """Model hook (`--cache_only`): the VAE and its cache identity string."""
+        raise NotImplementedError
+
+    def load_text_encoding_for_caching(self, args: argparse.Namespace) -> Any:
+        """Model hook (`--cache_only`): the caption encoding object the text cache uses."""
         raise NotImplementedError
 
     def load_dit(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> torch.nn.Module:
@@ -96,13 +106,12 @@ class NetworkTrainer:
         self.args = args
         self.setup_run(args)
         self.setup_accelerator(args)
+        if args.cache_only:
+            self.write_caches_only(args)
+            return None
         self.build_datasets(args)
         self.load_frozen_models(args, self.accelerator, self.weight_dtype)
         self.build_caches(args)
-        if args.cache_only:
-            self.accelerator.wait_for_everyone()
-            self.accelerator.end_training()
-            return None
         self.dit = self.load_dit(args, self.accelerator, self.weight_dtype)
         self.create_network(args)
         self.create_optimizer(args)
@@ -141,9 +150,7 @@ class NetworkTrainer:
             dynamo_backend=args.dynamo_backend if args.torch_compile else None,
         )
         set_seed(args.seed)
-        # Multi-process CPU runs report "cpu:0"; CPU tensors carry no index, so use plain "cpu".
-        device = self.accelerator.device
-        self.device = torch.device("cpu") if device.type == "cpu" else device
+        self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.weight_dtype = DTYPES[args.mixed_precision]
         self.save_dtype = SAVE_DTYPES[args.save_precision]
@@ -160,6 +167,18 @@ class NetworkTrainer:
         for group in self.groups():
             group.check_caching_options(args.cache_latents, args.cache_text_encoder_outputs)
         self.assert_extra_args(args, self.train_group, self.val_group)
+
+    def write_caches_only(self, args: argparse.Namespace) -> None:
+        """`--cache_only`: write the disk caches and stop. The main process writes first; the others then
+        find the files and only check them."""
+        from library.dataset_config import cache_only_main
+
+        with self.accelerator.main_process_first():
+            cache_only_main(args, load_vae=lambda: self.load_vae_for_caching(args),
+                            load_text_encoding=lambda: self.load_text_encoding_for_caching(args),
+                            is_main_process=self.is_main)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
 
     def groups(self) -> list[Any]:
         return [g for g in (self.train_group, self.val_group) if g is not None]
@@ -229,7 +248,7 @@ class NetworkTrainer:
         """Parameter groups (per component / LoRA+), optimizer, data loader, step counts, LR scheduler."""
         from library.dataset_config import make_dataloader
         from library.lr_schedulers import create_lr_scheduler, resolve_lr_scheduler_name
-        from library.optimizers import create_optimizer, install_fused_backward_pass
+        from library.optimizers import create_optimizer, install_fused_backward_pass, is_schedule_free
 
         component_lrs = {name: getattr(args, f"{name}_lr")
                          for name in ("self_attn", "cross_attn", "mlp", "mod", "llm_adapter")}
@@ -242,9 +261,13 @@ class NetworkTrainer:
             raise AnimaError("no LoRA parameter is trained: every learning rate is 0 or no module matched")
         self.trainable_params = [p for p in self.network.parameters() if p.requires_grad]
         self.lr_descriptions = descriptions
-        self.optimizer_name, self.optimizer_args_text, optimizer = create_optimizer(
+        optimizer_name, optimizer_args_text, optimizer = create_optimizer(
             args.optimizer_type, groups, args.learning_rate, args.optimizer_args,
             use_8bit_adam=args.use_8bit_adam, use_lion_optimizer=args.use_lion_optimizer)
+        # ss_optimizer: "module.Class(key=value,...)" or just "module.Class" without --optimizer_args.
+        self.optimizer_text = optimizer_name + (f"({optimizer_args_text})" if optimizer_args_text else "")
+        self.schedule_free = is_schedule_free(optimizer)
+        self.optimizer_eval_depth = 0
 
         workers = min(args.max_data_loader_n_workers, max((torch.multiprocessing.cpu_count() or 1) - 1, 0))
         self.train_loader = make_dataloader(self.train_group, num_workers=workers,
@@ -350,13 +373,16 @@ class NetworkTrainer:
     def build_metadata(self, args: argparse.Namespace) -> None:
         """ss_* metadata of the run (fixed part) and the model spec."""
         dataset_metadata = self.train_group.metadata() if hasattr(self.train_group, "metadata") else None
+        if dataset_metadata and "ss_batch_size_per_device" in dataset_metadata:  # command-line dataset
+            dataset_metadata["ss_total_batch_size"] = str(int(dataset_metadata["ss_batch_size_per_device"])
+                                                          * self.accelerator.num_processes
+                                                          * args.gradient_accumulation_steps)
         num_val = getattr(self.val_group, "num_train_images", 0) if self.val_group is not None else 0
-        optimizer_text = self.optimizer_name + (f"({self.optimizer_args_text})" if self.optimizer_args_text else "")
         metadata = saving.training_metadata(
             args, session_id=self.session_id, training_started_at=self.training_started_at,
             num_train_images=self.train_group.num_train_images, num_reg_images=self.train_group.num_reg_images,
             num_validation_images=num_val, num_batches_per_epoch=len(self.train_loader),
-            num_epochs=self.num_epochs, optimizer_name=optimizer_text,
+            num_epochs=self.num_epochs, optimizer_name=self.optimizer_text,
             network_args=self.network_args if args.network_args else None, dataset_metadata=dataset_metadata,
         )
         if not args.no_metadata:
@@ -379,6 +405,7 @@ class NetworkTrainer:
         )
         recorder = LossRecorder()
         self.last_epoch = self.first_epoch
+        self.optimizer_train_mode()
         if args.sample_at_first and self.global_step == 0:
             self.run_sampling(epoch=0, step=0)
         try:
@@ -425,12 +452,14 @@ class NetworkTrainer:
         with accelerator.accumulate(self.network):
             loss = self.batch_loss(args, batch, training=True)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and self.fused_backward is None:
-                self.all_reduce_gradients()
-                if args.max_grad_norm:
-                    accelerator.clip_grad_norm_(self.trainable_params, args.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            # With --fused_backward_pass the hooks already clipped and stepped every parameter during backward.
+            if self.fused_backward is None:
+                if accelerator.sync_gradients:
+                    self.all_reduce_gradients()
+                    if args.max_grad_norm:
+                        accelerator.clip_grad_norm_(self.trainable_params, args.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 self.lr_scheduler.step()
         if args.scale_weight_norms and accelerator.sync_gradients:
@@ -450,7 +479,7 @@ class NetworkTrainer:
                                                                          self.weight_dtype)
             huber_c = (huber_threshold(args.huber_schedule, sigmas, args.huber_c, args.huber_scale)
                        if args.loss_type in ("huber", "smooth_l1") else None)
-            mask = batch.get("alpha_masks")
+            mask = batch.get("loss_masks")  # [B, 1, H, W] alpha / conditioning masks, or None
             loss = per_sample_loss(pred, target, args.loss_type, huber_c=huber_c, weighting=weighting,
                                    mask=mask.to(pred.device) if mask is not None else None,
                                    sample_weights=batch["loss_weights"].to(pred.device))
@@ -510,13 +539,41 @@ class NetworkTrainer:
     def run_sampling(self, epoch: int | None, step: int) -> None:
         if not self.args.sample_prompts:
             return
-        if self.is_main:
-            self.sample_images(self.args, self.accelerator, epoch, step)
-        self.accelerator.wait_for_everyone()
+        with self.optimizer_eval_mode():
+            if self.is_main:
+                self.sample_images(self.args, self.accelerator, epoch, step)
+            self.accelerator.wait_for_everyone()
+
+    # Schedule-free optimizers hold two weight sets; evaluation, sampling and saving must see the averaged one.
+
+    def optimizer_train_mode(self) -> None:
+        if self.schedule_free:
+            getattr(self.optimizer, "optimizer", self.optimizer).train()
+
+    @contextmanager
+    def optimizer_eval_mode(self) -> Iterator[None]:
+        """Switch a schedule-free optimizer to eval weights for the block (nested uses switch once)."""
+        if not self.schedule_free:
+            yield
+            return
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if self.optimizer_eval_depth == 0:
+            inner.eval()
+        self.optimizer_eval_depth += 1
+        try:
+            yield
+        finally:
+            self.optimizer_eval_depth -= 1
+            if self.optimizer_eval_depth == 0:
+                inner.train()
 
     @torch.no_grad()
     def validate(self, args: argparse.Namespace) -> None:
         """Mean loss on the validation set with a fixed seed (RNG restored afterwards)."""
+        with self.optimizer_eval_mode():
+            self.validation_loss(args)
+
+    def validation_loss(self, args: argparse.Namespace) -> None:
         self.network.eval()
         seed = args.validation_seed if args.validation_seed is not None else args.seed
         cpu_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
@@ -546,6 +603,12 @@ class NetworkTrainer:
     def save_model(self, file_name: str, *, steps: int, epoch: int) -> Path | None:
         """Write the LoRA atomically (main process); the others wait."""
         path = Path(self.args.output_dir) / file_name
+        with self.optimizer_eval_mode():
+            self.write_model(path, steps=steps, epoch=epoch)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def write_model(self, path: Path, *, steps: int, epoch: int) -> None:
         if self.is_main:
             metadata = saving.metadata_for_save(self.metadata, self.model_spec, steps=steps, epoch=epoch,
                                                 no_metadata=self.args.no_metadata)
@@ -554,8 +617,6 @@ class NetworkTrainer:
             self.network.save_weights(str(path), self.save_dtype, metadata if is_safetensors else None,
                                       lora_format=self.args.lora_format)
             self.reporter.message(f"saved {path}")
-        self.accelerator.wait_for_everyone()
-        return path
 
     def prune(self, names: Any) -> None:
         if self.is_main:
@@ -568,7 +629,10 @@ class NetworkTrainer:
 
     def save_state(self, folder_name: str, *, epoch: int, epoch_batches: int) -> None:
         """Training state folder: network weights, optimizer, scheduler, RNG of every process, counters."""
-        path = Path(self.args.output_dir) / folder_name
+        with self.optimizer_eval_mode():
+            self.write_state(Path(self.args.output_dir) / folder_name, epoch=epoch, epoch_batches=epoch_batches)
+
+    def write_state(self, path: Path, *, epoch: int, epoch_batches: int) -> None:
         rng = _rng_state()
         gathered = _gather_objects(self.accelerator, rng)
         if self.is_main:

@@ -17,6 +17,7 @@ from typing import Any
 import toml
 
 from library.errors import AnimaError
+from library.losses import check_loss_options
 from library.lr_schedulers import parse_int_or_float
 
 GPU_ONLY = "[GPU only] "
@@ -52,7 +53,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     a("vae", type=str, default=None, help="Qwen-Image VAE .safetensors")
     a("llm_adapter_path", type=str, default=None,
       help="separate LLM adapter weights; default: the adapter inside the DiT file")
-    a("t5_tokenizer_path", type=str, default=None, help="T5 tokenizer folder; default: the bundled one")
+    a("qwen3_tokenizer_path", type=str, default=None,
+      help="Qwen3 tokenizer folder; default: the --qwen3 folder if it holds the tokenizer, else downloaded once "
+      "from the Hugging Face hub (first run needs network; point this flag at a local folder to avoid it)")
+    a("t5_tokenizer_path", type=str, default=None,
+      help="T5 tokenizer folder; default: downloaded once from the Hugging Face hub (first run needs network; "
+      "point this flag at a local folder to avoid it)")
     a("tokenizer_cache_dir", type=str, default=None, help="unused for Anima (kept for sd-scripts command lines)")
     a("v2", action="store_true", help="Stable Diffusion 2 option; has no effect for Anima (warned)")
     a("v_parameterization", action="store_true", help="Stable Diffusion option; has no effect for Anima (warned)")
@@ -159,7 +165,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("persistent_data_loader_workers", action="store_true", help="keep data loader workers between epochs")
     a("loss_type", choices=LOSS_TYPES, default="l2", help="element-wise loss")
     a("huber_schedule", choices=HUBER_SCHEDULES, default="snr",
-      help="huber c per sample; `snr` is not available for Anima (use constant or exponential)")
+      help="huber c per sample as a function of sigma: constant, exponential (huber_c^sigma) or snr "
+      "((1 - huber_c)(1 - sigma)^2 + huber_c); all scaled by --huber_scale")
     a("huber_c", type=float, default=0.1, help="huber c")
     a("huber_scale", type=float, default=1.0, help="huber scale")
     a("ip_noise_gamma", type=float, default=None, help="input-perturbation noise strength")
@@ -258,8 +265,6 @@ def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     a("log_prefix", type=str, default=None, help="prefix of the run folder")
     a("log_tracker_name", type=str, default=None, help="tracker project name")
     a("log_tracker_config", type=str, default=None, help="tracker init kwargs TOML")
-    a("wandb_run_name", type=str, default=None, help="wandb run name")
-    a("wandb_api_key", type=str, default=None, help="wandb API key (never written to configs)")
     a("log_config", action="store_true", help="log the training arguments to the tracker")
     a("console_log_level", type=str, default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
       help="console log level")
@@ -267,6 +272,44 @@ def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     a("console_log_simple", action="store_true", help="plain console log format")
     for field in ("title", "author", "description", "license", "tags"):
         a(f"metadata_{field}", type=str, default=None, help=f"model-spec {field}")
+
+
+# sd-scripts flags this trainer does not implement. They are parsed so a carried-over command line or config
+# gets advice instead of argparse's "unrecognized arguments"; a value other than the default is rejected.
+# name -> (argparse keywords, what to do instead)
+_DEEPSPEED = "DeepSpeed is not supported; remove it (multi-GPU training runs with `accelerate launch --multi_gpu`)"
+_HUB = "Hugging Face upload/resume is not supported; remove it and upload the files from --output_dir yourself"
+_WANDB = "wandb logging is not available; remove it and use --logging_dir (TensorBoard)"
+UNSUPPORTED_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
+    "deepspeed": ({"action": "store_true"}, _DEEPSPEED),
+    "zero_stage": ({"type": int, "default": 2}, _DEEPSPEED),
+    "offload_optimizer_device": ({"type": str, "default": None}, _DEEPSPEED),
+    "offload_optimizer_nvme_path": ({"type": str, "default": None}, _DEEPSPEED),
+    "offload_param_device": ({"type": str, "default": None}, _DEEPSPEED),
+    "offload_param_nvme_path": ({"type": str, "default": None}, _DEEPSPEED),
+    "zero3_init_flag": ({"action": "store_true"}, _DEEPSPEED),
+    "zero3_save_16bit_model": ({"action": "store_true"}, _DEEPSPEED),
+    "fp16_master_weights_and_gradients": ({"action": "store_true"}, _DEEPSPEED),
+    "huggingface_repo_id": ({"type": str, "default": None}, _HUB),
+    "huggingface_repo_type": ({"type": str, "default": None}, _HUB),
+    "huggingface_path_in_repo": ({"type": str, "default": None}, _HUB),
+    "huggingface_token": ({"type": str, "default": None}, _HUB),
+    "huggingface_repo_visibility": ({"type": str, "default": None}, _HUB),
+    "save_state_to_huggingface": ({"action": "store_true"}, _HUB),
+    "resume_from_huggingface": ({"action": "store_true"}, "resuming from the Hugging Face hub is not supported; "
+                                "download the state folder and pass it to --resume"),
+    "async_upload": ({"action": "store_true"}, _HUB),
+    "dataset_class": ({"type": str, "default": None}, "custom dataset classes are not supported; describe the "
+                      "images with --dataset_config (a dataset TOML) or --train_data_dir"),
+    "wandb_run_name": ({"type": str, "default": None}, _WANDB),
+    "wandb_api_key": ({"type": str, "default": None}, _WANDB),
+}
+
+
+def _add_unsupported_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("not supported (accepted only to explain what to use instead)")
+    for name, (kwargs, advice) in UNSUPPORTED_FLAGS.items():
+        _add(g, parser, name, help=f"rejected: {advice}", **kwargs)
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -297,6 +340,7 @@ def setup_parser() -> argparse.ArgumentParser:
     _add_saving_arguments(parser)
     _add_sampling_arguments(parser)
     _add_logging_arguments(parser)
+    _add_unsupported_arguments(parser)
     _add_config_arguments(parser)
     return parser
 
@@ -455,9 +499,10 @@ def validate_args(args: argparse.Namespace) -> list[str]:
 
     if args.weighted_captions:
         reject("--weighted_captions is not supported by the Anima tokenizer; remove it")
-    if args.loss_type in ("huber", "smooth_l1") and args.huber_schedule == "snr":
-        reject(f"--loss_type {args.loss_type} with --huber_schedule snr is not supported for Anima; "
-               "add --huber_schedule constant or exponential")
+    try:
+        check_loss_options(args.loss_type, args.huber_schedule, args.huber_c, args.huber_scale)
+    except AnimaError as exc:
+        reject(str(exc))
 
     # Caching flags: *_to_disk implies the in-memory flag.
     if args.cache_latents_to_disk and not args.cache_latents:
@@ -544,11 +589,14 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     if args.log_with in ("tensorboard", "all") and not args.logging_dir:
         reject(f"--log_with {args.log_with} needs --logging_dir")
     if args.log_with in ("wandb", "all"):
-        reject("--log_with wandb is not available in this trainer; use --log_with tensorboard")
+        reject(f"--log_with {args.log_with}: {_WANDB}")
+    for name, (kwargs, advice) in UNSUPPORTED_FLAGS.items():
+        if getattr(args, name, None) != kwargs.get("default", False if kwargs.get("action") else None):
+            reject(f"{_flag(name)}: {advice}")
 
     # Files named on the command line must exist (caught before any long work).
-    for name in ("pretrained_model_name_or_path", "qwen3", "vae", "llm_adapter_path", "t5_tokenizer_path",
-                 "network_weights", "sample_prompts", "resume", "dataset_config"):
+    for name in ("pretrained_model_name_or_path", "qwen3", "vae", "llm_adapter_path", "qwen3_tokenizer_path",
+                 "t5_tokenizer_path", "network_weights", "sample_prompts", "resume", "dataset_config"):
         path = getattr(args, name, None)
         if path and not os.path.exists(path):
             reject(f"{_flag(name)} {path}: not found; check the path")
@@ -557,6 +605,15 @@ def validate_args(args: argparse.Namespace) -> list[str]:
             reject(f"--base_weights {path}: not found; check the path")
     if args.base_weights_multiplier and len(args.base_weights_multiplier) > len(args.base_weights or []):
         reject("--base_weights_multiplier has more values than --base_weights files")
+    if args.sample_prompts and os.path.exists(args.sample_prompts):
+        # Read the prompt file now: a mistake in it must not surface only after caching and training.
+        from library.sampling import load_sample_prompts
+
+        try:
+            load_sample_prompts(args.sample_prompts)
+        except AnimaError as exc:
+            message = str(exc)
+            reject(message if message.startswith("--sample_prompts") else f"--sample_prompts {message}")
 
     reject.raise_if_any()
     return warnings

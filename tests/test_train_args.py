@@ -139,7 +139,8 @@ def test_missing_config_file_is_one_clear_error(tmp_path):
     (["--blocks_to_swap", "27"], ["--blocks_to_swap 27"]),
     (["--full_bf16"], ["--full_bf16", "--mixed_precision bf16"]),
     (["--full_fp16", "--mixed_precision", "bf16"], ["--full_fp16", "fp16"]),
-    (["--loss_type", "huber"], ["--huber_schedule snr", "constant"]),
+    (["--loss_type", "huber", "--huber_c", "0"], ["--huber_c", "> 0"]),
+    (["--loss_type", "smooth_l1", "--huber_scale", "-1"], ["--huber_scale"]),
     (["--lr_scheduler", "constant", "--lr_warmup_steps", "10"], ["--lr_warmup_steps", "constant"]),
     (["--log_with", "tensorboard"], ["--log_with tensorboard", "--logging_dir"]),
     (["--attn_mode", "sageattn"], ["sageattn", "inference"]),
@@ -214,3 +215,63 @@ def test_cli_requires_model_paths_before_any_work(capsys):
     assert main(["--output_dir", "out"]) == 2
     err = capsys.readouterr().err
     assert "--pretrained_model_name_or_path" in err and "--qwen3" in err and "--vae" in err
+
+
+def test_huber_with_every_schedule_including_the_default_snr_is_accepted():
+    for schedule in (None, "snr", "constant", "exponential"):
+        argv = ["--loss_type", "huber"] + (["--huber_schedule", schedule] if schedule else [])
+        args, _ = parse(*argv)
+        assert args.huber_schedule == (schedule or "snr")
+
+
+@pytest.mark.parametrize("argv, flag, advice", [
+    (["--deepspeed"], "--deepspeed", "accelerate launch --multi_gpu"),
+    (["--zero_stage", "3"], "--zero_stage", "DeepSpeed"),
+    (["--offload_optimizer_device", "cpu"], "--offload_optimizer_device", "DeepSpeed"),
+    (["--huggingface_repo_id", "me/lora"], "--huggingface_repo_id", "--output_dir"),
+    (["--save_state_to_huggingface"], "--save_state_to_huggingface", "Hugging Face"),
+    (["--resume_from_huggingface"], "--resume_from_huggingface", "--resume"),
+    (["--async_upload"], "--async_upload", "Hugging Face"),
+    (["--dataset_class", "my.Dataset"], "--dataset_class", "--dataset_config"),
+    (["--wandb_api_key", "k"], "--wandb_api_key", "--logging_dir"),
+    (["--wandb_run_name", "r"], "--wandb_run_name", "--logging_dir"),
+    (["--log_with", "wandb"], "--log_with wandb", "--logging_dir"),
+])
+def test_unsupported_sd_scripts_flags_are_rejected_with_advice(argv, flag, advice):
+    with pytest.raises(AnimaError) as err:
+        parse(*argv)
+    message = str(err.value)
+    assert "\n" not in message and flag in message and advice in message
+
+
+def test_unsupported_flags_at_their_defaults_pass_so_sd_scripts_configs_load(tmp_path):
+    config = tmp_path / "sd.toml"
+    config.write_text("zero_stage = 2\ndeepspeed = false\nasync_upload = false\nnetwork_dim = 8\n")
+    args, _ = parse("--config_file", str(config))
+    assert args.network_dim == 8 and args.zero_stage == 2
+
+
+def test_unsupported_flag_in_a_config_file_is_rejected(tmp_path):
+    config = tmp_path / "sd.toml"
+    config.write_text("[huggingface]\nhuggingface_repo_id = \"me/lora\"\n")
+    with pytest.raises(AnimaError, match="--huggingface_repo_id"):
+        parse("--config_file", str(config))
+
+
+def test_a_bad_sample_prompt_file_fails_during_the_argument_check(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --w wide\n")  # width must be a number
+    with pytest.raises(AnimaError, match="--sample_prompts .*prompts.txt"):
+        parse("--sample_prompts", str(prompts))
+    prompts.write_text("a cat --w 512\n")
+    args, _ = parse("--sample_prompts", str(prompts))
+    assert args.sample_prompts == str(prompts)
+
+
+def test_tokenizer_flags_say_they_download_and_missing_folders_fail(tmp_path):
+    text = " ".join(setup_parser().format_help().split())
+    for flag in ("--qwen3_tokenizer_path", "--t5_tokenizer_path"):
+        block = text[text.index(f" {flag} "):][:400]
+        assert "downloaded" in block and "local folder" in block, flag
+    with pytest.raises(AnimaError, match="--qwen3_tokenizer_path .*not found"):
+        parse("--qwen3_tokenizer_path", str(tmp_path / "none"))

@@ -73,7 +73,7 @@ def test_loss_type_changes_the_batch_loss(accelerator):
         trainer.dit, trainer.accelerator, trainer.weight_dtype, trainer.train_te = RecordingDiT(), accelerator, \
             torch.float32, False
         trainer.device = torch.device("cpu")
-        batch = {"latents": torch.randn(2, 16, 4, 4), "loss_weights": torch.ones(2), "alpha_masks": None,
+        batch = {"latents": torch.randn(2, 16, 4, 4), "loss_weights": torch.ones(2), "loss_masks": None,
                  "text": {"qwen3_embeds": torch.zeros(2, 3, 8), "qwen3_mask": torch.ones(2, 3, dtype=torch.long),
                           "t5_ids": torch.ones(2, 5, dtype=torch.long), "t5_mask": torch.ones(2, 5, dtype=torch.long)}}
         torch.manual_seed(0)
