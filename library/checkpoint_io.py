@@ -245,9 +245,9 @@ class CheckpointFile:
         except Exception as error:  # a truncated data section shows up only here
             raise AnimaError(f"{self.flag}: cannot read tensor {key} of {self.path} ({_first_line(error)})") from None
         out = cast_tensor(raw, device, dtype)
-        if out is raw and self._safetensors is None:
-            # Still a view of the memory-mapped file: own the data, so that a file replaced or truncated
-            # while training can never change (or crash) the loaded weights.
+        if out is raw:
+            # Still a view of the memory-mapped file (both formats map it): own the data, so that a file
+            # overwritten or truncated while training can never change (or crash) the loaded weights.
             out = out.clone()
         return out
 

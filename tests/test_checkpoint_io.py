@@ -74,9 +74,10 @@ def test_torch_files_unwrap_nested_state_dicts_and_skip_non_tensors(tmp_path, su
     assert loaded["net.b.bias"].dtype == torch.float32 and loaded["net.steps"].dtype == torch.int64
 
 
-def test_tensors_read_from_torch_files_do_not_depend_on_the_file(tmp_path):
-    path = tmp_path / "w.pt"
-    torch.save(dict(WEIGHTS), path)
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_loaded_tensors_do_not_depend_on_the_file(tmp_path, suffix):
+    path = tmp_path / f"w{suffix}"
+    torch.save(dict(WEIGHTS), path) if suffix == ".pt" else save_file(WEIGHTS, str(path))
     loaded = load_state_dict(path, "--flag", "a test file")
     with open(path, "r+b") as handle:  # overwrite the (memory-mapped) file in place after loading
         handle.write(b"\x7f" * path.stat().st_size)
