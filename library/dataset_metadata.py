@@ -60,8 +60,12 @@ def _subset_metadata(dataset: ImageDataset, index: int) -> dict[str, Any]:
     if subset.kind == "dreambooth":
         data["class_tokens"] = subset.class_tokens
         data["is_reg"] = subset.is_reg
+    elif subset.kind == "conditioning":
+        data["conditioning_data_dir"] = os.path.basename(os.path.normpath(subset.conditioning_data_dir or ""))
     else:
         data["metadata_file"] = os.path.basename(subset.metadata_file or "")
+    if subset.face_crop_aug_range is not None:
+        data["face_crop_aug_range"] = list(subset.face_crop_aug_range)
     return data
 
 

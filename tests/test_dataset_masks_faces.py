@@ -277,3 +277,32 @@ def test_changed_conditioning_image_reencodes_the_disk_cache(tmp_path):
     train.cache_latents(vae, "vae", batch_size=1, to_disk=True, skip_check=False)
     assert vae.encoded == 2  # image + mirrored image
     assert torch.all(train[0]["loss_masks"] == 1)
+
+
+def test_metadata_names_the_conditioning_folder_and_face_range(tmp_path):
+    import json
+
+    face_image(tmp_path)
+    (tmp_path / "cond").mkdir()
+    save(tmp_path / "cond" / "girl_200_150_40_40.png", noise(400, 300, 5))
+    args = toml_args(tmp_path, "resolution = 64",
+                     f"conditioning_data_dir = '{tmp_path / 'cond'}'\nface_crop_aug_range = [2.0, 3.0]",
+                     masked_loss=True)
+    datasets = json.loads(build_dataset_groups(args)[0].metadata()["ss_datasets"])
+    assert datasets[0]["is_dreambooth"] is False
+    subset = datasets[0]["subsets"][0]
+    assert subset["conditioning_data_dir"] == "cond" and subset["face_crop_aug_range"] == [2.0, 3.0]
+
+
+def test_conditioning_mask_follows_the_face_crop(tmp_path):
+    pixels = noise(400, 300, 6)
+    save(tmp_path / "img" / "x_200_150_40_40.png", pixels)
+    save(tmp_path / "cond" / "x_200_150_40_40.png", pixels)
+    args = toml_args(tmp_path, "resolution = 64",
+                     f"conditioning_data_dir = '{tmp_path / 'cond'}'\nface_crop_aug_range = [1.5, 3.0]\n"
+                     "random_crop = true\nflip_aug = true", masked_loss=True)
+    train, _ = build_dataset_groups(args)
+    for epoch in range(1, 4):
+        train.set_current_epoch(epoch)
+        batch = train[0]
+        torch.testing.assert_close(batch["loss_masks"], (batch["images"][:, :1] + 1) / 2, atol=1e-6, rtol=0)
