@@ -45,7 +45,9 @@ def sample_keys(keys: Iterable[str], limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def cast_tensor(tensor: torch.Tensor, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def cast_tensor(
+    tensor: torch.Tensor, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Move to ``device``; floating tensors also become ``dtype`` (None keeps theirs), others keep their dtype."""
     target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
     return tensor.to(device=device, dtype=target)
