@@ -48,13 +48,6 @@ class AnimaNetworkTrainer(NetworkTrainer):
         from library.attention import check_attn_mode
 
         check_attn_mode(args.attn_mode, training=True)
-        if args.blocks_to_swap or args.cpu_offload_checkpointing or args.unsloth_offload_checkpointing:
-            if not torch.cuda.is_available():
-                flags = [f for f in ("blocks_to_swap", "cpu_offload_checkpointing", "unsloth_offload_checkpointing")
-                         if getattr(args, f)]
-                raise AnimaError(f"--{flags[0]} needs a CUDA GPU; remove it on this machine")
-            raise AnimaError("--blocks_to_swap / --cpu_offload_checkpointing / --unsloth_offload_checkpointing are "
-                             "not implemented in this trainer yet; use --gradient_checkpointing")
 
     # --- models -----------------------------------------------------------------------------------------------
 
@@ -85,10 +78,24 @@ class AnimaNetworkTrainer(NetworkTrainer):
     def load_dit(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> torch.nn.Module:
         from library.anima_utils import load_anima_model
 
-        dit = load_anima_model(args.pretrained_model_name_or_path, device=self.device, dtype=weight_dtype,
+        # With block swap the DiT stays in CPU memory until `place_dit` streams part of it to the device.
+        device = torch.device("cpu") if args.blocks_to_swap else self.device
+        dit = load_anima_model(args.pretrained_model_name_or_path, device=device, dtype=weight_dtype,
                                attn_mode=args.attn_mode, split_attn=args.split_attn,
                                llm_adapter_path=args.llm_adapter_path)
         return dit
+
+    def place_dit(self, args: argparse.Namespace, device: torch.device) -> None:
+        if not args.blocks_to_swap:
+            self.dit.to(device)
+            return
+        # After --base_weights were merged: the swapper keeps a CPU copy of every block's weights from here on.
+        self.dit.enable_block_swap(args.blocks_to_swap, device)
+        self.dit.move_to_device_except_swap_blocks(device)
+        self.dit.prepare_block_swap_before_forward()
+
+    def reset_dit_layout(self) -> None:
+        self.dit.prepare_block_swap_before_forward()
 
     def text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder] if self.text_encoder is not None else []
@@ -144,12 +151,27 @@ class AnimaNetworkTrainer(NetworkTrainer):
         device = self.device
         if batch.get("text") is not None:
             text = batch["text"]  # cached; caption dropout already swapped in the empty-caption encoding
+        elif self.text_encoding is not None and train_text_encoder:
+            text = self.encode_captions_with_grad(list(batch["captions"]))
         elif self.text_encoding is not None:
             text = self.text_encoding.encode(list(batch["captions"]))
         else:
             raise AnimaError("a batch without cached text outputs reached training after the text encoder was "
                              "freed; delete stale *_anima_te.npz files or drop --cache_text_encoder_outputs")
         return {k: v.to(device) for k, v in text.items()}
+
+    def encode_captions_with_grad(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Live caption encoding that keeps the autograd graph for the Qwen3 LoRA.
+
+        The LoRA acts through forward hooks, so the encoder's own parameters are all frozen; the encoding
+        object only tracks gradients when one of those requires grad, hence the direct call here.
+        """
+        from library.text_encoders import encode_qwen3
+
+        tokens = self.text_encoding.tokenizer(captions)
+        embeds = encode_qwen3(self.text_encoder, tokens.qwen3_ids, tokens.qwen3_mask)  # [B, Lq, Dq]
+        return {"qwen3_embeds": embeds.float(), "qwen3_mask": tokens.qwen3_mask, "t5_ids": tokens.t5_ids,
+                "t5_mask": tokens.t5_mask}
 
     def noise_pred_and_target(self, args: argparse.Namespace, accelerator: Accelerator, latents: torch.Tensor,
                               text: dict[str, torch.Tensor], weight_dtype: torch.dtype
@@ -183,11 +205,16 @@ class AnimaNetworkTrainer(NetworkTrainer):
         if encoder is None:
             logger.warning("sample images skipped: no text encoder and no cached prompt encodings")
             return
-        generate_sample_images(
-            accelerator.unwrap_model(self.dit), self.vae, encoder, load_sample_prompts(args.sample_prompts), output_dir=args.output_dir,
-            output_name=args.output_name, step=step, epoch=epoch, device=self.device,
-            autocast_dtype=self.weight_dtype if self.weight_dtype != torch.float32 else None, network=self.network,
-        )
+        dit = accelerator.unwrap_model(self.dit)
+        dit.switch_block_swap_for_inference()  # forward-only swapping; a no-op without --blocks_to_swap
+        try:
+            generate_sample_images(
+                dit, self.vae, encoder, load_sample_prompts(args.sample_prompts), output_dir=args.output_dir,
+                output_name=args.output_name, step=step, epoch=epoch, device=self.device,
+                autocast_dtype=self.weight_dtype if self.weight_dtype != torch.float32 else None, network=self.network,
+            )
+        finally:
+            dit.switch_block_swap_for_training()
 
     def update_metadata(self, metadata: dict[str, str], args: argparse.Namespace) -> None:
         for name in ANIMA_METADATA_ARGS:

@@ -74,6 +74,13 @@ class NetworkTrainer:
         """Model hook: text encoders the network may attach LoRA to (empty when they were freed)."""
         return []
 
+    def place_dit(self, args: argparse.Namespace, device: torch.device) -> None:
+        """Model hook: move the frozen denoiser to the device (block swap keeps part of it in CPU memory)."""
+        self.dit.to(device)
+
+    def reset_dit_layout(self) -> None:
+        """Model hook: after a forward without backward (validation), restore the layout training expects."""
+
     def batch_latents(self, args: argparse.Namespace, batch: dict, weight_dtype: torch.dtype) -> torch.Tensor:
         """Model hook: latents of a batch, from the cache or encoded live. [B, C, h, w]."""
         raise NotImplementedError
@@ -234,7 +241,8 @@ class NetworkTrainer:
             info = network.load_weights(args.network_weights)
             logger.info("loaded network weights from %s: %s", args.network_weights, info)
         if args.gradient_checkpointing:
-            self.dit.enable_gradient_checkpointing()
+            self.dit.enable_gradient_checkpointing(cpu_offload=args.cpu_offload_checkpointing,
+                                                   unsloth_offload=args.unsloth_offload_checkpointing)
             for te in text_encoders if train_te else []:
                 if hasattr(te, "gradient_checkpointing_enable"):
                     te.gradient_checkpointing_enable()
@@ -304,7 +312,7 @@ class NetworkTrainer:
         """Move models to the device, freeze the base models, let accelerate wrap optimizer and loaders."""
         device = self.device
         self.dit.requires_grad_(False)
-        self.dit.to(device)
+        self.place_dit(args, device)
         for te in self.text_encoders():
             te.requires_grad_(False)
         self.network.to(device)
@@ -594,6 +602,7 @@ class NetworkTrainer:
             if cuda_states is not None:
                 torch.cuda.set_rng_state_all(cuda_states)
             self.network.train()
+            self.reset_dit_layout()
         if count:
             self.reporter.scalars(self.global_step, {"loss/validation/step_average": total / count})
             self.reporter.message(f"validation loss at step {self.global_step}: {total / count:.4f}")

@@ -89,11 +89,13 @@ def _add_anima_arguments(parser: argparse.ArgumentParser) -> None:
         a(f"{component}_lr", type=float, default=None,
           help=f"learning rate of the {component} LoRA modules; 0 freezes them; default: the DiT learning rate")
     a("blocks_to_swap", type=int, default=None,
-      help=GPU_ONLY + f"number of DiT blocks kept in CPU memory and swapped in on demand (1-{MAX_BLOCKS_TO_SWAP})")
+      help=f"number of DiT blocks whose weights stay in CPU memory and are streamed to the GPU when needed "
+      f"(1-{MAX_BLOCKS_TO_SWAP}, at most the block count - 2); saves GPU memory, costs speed; excludes the offload "
+      "checkpointing flags")
     a("cpu_offload_checkpointing", action="store_true",
-      help=GPU_ONLY + "offload checkpointed activations to CPU (blocking)")
+      help="gradient checkpointing that keeps the saved block inputs in CPU memory (blocking copies)")
     a("unsloth_offload_checkpointing", action="store_true",
-      help=GPU_ONLY + "offload checkpointed activations to CPU asynchronously; implies --gradient_checkpointing")
+      help="like --cpu_offload_checkpointing with asynchronous copies; implies --gradient_checkpointing")
 
 
 def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
@@ -539,6 +541,9 @@ def validate_args(args: argparse.Namespace) -> list[str]:
                    "--unsloth_offload_checkpointing; keep one")
         if not 1 <= args.blocks_to_swap <= MAX_BLOCKS_TO_SWAP:
             reject(f"--blocks_to_swap {args.blocks_to_swap}: must be between 1 and {MAX_BLOCKS_TO_SWAP}")
+    if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
+        warnings.append("--cpu_offload_checkpointing turns on --gradient_checkpointing")
+        args.gradient_checkpointing = True
     if args.unsloth_offload_checkpointing and not args.gradient_checkpointing:
         warnings.append("--unsloth_offload_checkpointing turns on --gradient_checkpointing")
         args.gradient_checkpointing = True

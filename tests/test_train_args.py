@@ -197,7 +197,7 @@ def test_logging_dir_turns_on_tensorboard():
 
 def test_help_marks_gpu_only_flags():
     text = setup_parser().format_help()
-    for flag in ("--blocks_to_swap", "--fp8_base", "--xformers", "--unsloth_offload_checkpointing"):
+    for flag in ("--fp8_base", "--xformers"):
         start = text.index(f"\n  {flag}")  # the option's help entry, not the usage line
         block = text[start:start + 400]
         assert "[GPU only]" in block, flag
