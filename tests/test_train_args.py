@@ -37,6 +37,39 @@ def test_guide_command_line_parses_to_the_given_values(tmp_path):
     assert args.vae_chunk_size == 64 and args.vae_disable_cache and args.attn_mode == "torch"
 
 
+def guide_command(tmp_path) -> list[str]:
+    """A full guide-style command line (model files exist, so the path checks pass)."""
+    for name in ("dit.safetensors", "qwen3", "vae.safetensors", "dataset.toml", "prompts.txt"):
+        (tmp_path / name).write_text("a cat --w 64 --h 64\n" if name == "prompts.txt" else "")
+    return [
+        "--pretrained_model_name_or_path", str(tmp_path / "dit.safetensors"), "--qwen3", str(tmp_path / "qwen3"),
+        "--vae", str(tmp_path / "vae.safetensors"), "--dataset_config", str(tmp_path / "dataset.toml"),
+        "--output_dir", "out", "--output_name", "my_lora", "--save_model_as", "safetensors",
+        "--network_module", "networks.lora_anima", "--network_dim", "8", "--network_alpha", "4",
+        "--network_args", "train_llm_adapter=true", "rank_dropout=0.1", "--learning_rate", "1e-4",
+        "--optimizer_type", "AdamW8bit", "--optimizer_args", "weight_decay=0.01", "--lr_scheduler", "cosine",
+        "--lr_warmup_steps", "10%", "--timestep_sampling", "sigmoid", "--discrete_flow_shift", "1.0",
+        "--max_train_epochs", "10", "--save_every_n_epochs", "1", "--mixed_precision", "bf16",
+        "--gradient_checkpointing", "--cache_latents_to_disk", "--cache_text_encoder_outputs",
+        "--network_train_unet_only", "--vae_chunk_size", "64", "--vae_disable_cache", "--seed", "42",
+        "--sample_prompts", str(tmp_path / "prompts.txt"), "--sample_every_n_epochs", "1",
+        "--text_encoder_lr", "1e-5", "--blocks_to_swap", "8", "--loss_type", "huber",
+        "--metadata_title", "My LoRA", "--logging_dir", "logs",
+    ]
+
+
+def test_output_config_then_config_file_reproduces_a_full_guide_command(tmp_path):
+    argv = guide_command(tmp_path)
+    config = tmp_path / "guide.toml"
+    assert main(["--output_config", str(config), *argv]) == 0
+    from_command_line, warnings_cli = parse(*argv)
+    from_config, warnings_config = parse("--config_file", str(config))
+    expected = {k: v for k, v in vars(from_command_line).items() if k not in ("config_file", "output_config")}
+    actual = {k: v for k, v in vars(from_config).items() if k not in ("config_file", "output_config")}
+    assert actual == expected
+    assert warnings_config == warnings_cli
+
+
 def test_anima_and_training_flags_parse_with_their_types():
     args, _ = parse(
         "--timestep_sampling", "flux_shift", "--sigmoid_scale", "1.5", "--weighting_scheme", "logit_normal",

@@ -84,3 +84,42 @@ def test_loss_type_changes_the_batch_loss(accelerator):
     huber = loss_for("--loss_type", "huber", "--huber_schedule", "constant", "--huber_c", "0.1")
     assert len({round(l2, 6), round(l1, 6), round(huber, 6)}) == 3
     assert huber < l1  # huber with small c behaves like c·l1 scaled: much smaller than l1
+
+
+def test_random_ip_noise_strength_scales_the_perturbation_by_a_draw_below_one(accelerator):
+    def perturbation(seed, *argv):
+        dit, latents, _, target, sigmas, _ = step(accelerator, "--timestep_sampling", "uniform", *argv, seed=seed)
+        noise = target + latents
+        plain = (1 - sigmas.view(-1, 1, 1, 1)) * latents + sigmas.view(-1, 1, 1, 1) * noise
+        return (dit.x.squeeze(2) - plain).flatten(1).norm(dim=1).mean()
+
+    # One strength in [0, gamma) per batch (as in sd-scripts): the perturbation shrinks by a different factor per draw.
+    ratios = [float(perturbation(seed, "--ip_noise_gamma", "0.5", "--ip_noise_gamma_random_strength")
+                    / perturbation(seed, "--ip_noise_gamma", "0.5")) for seed in range(4)]
+    assert all(0 < r < 1 for r in ratios), ratios
+    assert max(ratios) - min(ratios) > 0.05, ratios
+
+
+def make_batch(loss_masks):
+    return {"latents": torch.randn(2, 16, 4, 4), "loss_weights": torch.ones(2), "loss_masks": loss_masks,
+            "text": {"qwen3_embeds": torch.zeros(2, 3, 8), "qwen3_mask": torch.ones(2, 3, dtype=torch.long),
+                     "t5_ids": torch.ones(2, 5, dtype=torch.long), "t5_mask": torch.ones(2, 5, dtype=torch.long)}}
+
+
+def test_loss_masks_of_the_batch_weight_the_loss(accelerator):
+    args, _ = parse_args(["--masked_loss"])
+    trainer = AnimaNetworkTrainer()
+    trainer.dit, trainer.accelerator, trainer.weight_dtype, trainer.train_te = RecordingDiT(), accelerator, \
+        torch.float32, False
+    trainer.device = torch.device("cpu")
+
+    def loss(masks):
+        torch.manual_seed(0)
+        return trainer.batch_loss(args, make_batch(masks), training=False).item()
+
+    full = loss(None)
+    assert loss(torch.ones(2, 1, 32, 32)) == pytest.approx(full)
+    assert loss(torch.zeros(2, 1, 32, 32)) == 0.0
+    half = torch.ones(2, 1, 32, 32)
+    half[..., 16:] = 0
+    assert 0.2 * full < loss(half) < 0.8 * full
