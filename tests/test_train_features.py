@@ -483,3 +483,15 @@ def test_offloaded_checkpointing_trains_like_plain_checkpointing(tiny_setup, tmp
                   "--network_dropout", "0.2", *COMMON))
     assert_same_weights(load_file(str(tmp_path / "p" / "tiny.safetensors")),
                         load_file(str(tmp_path / "o" / "tiny.safetensors")), atol=1e-6)
+
+
+def test_qwen3_tokenizer_path_reaches_the_tokenizer_loader(tiny_setup, tmp_path):
+    from library.errors import AnimaError
+
+    empty = tmp_path / "no_tokenizer"
+    empty.mkdir()
+    with pytest.raises(AnimaError, match="--qwen3_tokenizer_path .*no Qwen3 tokenizer files"):
+        run(base_argv(tiny_setup, tmp_path / "out", "--max_train_steps", "1", "--qwen3_tokenizer_path", str(empty)))
+    trainer = run(base_argv(tiny_setup, tmp_path / "out", "--max_train_steps", "1", "--qwen3_tokenizer_path",
+                            str(tiny_setup.qwen3_dir)))
+    assert trainer.global_step == 1
