@@ -164,15 +164,14 @@ class NetworkTrainer:
         self.vae_dtype = torch.float32 if args.no_half_vae else self.weight_dtype
 
     def build_datasets(self, args: argparse.Namespace) -> None:
-        """Dataset groups from `--dataset_config` / folders; caching options are checked before any model loads."""
+        """Dataset groups from `--dataset_config` / folders, checked before any model loads."""
         from library.dataset_config import build_dataset_groups
 
         self.train_group, self.val_group = build_dataset_groups(args)
         if self.train_group is None or len(self.train_group) == 0:
             source = args.dataset_config or getattr(args, "train_data_dir", None)
             raise AnimaError(f"no training images found in {source}; check image_dir / file extensions")
-        for group in self.groups():
-            group.check_caching_options(args.cache_latents, args.cache_text_encoder_outputs)
+        # build_dataset_groups has already checked the caching options against every subset.
         self.assert_extra_args(args, self.train_group, self.val_group)
 
     def write_caches_only(self, args: argparse.Namespace) -> None:
