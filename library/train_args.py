@@ -80,8 +80,10 @@ def _add_anima_arguments(parser: argparse.ArgumentParser) -> None:
     a("qwen3_max_token_length", type=int, default=512, help="Qwen3 tokens: truncate and pad to this length")
     a("t5_max_token_length", type=int, default=512, help="T5 tokens: truncate and pad to this length")
     a("attn_mode", choices=ATTN_MODES, default=None,
-      help="DiT attention: torch (default, alias sdpa); " + GPU_ONLY + "xformers (needs --split_attn), flash; "
-      "sageattn is inference only. Overrides --xformers")
+      help="DiT attention: torch (default, alias sdpa); " + GPU_ONLY + "xformers (needs --split_attn), flash: "
+      "GPU-only packages, verified only with stand-in kernels on CPU "
+      "(tests/test_attention.py::test_package_modes_match_reference_with_and_without_mask), no GPU test yet; "
+      "sageattn is inference only (rejected for training). Overrides --xformers")
     a("split_attn", action="store_true", help="run attention one sample at a time (less memory)")
     a("vae_chunk_size", type=int, default=None, help="spatial chunking inside the VAE (less memory)")
     a("vae_disable_cache", action="store_true", help="disable the VAE's causal-conv cache (less memory)")
@@ -90,12 +92,25 @@ def _add_anima_arguments(parser: argparse.ArgumentParser) -> None:
           help=f"learning rate of the {component} LoRA modules; 0 freezes them; default: the DiT learning rate")
     a("blocks_to_swap", type=int, default=None,
       help=f"number of DiT blocks whose weights stay in CPU memory and are streamed to the GPU when needed "
-      f"(1-{MAX_BLOCKS_TO_SWAP}, at most the block count - 2); saves GPU memory, costs speed; excludes the offload "
-      "checkpointing flags")
+      f"(1-{MAX_BLOCKS_TO_SWAP}, at most the block count - 2); saves GPU memory, costs speed; the host keeps a "
+      "pinned copy of every block's weights (~3.6 GiB bf16 for the 2B DiT); excludes the offload checkpointing "
+      "flags. Verified on CPU (synchronous copies); the CUDA side-stream path is GPU-only, covered by "
+      "tests/test_block_swap.py::test_gpu_block_swap_matches_resident_model_on_cuda and "
+      "tests/test_block_swap.py::test_gpu_block_swap_resident_weight_memory_drops_by_swapped_blocks "
+      "(skipped without CUDA)")
     a("cpu_offload_checkpointing", action="store_true",
-      help="gradient checkpointing that keeps the saved block inputs in CPU memory (blocking copies)")
+      help="gradient checkpointing that keeps the saved block inputs in CPU memory (blocking copies); implies "
+      "--gradient_checkpointing. Verified on CPU; the CUDA path is GPU-only, covered by "
+      "tests/test_offload_checkpointing.py::test_gpu_offload_checkpointing_matches_no_checkpointing_on_cuda and "
+      "tests/test_offload_checkpointing.py::test_gpu_offload_checkpointing_frees_block_inputs_on_cuda "
+      "(skipped without CUDA)")
     a("unsloth_offload_checkpointing", action="store_true",
-      help="like --cpu_offload_checkpointing with asynchronous copies; implies --gradient_checkpointing")
+      help="like --cpu_offload_checkpointing with asynchronous copies (side stream, pinned memory); implies "
+      "--gradient_checkpointing. Verified on CPU (where the copies are synchronous); the asynchronous CUDA path is "
+      "GPU-only, covered by "
+      "tests/test_offload_checkpointing.py::test_gpu_offload_checkpointing_matches_no_checkpointing_on_cuda and "
+      "tests/test_offload_checkpointing.py::test_gpu_offload_checkpointing_frees_block_inputs_on_cuda "
+      "(skipped without CUDA)")
 
 
 def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
