@@ -151,27 +151,15 @@ class AnimaNetworkTrainer(NetworkTrainer):
         device = self.device
         if batch.get("text") is not None:
             text = batch["text"]  # cached; caption dropout already swapped in the empty-caption encoding
-        elif self.text_encoding is not None and train_text_encoder:
-            text = self.encode_captions_with_grad(list(batch["captions"]))
         elif self.text_encoding is not None:
-            text = self.text_encoding.encode(list(batch["captions"]))
+            # Live encoding: keep the graph only when the Qwen3 LoRA trains; stay on the training device.
+            tokens = self.text_encoding.tokenizer(list(batch["captions"]))
+            with torch.set_grad_enabled(train_text_encoder):
+                text = self.text_encoding.encode_tokens(tokens, output_device=device)
         else:
             raise AnimaError("a batch without cached text outputs reached training after the text encoder was "
                              "freed; delete stale *_anima_te.npz files or drop --cache_text_encoder_outputs")
         return {k: v.to(device) for k, v in text.items()}
-
-    def encode_captions_with_grad(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Live caption encoding that keeps the autograd graph for the Qwen3 LoRA.
-
-        The LoRA acts through forward hooks, so the encoder's own parameters are all frozen; the encoding
-        object only tracks gradients when one of those requires grad, hence the direct call here.
-        """
-        from library.text_encoders import encode_qwen3
-
-        tokens = self.text_encoding.tokenizer(captions)
-        embeds = encode_qwen3(self.text_encoder, tokens.qwen3_ids, tokens.qwen3_mask)  # [B, Lq, Dq]
-        return {"qwen3_embeds": embeds.float(), "qwen3_mask": tokens.qwen3_mask, "t5_ids": tokens.t5_ids,
-                "t5_mask": tokens.t5_mask}
 
     def noise_pred_and_target(self, args: argparse.Namespace, accelerator: Accelerator, latents: torch.Tensor,
                               text: dict[str, torch.Tensor], weight_dtype: torch.dtype

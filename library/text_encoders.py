@@ -284,7 +284,8 @@ class AnimaTextEncoding:
     ) -> dict[str, torch.Tensor]:
         """Encode already tokenised captions (e.g. tokenised in a data loader).
 
-        Gradients are tracked only when enabled and some encoder parameter (a LoRA) requires them.
+        Gradients are tracked when grad mode is on (a Qwen3 LoRA trains); call under ``torch.no_grad()``
+        otherwise.
         """
         weight = self.text_encoder.get_input_embeddings().weight
         if not _same_device(weight.device, self.device) or weight.dtype != self.dtype:
@@ -292,9 +293,9 @@ class AnimaTextEncoding:
                 f"text encoder is on {weight.device} / {weight.dtype}, but this AnimaTextEncoding was built for "
                 f"{self.device} / {self.dtype}; move the encoder first"
             )
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.text_encoder.parameters())
-        with torch.set_grad_enabled(needs_grad):
-            embeds = encode_qwen3(self.text_encoder, tokens.qwen3_ids, tokens.qwen3_mask)
+        # Follow the caller's grad mode: a LoRA acts through forward hooks with its own parameters, so the
+        # encoder's parameters say nothing about whether a graph is needed. Caches encode under no_grad.
+        embeds = encode_qwen3(self.text_encoder, tokens.qwen3_ids, tokens.qwen3_mask)
         return {
             "qwen3_embeds": embeds.to(device=output_device, dtype=torch.float32),
             "qwen3_mask": tokens.qwen3_mask.to(output_device),

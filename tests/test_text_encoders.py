@@ -204,6 +204,20 @@ def test_encoder_is_frozen_but_lora_style_grads_flow(golden_tokenizer, qwen3_tin
     assert trainable.grad is not None and torch.count_nonzero(trainable.grad) > 0
 
 
+def test_hook_based_lora_gets_gradients_while_encoder_weights_stay_frozen(golden_tokenizer, qwen3_tiny_dir):
+    # A LoRA attaches through forward hooks and owns its parameters; the encoder's weights stay frozen.
+    encoder = load_qwen3_text_encoder(qwen3_tiny_dir, dtype=torch.float32)
+    q_proj = encoder.layers[0].self_attn.q_proj
+    delta = torch.nn.Parameter(torch.full((q_proj.out_features,), 0.01))
+    q_proj.register_forward_hook(lambda module, inputs, output: output + delta)
+    encoding = AnimaTextEncoding(golden_tokenizer, encoder, "cpu", torch.float32)
+
+    encoding.encode(["a cat"])["qwen3_embeds"].sum().backward()
+    assert delta.grad is not None and torch.count_nonzero(delta.grad) > 0
+    with torch.no_grad():
+        assert not encoding.encode(["a cat"])["qwen3_embeds"].requires_grad
+
+
 # --- loading paths -----------------------------------------------------------------------------------------
 
 
