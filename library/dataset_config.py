@@ -144,7 +144,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--flip_aug", action="store_true", help="random horizontal flips")
     g.add_argument("--face_crop_aug_range", type=str, default=None,
                    help='"a,b": crop around the face named in the file (name_cx_cy_w_h) so its size is '
-                        "min(resolution)/r, r random in [a, b]; only without bucketing")
+                        "min(resolution)/r, r random in [a, b]; only without bucketing, not with --cache_latents")
     g.add_argument("--random_crop", action="store_true", help="random instead of centred crops")
     g.add_argument("--alpha_mask", action="store_true", help="use the image alpha channel as the loss mask")
     g.add_argument("--conditioning_data_dir", type=str, default=None,

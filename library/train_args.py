@@ -188,7 +188,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("huber_scale", type=float, default=1.0, help="huber scale")
     a("ip_noise_gamma", type=float, default=None, help="input-perturbation noise strength")
     a("ip_noise_gamma_random_strength", action="store_true", help="draw the ip noise strength in [0, gamma)")
-    a("masked_loss", action="store_true", help="multiply the loss by a mask image")
+    a("masked_loss", action="store_true",
+      help="multiply the loss by the mask images of conditioning_data_dir / --conditioning_data_dir (red channel; "
+      "required there); --alpha_mask masks apply without it")
     a("prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
     # Stable Diffusion noise/loss tweaks: parsed so old command lines work, warned as having no effect.
     a("noise_offset", type=float, default=None, help="no effect for Anima (warned)")
