@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from library import flow_matching
+from library.dataset_config import debug_dataset_main
 from library.errors import AnimaError
 from library.train_args import handle_output_config, parse_args, require_training_inputs
 from library.train_logging import logger, setup_console_logging
@@ -220,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_console_logging(args.console_log_level, args.console_log_file, args.console_log_simple)
         for warning in warnings:
             logger.warning(warning)
+        if args.debug_dataset:
+            # Show what the data pipeline yields and stop: no models are loaded, nothing is written.
+            debug_dataset_main(args)
+            return 0
         require_training_inputs(args)
         AnimaNetworkTrainer().train(args)
     except AnimaError as exc:

@@ -495,3 +495,16 @@ def test_qwen3_tokenizer_path_reaches_the_tokenizer_loader(tiny_setup, tmp_path)
     trainer = run(base_argv(tiny_setup, tmp_path / "out", "--max_train_steps", "1", "--qwen3_tokenizer_path",
                             str(tiny_setup.qwen3_dir)))
     assert trainer.global_step == 1
+
+
+def test_debug_dataset_prints_batches_and_loads_no_model(tiny_setup, tmp_path, capsys):
+    from anima_train_network import main
+
+    out = tmp_path / "out"
+    # No model paths: --debug_dataset needs only the data.
+    code = main(["--debug_dataset", "--dataset_config", str(tiny_setup.dataset_toml), "--output_dir", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "bucket" in printed.lower()
+    assert any(path.stem in printed for path in tiny_setup.image_dir.glob("*.png"))
+    assert not out.exists()
