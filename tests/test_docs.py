@@ -162,3 +162,15 @@ def test_training_guide_lists_exactly_the_valid_network_args():
     keys = re.findall(r"^\| `(\w+)` \|", table, flags=re.MULTILINE)
     assert sorted(keys) == sorted(VALID_NETWORK_ARGS), (
         f"docs/training.md network_args table {sorted(keys)} differs from VALID_NETWORK_ARGS {sorted(VALID_NETWORK_ARGS)}")
+
+
+def test_tests_cited_in_the_docs_and_flag_help_exist():
+    parser = setup_parser()
+    cited = {(path, name) for text in [*(p.read_text(encoding="utf-8") for p in DOCS),
+                                       *(action.help or "" for action in parser._actions)]
+             for path, name in re.findall(r"(tests/[\w/]+\.py)::(test_\w+)", text)}
+    assert cited, "expected the memory-feature docs to cite their GPU tests"
+    missing = [f"{path}::{name}" for path, name in sorted(cited)
+               if not (REPO / path).is_file()
+               or not re.search(rf"^def {name}\(", (REPO / path).read_text(encoding="utf-8"), re.MULTILINE)]
+    assert not missing, "docs or --help cite tests that do not exist: " + ", ".join(missing)
