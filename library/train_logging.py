@@ -128,8 +128,8 @@ class TrainingReporter:
         lines = [f"training finished: {steps} steps in {format_duration(elapsed)}"]
         if steps > self.initial_step:
             lines.append(f"  average {elapsed / (steps - self.initial_step):.2f} s/step")
-        peak = peak_memory_bytes(device)
-        lines.append(f"  peak memory: {peak / 2**30:.2f} GiB" if peak is not None
+        peak, kind = peak_memory_bytes(device)
+        lines.append(f"  peak memory: {peak / 2**30:.2f} GiB ({kind})" if peak is not None
                      else "  peak memory: not tracked on this device")
         if output_file:
             lines.append(f"  output: {output_file}")
@@ -149,10 +149,19 @@ def lr_logs(lr_scheduler: Any, descriptions: list[str]) -> dict[str, float]:
     return logs
 
 
-def peak_memory_bytes(device: torch.device) -> int | None:
+def peak_memory_bytes(device: torch.device) -> tuple[int | None, str]:
+    """Peak memory of the training device: allocated CUDA memory, or this process's peak RSS on the CPU."""
     if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated(device)
-    return None
+        return torch.cuda.max_memory_allocated(device), "CUDA allocated"
+    if device.type == "cpu":
+        try:
+            import resource
+        except ImportError:  # not on Windows
+            return None, ""
+        # ru_maxrss is KiB on Linux, bytes on macOS.
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process RSS"
+    return None, ""
 
 
 def format_duration(seconds: float) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from library import saving
 from library.errors import AnimaError
@@ -65,3 +66,15 @@ def test_train_state_round_trip_and_bad_folder(tmp_path):
     assert saving.read_train_state(tmp_path) == {"current_epoch": 2, "global_step": 17, "epoch_step": 3}
     with pytest.raises(AnimaError, match="--resume"):
         saving.read_train_state(tmp_path / "nothing")
+
+
+def test_end_summary_reports_steps_output_and_cpu_peak_memory():
+    from library.train_logging import TrainingReporter
+
+    reporter = TrainingReporter(total_steps=3, initial_step=0, is_main_process=True, logging_dir=None,
+                                interactive=False)
+    text = reporter.summary(steps=3, output_file="out/last.safetensors", device=torch.device("cpu"))
+    reporter.close()
+    assert "3 steps" in text and "out/last.safetensors" in text
+    peak_line = next(line for line in text.splitlines() if "peak memory" in line)
+    assert "GiB (process RSS)" in peak_line and float(peak_line.split(":")[1].split()[0]) > 0
