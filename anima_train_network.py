@@ -52,6 +52,18 @@ class AnimaNetworkTrainer(NetworkTrainer):
 
     # --- models -----------------------------------------------------------------------------------------------
 
+    def inspect_models(self, args: argparse.Namespace) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+        from library.anima_utils import load_anima_model
+        from library.qwen_image_vae import load_vae
+        from library.text_encoders import load_qwen3_text_encoder
+
+        meta = torch.device("meta")  # headers only: names, shapes and configs are checked, no weight is read
+        dit = load_anima_model(args.pretrained_model_name_or_path, device=meta, attn_mode=args.attn_mode,
+                               split_attn=args.split_attn, llm_adapter_path=args.llm_adapter_path)
+        load_vae(args.vae, device=meta, chunk_size=args.vae_chunk_size)
+        text_encoder = load_qwen3_text_encoder(args.qwen3, device=meta, dtype=torch.float32)
+        return dit, [text_encoder]
+
     def load_frozen_models(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> None:
         self.text_encoding = self.load_text_encoding_for_caching(args)
         self.text_encoder = self.text_encoding.text_encoder

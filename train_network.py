@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import math
 import random
 import time
@@ -74,6 +75,11 @@ class NetworkTrainer:
         """Model hook: text encoders the network may attach LoRA to (empty when they were freed)."""
         return []
 
+    def inspect_models(self, args: argparse.Namespace) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+        """Model hook: check every model file from its header (nothing is read) and return weightless
+        (meta-device) copies of the denoiser and the text encoders, for checking the network against them."""
+        raise NotImplementedError
+
     def place_dit(self, args: argparse.Namespace, device: torch.device) -> None:
         """Model hook: move the frozen denoiser to the device (block swap keeps part of it in CPU memory)."""
         self.dit.to(device)
@@ -112,6 +118,7 @@ class NetworkTrainer:
         """Run every phase; returns the final LoRA file (None for `--cache_only`)."""
         self.args = args
         self.setup_run(args)
+        self.check_inputs(args)
         self.setup_accelerator(args)
         if args.cache_only:
             self.write_caches_only(args)
@@ -137,6 +144,20 @@ class NetworkTrainer:
         self.training_started_at = time.time()
         if args.seed is None:
             args.seed = random.randint(0, 2**32 - 1)
+
+    def check_inputs(self, args: argparse.Namespace) -> None:
+        """Fail in seconds, before images are scanned, models loaded or caches written: the model files (headers
+        only), the --resume folder, and the network (--network_args, --network_weights, --base_weights) built
+        on weightless copies of the models."""
+        if args.resume:
+            saving.read_train_state(Path(args.resume))
+        dit, text_encoders = self.inspect_models(args)
+        if not args.cache_only:
+            logging.disable(logging.WARNING)  # the real build logs the same lines again
+            try:
+                self.build_network(args, dit, text_encoders, merge_base_weights=False).remove_hooks()
+            finally:
+                logging.disable(logging.NOTSET)
 
     def setup_accelerator(self, args: argparse.Namespace) -> None:
         """Accelerator (grad accumulation, mixed precision, DDP) and the dtypes derived from the flags."""
@@ -198,47 +219,56 @@ class NetworkTrainer:
             self.cache_text_encoder_outputs(args, self.accelerator, self.groups())
             self.accelerator.wait_for_everyone()
 
-    def train_text_encoder(self, args: argparse.Namespace) -> bool:
-        return not args.network_train_unet_only and not args.cache_text_encoder_outputs
-
-    def create_network(self, args: argparse.Namespace) -> None:
-        """Import the network module, merge --base_weights, create the LoRA and attach it."""
+    def build_network(self, args: argparse.Namespace, dit: torch.nn.Module, text_encoders: list[torch.nn.Module],
+                      merge_base_weights: bool) -> Any:
+        """The attached LoRA network (with --network_weights loaded). Also runs on weightless models from
+        `inspect_models`, with `merge_base_weights=False`: then it only checks the network options and files."""
         try:
             network_module = importlib.import_module(args.network_module)
         except ImportError as exc:
             raise AnimaError(f"--network_module {args.network_module}: cannot import ({exc})") from exc
         self.network_module = network_module
-        text_encoders = self.text_encoders()
         for i, path in enumerate(args.base_weights or []):
             multiplier = (args.base_weights_multiplier or [])[i] if i < len(args.base_weights_multiplier or []) else 1.0
-            logger.info("merging base weights %s (multiplier %s)", path, multiplier)
-            merged, _ = network_module.create_network_from_weights(multiplier, path, None, text_encoders, self.dit,
+            merged, _ = network_module.create_network_from_weights(multiplier, path, None, text_encoders, dit,
                                                                   for_inference=True)
-            merged.merge_to(text_encoders, self.dit, weights_sd=None, dtype=self.weight_dtype,
-                            device=self.device)
+            if merge_base_weights:
+                logger.info("merging base weights %s (multiplier %s)", path, multiplier)
+                merged.merge_to(text_encoders, dit, weights_sd=None, dtype=self.weight_dtype, device=self.device)
 
         self.network_args = parse_network_args(args.network_args)
         if args.dim_from_weights:
             if not args.network_weights:
                 raise AnimaError("--dim_from_weights needs --network_weights")
             network, _ = network_module.create_network_from_weights(1.0, args.network_weights, None, text_encoders,
-                                                                   self.dit)
+                                                                   dit)
         else:
             if "dropout" not in self.network_args:
                 self.network_args["dropout"] = args.network_dropout
             network = network_module.create_network(
-                1.0, args.network_dim, args.network_alpha, None, text_encoders, self.dit,
+                1.0, args.network_dim, args.network_alpha, None, text_encoders, dit,
                 neuron_dropout=args.network_dropout,
                 **{k: v for k, v in self.network_args.items() if k != "dropout"},
             )
         if network is None:
             raise AnimaError("the network module returned no network; check --network_args")
-        train_dit = not args.network_train_text_encoder_only
         train_te = self.train_text_encoder(args) and bool(text_encoders)
-        network.apply_to(text_encoders, self.dit, train_te, train_dit)
+        network.apply_to(text_encoders, dit, train_te, not args.network_train_text_encoder_only)
         if args.network_weights and not args.dim_from_weights:
             info = network.load_weights(args.network_weights)
-            logger.info("loaded network weights from %s: %s", args.network_weights, info)
+            if merge_base_weights:
+                logger.info("loaded network weights from %s: %s", args.network_weights, info)
+        return network
+
+    def train_text_encoder(self, args: argparse.Namespace) -> bool:
+        return not args.network_train_unet_only and not args.cache_text_encoder_outputs
+
+    def create_network(self, args: argparse.Namespace) -> None:
+        """Merge --base_weights, create the LoRA, attach it and load --network_weights."""
+        text_encoders = self.text_encoders()
+        network = self.build_network(args, self.dit, text_encoders, merge_base_weights=True)
+        train_dit = not args.network_train_text_encoder_only
+        train_te = self.train_text_encoder(args) and bool(text_encoders)
         if args.gradient_checkpointing:
             self.dit.enable_gradient_checkpointing(cpu_offload=args.cpu_offload_checkpointing,
                                                    unsloth_offload=args.unsloth_offload_checkpointing)

@@ -141,7 +141,8 @@ def load_anima_model(
     Accepts ``net.``, ``diffusion_model.`` and ``model.diffusion_model.`` key prefixes and ignores the derived
     ``pos_embedder.*`` RoPE tables. ``llm_adapter_path`` weights replace or complete the adapter. All floating
     weights are cast to ``dtype`` on ``device``; the model is returned in eval mode with gradients enabled
-    (the trainer decides what trains).
+    (the trainer decides what trains). ``device="meta"`` checks the files from their headers and returns a
+    weightless model.
     """
     attn_mode = check_attn_mode(attn_mode, training=False)
     path = os.fspath(path)

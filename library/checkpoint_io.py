@@ -224,16 +224,17 @@ class CheckpointFile:
         """The safetensors ``__metadata__`` (empty for torch files)."""
         return dict(self._metadata)
 
+    def meta_tensor(self, key: str) -> torch.Tensor:
+        """``key`` as a tensor on the meta device with the file's shape and dtype (reads no data)."""
+        if self._safetensors is None:
+            return torch.empty_like(self._torch_tensors[key], device="meta")
+        tensor_slice = self._safetensors.get_slice(key)
+        dtype = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), torch.float32)
+        return torch.empty(tensor_slice.get_shape(), dtype=dtype, device="meta")
+
     def meta_state_dict(self) -> dict[str, torch.Tensor]:
         """Every key as a tensor on the meta device with the file's shape and dtype (costs no memory)."""
-        if self._safetensors is None:
-            return {key: torch.empty_like(t, device="meta") for key, t in self._torch_tensors.items()}
-        out = {}
-        for key in self._keys:
-            tensor_slice = self._safetensors.get_slice(key)
-            dtype = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), torch.float32)
-            out[key] = torch.empty(tensor_slice.get_shape(), dtype=dtype, device="meta")
-        return out
+        return {key: self.meta_tensor(key) for key in self._keys}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {key: tuple(t.shape) for key, t in self.meta_state_dict().items()}
@@ -241,7 +242,10 @@ class CheckpointFile:
     # -- reading --------------------------------------------------------------------------------------------
 
     def tensor(self, key: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor, cast with ``cast_tensor``."""
+        """One tensor, cast with ``cast_tensor``. On the meta device nothing is read: loaders called with
+        ``device="meta"`` check a file completely from its header (the trainer's up-front input check)."""
+        if torch.device(device).type == "meta":
+            return cast_tensor(self.meta_tensor(key), device, dtype)
         try:
             raw = self._torch_tensors[key] if self._safetensors is None else self._safetensors.get_tensor(key)
         except Exception as error:  # a truncated data section shows up only here

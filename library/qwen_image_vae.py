@@ -638,7 +638,8 @@ def load_vae(
 
     Returns the model in eval mode with gradients off, on ``device`` in ``dtype``. ``chunk_size``: see
     ``QwenImageVAE.set_chunk_size``. ``disable_cache`` is accepted for CLI compatibility and has no effect
-    on images (there is no causal cache in the image path).
+    on images (there is no causal cache in the image path). ``device="meta"`` checks the file from its
+    header and returns a weightless model.
     """
     _check_chunk_size(chunk_size)  # before the file is opened
     with open_checkpoint(_resolve_vae_file(Path(path)), VAE_FLAG, VAE_WHAT) as checkpoint:

@@ -697,7 +697,7 @@ class LoRANetwork(nn.Module):
         alpha with lora_B rescaled, so the update is unchanged. Returns the names of modules the file lacks
         (they keep their initial, zero-effect weights)."""
         raw, _ = load_lora_file(file)
-        loaded = self.load_lora_state_dict(raw, source=str(file))
+        loaded = self.load_lora_state_dict(raw, source=f"--network_weights {file}")
         missing = sorted(set(self.module_paths()) - loaded)
         if missing:
             logger.warning("%s has no weights for %d LoRA module(s): %s", file, len(missing), sample_keys(missing))

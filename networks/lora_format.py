@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from library.checkpoint_io import open_checkpoint, sample_keys
+from library.checkpoint_io import guess_checkpoint_kind, open_checkpoint, sample_keys
 from library.errors import AnimaError
 from library.saving import atomic_write, safetensors_hashes
 
@@ -277,6 +277,12 @@ def load_lora_file(
     """Read a LoRA file (``.safetensors``, or a ``torch.save`` state dict) -> (tensors, metadata).
     ``flag`` names the option the path came from in error messages."""
     with open_checkpoint(path, flag, LORA_WHAT) as checkpoint:
+        try:
+            detect_lora_format(dict.fromkeys(checkpoint.keys()))  # key names only: nothing read yet
+        except AnimaError as error:
+            raise AnimaError(
+                f"{flag} {path}: {error}; this file looks like {guess_checkpoint_kind(checkpoint.keys())}"
+            ) from None
         return checkpoint.read(), checkpoint.metadata()
 
 
