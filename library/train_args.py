@@ -335,7 +335,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("config file")
     a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
     a("config_file", type=str, default=None, help="TOML with training arguments (command line wins)")
-    a("output_config", type=str, default=None, help="write the given arguments to this TOML and exit")
+    # A bare `--output_config` (the sd-scripts form) writes to the --config_file path; a value names the file.
+    a("output_config", type=str, nargs="?", const=True, default=None, help="write the given arguments to this TOML and exit")
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -472,6 +473,11 @@ def handle_output_config(argv: Sequence[str] | None = None) -> Path | None:
     args = parser.parse_args(argv)
     if not args.output_config:
         return None
+    if args.output_config is True:
+        if not args.config_file:
+            raise AnimaError("--output_config without a file name writes to --config_file; add --config_file run.toml "
+                             "or give the name: --output_config run.toml")
+        return write_config(parser, args, args.config_file)
     if args.config_file:
         parser.set_defaults(**load_config_defaults(parser, args.config_file))
         args = parser.parse_args(argv)

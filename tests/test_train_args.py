@@ -144,6 +144,17 @@ def test_config_file_bad_keys_or_values_name_the_key(tmp_path, content, words):
     assert str(config) in str(err.value)
 
 
+def test_bare_output_config_writes_to_config_file_like_sd_scripts(tmp_path, capsys):
+    # sd-scripts spelling: `--output_config` is a switch and the file is the --config_file path.
+    config = tmp_path / "run.toml"
+    assert main(["--network_dim", "16", "--output_config", "--config_file", str(config)]) == 0
+    assert toml.load(config) == {"network_dim": 16}
+    args, _ = parse("--config_file", str(config))
+    assert args.network_dim == 16
+    assert main(["--network_dim", "16", "--output_config"]) == 2
+    assert "--config_file" in capsys.readouterr().err
+
+
 def test_output_config_refuses_to_overwrite(tmp_path):
     out = tmp_path / "x.toml"
     out.write_text("")
