@@ -17,6 +17,8 @@ import torch
 from tqdm import tqdm
 
 logger = logging.getLogger("anima_train")
+# Parents of the module loggers (`logging.getLogger(__name__)`) in the project's packages.
+PACKAGE_LOGGERS = ("library", "networks")
 
 
 def setup_console_logging(level: str | None = None, log_file: str | None = None, simple: bool = False) -> None:
@@ -27,9 +29,12 @@ def setup_console_logging(level: str | None = None, log_file: str | None = None,
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     for handler in handlers:
         handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
-    logger.handlers[:] = handlers
-    logger.setLevel(level or "INFO")
-    logger.propagate = False
+    # The trainer's own logger and the package loggers (cache reuse, skipped images, LoRA setup, ...).
+    for name in (logger.name, *PACKAGE_LOGGERS):
+        package_logger = logging.getLogger(name)
+        package_logger.handlers[:] = handlers
+        package_logger.setLevel(level or "INFO")
+        package_logger.propagate = False
 
 
 class LossRecorder:

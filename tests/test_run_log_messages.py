@@ -1,0 +1,59 @@
+"""What a user reads in the console/log file of a run: the messages of the library modules (cache reuse and
+re-encoding, skipped images, LoRA setup) reach the trainer's handlers, not only its own logger."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+
+import anima_train_network
+from library.train_logging import PACKAGE_LOGGERS, logger
+
+
+@pytest.fixture
+def restore_logging():
+    names = (logger.name, *PACKAGE_LOGGERS)
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level, logging.getLogger(n).propagate)
+             for n in names}
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        for handler in logging.getLogger(name).handlers:
+            handler.close()
+        logging.getLogger(name).handlers[:] = handlers
+        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).propagate = propagate
+
+
+def test_log_says_disk_caches_were_reused_and_why_a_caption_was_re_encoded(tiny_setup, tmp_path, restore_logging):
+    tiny = tiny_setup
+    images = tmp_path / "img" / "2_shape"  # DreamBooth folder mode: repeats_name
+    shutil.copytree(tiny.dataset_toml.parent / "images", images)
+    log = tmp_path / "run.log"
+
+    def train() -> str:
+        argv = [
+            "--pretrained_model_name_or_path", str(tiny.dit), "--qwen3", str(tiny.qwen3_dir), "--vae", str(tiny.vae),
+            "--t5_tokenizer_path", str(tiny.t5_tokenizer_dir), "--train_data_dir", str(images.parent),
+            "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso", "128",
+            "--bucket_reso_steps", "16", "--caption_extension", ".txt", "--output_dir", str(tmp_path / "out"),
+            "--network_module", "networks.lora_anima", "--network_dim", "4", "--max_train_steps", "1",
+            "--qwen3_max_token_length", "8", "--t5_max_token_length", "8", "--max_data_loader_n_workers", "0",
+            "--cache_latents", "--cache_latents_to_disk", "--cache_text_encoder_outputs",
+            "--cache_text_encoder_outputs_to_disk", "--console_log_file", str(log),
+        ]
+        assert anima_train_network.main(argv) == 0
+        text = log.read_text()
+        log.unlink()
+        return text
+
+    first = train()
+    assert "0 reused from disk" in first
+    caption = sorted(images.glob("*.txt"))[0]
+    caption.write_text("a caption the user edited")
+    second = train()
+    count = len(list(images.glob("*.txt")))
+    assert f"latent cache: {count} image(s), {count} reused from disk, 0 to encode" in second
+    assert "re-encoding 1 text cache(s): caption changed" in second
+    assert f"{count - 1} reused from disk, 1 to encode" in second
