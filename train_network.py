@@ -151,6 +151,10 @@ class NetworkTrainer:
         on weightless copies of the models."""
         if args.resume:
             saving.read_train_state(Path(args.resume))
+        if not args.cache_only:
+            saving.check_writable_dir(args.output_dir, "--output_dir")
+        if args.logging_dir and args.log_with:
+            saving.check_writable_dir(args.logging_dir, "--logging_dir")
         dit, text_encoders = self.inspect_models(args)
         if not args.cache_only:
             logging.disable(logging.WARNING)  # the real build logs the same lines again

@@ -94,6 +94,18 @@ def remove_path(path: Path) -> None:
 # --- atomic writes ------------------------------------------------------------------------------------------
 
 
+def check_writable_dir(path: str | os.PathLike, flag: str) -> None:
+    """Fail now, not at the first save: `path` must be a folder, or creatable in a writable one. Creates nothing."""
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AnimaError(f"{flag} {path}: {existing} is a file, not a folder; choose another output folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AnimaError(f"{flag} {path}: {existing} is not writable; choose a folder you can write to")
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` with a temporary path next to `path` (same suffix), then move it into place."""
     path = Path(path)

@@ -53,6 +53,7 @@ def _must_not_run(*_args, **_kwargs):
         ("dit_as_network_weights", "--network_weights"),
         ("dit_as_base_weights", "pass it as --pretrained_model_name_or_path"),
         ("resume_of_foreign_folder", "--resume"),
+        ("output_dir_under_a_file", "--output_dir"),
     ],
 )
 def test_bad_input_is_one_error_line_before_datasets_models_and_caches(
@@ -76,6 +77,8 @@ def test_bad_input_is_one_error_line_before_datasets_models_and_caches(
         "resume_of_foreign_folder": ["--resume", str(foreign)],
     }.get(case, [])
     out = tmp_path / "out"
+    if case == "output_dir_under_a_file":
+        out = foreign / "notes.txt" / "out"
     argv = argv_for(tiny, out, *extra)
     if case in replace:
         flag, value = replace[case]
