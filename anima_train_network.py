@@ -242,6 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AnimaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Saves are atomic, so every file already in --output_dir is complete.
+        print("error: interrupted (Ctrl-C); the LoRA files and states saved so far are complete; continue with "
+              "--resume <a *-state folder> if --save_state was on", file=sys.stderr)
+        return 130
     return 0
 
 

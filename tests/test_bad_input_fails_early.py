@@ -119,3 +119,13 @@ def test_meta_device_loads_check_headers_and_read_no_weights(tiny_setup, monkeyp
         assert all(p.is_meta for p in model.parameters())
     with pytest.raises(AnimaError, match="tensor data was read"):  # the spy does catch real reads
         load_vae(tiny.vae, device="cpu")
+
+
+def test_ctrl_c_ends_with_one_line_and_exit_code_130(tiny_setup, tmp_path, monkeypatch, capsys):
+    def interrupted(self, args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AnimaNetworkTrainer, "train", interrupted)
+    assert anima_train_network.main(argv_for(tiny_setup, tmp_path / "out")) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: interrupted") and "--resume" in err[0]
