@@ -29,12 +29,12 @@ def setup_console_logging(level: str | None = None, log_file: str | None = None,
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     for handler in handlers:
         handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
-    # The trainer's own logger and the package loggers (cache reuse, skipped images, LoRA setup, ...).
+    # The trainer's own logger and the package loggers (cache reuse, skipped images, LoRA setup, ...). The
+    # package loggers keep propagating, so handlers on the root logger (pytest's caplog) still see them.
     for name in (logger.name, *PACKAGE_LOGGERS):
-        package_logger = logging.getLogger(name)
-        package_logger.handlers[:] = handlers
-        package_logger.setLevel(level or "INFO")
-        package_logger.propagate = False
+        logging.getLogger(name).handlers[:] = handlers
+        logging.getLogger(name).setLevel(level or "INFO")
+    logger.propagate = False
 
 
 class LossRecorder:
