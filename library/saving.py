@@ -113,11 +113,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         write(tmp)
+        # Some writers (safetensors) create files as 0600; give the file the user's normal permissions so
+        # another account (e.g. a ComfyUI service) can read it.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> Path:

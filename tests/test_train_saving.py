@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 
 import pytest
 import torch
@@ -78,3 +80,16 @@ def test_end_summary_reports_steps_output_and_cpu_peak_memory():
     assert "3 steps" in text and "out/last.safetensors" in text
     peak_line = next(line for line in text.splitlines() if "peak memory" in line)
     assert "GiB (process RSS)" in peak_line and float(peak_line.split(":")[1].split()[0]) > 0
+
+
+def test_saved_files_get_the_users_normal_permissions(tmp_path):
+    # safetensors creates files as 0600; a LoRA must stay readable by another account (e.g. a ComfyUI service).
+    from safetensors.torch import save_file
+
+    old_mask = os.umask(0o022)
+    try:
+        path = saving.atomic_write(tmp_path / "lora.safetensors",
+                                   lambda tmp: save_file({"w": torch.zeros(1)}, str(tmp)))
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
