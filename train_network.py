@@ -32,6 +32,7 @@ from library import saving
 from library.errors import AnimaError
 from library.losses import huber_threshold, per_sample_loss
 from library.train_logging import LossRecorder, TrainingReporter, logger, lr_logs
+from networks.lora_format import load_lora_file
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -234,8 +235,10 @@ class NetworkTrainer:
         self.network_module = network_module
         for i, path in enumerate(args.base_weights or []):
             multiplier = (args.base_weights_multiplier or [])[i] if i < len(args.base_weights_multiplier or []) else 1.0
+            # Read the file here so that its errors name --base_weights.
+            base_sd, _ = load_lora_file(path, flag="--base_weights")
             merged, _ = network_module.create_network_from_weights(multiplier, path, None, text_encoders, dit,
-                                                                  for_inference=True)
+                                                                  weights_sd=base_sd, for_inference=True)
             if merge_base_weights:
                 logger.info("merging base weights %s (multiplier %s)", path, multiplier)
                 merged.merge_to(text_encoders, dit, weights_sd=None, dtype=self.weight_dtype, device=self.device)

@@ -130,7 +130,11 @@ class TrainingReporter:
     def summary(self, *, steps: int, output_file: str | None, device: torch.device) -> str:
         """One block of text at the end: steps, wall time, peak accelerator memory, output file."""
         elapsed = time.time() - self.start_time
-        lines = [f"training finished: {steps} steps in {format_duration(elapsed)}"]
+        if self.initial_step:  # resumed: say what this run did
+            lines = [f"training finished at step {steps}: {steps - self.initial_step} steps in this run, "
+                     f"{format_duration(elapsed)}"]
+        else:
+            lines = [f"training finished: {steps} steps in {format_duration(elapsed)}"]
         if steps > self.initial_step:
             lines.append(f"  average {elapsed / (steps - self.initial_step):.2f} s/step")
         peak, kind = peak_memory_bytes(device)

@@ -51,7 +51,7 @@ def _must_not_run(*_args, **_kwargs):
         ("unknown_network_arg", "--network_args"),
         ("network_weights_of_other_rank", "--network_weights"),
         ("dit_as_network_weights", "--network_weights"),
-        ("dit_as_base_weights", "pass it as --pretrained_model_name_or_path"),
+        ("dit_as_base_weights", "--base_weights"),
         ("resume_of_foreign_folder", "--resume"),
         ("output_dir_under_a_file", "--output_dir"),
     ],

@@ -93,3 +93,13 @@ def test_saved_files_get_the_users_normal_permissions(tmp_path):
     finally:
         os.umask(old_mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_end_summary_after_resume_counts_the_steps_of_this_run():
+    from library.train_logging import TrainingReporter
+
+    reporter = TrainingReporter(total_steps=200, initial_step=120, is_main_process=True, logging_dir=None,
+                                interactive=False)
+    text = reporter.summary(steps=200, output_file=None, device=torch.device("cpu"))
+    reporter.close()
+    assert "at step 200: 80 steps in this run" in text.splitlines()[0]
