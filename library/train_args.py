@@ -336,7 +336,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
     a("config_file", type=str, default=None, help="TOML with training arguments (command line wins)")
     # A bare `--output_config` (the sd-scripts form) writes to the --config_file path; a value names the file.
-    a("output_config", type=str, nargs="?", const=True, default=None, help="write the given arguments to this TOML and exit")
+    a("output_config", type=str, nargs="?", const=True, default=None, help="write the given arguments to this TOML and exit (bare: to the --config_file path); refuses to overwrite")
 
 
 def setup_parser() -> argparse.ArgumentParser:
