@@ -36,6 +36,7 @@ from library.captions import (
 from library.dataset_blueprint import DatasetConfig, SubsetConfig
 from library.errors import AnimaError
 from library.latent_cache import cache_group_latents, load_cached_latents, loss_mask_key
+from library.saving import atomic_write
 from library.text_cache import cache_group_text, load_cached_text
 
 logger = logging.getLogger(__name__)
@@ -228,13 +229,8 @@ def _read_cache_info(image_dir: Path) -> dict[str, Size]:
 
 def _write_cache_info(image_dir: Path, infos: list[ImageInfo]) -> None:
     data = {info.key: {"caption": info.caption, "resolution": list(info.image_size)} for info in infos}
-    _atomic_write_text(image_dir / "metadata_cache.json", json.dumps(data, ensure_ascii=False, indent=2))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    temp = path.with_name(path.name + f".tmp{os.getpid()}")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
+    text = json.dumps(data, ensure_ascii=False, indent=2)
+    atomic_write(image_dir / "metadata_cache.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _load_metadata(subset: SubsetConfig) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from library import dataset_image_io as image_io
 from library.errors import AnimaError
+from library.saving import atomic_write
 
 if TYPE_CHECKING:
     from library.image_dataset import DatasetGroup, ImageDataset, ImageInfo
@@ -87,15 +88,12 @@ def image_unchanged(stored: dict[str, Any], path: str | os.PathLike) -> bool:
 
 
 def save_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write an npz through a temporary file and os.replace, so a crash never leaves a partial cache."""
-    temp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(temp, "wb") as handle:
+    """Write an npz atomically (`saving.atomic_write`), so a crash never leaves a partial cache."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle, so numpy adds no .npz suffix
             np.savez(handle, **arrays)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+
+    atomic_write(Path(path), write)
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:

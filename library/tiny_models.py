@@ -27,6 +27,8 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from library.saving import atomic_write
+
 if TYPE_CHECKING:
     from library.anima_models import AnimaConfig
 
@@ -81,25 +83,9 @@ def tiny_dit_config() -> AnimaConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # Writing helpers
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def _replace_atomically(write, path: Path) -> None:
-    """Call ``write(tmp_path)`` then rename the result onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # some writers (safetensors) create owner-only files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def _write_text(path: Path, text: str) -> None:
-    _replace_atomically(lambda tmp: tmp.write_text(text, encoding="utf-8"), path)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _randomize_like_reference(state: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -131,7 +117,7 @@ def write_tiny_dit(path: Path, seed: int = 0) -> None:
     shapes = {k: torch.empty(v.shape) for k, v in model.state_dict().items()}
     state = _randomize_like_reference(shapes, torch.Generator().manual_seed(seed))
     net_state = {f"net.{k}": v for k, v in state.items()}
-    _replace_atomically(lambda tmp: save_file(net_state, str(tmp), metadata={"format": "pt"}), path)
+    atomic_write(path, lambda tmp: save_file(net_state, str(tmp), metadata={"format": "pt"}))
 
 
 def write_tiny_vae(path: Path, seed: int = 0) -> None:
@@ -142,7 +128,7 @@ def write_tiny_vae(path: Path, seed: int = 0) -> None:
         torch.manual_seed(seed)
         vae = QwenImageVAE(VAEConfig(base_dim=VAE_BASE_DIM))
     state = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
-    _replace_atomically(lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}), path)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
 
 
 def _vocabulary_corpus(captions: list[str]) -> list[str]:
@@ -215,7 +201,7 @@ def write_tiny_t5_tokenizer(directory: Path, captions: list[str]) -> None:
     if ids != [0, 1, 2]:
         raise RuntimeError(f"tiny T5 tokenizer special ids are {ids}, expected [0, 1, 2]")
     directory.mkdir(parents=True, exist_ok=True)
-    _replace_atomically(lambda tmp: unigram.save(str(tmp)), directory / "tokenizer.json")
+    atomic_write(directory / "tokenizer.json", lambda tmp: unigram.save(str(tmp)))
     tokenizer_config = {
         "tokenizer_class": "T5Tokenizer",
         "eos_token": "</s>",
@@ -258,7 +244,7 @@ def write_tiny_images(image_dir: Path, num_images: int, seed: int = 0) -> list[s
         width, height = _SIZES[i % len(_SIZES)]
         image, caption = _draw_image(width, height, rng)
         suffix, fmt = (".png", "PNG") if i % 2 == 0 else (".jpg", "JPEG")
-        _replace_atomically(lambda tmp, im=image, f=fmt: im.save(tmp, format=f), image_dir / f"shape_{i:03d}{suffix}")
+        atomic_write(image_dir / f"shape_{i:03d}{suffix}", lambda tmp, im=image, f=fmt: im.save(tmp, format=f))
         _write_text(image_dir / f"shape_{i:03d}.txt", caption + "\n")
         captions.append(caption)
     return captions

@@ -19,6 +19,7 @@ import toml
 from library.errors import AnimaError
 from library.losses import check_loss_options
 from library.lr_schedulers import parse_int_or_float
+from library.saving import atomic_write
 
 GPU_ONLY = "[GPU only] "
 
@@ -442,11 +443,8 @@ def write_config(parser: argparse.ArgumentParser, args: argparse.Namespace, path
         if value is None or value == action.default:
             continue
         values[dest] = value
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(toml.dumps(values), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    text = toml.dumps(values)
+    return atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # --- parsing + validation -----------------------------------------------------------------------------------

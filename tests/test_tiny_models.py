@@ -26,7 +26,7 @@ def test_setup_writes_every_file_and_reuses_a_finished_setup(tiny):
     again = write_tiny_anima_setup(tiny.root, num_images=6, seed=0)
     assert again == tiny
     assert {p: p.stat().st_mtime_ns for p in tiny.root.rglob("*") if p.is_file()} == stamps
-    assert not list(tiny.root.rglob("*.tmp"))
+    assert not list(tiny.root.rglob(".*.tmp*"))
 
 
 def test_a_different_recipe_rebuilds_the_setup(tmp_path, monkeypatch):
