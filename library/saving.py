@@ -40,28 +40,40 @@ def model_extension(args: argparse.Namespace) -> str:
     return "." + (args.save_model_as or "safetensors")
 
 
+def _epoch_stem(args: argparse.Namespace, epoch: int) -> str:
+    return f"{args.output_name or 'epoch'}-{epoch:06d}"
+
+
+def _step_stem(args: argparse.Namespace, step: int) -> str:
+    return f"{args.output_name or 'at'}-step{step:08d}"
+
+
+def _last_stem(args: argparse.Namespace) -> str:
+    return args.output_name or "last"
+
+
 def epoch_model_name(args: argparse.Namespace, epoch: int) -> str:
-    return f"{args.output_name or 'epoch'}-{epoch:06d}{model_extension(args)}"
+    return _epoch_stem(args, epoch) + model_extension(args)
 
 
 def step_model_name(args: argparse.Namespace, step: int) -> str:
-    return f"{args.output_name or 'at'}-step{step:08d}{model_extension(args)}"
+    return _step_stem(args, step) + model_extension(args)
 
 
 def last_model_name(args: argparse.Namespace) -> str:
-    return f"{args.output_name or 'last'}{model_extension(args)}"
+    return _last_stem(args) + model_extension(args)
 
 
 def epoch_state_name(args: argparse.Namespace, epoch: int) -> str:
-    return f"{args.output_name or 'epoch'}-{epoch:06d}-state"
+    return _epoch_stem(args, epoch) + "-state"
 
 
 def step_state_name(args: argparse.Namespace, step: int) -> str:
-    return f"{args.output_name or 'at'}-step{step:08d}-state"
+    return _step_stem(args, step) + "-state"
 
 
 def last_state_name(args: argparse.Namespace) -> str:
-    return f"{args.output_name or 'last'}-state"
+    return _last_stem(args) + "-state"
 
 
 # --- pruning ------------------------------------------------------------------------------------------------
