@@ -17,7 +17,6 @@ too; `--skip_cache_check` reuses any entry whose keys are present without lookin
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 from library import dataset_image_io as image_io
 from library.errors import AnimaError
-from library.saving import atomic_write
+from library.saving import atomic_write, file_sha256
 
 if TYPE_CHECKING:
     from library.image_dataset import DatasetGroup, ImageDataset, ImageInfo
@@ -67,14 +66,6 @@ def image_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     fingerprint: dict[str, Any] = dict(image_io.file_fingerprint(path))
     fingerprint["sha256"] = file_sha256(path)
     return fingerprint
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def image_unchanged(stored: dict[str, Any], path: str | os.PathLike) -> bool:

@@ -179,16 +179,21 @@ def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     return model_hash, legacy_hash
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def file_hashes(path: str) -> tuple[str, str]:
     """(old 8-hex hash of 64 KiB at 1 MiB, full-file SHA-256) of a model file, as written into ss_* metadata."""
-    full = hashlib.sha256()
     with open(path, "rb") as f:
         f.seek(0x100000)
         legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
-        f.seek(0)
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            full.update(chunk)
-    return legacy, full.hexdigest()
+    return legacy, file_sha256(path)
 
 
 # --- metadata -----------------------------------------------------------------------------------------------
