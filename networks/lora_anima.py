@@ -130,20 +130,17 @@ def _compile_regex(key: str, pattern: str) -> str:
 
 def _parse_patterns(key: str, value: Any) -> list[str]:
     """A Python literal: one quoted regex or a list of them. Parsed with ast.literal_eval, never evaluated."""
+    invalid = f'--network_args {key}={value!r}: expected a Python list of quoted regexes, e.g. {key}=[".*mlp.*"]'
     parsed = value
     if isinstance(value, str):
         try:
             parsed = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            raise AnimaError(
-                f'--network_args {key}={value!r}: expected a Python list of quoted regexes, e.g. {key}=[".*mlp.*"]'
-            ) from None
+            raise AnimaError(invalid) from None
     if isinstance(parsed, str):
         parsed = [parsed]
     if not isinstance(parsed, (list, tuple)) or not all(isinstance(p, str) for p in parsed):
-        raise AnimaError(
-            f'--network_args {key}={value!r}: expected a Python list of quoted regexes, e.g. {key}=[".*mlp.*"]'
-        )
+        raise AnimaError(invalid)
     return [_compile_regex(key, p) for p in parsed]
 
 
@@ -174,7 +171,7 @@ def _parse_regex_values(key: str, value: Any, convert, what: str) -> dict:
 
 
 _OPTION_PARSERS = {
-    "train_llm_adapter": lambda k, v: _parse_bool(k, v),
+    "train_llm_adapter": _parse_bool,
     "exclude_patterns": _parse_patterns,
     "include_patterns": _parse_patterns,
     "network_reg_dims": lambda k, v: _parse_regex_values(k, v, int, "integer rank"),
@@ -184,7 +181,7 @@ _OPTION_PARSERS = {
     "loraplus_lr_ratio": _parse_ratio,
     "loraplus_unet_lr_ratio": _parse_ratio,
     "loraplus_text_encoder_lr_ratio": _parse_ratio,
-    "verbose": lambda k, v: _parse_bool(k, v),
+    "verbose": _parse_bool,
 }
 VALID_NETWORK_ARGS = tuple(_OPTION_PARSERS)
 _OPTION_FIELD = {"network_reg_dims": "reg_dims", "network_reg_lrs": "reg_lrs"}
