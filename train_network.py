@@ -620,8 +620,7 @@ class NetworkTrainer:
     def validation_loss(self, args: argparse.Namespace) -> None:
         self.network.eval()
         seed = args.validation_seed if args.validation_seed is not None else args.seed
-        cpu_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
-        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        rng = _rng_state()
         torch.manual_seed(seed)
         random.seed(seed)
         total, count = 0.0, 0
@@ -632,11 +631,7 @@ class NetworkTrainer:
                 total += self.mean_over_processes(self.batch_loss(args, batch, training=False).detach())
                 count += 1
         finally:
-            torch.set_rng_state(cpu_state)
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            if cuda_states is not None:
-                torch.cuda.set_rng_state_all(cuda_states)
+            _set_rng_state(rng)
             self.network.train()
             self.reset_dit_layout()
         if count:
