@@ -18,7 +18,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -552,13 +552,12 @@ class NetworkTrainer:
             self.run_sampling(epoch=None, step=step)
         if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
             self.save_model(saving.step_model_name(args, step), steps=step, epoch=epoch)
-            self.prune(saving.step_model_name(args, p) for p in [saving.step_to_prune(
-                step, args.save_every_n_steps, args.save_last_n_steps)] if p is not None)
+            self.prune(saving.step_model_name, saving.step_to_prune(step, args.save_every_n_steps,
+                                                                    args.save_last_n_steps))
             if args.save_state:
                 self.save_state(saving.step_state_name(args, step), epoch=epoch, epoch_batches=epoch_batches)
                 keep = args.save_last_n_steps_state or args.save_last_n_steps
-                self.prune(saving.step_state_name(args, p) for p in [saving.step_to_prune(
-                    step, args.save_every_n_steps, keep)] if p is not None)
+                self.prune(saving.step_state_name, saving.step_to_prune(step, args.save_every_n_steps, keep))
         if self.val_loader is not None and args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
             self.validate(args)
 
@@ -570,13 +569,12 @@ class NetworkTrainer:
             self.validate(args)
         if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < self.num_epochs:
             self.save_model(saving.epoch_model_name(args, epoch), steps=self.global_step, epoch=epoch)
-            self.prune(saving.epoch_model_name(args, p) for p in [saving.epoch_to_prune(
-                epoch, args.save_every_n_epochs, args.save_last_n_epochs)] if p is not None)
+            self.prune(saving.epoch_model_name, saving.epoch_to_prune(epoch, args.save_every_n_epochs,
+                                                                      args.save_last_n_epochs))
             if args.save_state:
                 self.save_state(saving.epoch_state_name(args, epoch), epoch=epoch, epoch_batches=0)
                 keep = args.save_last_n_epochs_state or args.save_last_n_epochs
-                self.prune(saving.epoch_state_name(args, p) for p in [saving.epoch_to_prune(
-                    epoch, args.save_every_n_epochs, keep)] if p is not None)
+                self.prune(saving.epoch_state_name, saving.epoch_to_prune(epoch, args.save_every_n_epochs, keep))
         if args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0:
             self.run_sampling(epoch=epoch, step=self.global_step)
 
@@ -658,13 +656,13 @@ class NetworkTrainer:
                                       lora_format=self.args.lora_format)
             self.reporter.message(f"saved {path}")
 
-    def prune(self, names: Any) -> None:
-        if self.is_main:
-            for name in names:
-                path = Path(self.args.output_dir) / name
-                if path.exists():
-                    saving.remove_path(path)
-                    self.reporter.message(f"removed old checkpoint {path}")
+    def prune(self, name_of: Callable[[argparse.Namespace, int], str], number: int | None) -> None:
+        """Remove the checkpoint `name_of(args, number)` that left its keep window (None: nothing to remove)."""
+        if self.is_main and number is not None:
+            path = Path(self.args.output_dir) / name_of(self.args, number)
+            if path.exists():
+                saving.remove_path(path)
+                self.reporter.message(f"removed old checkpoint {path}")
         self.accelerator.wait_for_everyone()
 
     def save_state(self, folder_name: str, *, epoch: int, epoch_batches: int) -> None:
