@@ -31,6 +31,7 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, se
 from library import saving
 from library.errors import AnimaError
 from library.losses import huber_threshold, per_sample_loss
+from library.optimizers import unwrap_optimizer
 from library.train_logging import LossRecorder, TrainingReporter, logger, lr_logs
 from networks.lora_format import load_lora_file
 
@@ -590,7 +591,7 @@ class NetworkTrainer:
 
     def optimizer_train_mode(self) -> None:
         if self.schedule_free:
-            getattr(self.optimizer, "optimizer", self.optimizer).train()
+            unwrap_optimizer(self.optimizer).train()
 
     @contextmanager
     def optimizer_eval_mode(self) -> Iterator[None]:
@@ -598,7 +599,7 @@ class NetworkTrainer:
         if not self.schedule_free:
             yield
             return
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        inner = unwrap_optimizer(self.optimizer)
         if self.optimizer_eval_depth == 0:
             inner.eval()
         self.optimizer_eval_depth += 1

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from library.errors import AnimaError
-from library.optimizers import is_schedule_free, parse_literal_kwargs
+from library.optimizers import is_schedule_free, parse_literal_kwargs, unwrap_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class ScheduleFreeScheduler:
 def _is_relative_step_adafactor(optimizer: torch.optim.Optimizer) -> bool:
     import transformers.optimization
 
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = unwrap_optimizer(optimizer)
     return isinstance(inner, transformers.optimization.Adafactor) and bool(inner.defaults.get("relative_step"))
 
 
@@ -191,7 +191,7 @@ def create_lr_scheduler(
     warmup = steps_from_int_or_float(num_warmup_steps, num_training_steps, "--lr_warmup_steps")
     decay = steps_from_int_or_float(num_decay_steps, num_training_steps, "--lr_decay_steps")
 
-    if is_schedule_free(getattr(optimizer, "optimizer", optimizer)):
+    if is_schedule_free(unwrap_optimizer(optimizer)):
         return ScheduleFreeScheduler(optimizer)
 
     if scheduler_type:
@@ -211,7 +211,7 @@ def create_lr_scheduler(
             lr0 = float(initial_lr) if initial_lr else 0.0
         except ValueError:
             raise AnimaError(f"--lr_scheduler {name!r}: expected adafactor or adafactor:<initial lr>") from None
-        return transformers.optimization.AdafactorSchedule(getattr(optimizer, "optimizer", optimizer), lr0)
+        return transformers.optimization.AdafactorSchedule(unwrap_optimizer(optimizer), lr0)
 
     if name not in LR_SCHEDULERS:
         raise AnimaError(

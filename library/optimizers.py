@@ -270,6 +270,11 @@ def create_optimizer(
     return f"{cls.__module__}.{cls.__name__}", format_kwargs(kwargs), optimizer
 
 
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer itself: accelerate's AcceleratedOptimizer keeps it as `.optimizer`; others pass through."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
     """Schedule-free optimizers keep their own LR schedule and need train()/eval() switching around evaluation."""
     return type(optimizer).__name__.lower().endswith("schedulefree")
@@ -318,7 +323,7 @@ def install_fused_backward_pass(
     """
     import transformers.optimization
 
-    inner = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's AcceleratedOptimizer
+    inner = unwrap_optimizer(optimizer)
     if not isinstance(inner, transformers.optimization.Adafactor):
         raise AnimaError("--fused_backward_pass works only with --optimizer_type Adafactor")
     if gradient_accumulation_steps != 1:
