@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from PIL import Image
 
 from library.errors import AnimaError
 from library.flow_matching import sampling_sigmas
+from library.saving import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -377,15 +377,7 @@ def save_png_atomic(pixels: torch.Tensor, path: Path) -> None:
     """pixels: [3, H, W] in [-1, 1] -> 8-bit PNG (values truncated, not rounded), written via temp + rename."""
     array = ((pixels.float().clamp(-1.0, 1.0) + 1.0) / 2.0 * 255.0).to(torch.uint8)
     image = Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _initial_noise(prompt: SamplePrompt) -> torch.Tensor:
