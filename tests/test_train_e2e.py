@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from train_helpers import tiny_train_argv, trainer_through_caches
 
 from anima_train_network import AnimaNetworkTrainer
 from library.train_args import parse_args
@@ -25,14 +26,7 @@ def tiny(tiny_setup):
 
 
 def base_argv(tiny, out: Path, *extra: str) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path", str(tiny.dit), "--qwen3", str(tiny.qwen3_dir), "--vae", str(tiny.vae),
-        "--t5_tokenizer_path", str(tiny.t5_tokenizer_dir), "--dataset_config", str(tiny.dataset_toml),
-        "--output_dir", str(out), "--output_name", "tiny", "--network_module", "networks.lora_anima",
-        "--network_dim", "4", "--network_alpha", "4", "--seed", "11", "--max_data_loader_n_workers", "0",
-        "--qwen3_max_token_length", "8", "--t5_max_token_length", "8", "--cache_latents",
-        "--cache_text_encoder_outputs", *extra,
-    ]
+    return tiny_train_argv(tiny, out, *extra)
 
 
 def run(argv: list[str]) -> AnimaNetworkTrainer:
@@ -111,16 +105,8 @@ def test_resume_from_state_matches_the_uninterrupted_run(tiny, two_epoch_run, tm
 def test_cached_caption_dropout_feeds_the_empty_caption_encoding(tiny, tmp_path):
     config = tmp_path / "dropout.toml"
     config.write_text(tiny.dataset_toml.read_text().replace("num_repeats = 1", "num_repeats = 1\ncaption_dropout_rate = 1.0"))
-    argv = base_argv(tiny, tmp_path, "--max_train_steps", "1")
-    argv[argv.index("--dataset_config") + 1] = str(config)
-    args, _ = parse_args(argv)
-    trainer = AnimaNetworkTrainer()
-    trainer.args = args
-    trainer.setup_run(args)
-    trainer.setup_accelerator(args)
-    trainer.build_datasets(args)
-    trainer.load_frozen_models(args, trainer.accelerator, trainer.weight_dtype)
-    trainer.build_caches(args)
+    trainer = trainer_through_caches(tiny_train_argv(tiny, tmp_path, "--max_train_steps", "1", dataset=config))
+    args = trainer.args
     empty = trainer.text_encoding.encode([""])
     batch = trainer.train_group[0]
     text = trainer.batch_text(args, batch, train_text_encoder=False)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from train_helpers import tiny_train_argv, trainer_through_caches
 
 from anima_train_network import AnimaNetworkTrainer
 from library.train_args import parse_args
@@ -22,17 +23,7 @@ COMMON = ("--network_args", "train_llm_adapter=false")
 
 def base_argv(tiny, out: Path, *extra: str, cache_text: bool = True, dataset: Path | None = None,
               dit: Path | None = None) -> list[str]:
-    argv = [
-        "--pretrained_model_name_or_path", str(dit or tiny.dit), "--qwen3", str(tiny.qwen3_dir),
-        "--vae", str(tiny.vae), "--t5_tokenizer_path", str(tiny.t5_tokenizer_dir),
-        "--dataset_config", str(dataset or tiny.dataset_toml), "--output_dir", str(out), "--output_name", "tiny",
-        "--network_module", "networks.lora_anima", "--network_dim", "4", "--network_alpha", "4", "--seed", "11",
-        "--max_data_loader_n_workers", "0", "--qwen3_max_token_length", "8", "--t5_max_token_length", "8",
-        "--cache_latents", "--learning_rate", "5e-3",
-    ]
-    if cache_text:
-        argv.append("--cache_text_encoder_outputs")
-    return argv + list(extra)
+    return tiny_train_argv(tiny, out, *extra, cache_text=cache_text, dataset=dataset, dit=dit, learning_rate="5e-3")
 
 
 class CountingTrainer(AnimaNetworkTrainer):
@@ -242,16 +233,9 @@ def test_network_weights_in_either_format_are_the_starting_point(tiny_setup, ste
 
 
 def build_until_network(argv: list[str]) -> AnimaNetworkTrainer:
-    args, _ = parse_args(argv)
-    trainer = AnimaNetworkTrainer()
-    trainer.args = args
-    trainer.setup_run(args)
-    trainer.setup_accelerator(args)
-    trainer.build_datasets(args)
-    trainer.load_frozen_models(args, trainer.accelerator, trainer.weight_dtype)
-    trainer.build_caches(args)
-    trainer.dit = trainer.load_dit(args, trainer.accelerator, trainer.weight_dtype)
-    trainer.create_network(args)
+    trainer = trainer_through_caches(argv)
+    trainer.dit = trainer.load_dit(trainer.args, trainer.accelerator, trainer.weight_dtype)
+    trainer.create_network(trainer.args)
     return trainer
 
 

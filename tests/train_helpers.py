@@ -1,0 +1,39 @@
+"""Helpers shared by the trainer tests: the tiny-model command line and a trainer built up to a phase."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from anima_train_network import AnimaNetworkTrainer
+from library.train_args import parse_args
+
+
+def tiny_train_argv(tiny, out: Path, *extra: str, cache_text: bool = True, dataset: Path | None = None,
+                    dit: Path | None = None, learning_rate: str | None = None) -> list[str]:
+    """Trainer flags for the tiny setup (`library.tiny_models.TinySetup`), then `extra`."""
+    argv = [
+        "--pretrained_model_name_or_path", str(dit or tiny.dit), "--qwen3", str(tiny.qwen3_dir),
+        "--vae", str(tiny.vae), "--t5_tokenizer_path", str(tiny.t5_tokenizer_dir),
+        "--dataset_config", str(dataset or tiny.dataset_toml), "--output_dir", str(out), "--output_name", "tiny",
+        "--network_module", "networks.lora_anima", "--network_dim", "4", "--network_alpha", "4", "--seed", "11",
+        "--max_data_loader_n_workers", "0", "--qwen3_max_token_length", "8", "--t5_max_token_length", "8",
+        "--cache_latents",
+    ]
+    if learning_rate is not None:
+        argv += ["--learning_rate", learning_rate]
+    if cache_text:
+        argv.append("--cache_text_encoder_outputs")
+    return argv + list(extra)
+
+
+def trainer_through_caches(argv: list[str]) -> AnimaNetworkTrainer:
+    """Run the trainer's phases up to and including the caches (datasets, frozen models, caches)."""
+    args, _ = parse_args(argv)
+    trainer = AnimaNetworkTrainer()
+    trainer.args = args
+    trainer.setup_run(args)
+    trainer.setup_accelerator(args)
+    trainer.build_datasets(args)
+    trainer.load_frozen_models(args, trainer.accelerator, trainer.weight_dtype)
+    trainer.build_caches(args)
+    return trainer
