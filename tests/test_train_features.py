@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from train_helpers import tiny_train_argv, trainer_through_caches
 
 from anima_train_network import AnimaNetworkTrainer
-from library.train_args import parse_args
+from library.training.args import parse_args
 from networks.lora_format import load_lora_file, to_sd_scripts_format
 
 COMMON = ("--network_args", "train_llm_adapter=false")

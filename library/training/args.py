@@ -17,9 +17,9 @@ from typing import Any
 import toml
 
 from library.errors import AnimaError
-from library.losses import check_loss_options
-from library.lr_schedulers import parse_int_or_float
-from library.saving import atomic_write
+from library.io.files import atomic_write
+from library.training.losses import check_loss_options
+from library.training.schedulers import parse_int_or_float
 
 GPU_ONLY = "[GPU only] "
 
@@ -347,7 +347,7 @@ def setup_parser() -> argparse.ArgumentParser:
         description="Train a LoRA for Anima. Flags marked [GPU only] need a CUDA device.",
     )
     try:
-        from library.dataset_config import add_dataset_arguments
+        from library.data.config import add_dataset_arguments
     except ImportError:  # dataset module not installed yet: the fallback set below still parses
         add_dataset_arguments = None
     if add_dataset_arguments is not None:
@@ -633,7 +633,7 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         reject("--base_weights_multiplier has more values than --base_weights files")
     if args.sample_prompts and os.path.exists(args.sample_prompts):
         # Read the prompt file now: a mistake in it must not surface only after caching and training.
-        from library.sampling import load_sample_prompts
+        from library.training.sampling import load_sample_prompts
 
         try:
             load_sample_prompts(args.sample_prompts)

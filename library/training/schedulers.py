@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from library.errors import AnimaError
-from library.optimizers import is_schedule_free, parse_literal_kwargs, unwrap_optimizer
+from library.training.optimizers import is_schedule_free, parse_literal_kwargs, unwrap_optimizer
 
 logger = logging.getLogger(__name__)
 
