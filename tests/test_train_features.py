@@ -325,6 +325,9 @@ def flags_run(tiny_setup, tmp_path_factory):
         "--ip_noise_gamma", "0.1", "--ip_noise_gamma_random_strength", "--save_precision", "fp16",
         "--training_comment", "hello", "--metadata_title", "My LoRA", "--metadata_author", "me",
         "--metadata_description", "a test", "--metadata_license", "MIT", "--metadata_tags", "a,b",
+        "--metadata_trigger_phrase", "sks", "--metadata_usage_hint", "say sks", "--metadata_merged_from", "x",
+        "--metadata_preprocessor", "none", "--metadata_is_negative_embedding", "false",
+        "--metadata_thumbnail", "data:image/png;base64,AAAA",
         "--optimizer_args", "weight_decay=0.02", *COMMON))
     return trainer, out
 
@@ -345,6 +348,9 @@ def test_flag_values_reach_the_network_and_the_metadata(flags_run):
     meta = metadata(out / "tiny.safetensors")
     expected = {"ss_training_comment": "hello", "modelspec.title": "My LoRA", "modelspec.author": "me",
                 "modelspec.description": "a test", "modelspec.license": "MIT", "modelspec.tags": "a,b",
+                "modelspec.trigger_phrase": "sks", "modelspec.usage_hint": "say sks", "modelspec.merged_from": "x",
+                "modelspec.preprocessor": "none", "modelspec.is_negative_embedding": "false",
+                "modelspec.thumbnail": "data:image/png;base64,AAAA",
                 "ss_network_dropout": "0.1", "ss_scale_weight_norms": "0.05", "ss_ip_noise_gamma": "0.1",
                 "ss_ip_noise_gamma_random_strength": "True", "ss_max_grad_norm": "0.0",
                 "ss_optimizer": "torch.optim.adamw.AdamW(weight_decay=0.02)"}

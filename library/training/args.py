@@ -19,6 +19,7 @@ import toml
 from library.errors import AnimaError
 from library.io.files import atomic_write
 from library.training.losses import check_loss_options
+from library.training.outputs import MODEL_SPEC_TEXT_FIELDS, thumbnail_data_url
 from library.training.schedulers import parse_int_or_float
 
 GPU_ONLY = "[GPU only] "
@@ -290,8 +291,9 @@ def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
       help="console log level")
     a("console_log_file", type=str, default=None, help="also write the console log to this file")
     a("console_log_simple", action="store_true", help="plain console log format")
-    for field in ("title", "author", "description", "license", "tags"):
-        a(f"metadata_{field}", type=str, default=None, help=f"model-spec {field}")
+    a("metadata_title", type=str, default=None, help="model-spec title (default: --output_name)")
+    for field, what in MODEL_SPEC_TEXT_FIELDS.items():
+        a(f"metadata_{field}", type=str, default=None, help=f"model-spec {what} (modelspec.{field})")
 
 
 # sd-scripts flags this trainer does not implement. They are parsed so a carried-over command line or config
@@ -629,6 +631,11 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     for path in args.base_weights or []:
         if not os.path.exists(path):
             reject(f"--base_weights {path}: not found; check the path")
+    if args.metadata_thumbnail:
+        try:
+            thumbnail_data_url(args.metadata_thumbnail)
+        except AnimaError as exc:
+            reject(str(exc))
     if args.base_weights_multiplier and len(args.base_weights_multiplier) > len(args.base_weights or []):
         reject("--base_weights_multiplier has more values than --base_weights files")
     if args.sample_prompts and os.path.exists(args.sample_prompts):

@@ -3,20 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import json
+import mimetypes
 import os
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from library.errors import AnimaError
 from library.io.files import file_hashes
 
 MODEL_SPEC_VERSION = "1.0.1"
 MODEL_SPEC_ARCHITECTURE = "anima-preview/lora"
 MODEL_SPEC_IMPLEMENTATION = "https://huggingface.co/circlestone-labs/Anima"
 BASE_MODEL_VERSION = "anima"
+
+# The free-text model-spec fields, each set by --metadata_<field> and written as modelspec.<field> the way
+# sd-scripts writes them (the given text; --metadata_title is separate because it has a default).
+MODEL_SPEC_TEXT_FIELDS: dict[str, str] = {
+    "author": "author name",
+    "description": "description",
+    "license": "license",
+    "tags": "tags, separated by commas",
+    "usage_hint": "very short hint on how to use the model",
+    "thumbnail": "thumbnail image: a data: URL, or an image file (written as a base64 data URL)",
+    "merged_from": "source models the model was merged from",
+    "trigger_phrase": "trigger phrase",
+    "preprocessor": "preprocessor used",
+    "is_negative_embedding": "whether the model is a negative embedding",
+}
 
 
 # --- names --------------------------------------------------------------------------------------------------
@@ -114,13 +132,28 @@ def model_spec(args: argparse.Namespace, timestamp: float) -> dict[str, str]:
         "modelspec.prediction_type": "epsilon",
         "modelspec.implementation_version": f"anima-lora-trainer/{commit if commit != '(unknown)' else 'unknown'}",
     }
-    for field in ("description", "author", "license", "tags"):
+    for field in MODEL_SPEC_TEXT_FIELDS:
         value = getattr(args, f"metadata_{field}", None)
         if value:
-            spec[f"modelspec.{field}"] = value
+            spec[f"modelspec.{field}"] = thumbnail_data_url(value) if field == "thumbnail" else value
     if args.min_timestep is not None or args.max_timestep is not None:
         spec["modelspec.timestep_range"] = f"{args.min_timestep or 0},{args.max_timestep or 1000}"
     return spec
+
+
+def thumbnail_data_url(value: str, flag: str = "--metadata_thumbnail") -> str:
+    """A ``data:`` URL as given, or an image file read into ``data:<mime>;base64,<bytes>`` (as sd-scripts
+    embeds it). A missing or non-image file is an error (sd-scripts drops it with a warning)."""
+    if value.startswith("data:"):
+        return value
+    if not os.path.isfile(value):
+        raise AnimaError(f"{flag} {value}: not found; pass an image file or a data: URL")
+    mime_type, _ = mimetypes.guess_type(value)
+    if mime_type is None or not mime_type.startswith("image/"):
+        raise AnimaError(f"{flag} {value}: not an image file (.png, .jpg, .webp ...); pass an image or a data: URL")
+    with open(value, "rb") as f:
+        encoded = base64.b64encode(f.read()).decode("ascii")
+    return f"data:{mime_type};base64,{encoded}"
 
 
 # Keys kept by --no_metadata.
