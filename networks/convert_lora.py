@@ -5,7 +5,8 @@
 
 Metadata is copied (``ss_lora_format`` updated, sshs_* hashes recomputed). By default the ComfyUI output
 folds alpha/r into lora_B so that diffusers (which rejects alpha keys) loads it too; ``--keep_alpha`` writes
-the alpha keys instead (ComfyUI only, converts back exactly).
+the alpha keys instead (ComfyUI only). Converting a folded file back restores the alpha of its
+``ss_network_alpha`` metadata (lora_B unfolded to match), so tensors and metadata agree.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from networks.lora_format import (
     format_metadata,
     load_lora_file,
     save_lora_file,
-    to_sd_scripts_format,
+    to_sd_scripts_with_alpha,
 )
 
 
@@ -50,7 +51,7 @@ def convert_file(src: str, dst: str, to: str, keep_alpha: bool = False) -> int:
         raise AnimaError(f"--dst {dst} is the same file as --src; choose another output path")
     tensors, metadata = load_lora_file(src, flag="--src")
     source_format = detect_lora_format(tensors)
-    sd = to_sd_scripts_format(tensors, add_missing_alpha=True)
+    sd, metadata = to_sd_scripts_with_alpha(tensors, metadata)
     fold_alpha = not keep_alpha
     if to == COMFY_FORMAT:
         out = convert_to_comfy(sd, fold_alpha=fold_alpha)

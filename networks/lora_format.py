@@ -268,6 +268,50 @@ def _with_alpha(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
+NETWORK_ALPHA_METADATA_KEY = "ss_network_alpha"
+NETWORK_DIM_METADATA_KEY = "ss_network_dim"
+
+
+def _metadata_number(metadata: Mapping[str, str], key: str) -> float | None:
+    try:
+        value = float(metadata.get(key, ""))
+    except ValueError:
+        return None
+    return value if value > 0 and value == value else None  # 0 / "None" / NaN mean "not given"
+
+
+def to_sd_scripts_with_alpha(
+    sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Either layout -> sd-scripts keys in which every module has an alpha, consistent with the metadata.
+
+    A module without alpha (a ComfyUI file whose alpha was folded into lora_B) gets back the alpha of
+    ``ss_network_alpha`` with lora_B unfolded by rank/alpha, so the effective update is unchanged and the
+    tensors agree with the metadata again; without a usable ``ss_network_alpha`` its alpha becomes its rank
+    (scale 1, lora_B unchanged). ``ss_network_alpha`` / ``ss_network_dim`` are then set from the tensors
+    when every module shares one value (left as they are otherwise)."""
+    out = to_sd_scripts_format(sd, add_missing_alpha=False)
+    target_alpha = _metadata_number(metadata, NETWORK_ALPHA_METADATA_KEY)
+    modules = group_by_module(out)
+    for lora_name, parts in modules.items():
+        if "alpha" in parts:
+            continue
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        rank = down.shape[0]
+        alpha = target_alpha if target_alpha is not None else float(rank)
+        if alpha != rank:
+            out[f"{lora_name}.lora_up.weight"] = (up.float() * (rank / alpha)).to(up.dtype)
+        out[f"{lora_name}.alpha"] = torch.tensor(alpha, dtype=down.dtype)
+    meta = dict(metadata)
+    alphas = {float(out[f"{name}.alpha"].float()) for name in modules}
+    ranks = {int(parts["lora_down.weight"].shape[0]) for parts in modules.values()}
+    if len(alphas) == 1 and _metadata_number(meta, NETWORK_ALPHA_METADATA_KEY) != next(iter(alphas)):
+        meta[NETWORK_ALPHA_METADATA_KEY] = str(next(iter(alphas)))
+    if len(ranks) == 1 and _metadata_number(meta, NETWORK_DIM_METADATA_KEY) != next(iter(ranks)):
+        meta[NETWORK_DIM_METADATA_KEY] = str(next(iter(ranks)))
+    return out, meta
+
+
 LORA_WHAT = "an Anima LoRA file (.safetensors)"
 
 
@@ -339,4 +383,5 @@ __all__ = [
     "split_lora_name",
     "split_sd_key",
     "to_sd_scripts_format",
+    "to_sd_scripts_with_alpha",
 ]

@@ -1,0 +1,44 @@
+"""What the LoRA command-line tools share: save precisions, output-path checks, the one-line error exit."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from library.errors import AnimaError
+from library.io.files import check_writable_dir
+
+# --save_precision values, as sd-scripts' tools name them.
+SAVE_PRECISIONS: dict[str, torch.dtype] = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_output_path(path: str, inputs: Sequence[str], flag: str = "--save_to",
+                      suffixes: Sequence[str] = (".safetensors", ".pt", ".ckpt", ".pth")) -> None:
+    """The output must have a known suffix, lie in a writable folder and be none of the input files."""
+    if Path(path).suffix not in suffixes:
+        raise AnimaError(f"{flag} {path}: must end in {', '.join(suffixes)}")
+    check_writable_dir(Path(path).absolute().parent, flag)
+    target = Path(path).resolve()
+    for source in inputs:
+        if Path(source).resolve() == target:
+            raise AnimaError(f"{flag} {path} is also an input file; choose another output path")
+
+
+def check_inputs_exist(paths: Sequence[str], flag: str) -> None:
+    for path in paths:
+        if not os.path.isfile(path):
+            raise AnimaError(f"{flag} {path}: not found; check the path")
+
+
+def run_cli(main: Callable[[], None]) -> int:
+    """Run a tool: an AnimaError ends it with one ``error:`` line and exit code 1."""
+    try:
+        main()
+    except AnimaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
