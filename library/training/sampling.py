@@ -27,6 +27,7 @@ import numpy as np
 import toml
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from library.errors import AnimaError
 from library.io.files import atomic_write
@@ -137,7 +138,8 @@ def parse_prompt_line(line: str, where: str) -> dict[str, str]:
     return fields
 
 
-def _prompt_from_fields(fields: Mapping[str, Any], index: int, where: str) -> SamplePrompt:
+def prompt_from_fields(fields: Mapping[str, Any], index: int, where: str) -> SamplePrompt:
+    """One prompt from a dict of prompt-file keys; ``where`` names its origin in error messages."""
     unknown = sorted(set(fields) - set(_KNOWN_KEYS))
     if unknown:
         raise AnimaError(f"{where}: unknown sample prompt key(s) {unknown} (known keys: {', '.join(_KNOWN_KEYS)})")
@@ -244,20 +246,32 @@ def _read_json(path: Path) -> list[tuple[dict[str, Any], str]]:
     return entries
 
 
-def load_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
-    """Read and validate a ``--sample_prompts`` file (.txt, .toml or .json). Raises AnimaError on bad input."""
+def load_sample_prompts(path: str | os.PathLike[str], defaults: Mapping[str, Any] | None = None,
+                        guidance_is_scale: bool = False, flag: str = "--sample_prompts") -> list[SamplePrompt]:
+    """Read and validate a prompt file (.txt, .toml or .json). Raises AnimaError on bad input.
+
+    ``defaults``: values (same keys as a prompt dict: width, height, seed, sample_steps, scale, flow_shift,
+    negative_prompt) for what a prompt leaves out, instead of the trainer's defaults. ``guidance_is_scale``:
+    read ``guidance_scale`` (``--g``) as the CFG scale when ``scale`` (``--l``) is not given, as sd-scripts'
+    inference script does. ``flag`` names the option in error messages.
+    """
     path = Path(path)
     if not path.is_file():
-        raise AnimaError(f"--sample_prompts: file not found: {path}")
+        raise AnimaError(f"{flag}: file not found: {path}")
     readers: dict[str, Callable[[Path], list[tuple[dict[str, Any], str]]]] = {
         ".txt": _read_txt, ".toml": _read_toml, ".json": _read_json,
     }
     reader = readers.get(path.suffix.lower())
     if reader is None:
-        raise AnimaError(f"--sample_prompts: {path} must end in .txt, .toml or .json")
-    prompts = [_prompt_from_fields(fields, index, where) for index, (fields, where) in enumerate(reader(path))]
+        raise AnimaError(f"{flag}: {path} must end in .txt, .toml or .json")
+    prompts = []
+    for index, (fields, where) in enumerate(reader(path)):
+        fields = dict(fields)
+        if guidance_is_scale and "guidance_scale" in fields:
+            fields.setdefault("scale", fields.pop("guidance_scale"))
+        prompts.append(prompt_from_fields({**(defaults or {}), **fields}, index, where))
     if not prompts:
-        raise AnimaError(f"--sample_prompts: {path} contains no prompts")
+        raise AnimaError(f"{flag}: {path} contains no prompts")
     return prompts
 
 
@@ -373,11 +387,17 @@ def sample_image_filename(output_name: str | None, step: int, epoch: int | None,
     return name + ".png"
 
 
-def save_png_atomic(pixels: torch.Tensor, path: Path) -> None:
-    """pixels: [3, H, W] in [-1, 1] -> 8-bit PNG (values truncated, not rounded), written via temp + rename."""
+def save_png_atomic(pixels: torch.Tensor, path: Path, text: Mapping[str, str] | None = None) -> None:
+    """pixels: [3, H, W] in [-1, 1] -> 8-bit PNG (values truncated, not rounded), written via temp + rename.
+    ``text``: PNG text chunks (e.g. the prompt and seed)."""
     array = ((pixels.float().clamp(-1.0, 1.0) + 1.0) / 2.0 * 255.0).to(torch.uint8)
     image = Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def _initial_noise(prompt: SamplePrompt) -> torch.Tensor:
@@ -439,21 +459,13 @@ def generate_sample_images(
     eval_modules = [model] if network is None else [model, network]
     with preserved_training_state(*eval_modules), torch.no_grad(), autocast:
         for prompt in prompts:
-            use_cfg = prompt.scale > 1.0
             try:
-                context = _encode_context(model, prompt_encoder, prompt.prompt, device, model_dtype)
-                negative = (_encode_context(model, prompt_encoder, prompt.negative_prompt, device, model_dtype)
-                            if use_cfg else None)
+                context, negative = encode_prompt_contexts(model, prompt_encoder, prompt, device, model_dtype)
             except KeyError as err:
                 logger.warning("sample prompt %d skipped: its text could not be encoded (%s)", prompt.index, err)
                 continue
-            logger.info("sampling prompt %d: %r (negative %r, %dx%d, %d steps, scale %g, shift %g, seed %s)",
-                        prompt.index, prompt.prompt, prompt.negative_prompt, prompt.width, prompt.height,
-                        prompt.sample_steps, prompt.scale, prompt.flow_shift, prompt.seed)
-            noise = _initial_noise(prompt).to(device)
-            sigmas = sampling_sigmas(prompt.sample_steps, prompt.flow_shift)
-            latents = euler_flow_sample(model, noise, sigmas, context, negative, prompt.scale)
-            pixels = _decode(vae, latents[:, :, 0], device)  # [1, 3, H, W]
+            latents = sample_latents(model, prompt, context, negative)
+            pixels = decode_latents(vae, latents[:, :, 0], device)  # [1, 3, H, W]
             timestamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
             path = sample_dir / sample_image_filename(output_name, step, epoch, prompt.index, prompt.seed, timestamp)
             save_png_atomic(pixels[0], path)
@@ -461,7 +473,28 @@ def generate_sample_images(
     return written
 
 
-def _decode(vae: torch.nn.Module, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
+def encode_prompt_contexts(model: Any, encoder: PromptEncoder, prompt: SamplePrompt, device: torch.device,
+                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context, negative context or None without CFG) [1, Lt, D] of one prompt; KeyError if a text is unknown."""
+    context = _encode_context(model, encoder, prompt.prompt, device, dtype)
+    negative = _encode_context(model, encoder, prompt.negative_prompt, device, dtype) if prompt.scale > 1.0 else None
+    return context, negative
+
+
+def sample_latents(model: Callable[..., torch.Tensor], prompt: SamplePrompt, context: torch.Tensor,
+                   negative_context: torch.Tensor | None) -> torch.Tensor:
+    """The Euler flow sampler run for one prompt: its seed's noise, its schedule and scale -> fp32 latents
+    [1, 16, 1, H/8, W/8] on the device of ``context``."""
+    logger.info("sampling prompt %d: %r (negative %r, %dx%d, %d steps, scale %g, shift %g, seed %s)",
+                prompt.index, prompt.prompt, prompt.negative_prompt, prompt.width, prompt.height,
+                prompt.sample_steps, prompt.scale, prompt.flow_shift, prompt.seed)
+    noise = _initial_noise(prompt).to(context.device)
+    sigmas = sampling_sigmas(prompt.sample_steps, prompt.flow_shift)
+    return euler_flow_sample(model, noise, sigmas, context, negative_context, prompt.scale)
+
+
+def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """latents [B, 16, h, w] -> fp32 pixels [B, 3, 8h, 8w] in [-1, 1]."""
     # The VAE may live on the CPU between samplings; borrow the sampling device for the decode only.
     vae_device, vae_dtype = _module_device_dtype(vae)
     vae.to(device)

@@ -1,0 +1,464 @@
+"""Generate images with Anima, optionally with LoRAs: sd-scripts' ``anima_minimal_inference.py`` command line.
+
+    python anima_minimal_inference.py --dit anima.safetensors --vae qwen_image_vae.safetensors \\
+        --text_encoder qwen3_06b --prompt "1girl, solo, red hair" --image_size 1024 1024 --infer_steps 30 \\
+        --lora_weight my_lora.safetensors --lora_multiplier 0.8 --save_path outputs
+
+The pieces are the trainer's: the same loaders, the Euler flow sampler and prompt-file parser of sample images
+(``library.training.sampling``) and the LoRA network (``networks.lora_anima``), whose modules are merged into
+the DiT and Qwen3 weights before sampling. Unlike sd-scripts, a LoRA is applied completely or not at all: a
+module that matches no layer of the models is an error naming it (sd-scripts drops such keys silently).
+Every input is checked, the LoRAs against the models' headers, before any weight is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import os
+import random
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from library.errors import AnimaError, flags_renamed
+from library.io.checkpoints import open_checkpoint, sample_keys
+from library.io.files import atomic_write, check_writable_dir
+from library.models.attention import check_attn_mode
+from library.models.dit_loading import MODEL_FLAG
+from library.models.qwen3 import QWEN3_FLAG
+from library.training.sampling import (
+    CachedPromptEncodings,
+    SamplePrompt,
+    decode_latents,
+    encode_prompt_contexts,
+    load_sample_prompts,
+    prompt_from_fields,
+    sample_latents,
+    save_png_atomic,
+)
+from networks.lora_anima import LoRANetwork, create_network_from_weights
+from networks.lora_format import (
+    UNET_PREFIX,
+    group_by_module,
+    load_lora_file,
+    split_sd_key,
+    to_sd_scripts_format,
+)
+
+logger = logging.getLogger("anima_minimal_inference")
+
+OUTPUT_TYPES = ("images", "latent", "latent_images")
+ATTN_MODES = ("torch", "sdpa", "flash", "sageattn", "xformers")
+MAX_SEED = 2**32 - 1
+LATENT_KEY = "latent"  # the tensor name of a saved latent file, as sd-scripts writes it
+# The trainer's loaders name the trainer's flags in their errors; this script's flags are named differently.
+RENAMED_FLAGS = {MODEL_FLAG: "--dit", QWEN3_FLAG: "--text_encoder"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anima_minimal_inference.py",
+                                     description="Generate images with Anima and LoRAs.")
+    models = parser.add_argument_group("models")
+    models.add_argument("--dit", default=None, help="Anima DiT .safetensors (with its LLM adapter)")
+    models.add_argument("--vae", required=True, help="Qwen-Image VAE .safetensors")
+    models.add_argument("--text_encoder", default=None,
+                        help="Qwen3-0.6B text encoder: a Hugging Face folder or one .safetensors file")
+    models.add_argument("--qwen3_tokenizer_path", default=None,
+                        help="Qwen3 tokenizer folder (default: the --text_encoder folder, else the hub)")
+    models.add_argument("--t5_tokenizer_path", default=None, help="T5 tokenizer folder (default: the hub)")
+    models.add_argument("--vae_chunk_size", type=int, default=None,
+                        help="spatial chunk size of the VAE decode (even; less memory)")
+    models.add_argument("--vae_disable_cache", action="store_true",
+                        help="accepted for sd-scripts command lines; has no effect on images (warned)")
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora_weight", nargs="*", default=None, help="LoRA files (either key layout)")
+    lora.add_argument("--lora_multiplier", type=float, nargs="*", default=None,
+                      help="one multiplier per LoRA file, or one for all (default 1.0)")
+    lora.add_argument("--include_patterns", nargs="*", default=None,
+                      help="one regex per LoRA file: only modules whose sd-scripts name (lora_unet_...) matches")
+    lora.add_argument("--exclude_patterns", nargs="*", default=None,
+                      help="one regex per LoRA file: leave out modules whose sd-scripts name matches")
+    lora.add_argument("--lycoris", action="store_true",
+                      help="refused: the LyCORIS library is not used for inference (see the error message)")
+
+    generation = parser.add_argument_group("generation")
+    generation.add_argument("--prompt", default=None, help="prompt")
+    generation.add_argument("--negative_prompt", default="", help="negative prompt (used when guidance_scale > 1)")
+    generation.add_argument("--from_file", default=None,
+                            help="prompt file (.txt lines with --w --h --d --s --l/--g --fs --n, .toml or .json, "
+                            "as --sample_prompts); the command line gives the defaults")
+    generation.add_argument("--image_size", type=int, nargs=2, default=[1024, 1024], metavar=("HEIGHT", "WIDTH"),
+                            help="image height and width (rounded down to multiples of 16)")
+    generation.add_argument("--infer_steps", type=int, default=50, help="sampling steps")
+    generation.add_argument("--guidance_scale", type=float, default=3.5, help="classifier-free guidance scale")
+    generation.add_argument("--flow_shift", type=float, default=5.0, help="flow-matching schedule shift")
+    generation.add_argument("--seed", type=int, default=None, help="seed (default: random, written in the name)")
+    generation.add_argument("--save_path", required=True, help="output folder")
+    generation.add_argument("--output_type", choices=OUTPUT_TYPES, default="images",
+                            help="images (PNG), latent (.safetensors) or both")
+    generation.add_argument("--no_metadata", action="store_true",
+                            help="write no prompt/seed metadata into the PNG and latent files")
+    generation.add_argument("--latent_path", nargs="*", default=None,
+                            help="decode these latent files (.safetensors or .pt) to PNGs; no sampling")
+
+    device = parser.add_argument_group("device and memory")
+    device.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
+    device.add_argument("--attn_mode", choices=ATTN_MODES, default="torch", help="DiT attention (sdpa = torch)")
+    device.add_argument("--fp8", action="store_true",
+                        help="DiT block projections stored as float8_e4m3fn with one scale per tensor")
+    device.add_argument("--fp8_scaled", action="store_true",
+                        help="DiT block projections stored as float8_e4m3fn with one scale per output channel")
+    device.add_argument("--text_encoder_cpu", action="store_true", help="run Qwen3 on the CPU")
+    device.add_argument("--blocks_to_swap", type=int, default=None,
+                        help="DiT blocks kept in CPU memory and streamed to the device (less device memory)")
+    return parser
+
+
+# --- checks (all before any weight is read) ------------------------------------------------------------------
+
+
+def _per_file(values: list | None, count: int, flag: str, default: Any) -> list:
+    if not values:
+        return [default] * count
+    if len(values) == 1 and flag == "--lora_multiplier":
+        return values * count
+    if len(values) > count:
+        raise AnimaError(f"{flag} has {len(values)} values for {count} --lora_weight file(s); give one per file")
+    return list(values) + [default] * (count - len(values))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.lycoris:
+        raise AnimaError("--lycoris: LyCORIS files are loaded with --lora_weight once networks.lokr / networks.loha "
+                         "support them; plain LoRA files need no flag")
+    if args.attn_mode == "sdpa":
+        args.attn_mode = "torch"
+    args.attn_mode = check_attn_mode(args.attn_mode, training=False)
+    decode_only = bool(args.latent_path)
+    required = ["vae"] if decode_only else ["dit", "vae", "text_encoder"]
+    missing = [f"--{name}" for name in required if not getattr(args, name)]
+    if missing:
+        raise AnimaError(f"missing required option(s): {', '.join(missing)}")
+    for name in ("dit", "vae", "text_encoder", "qwen3_tokenizer_path", "t5_tokenizer_path", "from_file"):
+        path = getattr(args, name)
+        if path and not os.path.exists(path):
+            raise AnimaError(f"--{name} {path}: not found; check the path")
+    for flag, paths in (("--lora_weight", args.lora_weight or []), ("--latent_path", args.latent_path or [])):
+        for path in paths:
+            if not os.path.isfile(path):
+                raise AnimaError(f"{flag} {path}: not found; check the path")
+    if not decode_only and args.prompt is None and not args.from_file:
+        raise AnimaError("give --prompt, --from_file or --latent_path")
+    if args.prompt is not None and args.from_file:
+        raise AnimaError("--prompt and --from_file exclude each other; keep one")
+    count = len(args.lora_weight or [])
+    args.lora_multiplier = _per_file(args.lora_multiplier, count, "--lora_multiplier", 1.0)
+    args.include_patterns = _per_file(args.include_patterns, count, "--include_patterns", None)
+    args.exclude_patterns = _per_file(args.exclude_patterns, count, "--exclude_patterns", None)
+    for flag in ("--include_patterns", "--exclude_patterns"):
+        for pattern in getattr(args, flag[2:]):
+            try:
+                re.compile(pattern or "")
+            except re.error as error:
+                raise AnimaError(f"{flag} {pattern!r}: not a valid regular expression ({error})") from None
+    if args.fp8 and args.fp8_scaled:
+        raise AnimaError("--fp8 and --fp8_scaled exclude each other; keep one")
+    if args.blocks_to_swap is not None and args.blocks_to_swap < 1:
+        raise AnimaError(f"--blocks_to_swap must be at least 1, got {args.blocks_to_swap}")
+    if args.infer_steps < 1:
+        raise AnimaError(f"--infer_steps must be at least 1, got {args.infer_steps}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise AnimaError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
+    check_writable_dir(args.save_path, "--save_path")
+
+
+def prompts_from_args(args: argparse.Namespace) -> list[SamplePrompt]:
+    """The prompts to render: --prompt, or --from_file with the command line as defaults; every seed fixed."""
+    height, width = args.image_size
+    defaults = {"width": width, "height": height, "sample_steps": args.infer_steps, "scale": args.guidance_scale,
+                "flow_shift": args.flow_shift, "negative_prompt": args.negative_prompt, "seed": args.seed}
+    if args.from_file:
+        prompts = load_sample_prompts(args.from_file, defaults=defaults, guidance_is_scale=True, flag="--from_file")
+    else:
+        prompts = [prompt_from_fields({**defaults, "prompt": args.prompt}, 0, "--prompt")]
+    # A random seed is drawn here, not inside the sampler, so that it can be written into the file name.
+    return [p if p.seed is not None else dataclasses.replace(p, seed=random.randint(0, MAX_SEED)) for p in prompts]
+
+
+# --- LoRAs ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraFile:
+    """One --lora_weight file, filtered by its patterns and split by model (sd-scripts keys)."""
+
+    path: str
+    multiplier: float
+    dit_part: dict[str, torch.Tensor]
+    text_encoder_part: dict[str, torch.Tensor]
+
+
+def read_loras(args: argparse.Namespace) -> list[LoraFile]:
+    """Every --lora_weight file, with its modules filtered by --include_patterns / --exclude_patterns."""
+    files = []
+    for path, multiplier, include, exclude in zip(args.lora_weight or [], args.lora_multiplier,
+                                                  args.include_patterns, args.exclude_patterns, strict=True):
+        sd = to_sd_scripts_format(load_lora_file(path, flag="--lora_weight")[0], add_missing_alpha=True)
+        names = list(group_by_module(sd))
+        kept = {n for n in names if (include is None or re.search(include, n))
+                and not (exclude is not None and re.search(exclude, n))}
+        if not kept:
+            raise AnimaError(f"--lora_weight {path}: --include_patterns / --exclude_patterns leave none of its "
+                             f"{len(names)} modules")
+        if len(kept) < len(names):
+            logger.info("%s: %d of %d modules kept by the include/exclude patterns", path, len(kept), len(names))
+        sd = {key: value for key, value in sd.items() if split_sd_key(key)[0] in kept}
+        files.append(LoraFile(
+            path, multiplier,
+            dit_part={k: v for k, v in sd.items() if k.startswith(UNET_PREFIX + "_")},
+            text_encoder_part={k: v for k, v in sd.items() if not k.startswith(UNET_PREFIX + "_")},
+        ))
+    return files
+
+
+def lora_networks(loras: Sequence[LoraFile], text_encoder: Any, dit: Any) -> list[LoRANetwork]:
+    """A network per file for the given model (pass the other one as None), hooks not installed. A module that
+    matches no layer is an error naming it; with meta-device models this checks every file before any weight
+    is read."""
+    networks = []
+    for lora in loras:
+        sd = lora.text_encoder_part if dit is None else lora.dit_part
+        if not sd:
+            continue
+        try:
+            network, _ = create_network_from_weights(lora.multiplier, lora.path, None, text_encoder, dit,
+                                                     weights_sd=sd, for_inference=True)
+        except AnimaError as error:
+            raise AnimaError(f"--lora_weight {lora.path}: {error}; it cannot be applied completely") from None
+        networks.append(network)
+    return networks
+
+
+def merge_loras(loras: Sequence[LoraFile], text_encoder: Any = None, dit: Any = None) -> None:
+    """Add multiplier x update of every LoRA module into the weights of the given model."""
+    for network in lora_networks(loras, text_encoder, dit):
+        network.merge_to(text_encoder, dit)
+
+
+# --- models --------------------------------------------------------------------------------------------------
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    # bf16 on CUDA as sd-scripts runs it; float32 elsewhere (CPU bf16 matmuls are slow and inexact).
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def check_models(args: argparse.Namespace, loras: Sequence[LoraFile]) -> None:
+    """Load every model on the meta device (headers only) and place every LoRA module on them."""
+    from library.models.dit_loading import load_anima_model
+    from library.models.qwen3 import load_qwen3_text_encoder
+    from library.models.vae import load_vae
+
+    meta = torch.device("meta")
+    with flags_renamed(RENAMED_FLAGS):
+        load_vae(args.vae, device=meta, chunk_size=args.vae_chunk_size)
+        if args.latent_path:
+            return
+        dit = load_anima_model(args.dit, device=meta, attn_mode=args.attn_mode)
+        text_encoder = load_qwen3_text_encoder(args.text_encoder, device=meta, dtype=torch.float32)
+    max_swap = len(dit.blocks) - 2  # two blocks stay resident
+    if args.blocks_to_swap is not None and args.blocks_to_swap > max_swap:
+        raise AnimaError(f"--blocks_to_swap {args.blocks_to_swap}: this DiT has {len(dit.blocks)} blocks, so at most "
+                         f"{max_swap} can be swapped")
+    lora_networks(loras, None, dit)
+    lora_networks(loras, text_encoder, None)
+
+
+def encode_prompts(args: argparse.Namespace, prompts: Sequence[SamplePrompt], loras: Sequence[LoraFile],
+                   device: torch.device) -> CachedPromptEncodings:
+    """Tokenise and encode every prompt text with Qwen3 (LoRAs merged), then free the text encoder."""
+    from library.models.qwen3 import AnimaTextEncoding, load_qwen3_text_encoder
+    from library.models.tokenizers import AnimaTokenizer, load_qwen3_tokenizer, load_t5_tokenizer
+
+    te_device = torch.device("cpu") if args.text_encoder_cpu else device
+    dtype = compute_dtype(te_device)
+    with flags_renamed(RENAMED_FLAGS):
+        tokenizer = AnimaTokenizer(
+            load_qwen3_tokenizer(qwen3_path=args.text_encoder, tokenizer_path=args.qwen3_tokenizer_path),
+            load_t5_tokenizer(args.t5_tokenizer_path))
+        text_encoder = load_qwen3_text_encoder(args.text_encoder, device=te_device, dtype=dtype)
+    merge_loras(loras, text_encoder=text_encoder)
+    encodings = CachedPromptEncodings.from_encoder(AnimaTextEncoding(tokenizer, text_encoder, te_device, dtype),
+                                                   prompts)
+    del text_encoder
+    _free_device_memory(device)
+    return encodings
+
+
+def load_dit(args: argparse.Namespace, loras: Sequence[LoraFile], device: torch.device) -> torch.nn.Module:
+    """The DiT with the LoRAs merged, fp8 storage if asked, on the device (or block-swapped)."""
+    from library.models.dit_loading import load_anima_model
+
+    # Merged, quantised and block-swapped from CPU memory; otherwise loaded straight onto the device.
+    staging = torch.device("cpu") if (args.blocks_to_swap or args.fp8 or args.fp8_scaled) else device
+    with flags_renamed(RENAMED_FLAGS):
+        dit = load_anima_model(args.dit, device=staging, dtype=compute_dtype(device), attn_mode=args.attn_mode,
+                               split_attn=args.attn_mode == "xformers")
+    dit.requires_grad_(False)
+    merge_loras(loras, dit=dit)
+    if args.fp8 or args.fp8_scaled:
+        store_fp8(dit, per_channel=args.fp8_scaled)
+    if args.blocks_to_swap:
+        dit.enable_block_swap(args.blocks_to_swap, device)
+        dit.move_to_device_except_swap_blocks(device)
+        dit.switch_block_swap_for_inference()
+    else:
+        dit.to(device)
+    return dit
+
+
+def store_fp8(dit: torch.nn.Module, per_channel: bool) -> None:
+    """--fp8 / --fp8_scaled: the DiT's block projections stored as float8_e4m3fn."""
+    try:
+        from library.models.fp8 import quantize_linear_weights
+    except ImportError:
+        raise AnimaError("--fp8 / --fp8_scaled need library/models/fp8.py, which this version lacks; "
+                         "run without them") from None
+    converted = quantize_linear_weights(dit, per_channel=per_channel)
+    logger.info("fp8: %d DiT projections stored as float8_e4m3fn (%s scales)", len(converted),
+                "per-channel" if per_channel else "per-tensor")
+
+
+def _free_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- outputs -------------------------------------------------------------------------------------------------
+
+
+def _time_flag() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]
+
+
+def _unique_path(folder: Path, stem: str, suffix: str) -> Path:
+    path = folder / f"{stem}{suffix}"
+    counter = 1
+    while path.exists():
+        path = folder / f"{stem}_{counter}{suffix}"
+        counter += 1
+    return path
+
+
+def prompt_metadata(prompt: SamplePrompt) -> dict[str, str]:
+    """What the PNG and latent files record (sd-scripts' latent metadata keys, plus the schedule)."""
+    return {"prompt": prompt.prompt, "negative_prompt": prompt.negative_prompt, "seeds": str(prompt.seed),
+            "height": str(prompt.height), "width": str(prompt.width), "infer_steps": str(prompt.sample_steps),
+            "guidance_scale": str(prompt.scale), "flow_shift": str(prompt.flow_shift)}
+
+
+def save_latent(latents: torch.Tensor, prompt: SamplePrompt, stem: str, args: argparse.Namespace) -> Path:
+    """latents [1, 16, 1, h, w] -> ``<save_path>/<time>_<seed>_latent.safetensors`` (tensor ``latent``)."""
+    path = _unique_path(Path(args.save_path), f"{stem}_latent", ".safetensors")
+    tensors = {LATENT_KEY: latents.detach().float().cpu().contiguous()}
+    metadata = None if args.no_metadata else prompt_metadata(prompt)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return path
+
+
+def load_latent(path: str) -> tuple[torch.Tensor, dict[str, str]]:
+    """A latent file written by this script or sd-scripts' -> (latents [1, 16, 1, h, w], metadata)."""
+    with open_checkpoint(path, "--latent_path", "a latent file (.safetensors with a 'latent' tensor, or .pt)") as f:
+        keys = f.keys()
+        key = LATENT_KEY if LATENT_KEY in keys else (keys[0] if len(keys) == 1 else None)
+        if key is None:
+            raise AnimaError(f"--latent_path {path}: no '{LATENT_KEY}' tensor (found {sample_keys(keys)})")
+        latents, metadata = f.tensor(key, dtype=torch.float32), f.metadata()
+    if latents.dim() == 4:  # [16, 1, h, w] or [1, 16, h, w]
+        latents = latents.unsqueeze(0) if latents.shape[0] != 1 else latents.unsqueeze(2)
+    if latents.dim() != 5 or latents.shape[1] != 16:
+        raise AnimaError(f"--latent_path {path}: latent of shape {tuple(latents.shape)}; expected [1, 16, 1, h, w]")
+    return latents, metadata
+
+
+def save_image(pixels: torch.Tensor, stem: str, metadata: dict[str, str] | None, args: argparse.Namespace) -> Path:
+    path = _unique_path(Path(args.save_path), stem, ".png")
+    save_png_atomic(pixels, path, text=None if args.no_metadata else metadata)
+    return path
+
+
+# --- main ----------------------------------------------------------------------------------------------------
+
+
+def generate(args: argparse.Namespace) -> list[Path]:
+    """Everything after parsing; returns the files written."""
+    check_args(args)
+    if args.vae_disable_cache:
+        logger.warning("--vae_disable_cache has no effect on images (the image VAE keeps no cache); ignored")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    prompts = [] if args.latent_path else prompts_from_args(args)
+    loras = read_loras(args)
+    check_models(args, loras)
+    Path(args.save_path).mkdir(parents=True, exist_ok=True)
+
+    from library.models.vae import load_vae
+
+    written: list[Path] = []
+    results: list[tuple[torch.Tensor, str, dict[str, str]]] = []  # latents, file stem, metadata
+    if args.latent_path:
+        for path in args.latent_path:
+            latents, metadata = load_latent(path)
+            results.append((latents, f"{_time_flag()}_{metadata.get('seeds', 0)}_{Path(path).stem}", metadata))
+    else:
+        encodings = encode_prompts(args, prompts, loras, device)
+        dit = load_dit(args, loras, device)
+        dtype = compute_dtype(device)
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=bool(args.fp8 or args.fp8_scaled))
+        with torch.no_grad(), autocast:
+            for prompt in prompts:
+                context, negative = encode_prompt_contexts(dit, encodings, prompt, device, dtype)
+                latents = sample_latents(dit, prompt, context, negative).cpu()
+                stem = f"{_time_flag()}_{prompt.seed}"
+                if args.output_type != "images":
+                    written.append(save_latent(latents, prompt, stem, args))
+                results.append((latents, stem, prompt_metadata(prompt)))
+        del dit
+        _free_device_memory(device)
+    if args.output_type != "latent":
+        vae_dtype = compute_dtype(device)
+        vae = load_vae(args.vae, device=device, dtype=vae_dtype, chunk_size=args.vae_chunk_size,
+                       disable_cache=args.vae_disable_cache)
+        with torch.no_grad():
+            for latents, stem, metadata in results:
+                pixels = decode_latents(vae, latents[:, :, 0], device)  # [1, 3, H, W]
+                written.append(save_image(pixels[0], stem, metadata, args))
+    for path in written:
+        logger.info("wrote %s", path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: bad input ends with one ``error:`` line and exit code 2."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logger.setLevel(logging.INFO)
+    try:
+        generate(args)
+    except AnimaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
