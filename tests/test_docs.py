@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from anima_minimal_inference import build_parser as build_inference_parser
 from library.training.args import setup_parser
 from library.training.flags_doc import REGENERATE_COMMAND, render_flags_markdown
+from networks.anima_merge_lora import build_parser as build_merge_parser
+from networks.convert_anima_lora_to_comfy import build_parser as build_upstream_converter_parser
 from networks.convert_lora import build_parser as build_converter_parser
+from networks.resize_lora import build_parser as build_resize_parser
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -34,6 +38,15 @@ GPU_TEST_PATTERN = re.compile(r"tests/[\w/]+\.py::test_\w+")
 
 def trainer_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {option: action for action in parser._actions for option in action.option_strings}
+
+
+def tool_options() -> dict[str, argparse.Action]:
+    """Flags of the other command-line tools the docs show (inference script, converters, merge, resize)."""
+    options: dict[str, argparse.Action] = {}
+    for build in (build_converter_parser, build_upstream_converter_parser, build_inference_parser,
+                  build_merge_parser, build_resize_parser):
+        options.update(trainer_options(build()))
+    return options
 
 
 def logical_lines(text: str) -> list[str]:
@@ -91,10 +104,10 @@ def test_rendered_reference_escapes_table_breaking_text():
 
 def test_every_flag_in_the_docs_exists():
     trainer = trainer_options(setup_parser())
-    converter = trainer_options(build_converter_parser())
+    tools = tool_options()
     unknown = []
     for file, number, flag, line in doc_flag_mentions(DOCS):
-        if flag in trainer or flag in converter or flag in ACCELERATE_FLAGS:
+        if flag in trainer or flag in tools or flag in ACCELERATE_FLAGS:
             continue
         if flag in PROMPT_FILE_OPTIONS or flag in OTHER_TOOL_FLAGS:
             continue
@@ -134,6 +147,18 @@ def test_every_trainer_flag_the_docs_teach_is_exercised_by_a_test():
         "GPU-only in its --help with the GPU test that covers it, e.g. tests/test_x.py::test_y): "
         + ", ".join(f"{flag} ({file})" for flag, file in sorted(offenders.items()))
     )
+
+
+def test_every_tool_flag_the_docs_teach_is_exercised_by_a_test():
+    trainer, tools = trainer_options(setup_parser()), tool_options()
+    this_file = Path(__file__).resolve()
+    test_sources = "\n".join(p.read_text(encoding="utf-8") for p in sorted((REPO / "tests").rglob("*.py"))
+                             if p.resolve() != this_file)
+    taught = [p for p in DOCS if p != GENERATED_REFERENCE]
+    offenders = sorted({flag for _file, _number, flag, _line in doc_flag_mentions(taught)
+                        if flag in tools and flag not in trainer and not isinstance(tools[flag], argparse._HelpAction)
+                        and not referenced_in_tests(tools[flag], test_sources)})
+    assert not offenders, "tool flags described in the docs but exercised by no test: " + ", ".join(offenders)
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/training.md", "docs/dataset.md", "docs/lora-formats.md",

@@ -61,15 +61,16 @@ def pixels(path: Path) -> torch.Tensor:
 def test_renders_a_png_with_two_loras_and_records_the_prompt(setup_and_loras, tmp_path):
     setup, first, second = setup_and_loras
     plain, with_loras = tmp_path / "plain", tmp_path / "loras"
-    common = [*model_flags(setup), "--prompt", "a red circle", "--negative_prompt", "blurry", "--seed", "7", *SIZE]
+    common = [*model_flags(setup), "--prompt", "a red circle", "--negative_prompt", "blurry", "--seed", "7", *SIZE,
+              "--guidance_scale", "4.5"]
     assert anima_minimal_inference.main([*common, "--save_path", str(plain)]) == 0
     assert anima_minimal_inference.main([*common, "--save_path", str(with_loras), "--lora_weight", str(first),
-                                         str(second), "--lora_multiplier", "1.0", "0.8"]) == 0
+                                         str(second), "--lora_multiplier", "1.0", "0.8", "--text_encoder_cpu"]) == 0
     [base_png], [lora_png] = pngs(plain), pngs(with_loras)
     image = Image.open(lora_png)
     assert image.size == (64, 64) and lora_png.name.endswith("_7.png")
     assert image.info["prompt"] == "a red circle" and image.info["negative_prompt"] == "blurry"
-    assert image.info["seeds"] == "7" and image.info["infer_steps"] == "2" and image.info["guidance_scale"] == "3.5"
+    assert image.info["seeds"] == "7" and image.info["infer_steps"] == "2" and image.info["guidance_scale"] == "4.5"
     assert (pixels(base_png) - pixels(lora_png)).abs().max() > 0  # the LoRAs change the picture
 
 

@@ -67,7 +67,8 @@ def test_merged_dit_equals_the_loras_applied_at_their_multipliers(tiny_dit_and_l
     setup, dit, first, second = tiny_dit_and_loras
     merged_path = tmp_path / "merged.safetensors"
     assert anima_merge_lora.main(["--dit", str(setup.dit), "--models", str(first), str(second),
-                                  "--ratios", "1.0", "0.5", "--save_to", str(merged_path)]) == 0
+                                  "--ratios", "1.0", "0.5", "--save_to", str(merged_path), "--precision", "float",
+                                  "--working_device", "cpu"]) == 0
 
     inputs = dit_inputs()
     networks = []
