@@ -126,10 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
 # --- checks (all before any weight is read) ------------------------------------------------------------------
 
 
-def _per_file(values: list | None, count: int, flag: str, default: Any) -> list:
+def _per_file(values: list | None, count: int, flag: str, default: Any, one_for_all: bool = False) -> list:
+    """One value per --lora_weight file: missing ones take ``default``; with ``one_for_all`` a single value
+    applies to every file."""
     if not values:
         return [default] * count
-    if len(values) == 1 and flag == "--lora_multiplier":
+    if one_for_all and len(values) == 1:
         return values * count
     if len(values) > count:
         raise AnimaError(f"{flag} has {len(values)} values for {count} --lora_weight file(s); give one per file")
@@ -161,7 +163,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.prompt is not None and args.from_file:
         raise AnimaError("--prompt and --from_file exclude each other; keep one")
     count = len(args.lora_weight or [])
-    args.lora_multiplier = _per_file(args.lora_multiplier, count, "--lora_multiplier", 1.0)
+    args.lora_multiplier = _per_file(args.lora_multiplier, count, "--lora_multiplier", 1.0, one_for_all=True)
     args.include_patterns = _per_file(args.include_patterns, count, "--include_patterns", None)
     args.exclude_patterns = _per_file(args.exclude_patterns, count, "--exclude_patterns", None)
     for flag in ("--include_patterns", "--exclude_patterns"):
@@ -422,7 +424,9 @@ def generate(args: argparse.Namespace) -> list[Path]:
         encodings = encode_prompts(args, prompts, loras, device)
         dit = load_dit(args, loras, device)
         dtype = compute_dtype(device)
-        autocast = torch.autocast(device.type, dtype=dtype, enabled=bool(args.fp8 or args.fp8_scaled))
+        # float8 weights compute in bf16 under autocast on CUDA; elsewhere they are dequantised to float32.
+        autocast = torch.autocast(device.type, dtype=dtype,
+                                  enabled=bool(args.fp8 or args.fp8_scaled) and device.type == "cuda")
         with torch.no_grad(), autocast:
             for prompt in prompts:
                 context, negative = encode_prompt_contexts(dit, encodings, prompt, device, dtype)
