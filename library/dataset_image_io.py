@@ -328,10 +328,12 @@ def apply_color_aug(rgb: np.ndarray, rng: random.Random) -> np.ndarray:
     if rng.random() > COLOR_AUG_PROBABILITY:
         return rgb
     if rng.random() > 0.5:
-        hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)  # uint8, hue in 0..179
+        # Converted as if the RGB array were BGR, as sd-scripts does: that only turns the (symmetric) shift the
+        # other way round the hue circle, and keeps the pixels identical to sd-scripts' for the same draws.
+        hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_BGR2HSV)  # uint8, hue in 0..179
         shift = rng.uniform(-HUE_SHIFT_LIMIT, HUE_SHIFT_LIMIT)
         hsv[..., 0] = ((hsv[..., 0] + shift) % 180.0).astype(np.uint8)
-        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
     gamma = rng.uniform(*GAMMA_RANGE)
     return np.clip(rgb.astype(np.float64) ** gamma, 0, 255).astype(np.uint8)
 
