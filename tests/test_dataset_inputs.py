@@ -14,7 +14,7 @@ from PIL import Image
 
 import anima_train_network
 from anima_train_network import AnimaNetworkTrainer
-from library.dataset_config import add_dataset_arguments, build_dataset_groups, load_dataset_config
+from library.data.config import add_dataset_arguments, build_dataset_groups, load_dataset_config
 from library.errors import AnimaError
 
 

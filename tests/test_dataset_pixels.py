@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from library import dataset_image_io as image_io
-from library.dataset_config import add_dataset_arguments, build_dataset_groups, cache_only_main
-from library.latent_cache import latents_npz_path
+from library.data import images as image_io
+from library.data.cache_files import latents_npz_path
+from library.data.config import add_dataset_arguments, build_dataset_groups, cache_only_main
 
 GREY_LEVEL = 1.0 / 255.0
 
