@@ -61,6 +61,9 @@ def test_fine_tuning_record_with_an_empty_caption_uses_the_tags_without_a_leadin
                                               "--resolution", "64"))
     captions = {i.key: i.caption for i in train.datasets[0].infos}
     assert captions == {"a": "1girl, solo", "b": "a photo,1girl"}
+    wildcard, _ = build_dataset_groups(make_args("--in_json", str(meta), "--train_data_dir", str(tmp_path / "images"),
+                                                 "--resolution", "64", "--enable_wildcard"))
+    assert {i.key: i.caption for i in wildcard.datasets[0].infos}["a"] == "1girl, solo"
 
 
 @pytest.mark.parametrize("value", [-1, -7])

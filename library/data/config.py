@@ -119,7 +119,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
                    help="bucket side granularity (a multiple of 16 for Anima)")
     g.add_argument("--bucket_no_upscale", action="store_true", help="per-image buckets; never enlarge images")
     g.add_argument("--resize_interpolation", type=str, default=None, choices=list(RESIZE_INTERPOLATIONS),
-                   help="resize filter (default: area when shrinking, else lanczos)")
+                   help="resize filter, as in sd-scripts: lanczos/box by Pillow, the others by OpenCV (default: "
+                        "area when no side grows, else lanczos)")
     g.add_argument("--caption_extension", type=str, default=d["caption_extension"],
                    help="caption file extension (default .caption)")
     g.add_argument("--caption_extention", type=str, default=None, help="legacy spelling of --caption_extension")
@@ -142,7 +143,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--token_warmup_min", type=int, default=d["token_warmup_min"], help="tags kept at step 0")
     g.add_argument("--token_warmup_step", type=float, default=d["token_warmup_step"],
                    help="steps (or fraction of the run if < 1) until all tags are used")
-    g.add_argument("--color_aug", action="store_true", help="random hue/gamma changes")
+    g.add_argument("--color_aug", action="store_true",
+                   help="sd-scripts' colour augmentation: a hue shift or a gamma on 0-255 values, a third of the time")
     g.add_argument("--flip_aug", action="store_true", help="random horizontal flips")
     g.add_argument("--face_crop_aug_range", type=str, default=None,
                    help='"a,b": crop around the face named in the file (name_cx_cy_w_h) so its size is '

@@ -267,6 +267,8 @@ def _collect_finetuning(subset: SubsetConfig, subset_index: int, bad_images: Bad
             bad_images.add(path, str(exc))
             continue
         caption, tags = record.get("caption"), record.get("tags")
+        if tags and subset.captions.enable_wildcard:
+            tags = tags.replace("\n", separator)  # one tag list, not wildcard lines of its own
         if caption is None or (isinstance(caption, str) and not caption.strip()):  # no leading separator
             caption = tags or ""
         elif tags:
