@@ -604,8 +604,10 @@ def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, Datase
             val_datasets.append(val)
     bad_images.report()
     if not train_datasets or sum(d.num_train_images for d in train_datasets) == 0:
-        raise AnimaError(f"{source}: no training images found; check image_dir / metadata_file and the image "
-                         "extensions (.png .jpg .jpeg .webp .bmp)")
+        searched = ", ".join(sorted({str(s.image_dir or s.metadata_file) for c in dataset_configs for s in c.subsets
+                                     if not s.is_reg})) or "no training subset"
+        raise AnimaError(f"{source}: no training images found in {searched}; check image_dir / metadata_file and the "
+                         "image extensions (.png .jpg .jpeg .webp .bmp)")
 
     from_config = bool(getattr(args, "dataset_config", None))
     train_group = DatasetGroup(train_datasets, seed=dataset_seed, from_config=from_config, strict_images=strict)
