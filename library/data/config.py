@@ -17,6 +17,7 @@ are rejected for integer keys, unknown keys name the closest valid key, and ever
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import json
 import logging
@@ -588,7 +589,7 @@ def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, Datase
         user_config, source = config_from_command_line(args)
     validate_user_config(user_config, source)
     # Parse --resolution once so the fallback sees (W, H).
-    cli = argparse.Namespace(**vars(args))
+    cli = copy.copy(args)  # the fallback values; resolution parsed once below
     cli.resolution = parse_resolution(getattr(args, "resolution", None), "--resolution")
     cli.face_crop_aug_range = parse_face_crop_range(getattr(args, "face_crop_aug_range", None),
                                                     "--face_crop_aug_range")
@@ -620,8 +621,10 @@ def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, Datase
         if zero_repeats:
             raise AnimaError(f"no training images: num_repeats = 0 skips {', '.join(zero_repeats)} and no other subset "
                              "has images; set num_repeats to 1 or more")
-        raise AnimaError(f"{source}: no training images found; check image_dir / metadata_file and the image "
-                         "extensions (.png .jpg .jpeg .webp .bmp)")
+        searched = ", ".join(sorted({str(s.image_dir or s.metadata_file) for c in dataset_configs for s in c.subsets
+                                     if not s.is_reg})) or "no training subset"
+        raise AnimaError(f"{source}: no training images found in {searched}; check image_dir / metadata_file and the "
+                         "image extensions (.png .jpg .jpeg .webp .bmp)")
 
     from_config = bool(getattr(args, "dataset_config", None))
     train_group = DatasetGroup(train_datasets, seed=dataset_seed, from_config=from_config, strict_images=strict)
