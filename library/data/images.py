@@ -354,6 +354,8 @@ def apply_color_aug(rgb: np.ndarray, rng: random.Random) -> np.ndarray:
         # other way round the hue circle, and keeps the pixels identical to sd-scripts' for the same draws.
         hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_BGR2HSV)  # uint8, hue in 0..179
         shift = rng.uniform(-HUE_SHIFT_LIMIT, HUE_SHIFT_LIMIT)
+        if shift < 0:  # the same float operations as sd-scripts, so the truncated hues match to the bit
+            shift += 180.0
         hsv[..., 0] = ((hsv[..., 0] + shift) % 180.0).astype(np.uint8)
         return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
     gamma = rng.uniform(*GAMMA_RANGE)
