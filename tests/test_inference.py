@@ -128,10 +128,11 @@ def test_latent_output_decodes_later_to_the_same_image(setup_and_loras, tmp_path
         assert f.metadata()["seeds"] == "11" and f.get_tensor("latent").shape == (1, 16, 1, 8, 8)
     decoded = tmp_path / "decoded"
     assert anima_minimal_inference.main(["--vae", str(setup.vae), "--latent_path", str(latent_file),
-                                         "--save_path", str(decoded), "--device", "cpu", "--no_metadata"]) == 0
+                                         "--save_path", str(decoded), "--device", "cpu", "--no_metadata",
+                                         "--vae_chunk_size", "4", "--vae_disable_cache"]) == 0
     [original], [again] = pngs(out), pngs(decoded)
     assert "prompt" not in Image.open(again).info  # --no_metadata
-    torch.testing.assert_close(pixels(again), pixels(original), atol=1, rtol=0)
+    torch.testing.assert_close(pixels(again), pixels(original), atol=2, rtol=0)  # chunked decode
 
 
 def test_block_swap_renders_the_same_image_as_the_resident_dit(tiny_setup, tmp_path):

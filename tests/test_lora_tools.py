@@ -214,6 +214,18 @@ def test_dynamic_resize_picks_the_smallest_rank_reaching_the_target(tiny_dit_and
         assert f.metadata()["ss_network_dim"] == "Dynamic"
 
 
+def test_resize_of_a_comfy_file_keeps_its_layout(tiny_dit_and_loras, tmp_path):
+    _, _, _, second = tiny_dit_and_loras
+    comfy, out = tmp_path / "comfy.safetensors", tmp_path / "comfy_r8.safetensors"
+    assert convert_anima_lora_to_comfy.main([str(second), str(comfy)]) == 0
+    assert resize_lora.main(["--model", str(comfy), "--save_to", str(out), "--new_rank", "8"]) == 0
+    keys = load_file(str(out)).keys()
+    assert all(k.startswith("diffusion_model.") and ".lora_" in k for k in keys)  # still folded ComfyUI keys
+    original, resized = delta_weights(second), delta_weights(out)
+    for name, delta in original.items():
+        torch.testing.assert_close(resized[name], delta, rtol=1e-5, atol=1e-6)
+
+
 def test_resize_argument_errors_are_one_line(tiny_dit_and_loras, tmp_path, capsys):
     _, _, first, _ = tiny_dit_and_loras
     assert resize_lora.main(["--model", str(first), "--save_to", str(tmp_path / "o.safetensors"),
