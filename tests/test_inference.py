@@ -180,3 +180,15 @@ def test_help_lists_the_upstream_flags():
                 "--text_encoder_cpu", "--device", "--latent_path", "--no_metadata"}
     assert upstream <= options
     assert {"--t5_tokenizer_path", "--qwen3_tokenizer_path", "--blocks_to_swap"} <= options
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bf16_render_on_cuda_is_close_to_the_float32_cpu_render(setup_and_loras, tmp_path):
+    setup, first, second = setup_and_loras
+    common = [*model_flags(setup), "--prompt", "a red circle", "--seed", "7", "--image_size", "64", "64",
+              "--infer_steps", "2", "--lora_weight", str(first), str(second)]
+    assert anima_minimal_inference.main([*common, "--device", "cpu", "--save_path", str(tmp_path / "cpu")]) == 0
+    assert anima_minimal_inference.main([*common, "--device", "cuda", "--save_path", str(tmp_path / "cuda")]) == 0
+    [cpu], [cuda] = pngs(tmp_path / "cpu"), pngs(tmp_path / "cuda")
+    assert (pixels(cuda) - pixels(cpu)).abs().mean() < 8  # bf16 weights and activations vs float32
