@@ -285,18 +285,24 @@ def check_models(args: argparse.Namespace, loras: Sequence[LoraFile]) -> None:
     lora_networks(loras, text_encoder, None)
 
 
-def encode_prompts(args: argparse.Namespace, prompts: Sequence[SamplePrompt], loras: Sequence[LoraFile],
-                   device: torch.device) -> CachedPromptEncodings:
-    """Tokenise and encode every prompt text with Qwen3 (LoRAs merged), then free the text encoder."""
-    from library.models.qwen3 import AnimaTextEncoding, load_qwen3_text_encoder
+def load_tokenizer(args: argparse.Namespace) -> Any:
+    """The Qwen3 + T5 tokenizers (found or fetched before any weight is read)."""
     from library.models.tokenizers import AnimaTokenizer, load_qwen3_tokenizer, load_t5_tokenizer
+
+    with flags_renamed(RENAMED_FLAGS):
+        return AnimaTokenizer(
+            load_qwen3_tokenizer(qwen3_path=args.text_encoder, tokenizer_path=args.qwen3_tokenizer_path),
+            load_t5_tokenizer(args.t5_tokenizer_path))
+
+
+def encode_prompts(args: argparse.Namespace, prompts: Sequence[SamplePrompt], tokenizer: Any,
+                   loras: Sequence[LoraFile], device: torch.device) -> CachedPromptEncodings:
+    """Encode every prompt text with Qwen3 (LoRAs merged), then free the text encoder."""
+    from library.models.qwen3 import AnimaTextEncoding, load_qwen3_text_encoder
 
     te_device = torch.device("cpu") if args.text_encoder_cpu else device
     dtype = compute_dtype(te_device)
     with flags_renamed(RENAMED_FLAGS):
-        tokenizer = AnimaTokenizer(
-            load_qwen3_tokenizer(qwen3_path=args.text_encoder, tokenizer_path=args.qwen3_tokenizer_path),
-            load_t5_tokenizer(args.t5_tokenizer_path))
         text_encoder = load_qwen3_text_encoder(args.text_encoder, device=te_device, dtype=dtype)
     merge_loras(loras, text_encoder=text_encoder)
     encodings = CachedPromptEncodings.from_encoder(AnimaTextEncoding(tokenizer, text_encoder, te_device, dtype),
@@ -410,6 +416,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     prompts = [] if args.latent_path else prompts_from_args(args)
     loras = read_loras(args)
     check_models(args, loras)
+    tokenizer = None if args.latent_path else load_tokenizer(args)
     Path(args.save_path).mkdir(parents=True, exist_ok=True)
 
     from library.models.vae import load_vae
@@ -421,7 +428,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
             latents, metadata = load_latent(path)
             results.append((latents, f"{_time_flag()}_{metadata.get('seeds', 0)}_{Path(path).stem}", metadata))
     else:
-        encodings = encode_prompts(args, prompts, loras, device)
+        encodings = encode_prompts(args, prompts, tokenizer, loras, device)
         dit = load_dit(args, loras, device)
         dtype = compute_dtype(device)
         # float8 weights compute in bf16 under autocast on CUDA; elsewhere they are dequantised to float32.
