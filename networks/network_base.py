@@ -184,6 +184,22 @@ def _parse_int(key: str, value: Any) -> int:
 
 OptionParser = Callable[[str, Any], Any]
 
+
+def no_effect_parser(reason: str) -> OptionParser:
+    """A key sd-scripts accepts that cannot act on Anima: accepted with a warning saying why."""
+
+    def parse(key: str, value: Any) -> Any:
+        logger.warning("--network_args %s=%s has no effect: %s", key, value, reason)
+        return value
+
+    return parse
+
+
+# sd-scripts' LoKr/LoHa keys for convolution layers; Anima's DiT and Qwen3 have none among their targets.
+CONV_ARG_PARSERS: dict[str, OptionParser] = {
+    key: no_effect_parser("Anima has no convolution layers to adapt") for key in ("conv_dim", "conv_alpha", "use_tucker")
+}
+
 COMMON_OPTION_PARSERS: dict[str, OptionParser] = {
     "train_llm_adapter": _parse_bool,
     "exclude_patterns": _parse_patterns,
@@ -371,7 +387,7 @@ def _linear_modules(model: nn.Module | None) -> Iterable[tuple[str, nn.Linear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def _text_encoder_root(text_encoders: Any) -> nn.Module | None:
+def text_encoder_root(text_encoders: Any) -> nn.Module | None:
     """The Qwen3 module whose names start at ``layers.``: accepts a list, a Qwen3Model or a
     Qwen3ForCausalLM (its ``.model``)."""
     if isinstance(text_encoders, (list, tuple)):
@@ -434,7 +450,7 @@ class AdapterNetwork(nn.Module):
         self.text_encoder_loras: list[AdapterModule] = []
         self.unet_loras: list[AdapterModule] = []
 
-        te_root = _text_encoder_root(text_encoders)
+        te_root = text_encoder_root(text_encoders)
         if module_shapes is None:
             targets = self._select_targets(te_root, unet)
             common = dict(module_kwargs or {})
@@ -612,6 +628,10 @@ class AdapterNetwork(nn.Module):
         return {lora.lora_name: lora.original_name for lora in self.all_loras}
 
     # ---- trainer hooks ---------------------------------------------------------------------------
+
+    def check_save_format(self, lora_format: str) -> None:
+        """Checked before training: every adapter kind here saves in both layouts."""
+        check_lora_format(lora_format)
 
     def set_multiplier(self, multiplier: float) -> None:
         self.multiplier = multiplier
