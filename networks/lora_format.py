@@ -161,7 +161,9 @@ def _split_suffix(key: str, suffixes: Iterable[str]) -> tuple[str, str]:
             return key[: -len(suffix) - 1], suffix
     raise AnimaError(
         f"unsupported LoRA tensor '{key}': known tensors are {_KNOWN_TENSORS} "
-        "(Tucker/convolution tensors such as lokr_t2 or hada_t1 do not occur for Anima's linear layers)"
+        "(Tucker/convolution tensors such as lokr_t2 or hada_t1 do not occur for Anima's linear layers; other "
+        "LyCORIS algorithms such as full, ia3, diag-oft, boft or glora are not converted: ComfyUI reads their "
+        "sd-scripts-layout files as they are)"
     )
 
 
