@@ -13,6 +13,7 @@ import ast
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -927,13 +928,16 @@ def build_network_from_weights(
                 f"{MODULE_FOR_KIND[kind]}"
             )
         module_shapes[name] = module_class.kwargs_from_parts(parts)
+    # The file's most common rank and alpha stand for the network (ss_network_dim / ss_network_alpha).
+    ranks = Counter(shape["rank"] for shape in module_shapes.values())
+    alphas = Counter(shape["alpha"] for shape in module_shapes.values() if shape["alpha"] is not None)
     network = AdapterNetwork(
         text_encoders,
         unet,
         module_class,
         multiplier=multiplier,
-        network_dim=None,
-        network_alpha=None,
+        network_dim=ranks.most_common(1)[0][0] if ranks else None,
+        network_alpha=alphas.most_common(1)[0][0] if alphas else None,
         options=options,
         module_shapes=module_shapes,
     )
