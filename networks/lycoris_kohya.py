@@ -113,6 +113,7 @@ class AnimaLycorisNetwork(lycoris_kohya.LycorisNetworkKohya):
     class is switched to this subclass (it adds methods only), so LyCORIS builds them exactly as it would."""
 
     algo: str = "lora"
+    dora_unchecked: bool = False  # built without DoRA on weightless models (see create_network)
 
     @classmethod
     def adopt(cls, network: lycoris_kohya.LycorisNetworkKohya, algo: str) -> AnimaLycorisNetwork:
@@ -185,10 +186,11 @@ class AnimaLycorisNetwork(lycoris_kohya.LycorisNetworkKohya):
         except RuntimeError as exc:  # a shape mismatch
             raise AnimaError(f"--network_weights {file}: {str(exc).splitlines()[-1].strip()}; use "
                              "--dim_from_weights or the --network_dim / network_args it was trained with") from None
-        if result.unexpected_keys:
+        unexpected = [k for k in result.unexpected_keys if not (self.dora_unchecked and k.endswith(".dora_scale"))]
+        if unexpected:
             raise AnimaError(
-                f"--network_weights {file}: {len(result.unexpected_keys)} tensor(s) fit no module of this network: "
-                f"{sample_keys(result.unexpected_keys)}; use --dim_from_weights or the network_args (algo, preset, "
+                f"--network_weights {file}: {len(unexpected)} tensor(s) fit no module of this network: "
+                f"{sample_keys(unexpected)}; use --dim_from_weights or the network_args (algo, preset, "
                 "train_llm_adapter, ...) it was trained with"
             )
         if result.missing_keys:
@@ -212,11 +214,20 @@ def create_network(
     check_network_args(kwargs)
     if neuron_dropout is not None and kwargs.get("dropout") is None:
         kwargs["dropout"] = neuron_dropout
+    # The trainer first builds the network on weightless (meta) models to check options and files early.
+    # DoRA reads the layer weights when it is built, so that check builds without it and then accepts the
+    # dora_scale tensors of a --network_weights file unseen.
+    weightless = unet is not None and any(p.is_meta for p in unet.parameters())
+    dora_unchecked = weightless and str(kwargs.get("dora_wd", "false")).lower() == "true"
+    if dora_unchecked:
+        kwargs = {**kwargs, "dora_wd": "false"}
     network = lycoris_kohya.create_network(multiplier, network_dim, network_alpha, vae,
                                            text_encoder_root(text_encoders), unet, **kwargs)
     if not network.loras:
         raise AnimaError("LyCORIS selected no layer of Anima; check --network_args preset / algo")
-    return AnimaLycorisNetwork.adopt(network, str(kwargs.get("algo") or "lora").lower())
+    network = AnimaLycorisNetwork.adopt(network, str(kwargs.get("algo") or "lora").lower())
+    network.dora_unchecked = dora_unchecked
+    return network
 
 
 def create_network_from_weights(

@@ -276,3 +276,78 @@ def test_converter_round_trips_lokr_and_loha_exactly(tmp_path):
             assert torch.equal(original[key], restored[key]), key
         with safe_open(str(comfy), "pt") as f:
             assert f.metadata()["ss_lora_alpha_folded"] == "False"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The trainer: train, save, reload
+# ------------------------------------------------------------------------------------------------------------
+
+
+def train(tiny, out, module: str, *extra: str):
+    from train_helpers import tiny_train_argv
+
+    from anima_train_network import AnimaNetworkTrainer
+    from library.training.args import parse_args
+
+    argv = tiny_train_argv(tiny, out, *extra, learning_rate="5e-3")
+    argv[argv.index("--network_module") + 1] = module
+    args, _ = parse_args(argv)
+    trainer = AnimaNetworkTrainer()
+    trainer.train(args)
+    return trainer
+
+
+def metadata(path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+@pytest.fixture(scope="module")
+def lokr_run(tiny_setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lokr")
+    trainer = train(tiny_setup, out, "networks.lokr", "--max_train_steps", "2", "--network_args", "factor=4",
+                    "train_llm_adapter=true")
+    return trainer, out / "tiny.safetensors"
+
+
+def test_trained_lokr_file_has_sd_scripts_names_metadata_and_loads_in_comfyui(lokr_run):
+    trainer, path = lokr_run
+    sd = load_file(str(path))
+    assert any(k.endswith(".lokr_w1") for k in sd) and any(k.endswith(".lokr_w2_b") for k in sd)
+    assert any(k.startswith("lora_unet_llm_adapter_blocks_0_") for k in sd)
+    assert any(float(v.abs().sum()) > 0 for k, v in sd.items() if k.endswith(".lokr_w2_b"))  # it trained
+    meta = metadata(path)
+    assert meta["ss_network_module"] == "networks.lokr" and '"factor": "4"' in meta["ss_network_args"]
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"
+    patches, not_loaded = comfy_rules.load_patches(sd, comfy_rules.key_map(trainer.dit))
+    assert not_loaded == set() and len(patches) == len(trainer.network.all_loras)
+
+
+def test_network_weights_continue_a_lokr_run(tiny_setup, lokr_run, tmp_path):
+    _, start = lokr_run
+    train(tiny_setup, tmp_path, "networks.lokr", "--max_train_steps", "1", "--learning_rate", "1e-12",
+          "--network_weights", str(start), "--network_args", "factor=4", "train_llm_adapter=true")
+    before, after = load_file(str(start)), load_file(str(tmp_path / "tiny.safetensors"))
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_dim_from_weights_continues_a_comfy_layout_loha_run(tiny_setup, tmp_path):
+    first = tmp_path / "first"
+    train(tiny_setup, first, "networks.loha", "--max_train_steps", "2", "--lora_format", "comfy")
+    start = load_file(str(first / "tiny.safetensors"))
+    assert any(k.startswith("diffusion_model.") and k.endswith(".hada_w1_a") for k in start)
+    # --dim_from_weights: the rank comes from the file (4), not from --network_dim 2.
+    train(tiny_setup, tmp_path / "second", "networks.loha", "--max_train_steps", "1", "--learning_rate", "1e-12",
+          "--network_weights", str(first / "tiny.safetensors"), "--dim_from_weights", "--network_dim", "2")
+    after = load_file(str(tmp_path / "second" / "tiny.safetensors"))
+    assert {v.shape[1] for k, v in after.items() if k.endswith(".hada_w1_a")} == {4}
+    assert metadata(tmp_path / "second" / "tiny.safetensors")["ss_network_dim"] == "4"
+    restored = {}
+    for key, tensor in start.items():
+        module, suffix = key.removeprefix("diffusion_model.").rsplit(".", 1)
+        restored[f"lora_unet_{module.replace('.', '_')}.{suffix}"] = tensor
+    assert restored.keys() == after.keys()
+    for key in after:
+        torch.testing.assert_close(after[key], restored[key], rtol=0, atol=1e-6, msg=key)
