@@ -4,6 +4,7 @@ with LoRA, sd-scripts' tensor names, ComfyUI's key rules, saving / reloading, an
 from __future__ import annotations
 
 import logging
+import sys
 
 import comfy_rules
 import pytest
@@ -12,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_lora_anima import ADAPTER_MODULES, DEFAULT_DIT_MODULES, dit_output, tiny_dit, tiny_qwen3
 from torch import nn
+from train_helpers import train_tiny
 
 from library.errors import AnimaError
 from networks import NETWORK_MODULES, check_network_module, import_network_module, lora_anima
@@ -151,6 +153,14 @@ def test_network_args_are_checked_per_module(caplog):
     assert (first.layout.out_l, first.layout.in_m, first.layout.w1_rank) == (4, 4, None)  # rank 4 >= 4/2: full w1
 
 
+def test_missing_lycoris_library_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lycoris", None)  # `import lycoris` then fails as for an absent package
+    monkeypatch.delitem(sys.modules, "lycoris.kohya", raising=False)
+    monkeypatch.delitem(sys.modules, "networks.lycoris_kohya", raising=False)
+    with pytest.raises(AnimaError, match=r"lycoris.kohya needs the LyCORIS library: pip install lycoris-lora"):
+        import_network_module("lycoris.kohya")
+
+
 def test_network_module_registry_names_every_supported_module():
     assert set(NETWORK_MODULES) == {"networks.lora_anima", "networks.lokr", "networks.loha", "lycoris.kohya"}
     with pytest.raises(AnimaError, match="networks.lora .*networks.lora_anima"):
@@ -283,20 +293,6 @@ def test_converter_round_trips_lokr_and_loha_exactly(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def train(tiny, out, module: str, *extra: str):
-    from train_helpers import tiny_train_argv
-
-    from anima_train_network import AnimaNetworkTrainer
-    from library.training.args import parse_args
-
-    argv = tiny_train_argv(tiny, out, *extra, learning_rate="5e-3")
-    argv[argv.index("--network_module") + 1] = module
-    args, _ = parse_args(argv)
-    trainer = AnimaNetworkTrainer()
-    trainer.train(args)
-    return trainer
-
-
 def metadata(path) -> dict[str, str]:
     with safe_open(str(path), "pt") as f:
         return f.metadata()
@@ -305,7 +301,7 @@ def metadata(path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def lokr_run(tiny_setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("lokr")
-    trainer = train(tiny_setup, out, "networks.lokr", "--max_train_steps", "2", "--network_args", "factor=4",
+    trainer = train_tiny(tiny_setup, out, "networks.lokr", "--max_train_steps", "2", "--network_args", "factor=4",
                     "train_llm_adapter=true")
     return trainer, out / "tiny.safetensors"
 
@@ -325,7 +321,7 @@ def test_trained_lokr_file_has_sd_scripts_names_metadata_and_loads_in_comfyui(lo
 
 def test_network_weights_continue_a_lokr_run(tiny_setup, lokr_run, tmp_path):
     _, start = lokr_run
-    train(tiny_setup, tmp_path, "networks.lokr", "--max_train_steps", "1", "--learning_rate", "1e-12",
+    train_tiny(tiny_setup, tmp_path, "networks.lokr", "--max_train_steps", "1", "--learning_rate", "1e-12",
           "--network_weights", str(start), "--network_args", "factor=4", "train_llm_adapter=true")
     before, after = load_file(str(start)), load_file(str(tmp_path / "tiny.safetensors"))
     assert before.keys() == after.keys()
@@ -335,11 +331,11 @@ def test_network_weights_continue_a_lokr_run(tiny_setup, lokr_run, tmp_path):
 
 def test_dim_from_weights_continues_a_comfy_layout_loha_run(tiny_setup, tmp_path):
     first = tmp_path / "first"
-    train(tiny_setup, first, "networks.loha", "--max_train_steps", "2", "--lora_format", "comfy")
+    train_tiny(tiny_setup, first, "networks.loha", "--max_train_steps", "2", "--lora_format", "comfy")
     start = load_file(str(first / "tiny.safetensors"))
     assert any(k.startswith("diffusion_model.") and k.endswith(".hada_w1_a") for k in start)
     # --dim_from_weights: the rank comes from the file (4), not from --network_dim 2.
-    train(tiny_setup, tmp_path / "second", "networks.loha", "--max_train_steps", "1", "--learning_rate", "1e-12",
+    train_tiny(tiny_setup, tmp_path / "second", "networks.loha", "--max_train_steps", "1", "--learning_rate", "1e-12",
           "--network_weights", str(first / "tiny.safetensors"), "--dim_from_weights", "--network_dim", "2")
     after = load_file(str(tmp_path / "second" / "tiny.safetensors"))
     assert {v.shape[1] for k, v in after.items() if k.endswith(".hada_w1_a")} == {4}
