@@ -129,6 +129,33 @@ class AnimaLycorisNetwork(lycoris_kohya.LycorisNetworkKohya):
         """Give every wrapped layer its own forward back."""
         self.restore()
 
+    @torch.no_grad()
+    def merge_to(self, text_encoders: Any = None, unet: nn.Module | None = None,
+                 weights_sd: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        """``--base_weights``: bake what each wrapped layer adds (multiplier included) into its weight; the
+        modules of create_network_from_weights already hold the file's tensors, and no hook stays installed.
+
+        The update is read off the wrapped forward itself, ``(layer(I) - original(I))^T``, because LyCORIS'
+        own merge (get_diff_weight, lycoris-lora 4.1.3) applies alpha / rank twice and so disagrees with the
+        forward whenever alpha != rank."""
+        if weights_sd is not None:
+            self.load_state_dict(_sd_scripts_keys(weights_sd), strict=False)
+        self.loras = self.text_encoder_loras + self.unet_loras
+        for lora in self.loras:
+            layer = lora.org_module[0]
+            if not isinstance(layer, nn.Linear):
+                raise AnimaError(f"'{lora.lora_name}': only linear layers can be merged, got {type(layer).__name__}")
+            lora.eval()
+            lora.apply_to()
+            try:
+                eye = torch.eye(layer.in_features, device=layer.weight.device, dtype=layer.weight.dtype)
+                update = (layer(eye).float() - lora.org_forward(eye).float()).T  # [out, in]
+            finally:
+                lora.restore()
+            layer.weight.copy_((layer.weight.float() + update).to(layer.weight.dtype))
+        logger.info("merged %d LyCORIS modules into the base weights", len(self.loras))
+
     def module_names(self) -> list[str]:
         return [lora.lora_name for lora in self.loras]
 

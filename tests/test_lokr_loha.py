@@ -347,3 +347,17 @@ def test_dim_from_weights_continues_a_comfy_layout_loha_run(tiny_setup, tmp_path
     assert restored.keys() == after.keys()
     for key in after:
         torch.testing.assert_close(after[key], restored[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_base_weights_merge_equals_the_attached_network(kind, tmp_path):
+    model = tiny_dit()
+    network = NATIVE[kind].create_network(0.5, 2, 1.0, None, None, model)
+    randomize(network)
+    network.apply_to(None, model)
+    expected = dit_output(model)
+    network.remove_hooks()
+    merger, _ = NATIVE[kind].create_network_from_weights(0.5, None, None, None, model,
+                                                         weights_sd=network.state_dict(), for_inference=True)
+    merger.merge_to(None, model, None, torch.float32, "cpu")
+    torch.testing.assert_close(dit_output(model), expected, rtol=1e-5, atol=1e-5)

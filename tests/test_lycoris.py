@@ -169,3 +169,19 @@ def test_trainer_continues_a_lycoris_run_with_dim_from_weights(tiny_setup, lycor
     assert before.keys() == after.keys()
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_base_weights_merge_equals_the_attached_lycoris_network(lyco, tmp_path):
+    model = tiny_dit()
+    network = lyco.create_network(1.0, 2, 1.0, None, None, model, algo="loha")
+    network.apply_to(None, model, False, True)
+    randomize(network)
+    network.set_multiplier(0.5)
+    network.eval()
+    expected = dit_output(model)
+    path = tmp_path / "loha.safetensors"
+    network.save_weights(str(path))
+    network.remove_hooks()
+    merger, _ = lyco.create_network_from_weights(0.5, str(path), None, None, model, for_inference=True)
+    merger.merge_to(None, model, None, torch.float32, "cpu")
+    torch.testing.assert_close(dit_output(model), expected, rtol=1e-5, atol=1e-5)
