@@ -13,6 +13,7 @@ with the sshs hashes, either key layout) and otherwise leaves LyCORIS' behaviour
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,8 @@ class AnimaLycorisNetwork(lycoris_kohya.LycorisNetworkKohya):
     class is switched to this subclass (it adds methods only), so LyCORIS builds them exactly as it would."""
 
     algo: str = "lora"
+    network_dim: int | None = None  # set from a file's modules (create_network_from_weights)
+    network_alpha: float | None = None
     dora_unchecked: bool = False  # built without DoRA on weightless models (see create_network)
 
     @classmethod
@@ -285,6 +288,12 @@ def create_network_from_weights(
     kinds = {type(lora).__name__ for lora in network.loras}
     algo = next((name for name, cls in network_module_dict.items() if {cls.__name__} == kinds), "mixed")
     network = AnimaLycorisNetwork.adopt(network, algo)
+    # The file's most common rank and alpha stand for the network (ss_network_dim / ss_network_alpha).
+    ranks = Counter(int(getattr(lora, "lora_dim", 0)) for lora in network.loras if getattr(lora, "lora_dim", 0))
+    alphas = Counter(float(lora.alpha) for lora in network.loras if isinstance(getattr(lora, "alpha", None),
+                                                                               torch.Tensor))
+    network.network_dim = ranks.most_common(1)[0][0] if ranks else None
+    network.network_alpha = alphas.most_common(1)[0][0] if alphas else None
     if for_inference:
         network.requires_grad_(False)
         network.eval()

@@ -164,8 +164,9 @@ def test_trainer_trains_lycoris_and_its_file_loads_in_comfyui(lycoris_run):
 def test_trainer_continues_a_lycoris_run_with_dim_from_weights(tiny_setup, lycoris_run, tmp_path):
     _, start = lycoris_run
     train_tiny(tiny_setup, tmp_path, "lycoris.kohya", "--max_train_steps", "1", "--learning_rate", "1e-12",
-          "--network_weights", str(start), "--dim_from_weights")
+               "--network_weights", str(start), "--dim_from_weights", "--network_dim", "2")
     before, after = load_file(str(start)), load_file(str(tmp_path / "tiny.safetensors"))
+    assert metadata(tmp_path / "tiny.safetensors")["ss_network_dim"] == "4"
     assert before.keys() == after.keys()
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6, msg=key)
