@@ -361,3 +361,17 @@ def test_base_weights_merge_equals_the_attached_network(kind, tmp_path):
                                                          weights_sd=network.state_dict(), for_inference=True)
     merger.merge_to(None, model, None, torch.float32, "cpu")
     torch.testing.assert_close(dit_output(model), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_diffusers_anima_loader_does_not_take_lokr_or_loha_keys(tmp_path):
+    # docs/lora-formats.md says diffusers cannot load these files: its Anima loader converts the ComfyUI
+    # layout's keys and then requires every key to contain "lora".
+    from diffusers.loaders.lora_pipeline import AnimaLoraLoaderMixin
+
+    model = tiny_dit()
+    for module in (lokr_module, loha_module):
+        path = tmp_path / "comfy.safetensors"
+        module.create_network(1.0, 2, 1.0, None, None, model).save_weights(str(path), lora_format="comfy")
+        converted = AnimaLoraLoaderMixin.lora_state_dict(load_file(str(path)))
+        assert converted and all(k.startswith("transformer.") for k in converted)
+        assert not all("lora" in k for k in converted)
