@@ -253,9 +253,10 @@ class NetworkTrainer:
         else:
             if "dropout" not in self.network_args:
                 self.network_args["dropout"] = args.network_dropout
+            # network_args dropout=p (LyCORIS' key, which sd-scripts also fills from --network_dropout) wins.
             network = network_module.create_network(
                 1.0, args.network_dim, args.network_alpha, None, text_encoders, dit,
-                neuron_dropout=args.network_dropout,
+                neuron_dropout=self.network_args["dropout"],
                 **{k: v for k, v in self.network_args.items() if k != "dropout"},
             )
         if network is None:

@@ -375,3 +375,56 @@ def test_diffusers_anima_loader_does_not_take_lokr_or_loha_keys(tmp_path):
         converted = AnimaLoraLoaderMixin.lora_state_dict(load_file(str(path)))
         assert converted and all(k.startswith("transformer.") for k in converted)
         assert not all("lora" in k for k in converted)
+
+
+@pytest.fixture(scope="module")
+def lokr_file(tiny_setup, tmp_path_factory):
+    """A LoKr file for the tiny DiT (built on a weightless DiT: only the network holds data)."""
+    from library.models.dit_loading import load_anima_model
+
+    path = tmp_path_factory.mktemp("lokr_file") / "lokr.safetensors"
+    lokr_module.create_network(1.0, 4, 4, None, [], load_anima_model(tiny_setup.dit, device="meta")).save_weights(
+        str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("module", "extra", "expected"),
+    [
+        ("networks.lokr", ["--network_args", "factor=0"], "--network_args factor='0'"),
+        ("networks.loha", ["--network_weights", "LOKR_FILE"], "use --network_module networks.lokr"),
+        ("networks.lora", [], "--network_module networks.lora (sd-scripts' SD LoRA"),
+        ("lycoris.kohya", ["--network_args", "exclude_patterns=['.*']"], "exclude_patterns for lycoris.kohya"),
+        ("lycoris.kohya", ["--network_args", "algo=ia3", "--lora_format", "comfy"], "--lora_format comfy"),
+    ],
+)
+def test_bad_network_choice_is_one_error_line_before_any_long_work(module, extra, expected, tiny_setup, lokr_file,
+                                                                   tmp_path, monkeypatch, capsys):
+    from test_bad_input_fails_early import _must_not_run, argv_for
+
+    import anima_train_network
+    from anima_train_network import AnimaNetworkTrainer
+
+    if module == "lycoris.kohya":
+        pytest.importorskip("lycoris", reason="lycoris-lora is not installed")
+    extra = [str(lokr_file) if e == "LOKR_FILE" else e for e in extra]
+    out = tmp_path / "out"
+    argv = argv_for(tiny_setup, out, *extra)
+    argv[argv.index("--network_module") + 1] = module
+    for phase in ("build_datasets", "load_frozen_models", "write_caches_only"):
+        monkeypatch.setattr(AnimaNetworkTrainer, phase, _must_not_run)
+    assert anima_train_network.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], "\n".join(err)
+    assert not out.exists()
+
+
+def test_network_args_dropout_reaches_the_network(tiny_setup, tmp_path):
+    from train_helpers import tiny_train_argv, trainer_through_caches
+
+    trainer = trainer_through_caches(tiny_train_argv(tiny_setup, tmp_path, "--network_dropout", "0.1",
+                                                     "--network_args", "dropout=0.2"))
+    trainer.dit = trainer.load_dit(trainer.args, trainer.accelerator, trainer.weight_dtype)
+    trainer.create_network(trainer.args)
+    # network_args win (LyCORIS reads that key; sd-scripts' own modules would ignore it silently).
+    assert {lora.dropout for lora in trainer.network.unet_loras} == {0.2}
