@@ -31,18 +31,18 @@ from networks.network_base import (
     AdapterModule,
     AdapterNetwork,
     NetworkOptions,
-    _parse_bool,
-    _parse_int,
     build_network,
     build_network_from_weights,
     logger,
+    parse_bool,
+    parse_int,
 )
 
 MODULE_NAME = "networks.lokr"
 
 
 def _parse_factor(key: str, value: Any) -> int:
-    factor = _parse_int(key, value)
+    factor = parse_int(key, value)
     if factor == 0 or factor < -1:
         raise AnimaError(f"--network_args {key}={value!r}: expected -1 (balanced) or a positive integer")
     return factor
@@ -50,8 +50,8 @@ def _parse_factor(key: str, value: Any) -> int:
 
 EXTRA_PARSERS = {
     "factor": _parse_factor,
-    "decompose_both": _parse_bool,
-    "full_matrix": _parse_bool,
+    "decompose_both": parse_bool,
+    "full_matrix": parse_bool,
     **CONV_ARG_PARSERS,
 }
 VALID_NETWORK_ARGS = (*COMMON_OPTION_PARSERS, *EXTRA_PARSERS)

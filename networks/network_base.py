@@ -93,7 +93,7 @@ class NetworkOptions:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def _parse_bool(key: str, value: Any) -> bool:
+def parse_bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -185,7 +185,7 @@ def _parse_regex_values(key: str, value: Any, convert, what: str) -> dict:
     return result
 
 
-def _parse_int(key: str, value: Any) -> int:
+def parse_int(key: str, value: Any) -> int:
     try:
         return int(str(value).strip())
     except ValueError:
@@ -211,7 +211,7 @@ CONV_ARG_PARSERS: dict[str, OptionParser] = {
 }
 
 COMMON_OPTION_PARSERS: dict[str, OptionParser] = {
-    "train_llm_adapter": _parse_bool,
+    "train_llm_adapter": parse_bool,
     "exclude_patterns": _parse_patterns,
     "include_patterns": _parse_patterns,
     "network_reg_dims": lambda k, v: _parse_regex_values(k, v, int, "integer rank"),
@@ -221,7 +221,7 @@ COMMON_OPTION_PARSERS: dict[str, OptionParser] = {
     "loraplus_lr_ratio": _parse_ratio,
     "loraplus_unet_lr_ratio": _parse_ratio,
     "loraplus_text_encoder_lr_ratio": _parse_ratio,
-    "verbose": _parse_bool,
+    "verbose": parse_bool,
 }
 _OPTION_FIELD = {"network_reg_dims": "reg_dims", "network_reg_lrs": "reg_lrs"}
 
@@ -610,7 +610,8 @@ class AdapterNetwork(nn.Module):
                 base = self._targets[lora.lora_name].module
                 self._hooks[lora.lora_name] = base.register_forward_hook(lora.forward_hook, with_kwargs=True)
         logger.info(
-            "LoRA applied to %d text encoder and %d DiT modules", len(self.text_encoder_loras), len(self.unet_loras)
+            "%s applied to %d text encoder and %d DiT modules",
+            KIND_NAMES[self.module_class.KIND], len(self.text_encoder_loras), len(self.unet_loras),
         )
 
     def _drop_side(self, side: str) -> None:
@@ -859,7 +860,7 @@ class AdapterNetwork(nn.Module):
             base = self._targets[lora.lora_name].module
             delta = lora.delta_weight().to(base.weight.device) * lora.multiplier
             base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
-        logger.info("merged %d LoRA modules into the base weights", len(self.all_loras))
+        logger.info("merged %d %s modules into the base weights", len(self.all_loras), KIND_NAMES[self.module_class.KIND])
 
 
 # --------------------------------------------------------------------------------------------------

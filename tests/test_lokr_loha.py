@@ -302,7 +302,7 @@ def metadata(path) -> dict[str, str]:
 def lokr_run(tiny_setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("lokr")
     trainer = train_tiny(tiny_setup, out, "networks.lokr", "--max_train_steps", "2", "--network_args", "factor=4",
-                    "train_llm_adapter=true")
+                         "train_llm_adapter=true")
     return trainer, out / "tiny.safetensors"
 
 
@@ -322,7 +322,7 @@ def test_trained_lokr_file_has_sd_scripts_names_metadata_and_loads_in_comfyui(lo
 def test_network_weights_continue_a_lokr_run(tiny_setup, lokr_run, tmp_path):
     _, start = lokr_run
     train_tiny(tiny_setup, tmp_path, "networks.lokr", "--max_train_steps", "1", "--learning_rate", "1e-12",
-          "--network_weights", str(start), "--network_args", "factor=4", "train_llm_adapter=true")
+               "--network_weights", str(start), "--network_args", "factor=4", "train_llm_adapter=true")
     before, after = load_file(str(start)), load_file(str(tmp_path / "tiny.safetensors"))
     assert before.keys() == after.keys()
     for key in before:
@@ -336,7 +336,7 @@ def test_dim_from_weights_continues_a_comfy_layout_loha_run(tiny_setup, tmp_path
     assert any(k.startswith("diffusion_model.") and k.endswith(".hada_w1_a") for k in start)
     # --dim_from_weights: the rank comes from the file (4), not from --network_dim 2.
     train_tiny(tiny_setup, tmp_path / "second", "networks.loha", "--max_train_steps", "1", "--learning_rate", "1e-12",
-          "--network_weights", str(first / "tiny.safetensors"), "--dim_from_weights", "--network_dim", "2")
+               "--network_weights", str(first / "tiny.safetensors"), "--dim_from_weights", "--network_dim", "2")
     after = load_file(str(tmp_path / "second" / "tiny.safetensors"))
     assert {v.shape[1] for k, v in after.items() if k.endswith(".hada_w1_a")} == {4}
     assert metadata(tmp_path / "second" / "tiny.safetensors")["ss_network_dim"] == "4"

@@ -143,7 +143,7 @@ def test_lycoris_weights_reload_into_a_new_network_and_from_the_file(lyco, tmp_p
 def lycoris_run(tiny_setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("lycoris")
     trainer = train_tiny(tiny_setup, out, "lycoris.kohya", "--max_train_steps", "2", "--network_args", "algo=lokr",
-                    "factor=4", "train_llm_adapter=true")
+                         "factor=4", "train_llm_adapter=true")
     return trainer, out / "tiny.safetensors"
 
 
