@@ -428,3 +428,19 @@ def test_network_args_dropout_reaches_the_network(tiny_setup, tmp_path):
     trainer.create_network(trainer.args)
     # network_args win (LyCORIS reads that key; sd-scripts' own modules would ignore it silently).
     assert {lora.dropout for lora in trainer.network.unet_loras} == {0.2}
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_state_dict_round_trip_restores_weights_alpha_and_scale(kind):
+    # The --save_state / --resume path: the network's own state dict, loaded strictly into a fresh network.
+    model = tiny_dit()
+    network = NATIVE[kind].create_network(1.0, 2, 1.0, None, None, model)
+    randomize(network)
+    state = {k: v.clone() for k, v in network.state_dict().items()}
+    state = {k: (torch.tensor(0.5) if k.endswith(".alpha") else v) for k, v in state.items()}
+    fresh = NATIVE[kind].create_network(1.0, 2, 1.0, None, None, model)
+    fresh.load_state_dict(state, strict=True)
+    for lora in fresh.unet_loras:
+        assert lora.scale == 0.25  # alpha 0.5 / rank 2, re-derived on load
+    for key, value in state.items():
+        assert torch.equal(fresh.state_dict()[key], value), key

@@ -186,3 +186,18 @@ def test_base_weights_merge_equals_the_attached_lycoris_network(lyco, tmp_path):
     merger, _ = lyco.create_network_from_weights(0.5, str(path), None, None, model, for_inference=True)
     merger.merge_to(None, model, None, torch.float32, "cpu")
     torch.testing.assert_close(dit_output(model), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lycoris_state_dict_round_trip_restores_the_output(lyco):
+    # The --save_state / --resume path: the network's own state dict, loaded strictly into a fresh network.
+    model = tiny_dit()
+    network = lyco.create_network(1.0, 2, 1.0, None, None, model, algo="lokr", factor="4")
+    network.apply_to(None, model, False, True)
+    randomize(network)
+    expected = dit_output(model)
+    state = {k: v.clone() for k, v in network.state_dict().items()}
+    network.remove_hooks()
+    fresh = lyco.create_network(1.0, 2, 1.0, None, None, model, algo="lokr", factor="4")
+    fresh.apply_to(None, model, False, True)
+    fresh.load_state_dict(state, strict=True)
+    torch.testing.assert_close(dit_output(model), expected, rtol=1e-5, atol=1e-6)
