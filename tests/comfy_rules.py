@@ -25,19 +25,24 @@ LOHA_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 
 def key_map(dit: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, str]:
-    """LoRA key prefix -> model weight key, as ComfyUI registers them for Anima."""
-    mapping = {}
+    """LoRA key prefix -> model weight key, as ComfyUI registers them for Anima. A prefix that two weights
+    would share (ComfyUI keeps the last one silently) fails here, so every prefix means exactly one module."""
+    mapping: dict[str, str] = {}
+
+    def add(prefix: str, weight: str) -> None:
+        assert mapping.setdefault(prefix, weight) == weight, f"{prefix} names {mapping[prefix]} and {weight}"
+
     for name, _ in dit.named_parameters():
         if name.endswith(".weight"):
             path = name[: -len(".weight")]
-            mapping[f"lora_unet_{path.replace('.', '_')}"] = f"diffusion_model.{name}"
-            mapping[f"diffusion_model.{path}"] = f"diffusion_model.{name}"
+            add(f"lora_unet_{path.replace('.', '_')}", f"diffusion_model.{name}")
+            add(f"diffusion_model.{path}", f"diffusion_model.{name}")
     for name, _ in text_encoder.named_parameters() if text_encoder is not None else []:
         if name.endswith(".weight"):
             path = name[: -len(".weight")]
             weight = f"qwen3_06b.transformer.model.{name}"
-            mapping[f"text_encoders.qwen3_06b.transformer.model.{path}"] = weight
-            mapping[f"lora_te_{path.replace('.', '_')}"] = weight
+            add(f"text_encoders.qwen3_06b.transformer.model.{path}", weight)
+            add(f"lora_te_{path.replace('.', '_')}", weight)
     return mapping
 
 

@@ -23,7 +23,7 @@ from networks.convert_lora import main as convert_main
 from networks.loha import LoHaModule
 from networks.lokr import LoKrModule, factorization
 
-NATIVE = {"lokr": lokr_module, "loha": loha_module}
+NATIVE = {"lokr": lokr_module, "loha": loha_module, "lora": lora_anima}
 
 
 def randomize(network, seed: int = 3, std: float = 0.2) -> None:
@@ -196,6 +196,7 @@ def test_max_norm_regularization_scales_the_update_to_the_limit():
 # ------------------------------------------------------------------------------------------------------------
 
 VARIANTS = [
+    ("lora", {}),  # the same checks for LoRA, whose ComfyUI layout folds alpha into lora_B
     ("lokr", {}),
     ("lokr", {"factor": "4", "decompose_both": "true"}),
     ("lokr", {"full_matrix": "true"}),
@@ -231,7 +232,8 @@ def test_saved_keys_load_in_comfyui_with_the_same_update(tmp_path, kind, args, l
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert meta["ss_lora_format"] == lora_format and "sshs_model_hash" in meta
-    assert meta.get("ss_lora_alpha_folded", "False") == "False"  # only LoRA alphas fold
+    folded = kind == "lora" and lora_format == "comfy"
+    assert meta.get("ss_lora_alpha_folded", "False") == str(folded)  # only LoRA alphas fold
 
 
 @pytest.mark.parametrize("kind, args", VARIANTS)
