@@ -90,7 +90,9 @@ class LoHaModule(AdapterModule):
     def kwargs_from_parts(cls, parts: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         rank, rank2 = parts["hada_w1_b"].shape[0], parts["hada_w2_b"].shape[0]
         if rank != rank2:
-            raise AnimaError(f"LoHa files with two different ranks ({rank} and {rank2}) in one module are not supported")
+            raise AnimaError(
+                f"LoHa files with two different ranks ({rank} and {rank2}) in one module are not supported"
+            )
         alpha = parts.get("alpha")
         return {"rank": int(rank), "alpha": None if alpha is None else float(alpha.float())}
 

@@ -240,7 +240,8 @@ def _check_lokr(lora_name: str, parts: Mapping[str, torch.Tensor]) -> None:
         _low_rank_pair(lora_name, parts, a, b)
         if (full in parts) == (a in parts):
             raise AnimaError(
-                f"LoKr module '{lora_name}' needs either {full} or {a} + {b} (has {_shapes(parts, full, a, b) or 'none'})"
+                f"LoKr module '{lora_name}' needs either {full} or {a} + {b} "
+                f"(has {_shapes(parts, full, a, b) or 'none'})"
             )
         if full in parts and parts[full].dim() != 2:
             raise AnimaError(f"LoKr module '{lora_name}' has a {parts[full].dim()}-D {full}; linear layers need 2-D")

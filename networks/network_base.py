@@ -207,7 +207,8 @@ def no_effect_parser(reason: str) -> OptionParser:
 
 # sd-scripts' LoKr/LoHa keys for convolution layers; Anima's DiT and Qwen3 have none among their targets.
 CONV_ARG_PARSERS: dict[str, OptionParser] = {
-    key: no_effect_parser("Anima has no convolution layers to adapt") for key in ("conv_dim", "conv_alpha", "use_tucker")
+    key: no_effect_parser("Anima has no convolution layers to adapt")
+    for key in ("conv_dim", "conv_alpha", "use_tucker")
 }
 
 COMMON_OPTION_PARSERS: dict[str, OptionParser] = {
@@ -493,8 +494,8 @@ class AdapterNetwork(nn.Module):
 
         if not self.unet_loras and not self.text_encoder_loras:
             raise AnimaError(
-                f"no layer was selected for {KIND_NAMES[module_class.KIND]}; check --network_args exclude_patterns / include_patterns / "
-                "network_reg_dims (rank 0 skips a layer)"
+                f"no layer was selected for {KIND_NAMES[module_class.KIND]}; check --network_args exclude_patterns / "
+                "include_patterns / network_reg_dims (rank 0 skips a layer)"
             )
         logger.info(
             "%s: %d text encoder modules, %d DiT modules",
@@ -860,7 +861,8 @@ class AdapterNetwork(nn.Module):
             base = self._targets[lora.lora_name].module
             delta = lora.delta_weight().to(base.weight.device) * lora.multiplier
             base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
-        logger.info("merged %d %s modules into the base weights", len(self.all_loras), KIND_NAMES[self.module_class.KIND])
+        kind = KIND_NAMES[self.module_class.KIND]
+        logger.info("merged %d %s modules into the base weights", len(self.all_loras), kind)
 
 
 # --------------------------------------------------------------------------------------------------
