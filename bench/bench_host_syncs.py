@@ -6,9 +6,9 @@ a `TorchDispatchMode` counts every op that hands a tensor's value to Python for 
 the data loading of the next batch and the reporting included.
 
 Counted ops (each one blocks the host until the device has computed the value on a CUDA run):
-`_local_scalar_dense` (`.item()`, `float(t)`, `bool(t)`, `int(t)`), `is_nonzero`, `nonzero` / `argwhere`
-(output size depends on values), `equal`, `allclose`-via-`equal`, and `tolist`-style reads (they go through
-`_local_scalar_dense`). Not counted: reads of tensors that a CUDA run keeps in host memory by design, i.e.
+`_local_scalar_dense` (`.item()`, `float(t)`, `bool(t)`, `int(t)`), `is_nonzero`, `nonzero` / `argwhere` /
+`masked_select` / `unique` (output size depends on values), `equal`, and the `Tensor.tolist()` /
+`Tensor.numpy()` methods (seen by a `TorchFunctionMode`: they read without dispatching a scalar op). Not counted: reads of tensors that a CUDA run keeps in host memory by design, i.e.
 `torch.optim` step counters (`state["step"]`, a CPU tensor unless `capturable`/`fused`), and the reads made by
 `torch.utils.data` itself (the loader draws its per-epoch seed from a CPU generator). Reading those costs no
 device sync. Everything else is counted, even though on this CPU run every tensor lives on the CPU.
@@ -30,6 +30,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -44,32 +45,66 @@ OPTIMIZERS: dict[str, list[str]] = {
 }
 SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "nonzero_static", "argwhere", "equal",
                       "masked_select", "unique", "_unique2", "unique_consecutive", "repeat_interleave"})
+HOST_READ_METHODS = frozenset({"tolist", "numpy"})
 _HOST_LOADER_CODE = "torch/utils/data/"
 
 
-class HostSyncCounter(TorchDispatchMode):
-    """Counts ops that read a tensor's value back to the host (see SYNC_OPS), skipping `host_tensors`."""
-
-    def __init__(self, host_tensors: set[int] | None = None) -> None:
+class _DispatchCounter(TorchDispatchMode):
+    def __init__(self, counter: HostSyncCounter) -> None:
         super().__init__()
-        self.host_tensors = host_tensors or set()  # data_ptr of tensors a CUDA run keeps on the host
-        self.counts: collections.Counter[str] = collections.Counter()
-        self.sites: collections.Counter[str] = collections.Counter()
+        self.counter = counter
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         # repeat_interleave only reads the device when given a tensor of repeats and no output size.
         if name in SYNC_OPS and not (name == "repeat_interleave" and (kwargs or {}).get("output_size")):
-            first = args[0] if args else None
-            stack = traceback.extract_stack()[:-1]
-            host_side = (isinstance(first, torch.Tensor) and first.data_ptr() in self.host_tensors) or any(
-                _HOST_LOADER_CODE in f.filename.replace("\\", "/") for f in stack)
-            if not host_side:
-                self.counts[name] += 1
-                frames = [f for f in stack if "torch/" not in f.filename.replace("\\", "/")]
-                where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[-3:][::-1])
-                self.sites[f"{name} at {where}"] += 1
+            self.counter.record(name, args[0] if args else None)
         return func(*args, **(kwargs or {}))
+
+
+class _FunctionCounter(TorchFunctionMode):
+    """`Tensor.tolist()` and `Tensor.numpy()` read the values without dispatching a scalar op."""
+
+    def __init__(self, counter: HostSyncCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_READ_METHODS:
+            self.counter.record(name, args[0] if args else None)
+        return func(*args, **(kwargs or {}))
+
+
+class HostSyncCounter:
+    """Context manager counting the ops that read a tensor's value back to the host (SYNC_OPS and
+    HOST_READ_METHODS), except reads of `host_tensors` (data_ptr) and reads made by `torch.utils.data`."""
+
+    def __init__(self, host_tensors: set[int] | None = None) -> None:
+        self.host_tensors = host_tensors or set()  # data_ptr of tensors a CUDA run keeps on the host
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.sites: collections.Counter[str] = collections.Counter()
+        self._modes = [_FunctionCounter(self), _DispatchCounter(self)]
+
+    def record(self, name: str, tensor: object) -> None:
+        stack = traceback.extract_stack()[:-2]
+        files = [f.filename.replace("\\", "/") for f in stack]
+        if isinstance(tensor, torch.Tensor) and tensor.data_ptr() in self.host_tensors:
+            return
+        if any(_HOST_LOADER_CODE in name_ for name_ in files):
+            return
+        self.counts[name] += 1
+        frames = [f for f, path in zip(stack, files) if "torch/" not in path]
+        self.sites[f"{name} at " + " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[-3:][::-1])] += 1
+
+    def __enter__(self) -> HostSyncCounter:
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
 
     @property
     def total(self) -> int:
