@@ -151,9 +151,10 @@ class AnimaNetworkTrainer(NetworkTrainer):
     def batch_latents(self, args: argparse.Namespace, batch: dict, weight_dtype: torch.dtype) -> torch.Tensor:
         device = self.device
         if batch.get("latents") is not None:
-            return batch["latents"].to(device=device, dtype=weight_dtype)  # [B, 16, h, w]
+            # non_blocking: the loader pins its batches on CUDA, so the copy does not stall the host.
+            return batch["latents"].to(device=device, dtype=weight_dtype, non_blocking=True)  # [B, 16, h, w]
         with torch.no_grad():
-            pixels = batch["images"].to(device=device, dtype=self.vae_dtype)  # [B, 3, H, W] in [-1, 1]
+            pixels = batch["images"].to(device=device, dtype=self.vae_dtype, non_blocking=True)  # [B, 3, H, W]
             latents = self.vae.encode_pixels_to_latents(pixels)
         if torch.isnan(latents).any():
             logger.warning("NaN in VAE latents of %s; replaced by 0", batch.get("image_keys"))
@@ -172,7 +173,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
         else:
             raise AnimaError("a batch without cached text outputs reached training after the text encoder was "
                              "freed; delete stale *_anima_te.npz files or drop --cache_text_encoder_outputs")
-        return {k: v.to(device) for k, v in text.items()}
+        return {k: v.to(device, non_blocking=True) for k, v in text.items()}
 
     def noise_pred_and_target(self, args: argparse.Namespace, accelerator: Accelerator, latents: torch.Tensor,
                               text: dict[str, torch.Tensor], weight_dtype: torch.dtype

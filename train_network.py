@@ -524,9 +524,10 @@ class NetworkTrainer:
             huber_c = (huber_threshold(args.huber_schedule, sigmas, args.huber_c, args.huber_scale)
                        if args.loss_type in ("huber", "smooth_l1") else None)
             mask = batch.get("loss_masks")  # [B, 1, H, W] alpha / conditioning masks, or None
+            # The loader pins batches on CUDA: non_blocking copies queue behind the step instead of waiting.
             loss = per_sample_loss(pred, target, args.loss_type, huber_c=huber_c, weighting=weighting,
-                                   mask=mask.to(pred.device) if mask is not None else None,
-                                   sample_weights=batch["loss_weights"].to(pred.device))
+                                   mask=mask.to(pred.device, non_blocking=True) if mask is not None else None,
+                                   sample_weights=batch["loss_weights"].to(pred.device, non_blocking=True))
             return loss.mean()
 
     def all_reduce_gradients(self) -> None:

@@ -9,8 +9,13 @@ Schedules (N blocks, n swapped):
 * training (grad enabled): after block i's forward, for i < n, block i leaves and block N - n + i arrives. In
   backward, just before block i's backward runs, block i + 1 (if it is one of the last n) leaves and block
   i + 1 + n - N arrives, then block i is waited for. A full forward + backward returns to the initial layout.
-* forward only (no grad, or inference mode): after every block i, block i leaves and block (N - n + i) mod N
-  arrives; a full forward returns to the initial layout.
+* forward only (no grad, or inference mode: sampling, validation): blocks [0, P) with P = N - n - 2 stay on the
+  device; the n + 2 blocks [P, N) stream through the two remaining slots (double buffering: block j + 2 is copied
+  while block j + 1 runs). After block j (P <= j < N - 2), block j leaves and block j + 2 arrives. A forward ends
+  with blocks N - 2 and N - 1 in the two streaming slots; the next forward starts by copying P and P + 1 into
+  them, which overlaps the compute of blocks [0, P). So a forward copies n blocks after `prepare()` and n + 2 in
+  a row of forwards, instead of all N (the copies of a block that leaves are free, see below). Training after
+  that restores the initial layout with `prepare()` (2 copies).
 
 Every block keeps a permanent CPU copy of its weights (pinned on CUDA), so "leaving" costs no transfer: the
 parameters just point at the CPU copy again. This needs the block weights to be frozen and unchanged while swap
@@ -78,6 +83,9 @@ class BlockSwapper:
         self._slot_of: list[int | None] = [None] * self.num_blocks
         self._ready: dict[int, torch.cuda.Event] = {}  # block -> copy-finished event (CUDA only)
         self._backward_schedule = False
+        self.blocks_copied = 0  # host -> device block copies so far (what the tests and benchmarks count)
+        self.bytes_copied = 0
+        self._block_bytes = sum(h.numel() * h.element_size() for h in self._host[0])
 
     def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         host = tensor.detach()
@@ -124,7 +132,12 @@ class BlockSwapper:
             with torch.no_grad():
                 for dev, host in zip(self._slots[slot], self._host[index]):
                     dev.copy_(host, non_blocking=True)  # ordered on the current stream
+            self._count_copy()
             self._assign(index, slot)
+
+    def _count_copy(self) -> None:
+        self.blocks_copied += 1
+        self.bytes_copied += self._block_bytes
 
     def _release(self, index: int) -> int:
         slot = self._slot_of[index]
@@ -172,6 +185,7 @@ class BlockSwapper:
             else:
                 for dev, host in zip(self._slots[slot], self._host[in_index]):
                     dev.copy_(host)
+        self._count_copy()
         self._assign(in_index, slot)
 
     def _wait_for(self, index: int) -> None:
@@ -193,9 +207,21 @@ class BlockSwapper:
                 "--blocks_to_swap needs frozen DiT block weights (LoRA training), but a block parameter requires grad"
             )
         self._check_unchanged()
-        if self.resident_blocks() != list(range(self.num_resident)):
-            self.prepare()
         self._backward_schedule = not self.forward_only and torch.is_grad_enabled()
+        resident = self.resident_blocks()
+        initial = list(range(self.num_resident))
+        if resident == initial:
+            return
+        streamed_from = self.num_resident - 2  # P: blocks below it never leave in a forward-only pass
+        if not self._backward_schedule and resident[:streamed_from] == initial[:streamed_from]:
+            # The layout a forward-only pass ends with: copy the first streamed blocks into the streaming slots
+            # (asynchronously on CUDA, behind the compute of the blocks that stay).
+            leaving = [i for i in resident if i >= self.num_resident]
+            arriving = [i for i in initial if i not in resident]
+            for out_index, in_index in zip(leaving, arriving):
+                self._swap(out_index, in_index)
+            return
+        self.prepare()  # after a training step without backward or an interrupted forward
 
     def before_block(self, index: int) -> None:
         self._wait_for(index)
@@ -208,8 +234,8 @@ class BlockSwapper:
                 self._swap(index, big_n - n + index)
             if x.requires_grad:
                 x = _BackwardSwapPoint.apply(x, self, index)
-        else:
-            self._swap(index, (big_n - n + index) % big_n)
+        elif self.num_resident - 2 <= index < big_n - 2 and not self.is_resident(index + 2):
+            self._swap(index, index + 2)
         return x
 
     def before_block_backward(self, index: int) -> None:

@@ -101,6 +101,44 @@ def test_block_swap_training_steps_match_resident_model(blocks_to_swap):
     assert swapper.resident_weight_bytes() == (NUM_BLOCKS - blocks_to_swap) * block_bytes
 
 
+@pytest.mark.parametrize("blocks_to_swap", [1, 2, 3, 4])
+def test_forward_only_swap_copies_only_the_swapped_blocks_and_matches_the_resident_model(blocks_to_swap):
+    model, network = model_with_lora()
+    model.eval()
+    inputs = [make_inputs(seed) for seed in (3, 4, 5)]
+    with torch.no_grad():
+        expected = [model(*batch) for batch in inputs]
+    swapper = enable_swap(model, blocks_to_swap)
+    model.switch_block_swap_for_inference()
+    block_bytes = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
+    # The first forward after prepare copies the n swapped blocks; later ones also refill the two streaming
+    # slots (n + 2; with n = 1 block N - 2 keeps its slot: 2). Before: all N blocks in every forward.
+    in_a_row = blocks_to_swap + 2 if blocks_to_swap > 1 else 2
+    for index, (batch, reference) in enumerate(zip(inputs, expected)):
+        copied_before, bytes_before = swapper.blocks_copied, swapper.bytes_copied
+        with torch.no_grad():
+            torch.testing.assert_close(model(*batch), reference, rtol=0, atol=0)
+        copied = swapper.blocks_copied - copied_before
+        assert copied == (blocks_to_swap if index == 0 else in_a_row)
+        assert swapper.bytes_copied - bytes_before == copied * block_bytes
+        assert len(swapper._slots) == NUM_BLOCKS - blocks_to_swap
+    model.switch_block_swap_for_training()
+    assert swapper.resident_blocks() == list(range(NUM_BLOCKS - blocks_to_swap))
+
+
+def test_training_after_forward_only_swaps_keeps_identical_lora_gradients():
+    model, network = model_with_lora()
+    x, sigmas, context = make_inputs(3)
+    expected_step = train_step(model, network, 0)
+    enable_swap(model, 2)
+    for _ in range(3):  # validation-style forwards leave the streaming layout ...
+        with torch.no_grad():
+            model(x, sigmas, context)
+        out, grads = train_step(model, network, 0)  # ... which the training forward restores
+        torch.testing.assert_close(out, expected_step[0], rtol=0, atol=0)
+        torch.testing.assert_close(grads, expected_step[1], rtol=0, atol=0)
+
+
 def test_block_swap_with_gradient_checkpointing_matches_resident_model():
     model, network = model_with_lora()
     model.enable_gradient_checkpointing()
@@ -121,7 +159,7 @@ def test_block_swap_forward_without_backward_and_inference_mode_keep_results_rig
     swapper = enable_swap(model, 4)
     with torch.no_grad():  # a validation forward in training mode: forward-only schedule
         torch.testing.assert_close(model(x, sigmas, context), expected, rtol=0, atol=0)
-    assert swapper.resident_blocks() == [0, 1]
+    assert swapper.resident_blocks() == [4, 5]  # the last two streamed blocks hold the streaming slots
     model(x, sigmas, context)  # forward with grad but no backward leaves another layout ...
     assert swapper.resident_blocks() != [0, 1]
     actual_step = train_step(model, network, 0)  # ... which the next forward repairs
@@ -131,7 +169,7 @@ def test_block_swap_forward_without_backward_and_inference_mode_keep_results_rig
     model.eval()
     for _ in range(2):
         torch.testing.assert_close(model(x, sigmas, context).detach(), expected, rtol=0, atol=0)
-        assert swapper.resident_blocks() == [0, 1]
+        assert swapper.resident_blocks() == [4, 5]
     model.switch_block_swap_for_training()
     model.train()
     actual_step = train_step(model, network, 0)
@@ -184,9 +222,13 @@ def test_gpu_block_swap_matches_resident_model_on_cuda(checkpointing):
         torch.testing.assert_close(grads, grads_ref, rtol=1e-5, atol=1e-6)
         assert swapper.resident_blocks() == [0, 1]
     model.switch_block_swap_for_inference()
-    x, sigmas, context = make_inputs(3, "cuda")
-    with torch.no_grad():
-        torch.testing.assert_close(model(x, sigmas, context), reference_model(x, sigmas, context))
+    for seed in (3, 4, 5):  # forwards in a row: the streaming slots are refilled behind the compute
+        x, sigmas, context = make_inputs(seed, "cuda")
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, sigmas, context), reference_model(x, sigmas, context))
+    model.switch_block_swap_for_training()
+    out, grads = train_step(model, network, 0, "cuda")
+    torch.testing.assert_close(grads, expected[0][1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

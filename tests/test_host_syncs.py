@@ -71,3 +71,35 @@ def test_reporter_reads_queued_losses_at_once_and_prints_the_same_lines(monkeypa
 def test_read_scalars_keeps_float32_values_and_plain_floats():
     values = [torch.tensor(0.1), 0.3, torch.tensor(1 / 3, dtype=torch.float64), torch.tensor(2.5).bfloat16()]
     assert read_scalars(values) == [torch.tensor(0.1).item(), 0.3, torch.tensor(1 / 3).item(), 2.5]
+
+
+def test_loader_pins_batches_only_when_cuda_is_available(monkeypatch, tiny_setup, tmp_path):
+    from train_helpers import tiny_train_argv, trainer_through_caches
+
+    from library.dataset_config import make_dataloader
+
+    trainer = trainer_through_caches(tiny_train_argv(tiny_setup, tmp_path))
+    loader = make_dataloader(trainer.train_group, num_workers=0, persistent_workers=False, seed=0)
+    assert loader.pin_memory is False  # CPU: pinning would only cost memory
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    loader = make_dataloader(trainer.train_group, num_workers=0, persistent_workers=False, seed=0)
+    assert loader.pin_memory is True  # CUDA: page-locked batches for the trainer's non_blocking copies
+
+
+def test_sigmas_reach_cuda_through_a_pinned_non_blocking_copy(monkeypatch):
+    from library import flow_matching
+
+    copies = []
+
+    def fake_pin(self):
+        copies.append("pinned")
+        return self
+
+    def fake_to(self, *args, **kwargs):
+        copies.append((str(args[0]) if args else str(kwargs.get("device")), kwargs.get("non_blocking", False)))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    monkeypatch.setattr(torch.Tensor, "to", fake_to)
+    flow_matching.sample_sigmas(2, "sigmoid", device="cuda")
+    assert copies == ["pinned", ("cuda", True)]
