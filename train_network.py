@@ -184,6 +184,10 @@ class NetworkTrainer:
             dynamo_backend=args.dynamo_backend if args.torch_compile else None,
         )
         set_seed(args.seed)
+        if args.cuda_allow_tf32:
+            # TF32 tensor cores for float32 matmuls and convolutions (about 10 mantissa bits instead of 23).
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.weight_dtype = DTYPES[args.mixed_precision]

@@ -28,10 +28,23 @@ the same bookkeeping, schedule and checks run (this is what the CPU tests exerci
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from library.errors import AnimaError
+
+logger = logging.getLogger(__name__)
+
+# At least two blocks stay on the device: one runs while the next one's weights land in the other slot.
+MIN_RESIDENT_BLOCKS = 2
+
+
+def max_blocks_to_swap(num_blocks: int) -> int:
+    """The largest --blocks_to_swap for a DiT of `num_blocks` blocks (the one place this rule lives)."""
+    return max(num_blocks - MIN_RESIDENT_BLOCKS, 0)
 
 
 class _BackwardSwapPoint(torch.autograd.Function):
@@ -57,7 +70,7 @@ class BlockSwapper:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.num_blocks = len(blocks)
-        max_swap = self.num_blocks - 2
+        max_swap = max_blocks_to_swap(self.num_blocks)
         if not 1 <= blocks_to_swap <= max_swap:
             raise AnimaError(
                 f"--blocks_to_swap {blocks_to_swap}: must be between 1 and {max_swap} for a DiT with "
@@ -244,3 +257,104 @@ class BlockSwapper:
         if leaving >= self.num_blocks - self.blocks_to_swap and leaving < self.num_blocks:
             self._swap(leaving, leaving + self.blocks_to_swap - self.num_blocks)
         self._wait_for(index)
+
+
+# ---- planning --blocks_to_swap auto ----------------------------------------------------------------------------
+
+CHECKPOINTING_MODES = ("none", "ckpt", "cpu_offload", "unsloth")
+# Tensors one DiT block's forward saves for backward, per image token, in units of [D] activations (bf16), on
+# top of the two [F] MLP activations (layer1 output and GELU output). Measured with saved-tensor hooks on a
+# LoRA-wrapped block: 25.1-25.6 D-units per token in total at D = 512 and 2048 (F = 4D), i.e. about 17.5 beyond
+# the MLP's 8; 20 leaves room for the float32 LayerNorm outputs of CUDA autocast (3 more units).
+SAVED_D_UNITS_PER_TOKEN = 20
+# Per context token: k and v of the cross-attention (bf16) and the float32 input of its k RMSNorm (2 units).
+SAVED_D_UNITS_PER_CONTEXT_TOKEN = 4
+# Kept free besides the estimate: cuBLAS/attention workspaces, allocator rounding and fragmentation.
+RESERVE_BYTES = 1 << 30
+RESERVE_FRACTION = 0.1  # of the activation estimate
+
+
+def block_activation_bytes(*, batch_size: int, tokens: int, context_tokens: int, model_channels: int,
+                           mlp_channels: int, element_size: int = 2) -> int:
+    """Bytes one DiT block saves for backward in a training forward (no checkpointing):
+
+        B · e · (L · (20·D + 2·F) + 4 · Lc · D)
+
+    B batch, L image tokens ((H/16)·(W/16) for the 2×2-patched latent of an H×W image), Lc context tokens
+    (--t5_max_token_length), D model width, F MLP width, e the activation element size (2 for bf16/fp16).
+    """
+    per_sample = tokens * (SAVED_D_UNITS_PER_TOKEN * model_channels + 2 * mlp_channels)
+    per_sample += SAVED_D_UNITS_PER_CONTEXT_TOKEN * context_tokens * model_channels
+    return batch_size * element_size * per_sample
+
+
+def block_weight_bytes(block: nn.Module, fp8: bool = False) -> int:
+    """Measured device bytes of one block's weights (sum of its parameters' nbytes). With `fp8` (--fp8_base), the
+    2-D Linear weights outside the adaLN modulation count one byte per element plus a float32 scale per output
+    row; everything else keeps its dtype. Weights already stored in float8 are counted as they are."""
+    total = 0
+    for name, p in block.named_parameters():
+        quantizable = fp8 and p.ndim == 2 and "adaln_modulation" not in name and p.element_size() > 1
+        total += p.numel() + 4 * p.shape[0] if quantizable else p.numel() * p.element_size()
+    return total
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """What a training step keeps on the device, as the planner sees it (bytes)."""
+
+    num_blocks: int
+    block_weights: int  # one block's weights (`block_weight_bytes`)
+    other_weights: int  # non-block DiT weights, plus the LoRA parameters, gradients and optimizer state
+    block_activations: int  # saved by one block's forward (`block_activation_bytes`)
+    block_input: int  # one block's input [B, L, D]
+    other_activations: int = 0  # outside the blocks (embedders, final layer, LLM adapter)
+
+    def peak_bytes(self, blocks_to_swap: int, checkpointing: str) -> int:
+        """Estimated peak with `blocks_to_swap` blocks streamed and the given checkpointing mode:
+
+        weights:  other + (N − n) · W                        (block swap keeps N − n slots, whatever n)
+        none:     N · A + A                                   (every block's saved tensors + one block's backward)
+        ckpt:     N · X + 2 · A                               (block inputs + one block recomputed and its backward)
+        cpu_offload / unsloth:  2 · X + 2 · A                 (inputs live in CPU memory; two in flight)
+        plus the activations outside the blocks, and a reserve of 1 GiB + 10 % of the activations.
+        """
+        if checkpointing not in CHECKPOINTING_MODES:
+            raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {checkpointing!r}")
+        n, a, x = self.num_blocks, self.block_activations, self.block_input
+        weights = self.other_weights + (n - blocks_to_swap) * self.block_weights
+        blocks = {"none": n * a + a, "ckpt": n * x + 2 * a}.get(checkpointing, 2 * x + 2 * a)
+        activations = blocks + self.other_activations
+        return weights + activations + RESERVE_BYTES + int(RESERVE_FRACTION * activations)
+
+
+@dataclass(frozen=True)
+class SwapPlan:
+    blocks_to_swap: int
+    peak_bytes: int  # estimated peak with that choice
+    free_bytes: int
+    fits: bool  # False: even the largest swap count is estimated not to fit
+
+    def describe(self) -> str:
+        gib = 2**30
+        verdict = "fits" if self.fits else "does NOT fit (the most blocks that can be swapped; expect out-of-memory)"
+        return (f"--blocks_to_swap auto: {self.blocks_to_swap} blocks swapped, estimated peak "
+                f"{self.peak_bytes / gib:.2f} GiB of {self.free_bytes / gib:.2f} GiB free: {verdict}")
+
+
+def plan_blocks_to_swap(memory: TrainingMemory, free_bytes: int, checkpointing: str) -> SwapPlan:
+    """The smallest swap count whose estimated peak fits in `free_bytes` (a pure function of its inputs)."""
+    largest = max_blocks_to_swap(memory.num_blocks)
+    for n in range(largest + 1):
+        peak = memory.peak_bytes(n, checkpointing)
+        if peak <= free_bytes:
+            return SwapPlan(n, peak, free_bytes, True)
+    return SwapPlan(largest, memory.peak_bytes(largest, checkpointing), free_bytes, False)
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device (`torch.cuda.mem_get_info`); None for other devices."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.mem_get_info(device)[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from library import block_swap
 from library.anima_models import Anima, AnimaConfig
 from library.errors import AnimaError
 from networks.lora_anima import create_network
@@ -252,3 +253,85 @@ def test_gpu_block_swap_resident_weight_memory_drops_by_swapped_blocks(blocks_to
     assert abs(saved - blocks_to_swap * block_bytes) <= 512 * 32 * blocks_to_swap, (full, swapped, block_bytes)
     train_step(model, network, 0, "cuda")  # the footprint stays constant while weights stream through
     assert model.block_swapper.resident_weight_bytes() == (8 - blocks_to_swap) * block_bytes
+
+
+# ---- planning --blocks_to_swap auto ---------------------------------------------------------------------------
+
+
+def planner_memory(**overrides) -> block_swap.TrainingMemory:
+    gib = 2**30
+    sizes = dict(num_blocks=28, block_weights=gib // 8, other_weights=2 * gib, block_activations=gib // 4,
+                 block_input=gib // 64, other_activations=gib // 16)
+    sizes.update(overrides)
+    return block_swap.TrainingMemory(**sizes)
+
+
+def test_auto_plan_picks_the_smallest_swap_count_that_fits():
+    memory = planner_memory()
+    for mode in block_swap.CHECKPOINTING_MODES:
+        assert block_swap.plan_blocks_to_swap(memory, 10**15, mode).blocks_to_swap == 0
+        for n in (1, 8, 26):
+            budget = memory.peak_bytes(n, mode)
+            plan = block_swap.plan_blocks_to_swap(memory, budget, mode)
+            assert (plan.blocks_to_swap, plan.fits, plan.peak_bytes) == (n, True, budget)
+            assert block_swap.plan_blocks_to_swap(memory, budget - 1, mode).blocks_to_swap == n + 1 or n == 26
+        too_small = block_swap.plan_blocks_to_swap(memory, memory.peak_bytes(26, mode) - 1, mode)
+        assert (too_small.blocks_to_swap, too_small.fits) == (26, False)
+        assert "does NOT fit" in too_small.describe()
+
+
+def test_auto_plan_weighs_each_swapped_block_and_the_checkpointing_mode():
+    memory = planner_memory()
+    # Each swapped block frees exactly one block's weights.
+    assert memory.peak_bytes(3, "ckpt") - memory.peak_bytes(4, "ckpt") == memory.block_weights
+    # Saved activations: none (all blocks) > ckpt (block inputs) > offloaded (inputs in CPU memory).
+    peaks = [memory.peak_bytes(0, mode) for mode in ("none", "ckpt", "cpu_offload")]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 3
+    assert memory.peak_bytes(0, "cpu_offload") == memory.peak_bytes(0, "unsloth")
+    # The largest swap count follows the one rule (N - 2), also for a short DiT.
+    assert block_swap.plan_blocks_to_swap(planner_memory(num_blocks=2), 0, "ckpt").blocks_to_swap == 0
+    with pytest.raises(ValueError, match="checkpointing"):
+        memory.peak_bytes(0, "bogus")
+
+
+def test_fp8_counts_one_byte_per_quantized_linear_weight():
+    config = tiny_config(model_channels=64, num_heads=4)
+    block = Anima(config).blocks[0].to(torch.bfloat16)
+    bf16 = block_swap.block_weight_bytes(block)
+    assert bf16 == sum(p.numel() * 2 for p in block.parameters())
+    fp8 = block_swap.block_weight_bytes(block, fp8=True)
+    linear = [(n, p) for n, p in block.named_parameters() if p.ndim == 2 and "adaln_modulation" not in n]
+    assert bf16 - fp8 == sum(p.numel() - 4 * p.shape[0] for _, p in linear)
+    assert 0.5 * bf16 < fp8 < 0.75 * bf16  # modulation, norms and scales stay wide
+
+
+def test_activation_estimate_covers_what_a_lora_block_saves_for_backward():
+    """The planner's formula against the bytes a LoRA-wrapped block's forward really saves (saved-tensor hooks)."""
+    config = AnimaConfig(model_channels=512, num_heads=8, num_blocks=2, crossattn_emb_channels=256,
+                         adapter_source_dim=64, adapter_model_dim=256, adapter_num_layers=1, adapter_num_heads=4)
+    torch.manual_seed(0)
+    model = Anima(config).to(torch.bfloat16)
+    model.requires_grad_(False)
+    network = create_network(1.0, 16, 16.0, None, [], model)
+    network.apply_to([], model, False, True)
+    network.to(torch.bfloat16)
+    block = model.blocks[0]
+    tokens, context_tokens = 192, 64
+    x = torch.randn(1, tokens, 512, dtype=torch.bfloat16, requires_grad=True)
+    emb, adaln = torch.randn(1, 1, 512, dtype=torch.bfloat16), torch.randn(1, 1, 1536, dtype=torch.bfloat16)
+    context = torch.randn(1, context_tokens, 256, dtype=torch.bfloat16)
+    cos, sin = torch.randn(tokens, 64), torch.randn(tokens, 64)
+    kept = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *network.parameters(), x, emb, adaln,
+                                                       context, cos, sin)}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        block(x, emb, context, cos, sin, adaln)
+    measured = sum(nbytes for ptr, nbytes in saved.items() if ptr not in kept)
+    estimate = block_swap.block_activation_bytes(batch_size=1, tokens=tokens, context_tokens=context_tokens,
+                                                 model_channels=512, mlp_channels=config.mlp_channels)
+    assert measured <= estimate <= 1.35 * measured, (measured, estimate)
