@@ -1,6 +1,6 @@
 """Device-to-host reads (host syncs) per steady-state training step, counted on a real tiny CPU run.
 
-Each optimizer trains the tiny Anima setup (`library.tiny_models`) through the real trainer
+Each optimizer trains the tiny Anima setup (`library.models.tiny`) through the real trainer
 (`AnimaNetworkTrainer`, cached latents and text, LoRA on the DiT and the LLM adapter). After `--warmup` steps,
 a `TorchDispatchMode` counts every op that hands a tensor's value to Python for `--steps` steps: the loop body,
 the data loading of the next batch and the reporting included.
@@ -126,7 +126,7 @@ def optimizer_host_tensors(optimizer: torch.optim.Optimizer) -> set[int]:
 def count_run(setup, out_dir: Path, optimizer_flags: list[str], warmup: int, steps: int) -> HostSyncCounter:
     """Train warmup + steps + 1 steps; count from the start of step warmup+1 to the start of step warmup+steps+1."""
     from anima_train_network import AnimaNetworkTrainer
-    from library.train_args import parse_args
+    from library.training.args import parse_args
 
     argv = [
         "--pretrained_model_name_or_path", str(setup.dit), "--qwen3", str(setup.qwen3_dir), "--vae", str(setup.vae),
@@ -165,7 +165,7 @@ def main() -> int:
     torch.set_num_threads(1)
     import logging
 
-    from library.tiny_models import write_tiny_anima_setup
+    from library.models.tiny import write_tiny_anima_setup
 
     logging.disable(logging.WARNING)
     result: dict[str, float] = {}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library import block_swap
-from library.anima_models import Anima, AnimaConfig
 from library.errors import AnimaError
+from library.models import block_swap
+from library.models.dit import Anima, AnimaConfig
 from networks.lora_anima import create_network
 
 NUM_BLOCKS = 6

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from bench.bench_host_syncs import OPTIMIZERS, HostSyncCounter, count_run
-from library import train_logging
-from library.anima_models import LLMAdapter
-from library.train_logging import TrainingReporter, read_scalars
+from library.models.dit import LLMAdapter
+from library.training import reporting
+from library.training.reporting import TrainingReporter, read_scalars
 
 
 def test_masked_adapter_attention_reads_nothing_back_and_still_zeroes_empty_prompts():
@@ -37,12 +37,12 @@ def test_training_steps_read_the_device_only_when_the_reporter_logs(optimizer, t
     # Only the reporter's batched reads remain: at most one per epoch boundary (4 steps per epoch here) or
     # per LOSS_READ_INTERVAL steps, never one per step.
     assert set(counter.counts) == {"tolist"}, counter.sites
-    assert all("train_logging.py" in site for site in counter.sites), counter.sites
+    assert all("reporting.py" in site for site in counter.sites), counter.sites
     assert 1 <= counter.total <= steps // 4 + 1, counter.sites
 
 
 def test_reporter_reads_queued_losses_at_once_and_prints_the_same_lines(monkeypatch, capsys):
-    monkeypatch.setattr(train_logging, "LOSS_READ_INTERVAL", 3)
+    monkeypatch.setattr(reporting, "LOSS_READ_INTERVAL", 3)
     reporter = TrainingReporter(total_steps=7, initial_step=0, is_main_process=True, logging_dir=None,
                                 interactive=False)
     losses = [0.5, 0.25, 0.125, 1.0, 2.0]
@@ -76,7 +76,7 @@ def test_read_scalars_keeps_float32_values_and_plain_floats():
 def test_loader_pins_batches_only_when_cuda_is_available(monkeypatch, tiny_setup, tmp_path):
     from train_helpers import tiny_train_argv, trainer_through_caches
 
-    from library.dataset_config import make_dataloader
+    from library.data.config import make_dataloader
 
     trainer = trainer_through_caches(tiny_train_argv(tiny_setup, tmp_path))
     loader = make_dataloader(trainer.train_group, num_workers=0, persistent_workers=False, seed=0)
@@ -87,7 +87,7 @@ def test_loader_pins_batches_only_when_cuda_is_available(monkeypatch, tiny_setup
 
 
 def test_sigmas_reach_cuda_through_a_pinned_non_blocking_copy(monkeypatch):
-    from library import flow_matching
+    from library.training import flow_matching
 
     copies = []
 

@@ -11,21 +11,21 @@ import pytest
 import torch
 
 from library.errors import AnimaError
-from library.lr_schedulers import (
-    LR_SCHEDULERS,
-    ScheduleFreeScheduler,
-    create_lr_scheduler,
-    parse_int_or_float,
-    resolve_lr_scheduler_name,
-    steps_from_int_or_float,
-)
-from library.optimizers import (
+from library.training.optimizers import (
     Adafactor,
     create_optimizer,
     install_fused_backward_pass,
     is_schedule_free,
     optimizer_type_names,
     parse_literal_kwargs,
+)
+from library.training.schedulers import (
+    LR_SCHEDULERS,
+    ScheduleFreeScheduler,
+    create_lr_scheduler,
+    parse_int_or_float,
+    resolve_lr_scheduler_name,
+    steps_from_int_or_float,
 )
 
 # ---------------------------------------------------------------- tiny regression problem
@@ -72,9 +72,9 @@ def _bitsandbytes_or_skip():
         ("", 1e-2, [], "torch.optim.adamw.AdamW"),
         ("adamw", 1e-2, ["betas=(0.9,0.99)", "weight_decay=0.01"], "torch.optim.adamw.AdamW"),
         ("SGDNesterov", 1e-2, [], "torch.optim.sgd.SGD"),
-        ("Lion", 1e-3, ["weight_decay=0.1"], "library.optimizers.Lion"),
-        ("AdaFactor", 1e-2, ["relative_step=False", "scale_parameter=False"], "library.optimizers.Adafactor"),
-        ("Adafactor", 0.0, [], "library.optimizers.Adafactor"),
+        ("Lion", 1e-3, ["weight_decay=0.1"], "library.training.optimizers.Lion"),
+        ("AdaFactor", 1e-2, ["relative_step=False", "scale_parameter=False"], "library.training.optimizers.Adafactor"),
+        ("Adafactor", 0.0, [], "library.training.optimizers.Adafactor"),
         ("RMSprop", 1e-2, [], "torch.optim.rmsprop.RMSprop"),
         ("rmsprop", 1e-2, ["alpha=0.9"], "torch.optim.rmsprop.RMSprop"),
         ("torch.optim.Adam", 1e-2, [], "torch.optim.adam.Adam"),
