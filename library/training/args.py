@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import toml
-
 from library.data.config import add_dataset_arguments
 from library.errors import AnimaError
 from library.io.files import atomic_write
@@ -375,6 +373,8 @@ def load_config_defaults(parser: argparse.ArgumentParser, config_file: str) -> d
     path = _config_path(config_file)
     if not path.is_file():
         raise AnimaError(f"--config_file {path}: file not found; give the path of an existing TOML file")
+    import toml  # imported when a TOML file is read: GPU-only runs need no toml
+
     try:
         data = toml.load(path)
     except (toml.TomlDecodeError, UnicodeDecodeError) as exc:
@@ -436,6 +436,8 @@ def write_config(parser: argparse.ArgumentParser, args: argparse.Namespace, path
         if value is None or value == action.default:
             continue
         values[dest] = value
+    import toml
+
     text = toml.dumps(values)
     return atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
