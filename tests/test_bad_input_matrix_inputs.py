@@ -97,8 +97,8 @@ CASES: dict[str, tuple[Case, str]] = {
     "corrupt_image_with_strict_images": (
         lambda r, i: [*i.argv("--strict_images"), *([] if _write(i.images / "broken.png", b"not a png") else [])],
         "broken.png"),
-    "caption_extension_never_found_is_not_an_error_but_missing_folder_is": (
-        lambda r, i: i.argv(dataset=i.dataset(subset={"image_dir": str(r / "gone")})), "gone"),
+    "only_regularisation_subsets": (lambda r, i: i.argv(dataset=i.dataset(subset={"is_reg": True})),
+                                    "no training images"),
     # model checkpoints
     "dit_missing": (lambda r, i: i.argv(pretrained_model_name_or_path=str(r / "dit.safetensors")),
                     "--pretrained_model_name_or_path"),

@@ -17,6 +17,7 @@ are rejected for integer keys, unknown keys name the closest valid key, and ever
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import json
 import logging
@@ -576,7 +577,7 @@ def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, Datase
         user_config, source = config_from_command_line(args)
     validate_user_config(user_config, source)
     # Parse --resolution once so the fallback sees (W, H).
-    cli = argparse.Namespace(**vars(args))
+    cli = copy.copy(args)  # the fallback values; resolution parsed once below
     cli.resolution = parse_resolution(getattr(args, "resolution", None), "--resolution")
     cli.face_crop_aug_range = parse_face_crop_range(getattr(args, "face_crop_aug_range", None),
                                                     "--face_crop_aug_range")
