@@ -125,6 +125,11 @@ def main() -> int:
     lines = [f"device={device} dtype={dtype} blocks={args.blocks} width={args.model_channels}", "",
              "| config | tokens | pred rel err | LoRA grad rel err | result | note |", "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
+    # Rows reach the summary as they come: a time limit that cuts the run keeps what was measured.
+    summary = open(args.summary, "a", encoding="utf-8") if args.summary else None
+    if summary:
+        summary.write("\n".join(["", "### Features against the plain model", "", *lines, ""]))
+        summary.flush()
     failures = 0
     for tokens in args.tokens:
         model, network = build(args, device, dtype)
@@ -148,13 +153,14 @@ def main() -> int:
                 grad = f"{grad_err:.2e}" if grad_err is not None else "-"
                 row = f"| {name} | {tokens} | {pred_err:.2e} | {grad} | {result} | {note} |"
             failures += result == "FAIL"
-            lines.append(row)
             print(row, flush=True)
+            if summary:
+                summary.write(row + "\n")
+                summary.flush()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    if args.summary:
-        with open(args.summary, "a", encoding="utf-8") as summary:
-            summary.write("\n".join(["", "### Features against the plain model", "", *lines, ""]))
+    if summary:
+        summary.close()
     return 1 if failures else 0
 
 

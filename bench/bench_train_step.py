@@ -235,6 +235,11 @@ def main() -> None:
              "| config | resolution | step ms | peak alloc MiB | peak reserved MiB | MFU | command |",
              "|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
+    # Rows reach the summary as they come: a time limit that cuts the run keeps what was measured.
+    summary = open(args.summary, "a", encoding="utf-8") if args.summary else None
+    if summary:
+        summary.write("\n".join(["", "### LoRA training step per configuration", "", *lines, ""]))
+        summary.flush()
     kernel_rows = []
     for resolution in args.resolution:
         for name in args.configs:
@@ -271,17 +276,19 @@ def main() -> None:
                         row = format_row(args, name, resolution, numbers, shown)
                         if "kernels_ms" in numbers:
                             kernel_rows.append(format_kernels(name, resolution, numbers["kernels_ms"]))
-            lines.append(row)
             print(row, flush=True)
+            if summary:
+                summary.write(row + "\n")
+                summary.flush()
     if kernel_rows:
         table = ["", "Device time of one step by kernel kind (ms, share):", "",
                  "| config | resolution | " + " | ".join(KERNEL_KINDS) + " | total |",
                  "|---|---|" + "---|" * (len(KERNEL_KINDS) + 1), *kernel_rows]
         print("\n".join(table), flush=True)
-        lines += table
-    if args.summary:
-        with open(args.summary, "a", encoding="utf-8") as summary:
-            summary.write("\n".join(["", "### LoRA training step per configuration", "", *lines, ""]))
+        if summary:
+            summary.write("\n".join(table) + "\n")
+    if summary:
+        summary.close()
 
 
 def format_row(args: argparse.Namespace, name: str, resolution: int, numbers: dict, shown: str) -> str:
