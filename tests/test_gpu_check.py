@@ -47,17 +47,32 @@ def test_gpu_check_uses_python3_and_installs_nothing():
     assert not re.search(r"(^|[\s;(])python\s", text)
 
 
-def test_gpu_test_files_collect_without_the_packages_missing_on_the_device():
-    gpu_files = [str(p) for p in sorted((REPO / "tests").glob("test_*.py")) if "pytest.mark.gpu" in p.read_text()]
-    assert gpu_files
-    blocker = (
+def blocked_imports_script(body: str) -> str:
+    """Python source that makes the packages missing on the device unimportable, then runs `body`."""
+    return (
         "import importlib.abc, sys\n"
         f"absent = {ABSENT_ON_DEVICE!r}\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path, target=None):\n"
         "        if name.split('.')[0] in absent:\n"
         "            raise ImportError(f'{name} is not installed on the device')\n"
-        "sys.meta_path.insert(0, Block())\n"
+        "sys.meta_path.insert(0, Block())\n" + body
+    )
+
+
+def test_trainer_and_gpu_bench_modules_import_without_the_packages_missing_on_the_device():
+    modules = ["anima_train_network", "train_network", "library.models.dit_loading", "library.training.args",
+               "bench.bench_train_step", "bench.bench_gpu_parity", "bench.bench_sdpa"]
+    script = blocked_imports_script("import importlib\n" + "".join(f"importlib.import_module({m!r})\n"
+                                                                    for m in modules))
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_gpu_test_files_collect_without_the_packages_missing_on_the_device():
+    gpu_files = [str(p) for p in sorted((REPO / "tests").glob("test_*.py")) if "pytest.mark.gpu" in p.read_text()]
+    assert gpu_files
+    blocker = blocked_imports_script(
         "import pytest\n"
         "sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', '-m', 'gpu', *sys.argv[1:]]))\n"
     )
