@@ -97,10 +97,19 @@ def _parse_bool(key: str, value: Any) -> bool:
     raise AnimaError(f"--network_args {key}={value!r}: expected true or false")
 
 
+# Options parsed here that are command-line flags of their own, not `--network_args` entries.
+_OWN_FLAGS = ("network_dropout",)
+
+
+def _as_given(key: str, value: Any) -> str:
+    """The option as the user wrote it, for messages: `--network_dropout 1.5` or `--network_args key='v'`."""
+    return f"--{key} {value}" if key in _OWN_FLAGS else f"--network_args {key}={value!r}"
+
+
 def _parse_fraction(key: str, value: Any) -> float:
     number = _parse_float(key, value)
     if not 0.0 <= number < 1.0:
-        raise AnimaError(f"--network_args {key}={value!r}: expected a probability in [0, 1)")
+        raise AnimaError(f"{_as_given(key, value)}: expected a probability in [0, 1)")
     return number
 
 
@@ -108,9 +117,9 @@ def _parse_float(key: str, value: Any) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise AnimaError(f"--network_args {key}={value!r}: expected a number") from None
+        raise AnimaError(f"{_as_given(key, value)}: expected a number") from None
     if not math.isfinite(number):
-        raise AnimaError(f"--network_args {key}={value!r}: expected a finite number")
+        raise AnimaError(f"{_as_given(key, value)}: expected a finite number")
     return number
 
 
