@@ -146,31 +146,15 @@ class AnimaNetworkTrainer(NetworkTrainer):
             logger.info("--blocks_to_swap auto: %s has no free-memory query (not CUDA); swapping no block",
                         device)
             return 0
-        config = self.dit.config
         datasets = [d for group in self.groups() for d in group.datasets]
         # Image tokens x batch of the largest batch: 16 pixels per token side (VAE 8x, 2x2 patches).
         batch, tokens = max(((d.config.batch_size, (w // 16) * (h // 16)) for d in datasets
                              for (w, h) in d.bucket_sizes), key=lambda bt: bt[0] * bt[1])
-        element_size = 4 if self.weight_dtype == torch.float32 else 2
-        x_bytes = batch * tokens * config.model_channels * element_size
-        activations = block_swap.block_activation_bytes(
-            batch_size=batch, tokens=tokens, context_tokens=args.t5_max_token_length,
-            model_channels=config.model_channels, mlp_channels=config.mlp_channels, element_size=element_size)
-        block_ids = {id(p) for p in self.dit.blocks.parameters()}
-        non_block = sum(p.numel() * p.element_size() for p in self.dit.parameters() if id(p) not in block_ids)
-        # LoRA weights, their gradients and up to two optimizer states each.
-        network = 4 * sum(p.numel() * p.element_size() for p in self.network.parameters())
-        # The LLM adapter's activations are kept for backward when its LoRA trains: as many as a DiT block's
-        # per token, over the T5 tokens of each sample.
-        adapter = block_swap.block_activation_bytes(
-            batch_size=batch, tokens=args.t5_max_token_length, context_tokens=args.qwen3_max_token_length,
-            model_channels=config.adapter_model_dim, mlp_channels=config.adapter_mlp_channels,
-            element_size=element_size) * config.adapter_num_layers
-        memory = block_swap.TrainingMemory(
-            num_blocks=config.num_blocks, block_weights=block_swap.block_weight_bytes(self.dit.blocks[0],
-                                                                                      fp8=bool(args.fp8_base)),
-            other_weights=non_block + network, block_activations=activations, block_input=x_bytes,
-            other_activations=4 * x_bytes + adapter)
+        memory = block_swap.dit_training_memory(
+            self.dit, batch_size=batch, tokens=tokens, context_tokens=args.t5_max_token_length,
+            adapter_context_tokens=args.qwen3_max_token_length, fp8=bool(args.fp8_base),
+            trainable_bytes=sum(p.numel() * p.element_size() for p in self.network.parameters()),
+            element_size=4 if self.weight_dtype == torch.float32 else 2)
         checkpointing = ("cpu_offload" if args.cpu_offload_checkpointing else "unsloth"
                          if args.unsloth_offload_checkpointing else "ckpt" if args.gradient_checkpointing else "none")
         plan = block_swap.plan_blocks_to_swap(memory, free, checkpointing)

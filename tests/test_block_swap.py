@@ -335,3 +335,16 @@ def test_activation_estimate_covers_what_a_lora_block_saves_for_backward():
     estimate = block_swap.block_activation_bytes(batch_size=1, tokens=tokens, context_tokens=context_tokens,
                                                  model_channels=512, mlp_channels=config.mlp_channels)
     assert measured <= estimate <= 1.35 * measured, (measured, estimate)
+
+
+def test_dit_training_memory_plans_fewer_swapped_blocks_with_fp8():
+    model = Anima(tiny_config(model_channels=64, num_heads=4)).to(torch.bfloat16)
+    sizes = dict(batch_size=2, tokens=256, context_tokens=64, adapter_context_tokens=32, trainable_bytes=10_000)
+    bf16 = block_swap.dit_training_memory(model, fp8=False, **sizes)
+    fp8 = block_swap.dit_training_memory(model, fp8=True, **sizes)
+    assert bf16.block_weights == block_swap.block_weight_bytes(model.blocks[0]) > fp8.block_weights
+    assert bf16.block_input == 2 * 256 * 64 * 2 and bf16.num_blocks == NUM_BLOCKS
+    assert fp8.block_activations == bf16.block_activations  # fp8 stores weights, activations stay bf16
+    budget = bf16.peak_bytes(3, "ckpt")  # bf16 needs 3 blocks swapped in this budget ...
+    assert block_swap.plan_blocks_to_swap(bf16, budget, "ckpt").blocks_to_swap == 3
+    assert block_swap.plan_blocks_to_swap(fp8, budget, "ckpt").blocks_to_swap < 3  # ... fp8 fewer

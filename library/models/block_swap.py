@@ -342,6 +342,31 @@ class SwapPlan:
                 f"{self.peak_bytes / gib:.2f} GiB of {self.free_bytes / gib:.2f} GiB free: {verdict}")
 
 
+def dit_training_memory(dit: nn.Module, *, batch_size: int, tokens: int, context_tokens: int,
+                        adapter_context_tokens: int, fp8: bool, trainable_bytes: int,
+                        element_size: int = 2) -> TrainingMemory:
+    """The planner's view of a LoRA training step of `dit` (an `Anima`; its weights may still be in CPU memory).
+
+    batch_size x tokens: the largest batch's image tokens; context_tokens: T5 tokens (the DiT's context and the
+    adapter's queries); adapter_context_tokens: Qwen3 tokens; fp8 (--fp8_base): block projections counted in
+    float8; trainable_bytes: the LoRA weights, counted 4 times (weights, gradients, two optimizer states).
+    """
+    config = dit.config
+    block_ids = {id(p) for p in dit.blocks.parameters()}
+    non_block = sum(p.numel() * p.element_size() for p in dit.parameters() if id(p) not in block_ids)
+    block_input = batch_size * tokens * config.model_channels * element_size  # [B, L, D]
+    activations = block_activation_bytes(batch_size=batch_size, tokens=tokens, context_tokens=context_tokens,
+                                         model_channels=config.model_channels, mlp_channels=config.mlp_channels,
+                                         element_size=element_size)
+    # The LLM adapter keeps as much per token as a DiT block when its LoRA trains, over the T5 tokens.
+    adapter = config.adapter_num_layers * block_activation_bytes(
+        batch_size=batch_size, tokens=context_tokens, context_tokens=adapter_context_tokens,
+        model_channels=config.adapter_model_dim, mlp_channels=config.adapter_mlp_channels, element_size=element_size)
+    return TrainingMemory(num_blocks=config.num_blocks, block_weights=block_weight_bytes(dit.blocks[0], fp8=fp8),
+                          other_weights=non_block + 4 * trainable_bytes, block_activations=activations,
+                          block_input=block_input, other_activations=4 * block_input + adapter)
+
+
 def plan_blocks_to_swap(memory: TrainingMemory, free_bytes: int, checkpointing: str) -> SwapPlan:
     """The smallest swap count whose estimated peak fits in `free_bytes` (a pure function of its inputs)."""
     largest = max_blocks_to_swap(memory.num_blocks)
