@@ -5,8 +5,9 @@
         --lora_weight my_lora.safetensors --lora_multiplier 0.8 --save_path outputs
 
 The pieces are the trainer's: the same loaders, the Euler flow sampler and prompt-file parser of sample images
-(``library.training.sampling``) and the LoRA network (``networks.lora_anima``), whose modules are merged into
-the DiT and Qwen3 weights before sampling. Unlike sd-scripts, a LoRA is applied completely or not at all: a
+(``library.training.sampling``) and the network modules (``networks.lora_anima`` / ``lokr`` / ``loha`` by the
+file's adapter kind, or LyCORIS' with ``--lycoris``), whose updates are merged into the DiT and Qwen3 weights
+before sampling. Unlike sd-scripts, a LoRA is applied completely or not at all: a
 module that matches no layer of the models is an error naming it (sd-scripts drops such keys silently).
 Every input is checked, the LoRAs against the models' headers, before any weight is read.
 """
@@ -44,14 +45,17 @@ from library.training.sampling import (
     sample_latents,
     save_png_atomic,
 )
-from networks.lora_anima import LoRANetwork, create_network_from_weights
+from networks import import_network_module
 from networks.lora_format import (
-    UNET_PREFIX,
-    group_by_module,
+    COMFY_TE_PREFIX,
+    KIND_NAMES,
+    TE_PREFIX,
+    TE_PREFIX_ALIASES,
+    adapter_kinds,
     load_lora_file,
-    split_sd_key,
     to_sd_scripts_format,
 )
+from networks.network_base import MODULE_FOR_KIND
 
 logger = logging.getLogger("anima_minimal_inference")
 
@@ -84,11 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora_multiplier", type=float, nargs="*", default=None,
                       help="one multiplier per LoRA file, or one for all (default 1.0)")
     lora.add_argument("--include_patterns", nargs="*", default=None,
-                      help="one regex per LoRA file: only modules whose sd-scripts name (lora_unet_...) matches")
+                      help="one regex per LoRA file: only tensors whose key (sd-scripts names, lora_unet_...) matches")
     lora.add_argument("--exclude_patterns", nargs="*", default=None,
-                      help="one regex per LoRA file: leave out modules whose sd-scripts name matches")
+                      help="one regex per LoRA file: leave out tensors whose key matches")
     lora.add_argument("--lycoris", action="store_true",
-                      help="refused: the LyCORIS library is not used for inference (see the error message)")
+                      help="load every --lora_weight file through the LyCORIS library (pip install lycoris-lora), "
+                      "as sd-scripts does; LoRA, LoKr and LoHa files also load without it (natively)")
 
     generation = parser.add_argument_group("generation")
     generation.add_argument("--prompt", default=None, help="prompt")
@@ -139,9 +144,6 @@ def _per_file(values: list | None, count: int, flag: str, default: Any, one_for_
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.lycoris:
-        raise AnimaError("--lycoris: LyCORIS files are loaded with --lora_weight once networks.lokr / networks.loha "
-                         "support them; plain LoRA files need no flag")
     if args.attn_mode == "sdpa":
         args.attn_mode = "torch"
     args.attn_mode = check_attn_mode(args.attn_mode, training=False)
@@ -201,59 +203,80 @@ def prompts_from_args(args: argparse.Namespace) -> list[SamplePrompt]:
 
 @dataclasses.dataclass(frozen=True)
 class LoraFile:
-    """One --lora_weight file, filtered by its patterns and split by model (sd-scripts keys)."""
+    """One --lora_weight file: the network module that loads it, its tensors filtered by the patterns and
+    split by model."""
 
     path: str
     multiplier: float
+    network_module: str  # a --network_module name (networks.NETWORK_MODULES)
     dit_part: dict[str, torch.Tensor]
     text_encoder_part: dict[str, torch.Tensor]
 
 
+TEXT_ENCODER_KEY_PREFIXES = (TE_PREFIX, *TE_PREFIX_ALIASES, COMFY_TE_PREFIX)
+
+
 def read_loras(args: argparse.Namespace) -> list[LoraFile]:
-    """Every --lora_weight file, with its modules filtered by --include_patterns / --exclude_patterns."""
+    """Every --lora_weight file, its tensors filtered by --include_patterns / --exclude_patterns (searched in
+    each tensor key), with the network module that loads it: LyCORIS' with --lycoris, otherwise the native
+    module of the file's adapter kind (LoRA, LoKr or LoHa)."""
     files = []
     for path, multiplier, include, exclude in zip(args.lora_weight or [], args.lora_multiplier,
                                                   args.include_patterns, args.exclude_patterns, strict=True):
-        sd = to_sd_scripts_format(load_lora_file(path, flag="--lora_weight")[0], add_missing_alpha=True)
-        names = list(group_by_module(sd))
-        kept = {n for n in names if (include is None or re.search(include, n))
-                and not (exclude is not None and re.search(exclude, n))}
+        sd = load_lora_file(path, flag="--lora_weight")[0]
+        if args.lycoris:
+            module = "lycoris.kohya"
+        else:
+            try:
+                sd = to_sd_scripts_format(sd, add_missing_alpha=True)
+                kinds = adapter_kinds(sd)
+            except AnimaError as error:
+                raise AnimaError(f"--lora_weight {path}: {error}; other LyCORIS algorithms load with --lycoris") \
+                    from None
+            if len(kinds) > 1:
+                raise AnimaError(f"--lora_weight {path} mixes {' and '.join(KIND_NAMES[k] for k in sorted(kinds))} "
+                                 "modules; load it with --lycoris")
+            module = MODULE_FOR_KIND[kinds.pop()]
+        kept = {k: v for k, v in sd.items() if (include is None or re.search(include, k))
+                and not (exclude is not None and re.search(exclude, k))}
         if not kept:
             raise AnimaError(f"--lora_weight {path}: --include_patterns / --exclude_patterns leave none of its "
-                             f"{len(names)} modules")
-        if len(kept) < len(names):
-            logger.info("%s: %d of %d modules kept by the include/exclude patterns", path, len(kept), len(names))
-        sd = {key: value for key, value in sd.items() if split_sd_key(key)[0] in kept}
+                             f"{len(sd)} tensors")
+        if len(kept) < len(sd):
+            logger.info("%s: %d of %d tensors kept by the include/exclude patterns", path, len(kept), len(sd))
         files.append(LoraFile(
-            path, multiplier,
-            dit_part={k: v for k, v in sd.items() if k.startswith(UNET_PREFIX + "_")},
-            text_encoder_part={k: v for k, v in sd.items() if not k.startswith(UNET_PREFIX + "_")},
+            path, multiplier, module,
+            dit_part={k: v for k, v in kept.items() if not k.startswith(TEXT_ENCODER_KEY_PREFIXES)},
+            text_encoder_part={k: v for k, v in kept.items() if k.startswith(TEXT_ENCODER_KEY_PREFIXES)},
         ))
     return files
 
 
-def lora_networks(loras: Sequence[LoraFile], text_encoder: Any, dit: Any) -> list[LoRANetwork]:
-    """A network per file for the given model (pass the other one as None), hooks not installed. A module that
+def lora_networks(loras: Sequence[LoraFile], text_encoder: Any, dit: Any, text_encoder_side: bool) -> list[Any]:
+    """A network per file for one side (DiT, or Qwen3 with ``text_encoder_side``), hooks not installed. ``dit``
+    is needed for the Qwen3 side too (LyCORIS builds on both models; a meta-device DiT will do). A module that
     matches no layer is an error naming it; with meta-device models this checks every file before any weight
     is read."""
     networks = []
     for lora in loras:
-        sd = lora.text_encoder_part if dit is None else lora.dit_part
+        sd = lora.text_encoder_part if text_encoder_side else lora.dit_part
         if not sd:
             continue
+        module = import_network_module(lora.network_module)
         try:
-            network, _ = create_network_from_weights(lora.multiplier, lora.path, None, text_encoder, dit,
-                                                     weights_sd=sd, for_inference=True)
+            network, _ = module.create_network_from_weights(lora.multiplier, lora.path, None,
+                                                            text_encoder if text_encoder_side else None, dit,
+                                                            weights_sd=sd, for_inference=True)
         except AnimaError as error:
             raise AnimaError(f"--lora_weight {lora.path}: {error}; it cannot be applied completely") from None
         networks.append(network)
     return networks
 
 
-def merge_loras(loras: Sequence[LoraFile], text_encoder: Any = None, dit: Any = None) -> None:
-    """Add multiplier x update of every LoRA module into the weights of the given model."""
-    for network in lora_networks(loras, text_encoder, dit):
-        network.merge_to(text_encoder, dit)
+def merge_loras(loras: Sequence[LoraFile], text_encoder: Any, dit: Any, text_encoder_side: bool) -> None:
+    """Add multiplier x update of every module of one side into that model's weights."""
+    for network in lora_networks(loras, text_encoder, dit, text_encoder_side):
+        network.merge_to([text_encoder] if text_encoder_side else None, dit)
 
 
 # --- models --------------------------------------------------------------------------------------------------
@@ -264,8 +287,9 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def check_models(args: argparse.Namespace, loras: Sequence[LoraFile]) -> None:
-    """Load every model on the meta device (headers only) and place every LoRA module on them."""
+def check_models(args: argparse.Namespace, loras: Sequence[LoraFile]) -> torch.nn.Module | None:
+    """Load every model on the meta device (headers only) and place every LoRA module on them; returns the
+    weightless DiT (None when only decoding latents)."""
     from library.models.dit_loading import load_anima_model
     from library.models.qwen3 import load_qwen3_text_encoder
     from library.models.vae import load_vae
@@ -274,15 +298,16 @@ def check_models(args: argparse.Namespace, loras: Sequence[LoraFile]) -> None:
     with flags_renamed(RENAMED_FLAGS):
         load_vae(args.vae, device=meta, chunk_size=args.vae_chunk_size)
         if args.latent_path:
-            return
+            return None
         dit = load_anima_model(args.dit, device=meta, attn_mode=args.attn_mode)
         text_encoder = load_qwen3_text_encoder(args.text_encoder, device=meta, dtype=torch.float32)
     max_swap = len(dit.blocks) - 2  # two blocks stay resident
     if args.blocks_to_swap is not None and args.blocks_to_swap > max_swap:
         raise AnimaError(f"--blocks_to_swap {args.blocks_to_swap}: this DiT has {len(dit.blocks)} blocks, so at most "
                          f"{max_swap} can be swapped")
-    lora_networks(loras, None, dit)
-    lora_networks(loras, text_encoder, None)
+    lora_networks(loras, None, dit, text_encoder_side=False)
+    lora_networks(loras, text_encoder, dit, text_encoder_side=True)
+    return dit
 
 
 def load_tokenizer(args: argparse.Namespace) -> Any:
@@ -296,7 +321,8 @@ def load_tokenizer(args: argparse.Namespace) -> Any:
 
 
 def encode_prompts(args: argparse.Namespace, prompts: Sequence[SamplePrompt], tokenizer: Any,
-                   loras: Sequence[LoraFile], device: torch.device) -> CachedPromptEncodings:
+                   loras: Sequence[LoraFile], dit_shapes: torch.nn.Module, device: torch.device
+                   ) -> CachedPromptEncodings:
     """Encode every prompt text with Qwen3 (LoRAs merged), then free the text encoder."""
     from library.models.qwen3 import AnimaTextEncoding, load_qwen3_text_encoder
 
@@ -304,7 +330,7 @@ def encode_prompts(args: argparse.Namespace, prompts: Sequence[SamplePrompt], to
     dtype = compute_dtype(te_device)
     with flags_renamed(RENAMED_FLAGS):
         text_encoder = load_qwen3_text_encoder(args.text_encoder, device=te_device, dtype=dtype)
-    merge_loras(loras, text_encoder=text_encoder)
+    merge_loras(loras, text_encoder, dit_shapes, text_encoder_side=True)
     encodings = CachedPromptEncodings.from_encoder(AnimaTextEncoding(tokenizer, text_encoder, te_device, dtype),
                                                    prompts)
     del text_encoder
@@ -322,7 +348,7 @@ def load_dit(args: argparse.Namespace, loras: Sequence[LoraFile], device: torch.
         dit = load_anima_model(args.dit, device=staging, dtype=compute_dtype(device), attn_mode=args.attn_mode,
                                split_attn=args.attn_mode == "xformers")
     dit.requires_grad_(False)
-    merge_loras(loras, dit=dit)
+    merge_loras(loras, None, dit, text_encoder_side=False)
     if args.fp8 or args.fp8_scaled:
         store_fp8(dit, per_channel=args.fp8_scaled)
     if args.blocks_to_swap:
@@ -415,7 +441,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prompts = [] if args.latent_path else prompts_from_args(args)
     loras = read_loras(args)
-    check_models(args, loras)
+    dit_shapes = check_models(args, loras)
     tokenizer = None if args.latent_path else load_tokenizer(args)
     Path(args.save_path).mkdir(parents=True, exist_ok=True)
 
@@ -428,7 +454,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
             latents, metadata = load_latent(path)
             results.append((latents, f"{_time_flag()}_{metadata.get('seeds', 0)}_{Path(path).stem}", metadata))
     else:
-        encodings = encode_prompts(args, prompts, tokenizer, loras, device)
+        encodings = encode_prompts(args, prompts, tokenizer, loras, dit_shapes, device)
         dit = load_dit(args, loras, device)
         dtype = compute_dtype(device)
         # float8 weights compute in bf16 under autocast on CUDA; elsewhere they are dequantised to float32.

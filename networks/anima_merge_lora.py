@@ -1,9 +1,10 @@
-"""Merge one or more LoRAs into the Anima DiT and save a full DiT checkpoint.
+"""Merge one or more LoRAs (or LoKr / LoHa files) into the Anima DiT and save a full DiT checkpoint.
 
     python -m networks.anima_merge_lora --dit anima.safetensors --models style.safetensors char.safetensors \\
         --ratios 1.0 0.7 --save_to anima_merged.safetensors --save_precision bf16
 
-Every weight W of an adapted layer becomes W + ratio · ΔW (ΔW = up @ down · alpha / rank), computed in
+Every weight W of an adapted layer becomes W + ratio · ΔW (for LoRA ΔW = up @ down · alpha / rank; LoKr and
+LoHa files are merged with their own update, through networks.lokr / networks.loha), computed in
 ``--precision`` (fp32 by default). The result is written atomically in the released key layout (``net.`` prefix,
 ``format=pt`` metadata, the LLM adapter included), so the trainer (``--pretrained_model_name_or_path``),
 ``anima_minimal_inference.py --dit`` and ComfyUI load it like the original. Each LoRA must fit the DiT exactly:
@@ -25,9 +26,18 @@ from library.io.checkpoints import open_checkpoint, sample_keys
 from library.io.files import atomic_write
 from library.models.dit import Anima
 from library.models.dit_loading import DIT_WHAT, MODEL_FLAG, load_anima_model
-from networks.lora_anima import LoRANetwork, create_network_from_weights
-from networks.lora_format import TE_PREFIX, UNET_PREFIX, load_lora_file, split_sd_key, to_sd_scripts_format
+from networks import import_network_module
+from networks.lora_format import (
+    KIND_NAMES,
+    TE_PREFIX,
+    UNET_PREFIX,
+    adapter_kinds,
+    load_lora_file,
+    split_sd_key,
+    to_sd_scripts_format,
+)
 from networks.lora_tools import SAVE_PRECISIONS, check_inputs_exist, check_output_path, run_cli
+from networks.network_base import MODULE_FOR_KIND, AdapterNetwork
 
 RELEASED_KEY_PREFIX = "net."
 RELEASED_METADATA = {"format": "pt"}
@@ -72,11 +82,18 @@ def _dit_modules(path: str, dit_only: bool) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _network_for(dit: Anima, path: str, ratio: float, dit_only: bool) -> LoRANetwork:
-    """The LoRA of ``path`` on ``dit`` (hooks not installed); a module that matches no layer is an error."""
+def _network_for(dit: Anima, path: str, ratio: float, dit_only: bool) -> AdapterNetwork:
+    """The LoRA (or LoKr / LoHa) of ``path`` on ``dit``, hooks not installed; a module that matches no layer
+    is an error."""
     sd = _dit_modules(path, dit_only)
+    kinds = adapter_kinds(sd)
+    if len(kinds) > 1:
+        raise AnimaError(f"--models {path} mixes {' and '.join(KIND_NAMES[k] for k in sorted(kinds))} modules; "
+                         "merge files of one adapter kind")
+    module = import_network_module(MODULE_FOR_KIND[kinds.pop()])
     try:
-        network, _ = create_network_from_weights(ratio, path, None, None, dit, weights_sd=sd, for_inference=True)
+        network, _ = module.create_network_from_weights(ratio, path, None, None, dit, weights_sd=sd,
+                                                        for_inference=True)
     except AnimaError as error:
         raise AnimaError(f"--models {path}: {error}") from None
     return network

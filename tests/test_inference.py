@@ -135,6 +135,47 @@ def test_latent_output_decodes_later_to_the_same_image(setup_and_loras, tmp_path
     torch.testing.assert_close(pixels(again), pixels(original), atol=2, rtol=0)  # chunked decode
 
 
+def randomized_network(network, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in network.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return network
+
+
+def test_lokr_and_loha_files_render_natively_and_lycoris_files_with_the_lycoris_flag(tiny_setup, tmp_path):
+    from networks import loha, lokr
+
+    dit = load_anima_model(tiny_setup.dit).requires_grad_(False)
+    qwen3 = load_qwen3_text_encoder(tiny_setup.qwen3_dir, dtype=torch.float32)
+    native = {}
+    for name, module in (("lokr", lokr), ("loha", loha)):
+        network = randomized_network(module.create_network(1.0, 4, 2.0, None, [qwen3], dit), seed=5)
+        native[name] = tmp_path / f"{name}.safetensors"
+        network.save_weights(str(native[name]))
+        network.remove_hooks()
+    common = [*model_flags(tiny_setup), "--prompt", "a cat", "--seed", "2", *SIZE]
+    assert anima_minimal_inference.main([*common, "--save_path", str(tmp_path / "plain")]) == 0
+    assert anima_minimal_inference.main([*common, "--save_path", str(tmp_path / "native"), "--lora_weight",
+                                         str(native["lokr"]), str(native["loha"])]) == 0
+    [plain], [with_native] = pngs(tmp_path / "plain"), pngs(tmp_path / "native")
+    assert (pixels(with_native) - pixels(plain)).abs().max() > 0
+
+    lycoris = pytest.importorskip("networks.lycoris_kohya", exc_type=Exception)
+    network = lycoris.create_network(1.0, 4, 2.0, None, [qwen3], dit, algo="lokr", factor="4")
+    network.apply_to([qwen3], dit)
+    randomized_network(network, seed=6)
+    network.remove_hooks()
+    lyco_file = tmp_path / "lycoris_lokr.safetensors"
+    network.save_weights(str(lyco_file))
+    for folder, extra in (("lyco", ["--lycoris"]), ("lyco_native", [])):  # LyCORIS' LoKr reads natively too
+        assert anima_minimal_inference.main([*common, "--save_path", str(tmp_path / folder), "--lora_weight",
+                                             str(lyco_file), *extra]) == 0
+    [through_lycoris], [through_native] = pngs(tmp_path / "lyco"), pngs(tmp_path / "lyco_native")
+    assert (pixels(through_lycoris) - pixels(plain)).abs().max() > 0
+    torch.testing.assert_close(pixels(through_native), pixels(through_lycoris), atol=2, rtol=0)
+
+
 def test_block_swap_renders_the_same_image_as_the_resident_dit(tiny_setup, tmp_path):
     config = tiny_dit_config()
     config.num_blocks = 4  # the released layout with enough blocks to swap two of them
@@ -152,7 +193,6 @@ def test_block_swap_renders_the_same_image_as_the_resident_dit(tiny_setup, tmp_p
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--lycoris"], "--lycoris"),
     (["--lora_multiplier", "1", "2"], "--lora_multiplier has 2 values"),
     (["--prompt", "x", "--from_file", "p.txt"], "exclude each other"),
     (["--blocks_to_swap", "1"], "at most 0 can be swapped"),

@@ -282,3 +282,25 @@ def test_a_folded_file_without_alpha_metadata_gets_alpha_equal_to_rank_and_match
     expected = sd["lora_unet_blocks_0_mlp_layer1.lora_up.weight"] @ sd[
         "lora_unet_blocks_0_mlp_layer1.lora_down.weight"] / 4
     torch.testing.assert_close(update, expected)
+
+
+def test_a_lokr_file_merges_into_the_dit_like_its_network_applies(tiny_dit_and_loras, tmp_path):
+    from networks import lokr
+
+    setup, dit, _, _ = tiny_dit_and_loras
+    network = lokr.create_network(1.0, 4, 2.0, None, None, dit)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in network.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    path = tmp_path / "lokr.safetensors"
+    network.save_weights(str(path))
+    inputs = dit_inputs(1)
+    network.apply_to(None, dit)
+    try:
+        expected = velocity(dit, inputs)
+    finally:
+        network.remove_hooks()
+    merged_path = tmp_path / "merged_lokr.safetensors"
+    assert anima_merge_lora.main(["--dit", str(setup.dit), "--models", str(path), "--save_to", str(merged_path)]) == 0
+    torch.testing.assert_close(velocity(load_anima_model(merged_path), inputs), expected, rtol=1e-4, atol=1e-4)
