@@ -32,6 +32,9 @@ from library.errors import AnimaError
 from networks.lora_format import (
     ALPHA_FOLDED_METADATA_KEY,
     COMFY_FORMAT,
+    KIND_NAMES,
+    LORA_KIND,
+    adapter_kinds,
     convert_to_comfy,
     detect_lora_format,
     format_metadata,
@@ -154,6 +157,10 @@ def resize_file(args: argparse.Namespace) -> list[ResizedModule]:
     source_format = detect_lora_format(tensors)
     folded = source_format == COMFY_FORMAT and not any(key.endswith(".alpha") for key in tensors)
     sd, metadata = to_sd_scripts_with_alpha(tensors, metadata)
+    kinds = adapter_kinds(sd)
+    if kinds != {LORA_KIND}:
+        found = " and ".join(KIND_NAMES[k] for k in sorted(kinds))
+        raise AnimaError(f"--model {args.model} holds {found} modules; the rank resize works on LoRA modules only")
     resized, report = resize_state_dict(sd, args.new_rank, args.dynamic_method, args.dynamic_param,
                                         device=args.device, save_dtype=SAVE_PRECISIONS[args.save_precision])
     old, new = _rank_range(row.old_rank for row in report), _rank_range(row.new_rank for row in report)

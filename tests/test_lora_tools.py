@@ -284,7 +284,8 @@ def test_a_folded_file_without_alpha_metadata_gets_alpha_equal_to_rank_and_match
     torch.testing.assert_close(update, expected)
 
 
-def test_a_lokr_file_merges_into_the_dit_like_its_network_applies(tiny_dit_and_loras, tmp_path):
+def test_a_lokr_file_merges_into_the_dit_like_its_network_applies_and_is_not_resized(tiny_dit_and_loras, tmp_path,
+                                                                                     capsys):
     from networks import lokr
 
     setup, dit, _, _ = tiny_dit_and_loras
@@ -304,3 +305,5 @@ def test_a_lokr_file_merges_into_the_dit_like_its_network_applies(tiny_dit_and_l
     merged_path = tmp_path / "merged_lokr.safetensors"
     assert anima_merge_lora.main(["--dit", str(setup.dit), "--models", str(path), "--save_to", str(merged_path)]) == 0
     torch.testing.assert_close(velocity(load_anima_model(merged_path), inputs), expected, rtol=1e-4, atol=1e-4)
+    assert resize_lora.main(["--model", str(path), "--save_to", str(tmp_path / "r.safetensors")]) == 1
+    assert "holds LoKr modules; the rank resize works on LoRA modules only" in capsys.readouterr().err
