@@ -240,7 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             debug_dataset_main(args)
             return 0
         require_training_inputs(args)
-        AnimaNetworkTrainer().train(args)
+        trainer = AnimaNetworkTrainer()
+        try:
+            trainer.train(args)
+        finally:
+            trainer.release_output()
     except AnimaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
