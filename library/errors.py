@@ -1,6 +1,11 @@
-"""The project's error type: raised for bad user input, printed as one line without a traceback."""
+"""The project's error type: raised for bad user input, printed as one line without a traceback; the argument
+parser whose errors are that type."""
 
 from __future__ import annotations
+
+import argparse
+import difflib
+from typing import NoReturn
 
 _WORKER_MARK = "\nOriginal Traceback"
 _NAME = "AnimaError: "
@@ -23,3 +28,26 @@ def _original_message(message: str) -> str:
         if _NAME in line:
             return line.split(_NAME, 1)[1]
     return message
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are an AnimaError (printed as one `error:` line by the CLI) instead of the
+    usage block; a misspelt flag gets the closest real flag as a suggestion."""
+
+    def error(self, message: str) -> NoReturn:
+        raise AnimaError(f"{message}{self._suggestions(message)}; see {self.prog} --help")
+
+    def _suggestions(self, message: str) -> str:
+        prefix = "unrecognized arguments: "
+        if not message.startswith(prefix):
+            return ""
+        known = [option for option in self._option_string_actions if option.startswith("--")]
+        hints = []
+        for token in message[len(prefix):].split():
+            name = token.split("=", 1)[0]
+            if not name.startswith("-"):
+                continue
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{name}: did you mean {close[0]}?")
+        return f" ({'; '.join(hints)})" if hints else ""
