@@ -92,8 +92,8 @@ def is_write_failure(exc: BaseException) -> bool:
 def write_error(path: Path, exc: BaseException) -> AnimaError:
     """The one-line error of a failed write: the file, the reason, that earlier files are intact, the fix."""
     number = getattr(exc, "errno", None)
-    if number is None and "No space left" in str(exc):
-        number = errno.ENOSPC
+    if number is None and ("No space left" in str(exc) or _nearly_full(path.parent)):
+        number = errno.ENOSPC  # torch's zip writer does not say why a write failed: look at the disk
     if number in (errno.ENOSPC, errno.EDQUOT):
         reason, advice = "the disk is full", "free some space (or choose another folder) and run again"
     elif number in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -104,6 +104,16 @@ def write_error(path: Path, exc: BaseException) -> AnimaError:
         advice = "check the disk and run again"
     return AnimaError(f"cannot write {path}: {reason}; nothing was replaced and the files written before are "
                       f"intact; {advice}")
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Less than 1 MiB free where `folder` lives (measured while the failed temporary file still exists)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _current_umask() -> int:
