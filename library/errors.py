@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from typing import NoReturn
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 _WORKER_MARK = "\nOriginal Traceback"
 _NAME = "AnimaError: "
@@ -32,21 +34,23 @@ def _original_message(message: str) -> str:
 
 class OneLineErrorParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are an AnimaError (printed as one `error:` line by the CLI) instead of the
-    usage block; a misspelt flag gets the closest real flag as a suggestion."""
+    usage block; each misspelt flag on the command line gets the closest real flag as a suggestion (also when
+    another error, such as a missing required flag, is the one argparse reports)."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        self._tokens = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
-        raise AnimaError(f"{message}{self._suggestions(message)}; see {self.prog} --help")
+        raise AnimaError(f"{message}{self._suggestions()}; see {self.prog} --help")
 
-    def _suggestions(self, message: str) -> str:
-        prefix = "unrecognized arguments: "
-        if not message.startswith(prefix):
-            return ""
+    def _suggestions(self) -> str:
         known = [option for option in self._option_string_actions if option.startswith("--")]
         hints = []
-        for token in message[len(prefix):].split():
+        for token in getattr(self, "_tokens", []):
             name = token.split("=", 1)[0]
-            if not name.startswith("-"):
-                continue
+            if not name.startswith("--") or name in known or any(o.startswith(name) for o in known):
+                continue  # a value, a known flag or an abbreviation argparse accepts
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             if close:
                 hints.append(f"{name}: did you mean {close[0]}?")
