@@ -23,6 +23,11 @@ def lock_path(output_dir: str | os.PathLike, output_name: str) -> Path:
     return Path(output_dir) / f".{output_name}.lock"
 
 
+def is_run_lock_file(name: str) -> bool:
+    """Is this file name one of the run lock's two files (`.<name>.lock`, `.<name>.lock.owner`)?"""
+    return name.startswith(".") and (name.endswith(".lock") or name.endswith(".lock.owner"))
+
+
 def _owner_path(lock_file: Path) -> Path:
     return lock_file.with_name(lock_file.name + ".owner")
 
