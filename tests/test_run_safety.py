@@ -227,3 +227,41 @@ def test_torch_and_safetensors_write_failures_are_recognised():
     assert files.is_write_failure(SafetensorError("Error while serializing: I/O error: No space left on device"))
     assert files.is_write_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576"))
     assert not files.is_write_failure(RuntimeError("shape mismatch"))
+
+
+# --- where leftovers are removed ----------------------------------------------------------------------------
+
+
+def test_claiming_an_output_locks_it_and_clears_dead_runs_leftovers(tmp_path):
+    from library.training.args import parse_args
+    from library.training.outputs import claim_output
+
+    dead = dead_pid()
+    (tmp_path / f".tiny.tmp{dead}.safetensors").write_bytes(b"half")
+    args, _ = parse_args(["--output_dir", str(tmp_path), "--output_name", "tiny"])
+    lock = claim_output(args)
+    try:
+        assert not (tmp_path / f".tiny.tmp{dead}.safetensors").exists()
+        probe = subprocess.run([sys.executable, "-c", "from library.io.run_lock import acquire_run_lock; "
+                                f"acquire_run_lock({str(tmp_path)!r}, 'tiny')"], cwd=REPO, capture_output=True,
+                               text=True)
+        assert probe.returncode != 0 and "another run is writing these files" in probe.stderr
+    finally:
+        lock.release()
+    args.cache_only = True
+    assert claim_output(args) is None  # a caching-only run writes nothing into --output_dir
+
+
+def test_disk_caching_clears_dead_runs_leftovers_beside_the_images(tmp_path):
+    from test_dataset_cache import FakeVAE, cache_latents, make_args, write_image
+
+    write_image(tmp_path / "img" / "a.png", 64, 64)
+    (tmp_path / "img" / "a.txt").write_text("a")
+    dead, live = dead_pid(), os.getppid()
+    stale = tmp_path / "img" / f".a_0064x0064_anima.tmp{dead}.npz"
+    running = tmp_path / "img" / f".a_0064x0064_anima.tmp{live}.npz"
+    for path in (stale, running):
+        path.write_bytes(b"half")
+    cache_latents(make_args(tmp_path, "--cache_latents_to_disk"), FakeVAE())
+    assert not stale.exists() and running.exists()
+    assert (tmp_path / "img" / "a_0064x0064_anima.npz").is_file()
