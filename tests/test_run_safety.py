@@ -265,3 +265,13 @@ def test_disk_caching_clears_dead_runs_leftovers_beside_the_images(tmp_path):
     cache_latents(make_args(tmp_path, "--cache_latents_to_disk"), FakeVAE())
     assert not stale.exists() and running.exists()
     assert (tmp_path / "img" / "a_0064x0064_anima.npz").is_file()
+
+
+def test_resume_from_a_state_a_kill_left_under_its_hidden_name_finds_it(tmp_path):
+    from library.training.args import parse_args
+
+    state = tmp_path / "tiny-state"
+    files.atomic_write_dir(state, lambda tmp: (tmp / "train_state.json").write_text("old"))
+    kill_between_renames(state, "new")
+    args, _ = parse_args(["--resume", str(state)])
+    assert (state / "train_state.json").read_text() == "old" and args.resume == str(state)

@@ -18,7 +18,7 @@ import toml
 
 from library.data.config import add_dataset_arguments
 from library.errors import AnimaError, OneLineErrorParser
-from library.io.files import atomic_write
+from library.io.files import atomic_write, restore_interrupted_dir
 from library.training.losses import check_loss_options
 from library.training.schedulers import parse_int_or_float
 
@@ -645,6 +645,9 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         if getattr(args, name, None) != kwargs.get("default", False if kwargs.get("action") else None):
             reject(f"{_flag(name)}: {advice}")
 
+    # A run killed while replacing this state folder left it under its hidden `.old` name: move it back first.
+    if args.resume:
+        restore_interrupted_dir(Path(args.resume))
     # Files named on the command line must exist (caught before any long work).
     for name in ("pretrained_model_name_or_path", "qwen3", "vae", "llm_adapter_path", "qwen3_tokenizer_path",
                  "t5_tokenizer_path", "network_weights", "sample_prompts", "resume", "dataset_config"):
