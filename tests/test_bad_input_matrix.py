@@ -1,7 +1,7 @@
 """Bad input and faults, case by case: flags and argparse, the run lock, leftover files, damaged caches and failed
 writes. Each case asserts exactly one `error:` line on stderr and no traceback, the exit code, and that the
-output, cache and dataset folders are unchanged (the run lock file `.<name>.lock`, empty and hidden, is the
-one thing a run that got past its input checks leaves in --output_dir).
+output, cache and dataset folders are unchanged (no file or folder appears, changes or goes; a run that got
+past its input checks removes its run lock and the output folder the lock created).
 
 The CLI runs in-process through `anima_train_network.main(argv)` (fast); two cases run it as a subprocess."""
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,6 @@ from library.data.cache_files import text_npz_path
 from library.io.npz import read_npz, save_npz_atomic
 
 REPO = Path(__file__).resolve().parent.parent
-LOCK_FILE = re.compile(r"^\..+\.lock$")
 
 
 @dataclass
@@ -68,12 +66,13 @@ def make_world(tiny, tmp: Path, monkeypatch) -> World:
     return World(tiny, tmp, images, dataset, tmp / "out", monkeypatch)
 
 
-def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
-    """Every file under `folder` (but the run lock) with its size and bytes."""
+def snapshot(folder: Path) -> dict[str, bytes | None] | None:
+    """Every file (its bytes) and folder (None) under `folder`; None if `folder` does not exist."""
     if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.read_bytes()) for p in sorted(folder.rglob("*"))
-            if p.is_file() and not LOCK_FILE.match(p.name)}
+        return None
+    if folder.is_file():
+        return {"": folder.read_bytes()}
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
 
 def dead_pid() -> int:

@@ -72,6 +72,36 @@ def test_lock_of_a_sigkilled_run_does_not_block_the_next_run(tmp_path):
     acquire_run_lock(tmp_path, "tiny").release()
 
 
+def test_released_lock_removes_its_file_and_the_output_folder_it_created(tmp_path):
+    out = tmp_path / "new" / "out"
+    lock = acquire_run_lock(out, "tiny")
+    assert lock_path(out, "tiny").is_file()
+    lock.release()
+    assert not out.exists() and (tmp_path / "new").is_dir()
+    (tmp_path / "kept").mkdir()
+    lock = acquire_run_lock(tmp_path / "kept", "tiny")
+    (tmp_path / "kept" / "tiny.safetensors").write_bytes(b"lora")
+    lock.release()
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["tiny.safetensors"]
+
+
+def test_lock_file_removed_by_its_holder_between_open_and_lock_is_opened_again(tmp_path, monkeypatch):
+    from library.io import run_lock
+
+    real_try_lock, calls = run_lock._try_lock, []
+
+    def holder_removes_the_file_first(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            lock_path(tmp_path, "tiny").unlink()  # as a holder does when it releases
+        return real_try_lock(fd)
+
+    monkeypatch.setattr(run_lock, "_try_lock", holder_removes_the_file_first)
+    lock = acquire_run_lock(tmp_path, "tiny")
+    assert len(calls) == 2 and lock_path(tmp_path, "tiny").is_file()
+    lock.release()
+
+
 def test_lock_is_reentrant_within_one_process_and_freed_on_release(tmp_path):
     first = acquire_run_lock(tmp_path, "tiny")
     second = acquire_run_lock(tmp_path, "tiny")

@@ -1,9 +1,10 @@
-"""One training run per output: an OS-level lock on `<output_dir>/.<output_name>.lock`.
+"""One training run per output: an operating-system lock on `<output_dir>/.<output_name>.lock`.
 
-The operating system releases the lock when the process ends in any way (exit, crash, SIGKILL), so a killed
-run never blocks the next one; there is no stale marker to delete. The lock file itself holds nothing; who
-holds the lock (pid, host, start time) is written beside it, in `.<output_name>.lock.owner`, so a second run
-can say which process it collides with.
+The lock is `flock` (POSIX) or `msvcrt.locking` (Windows) on that file, so the operating system releases it when
+the process ends in any way (exit, crash, SIGKILL): a killed run never blocks the next one, there is no stale
+marker to delete by hand. The file holds who has the lock (pid, host, start time) so a second run can say which
+process it collides with. A run that releases the lock removes the file again (and the output folder, if the
+lock created it and nothing else was written there); a killed run's file is simply taken over by the next run.
 """
 
 from __future__ import annotations
@@ -14,9 +15,29 @@ import socket
 import time
 from pathlib import Path
 
-import filelock
-
 from library.errors import AnimaError
+
+if os.name == "nt":
+    import msvcrt
+
+    _WINDOWS_LOCK_OFFSET = 1 << 30  # lock a byte far past the owner text, so other processes can still read it
+
+    def _try_lock(fd: int) -> bool:
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+else:
+    import fcntl
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
 
 
 def lock_path(output_dir: str | os.PathLike, output_name: str) -> Path:
@@ -24,59 +45,98 @@ def lock_path(output_dir: str | os.PathLike, output_name: str) -> Path:
 
 
 def is_run_lock_file(name: str) -> bool:
-    """Is this file name one of the run lock's two files (`.<name>.lock`, `.<name>.lock.owner`)?"""
-    return name.startswith(".") and (name.endswith(".lock") or name.endswith(".lock.owner"))
-
-
-def _owner_path(lock_file: Path) -> Path:
-    return lock_file.with_name(lock_file.name + ".owner")
-
-
-def describe_owner(lock_file: Path) -> str:
-    """`pid 123 on host, started 2026-01-01 12:00:00` from the owner file, or a plain phrase if unreadable."""
-    try:
-        owner = json.loads(_owner_path(lock_file).read_text(encoding="utf-8"))
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(owner["started"])))
-        return f"pid {int(owner['pid'])} on {owner['host']}, started {started}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process (its details are not readable yet)"
+    """Is this file name a run lock (`.<name>.lock`)?"""
+    return name.startswith(".") and name.endswith(".lock")
 
 
 class RunLock:
-    """The held lock of one output; `release()` (or process exit, however it ends) frees it."""
+    """A held run lock. Reentrant within one process (runs started one after another in the same interpreter,
+    as the tests do, share it); `release()` once per acquire frees it."""
 
-    def __init__(self, lock: filelock.BaseFileLock, lock_file: Path) -> None:
-        self._lock = lock
+    def __init__(self, lock_file: Path, fd: int, created_dir: Path | None) -> None:
         self.lock_file = lock_file
+        self._fd = fd
+        self._created_dir = created_dir
+        self._count = 1
 
     def release(self) -> None:
-        if self._lock.is_locked and self._lock.lock_counter == 1:
-            _owner_path(self.lock_file).unlink(missing_ok=True)
-        self._lock.release()
+        self._count -= 1
+        if self._count > 0 or self._fd < 0:
+            return
+        _HELD.pop(str(self.lock_file), None)
+        if os.name != "nt":  # unlinked while still held: a process that opened it meanwhile sees it is stale
+            self.lock_file.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = -1
+        if self._created_dir is not None:
+            try:
+                self._created_dir.rmdir()  # only if the run wrote nothing there
+            except OSError:
+                pass
+
+
+_HELD: dict[str, RunLock] = {}
+
+
+def describe_owner(text: str) -> str:
+    """`pid 123 on host, started 2026-01-01 12:00:00` from the lock file's text, or a plain phrase."""
+    try:
+        owner = json.loads(text)
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(owner["started"])))
+        return f"pid {int(owner['pid'])} on {owner['host']}, started {started}"
+    except (ValueError, KeyError, TypeError):
+        return "another process (its details are not readable yet)"
 
 
 def acquire_run_lock(output_dir: str | os.PathLike, output_name: str) -> RunLock:
-    """Take the lock of (output_dir, output_name) or raise AnimaError at once if a running process holds it.
-
-    Within one process the lock is reentrant (runs started one after another in the same interpreter, as the
-    tests do, share it); between processes it is exclusive.
-    """
-    lock_file = lock_path(output_dir, output_name)
+    """Take the lock of (output_dir, output_name), or raise AnimaError at once if a running process holds it."""
+    lock_file = lock_path(output_dir, output_name).absolute()
+    held = _HELD.get(str(lock_file))
+    if held is not None:
+        held._count += 1
+        return held
+    folder = lock_file.parent
+    created_dir = None if folder.exists() else folder
     try:
-        lock_file.parent.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(str(lock_file), timeout=0, is_singleton=True)
-        lock.acquire()
-    except filelock.Timeout:
-        raise AnimaError(f"--output_dir {output_dir} --output_name {output_name}: another run is writing these "
-                         f"files ({describe_owner(lock_file)}); wait for it to finish, stop it, or choose another "
-                         "--output_name / --output_dir") from None
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = _open_locked(lock_file)
     except OSError as exc:
         raise AnimaError(f"--output_dir {output_dir}: cannot create the run lock {lock_file} ({exc.strerror}); "
                          "choose a folder you can write to") from exc
-    if lock.lock_counter == 1:
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        try:
-            _owner_path(lock_file).write_text(json.dumps(owner), encoding="utf-8")
-        except OSError:
-            pass  # only the message of a colliding run needs it; the lock itself holds
-    return RunLock(lock, lock_file)
+    if fd is None:
+        raise AnimaError(f"--output_dir {output_dir} --output_name {output_name}: another run is writing these "
+                         f"files ({describe_owner(_read_text(lock_file))}); wait for it to finish, stop it, or "
+                         "choose another --output_name / --output_dir")
+    owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, owner.encode("utf-8"))
+    lock = RunLock(lock_file, fd, created_dir)
+    _HELD[str(lock_file)] = lock
+    return lock
+
+
+def _open_locked(lock_file: Path) -> int | None:
+    """A locked descriptor of `lock_file`, or None if another process holds the lock."""
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+        if not _try_lock(fd):
+            os.close(fd)
+            return None
+        if os.name == "nt" or _same_file(fd, lock_file):
+            return fd
+        os.close(fd)  # the holder released and removed this file between our open and lock: open it anew
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
