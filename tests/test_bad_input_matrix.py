@@ -278,6 +278,16 @@ def damaged_text_cache_reused_with_skip_cache_check(w):
                 f"text cache {path} cannot be read")
 
 
+@case
+def damaged_text_cache_read_by_a_dataloader_worker(w):
+    write_disk_caches(w)
+    path = Path(text_npz_path(first_image(w)))
+    corrupt_member(str(path), "prompt_embeds.npy")
+    # The worker's AnimaError reaches the main process as its one line, not as the worker's traceback.
+    return Case(w.argv("--cache_text_encoder_outputs_to_disk", "--skip_cache_check", "--max_train_steps", "5",
+                       "--max_data_loader_n_workers", "1"), f"text cache {path} cannot be read (BadZipFile")
+
+
 # Failed writes.
 
 @case
@@ -305,6 +315,15 @@ def permission_denied_while_saving_the_state(w):
 
     w.monkeypatch.setattr(torch, "save", denied)
     return Case(w.argv("--save_state"), f"cannot write {w.out / 'tiny-state'}: permission denied")
+
+
+@case
+def disk_full_while_saving_a_sample_image(w):
+    prompts = w.tmp / "prompts.txt"
+    prompts.write_text("a red square --w 64 --h 64 --s 1 --d 1\n", encoding="utf-8")
+    w.monkeypatch.setattr("PIL.Image.Image.save", raise_enospc)
+    return Case(w.argv("--sample_prompts", str(prompts), "--sample_at_first"), "the disk is full",
+                folders=[prompts])
 
 
 def hold_run_lock(output_dir: Path, name: str) -> subprocess.Popen:

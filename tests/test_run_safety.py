@@ -305,3 +305,13 @@ def test_resume_from_a_state_a_kill_left_under_its_hidden_name_finds_it(tmp_path
     kill_between_renames(state, "new")
     args, _ = parse_args(["--resume", str(state)])
     assert (state / "train_state.json").read_text() == "old" and args.resume == str(state)
+
+
+def test_failed_write_removes_the_folders_it_created_and_keeps_existing_ones(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(AnimaError, match="disk is full"):
+        files.atomic_write(tmp_path / "out" / "sample" / "day" / "a.png", lambda tmp: enospc())
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and not list((tmp_path / "out").iterdir())
+    with pytest.raises(AnimaError, match="disk is full"):
+        files.atomic_write_dir(tmp_path / "new" / "tiny-state", lambda tmp: enospc())
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -55,6 +55,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     tmp = temporary_name(path)
+    created = _first_missing(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
@@ -63,6 +64,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     except Exception as exc:
+        if tmp.exists():
+            tmp.unlink()
+        _remove_created_folders(path.parent, created)
         if is_write_failure(exc):
             raise write_error(path, exc) from exc
         raise
@@ -70,6 +74,30 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder of `folder`'s chain that does not exist yet (what a mkdir(parents=True) creates)."""
+    missing = None
+    folder = folder.absolute()
+    while not folder.exists() and folder != folder.parent:
+        missing, folder = folder, folder.parent
+    return missing
+
+
+def _remove_created_folders(folder: Path, created: Path | None) -> None:
+    """After a failed write, remove the (empty) folders it created, from `folder` up to `created`."""
+    if created is None:
+        return
+    folder = folder.absolute()
+    while True:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == created or folder == folder.parent:
+            return
+        folder = folder.parent
 
 
 def temporary_name(path: Path) -> Path:
@@ -133,6 +161,7 @@ def atomic_write_dir(path: Path, write: Callable[[Path], None], *,
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    created = _first_missing(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         restore_interrupted_dir(path)
@@ -153,6 +182,8 @@ def atomic_write_dir(path: Path, write: Callable[[Path], None], *,
         else:
             os.replace(tmp, path)
     except Exception as exc:
+        remove_path(tmp)
+        _remove_created_folders(path.parent, created)
         if is_write_failure(exc):
             raise write_error(path, exc) from exc
         raise
