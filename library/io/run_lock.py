@@ -108,9 +108,12 @@ def acquire_run_lock(output_dir: str | os.PathLike, output_name: str) -> RunLock
                          f"files ({describe_owner(_read_text(lock_file))}); wait for it to finish, stop it, or "
                          "choose another --output_name / --output_dir")
     owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, owner.encode("utf-8"))
+    try:
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, owner.encode("utf-8"))
+    except OSError:
+        pass  # (a full disk) only the message of a colliding run needs the owner; the lock itself holds
     lock = RunLock(lock_file, fd, created_dir)
     _HELD[str(lock_file)] = lock
     return lock
