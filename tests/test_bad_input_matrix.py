@@ -1,5 +1,6 @@
 """Bad input and faults, case by case: flags and argparse, the run lock, leftover files, damaged caches and failed
-writes. Each case asserts exactly one `error:` line on stderr and no traceback, the exit code, and that the
+writes. Each case asserts exactly one `error:` line on stderr and no traceback, the exit code, that no model
+was loaded before the error (where the input can be judged without one), and that the
 output, cache and dataset folders are unchanged (no file or folder appears, changes or goes; a run that got
 past its input checks removes its run lock and the output folder the lock created).
 
@@ -24,6 +25,7 @@ from test_damaged_caches import corrupt_member
 from train_helpers import tiny_train_argv
 
 import anima_train_network
+from anima_train_network import AnimaNetworkTrainer
 from library.data.cache_files import text_npz_path
 from library.io.npz import read_npz, save_npz_atomic
 
@@ -37,6 +39,7 @@ class Case:
     code: int = 2
     folders: list[Path] = field(default_factory=list)  # checked unchanged besides --output_dir and the dataset
     holder: subprocess.Popen | None = None  # a process holding the run lock, killed after the case
+    before_models: bool = True  # the error comes before any model weights are loaded
 
 
 @dataclass
@@ -87,6 +90,10 @@ def write_disk_caches(world: World) -> None:
 
 def first_image(world: World) -> Path:
     return sorted(world.images.glob("*.png"))[0]
+
+
+def must_not_run(*_args, **_kwargs):
+    raise AssertionError("models were loaded before the bad input was reported")
 
 
 def raise_enospc(*_args, **_kwargs):
@@ -253,7 +260,7 @@ def leftovers_stay_when_the_input_is_bad(w):
 def images_sharing_a_cache_file(w):
     png = first_image(w)
     shutil.copy(png, png.with_suffix(".webp"))
-    return Case(w.argv("--cache_latents_to_disk"), "would share the cache file")
+    return Case(w.argv("--cache_latents_to_disk"), "would share the cache file", before_models=False)
 
 
 @case
@@ -266,7 +273,7 @@ def damaged_latent_cache_reused_with_skip_cache_check(w):
     save_npz_atomic(str(path), arrays)
     # One epoch (5 batches), so every cached file is read.
     return Case(w.argv("--cache_latents_to_disk", "--skip_cache_check", "--max_train_steps", "5"),
-                f"latent cache {path} is damaged")
+                f"latent cache {path} is damaged", before_models=False)
 
 
 @case
@@ -275,7 +282,7 @@ def damaged_text_cache_reused_with_skip_cache_check(w):
     path = Path(text_npz_path(first_image(w)))
     corrupt_member(str(path), "prompt_embeds.npy")  # the zip directory stays intact: only reading shows it
     return Case(w.argv("--cache_text_encoder_outputs_to_disk", "--skip_cache_check", "--max_train_steps", "5"),
-                f"text cache {path} cannot be read")
+                f"text cache {path} cannot be read", before_models=False)
 
 
 @case
@@ -285,7 +292,8 @@ def damaged_text_cache_read_by_a_dataloader_worker(w):
     corrupt_member(str(path), "prompt_embeds.npy")
     # The worker's AnimaError reaches the main process as its one line, not as the worker's traceback.
     return Case(w.argv("--cache_text_encoder_outputs_to_disk", "--skip_cache_check", "--max_train_steps", "5",
-                       "--max_data_loader_n_workers", "1"), f"text cache {path} cannot be read (BadZipFile")
+                       "--max_data_loader_n_workers", "1"), f"text cache {path} cannot be read (BadZipFile",
+                before_models=False)
 
 
 # Failed writes.
@@ -294,7 +302,7 @@ def damaged_text_cache_read_by_a_dataloader_worker(w):
 def disk_full_while_caching_latents(w):
     w.monkeypatch.setattr(np, "savez", raise_enospc)
     return Case(w.argv("--cache_latents_to_disk"), "_anima.npz: the disk is full; nothing was replaced and the "
-                "files written before are intact")
+                "files written before are intact", before_models=False)
 
 
 @case
@@ -305,7 +313,7 @@ def disk_full_while_saving_the_lora(w):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     w.monkeypatch.setattr("networks.lora_format.save_file", full)
-    return Case(w.argv(), f"cannot write {w.out / 'tiny.safetensors'}: the disk is full")
+    return Case(w.argv(), f"cannot write {w.out / 'tiny.safetensors'}: the disk is full", before_models=False)
 
 
 @case
@@ -314,7 +322,8 @@ def permission_denied_while_saving_the_state(w):
         raise PermissionError(errno.EACCES, "Permission denied")
 
     w.monkeypatch.setattr(torch, "save", denied)
-    return Case(w.argv("--save_state"), f"cannot write {w.out / 'tiny-state'}: permission denied")
+    return Case(w.argv("--save_state"), f"cannot write {w.out / 'tiny-state'}: permission denied",
+                before_models=False)
 
 
 @case
@@ -323,7 +332,7 @@ def disk_full_while_saving_a_sample_image(w):
     prompts.write_text("a red square --w 64 --h 64 --s 1 --d 1\n", encoding="utf-8")
     w.monkeypatch.setattr("PIL.Image.Image.save", raise_enospc)
     return Case(w.argv("--sample_prompts", str(prompts), "--sample_at_first"), "the disk is full",
-                folders=[prompts])
+                folders=[prompts], before_models=False)
 
 
 def hold_run_lock(output_dir: Path, name: str) -> subprocess.Popen:
@@ -350,6 +359,9 @@ def test_bad_input_ends_with_one_error_line_and_changes_nothing(name, tiny_setup
     world = make_world(tiny_setup, tmp_path, monkeypatch)
     bad = CASES[name](world)
     watched = [world.out, world.images, *bad.folders]
+    if bad.before_models:
+        for phase in ("load_frozen_models", "write_caches_only", "load_dit"):
+            monkeypatch.setattr(AnimaNetworkTrainer, phase, must_not_run)
     before = [snapshot(folder) for folder in watched]
     capsys.readouterr()
     try:
