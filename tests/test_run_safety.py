@@ -315,3 +315,16 @@ def test_failed_write_removes_the_folders_it_created_and_keeps_existing_ones(tmp
     with pytest.raises(AnimaError, match="disk is full"):
         files.atomic_write_dir(tmp_path / "new" / "tiny-state", lambda tmp: enospc())
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_only_the_main_process_of_a_launch_takes_the_lock(tmp_path, monkeypatch):
+    from library.training.args import parse_args
+    from library.training.outputs import claim_output
+
+    args, _ = parse_args(["--output_dir", str(tmp_path / "out"), "--output_name", "tiny"])
+    monkeypatch.setenv("RANK", "1")
+    assert claim_output(args) is None and not (tmp_path / "out").exists()
+    monkeypatch.setenv("RANK", "0")
+    lock = claim_output(args)
+    assert lock is not None and lock_path(tmp_path / "out", "tiny").is_file()
+    lock.release()
