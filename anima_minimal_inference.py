@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from library.errors import AnimaError, flags_renamed
+from library.errors import AnimaError, OneLineErrorParser, flags_renamed
 from library.io.checkpoints import open_checkpoint, sample_keys
 from library.io.files import atomic_write, check_writable_dir
 from library.models.attention import check_attn_mode
@@ -68,7 +68,7 @@ RENAMED_FLAGS = {MODEL_FLAG: "--dit", QWEN3_FLAG: "--text_encoder"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="anima_minimal_inference.py",
+    parser = OneLineErrorParser(prog="anima_minimal_inference.py",
                                      description="Generate images with Anima and LoRAs.")
     models = parser.add_argument_group("models")
     models.add_argument("--dit", default=None, help="Anima DiT .safetensors (with its LLM adapter)")
@@ -485,12 +485,11 @@ def generate(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: bad input ends with one ``error:`` line and exit code 2."""
-    args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     logger.setLevel(logging.INFO)
     try:
-        generate(args)
+        generate(build_parser().parse_args(argv))
     except AnimaError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

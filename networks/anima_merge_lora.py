@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from safetensors.torch import save_file
 
-from library.errors import AnimaError, flags_renamed
+from library.errors import AnimaError, OneLineErrorParser, flags_renamed
 from library.io.checkpoints import open_checkpoint, sample_keys
 from library.io.files import atomic_write
 from library.models.dit import Anima
@@ -44,7 +44,7 @@ RELEASED_METADATA = {"format": "pt"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m networks.anima_merge_lora",
+    parser = OneLineErrorParser(prog="python -m networks.anima_merge_lora",
                                      description="Merge LoRAs into the Anima DiT.")
     parser.add_argument("--dit", required=True, help="base Anima DiT .safetensors (with its LLM adapter)")
     parser.add_argument("--models", nargs="+", required=True, help="LoRA files to merge (either key layout)")
@@ -141,8 +141,7 @@ def merge_file(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_cli(lambda: merge_file(args))
+    return run_cli(build_parser(), argv, merge_file)
 
 
 if __name__ == "__main__":

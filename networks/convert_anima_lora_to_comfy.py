@@ -19,13 +19,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run by file path, as sd-scripts documents it: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.errors import AnimaError  # noqa: E402
+from library.errors import OneLineErrorParser  # noqa: E402
 from networks.convert_lora import convert_file  # noqa: E402
 from networks.lora_format import COMFY_FORMAT, SD_SCRIPTS_FORMAT  # noqa: E402
+from networks.lora_tools import run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="convert_anima_lora_to_comfy.py", description="Convert an Anima LoRA to the ComfyUI layout (or back)."
     )
     parser.add_argument("src_path", help="source LoRA: sd-scripts layout (ComfyUI layout with --reverse)")
@@ -40,14 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    target = SD_SCRIPTS_FORMAT if args.reverse else COMFY_FORMAT
-    try:
-        convert_file(args.src_path, args.dst_path, target, keep_alpha=args.keep_alpha)
-    except AnimaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    """CLI entry point: a bad command line exits 2, a bad file 1, each with one `error:` line."""
+    return run_cli(build_parser(), argv, lambda args: convert_file(
+        args.src_path, args.dst_path, SD_SCRIPTS_FORMAT if args.reverse else COMFY_FORMAT, keep_alpha=args.keep_alpha))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -34,10 +35,16 @@ def check_inputs_exist(paths: Sequence[str], flag: str) -> None:
             raise AnimaError(f"{flag} {path}: not found; check the path")
 
 
-def run_cli(main: Callable[[], None]) -> int:
-    """Run a tool: an AnimaError ends it with one ``error:`` line and exit code 1."""
+def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+            work: Callable[[argparse.Namespace], object]) -> int:
+    """Parse and run a tool: a bad command line exits 2, a bad file 1, each with one ``error:`` line."""
     try:
-        main()
+        args = parser.parse_args(argv)
+    except AnimaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        work(args)
     except AnimaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

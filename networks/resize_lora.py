@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from library.errors import AnimaError
+from library.errors import AnimaError, OneLineErrorParser
 from networks.lora_format import (
     ALPHA_FOLDED_METADATA_KEY,
     COMFY_FORMAT,
@@ -112,7 +112,7 @@ def resize_state_dict(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m networks.resize_lora",
+    parser = OneLineErrorParser(prog="python -m networks.resize_lora",
                                      description="Change the rank of an Anima LoRA by SVD.")
     parser.add_argument("--model", required=True, help="LoRA to resize (.safetensors, either key layout)")
     parser.add_argument("--save_to", required=True, help="output file (.safetensors keeps metadata; .pt/.ckpt)")
@@ -192,8 +192,7 @@ def resize_file(args: argparse.Namespace) -> list[ResizedModule]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_cli(lambda: resize_file(args))
+    return run_cli(build_parser(), argv, resize_file)
 
 
 if __name__ == "__main__":

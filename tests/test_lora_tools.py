@@ -231,7 +231,7 @@ def test_resize_argument_errors_are_one_line(tiny_dit_and_loras, tmp_path, capsy
     assert resize_lora.main(["--model", str(first), "--save_to", str(tmp_path / "o.safetensors"),
                              "--dynamic_method", "sv_fro"]) == 1
     assert capsys.readouterr().err.strip() == "error: --dynamic_method sv_fro needs --dynamic_param"
-    assert resize_lora.main(["--model", str(first), "--save_to", str(first)]) == 1
+    assert resize_lora.main(["--model", str(first), "--save_to", str(first)]) == 1  # a bad file, not flag
     assert "is also an input file" in capsys.readouterr().err
 
 
@@ -307,3 +307,12 @@ def test_a_lokr_file_merges_into_the_dit_like_its_network_applies_and_is_not_res
     torch.testing.assert_close(velocity(load_anima_model(merged_path), inputs), expected, rtol=1e-4, atol=1e-4)
     assert resize_lora.main(["--model", str(path), "--save_to", str(tmp_path / "r.safetensors")]) == 1
     assert "holds LoKr modules; the rank resize works on LoRA modules only" in capsys.readouterr().err
+
+
+def test_a_misspelt_tool_flag_ends_with_one_error_line_and_a_suggestion(tmp_path, capsys):
+    for main, argv in ((resize_lora.main, ["--model", "a", "--save_to", "b", "--new_rnak", "4"]),
+                       (anima_merge_lora.main, ["--dit", "a", "--models", "b", "--save_to", "c", "--ratoi", "1"]),
+                       (convert_anima_lora_to_comfy.main, ["a", "b", "--reversed"])):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "did you mean" in err and "\n" not in err
