@@ -5,9 +5,11 @@ optimizer and scheduler -> prepare -> resume -> loop -> final save. Model specif
 how text and images are encoded, the noise/target/model call, sampling, extra metadata) live in a subclass
 that overrides the hook methods grouped at the top of the class; `AnimaNetworkTrainer` is that subclass.
 
-Multi-process (accelerate DDP): every process trains on its shard of the batches; gradients of the network
-are averaged by an explicit all-reduce before clipping and the optimizer step, so all processes hold the same
-weights. Only the main process writes caches, LoRA files, states, samples and logs; the others wait.
+Multi-process (accelerate DDP): every process trains on its shard of the batches; the network is wrapped in
+accelerate's DistributedDataParallel through `distributed.TrainingModule` (its forward runs the training loss,
+so DDP sees the LoRA layers run), which averages the gradients in buckets overlapped with the backward, so all
+processes hold the same weights. Only the main process writes caches, LoRA files, states, samples and logs;
+the others wait.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from library.data.metadata import group_metadata
 from library.errors import AnimaError
 from library.io import files
 from library.training import outputs
+from library.training.distributed import TrainingModule, process_group_kwargs, uses_module_dropout
 from library.training.losses import huber_threshold, per_sample_loss
 from library.training.optimizers import unwrap_optimizer
 from library.training.reporting import LossRecorder, TrainingReporter, logger, lr_logs
@@ -170,11 +173,7 @@ class NetworkTrainer:
 
     def setup_accelerator(self, args: argparse.Namespace) -> None:
         """Accelerator (grad accumulation, mixed precision, DDP) and the dtypes derived from the flags."""
-        kwargs_handlers = []
-        if args.ddp_timeout:
-            import datetime
-
-            kwargs_handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout)))
+        kwargs_handlers = process_group_kwargs(args)
         # Without an accelerator device, say so: accelerate then runs multi-process launches on CPU (gloo).
         no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
         self.accelerator = Accelerator(
@@ -356,14 +355,19 @@ class NetworkTrainer:
         for te in self.text_encoders():
             te.requires_grad_(False)
         self.network.to(device)
-        # The network is not wrapped in DDP: its layers run inside the DiT's forward, so DDP's forward
-        # bookkeeping would never see them. Gradients are all-reduced explicitly instead.
-        self.optimizer, self.train_loader = self.accelerator.prepare(self.optimizer, self.train_loader)
-        if self.val_loader is not None:
-            self.val_loader = self.accelerator.prepare(self.val_loader)
         for p in self.trainable_params:
             p.requires_grad_(True)
-        self.broadcast_network()
+        if self.accelerator.num_processes > 1 and uses_module_dropout(self.network):
+            if args.ddp_static_graph:
+                raise AnimaError("--ddp_static_graph cannot be combined with module_dropout in --network_args "
+                                 "(a dropped module changes the set of trained parameters); drop one")
+            self.accelerator.ddp_handler.find_unused_parameters = True
+        # Under several processes this wraps the module in DistributedDataParallel, which also broadcasts the
+        # main process's LoRA weights to the others (see library/training/distributed.py).
+        self.training_model, self.optimizer, self.train_loader = self.accelerator.prepare(
+            TrainingModule(self.network, device.type), self.optimizer, self.train_loader)
+        if self.val_loader is not None:
+            self.val_loader = self.accelerator.prepare(self.val_loader)
         if args.gradient_checkpointing:
             self.dit.train()  # checkpointing acts only in training mode
             for te in self.text_encoders() if self.train_te else []:
@@ -372,14 +376,6 @@ class NetworkTrainer:
             self.dit.eval()
             for te in self.text_encoders():
                 te.eval()
-
-    def broadcast_network(self) -> None:
-        """Start every process from the main process's LoRA weights."""
-        if self.accelerator.num_processes > 1:
-            import torch.distributed as dist
-
-            for p in self.network.parameters():
-                dist.broadcast(p.data, src=0)
 
     def resume(self, args: argparse.Namespace) -> None:
         """Restore network, optimizer, scheduler, RNG and counters from `--resume`."""
@@ -495,15 +491,15 @@ class NetworkTrainer:
         accelerator.wait_for_everyone()
 
     def train_step(self, args: argparse.Namespace, batch: dict) -> float:
-        """One micro-batch: forward, backward; on sync steps all-reduce, clip, optimizer and scheduler step."""
+        """One micro-batch: forward, backward (DDP averages the gradients on sync steps); on sync steps clip,
+        optimizer and scheduler step."""
         accelerator = self.accelerator
-        with accelerator.accumulate(self.network):
-            loss = self.batch_loss(args, batch, training=True)
+        with accelerator.accumulate(self.training_model):
+            loss = self.training_model(self.batch_loss, args, batch, training=True)
             accelerator.backward(loss)
             # With --fused_backward_pass the hooks already clipped and stepped every parameter during backward.
             if self.fused_backward is None:
                 if accelerator.sync_gradients:
-                    self.all_reduce_gradients()
                     if args.max_grad_norm:
                         accelerator.clip_grad_norm_(self.trainable_params, args.max_grad_norm)
                 self.optimizer.step()
@@ -532,17 +528,6 @@ class NetworkTrainer:
                                    mask=mask.to(pred.device) if mask is not None else None,
                                    sample_weights=batch["loss_weights"].to(pred.device))
             return loss.mean()
-
-    def all_reduce_gradients(self) -> None:
-        """Average the network gradients over processes (identical updates everywhere)."""
-        if self.accelerator.num_processes == 1:
-            return
-        import torch.distributed as dist
-
-        for p in self.trainable_params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad /= self.accelerator.num_processes
 
     def mean_over_processes(self, value: torch.Tensor) -> float:
         if self.accelerator.num_processes > 1:

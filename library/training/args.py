@@ -587,6 +587,10 @@ def validate_args(args: argparse.Namespace) -> list[str]:
             reject("--fused_backward_pass only works with --optimizer_type Adafactor")
         if args.gradient_accumulation_steps > 1:
             reject("--fused_backward_pass does not work with --gradient_accumulation_steps > 1")
+    if args.ddp_static_graph and args.gradient_accumulation_steps > 1:
+        # PyTorch's DDP static graph breaks under no_sync (the accumulation micro-steps): pytorch/pytorch#143580.
+        reject("--ddp_static_graph does not work with --gradient_accumulation_steps > 1 (PyTorch DDP limitation); "
+               "drop one")
     warmup_free = args.lr_scheduler in ("constant", "adafactor") or bool(args.lr_scheduler_type)
     if warmup_free and args.lr_warmup_steps:
         name = args.lr_scheduler_type or args.lr_scheduler
