@@ -11,5 +11,5 @@ setup(
     packages=find_packages(include=["library", "library.*", "networks", "networks.*"]),
     py_modules=["train_network", "anima_train_network"],
     install_requires=requirements,
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={"test": ["pytest>=8", "ruff>=0.6"], "wandb": ["wandb>=0.17"]},
 )

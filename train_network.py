@@ -37,7 +37,15 @@ from library.training import outputs
 from library.training.distributed import TrainingModule, process_group_kwargs, uses_module_dropout
 from library.training.losses import huber_threshold, per_sample_loss
 from library.training.optimizers import unwrap_optimizer
-from library.training.reporting import LossRecorder, TrainingReporter, logger, lr_logs
+from library.training.reporting import (
+    LossRecorder,
+    TrainingReporter,
+    init_trackers,
+    logger,
+    lr_logs,
+    prepare_tracker_environment,
+    run_logging_dir,
+)
 from library.training.state import NETWORK_STATE_FILE, read_train_state, write_train_state
 from networks.lora_format import load_lora_file
 
@@ -110,8 +118,9 @@ class NetworkTrainer:
         raise NotImplementedError
 
     def sample_images(self, args: argparse.Namespace, accelerator: Accelerator, epoch: int | None,
-                      step: int) -> None:
-        """Model hook: render `--sample_prompts` (main process only)."""
+                      step: int) -> list[tuple[Path, str]]:
+        """Model hook: render `--sample_prompts` (main process only); returns (image file, prompt) pairs."""
+        return []
 
     def update_metadata(self, metadata: dict[str, str], args: argparse.Namespace) -> None:
         """Model hook: add model-specific ss_* keys."""
@@ -176,8 +185,12 @@ class NetworkTrainer:
         kwargs_handlers = process_group_kwargs(args)
         # Without an accelerator device, say so: accelerate then runs multi-process launches on CPU (gloo).
         no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+        run_dir = run_logging_dir(args.logging_dir, args.log_prefix) if args.log_with else None
+        prepare_tracker_environment(args, run_dir)
         self.accelerator = Accelerator(
             cpu=no_accelerator,
+            log_with=args.log_with,  # the trackers start in train_loop (init_trackers)
+            project_dir=run_dir,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             mixed_precision=args.mixed_precision,
             # The per-epoch shuffle depends only on (seed, epoch), so a resumed run sees the same order.
@@ -438,10 +451,9 @@ class NetworkTrainer:
 
     def train_loop(self, args: argparse.Namespace) -> None:
         accelerator = self.accelerator
-        self.reporter = TrainingReporter(
-            total_steps=args.max_train_steps, initial_step=self.global_step, is_main_process=self.is_main,
-            logging_dir=args.logging_dir if args.log_with else None, log_prefix=args.log_prefix,
-        )
+        init_trackers(accelerator, args)
+        self.reporter = TrainingReporter(total_steps=args.max_train_steps, initial_step=self.global_step,
+                                         is_main_process=self.is_main, accelerator=accelerator)
         self.reporter.message(
             f"training: {self.train_group.num_train_images} images, {len(self.train_loader)} batches per epoch "
             f"per process, {self.num_epochs} epochs, {args.max_train_steps} steps, "
@@ -477,14 +489,14 @@ class NetworkTrainer:
                     step_in_epoch = math.ceil(epoch_batches / args.gradient_accumulation_steps) - 1
                     recorder.add(step_in_epoch, loss)
                     logs = {"loss/current": loss, "loss/average": recorder.average}
-                    logs.update(lr_logs(self.lr_scheduler, self.lr_descriptions))
+                    logs.update(lr_logs(self.lr_scheduler, self.lr_descriptions, self.optimizer))
                     if args.scale_weight_norms:
                         logs.update(self.max_norm_logs)
                     self.reporter.step(self.global_step, epoch + 1, logs)
                     self.after_step(args, epoch, epoch_batches)
                     if self.global_step >= args.max_train_steps:
                         break
-                self.reporter.scalars(self.global_step, {"loss/epoch_average": recorder.average})
+                self.reporter.epoch_scalars(self.global_step, epoch + 1, {"loss/epoch_average": recorder.average})
                 self.after_epoch(args, epoch + 1)
         finally:
             self.reporter.close()
@@ -570,9 +582,9 @@ class NetworkTrainer:
     def run_sampling(self, epoch: int | None, step: int) -> None:
         if not self.args.sample_prompts:
             return
-        with self.optimizer_eval_mode():
+        with self.optimizer_eval_mode(), self.reporter.excluded("sampling"):
             if self.is_main:
-                self.sample_images(self.args, self.accelerator, epoch, step)
+                self.reporter.samples(step, self.sample_images(self.args, self.accelerator, epoch, step) or [])
             self.accelerator.wait_for_everyone()
 
     # Schedule-free optimizers hold two weight sets; evaluation, sampling and saving must see the averaged one.
@@ -601,7 +613,7 @@ class NetworkTrainer:
     @torch.no_grad()
     def validate(self, args: argparse.Namespace) -> None:
         """Mean loss on the validation set with a fixed seed (RNG restored afterwards)."""
-        with self.optimizer_eval_mode():
+        with self.optimizer_eval_mode(), self.reporter.excluded("validation"):
             self.validation_loss(args)
 
     def validation_loss(self, args: argparse.Namespace) -> None:
@@ -630,8 +642,9 @@ class NetworkTrainer:
     def save_model(self, file_name: str, *, steps: int, epoch: int) -> Path | None:
         """Write the LoRA atomically (main process); the others wait."""
         path = Path(self.args.output_dir) / file_name
-        with self.optimizer_eval_mode():
+        with self.optimizer_eval_mode(), self.reporter.excluded("saving"):
             self.write_model(path, steps=steps, epoch=epoch)
+            self.reporter.write_pictures(self.args.output_dir, self.args.output_name)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -656,7 +669,7 @@ class NetworkTrainer:
 
     def save_state(self, folder_name: str, *, epoch: int, epoch_batches: int) -> None:
         """Training state folder: network weights, optimizer, scheduler, RNG of every process, counters."""
-        with self.optimizer_eval_mode():
+        with self.optimizer_eval_mode(), self.reporter.excluded("saving"):
             self.write_state(Path(self.args.output_dir) / folder_name, epoch=epoch, epoch_batches=epoch_batches)
 
     def write_state(self, path: Path, *, epoch: int, epoch_batches: int) -> None:

@@ -205,7 +205,6 @@ def test_two_process_ddp_keeps_identical_weights(tiny, tmp_path):
                         "no_sync_entries": 0}  # no accumulation: every micro-batch all-reduces
     assert_identical_ranks(out)
     rank0 = load_file(str(out / "rank0.safetensors"))
-    rank1 = load_file(str(out / "rank1.safetensors"))
     saved = load_file(str(out / "tiny.safetensors"))
     for key in saved:
         assert torch.equal(saved[key], rank0[key]), key

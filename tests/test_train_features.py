@@ -164,7 +164,7 @@ def test_validation_logs_a_loss_and_leaves_the_training_trajectory_alone(tiny_se
     assert with_val.train_group.num_train_images == 6
     assert_same_weights(load_file(str(tmp_path / "a" / "tiny.safetensors")),
                         load_file(str(tmp_path / "b" / "tiny.safetensors")), atol=0)
-    events = EventAccumulator(str(next((tmp_path / "logs").iterdir())))
+    events = EventAccumulator(str(next((tmp_path / "logs").iterdir()) / "network_train"))
     events.Reload()
     values = events.Scalars("loss/validation/step_average")
     assert [v.step for v in values][:3] == [1, 2, 3]

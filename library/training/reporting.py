@@ -1,20 +1,37 @@
-"""What a training run tells the user: progress bar, per-step log lines, TensorBoard scalars, end summary.
+"""What a training run tells the user: progress bar, per-step log lines, experiment trackers, pictures and
+the end summary.
 
-Only the main process reports. In an interactive terminal a tqdm bar shows loss, lr and s/it; when stdout is
-not a terminal (logs, CI, nohup) one plain line per optimizer step is printed instead, so log files stay
-readable.
+Only the main process reports. In an interactive terminal a tqdm bar shows loss, lr and s/it, and log lines
+are printed above it (tqdm's logging redirection); when stdout is not a terminal (logs, CI, nohup) one plain
+line per optimizer step is printed instead, so log files stay readable.
+
+Trackers (`--log_with`) run through accelerate (`Accelerator(log_with=...)`, `init_trackers`), with sd-scripts'
+names and behaviour: the run folder `<logging_dir>/<log_prefix><timestamp>`, the project name
+`--log_tracker_name` (default `network_train`), init kwargs from `--log_tracker_config`, `--wandb_run_name`,
+`--wandb_api_key`, hyperparameters with `--log_config`, and sd-scripts' scalar names (`loss/current`,
+`loss/average`, `loss/epoch_average`, `loss/validation/step_average`, `lr/<group>`, `lr/d*lr/<group>`,
+`max_norm/*`). TensorBoard gets the optimizer step as its x value (the epoch for `loss/epoch_average`);
+wandb gets `global_step` and `epoch` as values, so its own step keeps increasing.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import logging
+import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from library.training import pictures
 
 logger = logging.getLogger("anima_train")
 # Parents of the module loggers (`logging.getLogger(__name__)`) in the project's packages.
@@ -62,35 +79,113 @@ class LossRecorder:
         return self.total / max(len(self.losses), 1)
 
 
-class TrainingReporter:
-    """Progress display, per-step lines and TensorBoard scalars of one run (no-op on non-main processes)."""
+DEFAULT_TRACKER_NAME = "network_train"  # sd-scripts' project name for network training
+# Not sent to trackers by --log_config (as sd-scripts): secrets, and local paths, which may name people/places.
+SECRET_ARGS = ("wandb_api_key", "huggingface_token")
+PATH_ARGS = ("pretrained_model_name_or_path", "qwen3", "vae", "llm_adapter_path", "qwen3_tokenizer_path",
+             "t5_tokenizer_path", "tokenizer_cache_dir", "train_data_dir", "conditioning_data_dir", "reg_data_dir",
+             "output_dir", "logging_dir", "dataset_config", "config_file", "network_weights", "base_weights",
+             "sample_prompts", "resume", "console_log_file", "log_tracker_config")
 
-    def __init__(self, *, total_steps: int, initial_step: int, is_main_process: bool, logging_dir: str | None,
-                 log_prefix: str | None = None, interactive: bool | None = None) -> None:
+
+def run_logging_dir(logging_dir: str | None, log_prefix: str | None) -> str | None:
+    """This run's tracker folder: `<logging_dir>/<log_prefix><YYYYmmddHHMMSS>` (sd-scripts' layout)."""
+    if not logging_dir:
+        return None
+    return os.path.join(logging_dir, f"{log_prefix or ''}{time.strftime('%Y%m%d%H%M%S', time.localtime())}")
+
+
+def prepare_tracker_environment(args: argparse.Namespace, run_dir: str | None) -> None:
+    """Before the Accelerator starts its trackers: wandb writes under the run folder and logs in with
+    `--wandb_api_key` (sd-scripts does the same)."""
+    if args.log_with not in ("wandb", "all"):
+        return
+    try:
+        import wandb
+    except ImportError:
+        return  # "all" without wandb installed: accelerate starts only the installed trackers
+    if run_dir is not None:
+        os.makedirs(run_dir, exist_ok=True)
+        os.environ["WANDB_DIR"] = run_dir
+    if args.wandb_api_key:
+        wandb.login(key=args.wandb_api_key)
+
+
+def sanitized_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`--log_config`: the arguments as tracker hyperparameters (None when off). Values a tracker stores
+    (None, bool, int, float, str) are kept; lists and other objects become their text; secrets and local
+    paths are left out."""
+    if not args.log_config:
+        return None
+    config: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if key in SECRET_ARGS or key in PATH_ARGS:
+            continue
+        config[key] = value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+    return config
+
+
+def init_trackers(accelerator: Any, args: argparse.Namespace) -> None:
+    """Start the `--log_with` trackers on the main process (a no-op without trackers)."""
+    if not args.log_with or not accelerator.is_main_process:
+        return
+    from library.training.args import read_tracker_config
+
+    init_kwargs: dict[str, dict[str, Any]] = {}
+    if args.log_tracker_config:
+        init_kwargs = read_tracker_config(args.log_tracker_config)
+    if args.wandb_run_name:
+        # The flag names the run unless the tracker config already does.
+        init_kwargs.setdefault("wandb", {}).setdefault("name", args.wandb_run_name)
+    accelerator.init_trackers(args.log_tracker_name or DEFAULT_TRACKER_NAME, config=sanitized_config(args),
+                              init_kwargs=init_kwargs)
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            run = tracker.tracker
+            for metric in ("global_step", "epoch"):
+                run.define_metric(metric, hidden=True)
+
+
+class TrainingReporter:
+    """Progress display, per-step lines, tracker logs, run pictures and the end summary of one run
+    (no-op on non-main processes). `accelerator` carries the trackers (None: console only)."""
+
+    def __init__(self, *, total_steps: int, initial_step: int, is_main_process: bool, accelerator: Any = None,
+                 interactive: bool | None = None) -> None:
         self.is_main = is_main_process
         self.total_steps = total_steps
         self.interactive = sys.stdout.isatty() if interactive is None else interactive
         self.start_time = time.time()
         self.last_step_time = self.start_time
         self.initial_step = initial_step
+        self.trackers = list(accelerator.trackers) if accelerator is not None and is_main_process else []
+        self.epoch = 0
+        self.history = pictures.RunHistory()
+        self.latest_samples: list[tuple[Path, str]] = []
+        self.pictures: dict[str, Path] = {}
+        self.excluded_seconds: dict[str, float] = {}
+        self.paused_since_last_step = 0.0
         self.bar = None
+        self.redirect: contextlib.ExitStack | None = None
         if self.is_main and self.interactive:
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="steps", smoothing=0.1, dynamic_ncols=True)
-        self.writer = None
-        self.run_dir: Path | None = None
-        if self.is_main and logging_dir:
-            from torch.utils.tensorboard import SummaryWriter  # imported only when asked for
+            console_loggers = [lg for lg in (logger, *map(logging.getLogger, PACKAGE_LOGGERS), logging.getLogger())
+                               if any(_is_console_handler(h) for h in lg.handlers)]
+            if console_loggers:  # log lines go above the bar instead of breaking it
+                self.redirect = contextlib.ExitStack()
+                self.redirect.enter_context(logging_redirect_tqdm(loggers=console_loggers))
 
-            self.run_dir = Path(logging_dir) / f"{log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
-            self.writer = SummaryWriter(log_dir=str(self.run_dir))
+    # --- per step ---------------------------------------------------------------------------------------------
 
     def step(self, global_step: int, epoch: int, logs: dict[str, float]) -> None:
-        """Report one optimizer step: bar postfix or a log line, and TensorBoard scalars."""
+        """Report one optimizer step: bar postfix or a log line, tracker scalars, plot history."""
         if not self.is_main:
             return
+        self.epoch = epoch
         now = time.time()
-        seconds_per_step = now - self.last_step_time
+        seconds_per_step = now - self.last_step_time - self.paused_since_last_step
         self.last_step_time = now
+        self.paused_since_last_step = 0.0
         shown = {"loss": f"{logs.get('loss/current', float('nan')):.4f}",
                  "avr_loss": f"{logs.get('loss/average', float('nan')):.4f}"}
         lr = next((v for k, v in logs.items() if k.startswith("lr/")), None)
@@ -103,58 +198,138 @@ class TrainingReporter:
             fields = " ".join(f"{k}={v}" for k, v in shown.items())
             print(f"step {global_step}/{self.total_steps} epoch {epoch} {fields} {seconds_per_step:.2f}s/it",
                   flush=True)
+        self.history.add_step(global_step, logs)
         self.scalars(global_step, logs)
 
-    def scalars(self, global_step: int, logs: dict[str, float]) -> None:
-        if self.writer is not None:
-            for key, value in logs.items():
-                self.writer.add_scalar(key, value, global_step)
+    def scalars(self, global_step: int, logs: dict[str, float], *, x_value: int | None = None) -> None:
+        """Log scalars to every tracker. TensorBoard and the others plot them at `x_value` (default: the step);
+        wandb gets the step and epoch as values (its own step must only grow)."""
+        if not self.is_main:
+            return
+        if "loss/validation/step_average" in logs:
+            self.history.add_validation(global_step, logs["loss/validation/step_average"])
+        for tracker in self.trackers:
+            if tracker.name == "wandb":
+                tracker.log({**logs, "global_step": global_step, "epoch": self.epoch})
+            else:
+                tracker.log(logs, step=global_step if x_value is None else x_value)
+
+    def epoch_scalars(self, global_step: int, epoch: int, logs: dict[str, float]) -> None:
+        """Per-epoch scalars (`loss/epoch_average`): plotted against the epoch, as sd-scripts does."""
+        self.epoch = epoch
+        self.scalars(global_step, logs, x_value=epoch)
+
+    def samples(self, step: int, samples: Sequence[tuple[Path, str]]) -> None:
+        """The images of one sampling round: kept for the grid picture and sent to trackers that show images
+        (TensorBoard, wandb) as `sample_<i>`."""
+        if not self.is_main or not samples:
+            return
+        self.latest_samples = list(samples)
+        if not any(t.name in ("tensorboard", "wandb") for t in self.trackers):
+            return
+        from PIL import Image
+
+        arrays = []
+        for path, prompt in samples:
+            with Image.open(path) as image:
+                arrays.append((np.asarray(image.convert("RGB")), prompt))  # [H, W, 3] uint8
+        for tracker in self.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({f"sample_{i}": pixels[None] for i, (pixels, _) in enumerate(arrays)},
+                                   step=step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({**{f"sample_{i}": wandb.Image(pixels, caption=prompt)
+                                for i, (pixels, prompt) in enumerate(arrays)},
+                             "global_step": step, "epoch": self.epoch})
+
+    # --- time that is not training ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def excluded(self, kind: str) -> Iterator[None]:
+        """Time spent on `kind` (sampling, validation, saving) is left out of the training s/step."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            seconds = time.time() - start
+            self.excluded_seconds[kind] = self.excluded_seconds.get(kind, 0.0) + seconds
+            self.paused_since_last_step += seconds
+
+    # --- pictures and messages ----------------------------------------------------------------------------------
+
+    def write_pictures(self, output_dir: str | Path, output_name: str | None) -> None:
+        """The loss/learning-rate plot and the grid of the latest samples (see library/training/pictures.py)."""
+        if not self.is_main:
+            return
+        plot = pictures.write_loss_plot(pictures.loss_plot_path(output_dir, output_name), self.history)
+        if plot is not None:
+            self.pictures["loss plot"] = plot
+        grid = pictures.write_sample_grid(pictures.sample_grid_path(output_dir, output_name), self.latest_samples)
+        if grid is not None:
+            self.pictures["sample grid"] = grid
 
     def message(self, text: str) -> None:
         if not self.is_main:
             return
-        if self.bar is not None:
+        if self.bar is not None and self.redirect is None:
             self.bar.write(text)
         else:
             logger.info(text)
 
     def close(self) -> None:
+        """Close the bar (the trackers are finished by `accelerator.end_training()`)."""
+        if self.redirect is not None:
+            self.redirect.close()
+            self.redirect = None
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-            self.writer = None
 
     def summary(self, *, steps: int, output_file: str | None, device: torch.device) -> str:
-        """One block of text at the end: steps, wall time, peak accelerator memory, output file."""
+        """One block of text at the end: steps, wall time, training s/step (sampling, validation and saving
+        left out), peak accelerator memory, output file and pictures."""
         elapsed = time.time() - self.start_time
+        run_steps = steps - self.initial_step
         if self.initial_step:  # resumed: say what this run did
-            lines = [f"training finished at step {steps}: {steps - self.initial_step} steps in this run, "
-                     f"{format_duration(elapsed)}"]
+            lines = [f"training finished at step {steps}: {run_steps} steps in this run, {format_duration(elapsed)}"]
         else:
             lines = [f"training finished: {steps} steps in {format_duration(elapsed)}"]
-        if steps > self.initial_step:
-            lines.append(f"  average {elapsed / (steps - self.initial_step):.2f} s/step")
+        if run_steps > 0:
+            training = elapsed - sum(self.excluded_seconds.values())
+            excluded = ", ".join(f"{kind} {sec:.1f} s" for kind, sec in self.excluded_seconds.items())
+            lines.append(f"  training {training / run_steps:.2f} s/step" + (f" ({excluded} not counted)"
+                                                                             if excluded else ""))
         peak, kind = peak_memory_bytes(device)
         lines.append(f"  peak memory: {peak / 2**30:.2f} GiB ({kind})" if peak is not None
                      else "  peak memory: not tracked on this device")
         if output_file:
             lines.append(f"  output: {output_file}")
+        for name, path in self.pictures.items():
+            lines.append(f"  {name}: {path}")
         text = "\n".join(lines)
         if self.is_main:
             print(text, flush=True)
         return text
 
 
-def lr_logs(lr_scheduler: Any, descriptions: list[str]) -> dict[str, float]:
-    """`lr/<group description>` for every optimizer parameter group."""
+def _is_console_handler(handler: logging.Handler) -> bool:
+    return type(handler) is logging.StreamHandler and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
+
+
+def lr_logs(lr_scheduler: Any, descriptions: list[str], optimizer: Any = None) -> dict[str, float]:
+    """`lr/<group description>` for every optimizer parameter group (`lr/unet`, `lr/textencoder`, ...), and
+    for D-Adaptation / Prodigy (groups holding their estimate `d`) the effective `lr/d*lr/<group>`: their
+    scheduled lr is a factor (usually 1.0), d times it is the step size actually used."""
     lrs = lr_scheduler.get_last_lr()
+    groups = optimizer.param_groups if optimizer is not None else []
     logs = {}
     for i, lr in enumerate(lrs):
         name = descriptions[i] if i < len(descriptions) and descriptions[i] else f"group{i}"
         logs[f"lr/{name}"] = float(lr)
+        if i < len(groups) and groups[i].get("d") is not None:
+            logs[f"lr/d*lr/{name}"] = float(groups[i]["d"]) * float(groups[i]["lr"])
     return logs
 
 
