@@ -95,13 +95,16 @@ def write_loss_plot(path: Path, history: RunHistory) -> Path | None:
 
 
 def write_sample_grid(path: Path, samples: Sequence[tuple[Path, str]]) -> Path | None:
-    """The sample images (each scaled to fit a GRID_TILE square) in a near-square grid, each with the first
+    """The sample images (each scaled to fill a GRID_TILE square, aspect kept) in a near-square grid, each with the first
     lines of its prompt underneath; None when there is no sample."""
     tiles = []
     for image_path, prompt in samples:
         with Image.open(image_path) as image:
             tile = image.convert("RGB")
-        tile.thumbnail((GRID_TILE, GRID_TILE))
+        scale = min(GRID_TILE / tile.width, GRID_TILE / tile.height)
+        size = (max(round(tile.width * scale), 1), max(round(tile.height * scale), 1))
+        # Small samples are enlarged with square pixels (nothing invented), large ones reduced smoothly.
+        tile = tile.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
         tiles.append((tile, prompt))
     if not tiles:
         return None
