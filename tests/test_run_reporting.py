@@ -235,3 +235,18 @@ def test_a_prompt_file_warning_is_logged_once_per_run(tiny_setup, tmp_path, capl
         run(tiny_train_argv(tiny_setup, tmp_path / "out", "--max_train_steps", "2", "--sample_prompts", str(prompts),
                             "--sample_every_n_steps", "1", "--sample_at_first"))
     assert caplog.text.count("have no effect on Anima sampling") == 1, caplog.text
+
+
+def test_wandb_api_key_logs_in_and_wandb_writes_under_the_run_folder(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="wandb is an optional tracker")
+    from library.training.reporting import prepare_tracker_environment, run_logging_dir
+
+    keys: list[str] = []
+    monkeypatch.setattr(wandb, "login", lambda key=None, **_: keys.append(key))
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    args, _ = parse_args(["--log_with", "wandb", "--wandb_api_key", "k-123", "--logging_dir", str(tmp_path),
+                          "--log_prefix", "p-"])
+    run_dir = run_logging_dir(args.logging_dir, args.log_prefix)
+    prepare_tracker_environment(args, run_dir)
+    assert keys == ["k-123"] and os.environ["WANDB_DIR"] == run_dir and Path(run_dir).is_dir()
+    assert Path(run_dir).name.startswith("p-")

@@ -48,6 +48,10 @@ def setup_console_logging(level: str | None = None, log_file: str | None = None,
         handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
     # The trainer's own logger and the package loggers (cache reuse, skipped images, LoRA setup, ...). The
     # package loggers keep propagating, so handlers on the root logger (pytest's caplog) still see them.
+    # Under `accelerate launch` every process runs this; only the main one (RANK 0) shows more than errors,
+    # so each message and warning appears once, not once per process.
+    if int(os.environ.get("RANK", "0")) > 0:
+        level = "ERROR"
     for name in (logger.name, *PACKAGE_LOGGERS):
         logging.getLogger(name).handlers[:] = handlers
         logging.getLogger(name).setLevel(level or "INFO")
