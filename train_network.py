@@ -374,6 +374,11 @@ class NetworkTrainer:
             if args.ddp_static_graph:
                 raise AnimaError("--ddp_static_graph cannot be combined with module_dropout in --network_args "
                                  "(a dropped module changes the set of trained parameters); drop one")
+            if args.cpu_offload_checkpointing or args.unsloth_offload_checkpointing:
+                # DDP finds the unused parameters in the forward graph, which the offloaded blocks leave out.
+                raise AnimaError("module_dropout in --network_args does not work with --cpu_offload_checkpointing "
+                                 "or --unsloth_offload_checkpointing on several processes; drop one or use "
+                                 "--gradient_checkpointing alone")
             self.accelerator.ddp_handler.find_unused_parameters = True
         # Under several processes this wraps the module in DistributedDataParallel, which also broadcasts the
         # main process's LoRA weights to the others (see library/training/distributed.py).

@@ -130,6 +130,7 @@ def prepare_and_record(self, args):
     info = {{"wrapper": type(model).__name__, "inner": type(model.module).__name__,
             "owns_network": model.module.network is self.network,
             "gradient_as_bucket_view": model.gradient_as_bucket_view, "static_graph": model.static_graph,
+            "find_unused_parameters": model.find_unused_parameters,
             "timeout_s": group._get_backend(torch.device("cpu")).options._timeout.total_seconds()}}
     os.makedirs(args.output_dir, exist_ok=True)
     with open(f"{{args.output_dir}}/ddp{{self.accelerator.process_index}}.json", "w") as f:
@@ -201,7 +202,8 @@ def test_two_process_ddp_keeps_identical_weights(tiny, tmp_path):
     # The network trains inside accelerate's DistributedDataParallel wrapper, with DDP's default options.
     for info in infos:
         assert info == {"wrapper": "DistributedDataParallel", "inner": "TrainingModule", "owns_network": True,
-                        "gradient_as_bucket_view": False, "static_graph": False, "timeout_s": info["timeout_s"],
+                        "gradient_as_bucket_view": False, "static_graph": False, "find_unused_parameters": False,
+                        "timeout_s": info["timeout_s"],
                         "no_sync_entries": 0}  # no accumulation: every micro-batch all-reduces
     assert_identical_ranks(out)
     rank0 = load_file(str(out / "rank0.safetensors"))
@@ -213,11 +215,15 @@ def test_two_process_ddp_keeps_identical_weights(tiny, tmp_path):
 
 
 def test_two_process_accumulation_skips_the_all_reduce_and_ddp_flags_reach_the_wrapper(tiny, tmp_path):
+    # With gradient checkpointing (the LoRA layers run again inside the backward) and module dropout (a skipped
+    # LoRA module gets no gradient in that step, which DDP must expect).
     _, out, infos = run_two_processes(tiny, tmp_path, "--max_train_steps", "2", "--gradient_accumulation_steps", "2",
-                                      "--ddp_gradient_as_bucket_view", "--ddp_timeout", "7")
+                                      "--ddp_gradient_as_bucket_view", "--ddp_timeout", "7", "--gradient_checkpointing",
+                                      "--network_args", "module_dropout=0.5")
     for info in infos:
         assert info["wrapper"] == "DistributedDataParallel"
         assert info["gradient_as_bucket_view"] is True and info["static_graph"] is False
+        assert info["find_unused_parameters"] is True
         assert info["timeout_s"] == 7 * 60
         # Accumulation micro-batches ran under DDP's no_sync (a step that ends the epoch early syncs at once).
         assert info["no_sync_entries"] >= 1
@@ -225,6 +231,8 @@ def test_two_process_accumulation_skips_the_all_reduce_and_ddp_flags_reach_the_w
 
 
 def test_two_process_ddp_static_graph_reaches_the_wrapper(tiny, tmp_path):
-    _, out, infos = run_two_processes(tiny, tmp_path, "--max_train_steps", "2", "--ddp_static_graph")
+    # With CPU-offload checkpointing: its inner backward gives the LoRA parameters their gradients.
+    _, out, infos = run_two_processes(tiny, tmp_path, "--max_train_steps", "2", "--ddp_static_graph",
+                                      "--cpu_offload_checkpointing")
     assert [info["static_graph"] for info in infos] == [True, True]
     assert_identical_ranks(out)

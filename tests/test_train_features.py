@@ -119,7 +119,7 @@ def test_save_last_n_steps_prunes_older_step_files_and_states(step_run):
     _, out = step_run
     names = {p.name for p in out.iterdir()}
     assert names == {"tiny-step00000002-state", "tiny-step00000002.safetensors", "tiny-step00000003-state",
-                     "tiny-step00000003.safetensors", "tiny-state", "tiny.safetensors"}
+                     "tiny-step00000003.safetensors", "tiny-state", "tiny.safetensors", "tiny_loss.png"}
 
 
 def test_resume_mid_epoch_from_a_step_state_equals_the_uninterrupted_run(tiny_setup, step_run, tmp_path):
