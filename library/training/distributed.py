@@ -62,8 +62,5 @@ def process_group_kwargs(args: argparse.Namespace) -> list[Any]:
     handlers.append(DistributedDataParallelKwargs(
         gradient_as_bucket_view=bool(args.ddp_gradient_as_bucket_view),
         static_graph=bool(args.ddp_static_graph),
-        # The only buffers are the LoRA alphas: constants, identical on every process after the constructor's
-        # broadcast, so re-broadcasting them before every forward would be a wasted collective.
-        broadcast_buffers=False,
     ))
     return handlers
