@@ -117,7 +117,8 @@ def test_wandb_offline_run_holds_scalar_names_hyperparameters_and_run_name(tiny_
     trainer, args = run(tiny_train_argv(
         tiny_setup, tmp_path / "out", "--max_train_steps", "2", "--log_with", "wandb", "--log_config",
         "--logging_dir", str(tmp_path / "logs"), "--wandb_run_name", "tiny-run",
-        "--log_tracker_config", str(tracker_config)))
+        "--log_tracker_config", str(tracker_config), "--sample_prompts", str(tiny_setup.sample_prompts),
+        "--sample_every_n_steps", "2"))
     # wandb wrote its offline run under the run folder (WANDB_DIR = <logging_dir>/<timestamp>).
     [run_dir] = list((tmp_path / "logs").iterdir())
     offline = list((run_dir / "wandb").glob("offline-run-*"))
@@ -126,6 +127,10 @@ def test_wandb_offline_run_holds_scalar_names_hyperparameters_and_run_name(tiny_
     keys = set().union(*logged)
     assert {"loss/current", "loss/average", "loss/epoch_average", "lr/unet", "global_step", "epoch"} <= keys
     assert [entry["global_step"] for entry in logged if "loss/current" in entry] == [1, 2]
+    # Sample images with their prompts as captions.
+    [samples] = [entry for entry in logged if "sample_0" in entry]
+    assert isinstance(samples["sample_0"], wandb.Image) and samples["global_step"] == 2
+    assert wandb.Image.all_captions([samples["sample_0"]]) == ["a red circle on a blue background"]
     # The run's hyperparameters (--log_config), name (--wandb_run_name), tags and notes (--log_tracker_config).
     config = runs[0].pop("config")
     assert config["network_dim"] == 4 and config["max_train_steps"] == 2
