@@ -255,3 +255,14 @@ def test_wandb_api_key_logs_in_and_wandb_writes_under_the_run_folder(tmp_path, m
     prepare_tracker_environment(args, run_dir)
     assert keys == ["k-123"] and os.environ["WANDB_DIR"] == run_dir and Path(run_dir).is_dir()
     assert Path(run_dir).name.startswith("p-")
+
+
+def test_a_missing_matplotlib_skips_the_loss_plot_with_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes `import matplotlib.figure` fail
+    reporter = TrainingReporter(total_steps=2, initial_step=0, is_main_process=True, interactive=False)
+    reporter.train_step(1, 1, 0, 0.5, {"lr/unet": 1e-3})
+    with caplog.at_level(logging.WARNING):
+        reporter.write_pictures(tmp_path, "run")
+        reporter.write_pictures(tmp_path, "run")
+    assert caplog.text.count("no loss plot: matplotlib is not installed") == 1
+    assert reporter.pictures == {} and not list(tmp_path.iterdir())

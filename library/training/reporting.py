@@ -5,6 +5,12 @@ Only the main process reports. In an interactive terminal a tqdm bar shows loss,
 are printed above it (tqdm's logging redirection); when stdout is not a terminal (logs, CI, nohup) one plain
 line per optimizer step is printed instead, so log files stay readable.
 
+The per-step loss (and an LR the optimizer computes on the device) stays a device tensor until it is reported:
+reading a CUDA value on the host waits for the queued work, which empties the GPU's queue every step. The
+reporter queues the steps and reads all their values with one transfer every `LOSS_READ_INTERVAL` steps, and
+before any other output (messages, scalars, the epoch average, samples, pictures, the summary), so every line
+and scalar keeps its value and its order; the bar still advances at every step.
+
 Trackers (`--log_with`) run through accelerate (`Accelerator(log_with=...)`, `init_trackers`), with sd-scripts'
 names and behaviour: the run folder `<logging_dir>/<log_prefix><timestamp>`, the project name
 `--log_tracker_name` (default `network_train`), init kwargs from `--log_tracker_config`, `--wandb_run_name`,
@@ -34,6 +40,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from library.training import pictures
 
 logger = logging.getLogger("anima_train")
+# Optimizer steps whose losses are read from the device together (one host sync per interval).
+LOSS_READ_INTERVAL = 10
 # Parents of the module loggers (`logging.getLogger(__name__)`) in the project's packages.
 PACKAGE_LOGGERS = ("library", "networks")
 
@@ -81,6 +89,20 @@ class LossRecorder:
     @property
     def average(self) -> float:
         return self.total / max(len(self.losses), 1)
+
+
+def read_scalars(values: list[float | torch.Tensor]) -> list[float]:
+    """Python floats of `values` (floats and 0-dim tensors), reading the tensors with one transfer per device."""
+    out: list[float | None] = [v if not isinstance(v, torch.Tensor) else None for v in values]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(i)
+    for indices in by_device.values():
+        stacked = torch.stack([values[i].detach().float().reshape(()) for i in indices])  # [n] float32
+        for i, number in zip(indices, stacked.tolist()):
+            out[i] = number
+    return [float(v) for v in out]
 
 
 DEFAULT_TRACKER_NAME = "network_train"  # sd-scripts' project name for network training
@@ -162,11 +184,15 @@ class TrainingReporter:
         self.start_time = time.time()
         self.last_step_time = self.start_time
         self.initial_step = initial_step
+        self.losses = LossRecorder()
+        # Queued optimizer steps: (global step, epoch, step in epoch, loss, other logs, seconds the step took).
+        self._pending: list[tuple[int, int, int, float | torch.Tensor, dict[str, Any], float]] = []
         self.trackers = list(accelerator.trackers) if accelerator is not None and is_main_process else []
         self.epoch = 0
         self.history = pictures.RunHistory()
         self.latest_samples: list[tuple[Path, str]] = []
         self.pictures: dict[str, Path] = {}
+        self.missing_pictures: set[str] = set()
         self.excluded_seconds: dict[str, float] = {}
         self.paused_since_last_step = 0.0
         self.bar = None
@@ -181,15 +207,50 @@ class TrainingReporter:
 
     # --- per step ---------------------------------------------------------------------------------------------
 
-    def step(self, global_step: int, epoch: int, logs: dict[str, float]) -> None:
-        """Report one optimizer step: bar postfix or a log line, tracker scalars, plot history."""
+    def train_step(self, global_step: int, epoch: int, step_in_epoch: int, loss: float | torch.Tensor,
+                   logs: dict[str, float | torch.Tensor]) -> None:
+        """Report one optimizer step: `loss/current`, `loss/average` (over the epoch so far) and `logs`.
+
+        Tensor values are read later (see the module docstring); the bar advances now."""
         if not self.is_main:
             return
-        self.epoch = epoch
         now = time.time()
         seconds_per_step = now - self.last_step_time - self.paused_since_last_step
         self.last_step_time = now
         self.paused_since_last_step = 0.0
+        if self.bar is not None:
+            self.bar.update(1)
+        self._pending.append((global_step, epoch, step_in_epoch, loss, logs, seconds_per_step))
+        if len(self._pending) >= LOSS_READ_INTERVAL:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read the queued steps' values (one transfer) and write their bar postfix, lines and scalars."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        flat: list[float | torch.Tensor] = []
+        for _, _, _, loss, logs, _ in pending:
+            flat.append(loss)
+            flat.extend(logs.values())
+        numbers = iter(read_scalars(flat))
+        for global_step, epoch, step_in_epoch, _, logs, seconds_per_step in pending:
+            loss = next(numbers)
+            self.losses.add(step_in_epoch, loss)
+            read = {"loss/current": loss, "loss/average": self.losses.average}
+            read.update({key: next(numbers) for key in logs})
+            self._show(global_step, epoch, read, seconds_per_step)
+
+    def new_epoch(self) -> None:
+        """Start the epoch's loss average afresh (after reporting the queued steps of the last epoch)."""
+        self.flush()
+        self.losses.reset()
+
+    def epoch_average(self) -> float:
+        self.flush()
+        return self.losses.average
+
+    def _show(self, global_step: int, epoch: int, logs: dict[str, float], seconds_per_step: float) -> None:
         shown = {"loss": f"{logs.get('loss/current', float('nan')):.4f}",
                  "avr_loss": f"{logs.get('loss/average', float('nan')):.4f}"}
         lr = next((v for k, v in logs.items() if k.startswith("lr/")), None)
@@ -197,37 +258,46 @@ class TrainingReporter:
             shown["lr"] = f"{lr:.3g}"
         if self.bar is not None:
             self.bar.set_postfix(shown, refresh=False)
-            self.bar.update(1)
         else:
             fields = " ".join(f"{k}={v}" for k, v in shown.items())
             print(f"step {global_step}/{self.total_steps} epoch {epoch} {fields} {seconds_per_step:.2f}s/it",
                   flush=True)
+        self.epoch = epoch
         self.history.add_step(global_step, logs)
-        self.scalars(global_step, logs)
+        self._write_scalars(global_step, logs)
 
-    def scalars(self, global_step: int, logs: dict[str, float], *, x_value: int | None = None) -> None:
-        """Log scalars to every tracker. TensorBoard and the others plot them at `x_value` (default: the step);
-        wandb gets the step and epoch as values (its own step must only grow)."""
+    def scalars(self, global_step: int, logs: dict[str, float]) -> None:
+        """Log scalars (after the queued steps) to every tracker, at the step."""
         if not self.is_main:
             return
+        self.flush()
         if "loss/validation/step_average" in logs:
             self.history.add_validation(global_step, logs["loss/validation/step_average"])
+        self._write_scalars(global_step, logs)
+
+    def epoch_scalars(self, global_step: int, epoch: int, logs: dict[str, float]) -> None:
+        """Per-epoch scalars (`loss/epoch_average`): plotted against the epoch, as sd-scripts does."""
+        if not self.is_main:
+            return
+        self.flush()
+        self.epoch = epoch
+        self._write_scalars(global_step, logs, x_value=epoch)
+
+    def _write_scalars(self, global_step: int, logs: dict[str, float], *, x_value: int | None = None) -> None:
+        """TensorBoard and the others plot the values at `x_value` (default: the step); wandb gets the step and
+        the epoch as values (its own step must only grow)."""
         for tracker in self.trackers:
             if tracker.name == "wandb":
                 tracker.log({**logs, "global_step": global_step, "epoch": self.epoch})
             else:
                 tracker.log(logs, step=global_step if x_value is None else x_value)
 
-    def epoch_scalars(self, global_step: int, epoch: int, logs: dict[str, float]) -> None:
-        """Per-epoch scalars (`loss/epoch_average`): plotted against the epoch, as sd-scripts does."""
-        self.epoch = epoch
-        self.scalars(global_step, logs, x_value=epoch)
-
     def samples(self, step: int, samples: Sequence[tuple[Path, str]]) -> None:
         """The images of one sampling round: kept for the grid picture and sent to trackers that show images
         (TensorBoard, wandb) as `sample_<i>`."""
         if not self.is_main or not samples:
             return
+        self.flush()
         self.latest_samples = list(samples)
         if not any(t.name in ("tensorboard", "wandb") for t in self.trackers):
             return
@@ -267,7 +337,14 @@ class TrainingReporter:
         """The loss/learning-rate plot and the grid of the latest samples (see library/training/pictures.py)."""
         if not self.is_main:
             return
-        plot = pictures.write_loss_plot(pictures.loss_plot_path(output_dir, output_name), self.history)
+        self.flush()
+        try:
+            plot = pictures.write_loss_plot(pictures.loss_plot_path(output_dir, output_name), self.history)
+        except ImportError:  # an environment without matplotlib (a requirement) still trains and saves
+            if "loss plot" not in self.missing_pictures:
+                self.missing_pictures.add("loss plot")
+                logger.warning("no loss plot: matplotlib is not installed (pip install matplotlib)")
+            plot = None
         if plot is not None:
             self.pictures["loss plot"] = plot
         grid = pictures.write_sample_grid(pictures.sample_grid_path(output_dir, output_name), self.latest_samples)
@@ -277,6 +354,7 @@ class TrainingReporter:
     def message(self, text: str) -> None:
         if not self.is_main:
             return
+        self.flush()
         if self.bar is not None and self.redirect is None:
             self.bar.write(text)
         else:
@@ -284,6 +362,7 @@ class TrainingReporter:
 
     def close(self) -> None:
         """Close the bar (the trackers are finished by `accelerator.end_training()`)."""
+        self.flush()
         if self.redirect is not None:
             self.redirect.close()
             self.redirect = None
@@ -294,6 +373,7 @@ class TrainingReporter:
     def summary(self, *, steps: int, output_file: str | None, device: torch.device) -> str:
         """One block of text at the end: steps, wall time, training s/step (sampling, validation and saving
         left out), peak accelerator memory, output file and pictures."""
+        self.flush()
         elapsed = time.time() - self.start_time
         run_steps = steps - self.initial_step
         if self.initial_step:  # resumed: say what this run did
@@ -322,18 +402,21 @@ def _is_console_handler(handler: logging.Handler) -> bool:
     return type(handler) is logging.StreamHandler and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
 
 
-def lr_logs(lr_scheduler: Any, descriptions: list[str], optimizer: Any = None) -> dict[str, float]:
-    """`lr/<group description>` for every optimizer parameter group (`lr/unet`, `lr/textencoder`, ...), and
-    for D-Adaptation / Prodigy (groups holding their estimate `d`) the effective `lr/d*lr/<group>`: their
-    scheduled lr is a factor (usually 1.0), d times it is the step size actually used."""
+def lr_logs(lr_scheduler: Any, descriptions: list[str], optimizer: Any = None) -> dict[str, float | torch.Tensor]:
+    """`lr/<group description>` for every optimizer parameter group (`lr/unet`, `lr/textencoder 1`, ...; a
+    tensor where the optimizer computes its LR on the device: the reporter reads it at log time), and for
+    D-Adaptation / Prodigy (groups holding their estimate `d`) the effective `lr/d*lr/<group>`: their scheduled
+    lr is a factor (usually 1.0), d times it is the step size actually used."""
     lrs = lr_scheduler.get_last_lr()
     groups = optimizer.param_groups if optimizer is not None else []
-    logs = {}
+    logs: dict[str, float | torch.Tensor] = {}
     for i, lr in enumerate(lrs):
         name = descriptions[i] if i < len(descriptions) and descriptions[i] else f"group{i}"
-        logs[f"lr/{name}"] = float(lr)
-        if i < len(groups) and groups[i].get("d") is not None:
-            logs[f"lr/d*lr/{name}"] = float(groups[i]["d"]) * float(groups[i]["lr"])
+        lr = lr.detach() if isinstance(lr, torch.Tensor) else float(lr)
+        logs[f"lr/{name}"] = lr
+        d = groups[i].get("d") if i < len(groups) else None
+        if d is not None:
+            logs[f"lr/d*lr/{name}"] = (d.detach() if isinstance(d, torch.Tensor) else float(d)) * lr
     return logs
 
 
