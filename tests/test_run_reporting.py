@@ -259,6 +259,8 @@ def test_wandb_api_key_logs_in_and_wandb_writes_under_the_run_folder(tmp_path, m
 
 def test_a_missing_matplotlib_skips_the_loss_plot_with_one_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes `import matplotlib.figure` fail
+    monkeypatch.setattr(logger, "handlers", [])  # the trainer's logger may hold an earlier test's console handler
+    monkeypatch.setattr(logger, "propagate", True)  # ... so let caplog see it
     reporter = TrainingReporter(total_steps=2, initial_step=0, is_main_process=True, interactive=False)
     reporter.train_step(1, 1, 0, 0.5, {"lr/unet": 1e-3})
     with caplog.at_level(logging.WARNING):
