@@ -196,8 +196,8 @@ def test_tracker_config_must_hold_one_table_per_tracker(tmp_path):
 
 
 def test_tracker_flags_without_a_tracker_are_warned_not_ignored():
-    _, warnings = parse_args(["--log_config", "--wandb_run_name", "x"])
-    assert any("--log_config" in w and "--log_with" in w for w in warnings)
+    _, warnings = parse_args(["--log_config", "--log_prefix", "p-", "--wandb_run_name", "x"])
+    assert any("--log_prefix, --log_config" in w and "--log_with" in w for w in warnings)
     assert any("--wandb_run_name" in w and "wandb" in w for w in warnings)
 
 

@@ -688,7 +688,8 @@ def validate_args(args: argparse.Namespace) -> list[str]:
             reject(f"--log_tracker_config {args.log_tracker_config}: not found; check the path")
         else:
             read_tracker_config(args.log_tracker_config, reject)
-    tracker_flags = [f for f in ("log_tracker_name", "log_tracker_config", "log_config") if getattr(args, f)]
+    tracker_flags = [f for f in ("log_prefix", "log_tracker_name", "log_tracker_config", "log_config")
+                     if getattr(args, f)]
     if tracker_flags and not args.log_with:
         warnings.append(f"{', '.join(_flag(f) for f in tracker_flags)} have no effect without --log_with "
                         "or --logging_dir")
