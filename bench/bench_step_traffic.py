@@ -109,7 +109,37 @@ class EmulatedCudaAutocast(TorchFunctionMode):
                 args = self._cast(args, widest, tuple(d for d in dtypes if d != widest))
         elif name == "scaled_dot_product_attention":
             return flash_attention(*args, **kwargs)
+        if name == "rms_norm":
+            return fused_rms_norm(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+class _FusedRmsNorm(torch.autograd.Function):
+    """CUDA's ``_fused_rms_norm`` and its backward as one kernel each (on meta the op decomposes into many)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        out = torch.empty_like(x)
+        rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+        record_kernel("_fused_rms_norm", [x, weight, out, rstd])
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        grad_x = torch.empty_like(x)
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        touched = [grad, x, weight, rstd, grad_x] + ([grad_weight] if grad_weight is not None else [])
+        record_kernel("_fused_rms_norm_backward", touched)
+        return grad_x, grad_weight, None
+
+
+def fused_rms_norm(x, normalized_shape, weight=None, eps=None):
+    """F.rms_norm as CUDA runs it for a 16-bit input with a same-dtype weight over the last dimension."""
+    if weight is None or weight.dtype != x.dtype or len(normalized_shape) != 1:
+        return F.rms_norm(x, normalized_shape, weight, eps)
+    return _FusedRmsNorm.apply(x, weight, eps)
 
 
 def flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -155,12 +185,37 @@ class Counts:
     by_op: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # op -> [kernels, bytes]
 
 
+_ACTIVE_COUNTERS: list[TrafficCounter] = []
+
+
+def record_kernel(name: str, tensors: list[torch.Tensor]) -> None:
+    """Count one memory-bound kernel touching ``tensors`` (for kernels the meta device cannot run as one op)."""
+    if _ACTIVE_COUNTERS:
+        _ACTIVE_COUNTERS[-1].add_memory_kernel(name, sum(distinct_bytes(t) for t in tensors))
+
+
 class TrafficCounter(TorchDispatchMode):
     """Classifies and counts every aten op that runs (forward and autograd's backward alike)."""
 
     def __init__(self, counts: Counts) -> None:
         super().__init__()
         self.counts = counts
+
+    def __enter__(self):
+        _ACTIVE_COUNTERS.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE_COUNTERS.pop()
+        return super().__exit__(*exc)
+
+    def add_memory_kernel(self, name: str, moved: int) -> None:
+        c = self.counts
+        c.mem_bytes += moved
+        c.mem_kernels += 1
+        entry = c.by_op[name]
+        entry[0] += 1
+        entry[1] += moved
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -193,11 +248,7 @@ class TrafficCounter(TorchDispatchMode):
             moved = distinct_bytes(args[0])
         else:
             moved = sum(distinct_bytes(t) for t in inputs) + sum(distinct_bytes(t) for t in outputs)
-        c.mem_bytes += moved
-        c.mem_kernels += 1
-        entry = c.by_op[name]
-        entry[0] += 1
-        entry[1] += moved
+        self.add_memory_kernel(name, moved)
         return result
 
 
@@ -228,7 +279,9 @@ def build_block(config: AnimaConfig, rank: int, fp8_base: bool) -> tuple[Block, 
 
 def rope_tables_for(tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     angles = torch.empty(tokens, head_dim, device="meta")
-    return angles.cos(), angles.sin()
+    from library.anima_models import rope_tables
+
+    return rope_tables(angles, LOW_PRECISION)
 
 
 def block_weight_bytes(block: torch.nn.Module) -> int:

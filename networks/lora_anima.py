@@ -248,13 +248,11 @@ class LoRAModule(nn.Module):
         """Re-derive the forward scale from the ``alpha`` buffer (after it was loaded or edited)."""
         self.scale = float(self.alpha) / self.rank
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The LoRA term for input x [B, ..., in] -> [B, ..., out], in x's dtype; None when skipped."""
+    def _rank_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """(drop(down(x)) [B, ..., r] in x's dtype, the scale to apply to up(...)); None when the module is skipped."""
         if self.training and self.module_dropout and torch.rand(()).item() < self.module_dropout:
             return None
-        down = self.lora_down.weight
-        up = self.lora_up.weight
-        h = F.linear(x, down.to(x.dtype))  # [B, ..., r]
+        h = F.linear(x, self.lora_down.weight.to(x.dtype))  # [B, ..., r]
         if self.training and self.dropout:
             h = F.dropout(h, p=self.dropout)
         scale = self.scale
@@ -264,12 +262,37 @@ class LoRAModule(nn.Module):
             keep = torch.rand(mask_shape, device=h.device) >= self.rank_dropout
             h = h * keep.to(h.dtype)
             scale = scale / (1.0 - self.rank_dropout)  # keeps the expected update unchanged
-        return F.linear(h, up.to(x.dtype)) * (self.multiplier * scale)
+        return h, self.multiplier * scale
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The LoRA term for input x [B, ..., in] -> [B, ..., out], in x's dtype; None when skipped."""
+        rank_part = self._rank_activations(x)
+        if rank_part is None:
+            return None
+        h, scale = rank_part
+        return F.linear(h, self.lora_up.weight.to(x.dtype)) * scale
+
+    def add_to(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """output + delta(x), with the scale and the sum inside one GEMM (addmm): no full-size extra passes.
+
+        x: [B, ..., in]; output: the base layer's [B, ..., out].
+        """
+        rank_part = self._rank_activations(x)
+        if rank_part is None:
+            return output
+        h, scale = rank_part
+        up = self.lora_up.weight  # [out, r]
+        flat = torch.addmm(
+            output.reshape(-1, output.shape[-1]),
+            h.reshape(-1, h.shape[-1]).to(output.dtype),
+            up.to(output.dtype).t(),
+            alpha=scale,
+        )
+        return flat.view(output.shape)
 
     def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         x = args[0] if args else kwargs["input"]
-        delta = self.delta(x)
-        return output if delta is None else output + delta
+        return self.add_to(x, output)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = up @ down * alpha / rank  [out, in] (multiplier not applied)."""
