@@ -44,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from library.anima_models import AnimaConfig, Block  # noqa: E402
+from library.models.fp8 import quantize_linear_weights, weight_bytes  # noqa: E402
 from networks.lora_anima import create_network  # noqa: E402
 
 GIB = 2**30
@@ -264,14 +265,12 @@ def build_block(config: AnimaConfig, rank: int, fp8_base: bool) -> tuple[Block, 
     with torch.device("meta"):
         block = Block(config).to(LOW_PRECISION)
     block.requires_grad_(False)
-    if fp8_base:
-        from library.models.fp8 import quantize_linear_weights
-
-        quantize_linear_weights(block, compute_dtype=LOW_PRECISION)
     host = _BlockHost(block)
     with torch.device("meta"):
         network = create_network(1.0, rank, 1.0, None, None, host)
     network.apply_to(None, host, apply_text_encoder=False, apply_unet=True)
+    if fp8_base:  # after the LoRA is attached, as in the trainer
+        quantize_linear_weights(host)
     network.train()
     block.train()
     return block, network
@@ -282,11 +281,6 @@ def rope_tables_for(tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Ten
     from library.anima_models import rope_tables
 
     return rope_tables(angles, LOW_PRECISION)
-
-
-def block_weight_bytes(block: torch.nn.Module) -> int:
-    tensors = [*block.parameters(), *block.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def measure(tokens: int, context_tokens: int, rank: int, fp8_base: bool, batch: int = 1) -> dict:
@@ -333,7 +327,7 @@ def measure(tokens: int, context_tokens: int, rank: int, fp8_base: bool, batch: 
         "attn_gib_bwd": round(backward.attn_bytes / GIB, 4),
         "attn_tflop_fwd": round(forward.attn_flop / 1e12, 4),
         "attn_tflop_bwd": round(backward.attn_flop / 1e12, 4),
-        "weight_mib": round(block_weight_bytes(block) / 2**20, 3),
+        "weight_mib": round(weight_bytes(block) / 2**20, 3),
         "_by_op": {"forward": forward.by_op, "backward": backward.by_op},
     }
 
