@@ -459,6 +459,7 @@ class Block(nn.Module):
         self.adaln_modulation_mlp = _adaln_modulation(d, config.adaln_lora_dim, 3)
         self.gradient_checkpointing = False
         self.checkpoint_offload: str | None = None  # None, CPU_OFFLOAD or UNSLOTH_OFFLOAD
+        self.compiled_body = None  # torch.compile'd _body (Anima.compile_blocks), run inside the checkpointing
 
     def _body(
         self,
@@ -498,14 +499,15 @@ class Block(nn.Module):
         split_attn: bool = False,
     ) -> torch.Tensor:
         args = (x, emb, context, rope_cos, rope_sin, adaln_lora, attn_mode, split_attn)
+        body = self._body if self.compiled_body is None else self.compiled_body
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             if self.checkpoint_offload is None:
-                return checkpoint(self._body, *args, use_reentrant=False)
-            body = functools.partial(self._body, attn_mode=attn_mode, split_attn=split_attn)
+                return checkpoint(body, *args, use_reentrant=False)
+            body = functools.partial(body, attn_mode=attn_mode, split_attn=split_attn)
             return checkpoint_with_cpu_offload(
                 body, *args[:6], asynchronous=self.checkpoint_offload == UNSLOTH_OFFLOAD
             )
-        return self._body(*args)
+        return body(*args)
 
 
 class FinalLayer(nn.Module):
@@ -592,6 +594,22 @@ class Anima(nn.Module):
         for block in self.blocks:
             block.gradient_checkpointing = False
             block.checkpoint_offload = None
+
+    def compile_blocks(
+        self, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = None, fullgraph: bool = False
+    ) -> None:
+        """``torch.compile`` every DiT block's computation (``--compile``), one compiled function per block.
+
+        What is compiled is the block body: gradient checkpointing, CPU-offload checkpointing and block swap stay
+        eager around it (their copies, streams and autograd hooks are host-side bookkeeping). The LoRA hooks of
+        the block's Linear layers and float8 weights (``--fp8_base``) are traced into the graph. Parameters are
+        graph inputs, so block swap re-pointing a block at another device slot needs no recompilation; modes
+        that capture CUDA graphs (fixed addresses) are refused with block swap by the trainer.
+        """
+        for block in self.blocks:
+            block.compiled_body = torch.compile(
+                block._body, backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph
+            )
 
     # ---- block swap (library.block_swap) -----------------------------------------------------------------------
 
