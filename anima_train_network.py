@@ -15,11 +15,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from library import flow_matching
-from library.dataset_config import debug_dataset_main
+from library.data.config import debug_dataset_main
+from library.data.latent_cache import cache_group_latents
+from library.data.text_cache import cache_group_text
 from library.errors import AnimaError
-from library.train_args import handle_output_config, parse_args, require_training_inputs
-from library.train_logging import logger, setup_console_logging
+from library.training import flow_matching
+from library.training.args import handle_output_config, parse_args, require_training_inputs
+from library.training.reporting import logger, setup_console_logging
 from train_network import NetworkTrainer
 
 ANIMA_METADATA_ARGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "timestep_sampling",
@@ -40,29 +42,39 @@ class AnimaNetworkTrainer(NetworkTrainer):
         self.text_encoding: Any = None
         self.vae: torch.nn.Module | None = None
         self.sample_prompt_encoder: Any = None
+        self.tokenizer: Any = None  # found by the input check, reused when the text encoder loads
 
     # --- checks -----------------------------------------------------------------------------------------------
 
     def assert_extra_args(self, args: argparse.Namespace, train_group: Any, val_group: Any) -> None:
         flow_matching.check_flow_matching_options(args.timestep_sampling, args.weighting_scheme,
                                                   args.discrete_flow_shift, args.logit_std, args.ip_noise_gamma)
-        from library.attention import check_attn_mode
+        from library.models.attention import check_attn_mode
 
         check_attn_mode(args.attn_mode, training=True)
 
     # --- models -----------------------------------------------------------------------------------------------
 
     def inspect_models(self, args: argparse.Namespace) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
-        from library.anima_utils import load_anima_model
-        from library.qwen_image_vae import load_vae
-        from library.text_encoders import load_qwen3_text_encoder
+        from library.models.dit_loading import load_anima_model
+        from library.models.qwen3 import load_qwen3_text_encoder
+        from library.models.vae import load_vae
 
         meta = torch.device("meta")  # headers only: names, shapes and configs are checked, no weight is read
         dit = load_anima_model(args.pretrained_model_name_or_path, device=meta, attn_mode=args.attn_mode,
                                split_attn=args.split_attn, llm_adapter_path=args.llm_adapter_path)
         load_vae(args.vae, device=meta, chunk_size=args.vae_chunk_size)
         text_encoder = load_qwen3_text_encoder(args.qwen3, device=meta, dtype=torch.float32)
+        self.tokenizer = self.load_tokenizer(args)
         return dit, [text_encoder]
+
+    def load_tokenizer(self, args: argparse.Namespace) -> Any:
+        """The Qwen3 + T5 tokenizer pair (from the flags, the Qwen3 folder or the hub cache)."""
+        from library.models.tokenizers import AnimaTokenizer, load_qwen3_tokenizer, load_t5_tokenizer
+
+        return AnimaTokenizer(
+            load_qwen3_tokenizer(qwen3_path=args.qwen3, tokenizer_path=args.qwen3_tokenizer_path),
+            load_t5_tokenizer(args.t5_tokenizer_path), args.qwen3_max_token_length, args.t5_max_token_length)
 
     def load_frozen_models(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> None:
         self.text_encoding = self.load_text_encoding_for_caching(args)
@@ -71,25 +83,22 @@ class AnimaNetworkTrainer(NetworkTrainer):
 
     def load_text_encoding_for_caching(self, args: argparse.Namespace) -> Any:
         """Tokenizers + Qwen3 on the device, wrapped in the encoding object the caches and the loop use."""
-        from library.anima_tokenizers import AnimaTokenizer, load_qwen3_tokenizer, load_t5_tokenizer
-        from library.text_encoders import AnimaTextEncoding, load_qwen3_text_encoder
+        from library.models.qwen3 import AnimaTextEncoding, load_qwen3_text_encoder
 
-        tokenizer = AnimaTokenizer(
-            load_qwen3_tokenizer(qwen3_path=args.qwen3, tokenizer_path=args.qwen3_tokenizer_path),
-            load_t5_tokenizer(args.t5_tokenizer_path), args.qwen3_max_token_length, args.t5_max_token_length)
+        tokenizer = self.tokenizer or self.load_tokenizer(args)
         text_encoder = load_qwen3_text_encoder(args.qwen3, device=self.device, dtype=self.weight_dtype)
         return AnimaTextEncoding(tokenizer, text_encoder, self.device, self.weight_dtype)
 
     def load_vae_for_caching(self, args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
         """The VAE on the device and the identity string that ties latent caches to it."""
-        from library.qwen_image_vae import load_vae
+        from library.models.vae import load_vae
 
         vae = load_vae(args.vae, device=self.device, dtype=self.vae_dtype, chunk_size=args.vae_chunk_size,
                        disable_cache=args.vae_disable_cache)
         return vae, file_identity(args.vae, self.vae_dtype) + f"|chunk{args.vae_chunk_size}"
 
     def load_dit(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> torch.nn.Module:
-        from library.anima_utils import load_anima_model
+        from library.models.dit_loading import load_anima_model
 
         # With block swap the DiT stays in CPU memory until `place_dit` streams part of it to the device; with
         # --fp8_base until `place_dit` has stored its block projections in float8.
@@ -100,7 +109,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
         return dit
 
     def place_dit(self, args: argparse.Namespace, device: torch.device) -> None:
-        from library.train_args import compile_options
+        from library.training.args import compile_options
 
         if args.fp8_base:
             from library.models.fp8 import quantize_linear_weights
@@ -144,7 +153,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
         # The main process encodes (and writes disk caches) first; the others then reuse the files.
         with accelerator.main_process_first():
             for group in groups:
-                group.cache_latents(self.vae, self.vae_identity, batch_size=args.vae_batch_size,
+                cache_group_latents(group, self.vae, self.vae_identity, batch_size=args.vae_batch_size,
                                     to_disk=args.cache_latents_to_disk, skip_check=args.skip_cache_check,
                                     is_main_process=accelerator.is_main_process)
 
@@ -153,13 +162,13 @@ class AnimaNetworkTrainer(NetworkTrainer):
         batch_size = args.text_encoder_batch_size or args.train_batch_size
         with accelerator.main_process_first(), torch.no_grad():
             for group in groups:
-                group.cache_text_encoder_outputs(self.text_encoding, batch_size=batch_size,
+                cache_group_text(group, self.text_encoding, batch_size=batch_size,
                                                  to_disk=args.cache_text_encoder_outputs_to_disk,
                                                  skip_check=args.skip_cache_check,
                                                  is_main_process=accelerator.is_main_process)
         if args.sample_prompts and accelerator.is_main_process:
             # Encode the sample prompts now: the text encoder is freed before training.
-            from library.sampling import CachedPromptEncodings, load_sample_prompts
+            from library.training.sampling import CachedPromptEncodings, load_sample_prompts
 
             self.sample_prompt_encoder = CachedPromptEncodings.from_encoder(
                 self.text_encoding, load_sample_prompts(args.sample_prompts))
@@ -218,7 +227,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
     # --- sampling and metadata --------------------------------------------------------------------------------
 
     def sample_images(self, args: argparse.Namespace, accelerator: Accelerator, epoch: int | None, step: int) -> None:
-        from library.sampling import generate_sample_images, load_sample_prompts
+        from library.training.sampling import generate_sample_images, load_sample_prompts
 
         encoder = self.sample_prompt_encoder or self.text_encoding
         if encoder is None:

@@ -28,11 +28,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
-from library import saving
+from library.data.metadata import group_metadata
 from library.errors import AnimaError
-from library.losses import huber_threshold, per_sample_loss
-from library.optimizers import unwrap_optimizer
-from library.train_logging import LossRecorder, TrainingReporter, logger, lr_logs
+from library.io import files
+from library.training import outputs
+from library.training.losses import huber_threshold, per_sample_loss
+from library.training.optimizers import unwrap_optimizer
+from library.training.reporting import LossRecorder, TrainingReporter, logger, lr_logs
+from library.training.state import NETWORK_STATE_FILE, read_train_state, write_train_state
 from networks.lora_format import load_lora_file
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -152,11 +155,11 @@ class NetworkTrainer:
         only), the --resume folder, and the network (--network_args, --network_weights, --base_weights) built
         on weightless copies of the models."""
         if args.resume:
-            saving.read_train_state(Path(args.resume))
+            read_train_state(Path(args.resume))
         if not args.cache_only:
-            saving.check_writable_dir(args.output_dir, "--output_dir")
+            files.check_writable_dir(args.output_dir, "--output_dir")
         if args.logging_dir and args.log_with:
-            saving.check_writable_dir(args.logging_dir, "--logging_dir")
+            files.check_writable_dir(args.logging_dir, "--logging_dir")
         dit, text_encoders = self.inspect_models(args)
         if not args.cache_only:
             logging.disable(logging.WARNING)  # the real build logs the same lines again
@@ -191,7 +194,7 @@ class NetworkTrainer:
 
     def build_datasets(self, args: argparse.Namespace) -> None:
         """Dataset groups from `--dataset_config` / folders, checked before any model loads."""
-        from library.dataset_config import build_dataset_groups
+        from library.data.config import build_dataset_groups
 
         self.train_group, self.val_group = build_dataset_groups(args)
         if self.train_group is None or len(self.train_group) == 0:
@@ -203,7 +206,7 @@ class NetworkTrainer:
     def write_caches_only(self, args: argparse.Namespace) -> None:
         """`--cache_only`: write the disk caches and stop. The main process writes first; the others then
         find the files and only check them."""
-        from library.dataset_config import cache_only_main
+        from library.data.config import cache_only_main
 
         with self.accelerator.main_process_first():
             cache_only_main(args, load_vae=lambda: self.load_vae_for_caching(args),
@@ -290,9 +293,9 @@ class NetworkTrainer:
 
     def create_optimizer(self, args: argparse.Namespace) -> None:
         """Parameter groups (per component / LoRA+), optimizer, data loader, step counts, LR scheduler."""
-        from library.dataset_config import make_dataloader
-        from library.lr_schedulers import create_lr_scheduler, resolve_lr_scheduler_name
-        from library.optimizers import create_optimizer, install_fused_backward_pass, is_schedule_free
+        from library.data.config import make_dataloader
+        from library.training.optimizers import create_optimizer, install_fused_backward_pass, is_schedule_free
+        from library.training.schedulers import create_lr_scheduler, resolve_lr_scheduler_name
 
         component_lrs = {name: getattr(args, f"{name}_lr")
                          for name in ("self_attn", "cross_attn", "mlp", "mod", "llm_adapter")}
@@ -387,7 +390,7 @@ class NetworkTrainer:
                 self.apply_initial_step(args, 0)
             return
         folder = Path(args.resume)
-        state = saving.read_train_state(folder)
+        state = read_train_state(folder)
         self.load_state(folder)
         self.global_step = state["global_step"]
         self.first_epoch = state["current_epoch"]
@@ -416,23 +419,25 @@ class NetworkTrainer:
 
     def build_metadata(self, args: argparse.Namespace) -> None:
         """ss_* metadata of the run (fixed part) and the model spec."""
-        dataset_metadata = self.train_group.metadata() if hasattr(self.train_group, "metadata") else None
+        dataset_metadata = group_metadata(self.train_group)
         if dataset_metadata and "ss_batch_size_per_device" in dataset_metadata:  # command-line dataset
             dataset_metadata["ss_total_batch_size"] = str(int(dataset_metadata["ss_batch_size_per_device"])
                                                           * self.accelerator.num_processes
                                                           * args.gradient_accumulation_steps)
         num_val = getattr(self.val_group, "num_train_images", 0) if self.val_group is not None else 0
-        metadata = saving.training_metadata(
+        metadata = outputs.training_metadata(
             args, session_id=self.session_id, training_started_at=self.training_started_at,
             num_train_images=self.train_group.num_train_images, num_reg_images=self.train_group.num_reg_images,
             num_validation_images=num_val, num_batches_per_epoch=len(self.train_loader),
             num_epochs=self.num_epochs, optimizer_name=self.optimizer_text,
             network_args=self.network_args if args.network_args else None, dataset_metadata=dataset_metadata,
+            network_dim=getattr(self.network, "network_dim", None),
+            network_alpha=getattr(self.network, "network_alpha", None),
         )
         if not args.no_metadata:
             self.update_metadata(metadata, args)
         self.metadata = metadata
-        self.model_spec = saving.model_spec(args, self.training_started_at)
+        self.model_spec = outputs.model_spec(args, self.training_started_at)
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
@@ -551,13 +556,13 @@ class NetworkTrainer:
         if args.sample_every_n_steps and not args.sample_every_n_epochs and step % args.sample_every_n_steps == 0:
             self.run_sampling(epoch=None, step=step)
         if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
-            self.save_model(saving.step_model_name(args, step), steps=step, epoch=epoch)
-            self.prune(saving.step_model_name, saving.step_to_prune(step, args.save_every_n_steps,
+            self.save_model(outputs.step_model_name(args, step), steps=step, epoch=epoch)
+            self.prune(outputs.step_model_name, outputs.step_to_prune(step, args.save_every_n_steps,
                                                                     args.save_last_n_steps))
             if args.save_state:
-                self.save_state(saving.step_state_name(args, step), epoch=epoch, epoch_batches=epoch_batches)
+                self.save_state(outputs.step_state_name(args, step), epoch=epoch, epoch_batches=epoch_batches)
                 keep = args.save_last_n_steps_state or args.save_last_n_steps
-                self.prune(saving.step_state_name, saving.step_to_prune(step, args.save_every_n_steps, keep))
+                self.prune(outputs.step_state_name, outputs.step_to_prune(step, args.save_every_n_steps, keep))
         if self.val_loader is not None and args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
             self.validate(args)
 
@@ -568,13 +573,13 @@ class NetworkTrainer:
                 or (not args.validate_every_n_epochs and not args.validate_every_n_steps)):
             self.validate(args)
         if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < self.num_epochs:
-            self.save_model(saving.epoch_model_name(args, epoch), steps=self.global_step, epoch=epoch)
-            self.prune(saving.epoch_model_name, saving.epoch_to_prune(epoch, args.save_every_n_epochs,
+            self.save_model(outputs.epoch_model_name(args, epoch), steps=self.global_step, epoch=epoch)
+            self.prune(outputs.epoch_model_name, outputs.epoch_to_prune(epoch, args.save_every_n_epochs,
                                                                       args.save_last_n_epochs))
             if args.save_state:
-                self.save_state(saving.epoch_state_name(args, epoch), epoch=epoch, epoch_batches=0)
+                self.save_state(outputs.epoch_state_name(args, epoch), epoch=epoch, epoch_batches=0)
                 keep = args.save_last_n_epochs_state or args.save_last_n_epochs
-                self.prune(saving.epoch_state_name, saving.epoch_to_prune(epoch, args.save_every_n_epochs, keep))
+                self.prune(outputs.epoch_state_name, outputs.epoch_to_prune(epoch, args.save_every_n_epochs, keep))
         if args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0:
             self.run_sampling(epoch=epoch, step=self.global_step)
 
@@ -648,7 +653,7 @@ class NetworkTrainer:
 
     def write_model(self, path: Path, *, steps: int, epoch: int) -> None:
         if self.is_main:
-            metadata = saving.metadata_for_save(self.metadata, self.model_spec, steps=steps, epoch=epoch,
+            metadata = outputs.metadata_for_save(self.metadata, self.model_spec, steps=steps, epoch=epoch,
                                                 no_metadata=self.args.no_metadata)
             is_safetensors = path.suffix == ".safetensors"
             # save_weights writes atomically (temp file + rename).
@@ -661,7 +666,7 @@ class NetworkTrainer:
         if self.is_main and number is not None:
             path = Path(self.args.output_dir) / name_of(self.args, number)
             if path.exists():
-                saving.remove_path(path)
+                files.remove_path(path)
                 self.reporter.message(f"removed old checkpoint {path}")
         self.accelerator.wait_for_everyone()
 
@@ -678,25 +683,25 @@ class NetworkTrainer:
                 import safetensors.torch
 
                 weights = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
-                safetensors.torch.save_file(weights, str(tmp / saving.NETWORK_STATE_FILE))
+                safetensors.torch.save_file(weights, str(tmp / NETWORK_STATE_FILE))
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
                 for rank, state in enumerate(gathered):
                     torch.save(state, tmp / f"rng_{rank}.pt")
-                saving.write_train_state(tmp, epoch=epoch, global_step=self.global_step, epoch_step=epoch_batches)
+                write_train_state(tmp, epoch=epoch, global_step=self.global_step, epoch_step=epoch_batches)
 
-            saving.atomic_write_dir(path, write)
+            files.atomic_write_dir(path, write)
             self.reporter.message(f"saved state {path}")
         self.accelerator.wait_for_everyone()
 
     def load_state(self, folder: Path) -> None:
         import safetensors.torch
 
-        needed = [saving.NETWORK_STATE_FILE, "optimizer.pt", "scheduler.pt"]
+        needed = [NETWORK_STATE_FILE, "optimizer.pt", "scheduler.pt"]
         missing = [n for n in needed if not (folder / n).is_file()]
         if missing:
             raise AnimaError(f"--resume {folder}: missing {', '.join(missing)}; give a folder written by --save_state")
-        weights = safetensors.torch.load_file(str(folder / saving.NETWORK_STATE_FILE),
+        weights = safetensors.torch.load_file(str(folder / NETWORK_STATE_FILE),
                                               device=str(self.device))
         result = self.network.load_state_dict(weights, strict=False)
         if result.missing_keys or result.unexpected_keys:
@@ -712,8 +717,8 @@ class NetworkTrainer:
     def save_final(self, args: argparse.Namespace) -> Path:
         epoch = self.num_epochs
         if args.save_state or args.save_state_on_train_end:
-            self.save_state(saving.last_state_name(args), epoch=epoch, epoch_batches=0)
-        path = self.save_model(saving.last_model_name(args), steps=self.global_step, epoch=epoch)
+            self.save_state(outputs.last_state_name(args), epoch=epoch, epoch_batches=0)
+        path = self.save_model(outputs.last_model_name(args), steps=self.global_step, epoch=epoch)
         self.accelerator.end_training()
         self.reporter.summary(steps=self.global_step, output_file=str(path), device=self.device)
         return path

@@ -25,7 +25,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.dataset_config import add_dataset_arguments, build_dataset_groups  # noqa: E402
+from library.data.config import add_dataset_arguments, build_dataset_groups  # noqa: E402
+from library.data.latent_cache import cache_group_latents  # noqa: E402
 
 
 class PoolVAE(torch.nn.Module):
@@ -106,16 +107,16 @@ def main() -> None:
         shared = Path(os.environ.get("ANIMA_SHARED_DIR", Path(__file__).resolve().parent.parent.parent / "shared"))
         tiny = shared / "golden" / "vae_tiny.safetensors"
         if tiny.is_file() and not options.no_real_vae:
-            from library.qwen_image_vae import load_vae
+            from library.models.vae import load_vae
             vaes.append(("golden tiny Qwen-Image VAE", load_vae(tiny, device="cpu", dtype=torch.float32), "tiny"))
         for name, vae, identity in vaes:
             train, _ = build_dataset_groups(args)
             start = time.perf_counter()
-            train.cache_latents(vae, identity, batch_size=options.vae_batch_size, to_disk=True, skip_check=False)
+            cache_group_latents(train, vae, identity, batch_size=options.vae_batch_size, to_disk=True, skip_check=False)
             cache_s = time.perf_counter() - start
             print(f"latent caching to disk, {name} (x2 with flip): {options.images / cache_s:8.1f} latents/s")
             start = time.perf_counter()
-            train.cache_latents(vae, identity, batch_size=options.vae_batch_size, to_disk=True, skip_check=False)
+            cache_group_latents(train, vae, identity, batch_size=options.vae_batch_size, to_disk=True, skip_check=False)
             check_s = time.perf_counter() - start
             print(f"  re-run, all caches valid (provenance check):   {options.images / check_s:8.1f} images/s")
             for npz in images.glob("*_anima.npz"):

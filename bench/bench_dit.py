@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.anima_models import Anima, AnimaConfig  # noqa: E402
-from library.attention import check_attn_mode  # noqa: E402
+from library.models.attention import check_attn_mode  # noqa: E402
+from library.models.dit import Anima, AnimaConfig  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

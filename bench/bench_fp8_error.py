@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.anima_models import Anima, AnimaConfig, Block, rope_tables, video_rope_angles  # noqa: E402
+from library.models.dit import Anima, AnimaConfig, Block, rope_tables, video_rope_angles  # noqa: E402
 from library.models.fp8 import quantize_linear_weights  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent.parent.parent / "shared" / "golden"
@@ -48,7 +48,7 @@ class _Host(torch.nn.Module):
 def golden_dit_errors(golden_dir: Path) -> dict:
     from safetensors.torch import load_file
 
-    from library.anima_utils import load_anima_model
+    from library.models.dit_loading import load_anima_model
 
     golden = load_file(str(golden_dir / "dit_tiny_golden.safetensors"))
 

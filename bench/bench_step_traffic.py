@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.anima_models import AnimaConfig, Block  # noqa: E402
+from library.models.dit import AnimaConfig, Block  # noqa: E402
 from library.models.fp8 import quantize_linear_weights, weight_bytes  # noqa: E402
 from networks.lora_anima import create_network  # noqa: E402
 
@@ -278,7 +278,7 @@ def build_block(config: AnimaConfig, rank: int, fp8_base: bool) -> tuple[Block, 
 
 def rope_tables_for(tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     angles = torch.empty(tokens, head_dim, device="meta")
-    from library.anima_models import rope_tables
+    from library.models.dit import rope_tables
 
     return rope_tables(angles, LOW_PRECISION)
 

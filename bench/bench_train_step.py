@@ -33,8 +33,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from library.anima_models import Anima, AnimaConfig  # noqa: E402
-from library.attention import check_attn_mode  # noqa: E402
+from library.models.attention import check_attn_mode  # noqa: E402
+from library.models.dit import Anima, AnimaConfig  # noqa: E402
 from networks.lora_anima import create_network  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -29,7 +29,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from library.qwen_image_vae import LATENTS_MEAN, LATENTS_STD, QwenImageVAE, load_vae  # noqa: E402
+from library.models.vae import LATENTS_MEAN, LATENTS_STD, QwenImageVAE, load_vae  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

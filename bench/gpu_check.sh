@@ -23,7 +23,7 @@ step() {  # step NAME SECONDS COMMAND...
 
 # Environment: torch with CUDA is expected to be preinstalled; the machine may have no network.
 step env 30 bash -c 'nvidia-smi; python -c "import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0))"'
-if ! python -c "import library.anima_models, networks.lora_anima, safetensors, einops, toml, accelerate, transformers" 2>/dev/null; then
+if ! python -c "import library.models.dit, networks.lora_anima, safetensors, einops, toml, accelerate, transformers" 2>/dev/null; then
     step install 90 python -m pip install --no-build-isolation -e .
 fi
 

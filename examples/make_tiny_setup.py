@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from library.tiny_models import write_tiny_anima_setup  # noqa: E402
+from library.models.tiny import write_tiny_anima_setup  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import ast
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -837,12 +838,15 @@ def create_network_from_weights(
     module_shapes = {}
     for name, parts in group_by_module(sd).items():
         module_shapes[name] = (int(parts["lora_down.weight"].shape[0]), float(parts["alpha"].float()))
+    # The file's most common rank and alpha stand for the network (ss_network_dim / ss_network_alpha).
+    ranks = Counter(rank for rank, _ in module_shapes.values())
+    alphas = Counter(alpha for _, alpha in module_shapes.values())
     network = LoRANetwork(
         text_encoders,
         unet,
         multiplier=multiplier,
-        network_dim=None,
-        network_alpha=None,
+        network_dim=ranks.most_common(1)[0][0] if ranks else None,
+        network_alpha=alphas.most_common(1)[0][0] if alphas else None,
         options=options,
         module_shapes=module_shapes,
     )

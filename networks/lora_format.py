@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from library.checkpoint_io import guess_checkpoint_kind, open_checkpoint, sample_keys
 from library.errors import AnimaError
-from library.saving import atomic_write, safetensors_hashes
+from library.io.checkpoints import guess_checkpoint_kind, open_checkpoint, sample_keys
+from library.io.files import atomic_write, safetensors_hashes
 
 UNET_PREFIX = "lora_unet"
 TE_PREFIX = "lora_te"

@@ -38,6 +38,6 @@ def tokenizers_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_setup(tmp_path_factory: pytest.TempPathFactory):
     """Tiny random Anima checkpoints, tokenizers, images, dataset TOML and prompts, shared by the session."""
-    from library.tiny_models import write_tiny_anima_setup
+    from library.models.tiny import write_tiny_anima_setup
 
     return write_tiny_anima_setup(tmp_path_factory.mktemp("tiny_setup"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from library.anima_utils import load_anima_model
+from library.models.dit_loading import load_anima_model
 
 MAX_REL_ERR = 1e-4
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from library.anima_models import Anima, AnimaConfig
-from library.anima_utils import infer_anima_config, load_anima_model
 from library.errors import AnimaError
+from library.models.dit import Anima, AnimaConfig
+from library.models.dit_loading import infer_anima_config, load_anima_model
 
 
 def spec_key_table(

@@ -9,8 +9,8 @@ import types
 import pytest
 import torch
 
-from library.attention import attention, check_attn_mode
 from library.errors import AnimaError
+from library.models.attention import attention, check_attn_mode
 
 
 def reference_attention(q, k, v, mask=None):

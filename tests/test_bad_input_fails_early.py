@@ -10,11 +10,11 @@ import torch
 
 import anima_train_network
 from anima_train_network import AnimaNetworkTrainer
-from library import checkpoint_io
-from library.anima_utils import load_anima_model
 from library.errors import AnimaError
-from library.qwen_image_vae import load_vae
-from library.text_encoders import load_qwen3_text_encoder
+from library.io import checkpoints as checkpoint_io
+from library.models.dit_loading import load_anima_model
+from library.models.qwen3 import load_qwen3_text_encoder
+from library.models.vae import load_vae
 from networks.lora_anima import create_network
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.anima_models import Anima, AnimaConfig
 from library.errors import AnimaError
+from library.models.dit import Anima, AnimaConfig
 from networks.lora_anima import create_network
 
 NUM_BLOCKS = 6

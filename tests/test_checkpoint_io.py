@@ -1,19 +1,19 @@
-"""library.checkpoint_io: one reader for every checkpoint format, header-only inspection, one-line errors."""
+"""library.io.checkpoints: one reader for every checkpoint format, header-only inspection, one-line errors."""
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from library import checkpoint_io
-from library.anima_utils import load_anima_model
-from library.checkpoint_io import (
+from library.errors import AnimaError
+from library.io import checkpoints as checkpoint_io
+from library.io.checkpoints import (
     find_prefix,
     guess_checkpoint_kind,
     load_state_dict,
     open_checkpoint,
     strip_prefix,
 )
-from library.errors import AnimaError
+from library.models.dit_loading import load_anima_model
 
 WEIGHTS = {
     "net.a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3),

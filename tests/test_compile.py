@@ -16,9 +16,9 @@ from torch._dynamo.utils import counters
 from train_helpers import tiny_train_argv
 
 from anima_train_network import AnimaNetworkTrainer
-from library.anima_models import Anima, AnimaConfig
+from library.models.dit import Anima, AnimaConfig
 from library.models.fp8 import quantize_linear_weights
-from library.train_args import parse_args
+from library.training.args import parse_args
 from networks.lora_anima import create_network
 
 BACKEND = "eager"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from library.buckets import BucketManager, make_bucket_resolutions, prepare_bucket_range
+from library.data.buckets import BucketManager, make_bucket_resolutions, prepare_bucket_range
 from library.errors import AnimaError
 
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from library.dataset_config import add_dataset_arguments, build_dataset_groups, cache_only_main
+from library.data.cache_files import latents_npz_path, text_npz_path
+from library.data.config import add_dataset_arguments, build_dataset_groups, cache_only_main
+from library.data.latent_cache import cache_group_latents
+from library.data.text_cache import cache_group_text
 from library.errors import AnimaError
-from library.latent_cache import latents_npz_path, read_npz
-from library.text_cache import text_npz_path
+from library.io.npz import read_npz
 
 
 class FakeVAE(torch.nn.Module):
@@ -89,7 +91,7 @@ def images(tmp_path: Path) -> Path:
 
 def cache_latents(args: argparse.Namespace, vae: FakeVAE, identity: str = "vae-1", **kw):
     train, _ = build_dataset_groups(args)
-    train.cache_latents(vae, identity, batch_size=kw.pop("batch_size", 2), to_disk=kw.pop("to_disk", True),
+    cache_group_latents(train, vae, identity, batch_size=kw.pop("batch_size", 2), to_disk=kw.pop("to_disk", True),
                         skip_check=kw.pop("skip_check", False), **kw)
     return train
 
@@ -226,7 +228,7 @@ def test_undecodable_image_found_while_caching_is_dropped(tmp_path, images, capl
     args = make_args(tmp_path, "--cache_latents")
     train, _ = build_dataset_groups(args)
     with caplog.at_level(logging.WARNING):
-        train.cache_latents(FakeVAE(), "v", batch_size=4, to_disk=False, skip_check=False)
+        cache_group_latents(train, FakeVAE(), "v", batch_size=4, to_disk=False, skip_check=False)
     keys = [k for i in range(len(train)) for k in train[i]["image_keys"]]
     if str(images / "b.jpg") in keys:
         pytest.skip("this Pillow build decodes the damaged JPEG without an error")
@@ -238,7 +240,7 @@ def test_text_cache_round_trip_and_dropout_uses_the_empty_encoding(tmp_path, ima
                      "caption_prefix = 'photo,'")
     train, _ = build_dataset_groups(args)
     encoding = FakeTextEncoding()
-    train.cache_text_encoder_outputs(encoding, batch_size=2, to_disk=True, skip_check=False)
+    cache_group_text(train, encoding, batch_size=2, to_disk=True, skip_check=False)
     assert encoding.seen[0] == "" and sorted(encoding.seen[1:]) == ["photo, blue, car", "photo, green, tree",
                                                                     "photo, red, apple"]
     data = read_npz(text_npz_path(images / "a.png"))
@@ -266,19 +268,19 @@ def test_text_cache_round_trip_and_dropout_uses_the_empty_encoding(tmp_path, ima
 def test_text_cache_invalidated_by_caption_edit_and_max_length(tmp_path, images, caplog):
     args = make_args(tmp_path, "--cache_text_encoder_outputs_to_disk")
     train, _ = build_dataset_groups(args)
-    train.cache_text_encoder_outputs(FakeTextEncoding(), batch_size=4, to_disk=True, skip_check=False)
+    cache_group_text(train, FakeTextEncoding(), batch_size=4, to_disk=True, skip_check=False)
 
     (images / "a.txt").write_text("red, pear", encoding="utf-8")
     train, _ = build_dataset_groups(args)
     encoding = FakeTextEncoding()
     with caplog.at_level(logging.INFO):
-        train.cache_text_encoder_outputs(encoding, batch_size=4, to_disk=True, skip_check=False)
+        cache_group_text(train, encoding, batch_size=4, to_disk=True, skip_check=False)
     assert encoding.seen == ["", "red, pear"]
     assert any("caption changed" in r.getMessage() for r in caplog.records)
 
     longer = FakeTextEncoding(identity="fake-te|qwen3=16|t5=6", length=16)
     train, _ = build_dataset_groups(args)
-    train.cache_text_encoder_outputs(longer, batch_size=4, to_disk=True, skip_check=False)
+    cache_group_text(train, longer, batch_size=4, to_disk=True, skip_check=False)
     assert len(longer.seen) == 4
     assert read_npz(text_npz_path(images / "a.png"))["prompt_embeds"].shape == (16, 4)
 
@@ -286,7 +288,7 @@ def test_text_cache_invalidated_by_caption_edit_and_max_length(tmp_path, images,
 def test_caption_dropout_every_n_epochs_applies_with_cached_text(tmp_path, images):
     args = make_args(tmp_path, "--cache_text_encoder_outputs", subset_keys="caption_dropout_every_n_epochs = 2")
     train, _ = build_dataset_groups(args)
-    train.cache_text_encoder_outputs(FakeTextEncoding(), batch_size=4, to_disk=False, skip_check=False)
+    cache_group_text(train, FakeTextEncoding(), batch_size=4, to_disk=False, skip_check=False)
     train.set_current_epoch(2)
     assert all(c == "" for i in range(len(train)) for c in train[i]["captions"])
     train.set_current_epoch(3)
@@ -301,8 +303,8 @@ def test_cache_only_mode_writes_both_caches_then_training_reuses_them(tmp_path, 
     assert len(list(images.glob("*_anima.npz"))) == 3 and len(list(images.glob("*_anima_te.npz"))) == 3
     train, _ = build_dataset_groups(args)
     vae2, encoding2 = FakeVAE(), FakeTextEncoding()
-    train.cache_latents(vae2, "vae-1", batch_size=2, to_disk=True, skip_check=False)
-    train.cache_text_encoder_outputs(encoding2, batch_size=2, to_disk=True, skip_check=False)
+    cache_group_latents(train, vae2, "vae-1", batch_size=2, to_disk=True, skip_check=False)
+    cache_group_text(train, encoding2, batch_size=2, to_disk=True, skip_check=False)
     assert vae2.encoded == 0 and encoding2.seen == [""]
     batch = train[0]
     assert batch["latents"] is not None and batch["text"] is not None
@@ -318,11 +320,11 @@ def test_same_stem_images_cannot_share_a_disk_cache(tmp_path, images):
     args = make_args(tmp_path, "--cache_text_encoder_outputs_to_disk")
     train, _ = build_dataset_groups(args)
     with pytest.raises(AnimaError, match="would share the cache file"):
-        train.cache_text_encoder_outputs(FakeTextEncoding(), batch_size=2, to_disk=True, skip_check=False)
+        cache_group_text(train, FakeTextEncoding(), batch_size=2, to_disk=True, skip_check=False)
 
 
 def test_real_tiny_vae_latents_cached_equal_a_direct_encode(tmp_path, images, golden_dir):
-    load_vae = pytest.importorskip("library.qwen_image_vae").load_vae
+    load_vae = pytest.importorskip("library.models.vae").load_vae
     vae = load_vae(golden_dir / "vae_tiny.safetensors", device="cpu", dtype=torch.float32)
     args = make_args(tmp_path, "--cache_latents_to_disk")
     live, _ = build_dataset_groups(args)

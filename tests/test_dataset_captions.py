@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from library.captions import (
+from library.data.captions import (
     CaptionOptions,
     caption_file_candidates,
     expand_wildcards,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from library.dataset_config import add_dataset_arguments, build_dataset_groups
+from library.data.config import add_dataset_arguments, build_dataset_groups
 from library.errors import AnimaError
 
 

@@ -13,16 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from library import dataset_image_io as image_io
-from library.dataset_blueprint import RESIZE_INTERPOLATIONS
-from library.dataset_config import (
+from library.data import images as image_io
+from library.data.cache_files import latents_npz_path
+from library.data.config import (
     add_dataset_arguments,
     build_dataset_groups,
     cache_only_main,
     debug_dataset_main,
     make_dataloader,
 )
-from library.latent_cache import latents_npz_path
+from library.data.records import RESIZE_INTERPOLATIONS
 
 
 def write_image(path: Path, width: int, height: int, seed: int = 0, fmt: str | None = None) -> Path:

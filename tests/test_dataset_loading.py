@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from library.dataset_config import add_dataset_arguments, build_dataset_groups, make_dataloader
+from library.data.config import add_dataset_arguments, build_dataset_groups, make_dataloader
+from library.data.metadata import group_metadata
 from library.errors import AnimaError
 
 
@@ -206,7 +207,7 @@ def test_metadata_from_config_lists_datasets_tags_and_buckets(tmp_path):
     (tmp_path / "img" / "a.caption").write_text("red, blue", encoding="utf-8")
     train, _ = toml_group(tmp_path, "resolution = 64", "num_repeats = 3")
     import json
-    meta = train.metadata()
+    meta = group_metadata(train)
     datasets = json.loads(meta["ss_datasets"])
     assert datasets[0]["num_train_images"] == 3 and datasets[0]["subsets"][0]["num_repeats"] == 3
     assert json.loads(meta["ss_tag_frequency"]) == {"img": {"red": 3, "blue": 3}}

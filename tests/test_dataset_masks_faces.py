@@ -12,10 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from library import dataset_image_io as image_io
-from library.dataset_config import add_dataset_arguments, build_dataset_groups
+from library.data import images as image_io
+from library.data.cache_files import latents_npz_path
+from library.data.config import add_dataset_arguments, build_dataset_groups
+from library.data.latent_cache import cache_group_latents
+from library.data.metadata import group_metadata
 from library.errors import AnimaError
-from library.latent_cache import latents_npz_path, read_npz
+from library.io.npz import read_npz
 
 
 class FakeVAE:
@@ -252,7 +255,7 @@ def test_latent_cache_keeps_the_conditioning_mask_and_flips_it(tmp_path, to_disk
     args = mask_dataset(tmp_path)
     live, _ = build_dataset_groups(args)
     cached, _ = build_dataset_groups(args)
-    cached.cache_latents(FakeVAE(), "vae", batch_size=1, to_disk=to_disk, skip_check=False)
+    cache_group_latents(cached, FakeVAE(), "vae", batch_size=1, to_disk=to_disk, skip_check=False)
     for epoch in range(1, 7):
         live.set_current_epoch(epoch)
         cached.set_current_epoch(epoch)
@@ -267,14 +270,14 @@ def test_latent_cache_keeps_the_conditioning_mask_and_flips_it(tmp_path, to_disk
 def test_changed_conditioning_image_reencodes_the_disk_cache(tmp_path):
     args = mask_dataset(tmp_path)
     train, _ = build_dataset_groups(args)
-    train.cache_latents(FakeVAE(), "vae", batch_size=1, to_disk=True, skip_check=False)
+    cache_group_latents(train, FakeVAE(), "vae", batch_size=1, to_disk=True, skip_check=False)
     vae = FakeVAE()
     train, _ = build_dataset_groups(args)
-    train.cache_latents(vae, "vae", batch_size=1, to_disk=True, skip_check=False)
+    cache_group_latents(train, vae, "vae", batch_size=1, to_disk=True, skip_check=False)
     assert vae.encoded == 0
     save(tmp_path / "cond" / "a.png", np.full((64, 96, 3), 255, dtype=np.uint8))
     train, _ = build_dataset_groups(args)
-    train.cache_latents(vae, "vae", batch_size=1, to_disk=True, skip_check=False)
+    cache_group_latents(train, vae, "vae", batch_size=1, to_disk=True, skip_check=False)
     assert vae.encoded == 2  # image + mirrored image
     assert torch.all(train[0]["loss_masks"] == 1)
 
@@ -288,7 +291,7 @@ def test_metadata_names_the_conditioning_folder_and_face_range(tmp_path):
     args = toml_args(tmp_path, "resolution = 64",
                      f"conditioning_data_dir = '{tmp_path / 'cond'}'\nface_crop_aug_range = [2.0, 3.0]",
                      masked_loss=True)
-    datasets = json.loads(build_dataset_groups(args)[0].metadata()["ss_datasets"])
+    datasets = json.loads(group_metadata(build_dataset_groups(args)[0])["ss_datasets"])
     assert datasets[0]["is_dreambooth"] is False
     subset = datasets[0]["subsets"][0]
     assert subset["conditioning_data_dir"] == "cond" and subset["face_crop_aug_range"] == [2.0, 3.0]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from library.flags_doc import REGENERATE_COMMAND, render_flags_markdown
-from library.train_args import setup_parser
+from library.training.args import setup_parser
+from library.training.flags_doc import REGENERATE_COMMAND, render_flags_markdown
 from networks.convert_lora import build_parser as build_converter_parser
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from library.data.images import conditioning_image_to_mask
 from library.errors import AnimaError
-from library.flow_matching import (
+from library.training.flow_matching import (
     TIMESTEP_SAMPLING_METHODS,
     discrete_sigma_table,
     flux_shift_mu,
@@ -23,9 +24,8 @@ from library.flow_matching import (
     shift_sigmas,
     velocity_target,
 )
-from library.losses import (
+from library.training.losses import (
     apply_loss_mask,
-    conditioning_image_to_mask,
     elementwise_loss,
     huber_threshold,
     per_sample_loss,

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from train_helpers import tiny_train_argv
 
 from anima_train_network import AnimaNetworkTrainer
-from library.anima_models import Anima, AnimaConfig
-from library.anima_utils import load_anima_model
+from library.models.dit import Anima, AnimaConfig
+from library.models.dit_loading import load_anima_model
 from library.models.fp8 import FP8_DTYPE, Fp8Linear, dequantize_weight, quantize_linear_weights, quantize_weight
-from library.train_args import parse_args
+from library.training.args import parse_args
 from networks.lora_anima import create_network
 
 COMMON = ("--network_args", "train_llm_adapter=false")

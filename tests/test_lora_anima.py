@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import Qwen3Config, Qwen3Model
 
-from library.anima_models import Anima, AnimaConfig
-from library.anima_utils import load_anima_model
 from library.errors import AnimaError
+from library.models.dit import Anima, AnimaConfig
+from library.models.dit_loading import load_anima_model
 from networks.lora_anima import (
     VALID_NETWORK_ARGS,
     LoRAModule,

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Qwen3Config, Qwen3Model
 
-from library.anima_models import Anima, AnimaConfig
 from library.errors import AnimaError
-from library.saving import safetensors_hashes
+from library.io.files import safetensors_hashes
+from library.models.dit import Anima, AnimaConfig
 from networks.convert_lora import main as convert_main
 from networks.lora_format import (
     convert_from_comfy,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from library.anima_utils import load_anima_model
 from library.errors import AnimaError
+from library.models.dit_loading import load_anima_model
 from networks.lora_anima import create_network, create_network_from_weights
 
 MODES = {
@@ -175,7 +175,7 @@ def test_gpu_offload_checkpointing_matches_no_checkpointing_on_cuda(golden_dir, 
 @needs_cuda
 @pytest.mark.parametrize("mode", ["cpu_offload", "unsloth_offload"])
 def test_gpu_offload_checkpointing_frees_block_inputs_on_cuda(mode):
-    from library.anima_models import Anima, AnimaConfig
+    from library.models.dit import Anima, AnimaConfig
 
     torch.manual_seed(0)
     config = AnimaConfig(model_channels=256, num_heads=4, num_blocks=6, adapter_num_layers=1)

@@ -11,20 +11,20 @@ import pytest
 import torch
 
 from library.errors import AnimaError
-from library.lr_schedulers import (
+from library.training.optimizers import (
+    create_optimizer,
+    install_fused_backward_pass,
+    is_schedule_free,
+    optimizer_type_names,
+    parse_literal_kwargs,
+)
+from library.training.schedulers import (
     LR_SCHEDULERS,
     ScheduleFreeScheduler,
     create_lr_scheduler,
     parse_int_or_float,
     resolve_lr_scheduler_name,
     steps_from_int_or_float,
-)
-from library.optimizers import (
-    create_optimizer,
-    install_fused_backward_pass,
-    is_schedule_free,
-    optimizer_type_names,
-    parse_literal_kwargs,
 )
 
 # ---------------------------------------------------------------- tiny regression problem
@@ -71,7 +71,7 @@ def _bitsandbytes_or_skip():
         ("", 1e-2, [], "torch.optim.adamw.AdamW"),
         ("adamw", 1e-2, ["betas=(0.9,0.99)", "weight_decay=0.01"], "torch.optim.adamw.AdamW"),
         ("SGDNesterov", 1e-2, [], "torch.optim.sgd.SGD"),
-        ("Lion", 1e-3, ["weight_decay=0.1"], "library.optimizers.Lion"),
+        ("Lion", 1e-3, ["weight_decay=0.1"], "library.training.optimizers.Lion"),
         ("AdaFactor", 1e-2, ["relative_step=False", "scale_parameter=False"], "transformers.optimization.Adafactor"),
         ("Adafactor", 0.0, [], "transformers.optimization.Adafactor"),
         ("RMSprop", 1e-2, [], "torch.optim.rmsprop.RMSprop"),

@@ -10,14 +10,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from library.errors import AnimaError
-from library.qwen_image_vae import (
+from library.models.vae import (
     LATENTS_MEAN,
     LATENTS_STD,
     QwenImageVAE,
     VAEConfig,
     load_vae,
 )
-from library.qwen_image_vae_keys import diffusers_to_original_keys, original_to_diffusers_keys
+from library.models.vae_keys import diffusers_to_original_keys, original_to_diffusers_keys
 
 
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -206,7 +206,7 @@ def test_chunking_handles_odd_latent_sizes_and_images_smaller_than_a_chunk(vae_f
 
 
 def test_odd_chunk_size_is_rounded_up_with_a_note(vae_file, caplog):
-    with caplog.at_level(logging.INFO, logger="library.qwen_image_vae"):
+    with caplog.at_level(logging.INFO, logger="library.models.vae"):
         model = load_vae(vae_file, chunk_size=7)
     assert model.chunk_size == 8
     assert "--vae_chunk_size 7" in caplog.text

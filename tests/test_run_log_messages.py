@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 import anima_train_network
-from library.train_logging import PACKAGE_LOGGERS, logger
+from library.training.reporting import PACKAGE_LOGGERS, logger
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from library.errors import AnimaError
-from library.sampling import (
+from library.training.sampling import (
     CachedPromptEncodings,
     SamplePrompt,
     euler_flow_sample,
@@ -302,8 +302,8 @@ def test_cached_encodings_are_looked_up_by_exact_text():
 
 @pytest.fixture(scope="module")
 def golden_models(golden_dir):
-    from library.anima_utils import load_anima_model
-    from library.qwen_image_vae import load_vae
+    from library.models.dit_loading import load_anima_model
+    from library.models.vae import load_vae
 
     dit = load_anima_model(str(golden_dir / "dit_tiny.safetensors"), "cpu", torch.float32)
     vae = load_vae(golden_dir / "vae_tiny.safetensors", "cpu", torch.float32)

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from library.errors import AnimaError
-from library.text_encoders import (
+from library.models.qwen3 import (
     AnimaTextEncoding,
     AnimaTokenizer,
     encode_qwen3,

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from library.tiny_models import MANIFEST_NAME, write_tiny_anima_setup, write_tiny_dit
+from library.models.tiny import MANIFEST_NAME, write_tiny_anima_setup, write_tiny_dit
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_setup_writes_every_file_and_reuses_a_finished_setup(tiny):
 
 
 def test_a_different_recipe_rebuilds_the_setup(tmp_path, monkeypatch):
-    import library.tiny_models as tiny_models
+    import library.models.tiny as tiny_models
 
     calls = []
     for name in ("write_tiny_dit", "write_tiny_vae", "write_tiny_qwen3", "write_tiny_t5_tokenizer"):
@@ -58,8 +58,8 @@ def test_dit_file_has_released_layout_and_is_deterministic(tiny, tmp_path):
 
 
 def test_dit_and_vae_load_and_run(tiny):
-    from library.anima_utils import load_anima_model
-    from library.qwen_image_vae import load_vae
+    from library.models.dit_loading import load_anima_model
+    from library.models.vae import load_vae
 
     dit = load_anima_model(str(tiny.dit), "cpu", torch.float32)
     gen = torch.Generator().manual_seed(0)
@@ -79,8 +79,8 @@ def test_dit_and_vae_load_and_run(tiny):
 
 
 def test_tokenizers_and_text_encoder_load_and_encode(tiny):
-    from library.anima_tokenizers import AnimaTokenizer, load_qwen3_tokenizer, load_t5_tokenizer
-    from library.text_encoders import AnimaTextEncoding, load_qwen3_text_encoder
+    from library.models.qwen3 import AnimaTextEncoding, load_qwen3_text_encoder
+    from library.models.tokenizers import AnimaTokenizer, load_qwen3_tokenizer, load_t5_tokenizer
 
     qwen3_tok = load_qwen3_tokenizer(tiny.qwen3_dir)
     t5_tok = load_t5_tokenizer(tiny.t5_tokenizer_dir)
@@ -98,7 +98,7 @@ def test_tokenizers_and_text_encoder_load_and_encode(tiny):
 
 
 def test_images_captions_dataset_toml_and_prompts(tiny):
-    from library.sampling import load_sample_prompts
+    from library.training.sampling import load_sample_prompts
 
     images = sorted(p for p in tiny.image_dir.iterdir() if p.suffix in (".png", ".jpg"))
     assert len(images) == 6 and {p.suffix for p in images} == {".png", ".jpg"}
@@ -109,7 +109,7 @@ def test_images_captions_dataset_toml_and_prompts(tiny):
         assert caption.startswith("a ") and "background" in caption
         assert np.asarray(Image.open(p)).std() > 5  # a shape on a background, not a flat colour
 
-    from library.dataset_config import load_dataset_config, validate_user_config
+    from library.data.config import load_dataset_config, validate_user_config
 
     config = load_dataset_config(tiny.dataset_toml)
     validate_user_config(config, str(tiny.dataset_toml))

@@ -10,7 +10,7 @@ import toml
 
 from anima_train_network import main
 from library.errors import AnimaError
-from library.train_args import int_or_float, parse_args, setup_parser
+from library.training.args import int_or_float, parse_args, setup_parser
 
 
 def parse(*argv: str) -> tuple[argparse.Namespace, list[str]]:
@@ -160,7 +160,7 @@ def test_output_config_refuses_to_overwrite(tmp_path):
     out = tmp_path / "x.toml"
     out.write_text("")
     with pytest.raises(AnimaError, match="already exists"):
-        from library.train_args import handle_output_config
+        from library.training.args import handle_output_config
 
         handle_output_config(["--output_config", str(out)])
 
@@ -223,7 +223,7 @@ def test_fp8_base_unet_means_fp8_base():
 
 
 def test_torch_compile_compiles_the_blocks_with_the_dynamo_backend():
-    from library.train_args import compile_options
+    from library.training.args import compile_options
 
     args, _ = parse("--torch_compile", "--dynamo_backend", "EAGER")
     assert args.compile and compile_options(args) == {"backend": "eager", "mode": None, "dynamic": None,

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from train_helpers import tiny_train_argv, trainer_through_caches
 
 from anima_train_network import AnimaNetworkTrainer
-from library.train_args import parse_args
+from library.training.args import parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,7 +119,7 @@ import sys, torch
 from safetensors.torch import save_file
 sys.path.insert(0, {repo!r})
 from anima_train_network import AnimaNetworkTrainer
-from library.train_args import parse_args
+from library.training.args import parse_args
 args, _ = parse_args(sys.argv[1:])
 trainer = AnimaNetworkTrainer()
 trainer.train(args)

@@ -9,8 +9,10 @@ import stat
 import pytest
 import torch
 
-from library import saving
 from library.errors import AnimaError
+from library.io import files
+from library.training import outputs
+from library.training.state import read_train_state, write_train_state
 
 
 def names_args(**kw) -> argparse.Namespace:
@@ -19,33 +21,33 @@ def names_args(**kw) -> argparse.Namespace:
 
 def test_file_names_follow_the_sd_scripts_patterns():
     args = names_args(output_name="my")
-    assert saving.epoch_model_name(args, 3) == "my-000003.safetensors"
-    assert saving.step_model_name(args, 50) == "my-step00000050.safetensors"
-    assert saving.last_model_name(args) == "my.safetensors"
-    assert saving.epoch_state_name(args, 3) == "my-000003-state"
+    assert outputs.epoch_model_name(args, 3) == "my-000003.safetensors"
+    assert outputs.step_model_name(args, 50) == "my-step00000050.safetensors"
+    assert outputs.last_model_name(args) == "my.safetensors"
+    assert outputs.epoch_state_name(args, 3) == "my-000003-state"
     unnamed = names_args(save_model_as="pt")
-    assert saving.epoch_model_name(unnamed, 1) == "epoch-000001.pt"
-    assert saving.step_model_name(unnamed, 2) == "at-step00000002.pt"
-    assert saving.last_state_name(unnamed) == "last-state"
+    assert outputs.epoch_model_name(unnamed, 1) == "epoch-000001.pt"
+    assert outputs.step_model_name(unnamed, 2) == "at-step00000002.pt"
+    assert outputs.last_state_name(unnamed) == "last-state"
 
 
 def test_step_pruning_keeps_the_last_n_steps():
     # Saves every 10 steps, keep the last 20 steps: after saving 40, step 10 goes (20 and 30 stay).
-    assert saving.step_to_prune(40, 10, 20) == 10
-    assert saving.step_to_prune(20, 10, 20) is None
-    assert saving.step_to_prune(40, 10, None) is None
+    assert outputs.step_to_prune(40, 10, 20) == 10
+    assert outputs.step_to_prune(20, 10, 20) is None
+    assert outputs.step_to_prune(40, 10, None) is None
 
 
 def test_epoch_pruning_keeps_the_last_n_epoch_files():
-    assert saving.epoch_to_prune(5, 1, 2) == 3
-    assert saving.epoch_to_prune(2, 1, 2) is None
-    assert saving.epoch_to_prune(6, 2, 2) == 2
+    assert outputs.epoch_to_prune(5, 1, 2) == 3
+    assert outputs.epoch_to_prune(2, 1, 2) is None
+    assert outputs.epoch_to_prune(6, 2, 2) == 2
 
 
 def test_atomic_dir_replaces_an_old_state_and_leaves_no_temp(tmp_path):
     target = tmp_path / "s"
-    saving.atomic_write_dir(target, lambda d: (d / "a.txt").write_text("1"))
-    saving.atomic_write_dir(target, lambda d: (d / "b.txt").write_text("2"))
+    files.atomic_write_dir(target, lambda d: (d / "a.txt").write_text("1"))
+    files.atomic_write_dir(target, lambda d: (d / "b.txt").write_text("2"))
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["s"]
 
@@ -59,19 +61,19 @@ def test_failed_atomic_write_keeps_the_previous_file(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        saving.atomic_write(target, fail)
+        files.atomic_write(target, fail)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
 
 
 def test_train_state_round_trip_and_bad_folder(tmp_path):
-    saving.write_train_state(tmp_path, epoch=2, global_step=17, epoch_step=3)
-    assert saving.read_train_state(tmp_path) == {"current_epoch": 2, "global_step": 17, "epoch_step": 3}
+    write_train_state(tmp_path, epoch=2, global_step=17, epoch_step=3)
+    assert read_train_state(tmp_path) == {"current_epoch": 2, "global_step": 17, "epoch_step": 3}
     with pytest.raises(AnimaError, match="--resume"):
-        saving.read_train_state(tmp_path / "nothing")
+        read_train_state(tmp_path / "nothing")
 
 
 def test_end_summary_reports_steps_output_and_cpu_peak_memory():
-    from library.train_logging import TrainingReporter
+    from library.training.reporting import TrainingReporter
 
     reporter = TrainingReporter(total_steps=3, initial_step=0, is_main_process=True, logging_dir=None,
                                 interactive=False)
@@ -88,7 +90,7 @@ def test_saved_files_get_the_users_normal_permissions(tmp_path):
 
     old_mask = os.umask(0o022)
     try:
-        path = saving.atomic_write(tmp_path / "lora.safetensors",
+        path = files.atomic_write(tmp_path / "lora.safetensors",
                                    lambda tmp: save_file({"w": torch.zeros(1)}, str(tmp)))
     finally:
         os.umask(old_mask)
@@ -96,7 +98,7 @@ def test_saved_files_get_the_users_normal_permissions(tmp_path):
 
 
 def test_end_summary_after_resume_counts_the_steps_of_this_run():
-    from library.train_logging import TrainingReporter
+    from library.training.reporting import TrainingReporter
 
     reporter = TrainingReporter(total_steps=200, initial_step=120, is_main_process=True, logging_dir=None,
                                 interactive=False)

@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 
 from anima_train_network import AnimaNetworkTrainer
-from library.train_args import parse_args
+from library.training.args import parse_args
 
 
 class RecordingDiT(torch.nn.Module):

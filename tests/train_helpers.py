@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from anima_train_network import AnimaNetworkTrainer
-from library.train_args import parse_args
+from library.training.args import parse_args
 
 
 def tiny_train_argv(tiny, out: Path, *extra: str, cache_text: bool = True, dataset: Path | None = None,
                     dit: Path | None = None, learning_rate: str | None = None) -> list[str]:
-    """Trainer flags for the tiny setup (`library.tiny_models.TinySetup`), then `extra`."""
+    """Trainer flags for the tiny setup (`library.models.tiny.TinySetup`), then `extra`."""
     argv = [
         "--pretrained_model_name_or_path", str(dit or tiny.dit), "--qwen3", str(tiny.qwen3_dir),
         "--vae", str(tiny.vae), "--t5_tokenizer_path", str(tiny.t5_tokenizer_dir),

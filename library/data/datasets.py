@@ -16,7 +16,6 @@ import math
 import multiprocessing
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,49 +23,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from library import dataset_image_io as image_io
-from library.buckets import BucketManager, prepare_bucket_range
-from library.captions import (
+from library.data import images as image_io
+from library.data.buckets import BucketManager, prepare_bucket_range
+from library.data.cache_files import load_cached_latents, load_cached_text, loss_mask_key
+from library.data.captions import (
+    cached_caption_text,
     caption_file_candidates,
     is_caption_dropped,
     process_caption,
     read_caption_file,
-    transform_caption,
 )
-from library.dataset_blueprint import DatasetConfig, SubsetConfig
+from library.data.records import DatasetConfig, ImageInfo, Size, SubsetConfig
 from library.errors import AnimaError
-from library.latent_cache import cache_group_latents, load_cached_latents, loss_mask_key
-from library.saving import atomic_write
-from library.text_cache import cache_group_text, load_cached_text
+from library.io.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
-Size = tuple[int, int]
 ANIMA_BUCKET_MULTIPLE = 16  # DiT patch size 2 x VAE stride 8
 OTHER_CAPTION_EXTENSIONS = (".txt", ".caption", ".tags")
-
-
-@dataclass
-class ImageInfo:
-    """One training image and what has been cached for it."""
-
-    key: str  # the image path (DreamBooth) or the metadata key (fine-tuning)
-    path: Path
-    caption: str  # as read from the file / metadata, before any processing
-    num_repeats: int
-    is_reg: bool
-    subset_index: int
-    image_size: Size
-    bucket: Size | None = None
-    resized: Size | None = None
-    latents: torch.Tensor | None = None  # [16, h, w] float32, memory cache
-    latents_flipped: torch.Tensor | None = None
-    cached_loss_mask: torch.Tensor | None = None  # [H, W] float32: alpha or conditioning mask, memory cache
-    latents_npz: str | None = None  # set when latents are read from a disk cache at train time
-    text: dict[str, torch.Tensor] | None = None  # per-sample text-encoder outputs (no batch axis)
-    text_npz: str | None = None
-    face: image_io.FaceBox | None = None  # from the file name, only when the subset uses face_crop_aug_range
-    conditioning_path: Path | None = None  # the mask image of a conditioning_data_dir subset
 
 
 class BadImages:
@@ -452,7 +426,7 @@ class ImageDataset:
                     captions.append("")
                 else:
                     texts.append(load_cached_text(info))
-                    captions.append(cached_caption_text(info, subset))
+                    captions.append(cached_caption_text(info.caption, subset.captions))
             else:
                 captions.append(process_caption(info.caption, subset.captions, rng, epoch=epoch, step=step,
                                                 max_train_steps=max_train_steps))
@@ -503,15 +477,6 @@ class ImageDataset:
 def _ones_like_bucket(info: ImageInfo) -> torch.Tensor:
     assert info.bucket is not None
     return torch.ones(info.bucket[1], info.bucket[0], dtype=torch.float32)
-
-
-def cached_caption_text(info: ImageInfo, subset: SubsetConfig) -> str:
-    """The caption that is encoded into the text cache: every deterministic caption step, no dropout.
-
-    Caching is only allowed when no random caption step is configured (see DatasetGroup.check_caching_options),
-    so the fixed generator here never influences the result.
-    """
-    return transform_caption(info.caption, subset.captions, random.Random(0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -600,18 +565,8 @@ class DatasetGroup(Dataset):
                                              f"be used with --cache_text_encoder_outputs; turn off {name} or "
                                              "text-encoder output caching")
 
-    def cache_latents(self, vae: Any, vae_identity: str, *, batch_size: int, to_disk: bool, skip_check: bool,
-                      is_main_process: bool = True) -> None:
-        bad = cache_group_latents(self, vae, vae_identity, batch_size=batch_size, to_disk=to_disk,
-                                  skip_check=skip_check, is_main_process=is_main_process)
-        self._drop_bad(bad)
-
-    def cache_text_encoder_outputs(self, text_encoding: Any, *, batch_size: int, to_disk: bool, skip_check: bool,
-                                   is_main_process: bool = True) -> None:
-        cache_group_text(self, text_encoding, batch_size=batch_size, to_disk=to_disk, skip_check=skip_check,
-                         is_main_process=is_main_process)
-
-    def _drop_bad(self, bad: list[tuple[str, str]]) -> None:
+    def drop_bad_images(self, bad: list[tuple[str, str]]) -> None:
+        """Drop images found undecodable while caching (or stop under --strict_images)."""
         if not bad:
             return
         strict = self.strict_images
@@ -623,11 +578,6 @@ class DatasetGroup(Dataset):
         for dataset in self.datasets:
             dataset.drop_images(paths)
         self._update_offsets()
-
-    def metadata(self) -> dict[str, str]:
-        """The ss_* dataset metadata written into the LoRA file."""
-        from library.dataset_metadata import group_metadata
-        return group_metadata(self)
 
 
 def _first_item(batch: list[dict[str, Any]]) -> dict[str, Any]:

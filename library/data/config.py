@@ -17,6 +17,7 @@ are rejected for integer keys, unknown keys name the closest valid key, and ever
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import json
 import logging
@@ -28,11 +29,9 @@ from typing import Any
 
 import toml
 
-from library.buckets import prepare_bucket_range
-from library.captions import CaptionOptions
-from library.dataset_blueprint import RESIZE_INTERPOLATIONS, DatasetConfig, SubsetConfig
-from library.errors import AnimaError
-from library.image_dataset import (
+from library.data.buckets import prepare_bucket_range
+from library.data.captions import CaptionOptions
+from library.data.datasets import (
     ANIMA_BUCKET_MULTIPLE,
     BadImages,
     DatasetGroup,
@@ -43,6 +42,10 @@ from library.image_dataset import (
     make_dataloader,
     split_train_validation,
 )
+from library.data.latent_cache import cache_group_latents
+from library.data.records import RESIZE_INTERPOLATIONS, DatasetConfig, SubsetConfig
+from library.data.text_cache import cache_group_text
+from library.errors import AnimaError
 
 logger = logging.getLogger(__name__)
 
@@ -574,7 +577,7 @@ def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, Datase
         user_config, source = config_from_command_line(args)
     validate_user_config(user_config, source)
     # Parse --resolution once so the fallback sees (W, H).
-    cli = argparse.Namespace(**vars(args))
+    cli = copy.copy(args)  # the fallback values; resolution parsed once below
     cli.resolution = parse_resolution(getattr(args, "resolution", None), "--resolution")
     cli.face_crop_aug_range = parse_face_crop_range(getattr(args, "face_crop_aug_range", None),
                                                     "--face_crop_aug_range")
@@ -602,8 +605,10 @@ def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, Datase
             val_datasets.append(val)
     bad_images.report()
     if not train_datasets or sum(d.num_train_images for d in train_datasets) == 0:
-        raise AnimaError(f"{source}: no training images found; check image_dir / metadata_file and the image "
-                         "extensions (.png .jpg .jpeg .webp .bmp)")
+        searched = ", ".join(sorted({str(s.image_dir or s.metadata_file) for c in dataset_configs for s in c.subsets
+                                     if not s.is_reg})) or "no training subset"
+        raise AnimaError(f"{source}: no training images found in {searched}; check image_dir / metadata_file and the "
+                         "image extensions (.png .jpg .jpeg .webp .bmp)")
 
     from_config = bool(getattr(args, "dataset_config", None))
     train_group = DatasetGroup(train_datasets, seed=dataset_seed, from_config=from_config, strict_images=strict)
@@ -695,7 +700,7 @@ def cache_only_main(args: argparse.Namespace, *, load_vae: Callable[[], tuple[An
             raise AnimaError("--cache_latents_to_disk needs the VAE: give --vae")
         vae, identity = load_vae()
         for group in groups:
-            group.cache_latents(vae, identity, batch_size=int(getattr(args, "vae_batch_size", 1) or 1), to_disk=True,
+            cache_group_latents(group, vae, identity, batch_size=int(getattr(args, "vae_batch_size", 1) or 1), to_disk=True,
                                 skip_check=skip_check, is_main_process=is_main_process)
         del vae
     if want_text:
@@ -705,7 +710,7 @@ def cache_only_main(args: argparse.Namespace, *, load_vae: Callable[[], tuple[An
         for group in groups:
             batch_size = getattr(args, "text_encoder_batch_size", None) or max(
                 d.config.batch_size for d in group.datasets)
-            group.cache_text_encoder_outputs(text_encoding, batch_size=batch_size, to_disk=True,
+            cache_group_text(group, text_encoding, batch_size=batch_size, to_disk=True,
                                              skip_check=skip_check, is_main_process=is_main_process)
     return train, val
 

@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from library.errors import AnimaError
-from library.flow_matching import sampling_sigmas
-from library.saving import atomic_write
+from library.io.files import atomic_write
+from library.training.flow_matching import sampling_sigmas
 
 logger = logging.getLogger(__name__)
 

@@ -170,3 +170,12 @@ def tag_frequency(captions: list[str], separator: str = ",") -> dict[str, int]:
             if tag:
                 counts[tag] = counts.get(tag, 0) + 1
     return counts
+
+
+def cached_caption_text(caption: str, options: CaptionOptions) -> str:
+    """The caption that is encoded into the text cache: every deterministic caption step, no dropout.
+
+    Caching is only allowed when no random caption step is configured (see DatasetGroup.check_caching_options),
+    so the fixed generator here never influences the result.
+    """
+    return transform_caption(caption, options, random.Random(0))

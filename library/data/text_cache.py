@@ -19,34 +19,20 @@ import logging
 import os
 import zipfile
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from library.data.cache_files import CACHE_FORMAT, DISK_KEYS, LOADED_DTYPES, check_cache_name_collisions, text_npz_path
+from library.data.captions import cached_caption_text
+from library.data.datasets import DatasetGroup
+from library.data.records import ImageInfo
 from library.errors import AnimaError
-from library.latent_cache import CACHE_FORMAT, check_cache_name_collisions, merge_into_npz
-
-if TYPE_CHECKING:
-    from library.image_dataset import DatasetGroup, ImageInfo
+from library.io.npz import merge_into_npz
 
 logger = logging.getLogger(__name__)
-
-# Our batch keys -> (npz key, stored dtype).
-DISK_KEYS = {
-    "qwen3_embeds": ("prompt_embeds", np.float32),
-    "qwen3_mask": ("attn_mask", np.int64),
-    "t5_ids": ("t5_input_ids", np.int32),
-    "t5_mask": ("t5_attn_mask", np.int32),
-}
-_LOADED_DTYPES = {"qwen3_embeds": torch.float32, "qwen3_mask": torch.int64, "t5_ids": torch.int64,
-                  "t5_mask": torch.int64}
-
-
-def text_npz_path(image_path: str | os.PathLike) -> str:
-    return os.path.splitext(os.fspath(image_path))[0] + "_anima_te.npz"
-
 
 def _stale_reason(path: str, caption: str, identity: str, skip_check: bool) -> str | None:
     if not os.path.exists(path):
@@ -76,15 +62,13 @@ def _split_batch(outputs: dict[str, torch.Tensor], count: int) -> list[dict[str,
     missing = [k for k in DISK_KEYS if k not in outputs]
     if missing:
         raise AnimaError(f"text encoding returned no {', '.join(missing)}; it must return {', '.join(DISK_KEYS)}")
-    cpu = {k: outputs[k].detach().cpu().to(_LOADED_DTYPES[k]) for k in DISK_KEYS}
+    cpu = {k: outputs[k].detach().cpu().to(LOADED_DTYPES[k]) for k in DISK_KEYS}
     return [{k: v[i].clone() for k, v in cpu.items()} for i in range(count)]
 
 
 def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int, to_disk: bool, skip_check: bool,
                      is_main_process: bool = True) -> None:
     """Encode every image's caption (and "" once, for caption dropout) with `text_encoding`."""
-    from library.image_dataset import cached_caption_text
-
     identity = str(text_encoding.identity)
     entries = group.image_infos()
     if to_disk:
@@ -97,7 +81,7 @@ def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int
     examples: dict[str, str] = {}
     for dataset, info in entries:
         subset = dataset.subsets[info.subset_index]
-        caption = cached_caption_text(info, subset)
+        caption = cached_caption_text(info.caption, subset.captions)
         if info.text is not None:
             continue
         if to_disk:
@@ -136,15 +120,3 @@ def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int
             progress.update(len(batch))
 
 
-def load_cached_text(info: ImageInfo) -> dict[str, torch.Tensor]:
-    """One sample's text-encoder outputs, from memory or its npz file."""
-    if info.text is not None:
-        return info.text
-    assert info.text_npz is not None
-    try:
-        with np.load(info.text_npz, allow_pickle=False) as data:
-            return {key: torch.from_numpy(np.asarray(data[disk])).to(_LOADED_DTYPES[key])
-                    for key, (disk, _) in DISK_KEYS.items()}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise AnimaError(f"text cache {info.text_npz} cannot be read ({type(exc).__name__}: {exc}); delete it and "
-                         "run the caching again") from exc

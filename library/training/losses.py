@@ -77,11 +77,6 @@ def elementwise_loss(
     raise AnimaError(f"--loss_type {loss_type!r} is not supported; use one of {', '.join(LOSS_TYPES)}")
 
 
-def conditioning_image_to_mask(conditioning_images: torch.Tensor) -> torch.Tensor:
-    """`--masked_loss` with conditioning images: the R channel of [B, 3, H, W] in [−1, 1] → mask [B, 1, H, W] in [0, 1]."""
-    return conditioning_images[:, :1].float() / 2 + 0.5
-
-
 def apply_loss_mask(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Multiply the element-wise loss [B, C, h, w] by a pixel mask in [0, 1] ([B, H, W] or [B, 1, H, W]).
 

@@ -9,10 +9,10 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from library.anima_models import Anima, AnimaConfig
-from library.attention import check_attn_mode
-from library.checkpoint_io import CheckpointFile, guess_checkpoint_kind, open_checkpoint, sample_keys, strip_prefix
 from library.errors import AnimaError
+from library.io.checkpoints import CheckpointFile, guess_checkpoint_kind, open_checkpoint, sample_keys, strip_prefix
+from library.models.attention import check_attn_mode
+from library.models.dit import Anima, AnimaConfig
 
 MODEL_FLAG = "--pretrained_model_name_or_path"
 ADAPTER_FLAG = "--llm_adapter_path"

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from library.checkpoint_io import VIDEO_VAE_KIND, find_prefix, guess_checkpoint_kind, open_checkpoint, sample_keys
 from library.errors import AnimaError
-from library.qwen_image_vae_keys import (
+from library.io.checkpoints import VIDEO_VAE_KIND, find_prefix, guess_checkpoint_kind, open_checkpoint, sample_keys
+from library.models.vae_keys import (
     DIFFUSERS_ANCHOR_KEY,
     ORIGINAL_ANCHOR_KEY,
     original_to_diffusers_keys,

@@ -27,8 +27,6 @@ import numpy as np
 import torch
 from PIL import Image, features
 
-from library.losses import conditioning_image_to_mask
-
 try:
     import pillow_jxl  # noqa: F401  (registers the JPEG XL format with Pillow)
 
@@ -274,3 +272,8 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, int]:
     """Size and modification time of a file, for cache provenance."""
     stat = os.stat(path)
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def conditioning_image_to_mask(conditioning_images: torch.Tensor) -> torch.Tensor:
+    """`--masked_loss` with conditioning images: the R channel of [B, 3, H, W] in [−1, 1] → mask [B, 1, H, W] in [0, 1]."""
+    return conditioning_images[:, :1].float() / 2 + 0.5

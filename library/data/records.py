@@ -1,15 +1,19 @@
 """Resolved dataset settings: what one `[[datasets]]` entry and each of its subsets means after the
 subset > dataset > [general] > command line > default fallback has been applied.
 
-These plain records are produced by `library.dataset_config` and consumed by `library.image_dataset`.
+These plain records are produced by `library.data.config` and consumed by `library.data.datasets`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from library.captions import CaptionOptions
+import torch
+
+from library.data import images as image_io
+from library.data.captions import CaptionOptions
 
 RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 
@@ -56,3 +60,28 @@ class DatasetConfig:
     network_multiplier: float = 1.0
     resize_interpolation: str | None = None
     subsets: list[SubsetConfig] = field(default_factory=list)
+
+Size = tuple[int, int]
+
+
+@dataclass
+class ImageInfo:
+    """One training image and what has been cached for it."""
+
+    key: str  # the image path (DreamBooth) or the metadata key (fine-tuning)
+    path: Path
+    caption: str  # as read from the file / metadata, before any processing
+    num_repeats: int
+    is_reg: bool
+    subset_index: int
+    image_size: Size
+    bucket: Size | None = None
+    resized: Size | None = None
+    latents: torch.Tensor | None = None  # [16, h, w] float32, memory cache
+    latents_flipped: torch.Tensor | None = None
+    cached_loss_mask: torch.Tensor | None = None  # [H, W] float32: alpha or conditioning mask, memory cache
+    latents_npz: str | None = None  # set when latents are read from a disk cache at train time
+    text: dict[str, torch.Tensor] | None = None  # per-sample text-encoder outputs (no batch axis)
+    text_npz: str | None = None
+    face: image_io.FaceBox | None = None  # from the file name, only when the subset uses face_crop_aug_range
+    conditioning_path: Path | None = None  # the mask image of a conditioning_data_dir subset

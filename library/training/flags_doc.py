@@ -1,6 +1,6 @@
 """Generate the command-line reference (docs/flags.md) from the trainer's real argument parser.
 
-    python -m library.flags_doc > docs/flags.md
+    python -m library.training.flags_doc > docs/flags.md
 
 The parser is the one place where flag names, types, choices, defaults and help live; this module only
 renders it, so the reference cannot drift from what `anima_train_network.py` accepts (tests/test_docs.py
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-REGENERATE_COMMAND = "python -m library.flags_doc > docs/flags.md"
+REGENERATE_COMMAND = "python -m library.training.flags_doc > docs/flags.md"
 
 # Readable names for the `type=` callables the parser uses (anything else shows its function name).
 _TYPE_NAMES = {int: "int", float: "float", str: "str"}
@@ -103,7 +103,7 @@ def render_flags_markdown(parser: argparse.ArgumentParser) -> str:
 
 
 def main() -> int:
-    from library.train_args import setup_parser
+    from library.training.args import setup_parser
 
     sys.stdout.write(render_flags_markdown(setup_parser()))
     return 0

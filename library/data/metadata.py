@@ -6,10 +6,10 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
-from library.captions import tag_frequency
+from library.data.captions import tag_frequency
 
 if TYPE_CHECKING:
-    from library.image_dataset import DatasetGroup, ImageDataset
+    from library.data.datasets import DatasetGroup, ImageDataset
 
 
 def _subset_name(subset: Any) -> str:

@@ -22,44 +22,30 @@ import logging
 import os
 import zipfile
 from collections import Counter
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from library import dataset_image_io as image_io
+from library.data import images as image_io
+from library.data.cache_files import (
+    CACHE_FORMAT,
+    LATENT_CHANNELS,
+    VAE_STRIDE,
+    check_cache_name_collisions,
+    key_suffix,
+    latents_npz_path,
+    loss_mask_key,
+)
+from library.data.datasets import DatasetGroup, ImageDataset
+from library.data.records import ImageInfo, Size
 from library.errors import AnimaError
-from library.saving import atomic_write, file_sha256
-
-if TYPE_CHECKING:
-    from library.image_dataset import DatasetGroup, ImageDataset, ImageInfo
+from library.io.files import file_sha256
+from library.io.npz import merge_into_npz
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
-LATENT_CHANNELS = 16
-VAE_STRIDE = 8
-
-Size = tuple[int, int]
-
-
-def latents_npz_path(image_path: str | os.PathLike, image_size: Size) -> str:
-    stem = os.path.splitext(os.fspath(image_path))[0]
-    return f"{stem}_{image_size[0]:04d}x{image_size[1]:04d}_anima.npz"
-
-
-def key_suffix(bucket: Size) -> str:
-    """`_<h>x<w>` of the latent for a bucket (W, H)."""
-    return f"_{bucket[1] // VAE_STRIDE}x{bucket[0] // VAE_STRIDE}"
-
-
-def loss_mask_key(subset: Any, info: ImageInfo) -> str | None:
-    """The cache key prefix of a sample's loss mask: conditioning image, alpha channel, or None (no mask)."""
-    if info.conditioning_path is not None:
-        return "conditioning_mask"
-    return "alpha_mask" if subset.alpha_mask else None
 
 
 def image_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
@@ -76,36 +62,6 @@ def image_unchanged(stored: dict[str, Any], path: str | os.PathLike) -> bool:
     if current["mtime_ns"] == stored.get("mtime_ns"):
         return True
     return file_sha256(path) == stored.get("sha256")
-
-
-def save_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write an npz atomically (`saving.atomic_write`), so a crash never leaves a partial cache."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:  # a handle, so numpy adds no .npz suffix
-            np.savez(handle, **arrays)
-
-    atomic_write(Path(path), write)
-
-
-def read_npz(path: str) -> dict[str, np.ndarray]:
-    """All arrays of an npz; raises ValueError with the reason for a truncated or foreign file."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
-
-
-def merge_into_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Add/replace keys in an npz, keeping its other entries (other resolutions); an unreadable file is replaced."""
-    existing: dict[str, np.ndarray] = {}
-    if os.path.exists(path):
-        try:
-            existing = read_npz(path)
-        except ValueError as exc:
-            logger.info("replacing unreadable cache file %s (%s)", path, exc)
-    existing.update(arrays)
-    save_npz_atomic(path, existing)
 
 
 def _expected_provenance(dataset: ImageDataset, info: ImageInfo, vae_identity: str) -> dict[str, Any]:
@@ -167,19 +123,10 @@ def _stale_reason(dataset: ImageDataset, info: ImageInfo, path: str, vae_identit
     return None
 
 
-def check_cache_name_collisions(infos: list[ImageInfo], suffix_of: Any) -> None:
-    """Two different images must not share a cache file (e.g. `a.png` and `a.jpg`)."""
-    owners: dict[str, Path] = {}
-    for info in infos:
-        name = suffix_of(info)
-        other = owners.setdefault(name, info.path)
-        if other != info.path:
-            raise AnimaError(f"{other} and {info.path} would share the cache file {name}; rename one of them")
-
-
 def cache_group_latents(group: DatasetGroup, vae: Any, vae_identity: str, *, batch_size: int, to_disk: bool,
                         skip_check: bool, is_main_process: bool = True) -> list[tuple[str, str]]:
-    """Fill the latent cache of every image; returns (path, reason) of images that could not be decoded."""
+    """Fill the latent cache of every image. Images that cannot be decoded are dropped from the group (see
+    DatasetGroup.drop_bad_images) and returned as (path, reason)."""
     entries = sorted(group.image_infos(), key=lambda e: (e[1].bucket[0] * e[1].bucket[1], e[1].bucket))
     if to_disk:
         check_cache_name_collisions([info for _, info in entries], lambda i: latents_npz_path(i.path, i.image_size))
@@ -219,6 +166,7 @@ def cache_group_latents(group: DatasetGroup, vae: Any, vae_identity: str, *, bat
             if good:
                 _encode_and_store(good, vae, vae_identity, write)
             progress.update(len(batch))
+    group.drop_bad_images(bad)
     return bad
 
 
@@ -313,34 +261,3 @@ def _letterbox_ltrb(bucket: Size, image_size: Size) -> tuple[float, float, float
     return left, top, left + width, top + height
 
 
-def load_cached_latents(info: ImageInfo, flip: bool,
-                        mask_key: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(latent [16, h, w] float32, loss mask [H, W] or None) for one sample, flipped if asked.
-
-    `mask_key` ("alpha_mask", "conditioning_mask" or None) names the mask this sample uses (see loss_mask_key).
-    """
-    if info.latents is not None:
-        latent = info.latents_flipped if flip and info.latents_flipped is not None else info.latents
-        mask = info.cached_loss_mask if mask_key is not None else None
-    else:
-        assert info.latents_npz is not None and info.bucket is not None
-        suffix = key_suffix(info.bucket)
-        try:
-            with np.load(info.latents_npz, allow_pickle=False) as data:
-                name = ("latents_flipped" if flip else "latents") + suffix
-                if name not in data.files:
-                    raise KeyError(name)
-                latent = torch.from_numpy(data[name].astype(np.float32))
-                mask = None
-                if mask_key is not None:
-                    if mask_key + suffix not in data.files:
-                        raise KeyError(mask_key + suffix)
-                    mask = torch.from_numpy(data[mask_key + suffix].astype(np.float32))
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-            raise AnimaError(f"latent cache {info.latents_npz} cannot be read ({type(exc).__name__}: {exc}); delete "
-                             "it and run the caching again") from exc
-        if latent.dim() == 4:  # older 5-D caches store [16, 1, h, w]
-            latent = latent.squeeze(1)
-    if mask is not None and flip:
-        mask = mask.flip(-1)
-    return latent, mask

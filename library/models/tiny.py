@@ -27,10 +27,10 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from library.saving import atomic_write
+from library.io.files import atomic_write
 
 if TYPE_CHECKING:
-    from library.anima_models import AnimaConfig
+    from library.models.dit import AnimaConfig
 
 # Bump when the written files change, so cached setups are rebuilt.
 SETUP_VERSION = 1
@@ -65,7 +65,7 @@ class TinySetup:
 
 def tiny_dit_config() -> AnimaConfig:
     """The DiT + adapter sizes of the tiny checkpoint (same shapes as the golden reference model)."""
-    from library.anima_models import AnimaConfig
+    from library.models.dit import AnimaConfig
 
     return AnimaConfig(
         model_channels=128,
@@ -110,7 +110,7 @@ def _randomize_like_reference(state: dict[str, torch.Tensor], generator: torch.G
 
 def write_tiny_dit(path: Path, seed: int = 0) -> None:
     """A random tiny DiT + LLM adapter, keys prefixed ``net.`` like the released checkpoint."""
-    from library.anima_models import Anima
+    from library.models.dit import Anima
 
     with torch.device("meta"):
         model = Anima(tiny_dit_config())
@@ -122,7 +122,7 @@ def write_tiny_dit(path: Path, seed: int = 0) -> None:
 
 def write_tiny_vae(path: Path, seed: int = 0) -> None:
     """A tiny Qwen-Image VAE (base_dim 8, PyTorch default init) with diffusers key names."""
-    from library.qwen_image_vae import QwenImageVAE, VAEConfig
+    from library.models.vae import QwenImageVAE, VAEConfig
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -21,10 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from library.attention import attention, normalize_attn_mode
-from library.block_swap import BlockSwapper
 from library.errors import AnimaError
-from library.offload_checkpointing import CPU_OFFLOAD, UNSLOTH_OFFLOAD, checkpoint_with_cpu_offload
+from library.models.attention import attention, normalize_attn_mode
+from library.models.block_swap import BlockSwapper
+from library.models.offload_checkpointing import CPU_OFFLOAD, UNSLOTH_OFFLOAD, checkpoint_with_cpu_offload
 
 NORM_EPS = 1e-6
 
@@ -574,7 +574,7 @@ class Anima(nn.Module):
 
         Plain: non-reentrant torch checkpointing (block inputs stay on the device). ``cpu_offload``: block inputs
         kept in CPU memory, blocking copies. ``unsloth_offload``: the same with asynchronous copies (side stream,
-        pinned memory). See ``library.offload_checkpointing``. Offloading excludes block swap.
+        pinned memory). See ``library.models.offload_checkpointing``. Offloading excludes block swap.
         """
         if cpu_offload and unsloth_offload:
             raise AnimaError(
@@ -611,7 +611,7 @@ class Anima(nn.Module):
                 block._body, backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph
             )
 
-    # ---- block swap (library.block_swap) -----------------------------------------------------------------------
+        # ---- block swap (library.models.block_swap) -----------------------------------------------------------------------
 
     def enable_block_swap(self, num_blocks: int, device: torch.device) -> None:
         """Keep the weights of ``num_blocks`` DiT blocks in CPU memory and stream them in during forward/backward.

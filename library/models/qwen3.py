@@ -2,7 +2,7 @@
 
 Qwen3-0.6B runs as the bare decoder (no LM head). Its ``last_hidden_state`` (after the final RMSNorm) with
 rows of padding tokens set to exactly 0 is the caption embedding the DiT's LLM adapter reads. The T5 side is
-ids only (see ``library.anima_tokenizers``).
+ids only (see ``library.models.tokenizers``).
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from library.anima_tokenizers import (
+from library.errors import AnimaError
+from library.io.checkpoints import CheckpointFile, guess_checkpoint_kind, open_checkpoint, sample_keys, strip_prefix
+from library.models.tokenizers import (
     AnimaTokenizer,
     TokenizedCaptions,
     load_qwen3_tokenizer,
     load_t5_tokenizer,
     tokenizer_digest,
 )
-from library.checkpoint_io import CheckpointFile, guess_checkpoint_kind, open_checkpoint, sample_keys, strip_prefix
-from library.errors import AnimaError
 
 __all__ = [
     "AnimaTextEncoding",
@@ -38,7 +38,7 @@ __all__ = [
     "tokenizer_digest",
 ]
 
-DEFAULT_QWEN3_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "qwen3_06b" / "config.json"
+DEFAULT_QWEN3_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "qwen3_06b" / "config.json"
 # Bump when the encoding recipe changes so that cached embeddings are rebuilt.
 ENCODING_RECIPE_VERSION = "anima-qwen3-last-hidden-zero-pad-v1"
 # Set on a loaded encoder: identifies its weight files without reading them again.

@@ -1,0 +1,111 @@
+"""The on-disk cache formats: file names, keys and dtypes, and reading one sample's cached entry.
+
+Latents live in `<image stem>_<W>x<H>_anima.npz`, text-encoder outputs in `<image stem>_anima_te.npz` (see
+latent_cache and text_cache for how they are written and checked).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from library.data.records import ImageInfo, Size
+from library.errors import AnimaError
+
+CACHE_FORMAT = 1
+LATENT_CHANNELS = 16
+VAE_STRIDE = 8
+
+
+# Our batch keys -> (npz key, stored dtype).
+DISK_KEYS = {
+    "qwen3_embeds": ("prompt_embeds", np.float32),
+    "qwen3_mask": ("attn_mask", np.int64),
+    "t5_ids": ("t5_input_ids", np.int32),
+    "t5_mask": ("t5_attn_mask", np.int32),
+}
+LOADED_DTYPES = {"qwen3_embeds": torch.float32, "qwen3_mask": torch.int64, "t5_ids": torch.int64,
+                  "t5_mask": torch.int64}
+
+
+def text_npz_path(image_path: str | os.PathLike) -> str:
+    return os.path.splitext(os.fspath(image_path))[0] + "_anima_te.npz"
+
+
+def latents_npz_path(image_path: str | os.PathLike, image_size: Size) -> str:
+    stem = os.path.splitext(os.fspath(image_path))[0]
+    return f"{stem}_{image_size[0]:04d}x{image_size[1]:04d}_anima.npz"
+
+
+def key_suffix(bucket: Size) -> str:
+    """`_<h>x<w>` of the latent for a bucket (W, H)."""
+    return f"_{bucket[1] // VAE_STRIDE}x{bucket[0] // VAE_STRIDE}"
+
+
+def loss_mask_key(subset: Any, info: ImageInfo) -> str | None:
+    """The cache key prefix of a sample's loss mask: conditioning image, alpha channel, or None (no mask)."""
+    if info.conditioning_path is not None:
+        return "conditioning_mask"
+    return "alpha_mask" if subset.alpha_mask else None
+
+
+def check_cache_name_collisions(infos: list[ImageInfo], suffix_of: Any) -> None:
+    """Two different images must not share a cache file (e.g. `a.png` and `a.jpg`)."""
+    owners: dict[str, Path] = {}
+    for info in infos:
+        name = suffix_of(info)
+        other = owners.setdefault(name, info.path)
+        if other != info.path:
+            raise AnimaError(f"{other} and {info.path} would share the cache file {name}; rename one of them")
+
+
+def load_cached_latents(info: ImageInfo, flip: bool,
+                        mask_key: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(latent [16, h, w] float32, loss mask [H, W] or None) for one sample, flipped if asked.
+
+    `mask_key` ("alpha_mask", "conditioning_mask" or None) names the mask this sample uses (see loss_mask_key).
+    """
+    if info.latents is not None:
+        latent = info.latents_flipped if flip and info.latents_flipped is not None else info.latents
+        mask = info.cached_loss_mask if mask_key is not None else None
+    else:
+        assert info.latents_npz is not None and info.bucket is not None
+        suffix = key_suffix(info.bucket)
+        try:
+            with np.load(info.latents_npz, allow_pickle=False) as data:
+                name = ("latents_flipped" if flip else "latents") + suffix
+                if name not in data.files:
+                    raise KeyError(name)
+                latent = torch.from_numpy(data[name].astype(np.float32))
+                mask = None
+                if mask_key is not None:
+                    if mask_key + suffix not in data.files:
+                        raise KeyError(mask_key + suffix)
+                    mask = torch.from_numpy(data[mask_key + suffix].astype(np.float32))
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+            raise AnimaError(f"latent cache {info.latents_npz} cannot be read ({type(exc).__name__}: {exc}); delete "
+                             "it and run the caching again") from exc
+        if latent.dim() == 4:  # older 5-D caches store [16, 1, h, w]
+            latent = latent.squeeze(1)
+    if mask is not None and flip:
+        mask = mask.flip(-1)
+    return latent, mask
+
+
+def load_cached_text(info: ImageInfo) -> dict[str, torch.Tensor]:
+    """One sample's text-encoder outputs, from memory or its npz file."""
+    if info.text is not None:
+        return info.text
+    assert info.text_npz is not None
+    try:
+        with np.load(info.text_npz, allow_pickle=False) as data:
+            return {key: torch.from_numpy(np.asarray(data[disk])).to(LOADED_DTYPES[key])
+                    for key, (disk, _) in DISK_KEYS.items()}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise AnimaError(f"text cache {info.text_npz} cannot be read ({type(exc).__name__}: {exc}); delete it and "
+                         "run the caching again") from exc
