@@ -140,8 +140,14 @@ def test_compile_flag_compiles_every_block_of_a_training_run(tiny_setup, tmp_pat
         trainer.train(args)
         return trainer, load_file(str(out / "tiny.safetensors"))
 
-    compiled, compiled_weights = train(tmp_path / "c", "--torch_compile", "--dynamo_backend", "eager",
-                                       "--compile_fullgraph")
+    cache_size_limit = torch._dynamo.config.cache_size_limit
+    try:
+        compiled, compiled_weights = train(tmp_path / "c", "--torch_compile", "--dynamo_backend", "eager",
+                                           "--compile_fullgraph", "--compile_dynamic", "false",
+                                           "--compile_cache_size_limit", "16")
+        assert torch._dynamo.config.cache_size_limit == 16
+    finally:
+        torch._dynamo.config.cache_size_limit = cache_size_limit
     assert all(block.compiled_body is not None for block in compiled.dit.blocks)
     _, eager_weights = train(tmp_path / "e")
     assert compiled_weights.keys() == eager_weights.keys()

@@ -244,6 +244,7 @@ def test_torch_compile_compiles_the_blocks_with_the_dynamo_backend():
     (["--compile", "--compile_backend", "no_such_backend"], "unknown torch.compile backend"),
     (["--compile", "--compile_mode", "reduce-overhead", "--blocks_to_swap", "4"], "captures CUDA graphs"),
     (["--compile", "--compile_cache_size_limit", "0"], "--compile_cache_size_limit must be at least 1"),
+    (["--compile", "--compile_backend", "eager", "--compile_mode", "default"], "--compile_mode is an inductor option"),
 ])
 def test_compile_flags_without_effect_or_in_conflict_are_rejected(argv, message):
     with pytest.raises(AnimaError, match=re.escape(message)):

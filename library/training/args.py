@@ -382,6 +382,8 @@ def _validate_compile_args(args: argparse.Namespace, reject: Any) -> None:
         reject(f"--compile_mode {args.compile_mode} captures CUDA graphs (fixed weight addresses), which block swap "
                "changes every step; use --compile_mode default or max-autotune-no-cudagraphs with --blocks_to_swap")
     backend = args.compile_backend or "inductor"
+    if args.compile_mode is not None and backend != "inductor":
+        reject(f"--compile_mode is an inductor option; the {backend} backend would ignore it")
     import torch._dynamo
 
     known = torch._dynamo.list_backends(exclude_tags=())
