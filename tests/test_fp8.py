@@ -141,7 +141,8 @@ def test_block_swap_streams_the_float8_weights_and_scales_and_gives_the_resident
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_fp8_base_training_runs_on_the_tiny_models_with_block_swap_and_stays_close_to_bf16(tiny_setup, tmp_path):
+def test_fp8_base_training_runs_on_the_tiny_models_and_stays_close_to_bf16(tiny_setup, tmp_path,
+                                                                           fresh_accelerate_state):
     def train(out, *extra):
         argv = tiny_train_argv(tiny_setup, out, "--max_train_steps", "2", "--mixed_precision", "bf16", *COMMON,
                                *extra, learning_rate="5e-3")
