@@ -266,8 +266,7 @@ def build_block(config: AnimaConfig, rank: int, fp8_base: bool) -> tuple[Block, 
         block = Block(config).to(LOW_PRECISION)
     block.requires_grad_(False)
     host = _BlockHost(block)
-    with torch.device("meta"):
-        network = create_network(1.0, rank, 1.0, None, None, host)
+    network = create_network(1.0, rank, 1.0, None, None, host).to("meta")  # built on CPU: alpha is read once
     network.apply_to(None, host, apply_text_encoder=False, apply_unet=True)
     if fp8_base:  # after the LoRA is attached, as in the trainer
         quantize_linear_weights(host)
