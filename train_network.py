@@ -33,7 +33,7 @@ from library.io import files
 from library.training import outputs
 from library.training.losses import huber_threshold, per_sample_loss
 from library.training.optimizers import unwrap_optimizer
-from library.training.reporting import LossRecorder, TrainingReporter, logger, lr_logs
+from library.training.reporting import TrainingReporter, logger, lr_logs, read_scalars
 from library.training.state import NETWORK_STATE_FILE, read_train_state, write_train_state
 from networks import import_network_module
 from networks.lora_format import load_lora_file
@@ -186,6 +186,10 @@ class NetworkTrainer:
             kwargs_handlers=kwargs_handlers,
         )
         set_seed(args.seed)
+        if args.cuda_allow_tf32:
+            # TF32 tensor cores for float32 matmuls and convolutions (about 10 mantissa bits instead of 23).
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.weight_dtype = DTYPES[args.mixed_precision]
@@ -451,7 +455,6 @@ class NetworkTrainer:
             f"per process, {self.num_epochs} epochs, {args.max_train_steps} steps, "
             f"{accelerator.num_processes} process(es), grad accumulation {args.gradient_accumulation_steps}"
         )
-        recorder = LossRecorder()
         self.last_epoch = self.first_epoch
         self.optimizer_train_mode()
         if args.sample_at_first and self.global_step == 0:
@@ -470,7 +473,7 @@ class NetworkTrainer:
                     loader = accelerator.skip_first_batches(self.train_loader, self.skip_batches)
                 epoch_batches = self.skip_batches
                 self.skip_batches = 0
-                recorder.reset()
+                self.reporter.new_epoch()
                 for batch in loader:
                     epoch_batches += 1
                     loss = self.train_step(args, batch)
@@ -479,23 +482,23 @@ class NetworkTrainer:
                     self.global_step += 1
                     self.train_group.set_current_step(self.global_step)
                     step_in_epoch = math.ceil(epoch_batches / args.gradient_accumulation_steps) - 1
-                    recorder.add(step_in_epoch, loss)
-                    logs = {"loss/current": loss, "loss/average": recorder.average}
-                    logs.update(lr_logs(self.lr_scheduler, self.lr_descriptions))
+                    logs = lr_logs(self.lr_scheduler, self.lr_descriptions)
                     if args.scale_weight_norms:
                         logs.update(self.max_norm_logs)
-                    self.reporter.step(self.global_step, epoch + 1, logs)
+                    # The loss stays on the device: the reporter reads it with other steps' (no sync per step).
+                    self.reporter.train_step(self.global_step, epoch + 1, step_in_epoch, loss, logs)
                     self.after_step(args, epoch, epoch_batches)
                     if self.global_step >= args.max_train_steps:
                         break
-                self.reporter.scalars(self.global_step, {"loss/epoch_average": recorder.average})
+                self.reporter.scalars(self.global_step, {"loss/epoch_average": self.reporter.epoch_average()})
                 self.after_epoch(args, epoch + 1)
         finally:
             self.reporter.close()
         accelerator.wait_for_everyone()
 
-    def train_step(self, args: argparse.Namespace, batch: dict) -> float:
-        """One micro-batch: forward, backward; on sync steps all-reduce, clip, optimizer and scheduler step."""
+    def train_step(self, args: argparse.Namespace, batch: dict) -> torch.Tensor:
+        """One micro-batch: forward, backward; on sync steps all-reduce, clip, optimizer and scheduler step.
+        Returns the loss averaged over processes, a 0-dim float32 tensor on the device (not read here)."""
         accelerator = self.accelerator
         with accelerator.accumulate(self.network):
             loss = self.batch_loss(args, batch, training=True)
@@ -528,9 +531,10 @@ class NetworkTrainer:
             huber_c = (huber_threshold(args.huber_schedule, sigmas, args.huber_c, args.huber_scale)
                        if args.loss_type in ("huber", "smooth_l1") else None)
             mask = batch.get("loss_masks")  # [B, 1, H, W] alpha / conditioning masks, or None
+            # The loader pins batches on CUDA: non_blocking copies queue behind the step instead of waiting.
             loss = per_sample_loss(pred, target, args.loss_type, huber_c=huber_c, weighting=weighting,
-                                   mask=mask.to(pred.device) if mask is not None else None,
-                                   sample_weights=batch["loss_weights"].to(pred.device))
+                                   mask=mask.to(pred.device, non_blocking=True) if mask is not None else None,
+                                   sample_weights=batch["loss_weights"].to(pred.device, non_blocking=True))
             return loss.mean()
 
     def all_reduce_gradients(self) -> None:
@@ -544,10 +548,12 @@ class NetworkTrainer:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad /= self.accelerator.num_processes
 
-    def mean_over_processes(self, value: torch.Tensor) -> float:
+    def mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of `value` over processes: a 0-dim float32 tensor on the device (a collective, no host read)."""
+        value = value.detach().float().mean()
         if self.accelerator.num_processes > 1:
-            value = self.accelerator.reduce(value.float().reshape(1), reduction="mean")
-        return float(value.float().mean().item())
+            value = self.accelerator.reduce(value.reshape(1), reduction="mean").reshape(())
+        return value
 
     def after_step(self, args: argparse.Namespace, epoch: int, epoch_batches: int) -> None:
         """Step-triggered sampling, checkpoint, state and validation."""
@@ -625,17 +631,17 @@ class NetworkTrainer:
         rng = _rng_state()
         torch.manual_seed(seed)
         random.seed(seed)
-        total, count = 0.0, 0
+        losses = []  # device tensors, read once after the loop
         try:
             for i, batch in enumerate(self.val_loader):
                 if args.max_validation_steps is not None and i >= args.max_validation_steps:
                     break
-                total += self.mean_over_processes(self.batch_loss(args, batch, training=False).detach())
-                count += 1
+                losses.append(self.mean_over_processes(self.batch_loss(args, batch, training=False)))
         finally:
             _set_rng_state(rng)
             self.network.train()
             self.reset_dit_layout()
+        total, count = sum(read_scalars(losses)), len(losses)
         if count:
             self.reporter.scalars(self.global_step, {"loss/validation/step_average": total / count})
             self.reporter.message(f"validation loss at step {self.global_step}: {total / count:.4f}")
