@@ -167,6 +167,15 @@ class NetworkTrainer:
                 self.build_network(args, dit, text_encoders, merge_base_weights=False).remove_hooks()
             finally:
                 logging.disable(logging.NOTSET)
+        # One run per output: a second run on the same --output_dir/--output_name stops here, before any work.
+        self.output_lock = outputs.claim_output(args)
+
+    def release_output(self) -> None:
+        """Free the run lock taken in check_inputs (process exit frees it too)."""
+        lock = getattr(self, "output_lock", None)
+        if lock is not None:
+            lock.release()
+            self.output_lock = None
 
     def setup_accelerator(self, args: argparse.Namespace) -> None:
         """Accelerator (grad accumulation, mixed precision, DDP) and the dtypes derived from the flags."""

@@ -240,7 +240,6 @@ def test_torch_compile_compiles_the_blocks_with_the_dynamo_backend():
 @pytest.mark.parametrize("argv, message", [
     (["--compile_mode", "default"], "--compile_mode need(s) --compile"),
     (["--compile_fullgraph", "--compile_backend", "eager"], "--compile_backend, --compile_fullgraph need(s)"),
-    (["--dynamo_backend", "eager"], "--dynamo_backend needs --torch_compile"),
     (["--torch_compile", "--dynamo_backend", "eager", "--compile_backend", "aot_eager"], "disagree"),
     (["--compile", "--compile_backend", "no_such_backend"], "unknown torch.compile backend"),
     (["--compile", "--compile_mode", "reduce-overhead", "--blocks_to_swap", "4"], "captures CUDA graphs"),
