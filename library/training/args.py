@@ -276,7 +276,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("clip_skip", type=int, default=None)
     a("max_token_length", type=int, default=None, choices=[None, 150, 225])
     a("mem_eff_attn", action="store_true")
-    a("sdpa", action="store_true", help="unused for Anima (torch SDPA is the default)")
+    a("sdpa", action="store_true", help="use torch SDPA attention (the default; same as --attn_mode torch)")
     a("xformers", action="store_true", help=GPU_ONLY + "use xformers attention (same as --attn_mode xformers)")
     a("torch_compile", action="store_true",
       help="same as --compile (each DiT block compiled), with --dynamo_backend as the backend")
@@ -614,7 +614,9 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     warnings: list[str] = []
     reject = _Rejections()
 
-    # Attention mode: --xformers selects xformers only when --attn_mode is absent; sdpa is an alias of torch.
+    # Attention mode: --xformers / --sdpa select it only when --attn_mode is absent; sdpa is an alias of torch.
+    if args.sdpa and args.xformers:
+        reject("--xformers and --sdpa choose different attention; keep one (or use --attn_mode)")
     if args.attn_mode is None:
         args.attn_mode = "xformers" if args.xformers else "torch"
     if args.attn_mode == "sdpa":
