@@ -15,10 +15,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from train_helpers import tiny_train_argv
 
 import anima_train_network
 from library.training.args import NO_EFFECT_FLAGS, UNSUPPORTED_FLAGS, setup_parser
-from train_helpers import tiny_train_argv
 
 UPSTREAM_FLAGS = [line.strip() for line in (Path(__file__).parent / "data" / "sd_scripts_anima_flags.txt")
                   .read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
