@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -275,23 +276,25 @@ class AnimaNetworkTrainer(NetworkTrainer):
 
     # --- sampling and metadata --------------------------------------------------------------------------------
 
-    def sample_images(self, args: argparse.Namespace, accelerator: Accelerator, epoch: int | None, step: int) -> None:
+    def sample_images(self, args: argparse.Namespace, accelerator: Accelerator, epoch: int | None,
+                      step: int) -> list[tuple[Path, str]]:
         from library.training.sampling import generate_sample_images, load_sample_prompts
 
         encoder = self.sample_prompt_encoder or self.text_encoding
         if encoder is None:
             logger.warning("sample images skipped: no text encoder and no cached prompt encodings")
-            return
+            return []
         dit = accelerator.unwrap_model(self.dit)
         dit.switch_block_swap_for_inference()  # forward-only swapping; a no-op without --blocks_to_swap
         try:
-            generate_sample_images(
+            written = generate_sample_images(
                 dit, self.vae, encoder, load_sample_prompts(args.sample_prompts), output_dir=args.output_dir,
                 output_name=args.output_name, step=step, epoch=epoch, device=self.device,
                 autocast_dtype=self.weight_dtype if self.weight_dtype != torch.float32 else None, network=self.network,
             )
         finally:
             dit.switch_block_swap_for_training()
+        return [(path, prompt.prompt) for path, prompt in written]
 
     def update_metadata(self, metadata: dict[str, str], args: argparse.Namespace) -> None:
         for name in ANIMA_METADATA_ARGS:

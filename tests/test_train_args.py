@@ -312,9 +312,6 @@ def test_huber_with_every_schedule_including_the_default_snr_is_accepted():
     (["--resume_from_huggingface"], "--resume_from_huggingface", "--resume"),
     (["--async_upload"], "--async_upload", "Hugging Face"),
     (["--dataset_class", "my.Dataset"], "--dataset_class", "--dataset_config"),
-    (["--wandb_api_key", "k"], "--wandb_api_key", "--logging_dir"),
-    (["--wandb_run_name", "r"], "--wandb_run_name", "--logging_dir"),
-    (["--log_with", "wandb"], "--log_with wandb", "--logging_dir"),
 ])
 def test_unsupported_sd_scripts_flags_are_rejected_with_advice(argv, flag, advice):
     with pytest.raises(AnimaError) as err:

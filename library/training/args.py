@@ -31,6 +31,9 @@ LOSS_TYPES = ["l1", "l2", "huber", "smooth_l1"]
 HUBER_SCHEDULES = ["constant", "exponential", "snr"]
 MAX_BLOCKS_TO_SWAP = max_blocks_to_swap(AnimaConfig().num_blocks)  # 26 for the 28-block DiT
 
+# --log_with values: accelerate's tracker names (accelerate.utils.LoggerType), "all" last.
+TRACKERS = ["tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio", "all"]
+
 # Flags sd-scripts command lines carry that change nothing for Anima: accepted so those command lines run, and
 # warned once when given (a value other than the default). name -> why it has no effect. The --help text of each
 # flag and the list in docs/flags.md come from this table.
@@ -328,12 +331,19 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging and metadata")
     a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
-    a("logging_dir", type=str, default=None, help="TensorBoard folder (enables tensorboard)")
-    a("log_with", choices=["tensorboard", "wandb", "all"], default=None, help="tracker")
+    a("logging_dir", type=str, default=None,
+      help="folder of the tracker logs (alone it turns on tensorboard); each run writes <prefix><timestamp>/ there")
+    a("log_with", choices=TRACKERS, default=None,
+      help="experiment tracker (through accelerate); 'all': every installed one; tensorboard/all need --logging_dir")
     a("log_prefix", type=str, default=None, help="prefix of the run folder")
-    a("log_tracker_name", type=str, default=None, help="tracker project name")
-    a("log_tracker_config", type=str, default=None, help="tracker init kwargs TOML")
-    a("log_config", action="store_true", help="log the training arguments to the tracker")
+    a("log_tracker_name", type=str, default=None, help="tracker project / run-group name (default network_train)")
+    a("log_tracker_config", type=str, default=None,
+      help="TOML of tracker init kwargs, one table per tracker, e.g. [wandb] entity = \"me\"")
+    a("log_config", action="store_true",
+      help="log the training arguments as hyperparameters (secrets and local paths left out)")
+    a("wandb_run_name", type=str, default=None, help="wandb run name")
+    a("wandb_api_key", type=str, default=None,
+      help="wandb API key (logs in before the run; never written by --output_config)")
     a("console_log_level", type=str, default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
       help="console log level")
     a("console_log_file", type=str, default=None, help="also write the console log to this file")
@@ -347,7 +357,6 @@ def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
 # name -> (argparse keywords, what to do instead)
 _DEEPSPEED = "DeepSpeed is not supported; remove it (multi-GPU training runs with `accelerate launch --multi_gpu`)"
 _HUB = "Hugging Face upload/resume is not supported; remove it and upload the files from --output_dir yourself"
-_WANDB = "wandb logging is not available; remove it and use --logging_dir (TensorBoard)"
 UNSUPPORTED_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
     "deepspeed": ({"action": "store_true"}, _DEEPSPEED),
     "zero_stage": ({"type": int, "default": 2}, _DEEPSPEED),
@@ -369,8 +378,6 @@ UNSUPPORTED_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
     "async_upload": ({"action": "store_true"}, _HUB),
     "dataset_class": ({"type": str, "default": None}, "custom dataset classes are not supported; describe the "
                       "images with --dataset_config (a dataset TOML) or --train_data_dir"),
-    "wandb_run_name": ({"type": str, "default": None}, _WANDB),
-    "wandb_api_key": ({"type": str, "default": None}, _WANDB),
 }
 
 
@@ -711,6 +718,10 @@ def validate_args(args: argparse.Namespace) -> list[str]:
             reject("--fused_backward_pass only works with --optimizer_type Adafactor")
         if args.gradient_accumulation_steps > 1:
             reject("--fused_backward_pass does not work with --gradient_accumulation_steps > 1")
+    if args.ddp_static_graph and args.gradient_accumulation_steps > 1:
+        # PyTorch's DDP static graph breaks under no_sync (the accumulation micro-steps): pytorch/pytorch#143580.
+        reject("--ddp_static_graph does not work with --gradient_accumulation_steps > 1 (PyTorch DDP limitation); "
+               "drop one")
     warmup_free = args.lr_scheduler in ("constant", "adafactor") or bool(args.lr_scheduler_type)
     if warmup_free and args.lr_warmup_steps:
         name = args.lr_scheduler_type or args.lr_scheduler
@@ -738,8 +749,25 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         args.log_with = "tensorboard"
     if args.log_with in ("tensorboard", "all") and not args.logging_dir:
         reject(f"--log_with {args.log_with} needs --logging_dir")
-    if args.log_with in ("wandb", "all"):
-        reject(f"--log_with {args.log_with}: {_WANDB}")
+    if args.log_with not in (None, "all"):
+        from accelerate.tracking import get_available_trackers
+
+        if args.log_with not in {str(t.value) for t in get_available_trackers()}:
+            reject(f"--log_with {args.log_with}: the {args.log_with} package is not installed; "
+                   f"pip install {args.log_with.replace('_', '-')}")
+    if args.log_tracker_config:
+        if not os.path.isfile(args.log_tracker_config):
+            reject(f"--log_tracker_config {args.log_tracker_config}: not found; check the path")
+        else:
+            read_tracker_config(args.log_tracker_config, reject)
+    tracker_flags = [f for f in ("log_prefix", "log_tracker_name", "log_tracker_config", "log_config")
+                     if getattr(args, f)]
+    if tracker_flags and not args.log_with:
+        warnings.append(f"{', '.join(_flag(f) for f in tracker_flags)} have no effect without --log_with "
+                        "or --logging_dir")
+    wandb_flags = [f for f in ("wandb_run_name", "wandb_api_key") if getattr(args, f)]
+    if wandb_flags and args.log_with not in ("wandb", "all"):
+        warnings.append(f"{', '.join(_flag(f) for f in wandb_flags)} have no effect without --log_with wandb")
     for name, (kwargs, advice) in UNSUPPORTED_FLAGS.items():
         if getattr(args, name, None) != kwargs.get("default", False if kwargs.get("action") else None):
             reject(f"{_flag(name)}: {advice}")
@@ -770,6 +798,28 @@ def validate_args(args: argparse.Namespace) -> list[str]:
 
     reject.raise_if_any()
     return warnings
+
+
+def read_tracker_config(path: str, reject: Any = None) -> dict[str, dict[str, Any]]:
+    """`--log_tracker_config`: a TOML whose top-level tables are keyword arguments of each tracker's init
+    (`accelerator.init_trackers(init_kwargs=...)`), e.g. `[wandb]` with `entity`, `tags`, `notes`."""
+    def fail(message: str) -> dict[str, dict[str, Any]]:
+        if reject is None:
+            raise AnimaError(message)
+        reject(message)
+        return {}
+
+    import toml  # imported when a TOML file is read: GPU-only runs need no toml
+
+    try:
+        config = toml.load(path)
+    except (toml.TomlDecodeError, OSError) as exc:
+        return fail(f"--log_tracker_config {path}: not a readable TOML file ({exc})")
+    not_tables = [k for k, v in config.items() if not isinstance(v, dict)]
+    if not_tables:
+        return fail(f"--log_tracker_config {path}: {', '.join(not_tables)} must be tables named for a tracker, "
+                    "e.g. [wandb]")
+    return config
 
 
 class _Rejections:
