@@ -116,8 +116,9 @@ class AnimaNetworkTrainer(NetworkTrainer):
     def load_dit(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> torch.nn.Module:
         from library.models.dit_loading import load_anima_model
 
-        # With block swap the DiT stays in CPU memory until `place_dit` streams part of it to the device.
-        device = torch.device("cpu") if args.blocks_to_swap else self.device
+        # With block swap the DiT stays in CPU memory until `place_dit` streams part of it to the device; with
+        # --fp8_base until `place_dit` has stored its block projections in float8.
+        device = torch.device("cpu") if args.blocks_to_swap or args.fp8_base else self.device
         dit = load_anima_model(args.pretrained_model_name_or_path, device=device, dtype=weight_dtype,
                                attn_mode=args.attn_mode, split_attn=args.split_attn,
                                llm_adapter_path=args.llm_adapter_path)
@@ -127,15 +128,32 @@ class AnimaNetworkTrainer(NetworkTrainer):
         return dit
 
     def place_dit(self, args: argparse.Namespace, device: torch.device) -> None:
+        from library.training.args import compile_options
+
         if args.blocks_to_swap == "auto":
             args.blocks_to_swap = self.plan_block_swap(args, device)
+        if args.fp8_base:
+            from library.models.fp8 import quantize_linear_weights
+
+            # After --base_weights were merged into the bf16 weights and the LoRA hooks attached.
+            names = quantize_linear_weights(self.dit)
+            logger.info("--fp8_base: %d DiT block projections stored in float8_e4m3fn", len(names))
         if not args.blocks_to_swap:
             self.dit.to(device)
-            return
-        # After --base_weights were merged: the swapper keeps a CPU copy of every block's weights from here on.
-        self.dit.enable_block_swap(args.blocks_to_swap, device)
-        self.dit.move_to_device_except_swap_blocks(device)
-        self.dit.prepare_block_swap_before_forward()
+        else:
+            # After --base_weights were merged: the swapper keeps a CPU copy of every block's weights from here on.
+            self.dit.enable_block_swap(args.blocks_to_swap, device)
+            self.dit.move_to_device_except_swap_blocks(device)
+            self.dit.prepare_block_swap_before_forward()
+        options = compile_options(args)
+        if options is not None:
+            import torch._dynamo
+
+            if args.compile_cache_size_limit is not None:
+                torch._dynamo.config.cache_size_limit = args.compile_cache_size_limit
+            logger.info("compiling each DiT block with torch.compile (%s)",
+                        ", ".join(f"{k}={v}" for k, v in options.items()))
+            self.dit.compile_blocks(**options)
 
     def plan_block_swap(self, args: argparse.Namespace, device: torch.device) -> int:
         """`--blocks_to_swap auto`: the smallest swap count whose estimated training peak fits the free device

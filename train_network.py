@@ -205,7 +205,6 @@ class NetworkTrainer:
             # The per-epoch shuffle depends only on (seed, epoch), so a resumed run sees the same order.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             kwargs_handlers=kwargs_handlers,
-            dynamo_backend=args.dynamo_backend if args.torch_compile else None,
         )
         set_seed(args.seed)
         if args.cuda_allow_tf32:

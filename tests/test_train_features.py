@@ -372,16 +372,6 @@ def test_scale_weight_norms_caps_every_module_and_save_precision_casts(flags_run
     assert trainer.max_norm_logs["max_norm/keys_scaled"] > 0
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state; a run with another --mixed_precision needs it reset (and after)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_text_encoder_only_full_bf16_text_encoder_lr_and_no_metadata(tiny_setup, tmp_path, fresh_accelerate_state):
     trainer = run(base_argv(tiny_setup, tmp_path, "--max_train_steps", "2", "--mixed_precision", "bf16",
                             "--full_bf16", "--network_train_text_encoder_only", "--text_encoder_lr", "1e-3",

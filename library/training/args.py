@@ -233,8 +233,14 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="autocast and frozen-model dtype")
     a("full_fp16", action="store_true", help="keep the LoRA weights in fp16 (needs --mixed_precision fp16)")
     a("full_bf16", action="store_true", help="keep the LoRA weights in bf16 (needs --mixed_precision bf16)")
-    a("fp8_base", action="store_true", help=GPU_ONLY + "not supported for Anima: disabled with a warning")
-    a("fp8_base_unet", action="store_true", help=GPU_ONLY + "not supported for Anima: disabled with a warning")
+    a("fp8_base", action="store_true",
+      help="store the frozen DiT block projections (attention q/k/v/output, MLP) as float8_e4m3fn with one scale "
+      "per output channel and compute them in bf16 (or the autocast dtype): 0.55x the block weight memory and "
+      "swap traffic. Embedders, norms, adaLN modulation, the final layer, the LLM adapter, Qwen3 and the LoRA "
+      "keep their dtype. Verified on CPU (tests/test_fp8.py); the CUDA path is covered by "
+      "tests/test_fp8.py::test_gpu_fp8_training_step_matches_bf16_on_cuda")
+    a("fp8_base_unet", action="store_true",
+      help="same as --fp8_base (the DiT is Anima's U-Net; the text encoder is never stored in float8)")
     a("no_half_vae", action="store_true", help="keep the VAE in float32")
     a("seed", type=int, default=None, help="random seed (default: random)")
     a("gradient_checkpointing", action="store_true", help="recompute DiT block activations in backward")
@@ -276,9 +282,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("mem_eff_attn", action="store_true")
     a("sdpa", action="store_true", help="use torch SDPA attention (the default; same as --attn_mode torch)")
     a("xformers", action="store_true", help=GPU_ONLY + "use xformers attention (same as --attn_mode xformers)")
-    a("torch_compile", action="store_true", help="compile the model with torch.compile")
+    a("torch_compile", action="store_true",
+      help="same as --compile (each DiT block compiled), with --dynamo_backend as the backend")
     a("dynamo_backend", type=str, default=None,
-      help="torch.compile backend (default inductor); only used with --torch_compile (warned otherwise)")
+      help="torch.compile backend for --torch_compile (default inductor); without --torch_compile it has no "
+      "effect (warned)")
     a("ddp_timeout", type=int, default=None, help="multi-GPU: process-group timeout in minutes")
     a("ddp_gradient_as_bucket_view", action="store_true", help="multi-GPU: DDP gradient_as_bucket_view")
     a("ddp_static_graph", action="store_true", help="multi-GPU: DDP static_graph")
@@ -389,6 +397,73 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     a("output_config", type=str, nargs="?", const=True, default=None, help="write the given arguments to this TOML and exit (bare: to the --config_file path); refuses to overwrite")
 
 
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # fixed tensor addresses: no block swap
+_COMPILE_OPTIONS = ("compile_backend", "compile_mode", "compile_dynamic", "compile_cache_size_limit")
+
+
+def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("torch.compile (sd-scripts' per-block compile flags)")
+    a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
+    a("compile", action="store_true",
+      help="torch.compile each DiT block (forward and backward; LoRA and --fp8_base inside the graph, checkpointing "
+      "and block swap around it). Verified on CPU with the eager/aot_eager backends, no graph break inside a "
+      "block (tests/test_compile.py); inductor on CUDA is covered by "
+      "tests/test_compile.py::test_gpu_inductor_compiled_blocks_match_eager_on_cuda")
+    a("compile_backend", type=str, default=None, help="torch.compile backend (default inductor; needs --compile)")
+    a("compile_mode", choices=COMPILE_MODES, default=None,
+      help="torch.compile mode (default: default; needs --compile); reduce-overhead and max-autotune capture CUDA "
+      "graphs and are refused with --blocks_to_swap")
+    a("compile_dynamic", choices=["true", "false", "auto"], default=None,
+      help="dynamic shapes: true, false or auto (default auto: PyTorch decides; needs --compile)")
+    a("compile_fullgraph", action="store_true",
+      help="fail instead of splitting a block's graph (needs --compile)")
+    a("compile_cache_size_limit", type=int, default=None,
+      help="torch._dynamo.config.cache_size_limit (default: PyTorch's; needs --compile)")
+
+
+def compile_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """torch.compile keyword arguments for the DiT blocks, or None without --compile (after validate_args)."""
+    if not args.compile:
+        return None
+    dynamic = {"true": True, "false": False, "auto": None, None: None}[args.compile_dynamic]
+    return {"backend": args.compile_backend or "inductor", "mode": args.compile_mode, "dynamic": dynamic,
+            "fullgraph": args.compile_fullgraph}
+
+
+def _validate_compile_args(args: argparse.Namespace, reject: Any, warnings: list[str]) -> None:
+    dynamo_backend = None if (args.dynamo_backend or "no").lower() == "no" else args.dynamo_backend.lower()
+    if args.torch_compile:
+        args.compile = True  # accelerate's dynamo plugin would never see the DiT: compile its blocks instead
+        if dynamo_backend and args.compile_backend and dynamo_backend != args.compile_backend.lower():
+            reject(f"--dynamo_backend {args.dynamo_backend} and --compile_backend {args.compile_backend} disagree; "
+                   "keep one")
+        args.compile_backend = args.compile_backend or dynamo_backend
+        if args.dynamo_backend is None:
+            args.dynamo_backend = "inductor"
+    elif args.dynamo_backend is not None:
+        warnings.append(f"--dynamo_backend {args.dynamo_backend} has no effect without --torch_compile; ignored")
+    if not args.compile:
+        given = [_flag(name) for name in _COMPILE_OPTIONS if getattr(args, name) is not None]
+        given += ["--compile_fullgraph"] if args.compile_fullgraph else []
+        if given:
+            reject(f"{', '.join(given)} need(s) --compile")
+        return
+    if args.compile_cache_size_limit is not None and args.compile_cache_size_limit < 1:
+        reject(f"--compile_cache_size_limit must be at least 1, got {args.compile_cache_size_limit}")
+    if args.blocks_to_swap and args.compile_mode in CUDA_GRAPH_COMPILE_MODES:
+        reject(f"--compile_mode {args.compile_mode} captures CUDA graphs (fixed weight addresses), which block swap "
+               "changes every step; use --compile_mode default or max-autotune-no-cudagraphs with --blocks_to_swap")
+    backend = args.compile_backend or "inductor"
+    if args.compile_mode is not None and backend != "inductor":
+        reject(f"--compile_mode is an inductor option; the {backend} backend would ignore it")
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        reject(f"--compile_backend {backend}: unknown torch.compile backend; choose one of {', '.join(known)}")
+
+
 def setup_parser() -> argparse.ArgumentParser:
     """The full trainer parser: dataset flags (from the dataset module) plus every training flag."""
     parser = OneLineErrorParser(
@@ -401,6 +476,7 @@ def setup_parser() -> argparse.ArgumentParser:
     _add_network_arguments(parser)
     _add_optimizer_arguments(parser)
     _add_training_arguments(parser)
+    _add_compile_arguments(parser)
     _add_saving_arguments(parser)
     _add_sampling_arguments(parser)
     _add_logging_arguments(parser)
@@ -559,21 +635,17 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     if args.attn_mode == "xformers" and not args.split_attn:
         reject("--attn_mode xformers (or --xformers) needs --split_attn; add it or use --attn_mode torch")
 
+    if args.fp8_base_unet:
+        args.fp8_base = True  # the DiT is the only model --fp8_base stores in float8
+    _validate_compile_args(args, reject, warnings)
+
     # Options that do nothing for Anima: accepted so sd-scripts command lines run, but never silently.
-    if args.fp8_base or args.fp8_base_unet:
-        warnings.append("--fp8_base / --fp8_base_unet are not supported for Anima; training without fp8")
-        args.fp8_base = False
-        args.fp8_base_unet = False
     defaults = _parser_defaults()
     for name in NO_EFFECT_FLAGS:
         value = getattr(args, name)
         if value == defaults[name] or (name == "sample_sampler" and value in EULER_SAMPLERS):
             continue
         warnings.append(f"{_flag(name)} has no effect for Anima ({NO_EFFECT_FLAGS[name]}); ignored")
-    if args.dynamo_backend is not None and not (args.torch_compile or getattr(args, "compile", False)):
-        warnings.append(f"--dynamo_backend {args.dynamo_backend} has no effect without --torch_compile; ignored")
-    if args.torch_compile and args.dynamo_backend is None:
-        args.dynamo_backend = "inductor"
     for name in ("min_timestep", "max_timestep"):
         value = getattr(args, name)
         if value is not None and not 0 <= value <= 1000:
