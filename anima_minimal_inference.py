@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
     device.add_argument("--attn_mode", choices=ATTN_MODES, default="torch", help="DiT attention (sdpa = torch)")
     device.add_argument("--fp8", action="store_true",
-                        help="DiT block projections stored as float8_e4m3fn with one scale per tensor")
+                        help="DiT block projections stored as float8_e4m3fn with one scale per tensor (the trainer's --fp8_base storage)")
     device.add_argument("--fp8_scaled", action="store_true",
                         help="DiT block projections stored as float8_e4m3fn with one scale per output channel")
     device.add_argument("--text_encoder_cpu", action="store_true", help="run Qwen3 on the CPU")
@@ -361,12 +361,10 @@ def load_dit(args: argparse.Namespace, loras: Sequence[LoraFile], device: torch.
 
 
 def store_fp8(dit: torch.nn.Module, per_channel: bool) -> None:
-    """--fp8 / --fp8_scaled: the DiT's block projections stored as float8_e4m3fn."""
-    try:
-        from library.models.fp8 import quantize_linear_weights
-    except ImportError:
-        raise AnimaError("--fp8 / --fp8_scaled need library/models/fp8.py, which this version lacks; "
-                         "run without them") from None
+    """--fp8 / --fp8_scaled: the DiT's block projections stored as float8_e4m3fn (the trainer's --fp8_base
+    storage), with one scale per tensor (--fp8) or per output channel (--fp8_scaled)."""
+    from library.models.fp8 import quantize_linear_weights
+
     converted = quantize_linear_weights(dit, per_channel=per_channel)
     logger.info("fp8: %d DiT projections stored as float8_e4m3fn (%s scales)", len(converted),
                 "per-channel" if per_channel else "per-tensor")

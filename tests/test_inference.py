@@ -176,6 +176,26 @@ def test_lokr_and_loha_files_render_natively_and_lycoris_files_with_the_lycoris_
     torch.testing.assert_close(pixels(through_native), pixels(through_lycoris), atol=2, rtol=0)
 
 
+def test_fp8_storage_renders_close_to_the_full_precision_image(setup_and_loras, tmp_path):
+    setup, first, _ = setup_and_loras
+    common = [*model_flags(setup), "--prompt", "a cat", "--seed", "4", *SIZE, "--lora_weight", str(first)]
+    images = {}
+    for name, extra in (("plain", []), ("fp8", ["--fp8"]), ("fp8_scaled", ["--fp8_scaled"])):
+        assert anima_minimal_inference.main([*common, *extra, "--save_path", str(tmp_path / name)]) == 0
+        [images[name]] = pngs(tmp_path / name)
+    for name in ("fp8", "fp8_scaled"):
+        difference = (pixels(images[name]) - pixels(images["plain"])).abs()
+        assert 0 < difference.mean() < 3  # float8 weights change the picture a little, not wholesale
+
+    args = anima_minimal_inference.build_parser().parse_args([*common, "--fp8_scaled", "--save_path", "x"])
+    anima_minimal_inference.check_args(args)
+    loras = anima_minimal_inference.read_loras(args)
+    dit = anima_minimal_inference.load_dit(args, loras, torch.device("cpu"))
+    stored = {name for name, p in dit.named_parameters() if p.dtype == torch.float8_e4m3fn}
+    assert stored and all(".self_attn." in n or ".cross_attn." in n or ".mlp." in n for n in stored)
+    assert all(n.startswith("blocks.") for n in stored)
+
+
 def test_block_swap_renders_the_same_image_as_the_resident_dit(tiny_setup, tmp_path):
     config = tiny_dit_config()
     config.num_blocks = 4  # the released layout with enough blocks to swap two of them
