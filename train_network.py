@@ -713,8 +713,7 @@ class NetworkTrainer:
         path = self.save_state(name, position=good_position, kind=train_state.NONFINITE, rng=good_rng)
         raise AnimaError(f"{self.guard.consecutive} steps in a row had a non-finite loss or gradient (the first after "
                          f"step {good_position.global_step}); the state of the last good step is saved in {path}; "
-                         "lower --learning_rate (or check the models and data), then continue with --resume "
-                         f"{path} --resume_allow_changes")
+                         f"lower --learning_rate (or check the models and data), then continue with --resume {path}")
 
     @contextmanager
     def ctrl_c_saves_a_state(self, args: argparse.Namespace) -> Iterator[None]:
