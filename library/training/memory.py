@@ -38,7 +38,7 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         def gib(n: int) -> str:
-            return f"{n / GIB:.2f} GiB"
+            return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
 
         return (f"about {gib(self.total)} on the device (DiT weights {gib(self.dit_weights)}, text encoder "
                 f"{gib(self.text_encoder)}, LoRA + gradients + optimizer {gib(self.network_and_optimizer)}, "
