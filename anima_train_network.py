@@ -42,6 +42,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
         self.text_encoding: Any = None
         self.vae: torch.nn.Module | None = None
         self.sample_prompt_encoder: Any = None
+        self.tokenizer: Any = None  # found by the input check, reused when the text encoder loads
 
     # --- checks -----------------------------------------------------------------------------------------------
 
@@ -64,7 +65,16 @@ class AnimaNetworkTrainer(NetworkTrainer):
                                split_attn=args.split_attn, llm_adapter_path=args.llm_adapter_path)
         load_vae(args.vae, device=meta, chunk_size=args.vae_chunk_size)
         text_encoder = load_qwen3_text_encoder(args.qwen3, device=meta, dtype=torch.float32)
+        self.tokenizer = self.load_tokenizer(args)
         return dit, [text_encoder]
+
+    def load_tokenizer(self, args: argparse.Namespace) -> Any:
+        """The Qwen3 + T5 tokenizer pair (from the flags, the Qwen3 folder or the hub cache)."""
+        from library.models.tokenizers import AnimaTokenizer, load_qwen3_tokenizer, load_t5_tokenizer
+
+        return AnimaTokenizer(
+            load_qwen3_tokenizer(qwen3_path=args.qwen3, tokenizer_path=args.qwen3_tokenizer_path),
+            load_t5_tokenizer(args.t5_tokenizer_path), args.qwen3_max_token_length, args.t5_max_token_length)
 
     def load_frozen_models(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> None:
         self.text_encoding = self.load_text_encoding_for_caching(args)
@@ -74,11 +84,8 @@ class AnimaNetworkTrainer(NetworkTrainer):
     def load_text_encoding_for_caching(self, args: argparse.Namespace) -> Any:
         """Tokenizers + Qwen3 on the device, wrapped in the encoding object the caches and the loop use."""
         from library.models.qwen3 import AnimaTextEncoding, load_qwen3_text_encoder
-        from library.models.tokenizers import AnimaTokenizer, load_qwen3_tokenizer, load_t5_tokenizer
 
-        tokenizer = AnimaTokenizer(
-            load_qwen3_tokenizer(qwen3_path=args.qwen3, tokenizer_path=args.qwen3_tokenizer_path),
-            load_t5_tokenizer(args.t5_tokenizer_path), args.qwen3_max_token_length, args.t5_max_token_length)
+        tokenizer = self.tokenizer or self.load_tokenizer(args)
         text_encoder = load_qwen3_text_encoder(args.qwen3, device=self.device, dtype=self.weight_dtype)
         return AnimaTextEncoding(tokenizer, text_encoder, self.device, self.weight_dtype)
 

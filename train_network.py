@@ -607,6 +607,8 @@ class NetworkTrainer:
             num_epochs=self.num_epochs, optimizer_name=self.optimizer_text,
             network_args=self.network_args if args.network_args else None, dataset_metadata=dataset_metadata,
             max_train_steps=self.schedule.max_train_steps,
+            network_dim=getattr(self.network, "network_dim", None),
+            network_alpha=getattr(self.network, "network_alpha", None),
         )
         if not args.no_metadata:
             self.update_metadata(metadata, args)

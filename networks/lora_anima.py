@@ -14,6 +14,7 @@ import ast
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,10 +97,19 @@ def _parse_bool(key: str, value: Any) -> bool:
     raise AnimaError(f"--network_args {key}={value!r}: expected true or false")
 
 
+# Options parsed here that are command-line flags of their own, not `--network_args` entries.
+_OWN_FLAGS = ("network_dropout",)
+
+
+def _as_given(key: str, value: Any) -> str:
+    """The option as the user wrote it, for messages: `--network_dropout 1.5` or `--network_args key='v'`."""
+    return f"--{key} {value}" if key in _OWN_FLAGS else f"--network_args {key}={value!r}"
+
+
 def _parse_fraction(key: str, value: Any) -> float:
     number = _parse_float(key, value)
     if not 0.0 <= number < 1.0:
-        raise AnimaError(f"--network_args {key}={value!r}: expected a probability in [0, 1)")
+        raise AnimaError(f"{_as_given(key, value)}: expected a probability in [0, 1)")
     return number
 
 
@@ -107,9 +117,9 @@ def _parse_float(key: str, value: Any) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise AnimaError(f"--network_args {key}={value!r}: expected a number") from None
+        raise AnimaError(f"{_as_given(key, value)}: expected a number") from None
     if not math.isfinite(number):
-        raise AnimaError(f"--network_args {key}={value!r}: expected a finite number")
+        raise AnimaError(f"{_as_given(key, value)}: expected a finite number")
     return number
 
 
@@ -811,12 +821,15 @@ def create_network_from_weights(
     module_shapes = {}
     for name, parts in group_by_module(sd).items():
         module_shapes[name] = (int(parts["lora_down.weight"].shape[0]), float(parts["alpha"].float()))
+    # The file's most common rank and alpha stand for the network (ss_network_dim / ss_network_alpha).
+    ranks = Counter(rank for rank, _ in module_shapes.values())
+    alphas = Counter(alpha for _, alpha in module_shapes.values())
     network = LoRANetwork(
         text_encoders,
         unet,
         multiplier=multiplier,
-        network_dim=None,
-        network_alpha=None,
+        network_dim=ranks.most_common(1)[0][0] if ranks else None,
+        network_alpha=alphas.most_common(1)[0][0] if alphas else None,
         options=options,
         module_shapes=module_shapes,
     )

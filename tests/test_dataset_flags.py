@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -74,21 +75,34 @@ def test_cache_info_flag_writes_the_size_file(tmp_path, folder):
     assert len(list(folder.glob("metadata_cache.json"))) == 1
 
 
+# The filters sd-scripts' resize_image uses for each name: Pillow for lanczos/box, OpenCV for the rest.
+SD_SCRIPTS_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX,
+                      "nearest": cv2.INTER_NEAREST_EXACT, "bilinear": cv2.INTER_LINEAR, "linear": cv2.INTER_LINEAR,
+                      "bicubic": cv2.INTER_CUBIC, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}
+
+
+def sd_scripts_resize(pixels: np.ndarray, size: tuple[int, int], name: str) -> np.ndarray:
+    choice = SD_SCRIPTS_FILTERS[name]
+    if isinstance(choice, Image.Resampling):
+        return np.asarray(Image.fromarray(pixels).resize(size, choice))
+    return cv2.resize(pixels, size, interpolation=choice)
+
+
+def test_every_resize_interpolation_name_has_an_sd_scripts_filter():
+    assert set(SD_SCRIPTS_FILTERS) == set(RESIZE_INTERPOLATIONS)
+
+
 @pytest.mark.parametrize("name", RESIZE_INTERPOLATIONS)
 def test_resize_interpolation_flag_selects_the_filter(tmp_path, name):
     pixels = np.random.default_rng(3).integers(0, 255, (96, 96, 3), dtype=np.uint8)
     (tmp_path / "train" / "1_x").mkdir(parents=True)
     Image.fromarray(pixels).save(tmp_path / "train" / "1_x" / "a.png")
     train, _ = build_dataset_groups(folder_args(tmp_path, "--resize_interpolation", name))
-    filters = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
-               "bilinear": Image.Resampling.BILINEAR, "linear": Image.Resampling.BILINEAR,
-               "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC,
-               "area": Image.Resampling.BOX, "box": Image.Resampling.BOX}
-    expected = np.asarray(Image.fromarray(pixels).resize((64, 64), filters[name]))
+    expected = sd_scripts_resize(pixels, (64, 64), name)
     torch.testing.assert_close(train[0]["images"][0], image_io.to_tensor(expected))
     # Different filters give different pixels, so the flag really reaches the resize.
-    assert not np.array_equal(expected, np.asarray(Image.fromarray(pixels).resize(
-        (64, 64), Image.Resampling.NEAREST if name not in ("nearest",) else Image.Resampling.LANCZOS)))
+    other = "nearest" if name != "nearest" else "lanczos"
+    assert np.abs(expected.astype(int) - sd_scripts_resize(pixels, (64, 64), other)).max() > 8
 
 
 def test_worker_flags_reach_the_data_loader(tmp_path, folder):

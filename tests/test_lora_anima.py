@@ -313,18 +313,23 @@ def test_update_is_computed_in_the_input_dtype():
 
 def test_rank_dropout_at_batch_2_masks_per_sample_and_rank_and_is_unbiased():
     torch.manual_seed(0)
-    lora = LoRAModule("lora_unet_x", "x", 8, 5, rank=6, alpha=6.0, rank_dropout=0.5)
-    torch.nn.init.normal_(lora.lora_up.weight)
-    # 5-D like a [B, T, H, W, D] activation; every position of a sample holds the same vector.
-    x = torch.randn(2, 1, 1, 1, 8).expand(2, 1, 3, 4, 8).contiguous()
+    lora = LoRAModule("lora_unet_x", "x", 8, 6, rank=6, alpha=6.0, rank_dropout=0.5)
+    with torch.no_grad():
+        lora.lora_up.weight.copy_(torch.eye(6))  # output channel r = rank channel r, so zeros show the mask
+    x = torch.randn(2, 1, 3, 4, 8)  # 5-D like a [B, T, H, W, D] activation
     lora.eval()
     exact = lora.delta(x)
     lora.train()
-    draws = torch.stack([lora.delta(x) for _ in range(4000)])  # [N, 2, 1, 3, 4, 5]
-    assert draws.shape[1:] == x.shape[:-1] + (5,)
-    # The mask is per (sample, rank): all positions of one sample agree, the two samples differ.
-    assert torch.equal(draws, draws[:, :, :, :1, :1].expand_as(draws))
-    assert not torch.equal(draws[:, 0] - exact[0], draws[:, 1] - exact[1])
+    draws = torch.stack([lora.delta(x) for _ in range(4000)])  # [N, 2, 1, 3, 4, 6]
+    assert draws.shape[1:] == x.shape[:-1] + (6,)
+    # The mask itself (which rank channels are zeroed) is compared, not the matmul results, which may differ
+    # in the last bit from one position to the next.
+    kept = draws != 0
+    # Per (sample, rank): all positions of one sample share it, the two samples and the ranks differ.
+    assert torch.equal(kept, kept[:, :, :, :1, :1].expand_as(kept))
+    assert (kept[:, 0] != kept[:, 1]).any()
+    assert (kept[..., 0] != kept[..., 1]).any()
+    assert 0.45 < kept.float().mean().item() < 0.55
     mean = draws.mean(0)
     assert (mean - exact).abs().max() < 0.06 * exact.abs().max()
 
@@ -613,4 +618,5 @@ def test_dropouts_draw_the_same_masks_when_checkpointed_blocks_recompute():
 
     plain = lora_grads(False)
     assert plain.abs().max() > 0
-    torch.testing.assert_close(lora_grads(True), plain, rtol=0, atol=0)
+    # Recomputation may reorder gradient sums, so compare within fp32 rounding; other masks differ by far more.
+    torch.testing.assert_close(lora_grads(True), plain, rtol=1e-5, atol=1e-7)

@@ -227,6 +227,7 @@ def test_network_weights_in_either_format_are_the_starting_point(tiny_setup, ste
     run(argv)
     saved = load_file(str(tmp_path / "comfy" / "tiny.safetensors"))
     assert all(v.shape[0] == 4 for k, v in saved.items() if k.endswith("lora_down.weight"))
+    assert metadata(tmp_path / "comfy" / "tiny.safetensors")["ss_network_dim"] == "4"  # the trained rank
     expected = deltas(to_sd_scripts_format(load_lora_file(str(comfy))[0]))
     for name, delta in deltas(saved).items():
         torch.testing.assert_close(delta, expected[name], rtol=1e-4, atol=1e-6, msg=name)

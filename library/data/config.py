@@ -17,6 +17,7 @@ are rejected for integer keys, unknown keys name the closest valid key, and ever
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import json
 import logging
@@ -119,7 +120,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
                    help="bucket side granularity (a multiple of 16 for Anima)")
     g.add_argument("--bucket_no_upscale", action="store_true", help="per-image buckets; never enlarge images")
     g.add_argument("--resize_interpolation", type=str, default=None, choices=list(RESIZE_INTERPOLATIONS),
-                   help="resize filter (default: area when shrinking, else lanczos)")
+                   help="resize filter, as in sd-scripts: lanczos/box by Pillow, the others by OpenCV (default: "
+                        "area when no side grows, else lanczos)")
     g.add_argument("--caption_extension", type=str, default=d["caption_extension"],
                    help="caption file extension (default .caption)")
     g.add_argument("--caption_extention", type=str, default=None, help="legacy spelling of --caption_extension")
@@ -142,7 +144,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--token_warmup_min", type=int, default=d["token_warmup_min"], help="tags kept at step 0")
     g.add_argument("--token_warmup_step", type=float, default=d["token_warmup_step"],
                    help="steps (or fraction of the run if < 1) until all tags are used")
-    g.add_argument("--color_aug", action="store_true", help="random hue/gamma changes")
+    g.add_argument("--color_aug", action="store_true",
+                   help="sd-scripts' colour augmentation: a hue shift or a gamma on 0-255 values, a third of the time")
     g.add_argument("--flip_aug", action="store_true", help="random horizontal flips")
     g.add_argument("--face_crop_aug_range", type=str, default=None,
                    help='"a,b": crop around the face named in the file (name_cx_cy_w_h) so its size is '
@@ -238,6 +241,11 @@ def normalize_dataset_args(args: argparse.Namespace) -> None:
 def load_dataset_config(path: str | Path) -> dict[str, Any]:
     """Read a .toml or .json dataset config; AnimaError for a missing file, another extension or a parse error."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".toml", ".json"))
+        hint = f" (it holds {', '.join(inside[:3])})" if inside else ""
+        raise AnimaError(f"--dataset_config {path} is a folder; give the dataset config file itself, a .toml or .json "
+                         f"file{hint}")
     if not path.is_file():
         raise AnimaError(f"--dataset_config {path} not found; fix the path")
     suffix = path.suffix.lower()
@@ -484,6 +492,8 @@ def _check_dataset_values(config: DatasetConfig) -> None:
 
 def _check_subset_values(subset: SubsetConfig) -> None:
     where = subset.where
+    if subset.num_repeats < 0:
+        raise AnimaError(f"{where}: num_repeats must be at least 1 (0 skips the subset), got {subset.num_repeats}")
     if subset.resize_interpolation is not None and subset.resize_interpolation not in RESIZE_INTERPOLATIONS:
         raise AnimaError(f"{where}: resize_interpolation {subset.resize_interpolation!r} is not one of "
                          f"{', '.join(RESIZE_INTERPOLATIONS)}")
@@ -503,7 +513,8 @@ def _check_subset_values(subset: SubsetConfig) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Configs synthesized from the command line
 
-_REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$")
+# `<repeats>_<class tokens>`, or just `<repeats>` (no class tokens), as sd-scripts reads folder names.
+_REPEATS_FOLDER = re.compile(r"^(\d+)(?:_(.*))?$")
 
 
 def _dreambooth_subsets_from_folder(parent: str, is_reg: bool, flag: str) -> list[dict[str, Any]]:
@@ -514,14 +525,14 @@ def _dreambooth_subsets_from_folder(parent: str, is_reg: bool, flag: str) -> lis
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         match = _REPEATS_FOLDER.match(folder.name)
         if match is None:
-            logger.warning("%s: folder %s is skipped: its name must be <repeats>_<class tokens>, e.g. 10_sks girl",
-                           flag, folder.name)
+            logger.warning("%s: folder %s is skipped: its name must be <repeats>_<class tokens> (e.g. 10_sks girl) "
+                           "or just <repeats>", flag, folder.name)
             continue
         repeats = int(match.group(1))
         if repeats < 1:
             logger.warning("%s: folder %s is skipped: repeats must be at least 1", flag, folder.name)
             continue
-        subsets.append({"image_dir": str(folder), "num_repeats": repeats, "class_tokens": match.group(2),
+        subsets.append({"image_dir": str(folder), "num_repeats": repeats, "class_tokens": match.group(2) or "",
                         "is_reg": is_reg})
     return subsets
 
@@ -566,6 +577,8 @@ def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, Datase
     image is decoded.
     """
     normalize_dataset_args(args)
+    if getattr(args, "dataset_repeats", 1) < 0:
+        raise AnimaError(f"--dataset_repeats must be at least 1 (0 skips the subset), got {args.dataset_repeats}")
     if getattr(args, "dataset_config", None):
         for flag in ("train_data_dir", "reg_data_dir", "in_json", "conditioning_data_dir"):
             if getattr(args, flag, None):
@@ -576,7 +589,7 @@ def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, Datase
         user_config, source = config_from_command_line(args)
     validate_user_config(user_config, source)
     # Parse --resolution once so the fallback sees (W, H).
-    cli = argparse.Namespace(**vars(args))
+    cli = copy.copy(args)  # the fallback values; resolution parsed once below
     cli.resolution = parse_resolution(getattr(args, "resolution", None), "--resolution")
     cli.face_crop_aug_range = parse_face_crop_range(getattr(args, "face_crop_aug_range", None),
                                                     "--face_crop_aug_range")
@@ -594,6 +607,7 @@ def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, Datase
     strict = bool(getattr(args, "strict_images", False))
     bad_images = BadImages(strict)
 
+    zero_repeats = [s.where for c in dataset_configs for s in c.subsets if s.num_repeats == 0 and not s.is_reg]
     train_datasets, val_datasets = [], []
     write_cache_info = not getattr(args, "debug_dataset", False)  # --debug_dataset writes nothing
     for config in dataset_configs:
@@ -604,8 +618,13 @@ def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, Datase
             val_datasets.append(val)
     bad_images.report()
     if not train_datasets or sum(d.num_train_images for d in train_datasets) == 0:
-        raise AnimaError(f"{source}: no training images found; check image_dir / metadata_file and the image "
-                         "extensions (.png .jpg .jpeg .webp .bmp)")
+        if zero_repeats:
+            raise AnimaError(f"no training images: num_repeats = 0 skips {', '.join(zero_repeats)} and no other subset "
+                             "has images; set num_repeats to 1 or more")
+        searched = ", ".join(sorted({str(s.image_dir or s.metadata_file) for c in dataset_configs for s in c.subsets
+                                     if not s.is_reg})) or "no training subset"
+        raise AnimaError(f"{source}: no training images found in {searched}; check image_dir / metadata_file and the "
+                         "image extensions (.png .jpg .jpeg .webp .bmp)")
 
     from_config = bool(getattr(args, "dataset_config", None))
     train_group = DatasetGroup(train_datasets, seed=dataset_seed, from_config=from_config, strict_images=strict)
@@ -628,7 +647,7 @@ def _build_dataset(config: DatasetConfig, bad_images: BadImages, seed: int, data
     used_subsets: list[SubsetConfig] = []
     for subset in config.subsets:
         if subset.num_repeats < 1:
-            logger.warning("%s: num_repeats %d < 1, this subset is skipped", subset.where, subset.num_repeats)
+            logger.warning("%s: num_repeats = 0, this subset is skipped", subset.where)
             continue
         identity = str(Path(subset.metadata_file if subset.kind == "finetuning" else subset.image_dir or "")
                        .resolve())

@@ -40,6 +40,10 @@ from library.io.files import atomic_write
 logger = logging.getLogger(__name__)
 
 ANIMA_BUCKET_MULTIPLE = 16  # DiT patch size 2 x VAE stride 8
+# Warn about images enlarged more than this per side to fill their bucket (under 1/4 of its area) ...
+UPSCALE_WARN_FACTOR = 2.0
+# ... or losing more than this fraction of the picture to the bucket crop.
+CROP_WARN_FRACTION = 0.5
 OTHER_CAPTION_EXTENSIONS = (".txt", ".caption", ".tags")
 
 
@@ -87,14 +91,14 @@ def _collect_dreambooth(subset: SubsetConfig, subset_index: int, bad_images: Bad
         logger.warning("%s: no images in %s; this subset is skipped", subset.where, image_dir)
         return []
 
-    known_sizes = _read_cache_info(image_dir) if subset.cache_info else {}
+    known_headers = _read_cache_info(image_dir) if subset.cache_info else {}
     infos: list[ImageInfo] = []
     missing_captions: list[str] = []
     for path in paths:
-        size = known_sizes.get(str(path))
-        if size is None:
+        header = known_headers.get(str(path))
+        if header is None:
             try:
-                size = image_io.check_image_file(path)
+                header = image_io.read_image_header(path)
             except image_io.BadImageError as exc:
                 bad_images.add(path, str(exc))
                 continue
@@ -103,11 +107,12 @@ def _collect_dreambooth(subset: SubsetConfig, subset_index: int, bad_images: Bad
             missing_captions.append(path.name)
             caption = subset.class_tokens or ""
         infos.append(ImageInfo(key=str(path), path=path.resolve(), caption=caption, num_repeats=subset.num_repeats,
-                               is_reg=subset.is_reg, subset_index=subset_index, image_size=size))
+                               is_reg=subset.is_reg, subset_index=subset_index, image_size=header.size,
+                               orientation=header.orientation))
 
     if missing_captions:
         _warn_missing_captions(subset, image_dir, missing_captions)
-    if subset.cache_info and not known_sizes and infos and write_cache_info:
+    if subset.cache_info and not known_headers and infos and write_cache_info:
         _write_cache_info(image_dir, infos)
     if subset.conditioning_data_dir:
         infos = _attach_conditioning_images(subset, infos, bad_images)
@@ -190,19 +195,33 @@ def _warn_missing_captions(subset: SubsetConfig, image_dir: Path, missing: list[
                        subset.where, image_dir, "/".join(others), subset.caption_extension, others[0])
 
 
-def _read_cache_info(image_dir: Path) -> dict[str, Size]:
+def _read_cache_info(image_dir: Path) -> dict[str, image_io.ImageHeader]:
+    """The headers kept in metadata_cache.json, or {} (folder rescanned) when the file lacks the EXIF orientation.
+
+    `resolution` is the stored pixel size, as sd-scripts writes it, so either tool can read the other's file;
+    `orientation` is this project's addition. A file without it (sd-scripts', or an older one) cannot say which
+    images are turned, so it is not used and is rewritten after the scan.
+    """
     path = image_dir / "metadata_cache.json"
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return {key: (int(v["resolution"][0]), int(v["resolution"][1])) for key, v in data.items()}
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        if not all("orientation" in value for value in data.values()):
+            logger.info("%s has no EXIF orientations (written by another tool or version); the folder is "
+                        "scanned again and the file rewritten", path)
+            return {}
+        return {key: image_io.ImageHeader((int(v["resolution"][0]), int(v["resolution"][1])), int(v["orientation"]))
+                for key, v in data.items()}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise AnimaError(f"cannot read {path} ({exc}); delete it and it will be rebuilt") from exc
 
 
 def _write_cache_info(image_dir: Path, infos: list[ImageInfo]) -> None:
-    data = {info.key: {"caption": info.caption, "resolution": list(info.image_size)} for info in infos}
+    # Orienting the shown size again swaps it back to the stored size.
+    data = {info.key: {"caption": info.caption,
+                       "resolution": list(image_io.oriented_size(info.image_size, info.orientation)),
+                       "orientation": info.orientation} for info in infos}
     text = json.dumps(data, ensure_ascii=False, indent=2)
     atomic_write(image_dir / "metadata_cache.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
@@ -248,7 +267,9 @@ def _collect_finetuning(subset: SubsetConfig, subset_index: int, bad_images: Bad
             bad_images.add(path, str(exc))
             continue
         caption, tags = record.get("caption"), record.get("tags")
-        if caption is None:
+        if tags and subset.captions.enable_wildcard:
+            tags = tags.replace("\n", separator)  # one tag list, not wildcard lines of its own
+        if caption is None or (isinstance(caption, str) and not caption.strip()):  # no leading separator
             caption = tags or ""
         elif tags:
             if subset.captions.enable_wildcard:
@@ -330,6 +351,7 @@ class ImageDataset:
         self._shuffled_epoch: int | None = None
         self.mean_aspect_error = 0.0
         self.make_buckets()
+        self._warn_about_poor_fits()
 
     @property
     def num_train_images(self) -> int:
@@ -367,6 +389,31 @@ class ImageDataset:
                        for k in range(math.ceil(len(keys) / batch_size))]
         self._shuffled_epoch = None
         self.shuffle(0)
+
+    def _warn_about_poor_fits(self) -> None:
+        """One warning per kind, listing the images: enlarged more than UPSCALE_WARN_FACTOR per side to fill their
+        bucket (they cover under a quarter of it: blurry training pixels), or losing more than CROP_WARN_FRACTION
+        of the picture to the bucket crop (an aspect ratio beyond the bucket range)."""
+        enlarged, cropped = [], []
+        for info in self.infos:
+            assert info.bucket is not None and info.resized is not None
+            (width, height), (resized_w, resized_h), (bucket_w, bucket_h) = info.image_size, info.resized, info.bucket
+            scale = max(resized_w / width, resized_h / height)
+            if scale > UPSCALE_WARN_FACTOR:
+                enlarged.append(f"{info.path.name} ({width}x{height}, enlarged x{scale:.3g})")
+            kept = (bucket_w * bucket_h) / (resized_w * resized_h)
+            if kept < 1.0 - CROP_WARN_FRACTION:
+                cropped.append(f"{info.path.name} ({width}x{height} in bucket {bucket_w}x{bucket_h}, "
+                               f"{kept:.0%} kept)")
+        where = self.config.where + (" (validation)" if self.is_validation else "")
+        if enlarged:
+            logger.warning("%s: %d image(s) are far below the bucket resolution and are enlarged more than %gx per "
+                           "side, which trains on blurry pixels; use larger images or a lower resolution: %s",
+                           where, len(enlarged), UPSCALE_WARN_FACTOR, _listing(enlarged))
+        if cropped:
+            logger.warning("%s: %d image(s) have an aspect ratio beyond the bucket range and lose more than %d%% of "
+                           "the picture to the crop; widen min_bucket_reso/max_bucket_reso or crop them yourself: %s",
+                           where, len(cropped), round(CROP_WARN_FRACTION * 100), _listing(cropped))
 
     def shuffle(self, epoch: int) -> None:
         """Shuffle slot order and bucket contents, seeded by seed + epoch (independent of earlier epochs)."""
@@ -472,6 +519,10 @@ class ImageDataset:
             return image_io.plan_face_crop(info.image_size, info.bucket, info.face, subset.face_crop_aug_range,
                                            subset.random_crop, rng)
         return image_io.plan_bucket_crop(info.resized, info.bucket, rng if subset.random_crop else None)
+
+
+def _listing(items: list[str], shown: int = 10) -> str:
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def _ones_like_bucket(info: ImageInfo) -> torch.Tensor:

@@ -9,9 +9,13 @@ its conditioning (mask) image get exactly the same resize, crop and flip.
 JPEG XL (`.jxl`) is read when the optional Pillow plugin `pillow-jxl-plugin` is installed; otherwise `.jxl` files
 are skipped with a warning.
 
-Resizing uses Pillow only: `area` is Pillow's BOX filter (an area average when shrinking), `lanczos` LANCZOS,
-`nearest` NEAREST, `bilinear`/`linear` BILINEAR, `bicubic`/`cubic` BICUBIC, `box` BOX. The default is `area`
-when shrinking in both axes and `lanczos` otherwise.
+Decoding applies the EXIF orientation (the picture as a viewer shows it) and brings high-bit-depth images to
+8 bits per channel: 16-bit RGB(A) and grey+alpha through Pillow (the top 8 bits), 16-/32-bit grey (Pillow modes
+`I;16*`, `I`) by the same top-8-bit rule on 0..65535, floating-point grey (`F`) as 0..1.
+
+Resizing follows sd-scripts' `resize_image`: `lanczos` and `box` use Pillow (LANCZOS, BOX); `area`, `bilinear`/
+`linear`, `bicubic`/`cubic` and `nearest` use OpenCV (INTER_AREA, INTER_LINEAR, INTER_CUBIC, INTER_NEAREST_EXACT).
+Without a choice, `area` is used when neither side grows and `lanczos` otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, features
@@ -42,16 +47,35 @@ if features.check("avif"):
 if JXL_SUPPORTED:
     IMAGE_EXTENSIONS.append(".jxl")
 
-_PIL_FILTERS = {
-    "lanczos": Image.Resampling.LANCZOS,
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "linear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "cubic": Image.Resampling.BICUBIC,
-    "area": Image.Resampling.BOX,
-    "box": Image.Resampling.BOX,
+# Which library resizes with which filter, exactly as sd-scripts does (its `resize_image`).
+_PIL_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX}
+_CV2_FILTERS = {
+    "nearest": cv2.INTER_NEAREST_EXACT,
+    "bilinear": cv2.INTER_LINEAR,
+    "linear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "cubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
 }
+
+# Recorded in the latent-cache provenance: a change to decoding or resizing re-encodes older cache entries.
+PIXEL_PIPELINE = "exif+8bit+sd-scripts-resize"
+
+# EXIF orientation -> the transpose that shows the picture upright (the EXIF standard's table); 5-8 turn it by
+# 90 degrees, so width and height swap.
+_EXIF_ORIENTATION_TAG = 0x0112
+_UPRIGHT_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SIDEWAYS_ORIENTATIONS = (5, 6, 7, 8)
+# Pillow modes whose values are not 0..255 and that Image.convert("RGB") would clip (mostly to white).
+_SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 Size = tuple[int, int]
 
@@ -78,8 +102,32 @@ def list_images(directory: Path) -> list[Path]:
     return sorted(p for p in files if is_image_file(p))
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the file header says: the stored pixel size and the EXIF orientation (1 = upright)."""
+
+    stored_size: Size  # (W, H) of the pixels as stored in the file
+    orientation: int = 1
+
+    @property
+    def size(self) -> Size:
+        """(W, H) of the picture as shown, after the EXIF orientation; the size every later step uses."""
+        return oriented_size(self.stored_size, self.orientation)
+
+
+def oriented_size(stored_size: Size, orientation: int) -> Size:
+    """The (W, H) of a stored (W, H) after EXIF `orientation` (5-8 swap the sides)."""
+    width, height = stored_size
+    return (height, width) if orientation in _SIDEWAYS_ORIENTATIONS else (width, height)
+
+
 def check_image_file(path: Path) -> Size:
-    """Return (width, height) after a cheap check: the header parses and the file is not cut short.
+    """(width, height) as shown (EXIF orientation applied), after the cheap check of `read_image_header`."""
+    return read_image_header(path).size
+
+
+def read_image_header(path: Path) -> ImageHeader:
+    """The header after a cheap check: it parses and the file is not cut short.
 
     Truncation is detected from the end-of-file marker (PNG IEND, JPEG EOI) or the declared size (WebP), so
     no pixels are decoded here. Raises BadImageError.
@@ -91,6 +139,7 @@ def check_image_file(path: Path) -> Size:
         with Image.open(path) as image:
             width, height = image.size
             image_format = image.format
+            orientation = _exif_orientation(image)
     except BadImageError:
         raise
     except Exception as exc:  # Pillow raises many types for non-images
@@ -109,17 +158,54 @@ def check_image_file(path: Path) -> Size:
         declared = int.from_bytes(head[4:8], "little") + 8
         if declared > size_on_disk:
             raise BadImageError(f"truncated WebP ({size_on_disk} of {declared} bytes)")
-    return width, height
+    return ImageHeader((width, height), orientation)
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1..8), 1 when absent or invalid. Reads only the header.
+
+    For PNG only an eXIf chunk before the pixel data counts (where the PNG extension puts it): Pillow's
+    getexif() would decode the whole image to look for one after it (22 ms instead of 0.04 ms for a 768 px
+    PNG header). The header check and the decoder use this same function, so sizes and pixels always agree.
+    """
+    try:
+        if image.format == "PNG":
+            raw = image.info.get("exif")
+            if raw is None:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = image.getexif()
+        value = int(exif.get(_EXIF_ORIENTATION_TAG, 1))
+    except (TypeError, ValueError, SyntaxError, OSError, KeyError):  # a damaged EXIF block: treat it as upright
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def load_image(path: Path, keep_alpha: bool) -> np.ndarray:
-    """Decode an image to uint8 [H, W, 3] (RGB) or [H, W, 4] (RGBA when `keep_alpha`). Raises BadImageError."""
+    """Decode an image to uint8 [H, W, 3] (RGB) or [H, W, 4] (RGBA when `keep_alpha`), upright as shown (EXIF
+    orientation applied) and with high-bit-depth values scaled to 8 bits. Raises BadImageError."""
     try:
         with Image.open(path) as image:
-            image = image.convert("RGBA" if keep_alpha else "RGB")
-            return np.asarray(image, dtype=np.uint8).copy()
+            orientation = _exif_orientation(image)
+            upright = image.transpose(_UPRIGHT_TRANSPOSE[orientation]) if orientation != 1 else image
+            converted = to_8bit(upright).convert("RGBA" if keep_alpha else "RGB")
+            return np.asarray(converted, dtype=np.uint8).copy()
     except Exception as exc:
         raise BadImageError(f"cannot decode ({type(exc).__name__}: {exc})") from exc
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """An image whose mode Pillow converts to RGB(A) without clipping: 16-/32-bit grey (0..65535) and float grey
+    (0..1) become 8-bit grey `L`; every other mode is returned unchanged (Pillow scales 16-bit RGB(A) itself)."""
+    if image.mode in _SIXTEEN_BIT_GREY_MODES:
+        values = np.asarray(image).astype(np.int64)  # [H, W]
+        return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L")
+    if image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        return Image.fromarray(np.clip(np.floor(values * 255.0 + 0.5), 0, 255).astype(np.uint8), "L")
+    return image
 
 
 @dataclass(frozen=True)
@@ -200,15 +286,25 @@ def plan_face_crop(image_size: Size, target: Size, face: FaceBox, face_range: tu
     return CropPlan(resized, offsets[0], offsets[1], tuple(target))
 
 
+def resize_pixels(image: np.ndarray, size: Size, interpolation: str | None) -> np.ndarray:
+    """uint8 [H, W, C] (C = 3 or 4) -> uint8 [size[1], size[0], C], the way sd-scripts resizes.
+
+    `interpolation` None: `area` when neither side grows, else `lanczos`.
+    """
+    height, width = image.shape[:2]
+    if (width, height) == tuple(size):
+        return image
+    name = interpolation or ("area" if size[0] <= width and size[1] <= height else "lanczos")
+    if name in _PIL_FILTERS:
+        mode = "RGBA" if image.shape[2] == 4 else "RGB"
+        return np.asarray(Image.fromarray(image, mode).resize(tuple(size), _PIL_FILTERS[name]), dtype=np.uint8)
+    resized = cv2.resize(np.ascontiguousarray(image), tuple(size), interpolation=_CV2_FILTERS[name])
+    return resized.reshape(size[1], size[0], image.shape[2])  # cv2 drops a channel axis of length 1
+
+
 def apply_crop_plan(image: np.ndarray, plan: CropPlan, interpolation: str | None) -> np.ndarray:
     """Resize [H, W, C] to plan.resized (any input size; a mask image may differ from its image), then crop."""
-    height, width = image.shape[:2]
-    if (width, height) != tuple(plan.resized):
-        shrinking = plan.resized[0] < width and plan.resized[1] < height
-        name = interpolation or ("area" if shrinking else "lanczos")
-        mode = "RGBA" if image.shape[2] == 4 else "RGB"
-        image = np.asarray(Image.fromarray(image, mode).resize(tuple(plan.resized), _PIL_FILTERS[name]),
-                           dtype=np.uint8)
+    image = resize_pixels(image, plan.resized, interpolation)
     out = image[plan.top: plan.top + plan.size[1], plan.left: plan.left + plan.size[0]]
     if out.shape[:2] != (plan.size[1], plan.size[0]):
         raise ValueError(f"crop {plan} does not fit the resized image {image.shape[1]}x{image.shape[0]}")
@@ -239,18 +335,31 @@ def load_image_and_mask(path: Path, plan: CropPlan, interpolation: str | None, *
     return rgb, mask
 
 
+COLOR_AUG_PROBABILITY = 0.33
+HUE_SHIFT_LIMIT = 8.0  # OpenCV hue units: the circle is 0..180
+GAMMA_RANGE = (0.95, 1.05)
+
+
 def apply_color_aug(rgb: np.ndarray, rng: random.Random) -> np.ndarray:
-    """With probability 0.33: a hue shift of up to +-8/180 of the hue circle, or a gamma in [0.95, 1.05]."""
-    if rng.random() >= 0.33:
+    """sd-scripts' colour augmentation. With probability 0.33, one of (even odds):
+
+    * a hue shift, uniform in +-8 OpenCV hue units (of 180), on the uint8 HSV image (the new hue truncated);
+    * a gamma in [0.95, 1.05] applied to the raw 0..255 values (v ** gamma, clipped, truncated), so it also
+      brightens or darkens mid-tones by up to about a quarter (128 ** 1.05 = 163, 128 ** 0.95 = 100).
+    """
+    if rng.random() > COLOR_AUG_PROBABILITY:
         return rgb
-    if rng.random() < 0.5:
-        hsv = np.asarray(Image.fromarray(rgb, "RGB").convert("HSV"), dtype=np.int16)
-        shift = int(round(rng.uniform(-8, 8) * 256 / 180))
-        hsv[..., 0] = (hsv[..., 0] + shift) % 256
-        return np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"), dtype=np.uint8)
-    gamma = rng.uniform(0.95, 1.05)
-    scaled = np.power(rgb.astype(np.float32) / 255.0, gamma) * 255.0
-    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+    if rng.random() > 0.5:
+        # Converted as if the RGB array were BGR, as sd-scripts does: that only turns the (symmetric) shift the
+        # other way round the hue circle, and keeps the pixels identical to sd-scripts' for the same draws.
+        hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_BGR2HSV)  # uint8, hue in 0..179
+        shift = rng.uniform(-HUE_SHIFT_LIMIT, HUE_SHIFT_LIMIT)
+        if shift < 0:  # the same float operations as sd-scripts, so the truncated hues match to the bit
+            shift += 180.0
+        hsv[..., 0] = ((hsv[..., 0] + shift) % 180.0).astype(np.uint8)
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    gamma = rng.uniform(*GAMMA_RANGE)
+    return np.clip(rgb.astype(np.float64) ** gamma, 0, 255).astype(np.uint8)
 
 
 def split_alpha(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

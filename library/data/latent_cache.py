@@ -1,14 +1,16 @@
 """Latent cache: encode every image once with the VAE, in memory or in `*_anima.npz` files beside the images.
 
 Disk format (readable by sd-scripts, and sd-scripts caches are found here):
-  file  `<image path without extension>_<W:04d>x<H:04d>_anima.npz`, W x H = the original image size;
+  file  `<image path without extension>_<W:04d>x<H:04d>_anima.npz`, W x H = the original image size (as shown,
+        after the EXIF orientation);
   keys  suffixed `_<h>x<w>` with the latent size (bucket / 8), so one file holds several resolutions:
         `latents_*` float32 [16, h, w], `original_size_*` [W, H], `crop_ltrb_*` [l, t, r, b],
         `latents_flipped_*` (flip_aug), `alpha_mask_*` float32 [H, W] (alpha_mask),
         `conditioning_mask_*` float32 [H, W] (conditioning_data_dir subsets, `--masked_loss`; this project only),
         and `provenance_*`: a JSON string of what produced the entry (this project only).
 
-Provenance = image fingerprint (size, mtime, SHA-256), bucket, resize size, crop, interpolation, flip, alpha, the
+Provenance = image fingerprint (size, mtime, SHA-256), bucket, resize size, crop, interpolation, the decode and
+resize pipeline version (`images.PIXEL_PIPELINE`), flip, alpha, the
 conditioning image's fingerprint (masked-loss subsets) and the VAE identity. An entry whose provenance differs from the current settings is re-encoded with a log line.
 An entry without provenance (written by sd-scripts or another tool) cannot be verified, so it is re-encoded
 too; `--skip_cache_check` reuses any entry whose keys are present without looking inside.
@@ -74,6 +76,7 @@ def _expected_provenance(dataset: ImageDataset, info: ImageInfo, vae_identity: s
         "resized": list(info.resized),
         "crop": "center",
         "interpolation": subset.resize_interpolation or dataset.config.resize_interpolation or "default",
+        "pixels": image_io.PIXEL_PIPELINE,  # how images are decoded and resized
         "flip": subset.flip_aug,
         "alpha": subset.alpha_mask,
         # Only present for masked-loss subsets, so older entries without the key stay valid.
@@ -106,7 +109,7 @@ def _stale_reason(dataset: ImageDataset, info: ImageInfo, path: str, vae_identit
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         return f"unreadable ({type(exc).__name__})"
     expected = _expected_provenance(dataset, info, vae_identity)
-    for field in ("format", "vae", "bucket", "resized", "crop", "interpolation", "alpha"):
+    for field in ("format", "vae", "bucket", "resized", "crop", "interpolation", "pixels", "alpha"):
         if stored.get(field) != expected[field]:
             return f"{field} changed"
     if stored.get("conditioning", False) != expected.get("conditioning", False):

@@ -74,7 +74,7 @@ class ImageInfo:
     num_repeats: int
     is_reg: bool
     subset_index: int
-    image_size: Size
+    image_size: Size  # (W, H) as shown, after the EXIF orientation
     bucket: Size | None = None
     resized: Size | None = None
     latents: torch.Tensor | None = None  # [16, h, w] float32, memory cache
@@ -85,3 +85,4 @@ class ImageInfo:
     text_npz: str | None = None
     face: image_io.FaceBox | None = None  # from the file name, only when the subset uses face_crop_aug_range
     conditioning_path: Path | None = None  # the mask image of a conditioning_data_dir subset
+    orientation: int = 1  # the file's EXIF orientation (image_size already has it applied)

@@ -17,6 +17,7 @@ from typing import Any
 
 import toml
 
+from library.data.config import add_dataset_arguments
 from library.errors import AnimaError
 from library.io.files import atomic_write
 from library.training.losses import check_loss_options
@@ -40,9 +41,9 @@ int_or_float = parse_int_or_float
 
 
 def _add(group: argparse._ActionsContainer, parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
-    """Add `--name` unless another module (the dataset flags) already defined it: one definition per flag."""
+    """Add `--name`; every flag has exactly one definition (the dataset flags come from library.data.config)."""
     if f"--{name}" in parser._option_string_actions:
-        return
+        raise ValueError(f"--{name} is defined twice")
     group.add_argument(f"--{name}", **kwargs)
 
 
@@ -180,8 +181,6 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("no_half_vae", action="store_true", help="keep the VAE in float32")
     a("seed", type=int, default=None, help="random seed (default: random)")
     a("gradient_checkpointing", action="store_true", help="recompute DiT block activations in backward")
-    a("max_data_loader_n_workers", type=int, default=8, help="data loader workers (capped by the CPU count)")
-    a("persistent_data_loader_workers", action="store_true", help="keep data loader workers between epochs")
     a("loss_type", choices=LOSS_TYPES, default="l2", help="element-wise loss")
     a("huber_schedule", choices=HUBER_SCHEDULES, default="snr",
       help="huber c per sample as a function of sigma: constant, exponential (huber_c^sigma) or snr "
@@ -193,7 +192,6 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("masked_loss", action="store_true",
       help="multiply the loss by the mask images of conditioning_data_dir / --conditioning_data_dir (red channel; "
       "required there); --alpha_mask masks apply without it")
-    a("prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
     # Stable Diffusion noise/loss tweaks: parsed so old command lines work, warned as having no effect.
     a("noise_offset", type=float, default=None, help="no effect for Anima (warned)")
     a("noise_offset_random_strength", action="store_true", help="no effect for Anima (warned)")
@@ -224,7 +222,6 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("initial_epoch", type=int, default=None, help="epoch to start counting from")
     a("initial_step", type=int, default=None, help="step to start counting from")
     a("skip_until_initial_step", action="store_true", help="skip the data before --initial_step")
-    a("validation_seed", type=int, default=None, help="seed for validation (default --seed)")
     a("validate_every_n_steps", type=int, default=None, help="validate every N steps")
     a("validate_every_n_epochs", type=int, default=None, help="validate every N epochs")
     a("max_validation_steps", type=int, default=None, help="cap on validation batches")
@@ -235,25 +232,6 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("dry_run", action="store_true",
       help="check everything that needs no weights (flags, dataset, images, model headers, network, optimizer, "
       "resume folder, output and cache folders), print the plan and a memory estimate, and exit")
-
-
-def _add_dataset_fallback_arguments(parser: argparse.ArgumentParser) -> None:
-    """Dataset flags the trainer reads itself; defined here only if the dataset module did not define them."""
-    g = parser.add_argument_group("dataset and caching")
-    a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
-    a("dataset_config", type=str, default=None, help="dataset TOML/JSON")
-    a("cache_latents", action="store_true", help="encode all images with the VAE once")
-    a("cache_latents_to_disk", action="store_true", help="cache latents in *_anima.npz files")
-    a("cache_text_encoder_outputs", action="store_true",
-      help="encode all captions with Qwen3 once (needs --network_train_unet_only)")
-    a("cache_text_encoder_outputs_to_disk", action="store_true", help="cache text outputs in *_anima_te.npz files")
-    a("vae_batch_size", type=int, default=1, help="batch size of latent caching")
-    a("text_encoder_batch_size", type=int, default=None, help="batch size of text caching")
-    a("skip_cache_check", action="store_true", help="only check that cache files exist")
-    a("shuffle_caption", action="store_true", help="shuffle comma-separated tags")
-    a("caption_tag_dropout_rate", type=float, default=0.0, help="drop comma-separated tags")
-    a("token_warmup_step", type=float, default=0, help="caption token warm-up")
-    a("resolution", type=str, default=None, help="training resolution \"W,H\" or \"S\"")
 
 
 def _add_saving_arguments(parser: argparse.ArgumentParser) -> None:
@@ -356,18 +334,12 @@ def setup_parser() -> argparse.ArgumentParser:
         prog="anima_train_network.py",
         description="Train a LoRA for Anima. Flags marked [GPU only] need a CUDA device.",
     )
-    try:
-        from library.data.config import add_dataset_arguments
-    except ImportError:  # dataset module not installed yet: the fallback set below still parses
-        add_dataset_arguments = None
-    if add_dataset_arguments is not None:
-        add_dataset_arguments(parser)
+    add_dataset_arguments(parser)
     _add_model_arguments(parser)
     _add_anima_arguments(parser)
     _add_network_arguments(parser)
     _add_optimizer_arguments(parser)
     _add_training_arguments(parser)
-    _add_dataset_fallback_arguments(parser)
     _add_saving_arguments(parser)
     _add_sampling_arguments(parser)
     _add_logging_arguments(parser)

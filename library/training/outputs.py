@@ -142,6 +142,8 @@ def training_metadata(
     network_args: dict[str, Any] | None,
     dataset_metadata: dict[str, str] | None,
     max_train_steps: int | None = None,
+    network_dim: int | None = None,
+    network_alpha: float | None = None,
 ) -> dict[str, str]:
     """ss_* metadata describing the run (all values are strings, as in sd-scripts files). max_train_steps: the
     run's step count when --max_train_epochs set it (default --max_train_steps)."""
@@ -163,8 +165,9 @@ def training_metadata(
         "ss_lr_warmup_steps": args.lr_warmup_steps,
         "ss_lr_scheduler": args.lr_scheduler,
         "ss_network_module": args.network_module,
-        "ss_network_dim": args.network_dim,
-        "ss_network_alpha": args.network_alpha,
+        # The trained network's rank and alpha (the flags may be unset: defaults, or --dim_from_weights).
+        "ss_network_dim": network_dim if network_dim is not None else args.network_dim,
+        "ss_network_alpha": network_alpha if network_alpha is not None else args.network_alpha,
         "ss_network_dropout": args.network_dropout,
         "ss_mixed_precision": args.mixed_precision,
         "ss_full_fp16": args.full_fp16,

@@ -166,8 +166,8 @@ def create_lr_scheduler(
     """Build the LR scheduler.
 
     name [--lr_scheduler]: one of LR_SCHEDULERS, or "adafactor:<lr>" (from `resolve_lr_scheduler_name`).
-    num_training_steps: scheduler ticks over the run = --max_train_steps × number of processes (the scheduler
-      is stepped once per process per optimizer step).
+    num_training_steps: scheduler ticks over the run = --max_train_steps (the trainer steps the scheduler once
+      per optimizer step, on every process alike).
     num_warmup_steps [--lr_warmup_steps], num_decay_steps [--lr_decay_steps]: step counts or ratios of
       num_training_steps (see `steps_from_int_or_float`). Warmup must be 0 for constant, adafactor and custom.
     num_cycles [--lr_scheduler_num_cycles]: cosine_with_restarts cycles; cosine_with_min_lr and
