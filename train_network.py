@@ -195,7 +195,14 @@ class NetworkTrainer:
         """Build the optimizer and LR scheduler as the run will, on the network's (meta-device) parameters."""
         from library.training.schedulers import create_lr_scheduler, resolve_lr_scheduler_name
 
-        _, _, optimizer, _ = self.build_optimizer(args, network)
+        try:
+            _, _, optimizer, _ = self.build_optimizer(args, network)
+        except (RuntimeError, NotImplementedError) as exc:
+            if "meta" not in str(exc):
+                raise
+            # An optimizer that reads its parameters' values when built: give it uninitialised CPU copies.
+            network.to_empty(device="cpu")
+            _, _, optimizer, _ = self.build_optimizer(args, network)
         # The step count only shapes the schedule; with --max_train_epochs it is known after the image scan.
         scheduler = create_lr_scheduler(
             resolve_lr_scheduler_name(args.lr_scheduler, optimizer, args.learning_rate), optimizer,

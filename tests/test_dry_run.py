@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from train_helpers import tiny_train_argv
 
 import anima_train_network
@@ -106,3 +107,21 @@ def test_dry_run_checks_the_resume_folder(tiny_setup, dataset, tmp_path, no_weig
     assert anima_train_network.main(args) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"error: --resume {state}: missing network.safetensors")
+
+
+class ReadsItsParametersAdamW(torch.optim.AdamW):
+    """An optimizer that reads parameter values when it is built (meta tensors have none)."""
+
+    def __init__(self, params, **kwargs):
+        params = list(params)
+        first = params[0]["params"][0] if isinstance(params[0], dict) else params[0]
+        self.initial_norm = float(first.detach().norm())
+        super().__init__(params, **kwargs)
+
+
+def test_dry_run_builds_an_optimizer_that_reads_its_parameters_on_cpu_copies(tiny_setup, dataset, tmp_path,
+                                                                              no_weights_read, capsys):
+    args = tiny_train_argv(tiny_setup, tmp_path / "out", *COMMON, "--dry_run", "--optimizer_type",
+                           "test_dry_run.ReadsItsParametersAdamW", dataset=dataset)
+    assert anima_train_network.main(args) == 0
+    assert "dry run: every check passed" in capsys.readouterr().out
