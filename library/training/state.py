@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,9 +94,9 @@ NOT_COMPARED = frozenset({
 BREAKS_CONTINUATION = frozenset({
     "train_batch_size", "gradient_accumulation_steps", "network_module", "network_dim", "network_alpha",
     "network_args", "network_dropout", "network_train_unet_only", "network_train_text_encoder_only",
-    "dim_from_weights", "network_weights", "base_weights", "base_weights_multiplier", "optimizer_type",
+    "base_weights", "base_weights_multiplier", "optimizer_type",
     "optimizer_args", "use_8bit_adam", "use_lion_optimizer", "mixed_precision", "full_fp16", "full_bf16",
-    "dataset_config", "train_data_dir", "reg_data_dir", "in_json", "resolution", "enable_bucket",
+    "resolution", "enable_bucket",
     "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "caption_extension",
     "shuffle_caption", "keep_tokens", "caption_dropout_rate", "caption_dropout_every_n_epochs",
     "caption_tag_dropout_rate", "token_warmup_step", "token_warmup_min", "flip_aug", "color_aug",
@@ -121,9 +122,26 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+# Flags naming files or folders: recorded as absolute paths, so that a resume from another working folder
+# compares the same files. (The dataset's content is compared through its fingerprint; --network_weights only
+# sets the starting weights, which the state replaces.)
+PATH_FLAGS = frozenset({"pretrained_model_name_or_path", "qwen3", "vae", "llm_adapter_path", "qwen3_tokenizer_path",
+                        "t5_tokenizer_path", "network_weights", "base_weights", "dataset_config", "train_data_dir",
+                        "reg_data_dir", "in_json", "conditioning_data_dir"})
+
+
+def _absolute(value: Any) -> Any:
+    if isinstance(value, str) and value:
+        return os.path.abspath(value)
+    if isinstance(value, list):
+        return [_absolute(v) for v in value]
+    return value
+
+
 def recorded_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The flags a resume compares: every parsed option except those in NOT_COMPARED."""
-    return {k: _jsonable(v) for k, v in sorted(vars(args).items()) if k not in NOT_COMPARED}
+    return {k: _jsonable(_absolute(v) if k in PATH_FLAGS else v) for k, v in sorted(vars(args).items())
+            if k not in NOT_COMPARED}
 
 
 def dataset_fingerprint(group: Any, dataset_config: str | None) -> str:
