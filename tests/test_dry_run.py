@@ -125,3 +125,31 @@ def test_dry_run_builds_an_optimizer_that_reads_its_parameters_on_cpu_copies(tin
                            "test_dry_run.ReadsItsParametersAdamW", dataset=dataset)
     assert anima_train_network.main(args) == 0
     assert "dry run: every check passed" in capsys.readouterr().out
+
+
+def test_memory_estimate_counts_weights_optimizer_state_and_checkpointed_activations(tiny_setup):
+    from types import SimpleNamespace
+
+    from library.models.dit_loading import load_anima_model
+    from library.training.args import parse_args
+    from library.training.memory import estimate_training_memory
+
+    dit = load_anima_model(tiny_setup.dit, device="meta")
+    dit_params = sum(p.numel() for p in dit.parameters())
+    group = SimpleNamespace(datasets=[SimpleNamespace(bucket_sizes=[(64, 64), (128, 64)],
+                                                      config=SimpleNamespace(batch_size=2))])
+
+    def estimate(*extra: str):
+        args, _ = parse_args(tiny_train_argv(tiny_setup, Path("out"), *extra))
+        return estimate_training_memory(args, dit, 1000, group, text_encoder_parameters=500)
+
+    plain = estimate()
+    assert plain.dit_weights == dit_params * 4 and plain.text_encoder == 0  # fp32; cached text: encoder freed
+    assert plain.network_and_optimizer == 1000 * (4 + 4 + 8)  # weights, gradients, AdamW moments
+    bf16 = estimate("--mixed_precision", "bf16", "--optimizer_type", "AdamW8bit")
+    assert bf16.dit_weights == dit_params * 2 and bf16.network_and_optimizer == 1000 * (4 + 4 + 2)
+    tokens = (128 // 8 // 2) * (64 // 8 // 2) * 2  # the largest bucket, batch 2
+    per_block = tokens * dit.config.model_channels * 4
+    assert plain.activations == per_block * 34 * dit.config.num_blocks
+    assert estimate("--gradient_checkpointing").activations == per_block * (dit.config.num_blocks + 34)
+    assert plain.total == plain.dit_weights + plain.network_and_optimizer + plain.activations
