@@ -128,7 +128,7 @@ class NetworkTrainer:
         self.setup_run(args)
         self.check_inputs(args)
         self.setup_accelerator(args)
-        if args.cache_only:
+        if args.cache_only and not args.dry_run:
             self.write_caches_only(args)
             return None
         self.build_datasets(args)
@@ -335,6 +335,10 @@ class NetworkTrainer:
             cached.append(f"text-encoder outputs of {images} captions "
                           f"({'disk' if args.cache_text_encoder_outputs_to_disk else 'memory'})")
         lines.append("  cache: " + ("; ".join(cached) if cached else "nothing (encoded every step)"))
+        if args.cache_only:
+            lines.append("  --cache_only: the caches would be written, then the run would stop")
+            print("\n".join(lines), flush=True)
+            return
         lines.append(f"  network: {self.network_parameter_count:,} LoRA parameters, "
                      f"{self.trainable_parameter_count:,} trained")
         estimate = estimate_training_memory(args, self.inspected_dit, self.trainable_parameter_count,

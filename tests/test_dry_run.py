@@ -153,3 +153,12 @@ def test_memory_estimate_counts_weights_optimizer_state_and_checkpointed_activat
     assert plain.activations == per_block * 34 * dit.config.num_blocks
     assert estimate("--gradient_checkpointing").activations == per_block * (dit.config.num_blocks + 34)
     assert plain.total == plain.dit_weights + plain.network_and_optimizer + plain.activations
+
+
+def test_dry_run_with_cache_only_plans_the_caches_and_writes_none(tiny_setup, dataset, tmp_path, no_weights_read,
+                                                                  capsys):
+    args = tiny_train_argv(tiny_setup, tmp_path / "out", *COMMON, "--cache_only", "--dry_run", dataset=dataset)
+    assert anima_train_network.main(args) == 0
+    plan = capsys.readouterr().out
+    assert "latents of 8 images (disk)" in plan and "--cache_only" in plan
+    assert not npz_files(dataset)
