@@ -215,3 +215,34 @@ def test_a_finite_checkpoint_that_overflows_the_training_dtype_says_so(tmp_path)
         with pytest.raises(AnimaError, match="--vae: tensor w .* overflows torch.float16"):
             checkpoint.tensor("w", dtype=torch.float16)
         assert torch.equal(checkpoint.tensor("w"), torch.full((2,), 1e6))
+
+
+class PoisonOneMicroBatch(AnimaNetworkTrainer):
+    """With gradient accumulation: the first micro-batch after step 2 has a NaN loss, the second a finite one."""
+
+    poisoned = False
+
+    def batch_loss(self, args, batch, training):
+        loss = super().batch_loss(args, batch, training)
+        if training and self.global_step == 2 and not self.poisoned:
+            self.poisoned = True
+            return loss * float("nan")
+        return loss
+
+    def after_step(self, args, epoch, epoch_batches):
+        super().after_step(args, epoch, epoch_batches)
+        self.weights_after_last_good_step = {k: v.clone() for k, v in self.network.state_dict().items()}
+
+    def skip_nonfinite_step(self, args, batch, started):
+        self.unchanged = all(torch.equal(v, self.weights_after_last_good_step[k])
+                             for k, v in self.network.state_dict().items())
+        super().skip_nonfinite_step(args, batch, started)
+
+
+def test_a_non_finite_micro_batch_skips_its_whole_accumulated_step(tiny_setup, tmp_path):
+    # 5 batches per epoch in steps of 2 + 2 + 1: two epochs hold 6 steps, one is skipped, 4 are asked for.
+    args = tiny_train_argv(tiny_setup, tmp_path, *COMMON, "--learning_rate", "5e-3", "--max_train_steps", "4",
+                           "--gradient_accumulation_steps", "2")
+    trainer = run(args, PoisonOneMicroBatch)
+    assert trainer.poisoned and trainer.unchanged and trainer.guard.skipped == 1
+    assert trainer.global_step == 4 and all_finite(tmp_path / "tiny.safetensors")
