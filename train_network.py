@@ -786,7 +786,7 @@ class NetworkTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients and self.step_finite:
                 self.lr_scheduler.step()
-        if args.scale_weight_norms and accelerator.sync_gradients:
+        if args.scale_weight_norms and accelerator.sync_gradients and self.step_finite:  # skipped: no change
             keys_scaled, mean_norm, max_norm = self.network.apply_max_norm_regularization(
                 args.scale_weight_norms, self.device)
             self.max_norm_logs = {"max_norm/keys_scaled": keys_scaled, "max_norm/average_key_norm": mean_norm,
