@@ -11,5 +11,9 @@ setup(
     packages=find_packages(include=["library", "library.*", "networks", "networks.*"]),
     py_modules=["train_network", "anima_train_network"],
     install_requires=requirements,
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={
+        # LyCORIS for --network_module lycoris.kohya (its own dependencies are ours already).
+        "lycoris": ["lycoris-lora>=4.1.3"],
+        "test": ["pytest>=8", "ruff>=0.6", "lycoris-lora>=4.1.3"],
+    },
 )

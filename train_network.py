@@ -13,7 +13,6 @@ weights. Only the main process writes caches, LoRA files, states, samples and lo
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import random
@@ -39,6 +38,7 @@ from library.training.optimizers import unwrap_optimizer
 from library.training.reporting import LossRecorder, TrainingReporter, logger, lr_logs
 from library.training.schedule import Position
 from library.training.state import capture_rng, restore_rng
+from networks import import_network_module
 from networks.lora_format import load_lora_file
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -411,10 +411,7 @@ class NetworkTrainer:
                       merge_base_weights: bool) -> Any:
         """The attached LoRA network (with --network_weights loaded). Also runs on weightless models from
         `inspect_models`, with `merge_base_weights=False`: then it only checks the network options and files."""
-        try:
-            network_module = importlib.import_module(args.network_module)
-        except ImportError as exc:
-            raise AnimaError(f"--network_module {args.network_module}: cannot import ({exc})") from exc
+        network_module = import_network_module(args.network_module)
         self.network_module = network_module
         for i, path in enumerate(args.base_weights or []):
             multiplier = (args.base_weights_multiplier or [])[i] if i < len(args.base_weights_multiplier or []) else 1.0
@@ -435,13 +432,15 @@ class NetworkTrainer:
         else:
             if "dropout" not in self.network_args:
                 self.network_args["dropout"] = args.network_dropout
+            # network_args dropout=p (LyCORIS' key, which sd-scripts also fills from --network_dropout) wins.
             network = network_module.create_network(
                 1.0, args.network_dim, args.network_alpha, None, text_encoders, dit,
-                neuron_dropout=args.network_dropout,
+                neuron_dropout=self.network_args["dropout"],
                 **{k: v for k, v in self.network_args.items() if k != "dropout"},
             )
         if network is None:
             raise AnimaError("the network module returned no network; check --network_args")
+        network.check_save_format(args.lora_format)
         train_te = self.train_text_encoder(args) and bool(text_encoders)
         network.apply_to(text_encoders, dit, train_te, not args.network_train_text_encoder_only)
         if args.network_weights and not args.dim_from_weights:

@@ -1,0 +1,29 @@
+"""Network modules for ``--network_module``: the names the trainer accepts and how each is imported."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from library.errors import AnimaError
+
+# --network_module value -> the module that implements it here. LyCORIS' own `lycoris.kohya` goes through
+# an adapter that fits it to this trainer's network API (and checks its network_args).
+NETWORK_MODULES = {
+    "networks.lora_anima": "networks.lora_anima",
+    "networks.lokr": "networks.lokr",
+    "networks.loha": "networks.loha",
+    "lycoris.kohya": "networks.lycoris_kohya",
+}
+
+
+def check_network_module(name: str) -> None:
+    if name not in NETWORK_MODULES:
+        hint = " (sd-scripts' SD LoRA; Anima's is networks.lora_anima)" if name == "networks.lora" else ""
+        raise AnimaError(f"--network_module {name}{hint}: supported modules are {', '.join(NETWORK_MODULES)}")
+
+
+def import_network_module(name: str) -> ModuleType:
+    """The implementation of ``--network_module name`` (AnimaError for an unknown name or a missing library)."""
+    check_network_module(name)
+    return importlib.import_module(NETWORK_MODULES[name])

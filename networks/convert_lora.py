@@ -5,7 +5,9 @@
 
 Metadata is copied (``ss_lora_format`` updated, sshs_* hashes recomputed). By default the ComfyUI output
 folds alpha/r into lora_B so that diffusers (which rejects alpha keys) loads it too; ``--keep_alpha`` writes
-the alpha keys instead (ComfyUI only, converts back exactly).
+the alpha keys instead (ComfyUI only, converts back exactly). LoKr and LoHa files (native or LyCORIS) convert
+with their tensor names and alphas unchanged, exactly both ways. Other LyCORIS algorithms are refused: their
+tensors have no ComfyUI-layout names, and ComfyUI reads their sd-scripts-layout files as they are.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from library.errors import AnimaError
 from networks.lora_format import (
     ALPHA_FOLDED_METADATA_KEY,
     COMFY_FORMAT,
+    KIND_NAMES,
     LORA_FORMATS,
+    LORA_KIND,
+    adapter_kinds,
     convert_to_comfy,
     detect_lora_format,
     format_metadata,
@@ -51,7 +56,8 @@ def convert_file(src: str, dst: str, to: str, keep_alpha: bool = False) -> int:
     tensors, metadata = load_lora_file(src, flag="--src")
     source_format = detect_lora_format(tensors)
     sd = to_sd_scripts_format(tensors, add_missing_alpha=True)
-    fold_alpha = not keep_alpha
+    kinds = adapter_kinds(sd)
+    fold_alpha = not keep_alpha and kinds == {LORA_KIND}  # LoKr/LoHa alphas always stay
     if to == COMFY_FORMAT:
         out = convert_to_comfy(sd, fold_alpha=fold_alpha)
     else:
@@ -60,7 +66,8 @@ def convert_file(src: str, dst: str, to: str, keep_alpha: bool = False) -> int:
     metadata.update(format_metadata(to, fold_alpha))
     save_lora_file(dst, out, metadata)
     modules = len({key.split(".")[0] for key in sd})
-    print(f"{src} ({source_format}) -> {dst} ({to}): {modules} LoRA modules")
+    names = "/".join(KIND_NAMES[k] for k in sorted(kinds))
+    print(f"{src} ({source_format}) -> {dst} ({to}): {modules} {names} modules")
     return modules
 
 

@@ -3,223 +3,40 @@
 Usable as ``--network_module networks.lora_anima`` with the sd-scripts network API
 (``create_network``, ``create_network_from_weights``, ``apply_to``, ``prepare_optimizer_params`` ...).
 
-Each selected ``nn.Linear`` keeps its own weights; a forward hook adds the low-rank update
-``y = W x + up(drop(down(x))) * multiplier * alpha / r``. The LoRA weights live in this network, so the
-base model's state dict is untouched and the hooks can be removed again.
+Each selected ``nn.Linear`` gets the low-rank update ``y = W x + up(drop(down(x))) * multiplier * alpha / r``.
+The layer choice, the network container and the file handling are shared with LoKr and LoHa
+(networks.network_base); this module holds only the LoRA adapter.
 """
 
 from __future__ import annotations
 
-import ast
-import logging
 import math
-import re
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from library.errors import AnimaError
-from networks.lora_format import (
-    COMFY_FORMAT,
-    SD_SCRIPTS_FORMAT,
-    TE_PREFIX,
-    UNET_PREFIX,
-    check_lora_format,
-    convert_to_comfy,
-    format_metadata,
-    group_by_module,
-    load_lora_file,
-    lora_name_for,
-    sample_keys,
-    save_lora_file,
-    to_sd_scripts_format,
+from networks.lora_format import LORA_KIND, module_rank
+from networks.network_base import (
+    COMMON_OPTION_PARSERS,
+    AdapterModule,
+    AdapterNetwork,
+    build_network,
+    build_network_from_weights,
 )
 
-logger = logging.getLogger(__name__)
-
-DEFAULT_NETWORK_DIM = 4
-# Always appended to the user's exclusions (DiT and text encoder): AdaLN, norms, embedders, final layer.
-DEFAULT_EXCLUDE_PATTERN = r".*(_modulation|_norm|_embedder|final_layer).*"
-
-# Which Linear layers are LoRA candidates at all, by original (dotted) module name.
-DIT_CANDIDATE_PATTERN = re.compile(r"(blocks\.\d+|x_embedder|t_embedder|final_layer)\..+")
-ADAPTER_CANDIDATE_PATTERN = re.compile(r"llm_adapter\.blocks\.\d+\..+")
-TEXT_ENCODER_CANDIDATE_PATTERN = re.compile(r"layers\.\d+\.(self_attn|mlp)\..+")
-
-# DiT component learning rates: first match wins (adapter blocks also contain "self_attn").
-COMPONENTS = ("llm_adapter", "self_attn", "cross_attn", "mlp", "mod")
-_COMPONENT_MATCHERS = (
-    ("llm_adapter", lambda name: name.startswith("llm_adapter.")),
-    ("self_attn", lambda name: ".self_attn." in name),
-    ("cross_attn", lambda name: ".cross_attn." in name),
-    ("mlp", lambda name: ".mlp." in name),
-    ("mod", lambda name: "adaln_modulation" in name),
-)
-
-UNET_SIDE = "unet"
-TEXT_ENCODER_SIDE = "text_encoder"
-_GROUP_PREFIX = {TEXT_ENCODER_SIDE: "textencoder 1", UNET_SIDE: "unet"}
+MODULE_NAME = "networks.lora_anima"
+VALID_NETWORK_ARGS = tuple(COMMON_OPTION_PARSERS)
+LoRANetwork = AdapterNetwork  # the container; its modules are LoRAModule here
 
 
-# --------------------------------------------------------------------------------------------------
-# --network_args
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoRAOptions:
-    """Parsed ``--network_args``."""
-
-    train_llm_adapter: bool = False
-    exclude_patterns: list[str] = field(default_factory=list)
-    include_patterns: list[str] = field(default_factory=list)
-    reg_dims: dict[str, int] = field(default_factory=dict)  # regex -> rank, insertion order = priority
-    reg_lrs: dict[str, float] = field(default_factory=dict)  # regex -> lr
-    rank_dropout: float | None = None
-    module_dropout: float | None = None
-    loraplus_lr_ratio: float | None = None
-    loraplus_unet_lr_ratio: float | None = None
-    loraplus_text_encoder_lr_ratio: float | None = None
-    verbose: bool = False
-
-
-def _parse_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "false"):
-        return text == "true"
-    raise AnimaError(f"--network_args {key}={value!r}: expected true or false")
-
-
-# Options parsed here that are command-line flags of their own, not `--network_args` entries.
-_OWN_FLAGS = ("network_dropout",)
-
-
-def _as_given(key: str, value: Any) -> str:
-    """The option as the user wrote it, for messages: `--network_dropout 1.5` or `--network_args key='v'`."""
-    return f"--{key} {value}" if key in _OWN_FLAGS else f"--network_args {key}={value!r}"
-
-
-def _parse_fraction(key: str, value: Any) -> float:
-    number = _parse_float(key, value)
-    if not 0.0 <= number < 1.0:
-        raise AnimaError(f"{_as_given(key, value)}: expected a probability in [0, 1)")
-    return number
-
-
-def _parse_float(key: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise AnimaError(f"{_as_given(key, value)}: expected a number") from None
-    if not math.isfinite(number):
-        raise AnimaError(f"{_as_given(key, value)}: expected a finite number")
-    return number
-
-
-def _parse_ratio(key: str, value: Any) -> float:
-    number = _parse_float(key, value)
-    if number <= 0:
-        raise AnimaError(f"--network_args {key}={value!r}: expected a ratio > 0")
-    return number
-
-
-def _compile_regex(key: str, pattern: str) -> str:
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise AnimaError(f"--network_args {key}: invalid regular expression {pattern!r} ({e})") from None
-    return pattern
-
-
-def _parse_patterns(key: str, value: Any) -> list[str]:
-    """A Python literal: one quoted regex or a list of them. Parsed with ast.literal_eval, never evaluated."""
-    invalid = f'--network_args {key}={value!r}: expected a Python list of quoted regexes, e.g. {key}=[".*mlp.*"]'
-    parsed = value
-    if isinstance(value, str):
-        try:
-            parsed = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            raise AnimaError(invalid) from None
-    if isinstance(parsed, str):
-        parsed = [parsed]
-    if not isinstance(parsed, (list, tuple)) or not all(isinstance(p, str) for p in parsed):
-        raise AnimaError(invalid)
-    return [_compile_regex(key, p) for p in parsed]
-
-
-def _parse_regex_values(key: str, value: Any, convert, what: str) -> dict:
-    """``"regex=value,regex=value"`` (regexes cannot contain commas; a regex may contain '=')."""
-    if isinstance(value, Mapping):
-        items = list(value.items())
-    else:
-        items = []
-        for pair in str(value).split(","):
-            pair = pair.strip()
-            if not pair:
-                continue
-            if "=" not in pair:
-                raise AnimaError(f"--network_args {key}: '{pair}' is not regex={what}, e.g. {key}=\".*mlp.*=8\"")
-            pattern, number = pair.rsplit("=", 1)
-            items.append((pattern.strip(), number.strip()))
-    result = {}
-    for pattern, number in items:
-        try:
-            converted = convert(number)
-        except (TypeError, ValueError):
-            raise AnimaError(f"--network_args {key}: '{pattern}={number}' needs a {what} after '='") from None
-        if converted < 0:
-            raise AnimaError(f"--network_args {key}: '{pattern}={number}' must not be negative")
-        result[_compile_regex(key, pattern)] = converted
-    return result
-
-
-_OPTION_PARSERS = {
-    "train_llm_adapter": _parse_bool,
-    "exclude_patterns": _parse_patterns,
-    "include_patterns": _parse_patterns,
-    "network_reg_dims": lambda k, v: _parse_regex_values(k, v, int, "integer rank"),
-    "network_reg_lrs": lambda k, v: _parse_regex_values(k, v, float, "learning rate"),
-    "rank_dropout": _parse_fraction,
-    "module_dropout": _parse_fraction,
-    "loraplus_lr_ratio": _parse_ratio,
-    "loraplus_unet_lr_ratio": _parse_ratio,
-    "loraplus_text_encoder_lr_ratio": _parse_ratio,
-    "verbose": _parse_bool,
-}
-VALID_NETWORK_ARGS = tuple(_OPTION_PARSERS)
-_OPTION_FIELD = {"network_reg_dims": "reg_dims", "network_reg_lrs": "reg_lrs"}
-
-
-def parse_network_args(network_args: Mapping[str, Any]) -> LoRAOptions:
-    """``--network_args`` key/value pairs (strings, or already-typed values) -> LoRAOptions."""
-    unknown = [k for k in network_args if k not in _OPTION_PARSERS]
-    if unknown:
-        raise AnimaError(
-            f"unknown --network_args key(s) {', '.join(sorted(unknown))} for networks.lora_anima; "
-            f"valid keys: {', '.join(VALID_NETWORK_ARGS)}"
-        )
-    options = LoRAOptions()
-    for key, value in network_args.items():
-        if value is None:
-            continue
-        setattr(options, _OPTION_FIELD.get(key, key), _OPTION_PARSERS[key](key, value))
-    return options
-
-
-# --------------------------------------------------------------------------------------------------
-# One LoRA module
-# --------------------------------------------------------------------------------------------------
-
-
-class LoRAModule(nn.Module):
+class LoRAModule(AdapterModule):
     """Low-rank update for one nn.Linear: ``up(drop(down(x))) * multiplier * alpha / rank``."""
+
+    KIND = LORA_KIND
+    PLUS_NAMES = ("lora_up",)
 
     def __init__(
         self,
@@ -234,37 +51,18 @@ class LoRAModule(nn.Module):
         rank_dropout: float | None = None,
         module_dropout: float | None = None,
     ) -> None:
-        super().__init__()
-        self.lora_name = lora_name
-        self.original_name = original_name
+        super().__init__(lora_name, original_name, in_features, out_features, rank, alpha, multiplier,
+                         dropout, rank_dropout, module_dropout)
         self.lora_down = nn.Linear(in_features, rank, bias=False)  # weight [r, in]
         self.lora_up = nn.Linear(rank, out_features, bias=False)  # weight [out, r]
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)  # the network starts as an exact no-op
-        alpha = float(rank) if alpha is None or float(alpha) == 0.0 else float(alpha)
-        self.register_buffer("alpha", torch.tensor(alpha))
-        self.scale = alpha / rank  # kept as a Python float so the forward never syncs with the device
-        self.multiplier = multiplier
-        self.dropout = dropout
-        self.rank_dropout = rank_dropout
-        self.module_dropout = module_dropout
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_scale())
-
-    @property
-    def rank(self) -> int:
-        return self.lora_down.out_features
-
-    def refresh_scale(self) -> None:
-        """Re-derive the forward scale from the ``alpha`` buffer (after it was loaded or edited)."""
-        self.scale = float(self.alpha) / self.rank
+        self.refresh_scale()
 
     def delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The LoRA term for input x [B, ..., in] -> [B, ..., out], in x's dtype; None when skipped."""
-        if self.training and self.module_dropout and torch.rand(()).item() < self.module_dropout:
+        if self.skipped():
             return None
-        down = self.lora_down.weight
-        up = self.lora_up.weight
-        h = F.linear(x, down.to(x.dtype))  # [B, ..., r]
+        h = F.linear(x, self.lora_down.weight.to(x.dtype))  # [B, ..., r]
         if self.training and self.dropout:
             h = F.dropout(h, p=self.dropout)
         scale = self.scale
@@ -274,488 +72,22 @@ class LoRAModule(nn.Module):
             keep = torch.rand(mask_shape, device=h.device) >= self.rank_dropout
             h = h * keep.to(h.dtype)
             scale = scale / (1.0 - self.rank_dropout)  # keeps the expected update unchanged
-        return F.linear(h, up.to(x.dtype)) * (self.multiplier * scale)
-
-    def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        x = args[0] if args else kwargs["input"]
-        delta = self.delta(x)
-        return output if delta is None else output + delta
+        return F.linear(h, self.lora_up.weight.to(x.dtype)) * (self.multiplier * scale)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = up @ down * alpha / rank  [out, in] (multiplier not applied)."""
         return (self.lora_up.weight.float() @ self.lora_down.weight.float()) * self.scale
 
+    def delta_factors(self) -> list[torch.Tensor]:
+        return [self.lora_up.weight, self.lora_down.weight]
 
-# --------------------------------------------------------------------------------------------------
-# Selection
-# --------------------------------------------------------------------------------------------------
+    def folded_alpha_parameter(self) -> torch.Tensor:
+        return self.lora_up.weight
 
-
-@dataclass(frozen=True)
-class _Target:
-    side: str  # UNET_SIDE or TEXT_ENCODER_SIDE
-    original_name: str  # dotted module path inside its model, e.g. "blocks.0.self_attn.q_proj"
-    lora_name: str
-    module: nn.Linear
-
-
-def _linear_modules(model: nn.Module | None) -> Iterable[tuple[str, nn.Linear]]:
-    if model is None:
-        return []
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
-def _text_encoder_root(text_encoders: Any) -> nn.Module | None:
-    """The Qwen3 module whose names start at ``layers.``: accepts a list, a Qwen3Model or a
-    Qwen3ForCausalLM (its ``.model``)."""
-    if isinstance(text_encoders, (list, tuple)):
-        encoders = [te for te in text_encoders if te is not None]
-        if len(encoders) > 1:
-            raise AnimaError(f"Anima has one text encoder (Qwen3), got {len(encoders)}")
-        text_encoders = encoders[0] if encoders else None
-    if text_encoders is not None and not hasattr(text_encoders, "layers") and hasattr(text_encoders, "model"):
-        text_encoders = text_encoders.model
-    return text_encoders
-
-
-def _name_index(side: str, model: nn.Module | None) -> dict[str, list[tuple[str, nn.Linear]]]:
-    """lora_name -> every Linear of the model that maps to it (more than one = ambiguous)."""
-    prefix = UNET_PREFIX if side == UNET_SIDE else TE_PREFIX
-    index: dict[str, list[tuple[str, nn.Linear]]] = {}
-    for name, module in _linear_modules(model):
-        index.setdefault(lora_name_for(prefix, name), []).append((name, module))
-    return index
-
-
-# --------------------------------------------------------------------------------------------------
-# The network
-# --------------------------------------------------------------------------------------------------
-
-
-class LoRANetwork(nn.Module):
-    """All LoRA modules for one training run, plus the sd-scripts network API the trainer calls."""
-
-    def __init__(
-        self,
-        text_encoders: Any,
-        unet: nn.Module | None,
-        multiplier: float = 1.0,
-        network_dim: int | None = DEFAULT_NETWORK_DIM,
-        network_alpha: float | None = 1.0,
-        dropout: float | None = None,
-        options: LoRAOptions | None = None,
-        module_shapes: Mapping[str, tuple[int, float | None]] | None = None,
-    ) -> None:
-        """module_shapes: lora_name -> (rank, alpha) to build exactly those modules (from a file);
-        otherwise modules are selected by the candidate rules and the options."""
-        super().__init__()
-        self.options = options or LoRAOptions()
-        self.multiplier = multiplier
-        self.network_dim = DEFAULT_NETWORK_DIM if network_dim is None else int(network_dim)
-        self.network_alpha = network_alpha
-        self.dropout = dropout
-        self.save_format = SD_SCRIPTS_FORMAT  # what save_weights writes unless told otherwise
-        self.fold_alpha_on_comfy_save = True
-        self._frozen_params: set[int] = set()
-        self._hooks: dict[str, Any] = {}
-        self._targets: dict[str, _Target] = {}
-        self.excluded_names: list[str] = []  # candidates removed by the exclude patterns (for verbose)
-        self.text_encoder_loras: list[LoRAModule] = []
-        self.unet_loras: list[LoRAModule] = []
-
-        te_root = _text_encoder_root(text_encoders)
-        if module_shapes is None:
-            targets = self._select_targets(te_root, unet)
-            shapes = {t.lora_name: (self._rank_for(t.original_name), network_alpha) for t in targets}
-        else:
-            targets = self._resolve_targets(te_root, unet, module_shapes)
-            shapes = dict(module_shapes)
-
-        for target in targets:
-            rank, alpha = shapes[target.lora_name]
-            if rank == 0:
-                continue
-            lora = LoRAModule(
-                target.lora_name,
-                target.original_name,
-                target.module.in_features,
-                target.module.out_features,
-                rank,
-                alpha,
-                multiplier=multiplier,
-                dropout=dropout,
-                rank_dropout=self.options.rank_dropout,
-                module_dropout=self.options.module_dropout,
-            )
-            self.add_module(target.lora_name, lora)
-            self._targets[target.lora_name] = target
-            (self.unet_loras if target.side == UNET_SIDE else self.text_encoder_loras).append(lora)
-
-        if not self.unet_loras and not self.text_encoder_loras:
-            raise AnimaError(
-                "no layer was selected for LoRA; check --network_args exclude_patterns / include_patterns / "
-                "network_reg_dims (rank 0 skips a layer)"
-            )
-        logger.info("LoRA: %d text encoder modules, %d DiT modules", len(self.text_encoder_loras), len(self.unet_loras))
-        if self.options.verbose:
-            self.print_module_table()
-
-    # ---- selection -------------------------------------------------------------------------------
-
-    def _is_selected(self, original_name: str) -> bool:
-        excludes = [*self.options.exclude_patterns, DEFAULT_EXCLUDE_PATTERN]
-        if any(re.fullmatch(p, original_name) for p in self.options.include_patterns):
-            return True
-        return not any(re.fullmatch(p, original_name) for p in excludes)
-
-    def _rank_for(self, original_name: str) -> int:
-        for pattern, rank in self.options.reg_dims.items():
-            if re.fullmatch(pattern, original_name):
-                return rank
-        return self.network_dim
-
-    def _select_targets(self, te_root: nn.Module | None, unet: nn.Module | None) -> list[_Target]:
-        targets: list[_Target] = []
-        for side, model in ((TEXT_ENCODER_SIDE, te_root), (UNET_SIDE, unet)):
-            prefix = TE_PREFIX if side == TEXT_ENCODER_SIDE else UNET_PREFIX
-            seen: dict[str, str] = {}
-            for name, module in _linear_modules(model):
-                if side == TEXT_ENCODER_SIDE:
-                    candidate = TEXT_ENCODER_CANDIDATE_PATTERN.fullmatch(name)
-                else:
-                    candidate = DIT_CANDIDATE_PATTERN.fullmatch(name) or (
-                        self.options.train_llm_adapter and ADAPTER_CANDIDATE_PATTERN.fullmatch(name)
-                    )
-                if not candidate:
-                    continue
-                if not self._is_selected(name):
-                    self.excluded_names.append(name)
-                    continue
-                lora_name = lora_name_for(prefix, name)
-                if lora_name in seen:
-                    raise AnimaError(f"modules '{seen[lora_name]}' and '{name}' both map to LoRA name '{lora_name}'")
-                seen[lora_name] = name
-                targets.append(_Target(side, name, lora_name, module))
-        return targets
-
-    def _resolve_targets(
-        self, te_root: nn.Module | None, unet: nn.Module | None, module_shapes: Mapping[str, Any]
-    ) -> list[_Target]:
-        """Map each lora_name of a file onto exactly one Linear of the given models."""
-        indexes = {TEXT_ENCODER_SIDE: _name_index(TEXT_ENCODER_SIDE, te_root), UNET_SIDE: _name_index(UNET_SIDE, unet)}
-        targets, unresolved = [], []
-        for lora_name in module_shapes:
-            side = UNET_SIDE if lora_name.startswith(UNET_PREFIX + "_") else TEXT_ENCODER_SIDE
-            matches = indexes[side].get(lora_name, [])
-            if len(matches) > 1:
-                names = ", ".join(n for n, _ in matches)
-                raise AnimaError(f"LoRA module '{lora_name}' matches several layers ({names}); the file is ambiguous")
-            if not matches:
-                unresolved.append(lora_name)
-                continue
-            name, module = matches[0]
-            targets.append(_Target(side, name, lora_name, module))
-        if unresolved:
-            te_unresolved = any(not n.startswith(UNET_PREFIX + "_") for n in unresolved)
-            hint = (
-                " (no text encoder was given, so its LoRA modules cannot be placed)"
-                if te_unresolved and not indexes[TEXT_ENCODER_SIDE]
-                else ""
-            )
-            raise AnimaError(
-                f"{len(unresolved)} LoRA module(s) match no layer of the model: {sample_keys(unresolved)}{hint}; "
-                "the file was made for another model"
-            )
-        return targets
-
-    def print_module_table(self) -> None:
-        """verbose=true: one line per LoRA module, then the excluded candidates."""
-        rows = [
-            (
-                lora.lora_name,
-                lora.original_name,
-                lora.rank,
-                float(lora.alpha),
-                lora.lora_down.in_features,
-                lora.lora_up.out_features,
-            )
-            for lora in (*self.text_encoder_loras, *self.unet_loras)
-        ]
-        width = max(len(r[1]) for r in rows)
-        print(f"{'module':<{width}}  {'rank':>5}  {'alpha':>7}  {'in':>6}  {'out':>6}")
-        for _, original, rank, alpha, fan_in, fan_out in rows:
-            print(f"{original:<{width}}  {rank:>5}  {alpha:>7g}  {fan_in:>6}  {fan_out:>6}")
-        if self.excluded_names:
-            print(f"excluded ({len(self.excluded_names)}): {', '.join(self.excluded_names)}")
-
-    # ---- attaching -------------------------------------------------------------------------------
-
-    def apply_to(
-        self,
-        text_encoders: Any = None,
-        unet: nn.Module | None = None,
-        apply_text_encoder: bool = True,
-        apply_unet: bool = True,
-    ) -> None:
-        """Install the hooks; the side that is not applied loses its LoRA modules (not trained, not saved)."""
-        if not apply_text_encoder:
-            self._drop_side(TEXT_ENCODER_SIDE)
-        if not apply_unet:
-            self._drop_side(UNET_SIDE)
-        for lora in (*self.text_encoder_loras, *self.unet_loras):
-            if lora.lora_name not in self._hooks:
-                base = self._targets[lora.lora_name].module
-                self._hooks[lora.lora_name] = base.register_forward_hook(lora.forward_hook, with_kwargs=True)
-        logger.info(
-            "LoRA applied to %d text encoder and %d DiT modules", len(self.text_encoder_loras), len(self.unet_loras)
-        )
-
-    def _drop_side(self, side: str) -> None:
-        loras = self.unet_loras if side == UNET_SIDE else self.text_encoder_loras
-        for lora in loras:
-            handle = self._hooks.pop(lora.lora_name, None)
-            if handle is not None:
-                handle.remove()
-            delattr(self, lora.lora_name)
-            del self._targets[lora.lora_name]
-        loras.clear()
-
-    def remove_hooks(self) -> None:
-        """Detach from the base model (the base model then computes its plain forward again)."""
-        for handle in self._hooks.values():
-            handle.remove()
-        self._hooks.clear()
-
-    @property
-    def all_loras(self) -> list[LoRAModule]:
-        return [*self.text_encoder_loras, *self.unet_loras]
-
-    def module_paths(self) -> dict[str, str]:
-        """lora_name -> original dotted module name."""
-        return {lora.lora_name: lora.original_name for lora in self.all_loras}
-
-    # ---- trainer hooks ---------------------------------------------------------------------------
-
-    def set_multiplier(self, multiplier: float) -> None:
-        self.multiplier = multiplier
-        for lora in self.all_loras:
-            lora.multiplier = multiplier
-
-    def is_mergeable(self) -> bool:
-        return True
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Nothing to do: the LoRA runs inside the base model's (checkpointed) blocks."""
-
-    def prepare_grad_etc(self, text_encoder: Any = None, unet: nn.Module | None = None) -> None:
-        """Make LoRA weights trainable, except those frozen by a zero learning rate."""
-        for param in self.parameters():
-            param.requires_grad_(id(param) not in self._frozen_params)
-
-    def on_epoch_start(self, text_encoder: Any = None, unet: nn.Module | None = None) -> None:
-        self.train()
-
-    def get_trainable_params(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def prepare_optimizer_params(
-        self,
-        text_encoder_lr: float | Sequence[float] | None,
-        unet_lr: float | None,
-        default_lr: float | None,
-        component_lrs: Mapping[str, float | None] | None = None,
-    ) -> tuple[list[dict[str, Any]], list[str]]:
-        """Optimizer param groups and their descriptions, text encoder first, then DiT.
-
-        Per side, modules go to the first matching bucket: a ``network_reg_lrs`` regex (``reg_lr_<i>``), then
-        (DiT only) a component with a learning rate in component_lrs (keys: llm_adapter, self_attn,
-        cross_attn, mlp, mod; first match in that order), else the side's base group. With LoRA+ each bucket
-        splits into down weights (lr) and up weights (" plus", lr x ratio). A group whose lr is 0 or None is
-        left out and its parameters frozen.
-        """
-        component_lrs = dict(component_lrs or {})
-        unknown = set(component_lrs) - set(COMPONENTS)
-        if unknown:
-            raise AnimaError(f"unknown component learning rate(s) {sorted(unknown)}; valid: {', '.join(COMPONENTS)}")
-        if isinstance(text_encoder_lr, (list, tuple)):
-            text_encoder_lr = text_encoder_lr[0] if len(text_encoder_lr) > 0 else None
-        side_lr = {
-            TEXT_ENCODER_SIDE: default_lr if text_encoder_lr is None else text_encoder_lr,
-            UNET_SIDE: default_lr if unet_lr is None else unet_lr,
-        }
-        opts = self.options
-        side_ratio = {
-            TEXT_ENCODER_SIDE: opts.loraplus_text_encoder_lr_ratio or opts.loraplus_lr_ratio,
-            UNET_SIDE: opts.loraplus_unet_lr_ratio or opts.loraplus_lr_ratio,
-        }
-        reg_lrs = list(opts.reg_lrs.items())
-
-        groups: list[dict[str, Any]] = []
-        descriptions: list[str] = []
-        self._frozen_params = set()
-        for side, loras in ((TEXT_ENCODER_SIDE, self.text_encoder_loras), (UNET_SIDE, self.unet_loras)):
-            buckets: dict[str, tuple[float | None, list[LoRAModule]]] = {}
-            for i, (_, lr) in enumerate(reg_lrs):
-                buckets[f"reg_lr_{i}"] = (lr, [])
-            if side == UNET_SIDE:
-                for component in COMPONENTS:
-                    if component_lrs.get(component) is not None:
-                        buckets[component] = (component_lrs[component], [])
-            buckets[""] = (side_lr[side], [])
-            for lora in loras:
-                buckets[self._bucket_for(lora.original_name, reg_lrs, buckets)][1].append(lora)
-
-            for name, (lr, members) in buckets.items():
-                if not members:
-                    continue
-                label = _GROUP_PREFIX[side] + (f" {name}" if name else "")
-                ratio = side_ratio[side]
-                if ratio:
-                    parts = [
-                        (label, lr, [m.lora_down.weight for m in members]),
-                        (label + " plus", None if lr is None else lr * ratio, [m.lora_up.weight for m in members]),
-                    ]
-                else:
-                    parts = [(label, lr, [p for m in members for p in m.parameters()])]
-                for description, group_lr, params in parts:
-                    if not group_lr:  # 0 or None: not optimised at all
-                        self._frozen_params.update(id(p) for p in params)
-                        for p in params:
-                            p.requires_grad_(False)
-                        logger.info("LoRA group '%s' has no learning rate: frozen", description)
-                        continue
-                    for p in params:
-                        p.requires_grad_(True)
-                    groups.append({"params": params, "lr": group_lr})
-                    descriptions.append(description)
-        return groups, descriptions
-
-    # The name the sd-scripts trainer looks for first.
-    prepare_optimizer_params_with_multiple_te_lrs = prepare_optimizer_params
-
-    @staticmethod
-    def _bucket_for(original_name: str, reg_lrs: list[tuple[str, float]], buckets: Mapping[str, Any]) -> str:
-        for i, (pattern, _) in enumerate(reg_lrs):
-            if re.fullmatch(pattern, original_name):
-                return f"reg_lr_{i}"
-        for component, matches in _COMPONENT_MATCHERS:
-            if matches(original_name):
-                return component if component in buckets else ""
-        return ""
-
-    @torch.no_grad()
-    def apply_max_norm_regularization(
-        self, max_norm_value: float, device: torch.device | str | None = None
-    ) -> tuple[int, float, float]:
-        """Scale up and down by sqrt(m/n) where n = max(|ΔW|_F, m/2) exceeds m.
-        Returns (modules scaled, mean norm, max norm) of the norms after scaling."""
-        scaled, norms = 0, []
-        for lora in self.all_loras:
-            up, down = lora.lora_up.weight, lora.lora_down.weight
-            target = device if device is not None else up.device
-            norm = (up.to(target).float() @ down.to(target).float() * lora.scale).norm()
-            norm = norm.clamp(min=max_norm_value / 2)
-            desired = norm.clamp(max=max_norm_value)
-            ratio = (desired / norm).item()
-            if ratio != 1.0:
-                scaled += 1
-                factor = math.sqrt(ratio)
-                up.mul_(factor)
-                down.mul_(factor)
-            norms.append(norm.item() * ratio)
-        if not norms:
-            return 0, 0.0, 0.0
-        return scaled, sum(norms) / len(norms), max(norms)
-
-    # ---- weights I/O -----------------------------------------------------------------------------
-
-    def lora_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """sd-scripts keys, detached CPU copies, cast to dtype if given (alpha too)."""
-        sd = {}
-        for key, tensor in self.state_dict().items():
-            tensor = tensor.detach().clone().to("cpu")
-            sd[key] = tensor.to(dtype) if dtype is not None else tensor
-        return sd
-
-    def save_weights(
-        self,
-        file: str,
-        dtype: torch.dtype | None = None,
-        metadata: Mapping[str, str] | None = None,
-        lora_format: str | None = None,
-    ) -> None:
-        """Atomic save in ``lora_format`` ("sd-scripts" default, or "comfy"; default self.save_format).
-        ``.safetensors`` files get metadata + ss_lora_format + sshs hashes; other suffixes a plain torch.save."""
-        lora_format = check_lora_format(lora_format or self.save_format)
-        sd = self.lora_state_dict()
-        if lora_format == COMFY_FORMAT:
-            sd = convert_to_comfy(sd, module_paths=self.module_paths(), fold_alpha=self.fold_alpha_on_comfy_save)
-        if dtype is not None:
-            sd = {k: v.to(dtype) for k, v in sd.items()}
-        meta = dict(metadata or {})
-        meta.update(format_metadata(lora_format, self.fold_alpha_on_comfy_save))
-        save_lora_file(file, sd, meta)
-
-    def load_weights(self, file: str) -> list[str]:
-        """Load a LoRA file in either format into this network (``--network_weights``).
-
-        Every module in the file must exist here with the same rank; the file's alpha replaces the module's
-        (and so its scale). A ComfyUI module without alpha (alpha folded into lora_B) keeps this network's
-        alpha with lora_B rescaled, so the update is unchanged. Returns the names of modules the file lacks
-        (they keep their initial, zero-effect weights)."""
-        raw, _ = load_lora_file(file)
-        loaded = self.load_lora_state_dict(raw, source=f"--network_weights {file}")
-        missing = sorted(set(self.module_paths()) - loaded)
-        if missing:
-            logger.warning("%s has no weights for %d LoRA module(s): %s", file, len(missing), sample_keys(missing))
-        return missing
-
-    def load_lora_state_dict(self, raw: Mapping[str, torch.Tensor], source: str = "state dict") -> set[str]:
-        """Copy a LoRA state dict (either format) into the modules; returns the module names it held."""
-        modules = group_by_module(to_sd_scripts_format(raw, add_missing_alpha=False))
-        by_name = {lora.lora_name: lora for lora in self.all_loras}
-        unexpected = [name for name in modules if name not in by_name]
-        if unexpected:
-            raise AnimaError(
-                f"{source}: {len(unexpected)} LoRA module(s) are not part of this network: {sample_keys(unexpected)}; "
-                "use --dim_from_weights or the network_args the file was trained with"
-            )
-        with torch.no_grad():
-            for name, parts in modules.items():
-                lora = by_name[name]
-                down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-                if down.shape != lora.lora_down.weight.shape or up.shape != lora.lora_up.weight.shape:
-                    raise AnimaError(
-                        f"{source}: '{name}' has rank {down.shape[0]} (up {tuple(up.shape)}, down {tuple(down.shape)}) "
-                        f"but the network has rank {lora.rank} for that layer; set --network_dim / network_reg_dims "
-                        "to match or use --dim_from_weights"
-                    )
-                if "alpha" in parts:
-                    lora.alpha.copy_(parts["alpha"].reshape(()))
-                    lora.refresh_scale()
-                else:  # alpha folded into lora_B (scale 1): undo it against this module's scale
-                    up = up.float() / lora.scale
-                lora.lora_down.weight.copy_(down)
-                lora.lora_up.weight.copy_(up)
-        return set(modules)
-
-    @torch.no_grad()
-    def merge_to(
-        self,
-        text_encoders: Any = None,
-        unet: nn.Module | None = None,
-        weights_sd: Mapping[str, torch.Tensor] | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        """Add ``multiplier * ΔW`` into the base weights (``--base_weights``); hooks are not installed."""
-        if weights_sd is not None:
-            self.load_lora_state_dict(weights_sd)
-        for lora in self.all_loras:
-            base = self._targets[lora.lora_name].module
-            delta = lora.delta_weight().to(base.weight.device) * lora.multiplier
-            base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
-        logger.info("merged %d LoRA modules into the base weights", len(self.all_loras))
+    @classmethod
+    def kwargs_from_parts(cls, parts: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        alpha = parts.get("alpha")
+        return {"rank": module_rank(LORA_KIND, parts), "alpha": None if alpha is None else float(alpha.float())}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -772,26 +104,10 @@ def create_network(
     unet: nn.Module | None,
     neuron_dropout: float | None = None,
     **kwargs: Any,
-) -> LoRANetwork:
+) -> AdapterNetwork:
     """New LoRA network; kwargs are the ``--network_args`` (strings), see VALID_NETWORK_ARGS."""
-    options = parse_network_args(kwargs)
-    if network_dim is not None and int(network_dim) < 1:
-        raise AnimaError(f"--network_dim must be >= 1, got {network_dim}")
-    if neuron_dropout is not None:
-        neuron_dropout = _parse_fraction("network_dropout", neuron_dropout)
-    return LoRANetwork(
-        text_encoders,
-        unet,
-        multiplier=multiplier,
-        network_dim=network_dim,
-        network_alpha=network_alpha,
-        dropout=neuron_dropout,
-        options=options,
-    )
-
-
-# Selection options have no effect when the modules come from a file.
-_SELECTION_ARGS = ("train_llm_adapter", "exclude_patterns", "include_patterns", "network_reg_dims")
+    return build_network(LoRAModule, MODULE_NAME, multiplier, network_dim, network_alpha, text_encoders, unet,
+                         neuron_dropout, kwargs)
 
 
 def create_network_from_weights(
@@ -803,38 +119,10 @@ def create_network_from_weights(
     weights_sd: Mapping[str, torch.Tensor] | None = None,
     for_inference: bool = False,
     **kwargs: Any,
-) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
+) -> tuple[AdapterNetwork, dict[str, torch.Tensor]]:
     """Network with exactly the modules, ranks and alphas of a LoRA file (either format), weights loaded.
 
     Returns (network, sd-scripts-keyed state dict). Selection network_args are superseded by the file;
     the others (dropouts, LoRA+, reg_lrs, verbose) still apply."""
-    options = parse_network_args(kwargs)
-    ignored = [k for k in _SELECTION_ARGS if kwargs.get(k) is not None]
-    if ignored:
-        logger.warning("network_args %s are ignored: the modules come from the weights file", ", ".join(ignored))
-    if weights_sd is None:
-        if file is None:
-            raise AnimaError("create_network_from_weights needs a file or a state dict")
-        weights_sd, _ = load_lora_file(file)
-    source = str(file) if file is not None else "state dict"
-    sd = to_sd_scripts_format(weights_sd, add_missing_alpha=True)
-    module_shapes = {}
-    for name, parts in group_by_module(sd).items():
-        module_shapes[name] = (int(parts["lora_down.weight"].shape[0]), float(parts["alpha"].float()))
-    # The file's most common rank and alpha stand for the network (ss_network_dim / ss_network_alpha).
-    ranks = Counter(rank for rank, _ in module_shapes.values())
-    alphas = Counter(alpha for _, alpha in module_shapes.values())
-    network = LoRANetwork(
-        text_encoders,
-        unet,
-        multiplier=multiplier,
-        network_dim=ranks.most_common(1)[0][0] if ranks else None,
-        network_alpha=alphas.most_common(1)[0][0] if alphas else None,
-        options=options,
-        module_shapes=module_shapes,
-    )
-    network.load_lora_state_dict(sd, source=source)
-    if for_inference:
-        network.requires_grad_(False)
-        network.eval()
-    return network, sd
+    return build_network_from_weights(LoRAModule, MODULE_NAME, multiplier, file, text_encoders, unet, weights_sd,
+                                      for_inference, kwargs)

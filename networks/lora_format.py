@@ -12,6 +12,11 @@ Both apply ``W x + up(down(x)) * alpha / r``; a missing alpha means scale 1 (alp
 files with keys lacking "lora", so by default the ComfyUI writer folds alpha/r into ``lora_B`` and drops the
 alpha keys: ComfyUI and diffusers then both apply the same effective update.
 
+LoKr (``lokr_w1`` / ``lokr_w1_a`` / ``lokr_w1_b`` / ``lokr_w2`` / ``lokr_w2_a`` / ``lokr_w2_b``) and LoHa
+(``hada_w1_a`` / ``hada_w1_b`` / ``hada_w2_a`` / ``hada_w2_b``) modules use the same module prefixes with
+their own tensor names, identical in both layouts (ADAPTER_KEYS is the one table of them); their alpha is
+always kept. ``dora_scale`` (LyCORIS ``dora_wd``) may accompany any kind.
+
 Turning ``lora_unet_blocks_0_self_attn_q_proj`` back into ``blocks.0.self_attn.q_proj`` is ambiguous in
 general (``_`` is also part of names), so it is resolved either against the module names of a real model
 (the network passes them) or against the table of Anima's Linear layers below (the converter CLI).
@@ -47,15 +52,34 @@ LORA_FORMATS = (SD_SCRIPTS_FORMAT, COMFY_FORMAT)
 FORMAT_METADATA_KEY = "ss_lora_format"
 ALPHA_FOLDED_METADATA_KEY = "ss_lora_alpha_folded"
 
-_SD_SUFFIX_TO_COMFY = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}
+LORA_KIND = "lora"
+LOKR_KIND = "lokr"
+LOHA_KIND = "loha"
+KIND_NAMES = {LORA_KIND: "LoRA", LOKR_KIND: "LoKr", LOHA_KIND: "LoHa"}
+
+# The one key-mapping table: per adapter kind, each tensor of one module as named in the sd-scripts layout
+# -> its name in the ComfyUI layout. LoKr and LoHa tensors keep their names in both.
+ADAPTER_KEYS: dict[str, dict[str, str]] = {
+    LORA_KIND: {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"},
+    LOKR_KIND: {s: s for s in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")},
+    LOHA_KIND: {s: s for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
+}
+# Tensors any kind of module may carry, same name in both layouts.
+SHARED_KEYS = ("alpha", "dora_scale")
+
+_SD_SUFFIX_TO_COMFY = {
+    **{sd: comfy for table in ADAPTER_KEYS.values() for sd, comfy in table.items()},
+    **{s: s for s in SHARED_KEYS},
+}
 _COMFY_SUFFIX_TO_SD = {
-    "lora_A.weight": "lora_down.weight",
-    "lora_B.weight": "lora_up.weight",
+    **{comfy: sd for table in ADAPTER_KEYS.values() for sd, comfy in table.items()},
     # Some tools write ComfyUI prefixes with kohya suffixes; ComfyUI accepts both.
     "lora_down.weight": "lora_down.weight",
     "lora_up.weight": "lora_up.weight",
-    "alpha": "alpha",
+    **{s: s for s in SHARED_KEYS},
 }
+_SUFFIX_KIND = {suffix: kind for kind, table in ADAPTER_KEYS.items() for suffix in table}
+_KNOWN_TENSORS = "lora_down/lora_up/alpha (LoRA), lokr_w1[_a/_b]/lokr_w2[_a/_b] (LoKr), hada_w1_a/b, hada_w2_a/b (LoHa)"
 
 # Every Linear layer of the Anima DiT + LLM adapter and of Qwen3-0.6B (`Qwen3Model` names), "{i}" = index.
 # This is the one table used to restore dotted module paths when no model is at hand.
@@ -130,22 +154,26 @@ def split_lora_name(lora_name: str) -> tuple[str, str]:
     raise AnimaError(f"LoRA key '{lora_name}' has no 'lora_unet_' or 'lora_te_' prefix")
 
 
-def _split_suffix(key: str, suffixes: Iterable[str], expected: str) -> tuple[str, str]:
-    for suffix in suffixes:
+def _split_suffix(key: str, suffixes: Iterable[str]) -> tuple[str, str]:
+    # Longest first, so that ".lokr_w1_a" is not read as ".lokr_w1" of a module named "..._a".
+    for suffix in sorted(suffixes, key=len, reverse=True):
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
     raise AnimaError(
-        f"unsupported LoRA tensor '{key}': only plain LoRA ({expected}) is supported (no LoHa/LoKr/DoRA)"
+        f"unsupported LoRA tensor '{key}': known tensors are {_KNOWN_TENSORS} "
+        "(Tucker/convolution tensors such as lokr_t2 or hada_t1 do not occur for Anima's linear layers; other "
+        "LyCORIS algorithms such as full, ia3, diag-oft, boft or glora are not converted: ComfyUI reads their "
+        "sd-scripts-layout files as they are)"
     )
 
 
 def split_sd_key(key: str) -> tuple[str, str]:
-    """``"<lora_name>.lora_down.weight"`` -> ``(lora_name, "lora_down.weight")``."""
-    return _split_suffix(key, _SD_SUFFIX_TO_COMFY, "lora_down/lora_up/alpha")
+    """``"<lora_name>.lora_down.weight"`` -> ``(lora_name, "lora_down.weight")`` (any adapter kind)."""
+    return _split_suffix(key, _SD_SUFFIX_TO_COMFY)
 
 
 def _split_comfy_key(key: str) -> tuple[str, str]:
-    return _split_suffix(key, _COMFY_SUFFIX_TO_SD, "lora_A/lora_B/alpha")
+    return _split_suffix(key, _COMFY_SUFFIX_TO_SD)
 
 
 def detect_lora_format(sd: Mapping[str, torch.Tensor]) -> str:
@@ -168,25 +196,100 @@ def detect_lora_format(sd: Mapping[str, torch.Tensor]) -> str:
     return kinds.pop()
 
 
+def module_kind(lora_name: str, parts: Mapping[str, torch.Tensor]) -> str:
+    """The adapter kind ("lora", "lokr", "loha") of one module's tensors; checks they are complete and
+    consistent in shape."""
+    kinds = {_SUFFIX_KIND[s] for s in parts if s in _SUFFIX_KIND}
+    if len(kinds) != 1:
+        found = " and ".join(KIND_NAMES[k] for k in sorted(kinds)) if kinds else "only " + ", ".join(sorted(parts))
+        raise AnimaError(f"LoRA module '{lora_name}' holds {found} tensors; expected one kind (truncated file?)")
+    kind = kinds.pop()
+    _CHECKS[kind](lora_name, parts)
+    alpha = parts.get("alpha")
+    if alpha is not None and alpha.numel() != 1:
+        raise AnimaError(f"LoRA module '{lora_name}' has a non-scalar alpha of shape {tuple(alpha.shape)}")
+    return kind
+
+
+def _shapes(parts: Mapping[str, torch.Tensor], *names: str) -> str:
+    return ", ".join(f"{n} {tuple(parts[n].shape)}" for n in names if n in parts)
+
+
+def _check_lora(lora_name: str, parts: Mapping[str, torch.Tensor]) -> None:
+    down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
+    if down is None or up is None:
+        raise AnimaError(f"LoRA module '{lora_name}' lacks its lora_down or lora_up weight (truncated file?)")
+    if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
+        raise AnimaError(
+            f"LoRA module '{lora_name}' has inconsistent shapes down {tuple(down.shape)} / up {tuple(up.shape)}"
+        )
+
+
+def _low_rank_pair(lora_name: str, parts: Mapping[str, torch.Tensor], a: str, b: str) -> None:
+    if (a in parts) != (b in parts):
+        raise AnimaError(f"module '{lora_name}' has {a if a in parts else b} without its partner (truncated file?)")
+    if a in parts:
+        wa, wb = parts[a], parts[b]
+        if wa.dim() != 2 or wb.dim() != 2 or wa.shape[1] != wb.shape[0]:
+            raise AnimaError(f"module '{lora_name}' has inconsistent shapes {_shapes(parts, a, b)}")
+
+
+def _check_lokr(lora_name: str, parts: Mapping[str, torch.Tensor]) -> None:
+    for factor in ("lokr_w1", "lokr_w2"):
+        full, a, b = factor, factor + "_a", factor + "_b"
+        _low_rank_pair(lora_name, parts, a, b)
+        if (full in parts) == (a in parts):
+            raise AnimaError(
+                f"LoKr module '{lora_name}' needs either {full} or {a} + {b} "
+                f"(has {_shapes(parts, full, a, b) or 'none'})"
+            )
+        if full in parts and parts[full].dim() != 2:
+            raise AnimaError(f"LoKr module '{lora_name}' has a {parts[full].dim()}-D {full}; linear layers need 2-D")
+
+
+def _check_loha(lora_name: str, parts: Mapping[str, torch.Tensor]) -> None:
+    names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    if not all(n in parts for n in names):
+        raise AnimaError(f"LoHa module '{lora_name}' lacks some of {', '.join(names)} (truncated file?)")
+    _low_rank_pair(lora_name, parts, "hada_w1_a", "hada_w1_b")
+    _low_rank_pair(lora_name, parts, "hada_w2_a", "hada_w2_b")
+    w1 = (parts["hada_w1_a"].shape[0], parts["hada_w1_b"].shape[1])
+    w2 = (parts["hada_w2_a"].shape[0], parts["hada_w2_b"].shape[1])
+    if w1 != w2:
+        raise AnimaError(f"LoHa module '{lora_name}' has inconsistent shapes {_shapes(parts, *names)}")
+
+
+_CHECKS = {LORA_KIND: _check_lora, LOKR_KIND: _check_lokr, LOHA_KIND: _check_loha}
+
+
+def module_rank(kind: str, parts: Mapping[str, torch.Tensor]) -> int | None:
+    """The rank that alpha is divided by (as ComfyUI computes it); None for a LoKr module whose two factors
+    are both full matrices (its update is never scaled)."""
+    if kind == LORA_KIND:
+        return int(parts["lora_down.weight"].shape[0])
+    if kind == LOHA_KIND:
+        return int(parts["hada_w1_b"].shape[0])
+    for low_rank in ("lokr_w2_b", "lokr_w1_b"):  # ComfyUI: the w2 rank wins when both are decomposed
+        if low_rank in parts:
+            return int(parts[low_rank].shape[0])
+    return None
+
+
 def group_by_module(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """sd-scripts state dict -> {lora_name: {"lora_down.weight": .., "lora_up.weight": .., "alpha": ..}},
-    checked for completeness and rank consistency."""
+    """sd-scripts state dict -> {lora_name: {tensor suffix: tensor}} (e.g. "lora_down.weight", "lokr_w1",
+    "alpha"), each module checked for completeness and shape consistency."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in sd.items():
         lora_name, suffix = split_sd_key(key)
         modules.setdefault(lora_name, {})[suffix] = tensor
     for lora_name, parts in modules.items():
-        down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
-        if down is None or up is None:
-            raise AnimaError(f"LoRA module '{lora_name}' lacks its lora_down or lora_up weight (truncated file?)")
-        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
-            raise AnimaError(
-                f"LoRA module '{lora_name}' has inconsistent shapes down {tuple(down.shape)} / up {tuple(up.shape)}"
-            )
-        alpha = parts.get("alpha")
-        if alpha is not None and alpha.numel() != 1:
-            raise AnimaError(f"LoRA module '{lora_name}' has a non-scalar alpha of shape {tuple(alpha.shape)}")
+        module_kind(lora_name, parts)
     return modules
+
+
+def adapter_kinds(sd: Mapping[str, torch.Tensor]) -> set[str]:
+    """The adapter kinds an sd-scripts state dict holds."""
+    return {module_kind(name, parts) for name, parts in group_by_module(sd).items()}
 
 
 def convert_to_comfy(
@@ -198,7 +301,7 @@ def convert_to_comfy(
 
     module_paths: lora_name -> dotted module path (from the model); without it the Anima layer table is used.
     fold_alpha: multiply lora_B by alpha/r and drop alpha (loads in ComfyUI and diffusers with the same
-    effective scale); False keeps the alpha keys (ComfyUI only).
+    effective scale); False keeps the alpha keys (ComfyUI only). LoKr/LoHa modules always keep their alpha.
     """
     if detect_lora_format(sd) != SD_SCRIPTS_FORMAT:
         raise AnimaError("convert_to_comfy expects sd-scripts keys (lora_unet_/lora_te_), got ComfyUI keys")
@@ -211,14 +314,16 @@ def convert_to_comfy(
         else:
             path = module_path_from_table(lora_name)
         base = (COMFY_UNET_PREFIX if prefix == UNET_PREFIX else COMFY_TE_PREFIX) + path
-        down, up, alpha = parts["lora_down.weight"], parts["lora_up.weight"], parts.get("alpha")
-        if fold_alpha:
+        kind = module_kind(lora_name, parts)
+        parts = dict(parts)
+        alpha = parts.pop("alpha", None)
+        if fold_alpha and kind == LORA_KIND:
             if alpha is not None:
-                scale = alpha.float() / down.shape[0]
-                up = (up.float() * scale).to(up.dtype)
+                down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+                parts["lora_up.weight"] = (up.float() * (alpha.float() / down.shape[0])).to(up.dtype)
             alpha = None
-        out[f"{base}.lora_A.weight"] = down
-        out[f"{base}.lora_B.weight"] = up
+        for suffix, tensor in parts.items():
+            out[f"{base}.{_SD_SUFFIX_TO_COMFY[suffix]}"] = tensor
         if alpha is not None:
             out[f"{base}.alpha"] = alpha
     return out
@@ -226,7 +331,8 @@ def convert_to_comfy(
 
 def convert_from_comfy(sd: Mapping[str, torch.Tensor], add_missing_alpha: bool = True) -> dict[str, torch.Tensor]:
     """ComfyUI keys -> sd-scripts keys. A module without alpha has scale 1; with add_missing_alpha its
-    alpha is written as r so the file stays self-describing, otherwise it is left out."""
+    alpha is written as r so the file stays self-describing, otherwise it is left out (a LoKr module made of
+    two full matrices never gets one: its update is not scaled)."""
     if detect_lora_format(sd) != COMFY_FORMAT:
         raise AnimaError(
             "convert_from_comfy expects ComfyUI keys (diffusion_model./text_encoders.), got sd-scripts keys"
@@ -262,9 +368,10 @@ def _checked(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _with_alpha(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for lora_name, parts in group_by_module(sd).items():
-        if "alpha" not in parts:
-            down = parts["lora_down.weight"]
-            sd[f"{lora_name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=down.dtype)
+        rank = module_rank(module_kind(lora_name, parts), parts)
+        if "alpha" not in parts and rank is not None:
+            dtype = next(iter(parts.values())).dtype
+            sd[f"{lora_name}.alpha"] = torch.tensor(float(rank), dtype=dtype)
     return sd
 
 
@@ -303,7 +410,8 @@ def save_lora_file(
 
 
 def format_metadata(lora_format: str, fold_alpha: bool) -> dict[str, str]:
-    """The metadata this project adds to describe the key layout."""
+    """The metadata this project adds to describe the key layout (fold_alpha: whether LoRA alphas were folded
+    into lora_B; pass False for files without LoRA modules)."""
     meta = {FORMAT_METADATA_KEY: lora_format}
     if lora_format == COMFY_FORMAT:
         meta[ALPHA_FOLDED_METADATA_KEY] = str(fold_alpha)
@@ -317,6 +425,7 @@ def check_lora_format(value: str, flag: str = "--lora_format") -> str:
 
 
 __all__ = [
+    "ADAPTER_KEYS",
     "ANIMA_DIT_LINEAR_PATHS",
     "COMFY_FORMAT",
     "COMFY_TE_PREFIX",
@@ -326,6 +435,7 @@ __all__ = [
     "SD_SCRIPTS_FORMAT",
     "TE_PREFIX",
     "UNET_PREFIX",
+    "adapter_kinds",
     "check_lora_format",
     "convert_from_comfy",
     "convert_to_comfy",
@@ -334,7 +444,9 @@ __all__ = [
     "group_by_module",
     "load_lora_file",
     "lora_name_for",
+    "module_kind",
     "module_path_from_table",
+    "module_rank",
     "sample_keys",
     "save_lora_file",
     "split_lora_name",

@@ -37,3 +37,13 @@ def trainer_through_caches(argv: list[str]) -> AnimaNetworkTrainer:
     trainer.load_frozen_models(args, trainer.accelerator, trainer.weight_dtype)
     trainer.build_caches(args)
     return trainer
+
+
+def train_tiny(tiny, out: Path, network_module: str, *extra: str) -> AnimaNetworkTrainer:
+    """A whole training run on the tiny setup with another --network_module (learning rate 5e-3)."""
+    argv = tiny_train_argv(tiny, out, *extra, learning_rate="5e-3")
+    argv[argv.index("--network_module") + 1] = network_module
+    args, _ = parse_args(argv)
+    trainer = AnimaNetworkTrainer()
+    trainer.train(args)
+    return trainer

@@ -198,7 +198,8 @@ class AdapterAttention(nn.Module):
         return self.o_proj(out.reshape(b, lq, -1))
 
 
-class AdapterBlock(nn.Module):
+class LLMAdapterTransformerBlock(nn.Module):
+    # Class name as upstream's: LyCORIS' presets and sd-scripts select the adapter blocks by it.
     def __init__(self, source_dim: int, model_dim: int, num_heads: int, mlp_channels: int):
         super().__init__()
         self.norm_self_attn = RMSNorm(model_dim)
@@ -232,7 +233,7 @@ class LLMAdapter(nn.Module):
         self.head_dim = model_dim // num_heads
         self.embed = nn.Embedding(vocab, model_dim)
         self.blocks = nn.ModuleList(
-            [AdapterBlock(source_dim, model_dim, num_heads, mlp_channels) for _ in range(num_layers)]
+            [LLMAdapterTransformerBlock(source_dim, model_dim, num_heads, mlp_channels) for _ in range(num_layers)]
         )
         self.out_proj = nn.Linear(model_dim, model_dim)
         self.norm = RMSNorm(model_dim)

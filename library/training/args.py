@@ -119,7 +119,9 @@ def _add_anima_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("network (LoRA)")
     a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
-    a("network_module", type=str, default=None, help="network module to train: networks.lora_anima")
+    a("network_module", type=str, default=None,
+      help="network module to train: networks.lora_anima (LoRA), networks.lokr (LoKr), networks.loha (LoHa), "
+           "lycoris.kohya (LyCORIS, needs pip install lycoris-lora)")
     a("network_dim", type=int, default=None, help="LoRA rank (default 4)")
     a("network_alpha", type=float, default=1, help="LoRA alpha; scale = alpha / rank")
     a("network_dropout", type=float, default=None, help="dropout on the rank-r activations")
@@ -659,5 +661,7 @@ def require_training_inputs(args: argparse.Namespace) -> None:
         raise AnimaError(f"missing required option(s): {', '.join(missing)}")
     if not args.dataset_config and not getattr(args, "train_data_dir", None) and not getattr(args, "in_json", None):
         raise AnimaError("no dataset: give --dataset_config (a dataset TOML) or --train_data_dir")
-    if args.network_module and args.network_module != "networks.lora_anima":
-        raise AnimaError(f"--network_module {args.network_module}: only networks.lora_anima is supported")
+    if args.network_module:
+        from networks import check_network_module
+
+        check_network_module(args.network_module)
