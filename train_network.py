@@ -259,11 +259,14 @@ class NetworkTrainer:
         """After the image scan, before any model loads: the schedule, the disk-cache folders, and for --resume
         the dataset, batches per epoch and number of processes against the state, and the steps left."""
         self.schedule = self.make_run_schedule(args, len(self.train_group))
+        # Taken from the image scan (before caching may drop undecodable images), so that every run of the same
+        # data records and compares the same facts.
+        self.data_facts = self.run_facts(args)
         self.check_cache_folders(args)
         if self.loaded_state is None:
             return
         saved = self.loaded_state.train_state
-        facts = self.run_facts(args)
+        facts = self.data_facts
         if saved.settings is not None:
             changes = [train_state.SettingChange(name, saved.facts.get(name), value, True)
                        for name, value in facts.items() if saved.facts.get(name) != value]
@@ -985,7 +988,7 @@ class NetworkTrainer:
             weights = {k: v.detach().cpu() for k, v in self.network.state_dict().items()}
             files.refuse_non_finite(weights, path)
             record = train_state.TrainState(position=position, seed=self.args.seed, kind=kind,
-                                            facts=self.run_facts(self.args),
+                                            facts=self.data_facts,
                                             settings=train_state.recorded_settings(self.args))
 
             def write(tmp: Path) -> None:
