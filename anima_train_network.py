@@ -28,6 +28,21 @@ ANIMA_METADATA_ARGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scal
                        "sigmoid_scale", "discrete_flow_shift")
 
 
+# A DiT at least this large is the released 2B model (or one of its size): fp32 GEMMs without TF32 cost minutes.
+LARGE_DIT_PARAMETERS = 10**9
+
+
+def fp32_without_tf32_warning(device: torch.device, weight_dtype: torch.dtype, num_parameters: int) -> str | None:
+    """The warning for a CUDA run that trains a large DiT in float32 with TF32 off (about 10x slower than bf16
+    on recent GPUs), or None."""
+    if (device.type != "cuda" or weight_dtype != torch.float32 or num_parameters < LARGE_DIT_PARAMETERS
+            or torch.backends.cuda.matmul.allow_tf32):
+        return None
+    return (f"training the {num_parameters / 1e9:.1f}B-parameter DiT in float32 (--mixed_precision no) without "
+            "TF32: float32 matmuls run without tensor cores, many times slower than bf16; use --mixed_precision "
+            "bf16, or add --cuda_allow_tf32 to keep float32 weights with TF32 matmuls")
+
+
 def file_identity(path: str, dtype: torch.dtype) -> str:
     """Cheap identity of a weights file for cache validity: path, size, mtime and the compute dtype."""
     stat = os.stat(path)
@@ -105,9 +120,14 @@ class AnimaNetworkTrainer(NetworkTrainer):
         dit = load_anima_model(args.pretrained_model_name_or_path, device=device, dtype=weight_dtype,
                                attn_mode=args.attn_mode, split_attn=args.split_attn,
                                llm_adapter_path=args.llm_adapter_path)
+        warning = fp32_without_tf32_warning(self.device, weight_dtype, sum(p.numel() for p in dit.parameters()))
+        if warning:
+            logger.warning(warning)
         return dit
 
     def place_dit(self, args: argparse.Namespace, device: torch.device) -> None:
+        if args.blocks_to_swap == "auto":
+            args.blocks_to_swap = self.plan_block_swap(args, device)
         if not args.blocks_to_swap:
             self.dit.to(device)
             return
@@ -115,6 +135,33 @@ class AnimaNetworkTrainer(NetworkTrainer):
         self.dit.enable_block_swap(args.blocks_to_swap, device)
         self.dit.move_to_device_except_swap_blocks(device)
         self.dit.prepare_block_swap_before_forward()
+
+    def plan_block_swap(self, args: argparse.Namespace, device: torch.device) -> int:
+        """`--blocks_to_swap auto`: the smallest swap count whose estimated training peak fits the free device
+        memory (see `library.models.block_swap.TrainingMemory.peak_bytes`), for the largest bucket x batch size."""
+        from library.models import block_swap
+
+        free = block_swap.device_free_bytes(device)
+        if free is None:
+            logger.info("--blocks_to_swap auto: %s has no free-memory query (not CUDA); swapping no block",
+                        device)
+            return 0
+        datasets = [d for group in self.groups() for d in group.datasets]
+        # Image tokens x batch of the largest batch: 16 pixels per token side (VAE 8x, 2x2 patches).
+        batch, tokens = max(((d.config.batch_size, (w // 16) * (h // 16)) for d in datasets
+                             for (w, h) in d.bucket_sizes), key=lambda bt: bt[0] * bt[1])
+        memory = block_swap.dit_training_memory(
+            self.dit, batch_size=batch, tokens=tokens, context_tokens=args.t5_max_token_length,
+            adapter_context_tokens=args.qwen3_max_token_length, fp8=bool(args.fp8_base),
+            trainable_bytes=sum(p.numel() * p.element_size() for p in self.network.parameters()),
+            element_size=4 if self.weight_dtype == torch.float32 else 2)
+        checkpointing = ("cpu_offload" if args.cpu_offload_checkpointing else "unsloth"
+                         if args.unsloth_offload_checkpointing else "ckpt" if args.gradient_checkpointing else "none")
+        plan = block_swap.plan_blocks_to_swap(memory, free, checkpointing)
+        message = (f"{plan.describe()} (batch {batch} x {tokens} image tokens, checkpointing {checkpointing}, "
+                   f"fp8 {bool(args.fp8_base)})")
+        (logger.info if plan.fits else logger.warning)(message)
+        return plan.blocks_to_swap
 
     def reset_dit_layout(self) -> None:
         self.dit.prepare_block_swap_before_forward()
@@ -160,9 +207,10 @@ class AnimaNetworkTrainer(NetworkTrainer):
     def batch_latents(self, args: argparse.Namespace, batch: dict, weight_dtype: torch.dtype) -> torch.Tensor:
         device = self.device
         if batch.get("latents") is not None:
-            return batch["latents"].to(device=device, dtype=weight_dtype)  # [B, 16, h, w]
+            # non_blocking: the loader pins its batches on CUDA, so the copy does not stall the host.
+            return batch["latents"].to(device=device, dtype=weight_dtype, non_blocking=True)  # [B, 16, h, w]
         with torch.no_grad():
-            pixels = batch["images"].to(device=device, dtype=self.vae_dtype)  # [B, 3, H, W] in [-1, 1]
+            pixels = batch["images"].to(device=device, dtype=self.vae_dtype, non_blocking=True)  # [B, 3, H, W]
             latents = self.vae.encode_pixels_to_latents(pixels)
         if torch.isnan(latents).any():
             logger.warning("NaN in VAE latents of %s; replaced by 0", batch.get("image_keys"))
@@ -181,7 +229,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
         else:
             raise AnimaError("a batch without cached text outputs reached training after the text encoder was "
                              "freed; delete stale *_anima_te.npz files or drop --cache_text_encoder_outputs")
-        return {k: v.to(device) for k, v in text.items()}
+        return {k: v.to(device, non_blocking=True) for k, v in text.items()}
 
     def noise_pred_and_target(self, args: argparse.Namespace, accelerator: Accelerator, latents: torch.Tensor,
                               text: dict[str, torch.Tensor], weight_dtype: torch.dtype

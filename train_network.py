@@ -35,7 +35,7 @@ from library.training import state as train_state
 from library.training.losses import huber_threshold, per_sample_loss
 from library.training.nonfinite import NonFiniteGuard, finite_flag, total_grad_norm
 from library.training.optimizers import unwrap_optimizer
-from library.training.reporting import LossRecorder, TrainingReporter, logger, lr_logs
+from library.training.reporting import TrainingReporter, logger, lr_logs, read_scalars
 from library.training.schedule import Position
 from library.training.state import capture_rng, restore_rng
 from networks import import_network_module
@@ -369,6 +369,10 @@ class NetworkTrainer:
             dynamo_backend=args.dynamo_backend if args.torch_compile else None,
         )
         set_seed(args.seed)
+        if args.cuda_allow_tf32:
+            # TF32 tensor cores for float32 matmuls and convolutions (about 10 mantissa bits instead of 23).
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.weight_dtype = DTYPES[args.mixed_precision]
@@ -642,7 +646,6 @@ class NetworkTrainer:
             f"per process, {sched.num_epochs} epochs, {sched.max_train_steps} steps, "
             f"{accelerator.num_processes} process(es), grad accumulation {args.gradient_accumulation_steps}"
         )
-        recorder = LossRecorder()
         self.guard = NonFiniteGuard(args.max_nonfinite_steps)
         self.last_epoch = self.first_epoch
         self.optimizer_train_mode()
@@ -653,7 +656,7 @@ class NetworkTrainer:
                 for epoch in range(self.first_epoch, sched.num_epochs):
                     if self.global_step >= sched.max_train_steps:
                         break
-                    self.train_epoch(args, epoch, recorder)
+                    self.train_epoch(args, epoch)
         finally:
             self.reporter.close()
         if self.guard.skipped:
@@ -661,7 +664,7 @@ class NetworkTrainer:
                            self.guard.skipped, self.global_step, sched.max_train_steps)
         accelerator.wait_for_everyone()
 
-    def train_epoch(self, args: argparse.Namespace, epoch: int, recorder: LossRecorder) -> None:
+    def train_epoch(self, args: argparse.Namespace, epoch: int) -> None:
         """One epoch (0-based `epoch`), from its first batch or from the resume position."""
         accelerator = self.accelerator
         self.last_epoch = epoch
@@ -674,7 +677,7 @@ class NetworkTrainer:
             loader = accelerator.skip_first_batches(self.train_loader, self.skip_batches)
         epoch_batches = self.skip_batches
         self.skip_batches = 0
-        recorder.reset()
+        self.reporter.new_epoch()
         step_start = None  # (position, random states) before the first batch of the current optimizer step
         for batch in loader:
             if step_start is None:
@@ -691,12 +694,13 @@ class NetworkTrainer:
             self.global_step += 1
             self.position = Position(epoch, epoch_batches, self.global_step)
             self.train_group.set_current_step(self.global_step)
-            recorder.add(schedule.step_in_epoch(epoch_batches, args.gradient_accumulation_steps), loss)
-            logs = {"loss/current": loss, "loss/average": recorder.average}
-            logs.update(lr_logs(self.lr_scheduler, self.lr_descriptions))
+            logs = lr_logs(self.lr_scheduler, self.lr_descriptions)
             if args.scale_weight_norms:
                 logs.update(self.max_norm_logs)
-            self.reporter.step(self.global_step, epoch + 1, logs)
+            # The loss stays on the device: the reporter reads it with other steps' (no sync per step).
+            self.reporter.train_step(self.global_step, epoch + 1,
+                                     schedule.step_in_epoch(epoch_batches, args.gradient_accumulation_steps), loss,
+                                     logs)
             self.after_step(args, epoch, epoch_batches)
             files.fault_point(f"step:{self.global_step}")
             if self.interrupt_requested:
@@ -705,7 +709,7 @@ class NetworkTrainer:
                 break
         else:
             self.position = Position(epoch + 1, 0, self.global_step)
-        self.reporter.scalars(self.global_step, {"loss/epoch_average": recorder.average})
+        self.reporter.scalars(self.global_step, {"loss/epoch_average": self.reporter.epoch_average()})
         self.after_epoch(args, epoch + 1)
 
     def skip_nonfinite_step(self, args: argparse.Namespace, batch: dict,
@@ -762,8 +766,10 @@ class NetworkTrainer:
                                kind=train_state.INTERRUPTED)
         raise KeyboardInterrupt(str(path))
 
-    def train_step(self, args: argparse.Namespace, batch: dict) -> float:
-        """One micro-batch: forward, backward; on sync steps all-reduce, clip, optimizer and scheduler step."""
+    def train_step(self, args: argparse.Namespace, batch: dict) -> torch.Tensor:
+        """One micro-batch: forward, backward; on sync steps all-reduce, clip, optimizer and scheduler step.
+        Returns the loss averaged over processes, a 0-dim float32 tensor on the device (not read here). The
+        non-finite guard's flag is the one value a step reads from the device."""
         accelerator = self.accelerator
         with accelerator.accumulate(self.network):
             loss = self.batch_loss(args, batch, training=True)
@@ -807,9 +813,10 @@ class NetworkTrainer:
             huber_c = (huber_threshold(args.huber_schedule, sigmas, args.huber_c, args.huber_scale)
                        if args.loss_type in ("huber", "smooth_l1") else None)
             mask = batch.get("loss_masks")  # [B, 1, H, W] alpha / conditioning masks, or None
+            # The loader pins batches on CUDA: non_blocking copies queue behind the step instead of waiting.
             loss = per_sample_loss(pred, target, args.loss_type, huber_c=huber_c, weighting=weighting,
-                                   mask=mask.to(pred.device) if mask is not None else None,
-                                   sample_weights=batch["loss_weights"].to(pred.device))
+                                   mask=mask.to(pred.device, non_blocking=True) if mask is not None else None,
+                                   sample_weights=batch["loss_weights"].to(pred.device, non_blocking=True))
             return loss.mean()
 
     # The non-finite guard: one device->host read per optimizer step (see library/training/nonfinite.py).
@@ -848,10 +855,12 @@ class NetworkTrainer:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad /= self.accelerator.num_processes
 
-    def mean_over_processes(self, value: torch.Tensor) -> float:
+    def mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of `value` over processes: a 0-dim float32 tensor on the device (a collective, no host read)."""
+        value = value.detach().float().mean()
         if self.accelerator.num_processes > 1:
-            value = self.accelerator.reduce(value.float().reshape(1), reduction="mean")
-        return float(value.float().mean().item())
+            value = self.accelerator.reduce(value.reshape(1), reduction="mean").reshape(())
+        return value
 
     def after_step(self, args: argparse.Namespace, epoch: int, epoch_batches: int) -> None:
         """Step-triggered sampling, checkpoint, state and validation."""
@@ -929,17 +938,17 @@ class NetworkTrainer:
         rng = capture_rng()
         torch.manual_seed(seed)
         random.seed(seed)
-        total, count = 0.0, 0
+        losses = []  # device tensors, read once after the loop
         try:
             for i, batch in enumerate(self.val_loader):
                 if args.max_validation_steps is not None and i >= args.max_validation_steps:
                     break
-                total += self.mean_over_processes(self.batch_loss(args, batch, training=False).detach())
-                count += 1
+                losses.append(self.mean_over_processes(self.batch_loss(args, batch, training=False)))
         finally:
             restore_rng(rng)
             self.network.train()
             self.reset_dit_layout()
+        total, count = sum(read_scalars(losses)), len(losses)
         if count:
             self.reporter.scalars(self.global_step, {"loss/validation/step_average": total / count})
             self.reporter.message(f"validation loss at step {self.global_step}: {total / count:.4f}")

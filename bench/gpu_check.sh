@@ -1,48 +1,88 @@
 #!/usr/bin/env bash
-# One prepared GPU session (~8 minutes on one H200): CUDA tests, then DiT / training-step / VAE benchmarks.
-#   OUT=/some/dir bash bench/gpu_check.sh        (default OUT: ./gpu_out)
-# Every step has its own time limit and log under $OUT; a failing step does not stop the others.
-# $OUT/summary.txt lists each step's exit status (124 = hit its time limit).
+# The prepared device check: one command, under 9 minutes on one H200, for the device image as it is
+# (python3 with torch+CUDA, accelerate, transformers, safetensors, einops, pillow, pytest; no toml, diffusers,
+# bitsandbytes or attention packages; no network, nothing installed).
+#
+#   bash bench/prepare_gpu_check.sh     # first, on the machine that holds ../shared: copies the golden files the
+#                                       # GPU tests read into gpu_assets/ (untracked, not ignored: it travels)
+#   OUT=/some/dir bash bench/gpu_check.sh         # on the device; default OUT: ./gpu_out
+#   bash bench/gpu_check.sh --dry                 # on a CPU: the same steps with tiny sizes (checks the script)
+#
+# Each step has its own time limit (the limits add up to 470 s < 540 s); a failing step does not stop the
+# others. Everything a step prints goes to $OUT/run.log; the tables go to $OUT/summary.md. Only those two files
+# are written under $OUT. The step status and the tables are printed last.
+# GPU_CHECK_STEPS="env sdpa" runs only the named steps.
 set -u
+export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
 OUT="${OUT:-./gpu_out}"
+DRY=0
+if [ "${1:-}" = "--dry" ]; then DRY=1; fi
 mkdir -p "$OUT"
-SUMMARY="$OUT/summary.txt"
+LOG="$OUT/run.log"
+SUMMARY="$OUT/summary.md"
+: > "$LOG"
 : > "$SUMMARY"
+STATUS="| step | exit | seconds | limit |"$'\n'"|---|---|---|---|"
+ONLY=" ${GPU_CHECK_STEPS:-} "
 
-step() {  # step NAME SECONDS COMMAND...
+if [ -d gpu_assets/golden ]; then
+    export ANIMA_SHARED_DIR="$PWD/gpu_assets"  # the golden files prepare_gpu_check.sh copied
+fi
+
+step() {  # step NAME SECONDS COMMAND...   (exit 124: hit its time limit)
     local name="$1" seconds="$2"
     shift 2
+    if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]]; then return 0; fi
     local start=$SECONDS
-    echo "== $name: $*" | tee -a "$OUT/$name.log"
-    timeout --kill-after=10 "$seconds" "$@" >> "$OUT/$name.log" 2>&1
+    echo "== $name (limit ${seconds}s): $*" >> "$LOG"
+    timeout --kill-after=5 "$seconds" "$@" >> "$LOG" 2>&1
     local rc=$?
-    echo "$name rc=$rc ${SECONDS}s-total $((SECONDS - start))s" | tee -a "$SUMMARY"
+    local used=$((SECONDS - start))
+    echo "$name: exit $rc after ${used}s (limit ${seconds}s)"
+    STATUS="$STATUS"$'\n'"| $name | $rc | $used | $seconds |"
     return 0
 }
 
-# Environment: torch with CUDA is expected to be preinstalled; the machine may have no network.
-step env 30 bash -c 'nvidia-smi; python -c "import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0))"'
-if ! python -c "import library.models.dit, networks.lora_anima, safetensors, einops, toml, accelerate, transformers" 2>/dev/null; then
-    step install 90 python -m pip install --no-build-isolation -e .
+if [ "$DRY" = 1 ]; then
+    DEVICE=cpu
+    TRAIN_SIZE=(--blocks 3 --model_channels 128 --num_heads 2 --context_length 16 --warmup 1 --steps 1)
+    TRAIN_1024=(--resolution 64 --configs plain swap1+ckpt fp8 --config_timeout 60)
+    PROFILE_1024=(--resolution 64 --configs plain --config_timeout 60)
+    TRAIN_512=(--resolution 32 --configs ckpt --config_timeout 60)
+    PARITY=(--blocks 3 --model_channels 128 --num_heads 2 --tokens 16 --configs ckpt swap swap-forward fp8)
+    SDPA=(--scale 0.0625 --steps 1)
+else
+    DEVICE=cuda
+    TRAIN_SIZE=(--blocks 28 --warmup 1 --steps 3)
+    TRAIN_1024=(--resolution 1024 --config_timeout 60 --configs plain ckpt unsloth cpu_offload swap8 swap8+ckpt
+                swap26 swap26+ckpt fp8 compile)
+    PROFILE_1024=(--resolution 1024 --config_timeout 30 --configs plain swap26+ckpt)
+    TRAIN_512=(--resolution 512 --config_timeout 20 --configs plain ckpt swap26+ckpt fp8)
+    PARITY=(--blocks 4 --tokens 4096 16)
+    SDPA=(--steps 10)
 fi
+GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
 
-# CUDA tests (block swap, offload checkpointing and any other @pytest.mark.gpu test).
-step pytest_gpu 90 python -m pytest -q -p no:cacheprovider -m gpu -rA tests/
+step env 15 bash -c "nvidia-smi || true; $PY -c 'import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no CUDA\")'; $PY -c 'import importlib.util as u; print({m: bool(u.find_spec(m)) for m in (\"toml\", \"diffusers\", \"bitsandbytes\", \"flash_attn\", \"xformers\")})'"
+# CUDA tests: every test file with a @pytest.mark.gpu test (they import without toml/diffusers/bitsandbytes).
+step pytest_gpu 75 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rA $GPU_TESTS
+# Swap / offload / fp8 / compile against the plain model at full width, at 4096 tokens and at 16.
+step parity 75 "$PY" bench/bench_gpu_parity.py --device "$DEVICE" "${PARITY[@]}" --summary "$SUMMARY"
+step sdpa 25 "$PY" bench/bench_sdpa.py --device "$DEVICE" "${SDPA[@]}" --summary "$SUMMARY"
+# Step time, peak allocated/reserved memory and MFU of the 2B DiT's LoRA step per configuration, bf16.
+step train_1024 200 "$PY" bench/bench_train_step.py --device "$DEVICE" "${TRAIN_SIZE[@]}" "${TRAIN_1024[@]}" \
+    --summary "$SUMMARY"
+# Kernel time by kind (GEMM / attention / memcpy / other) from torch.profiler, one step each.
+step profile_1024 35 "$PY" bench/bench_train_step.py --device "$DEVICE" "${TRAIN_SIZE[@]}" "${PROFILE_1024[@]}" \
+    --profile --summary "$SUMMARY"
+step train_512 45 "$PY" bench/bench_train_step.py --device "$DEVICE" "${TRAIN_SIZE[@]}" "${TRAIN_512[@]}" \
+    --summary "$SUMMARY"
 
-# One LoRA training step of the full 2B DiT per memory configuration, 1024 px, bf16.
-step train_step_1024 180 python bench/bench_train_step.py --device cuda --dtype bf16 --resolution 1024 --steps 3 \
-    --configs plain ckpt cpu_offload unsloth swap14 swap14+ckpt swap26+ckpt
-
-# DiT forward / forward+backward at 1024 and 512, bf16, plain and checkpointed.
-step dit 75 python bench/bench_dit.py --device cuda --dtype bf16 --resolution 1024 512 --steps 3
-step dit_ckpt 40 python bench/bench_dit.py --device cuda --dtype bf16 --resolution 1024 --steps 3 --gradient_checkpointing
-
-# VAE encode/decode at 512 and 1024, bf16, ours (unchunked and chunked) vs diffusers.
-step vae 75 python bench/bench_vae.py --device cuda --dtype bfloat16 --sizes 512 1024 --chunk-sizes 0 64
-
-# Whatever is left: the training step at 512 (skipped if the time limit cuts it).
-step train_step_512 40 python bench/bench_train_step.py --device cuda --dtype bf16 --resolution 512 --steps 3 \
-    --configs plain ckpt unsloth swap26+ckpt
-
-echo "done; logs in $OUT" | tee -a "$SUMMARY"
+echo
+echo "## Steps (logs in $LOG)"
+echo "$STATUS"
+echo
+echo "pytest -m gpu: $(grep -E "[0-9]+ (passed|failed|skipped|deselected|error)" "$LOG" | tail -n 1)"
+cat "$SUMMARY"

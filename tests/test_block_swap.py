@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from library.errors import AnimaError
+from library.models import block_swap
 from library.models.dit import Anima, AnimaConfig
 from networks.lora_anima import create_network
 
@@ -101,6 +102,44 @@ def test_block_swap_training_steps_match_resident_model(blocks_to_swap):
     assert swapper.resident_weight_bytes() == (NUM_BLOCKS - blocks_to_swap) * block_bytes
 
 
+@pytest.mark.parametrize("blocks_to_swap", [1, 2, 3, 4])
+def test_forward_only_swap_copies_only_the_swapped_blocks_and_matches_the_resident_model(blocks_to_swap):
+    model, network = model_with_lora()
+    model.eval()
+    inputs = [make_inputs(seed) for seed in (3, 4, 5)]
+    with torch.no_grad():
+        expected = [model(*batch) for batch in inputs]
+    swapper = enable_swap(model, blocks_to_swap)
+    model.switch_block_swap_for_inference()
+    block_bytes = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
+    # The first forward after prepare copies the n swapped blocks; later ones also refill the two streaming
+    # slots (n + 2; with n = 1 block N - 2 keeps its slot: 2). Before: all N blocks in every forward.
+    in_a_row = blocks_to_swap + 2 if blocks_to_swap > 1 else 2
+    for index, (batch, reference) in enumerate(zip(inputs, expected)):
+        copied_before, bytes_before = swapper.blocks_copied, swapper.bytes_copied
+        with torch.no_grad():
+            torch.testing.assert_close(model(*batch), reference, rtol=0, atol=0)
+        copied = swapper.blocks_copied - copied_before
+        assert copied == (blocks_to_swap if index == 0 else in_a_row)
+        assert swapper.bytes_copied - bytes_before == copied * block_bytes
+        assert len(swapper._slots) == NUM_BLOCKS - blocks_to_swap
+    model.switch_block_swap_for_training()
+    assert swapper.resident_blocks() == list(range(NUM_BLOCKS - blocks_to_swap))
+
+
+def test_training_after_forward_only_swaps_keeps_identical_lora_gradients():
+    model, network = model_with_lora()
+    x, sigmas, context = make_inputs(3)
+    expected_step = train_step(model, network, 0)
+    enable_swap(model, 2)
+    for _ in range(3):  # validation-style forwards leave the streaming layout ...
+        with torch.no_grad():
+            model(x, sigmas, context)
+        out, grads = train_step(model, network, 0)  # ... which the training forward restores
+        torch.testing.assert_close(out, expected_step[0], rtol=0, atol=0)
+        torch.testing.assert_close(grads, expected_step[1], rtol=0, atol=0)
+
+
 def test_block_swap_with_gradient_checkpointing_matches_resident_model():
     model, network = model_with_lora()
     model.enable_gradient_checkpointing()
@@ -121,7 +160,7 @@ def test_block_swap_forward_without_backward_and_inference_mode_keep_results_rig
     swapper = enable_swap(model, 4)
     with torch.no_grad():  # a validation forward in training mode: forward-only schedule
         torch.testing.assert_close(model(x, sigmas, context), expected, rtol=0, atol=0)
-    assert swapper.resident_blocks() == [0, 1]
+    assert swapper.resident_blocks() == [4, 5]  # the last two streamed blocks hold the streaming slots
     model(x, sigmas, context)  # forward with grad but no backward leaves another layout ...
     assert swapper.resident_blocks() != [0, 1]
     actual_step = train_step(model, network, 0)  # ... which the next forward repairs
@@ -131,7 +170,7 @@ def test_block_swap_forward_without_backward_and_inference_mode_keep_results_rig
     model.eval()
     for _ in range(2):
         torch.testing.assert_close(model(x, sigmas, context).detach(), expected, rtol=0, atol=0)
-        assert swapper.resident_blocks() == [0, 1]
+        assert swapper.resident_blocks() == [4, 5]
     model.switch_block_swap_for_training()
     model.train()
     actual_step = train_step(model, network, 0)
@@ -184,9 +223,13 @@ def test_gpu_block_swap_matches_resident_model_on_cuda(checkpointing):
         torch.testing.assert_close(grads, grads_ref, rtol=1e-5, atol=1e-6)
         assert swapper.resident_blocks() == [0, 1]
     model.switch_block_swap_for_inference()
-    x, sigmas, context = make_inputs(3, "cuda")
-    with torch.no_grad():
-        torch.testing.assert_close(model(x, sigmas, context), reference_model(x, sigmas, context))
+    for seed in (3, 4, 5):  # forwards in a row: the streaming slots are refilled behind the compute
+        x, sigmas, context = make_inputs(seed, "cuda")
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, sigmas, context), reference_model(x, sigmas, context))
+    model.switch_block_swap_for_training()
+    out, grads = train_step(model, network, 0, "cuda")
+    torch.testing.assert_close(grads, expected[0][1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
@@ -210,3 +253,98 @@ def test_gpu_block_swap_resident_weight_memory_drops_by_swapped_blocks(blocks_to
     assert abs(saved - blocks_to_swap * block_bytes) <= 512 * 32 * blocks_to_swap, (full, swapped, block_bytes)
     train_step(model, network, 0, "cuda")  # the footprint stays constant while weights stream through
     assert model.block_swapper.resident_weight_bytes() == (8 - blocks_to_swap) * block_bytes
+
+
+# ---- planning --blocks_to_swap auto ---------------------------------------------------------------------------
+
+
+def planner_memory(**overrides) -> block_swap.TrainingMemory:
+    gib = 2**30
+    sizes = dict(num_blocks=28, block_weights=gib // 8, other_weights=2 * gib, block_activations=gib // 4,
+                 block_input=gib // 64, other_activations=gib // 16)
+    sizes.update(overrides)
+    return block_swap.TrainingMemory(**sizes)
+
+
+def test_auto_plan_picks_the_smallest_swap_count_that_fits():
+    memory = planner_memory()
+    for mode in block_swap.CHECKPOINTING_MODES:
+        assert block_swap.plan_blocks_to_swap(memory, 10**15, mode).blocks_to_swap == 0
+        for n in (1, 8, 26):
+            budget = memory.peak_bytes(n, mode)
+            plan = block_swap.plan_blocks_to_swap(memory, budget, mode)
+            assert (plan.blocks_to_swap, plan.fits, plan.peak_bytes) == (n, True, budget)
+            assert block_swap.plan_blocks_to_swap(memory, budget - 1, mode).blocks_to_swap == n + 1 or n == 26
+        too_small = block_swap.plan_blocks_to_swap(memory, memory.peak_bytes(26, mode) - 1, mode)
+        assert (too_small.blocks_to_swap, too_small.fits) == (26, False)
+        assert "does NOT fit" in too_small.describe()
+
+
+def test_auto_plan_weighs_each_swapped_block_and_the_checkpointing_mode():
+    memory = planner_memory()
+    # Each swapped block frees exactly one block's weights.
+    assert memory.peak_bytes(3, "ckpt") - memory.peak_bytes(4, "ckpt") == memory.block_weights
+    # Saved activations: none (all blocks) > ckpt (block inputs) > offloaded (inputs in CPU memory).
+    peaks = [memory.peak_bytes(0, mode) for mode in ("none", "ckpt", "cpu_offload")]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 3
+    assert memory.peak_bytes(0, "cpu_offload") == memory.peak_bytes(0, "unsloth")
+    # The largest swap count follows the one rule (N - 2), also for a short DiT.
+    assert block_swap.plan_blocks_to_swap(planner_memory(num_blocks=2), 0, "ckpt").blocks_to_swap == 0
+    with pytest.raises(ValueError, match="checkpointing"):
+        memory.peak_bytes(0, "bogus")
+
+
+def test_fp8_counts_one_byte_per_quantized_linear_weight():
+    config = tiny_config(model_channels=64, num_heads=4)
+    block = Anima(config).blocks[0].to(torch.bfloat16)
+    bf16 = block_swap.block_weight_bytes(block)
+    assert bf16 == sum(p.numel() * 2 for p in block.parameters())
+    fp8 = block_swap.block_weight_bytes(block, fp8=True)
+    linear = [(n, p) for n, p in block.named_parameters() if p.ndim == 2 and "adaln_modulation" not in n]
+    assert bf16 - fp8 == sum(p.numel() - 4 * p.shape[0] for _, p in linear)
+    assert 0.5 * bf16 < fp8 < 0.75 * bf16  # modulation, norms and scales stay wide
+
+
+def test_activation_estimate_covers_what_a_lora_block_saves_for_backward():
+    """The planner's formula against the bytes a LoRA-wrapped block's forward really saves (saved-tensor hooks)."""
+    config = AnimaConfig(model_channels=512, num_heads=8, num_blocks=2, crossattn_emb_channels=256,
+                         adapter_source_dim=64, adapter_model_dim=256, adapter_num_layers=1, adapter_num_heads=4)
+    torch.manual_seed(0)
+    model = Anima(config).to(torch.bfloat16)
+    model.requires_grad_(False)
+    network = create_network(1.0, 16, 16.0, None, [], model)
+    network.apply_to([], model, False, True)
+    network.to(torch.bfloat16)
+    block = model.blocks[0]
+    tokens, context_tokens = 192, 64
+    x = torch.randn(1, tokens, 512, dtype=torch.bfloat16, requires_grad=True)
+    emb, adaln = torch.randn(1, 1, 512, dtype=torch.bfloat16), torch.randn(1, 1, 1536, dtype=torch.bfloat16)
+    context = torch.randn(1, context_tokens, 256, dtype=torch.bfloat16)
+    cos, sin = torch.randn(tokens, 64), torch.randn(tokens, 64)
+    kept = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *network.parameters(), x, emb, adaln,
+                                                       context, cos, sin)}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        block(x, emb, context, cos, sin, adaln)
+    measured = sum(nbytes for ptr, nbytes in saved.items() if ptr not in kept)
+    estimate = block_swap.block_activation_bytes(batch_size=1, tokens=tokens, context_tokens=context_tokens,
+                                                 model_channels=512, mlp_channels=config.mlp_channels)
+    assert measured <= estimate <= 1.35 * measured, (measured, estimate)
+
+
+def test_dit_training_memory_plans_fewer_swapped_blocks_with_fp8():
+    model = Anima(tiny_config(model_channels=64, num_heads=4)).to(torch.bfloat16)
+    sizes = dict(batch_size=2, tokens=256, context_tokens=64, adapter_context_tokens=32, trainable_bytes=10_000)
+    bf16 = block_swap.dit_training_memory(model, fp8=False, **sizes)
+    fp8 = block_swap.dit_training_memory(model, fp8=True, **sizes)
+    assert bf16.block_weights == block_swap.block_weight_bytes(model.blocks[0]) > fp8.block_weights
+    assert bf16.block_input == 2 * 256 * 64 * 2 and bf16.num_blocks == NUM_BLOCKS
+    assert fp8.block_activations == bf16.block_activations  # fp8 stores weights, activations stay bf16
+    budget = bf16.peak_bytes(3, "ckpt")  # bf16 needs 3 blocks swapped in this budget ...
+    assert block_swap.plan_blocks_to_swap(bf16, budget, "ckpt").blocks_to_swap == 3
+    assert block_swap.plan_blocks_to_swap(fp8, budget, "ckpt").blocks_to_swap < 3  # ... fp8 fewer

@@ -27,7 +27,7 @@ PROMPT_FILE_OPTIONS = {"--n", "--w", "--h", "--d", "--s", "--l", "--fs", "--g", 
 OTHER_TOOL_FLAGS = {"--logdir", "--help"}
 
 FLAG_PATTERN = re.compile(r"(?<![\w-])--[A-Za-z][A-Za-z0-9_-]*")
-BENCH_SCRIPT_PATTERN = re.compile(r"bench/(\w+\.py)")
+BENCH_SCRIPT_PATTERN = re.compile(r"bench/(\w+\.(?:py|sh))")
 GPU_ONLY_PATTERN = re.compile(r"GPU[- ]only", re.IGNORECASE)
 GPU_TEST_PATTERN = re.compile(r"tests/[\w/]+\.py::test_\w+")
 
@@ -43,6 +43,8 @@ def logical_lines(text: str) -> list[str]:
 
 def bench_script_flags(script: str) -> set[str]:
     source = (REPO / "bench" / script).read_text(encoding="utf-8")
+    if script.endswith(".sh"):  # a shell script compares its arguments with quoted literals
+        return set(re.findall(r"\"(--[\w-]+)\"", source))
     return set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", source))
 
 

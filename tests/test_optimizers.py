@@ -12,6 +12,7 @@ import torch
 
 from library.errors import AnimaError
 from library.training.optimizers import (
+    Adafactor,
     create_optimizer,
     install_fused_backward_pass,
     is_schedule_free,
@@ -72,8 +73,8 @@ def _bitsandbytes_or_skip():
         ("adamw", 1e-2, ["betas=(0.9,0.99)", "weight_decay=0.01"], "torch.optim.adamw.AdamW"),
         ("SGDNesterov", 1e-2, [], "torch.optim.sgd.SGD"),
         ("Lion", 1e-3, ["weight_decay=0.1"], "library.training.optimizers.Lion"),
-        ("AdaFactor", 1e-2, ["relative_step=False", "scale_parameter=False"], "transformers.optimization.Adafactor"),
-        ("Adafactor", 0.0, [], "transformers.optimization.Adafactor"),
+        ("AdaFactor", 1e-2, ["relative_step=False", "scale_parameter=False"], "library.training.optimizers.Adafactor"),
+        ("Adafactor", 0.0, [], "library.training.optimizers.Adafactor"),
         ("RMSprop", 1e-2, [], "torch.optim.rmsprop.RMSprop"),
         ("rmsprop", 1e-2, ["alpha=0.9"], "torch.optim.rmsprop.RMSprop"),
         ("torch.optim.Adam", 1e-2, [], "torch.optim.adam.Adam"),
@@ -148,7 +149,12 @@ def test_adafactor_relative_step_drops_lrs_and_switches_scheduler():
     assert scheduler_name == "adafactor:0.001"
     scheduler = create_lr_scheduler(scheduler_name, optimizer, 100)
     assert type(scheduler).__name__ == "AdafactorSchedule"
-    assert scheduler.get_lr() == [1e-3]  # reported before the first step
+    assert scheduler.get_last_lr() == [1e-3]  # reported before the first step
+    _train(model, optimizer, *_tiny_problem()[1:], steps=1)
+    first = next(model.parameters())
+    rms = first.detach().norm() / first.numel() ** 0.5
+    # After a step: the step size of the group's first parameter, relative step 1e-2 times max(1e-3, RMS(p)).
+    torch.testing.assert_close(scheduler.get_last_lr()[0], max(rms, torch.tensor(1e-3)) * 1e-2)
 
     _, _, fixed = create_optimizer("Adafactor", model.parameters(), 1e-3, ["relative_step=False"])
     assert resolve_lr_scheduler_name("cosine", fixed, 1e-3) == "cosine"
@@ -311,6 +317,72 @@ def test_huge_nested_values_are_rejected_without_crashing():
 def test_unquoted_words_are_rejected_with_a_quoting_hint():
     with pytest.raises(AnimaError, match='mode="text"'):
         parse_literal_kwargs(["mode=min"], "--lr_scheduler_args")
+
+
+# ---------------------------------------------------------------- Adafactor
+
+
+@pytest.mark.parametrize("options", [
+    {"lr": None},  # relative step, scale_parameter (the defaults)
+    {"lr": None, "warmup_init": True},
+    {"lr": None, "beta1": 0.9, "weight_decay": 0.1},
+    {"lr": 3e-2, "relative_step": False},
+    {"lr": 3e-2, "relative_step": False, "scale_parameter": False, "beta1": 0.8},
+    {"lr": 1e-2, "relative_step": False, "scale_parameter": False, "clip_threshold": 0.5, "decay_rate": -0.5},
+])
+def test_adafactor_matches_the_transformers_update_over_several_steps(options):
+    import transformers.optimization
+
+    ours_model, x, y = _tiny_problem(seed=5)
+    ref_model, _, _ = _tiny_problem(seed=5)
+    ours = Adafactor(ours_model.parameters(), **options)
+    reference = transformers.optimization.Adafactor(ref_model.parameters(), **options)
+    for _ in range(6):
+        for model, optimizer in ((ours_model, ours), (ref_model, reference)):
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+    for mine, theirs in zip(ours_model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+    for mine, theirs in zip(ours.state.values(), reference.state.values()):
+        assert mine.keys() == theirs.keys() and mine["step"] == theirs["step"] == 6
+        torch.testing.assert_close(mine["RMS"], theirs["RMS"])
+
+
+def test_adafactor_updates_bf16_parameters_in_float32_like_transformers():
+    import transformers.optimization
+
+    weights = torch.randn(8, 6, generator=torch.Generator().manual_seed(2)).bfloat16()
+    grads = [torch.randn(8, 6, generator=torch.Generator().manual_seed(s)).bfloat16() for s in range(3)]
+    params = [torch.nn.Parameter(weights.clone()) for _ in range(2)]
+    optimizers = [Adafactor([params[0]], beta1=0.9), transformers.optimization.Adafactor([params[1]], beta1=0.9)]
+    for grad in grads:
+        for p, optimizer in zip(params, optimizers):
+            p.grad = grad.clone()
+            optimizer.step()
+    assert params[0].dtype == torch.bfloat16
+    torch.testing.assert_close(params[0], params[1], rtol=1e-2, atol=1e-3)
+
+
+def test_adafactor_step_reads_nothing_back_from_the_device():
+    from bench.bench_host_syncs import HostSyncCounter
+
+    model, x, y = _tiny_problem(seed=1)
+    optimizer = Adafactor(model.parameters(), beta1=0.9, weight_decay=0.01)  # relative step, scale_parameter
+    for step in range(3):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        with HostSyncCounter() as counter:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert counter.total == 0, (step, counter.sites)
+
+
+def test_adafactor_rejects_contradicting_options_like_transformers():
+    model, _, _ = _tiny_problem()
+    with pytest.raises(ValueError, match="relative_step"):
+        Adafactor(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="warmup_init"):
+        Adafactor(model.parameters(), lr=1e-3, relative_step=False, warmup_init=True)
 
 
 # ---------------------------------------------------------------- fused backward pass

@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 import toml
+import torch
 
 from anima_train_network import main
 from library.errors import AnimaError
@@ -319,3 +320,24 @@ def test_tokenizer_flags_say_they_download_and_missing_folders_fail(tmp_path):
         assert "downloaded" in block and "local folder" in block, flag
     with pytest.raises(AnimaError, match="--qwen3_tokenizer_path .*not found"):
         parse("--qwen3_tokenizer_path", str(tmp_path / "none"))
+
+
+def test_cuda_allow_tf32_sets_the_backend_flags_and_fp32_without_it_warns(monkeypatch, tiny_setup, tmp_path):
+    from train_helpers import tiny_train_argv, trainer_through_caches
+
+    from anima_train_network import fp32_without_tf32_warning
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # restored after the test
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    trainer_through_caches(tiny_train_argv(tiny_setup, tmp_path))
+    assert torch.backends.cuda.matmul.allow_tf32 is False  # not asked for: untouched
+    cuda, two_billion = torch.device("cuda"), 2_000_000_000
+    warning = fp32_without_tf32_warning(cuda, torch.float32, two_billion)
+    assert "--cuda_allow_tf32" in warning and "--mixed_precision bf16" in warning and "2.0B" in warning
+    assert fp32_without_tf32_warning(cuda, torch.bfloat16, two_billion) is None  # bf16: tensor cores anyway
+    assert fp32_without_tf32_warning(torch.device("cpu"), torch.float32, two_billion) is None
+    assert fp32_without_tf32_warning(cuda, torch.float32, 10_000_000) is None  # a small DiT: no real cost
+
+    trainer_through_caches(tiny_train_argv(tiny_setup, tmp_path, "--cuda_allow_tf32"))
+    assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
+    assert fp32_without_tf32_warning(cuda, torch.float32, two_billion) is None

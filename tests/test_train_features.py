@@ -4,6 +4,7 @@ and features that must not change training (validation, block swap, offloading, 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -449,6 +450,46 @@ def test_block_swap_trains_samples_and_validates_like_the_resident_model(tiny_se
     assert_same_weights(load_file(str(tmp_path / "plain" / "tiny.safetensors")),
                         load_file(str(tmp_path / "swap" / "tiny.safetensors")), atol=1e-6)
     assert len(list((tmp_path / "swap" / "sample").iterdir())) == 4
+
+
+def test_blocks_to_swap_auto_plans_from_the_free_memory_and_logs_the_plan(tiny_setup, four_block_dit, tmp_path,
+                                                                         monkeypatch, caplog):
+    from library.models import block_swap
+
+    budget = {"free": 10**15}
+    plans = []
+    real_plan = block_swap.plan_blocks_to_swap
+
+    def recording_plan(memory, free_bytes, checkpointing):
+        plans.append((memory, free_bytes, checkpointing))
+        return real_plan(memory, free_bytes, checkpointing)
+
+    monkeypatch.setattr(block_swap, "device_free_bytes", lambda device: budget["free"])
+    monkeypatch.setattr(block_swap, "plan_blocks_to_swap", recording_plan)
+    monkeypatch.setattr(logging.getLogger("anima_train"), "propagate", True)  # console logging may have cut it
+    caplog.set_level(logging.INFO, logger="anima_train")
+    argv = ("--max_train_steps", "1", "--gradient_checkpointing", "--blocks_to_swap", "auto", *COMMON)
+    roomy = run(base_argv(tiny_setup, tmp_path / "roomy", *argv, dit=four_block_dit))
+    assert roomy.args.blocks_to_swap == 0 and roomy.dit.block_swapper is None
+    memory, free, checkpointing = plans[-1]
+    assert (free, checkpointing, memory.num_blocks) == (10**15, "ckpt", 4)
+    assert memory.block_weights == sum(p.numel() * p.element_size() for p in roomy.dit.blocks[0].parameters())
+    # The largest bucket x batch, 16 pixels per token side, width D, float32 on CPU.
+    dataset = roomy.train_group.datasets[0]
+    tokens = max((w // 16) * (h // 16) for w, h in dataset.bucket_sizes)
+    assert memory.block_input == dataset.config.batch_size * tokens * roomy.dit.config.model_channels * 4
+    assert "--blocks_to_swap auto: 0 blocks swapped" in caplog.text
+
+    budget["free"] = memory.peak_bytes(1, "ckpt")  # room for everything but one block's weights
+    tight = run(base_argv(tiny_setup, tmp_path / "tight", *argv, dit=four_block_dit))
+    assert tight.args.blocks_to_swap == 1 and tight.dit.block_swapper.blocks_to_swap == 1
+    assert "--blocks_to_swap auto: 1 blocks swapped" in caplog.text and "fits" in caplog.text
+
+
+def test_blocks_to_swap_auto_swaps_nothing_without_a_cuda_memory_query(tiny_setup, four_block_dit, tmp_path):
+    trainer = run(base_argv(tiny_setup, tmp_path, "--max_train_steps", "1", "--blocks_to_swap", "auto", *COMMON,
+                            dit=four_block_dit))
+    assert trainer.args.blocks_to_swap == 0 and trainer.dit.block_swapper is None
 
 
 def test_blocks_to_swap_beyond_the_model_limit_is_one_clear_error(tiny_setup, tmp_path):

@@ -27,8 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import toml
-
 from library.data.buckets import prepare_bucket_range
 from library.data.captions import CaptionOptions
 from library.data.datasets import (
@@ -248,6 +246,8 @@ def load_dataset_config(path: str | Path) -> dict[str, Any]:
                          f"file{hint}")
     if not path.is_file():
         raise AnimaError(f"--dataset_config {path} not found; fix the path")
+    import toml  # imported when a TOML file is read: GPU-only runs need no toml
+
     suffix = path.suffix.lower()
     try:
         text = path.read_text(encoding="utf-8")

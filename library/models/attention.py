@@ -146,12 +146,10 @@ def attention(
             raise ValueError(
                 f"attention mask must be a key mask [B, Lk] = {(q.shape[0], k.shape[1])}, got {tuple(mask.shape)}"
             )
+        # Fully-masked samples attend everywhere (finite values and gradients) and are zeroed below. Done for
+        # every mask, without asking the device whether any sample is empty: that question is a host sync.
         rows_valid = mask.any(dim=1)  # [B]
-        if not bool(rows_valid.all()):
-            # Let fully-masked samples attend everywhere (finite values and gradients), then zero them below.
-            mask = mask | ~rows_valid[:, None]
-        else:
-            rows_valid = None
+        mask = mask | ~rows_valid[:, None]
 
     if split_batch and q.shape[0] > 1:
         out = torch.cat(

@@ -9,8 +9,13 @@ Schedules (N blocks, n swapped):
 * training (grad enabled): after block i's forward, for i < n, block i leaves and block N - n + i arrives. In
   backward, just before block i's backward runs, block i + 1 (if it is one of the last n) leaves and block
   i + 1 + n - N arrives, then block i is waited for. A full forward + backward returns to the initial layout.
-* forward only (no grad, or inference mode): after every block i, block i leaves and block (N - n + i) mod N
-  arrives; a full forward returns to the initial layout.
+* forward only (no grad, or inference mode: sampling, validation): blocks [0, P) with P = N - n - 2 stay on the
+  device; the n + 2 blocks [P, N) stream through the two remaining slots (double buffering: block j + 2 is copied
+  while block j + 1 runs). After block j (P <= j < N - 2), block j leaves and block j + 2 arrives. A forward ends
+  with blocks N - 2 and N - 1 in the two streaming slots; the next forward starts by copying P and P + 1 into
+  them, which overlaps the compute of blocks [0, P). So a forward copies n blocks after `prepare()` and n + 2 in
+  a row of forwards, instead of all N (the copies of a block that leaves are free, see below). Training after
+  that restores the initial layout with `prepare()` (2 copies).
 
 Every block keeps a permanent CPU copy of its weights (pinned on CUDA), so "leaving" costs no transfer: the
 parameters just point at the CPU copy again. This needs the block weights to be frozen and unchanged while swap
@@ -23,10 +28,23 @@ the same bookkeeping, schedule and checks run (this is what the CPU tests exerci
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from library.errors import AnimaError
+
+logger = logging.getLogger(__name__)
+
+# At least two blocks stay on the device: one runs while the next one's weights land in the other slot.
+MIN_RESIDENT_BLOCKS = 2
+
+
+def max_blocks_to_swap(num_blocks: int) -> int:
+    """The largest --blocks_to_swap for a DiT of `num_blocks` blocks (the one place this rule lives)."""
+    return max(num_blocks - MIN_RESIDENT_BLOCKS, 0)
 
 
 class _BackwardSwapPoint(torch.autograd.Function):
@@ -52,7 +70,7 @@ class BlockSwapper:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.num_blocks = len(blocks)
-        max_swap = self.num_blocks - 2
+        max_swap = max_blocks_to_swap(self.num_blocks)
         if not 1 <= blocks_to_swap <= max_swap:
             raise AnimaError(
                 f"--blocks_to_swap {blocks_to_swap}: must be between 1 and {max_swap} for a DiT with "
@@ -78,6 +96,9 @@ class BlockSwapper:
         self._slot_of: list[int | None] = [None] * self.num_blocks
         self._ready: dict[int, torch.cuda.Event] = {}  # block -> copy-finished event (CUDA only)
         self._backward_schedule = False
+        self.blocks_copied = 0  # host -> device block copies so far (what the tests and benchmarks count)
+        self.bytes_copied = 0
+        self._block_bytes = sum(h.numel() * h.element_size() for h in self._host[0])
 
     def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         host = tensor.detach()
@@ -124,7 +145,12 @@ class BlockSwapper:
             with torch.no_grad():
                 for dev, host in zip(self._slots[slot], self._host[index]):
                     dev.copy_(host, non_blocking=True)  # ordered on the current stream
+            self._count_copy()
             self._assign(index, slot)
+
+    def _count_copy(self) -> None:
+        self.blocks_copied += 1
+        self.bytes_copied += self._block_bytes
 
     def _release(self, index: int) -> int:
         slot = self._slot_of[index]
@@ -172,6 +198,7 @@ class BlockSwapper:
             else:
                 for dev, host in zip(self._slots[slot], self._host[in_index]):
                     dev.copy_(host)
+        self._count_copy()
         self._assign(in_index, slot)
 
     def _wait_for(self, index: int) -> None:
@@ -193,9 +220,21 @@ class BlockSwapper:
                 "--blocks_to_swap needs frozen DiT block weights (LoRA training), but a block parameter requires grad"
             )
         self._check_unchanged()
-        if self.resident_blocks() != list(range(self.num_resident)):
-            self.prepare()
         self._backward_schedule = not self.forward_only and torch.is_grad_enabled()
+        resident = self.resident_blocks()
+        initial = list(range(self.num_resident))
+        if resident == initial:
+            return
+        streamed_from = self.num_resident - 2  # P: blocks below it never leave in a forward-only pass
+        if not self._backward_schedule and resident[:streamed_from] == initial[:streamed_from]:
+            # The layout a forward-only pass ends with: copy the first streamed blocks into the streaming slots
+            # (asynchronously on CUDA, behind the compute of the blocks that stay).
+            leaving = [i for i in resident if i >= self.num_resident]
+            arriving = [i for i in initial if i not in resident]
+            for out_index, in_index in zip(leaving, arriving):
+                self._swap(out_index, in_index)
+            return
+        self.prepare()  # after a training step without backward or an interrupted forward
 
     def before_block(self, index: int) -> None:
         self._wait_for(index)
@@ -208,8 +247,8 @@ class BlockSwapper:
                 self._swap(index, big_n - n + index)
             if x.requires_grad:
                 x = _BackwardSwapPoint.apply(x, self, index)
-        else:
-            self._swap(index, (big_n - n + index) % big_n)
+        elif self.num_resident - 2 <= index < big_n - 2 and not self.is_resident(index + 2):
+            self._swap(index, index + 2)
         return x
 
     def before_block_backward(self, index: int) -> None:
@@ -218,3 +257,129 @@ class BlockSwapper:
         if leaving >= self.num_blocks - self.blocks_to_swap and leaving < self.num_blocks:
             self._swap(leaving, leaving + self.blocks_to_swap - self.num_blocks)
         self._wait_for(index)
+
+
+# ---- planning --blocks_to_swap auto ----------------------------------------------------------------------------
+
+CHECKPOINTING_MODES = ("none", "ckpt", "cpu_offload", "unsloth")
+# Tensors one DiT block's forward saves for backward, per image token, in units of [D] activations (bf16), on
+# top of the two [F] MLP activations (layer1 output and GELU output). Measured with saved-tensor hooks on a
+# LoRA-wrapped block: 25.1-25.6 D-units per token in total at D = 512 and 2048 (F = 4D), i.e. about 17.5 beyond
+# the MLP's 8; 20 leaves room for the float32 LayerNorm outputs of CUDA autocast (3 more units).
+SAVED_D_UNITS_PER_TOKEN = 20
+# Per context token: k and v of the cross-attention (bf16) and the float32 input of its k RMSNorm (2 units).
+SAVED_D_UNITS_PER_CONTEXT_TOKEN = 4
+# Kept free besides the estimate: cuBLAS/attention workspaces, allocator rounding and fragmentation.
+RESERVE_BYTES = 1 << 30
+RESERVE_FRACTION = 0.1  # of the activation estimate
+
+
+def block_activation_bytes(*, batch_size: int, tokens: int, context_tokens: int, model_channels: int,
+                           mlp_channels: int, element_size: int = 2) -> int:
+    """Bytes one DiT block saves for backward in a training forward (no checkpointing):
+
+        B · e · (L · (20·D + 2·F) + 4 · Lc · D)
+
+    B batch, L image tokens ((H/16)·(W/16) for the 2×2-patched latent of an H×W image), Lc context tokens
+    (--t5_max_token_length), D model width, F MLP width, e the activation element size (2 for bf16/fp16).
+    """
+    per_sample = tokens * (SAVED_D_UNITS_PER_TOKEN * model_channels + 2 * mlp_channels)
+    per_sample += SAVED_D_UNITS_PER_CONTEXT_TOKEN * context_tokens * model_channels
+    return batch_size * element_size * per_sample
+
+
+def block_weight_bytes(block: nn.Module, fp8: bool = False) -> int:
+    """Measured device bytes of one block's weights (sum of its parameters' nbytes). With `fp8` (--fp8_base), the
+    2-D Linear weights outside the adaLN modulation count one byte per element plus a float32 scale per output
+    row; everything else keeps its dtype. Weights already stored in float8 are counted as they are."""
+    total = 0
+    for name, p in block.named_parameters():
+        quantizable = fp8 and p.ndim == 2 and "adaln_modulation" not in name and p.element_size() > 1
+        total += p.numel() + 4 * p.shape[0] if quantizable else p.numel() * p.element_size()
+    return total
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """What a training step keeps on the device, as the planner sees it (bytes)."""
+
+    num_blocks: int
+    block_weights: int  # one block's weights (`block_weight_bytes`)
+    other_weights: int  # non-block DiT weights, plus the LoRA parameters, gradients and optimizer state
+    block_activations: int  # saved by one block's forward (`block_activation_bytes`)
+    block_input: int  # one block's input [B, L, D]
+    other_activations: int = 0  # outside the blocks (embedders, final layer, LLM adapter)
+
+    def peak_bytes(self, blocks_to_swap: int, checkpointing: str) -> int:
+        """Estimated peak with `blocks_to_swap` blocks streamed and the given checkpointing mode:
+
+        weights:  other + (N − n) · W                        (block swap keeps N − n slots, whatever n)
+        none:     N · A + A                                   (every block's saved tensors + one block's backward)
+        ckpt:     N · X + 2 · A                               (block inputs + one block recomputed and its backward)
+        cpu_offload / unsloth:  2 · X + 2 · A                 (inputs live in CPU memory; two in flight)
+        plus the activations outside the blocks, and a reserve of 1 GiB + 10 % of the activations.
+        """
+        if checkpointing not in CHECKPOINTING_MODES:
+            raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {checkpointing!r}")
+        n, a, x = self.num_blocks, self.block_activations, self.block_input
+        weights = self.other_weights + (n - blocks_to_swap) * self.block_weights
+        blocks = {"none": n * a + a, "ckpt": n * x + 2 * a}.get(checkpointing, 2 * x + 2 * a)
+        activations = blocks + self.other_activations
+        return weights + activations + RESERVE_BYTES + int(RESERVE_FRACTION * activations)
+
+
+@dataclass(frozen=True)
+class SwapPlan:
+    blocks_to_swap: int
+    peak_bytes: int  # estimated peak with that choice
+    free_bytes: int
+    fits: bool  # False: even the largest swap count is estimated not to fit
+
+    def describe(self) -> str:
+        gib = 2**30
+        verdict = "fits" if self.fits else "does NOT fit (the most blocks that can be swapped; expect out-of-memory)"
+        return (f"--blocks_to_swap auto: {self.blocks_to_swap} blocks swapped, estimated peak "
+                f"{self.peak_bytes / gib:.2f} GiB of {self.free_bytes / gib:.2f} GiB free: {verdict}")
+
+
+def dit_training_memory(dit: nn.Module, *, batch_size: int, tokens: int, context_tokens: int,
+                        adapter_context_tokens: int, fp8: bool, trainable_bytes: int,
+                        element_size: int = 2) -> TrainingMemory:
+    """The planner's view of a LoRA training step of `dit` (an `Anima`; its weights may still be in CPU memory).
+
+    batch_size x tokens: the largest batch's image tokens; context_tokens: T5 tokens (the DiT's context and the
+    adapter's queries); adapter_context_tokens: Qwen3 tokens; fp8 (--fp8_base): block projections counted in
+    float8; trainable_bytes: the LoRA weights, counted 4 times (weights, gradients, two optimizer states).
+    """
+    config = dit.config
+    block_ids = {id(p) for p in dit.blocks.parameters()}
+    non_block = sum(p.numel() * p.element_size() for p in dit.parameters() if id(p) not in block_ids)
+    block_input = batch_size * tokens * config.model_channels * element_size  # [B, L, D]
+    activations = block_activation_bytes(batch_size=batch_size, tokens=tokens, context_tokens=context_tokens,
+                                         model_channels=config.model_channels, mlp_channels=config.mlp_channels,
+                                         element_size=element_size)
+    # The LLM adapter keeps as much per token as a DiT block when its LoRA trains, over the T5 tokens.
+    adapter = config.adapter_num_layers * block_activation_bytes(
+        batch_size=batch_size, tokens=context_tokens, context_tokens=adapter_context_tokens,
+        model_channels=config.adapter_model_dim, mlp_channels=config.adapter_mlp_channels, element_size=element_size)
+    return TrainingMemory(num_blocks=config.num_blocks, block_weights=block_weight_bytes(dit.blocks[0], fp8=fp8),
+                          other_weights=non_block + 4 * trainable_bytes, block_activations=activations,
+                          block_input=block_input, other_activations=4 * block_input + adapter)
+
+
+def plan_blocks_to_swap(memory: TrainingMemory, free_bytes: int, checkpointing: str) -> SwapPlan:
+    """The smallest swap count whose estimated peak fits in `free_bytes` (a pure function of its inputs)."""
+    largest = max_blocks_to_swap(memory.num_blocks)
+    for n in range(largest + 1):
+        peak = memory.peak_bytes(n, checkpointing)
+        if peak <= free_bytes:
+            return SwapPlan(n, peak, free_bytes, True)
+    return SwapPlan(largest, memory.peak_bytes(largest, checkpointing), free_bytes, False)
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device (`torch.cuda.mem_get_info`); None for other devices."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.mem_get_info(device)[0]

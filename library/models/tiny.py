@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import toml
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
@@ -264,6 +263,8 @@ def write_tiny_dataset_toml(path: Path, image_dir: Path) -> None:
             "subsets": [{"image_dir": str(image_dir.resolve()), "num_repeats": 1}],
         }],
     }
+    import toml  # only the tiny setup writes TOML; GPU-only runs need no toml
+
     _write_text(path, toml.dumps(config))
 
 

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import toml
-
 from library.data.config import add_dataset_arguments
 from library.errors import AnimaError
 from library.io.files import atomic_write
+from library.models.block_swap import max_blocks_to_swap
+from library.models.dit import AnimaConfig
 from library.training.losses import check_loss_options
 from library.training.schedulers import parse_int_or_float
 
@@ -30,7 +30,7 @@ WEIGHTING_SCHEMES = ["sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "un
 ATTN_MODES = ["torch", "xformers", "flash", "sageattn", "sdpa"]
 LOSS_TYPES = ["l1", "l2", "huber", "smooth_l1"]
 HUBER_SCHEDULES = ["constant", "exponential", "snr"]
-MAX_BLOCKS_TO_SWAP = 26  # 28 blocks minus the two that must stay resident
+MAX_BLOCKS_TO_SWAP = max_blocks_to_swap(AnimaConfig().num_blocks)  # 26 for the 28-block DiT
 
 # Keys never written by --output_config (secrets and the config flags themselves).
 _NOT_SAVED_IN_CONFIG = {"config_file", "output_config", "wandb_api_key"}
@@ -38,6 +38,16 @@ _NOT_SAVED_IN_CONFIG = {"config_file", "output_config", "wandb_api_key"}
 
 # Step count or ratio ("123", "0.1", "10%"): one parser shared with the LR scheduler factory.
 int_or_float = parse_int_or_float
+
+
+def blocks_to_swap_value(text: str) -> int | str:
+    """argparse type of --blocks_to_swap: a block count, or "auto" (planned from the free GPU memory)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a block count nor auto") from None
 
 
 def _add(group: argparse._ActionsContainer, parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
@@ -93,9 +103,13 @@ def _add_anima_arguments(parser: argparse.ArgumentParser) -> None:
     for component in ("self_attn", "cross_attn", "mlp", "mod", "llm_adapter"):
         a(f"{component}_lr", type=float, default=None,
           help=f"learning rate of the {component} LoRA modules; 0 freezes them; default: the DiT learning rate")
-    a("blocks_to_swap", type=int, default=None,
+    a("blocks_to_swap", type=blocks_to_swap_value, default=None,
       help=f"number of DiT blocks whose weights stay in CPU memory and are streamed to the GPU when needed "
-      f"(1-{MAX_BLOCKS_TO_SWAP}, at most the block count - 2); saves GPU memory, costs speed; the host keeps a "
+      f"(1-{MAX_BLOCKS_TO_SWAP}, at most the block count - 2), or auto: the smallest count whose estimated peak "
+      "(weights, activations for the largest bucket x batch, checkpointing mode, --fp8_base) fits the GPU's free "
+      "memory, logged at start (0 without CUDA; planner tested on CPU with a fake budget, "
+      "tests/test_block_swap.py::test_auto_plan_picks_the_smallest_swap_count_that_fits); saves GPU memory, "
+      "costs speed; the host keeps a "
       "pinned copy of every block's weights (~3.6 GiB bf16 for the 2B DiT); excludes the offload checkpointing "
       "flags. Verified on CPU (synchronous copies); the CUDA side-stream path is GPU-only, covered by "
       "tests/test_block_swap.py::test_gpu_block_swap_matches_resident_model_on_cuda and "
@@ -183,6 +197,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("no_half_vae", action="store_true", help="keep the VAE in float32")
     a("seed", type=int, default=None, help="random seed (default: random)")
     a("gradient_checkpointing", action="store_true", help="recompute DiT block activations in backward")
+    a("cuda_allow_tf32", action="store_true",
+      help=GPU_ONLY + "allow TF32 tensor cores for float32 matmuls and convolutions (torch.backends.*.allow_tf32): "
+      "much faster fp32 training (--mixed_precision no) at about 10 mantissa bits; flags set and fp32 warning "
+      "tested on CPU with a stand-in device (tests/test_train_args.py::test_cuda_allow_tf32_sets_the_backend_flags"
+      "_and_fp32_without_it_warns), no GPU test")
     a("loss_type", choices=LOSS_TYPES, default="l2", help="element-wise loss")
     a("huber_schedule", choices=HUBER_SCHEDULES, default="snr",
       help="huber c per sample as a function of sigma: constant, exponential (huber_c^sigma) or snr "
@@ -366,6 +385,8 @@ def load_config_defaults(parser: argparse.ArgumentParser, config_file: str) -> d
     path = _config_path(config_file)
     if not path.is_file():
         raise AnimaError(f"--config_file {path}: file not found; give the path of an existing TOML file")
+    import toml  # imported when a TOML file is read: GPU-only runs need no toml
+
     try:
         data = toml.load(path)
     except (toml.TomlDecodeError, UnicodeDecodeError) as exc:
@@ -427,6 +448,8 @@ def write_config(parser: argparse.ArgumentParser, args: argparse.Namespace, path
         if value is None or value == action.default:
             continue
         values[dest] = value
+    import toml
+
     text = toml.dumps(values)
     return atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
@@ -544,7 +567,7 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         if args.cpu_offload_checkpointing or args.unsloth_offload_checkpointing:
             reject("--blocks_to_swap cannot be combined with --cpu_offload_checkpointing or "
                    "--unsloth_offload_checkpointing; keep one")
-        if not 1 <= args.blocks_to_swap <= MAX_BLOCKS_TO_SWAP:
+        if args.blocks_to_swap != "auto" and not 1 <= args.blocks_to_swap <= MAX_BLOCKS_TO_SWAP:
             reject(f"--blocks_to_swap {args.blocks_to_swap}: must be between 1 and {MAX_BLOCKS_TO_SWAP}")
     if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
         warnings.append("--cpu_offload_checkpointing turns on --gradient_checkpointing")

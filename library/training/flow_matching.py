@@ -141,6 +141,9 @@ def sample_sigmas(
             if latent_size is None:
                 raise ValueError("flux_shift sampling needs latent_size=(h, w)")
             sigmas = shift_sigmas(sigmas, math.exp(flux_shift_mu(*latent_size)))
+    if torch.device(device).type == "cuda" and sigmas.device.type == "cpu":
+        # From pinned memory the copy is queued behind the step's work; a pageable copy would wait for it.
+        return sigmas.pin_memory().to(device, non_blocking=True)
     return sigmas.to(device)
 
 

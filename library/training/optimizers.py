@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -93,6 +94,127 @@ class Lion(torch.optim.Optimizer):
                 p.add_(update, alpha=-group["lr"])
                 exp_avg.mul_(beta2).add_(p.grad, alpha=1 - beta2)
         return loss
+
+
+class Adafactor(torch.optim.Optimizer):
+    """Adafactor (Shazeer & Stern 2018) with the update of `transformers.optimization.Adafactor`, without host syncs.
+
+    Same options, defaults, state keys (`step`, `RMS`, `exp_avg`, `exp_avg_sq_row/col` or `exp_avg_sq`) and
+    numbers as transformers' class, but the parameter scale max(eps2, RMS(p)) stays a device tensor: the
+    transformers version compares it with a float on the host (`max(eps, tensor)`), one device-to-host read per
+    parameter per step, inside backward with `--fused_backward_pass`. Per parameter p with gradient g, step t:
+
+      relative step size ρ = min(1e-6·t if warmup_init else 1e-2, 1/√t) if relative_step else lr
+      α = ρ · (max(eps2, RMS(p)) if scale_parameter else 1)
+      β2t = 1 − t^decay_rate;  v ← β2t·v + (1 − β2t)·(g² + eps1)   (factored into row/column means for ≥ 2-D p)
+      u = g / √v;  u ← α · u / max(1, RMS(u) / clip_threshold);  with beta1: m ← β1·m + (1 − β1)·u, u = m
+      p ← p − α·weight_decay·p − u
+    fp16/bf16 parameters are updated in float32 and copied back.
+    """
+
+    def __init__(self, params, lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3),
+                 clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
+                 weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
+                 warmup_init: bool = False):
+        if lr is not None and relative_step:
+            raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
+        if warmup_init and not relative_step:
+            raise ValueError("`warmup_init=True` requires `relative_step=True`")
+        if lr is None and not relative_step:
+            raise ValueError("relative_step=False needs an lr")
+        defaults = {"lr": lr, "eps": tuple(eps), "clip_threshold": clip_threshold, "decay_rate": decay_rate,
+                    "beta1": beta1, "weight_decay": weight_decay, "scale_parameter": scale_parameter,
+                    "relative_step": relative_step, "warmup_init": warmup_init}
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _rms(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.norm(2) / (tensor.numel() ** 0.5)
+
+    @staticmethod
+    def _step_size(group: dict[str, Any], state: dict[str, Any]) -> float | torch.Tensor:
+        """α for a parameter whose state has been stepped: a float, or a 0-dim device tensor with scale_parameter."""
+        size = group["lr"]
+        if group["relative_step"]:
+            step = state["step"]
+            size = min(1e-6 * step if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(step))
+        if group["scale_parameter"]:
+            return torch.clamp(state["RMS"], min=group["eps"][1]) * size
+        return size
+
+    def group_lr(self, group: dict[str, Any]) -> float | torch.Tensor | None:
+        """The step size α of the group's first parameter at its last step (what the LR logs show); None before."""
+        state = self.state.get(group["params"][0]) if group["params"] else None
+        return self._step_size(group, state) if state else None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.step_parameter(p, group)
+        return loss
+
+    @torch.no_grad()
+    def step_parameter(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Update one parameter of `group` from its gradient (the fused backward pass calls this per parameter)."""
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError("Adafactor does not support sparse gradients.")
+        if grad.dtype in (torch.float16, torch.bfloat16):
+            grad = grad.float()
+        state = self.state[p]
+        factored = grad.ndim >= 2
+        use_first_moment = group["beta1"] is not None
+        if not state:
+            state["step"] = 0
+            if use_first_moment:
+                state["exp_avg"] = torch.zeros_like(grad)
+            if factored:
+                state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])  # [..., rows]
+                state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])  # [..., cols]
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(grad)
+            state["RMS"] = 0
+        else:  # a loaded state may sit on another device or in another dtype
+            for key in ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(grad)
+
+        p_fp32 = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
+        state["step"] += 1
+        state["RMS"] = self._rms(p_fp32)
+        lr = self._step_size(group, state)
+
+        beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
+        update = grad**2 + group["eps"][0]
+        if factored:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
+            # v ≈ row ⊗ col / mean(row): rsqrt of each factor, broadcast to the gradient's shape
+            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            c_factor = col.unsqueeze(-2).rsqrt()
+            update = torch.mul(r_factor, c_factor).mul_(grad)
+        else:
+            exp_avg_sq = state["exp_avg_sq"]
+            exp_avg_sq.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
+            update = exp_avg_sq.rsqrt().mul_(grad)
+        update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        update.mul_(lr)
+        if use_first_moment:
+            exp_avg = state["exp_avg"]
+            exp_avg.mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
+            update = exp_avg
+        if group["weight_decay"] != 0:
+            p_fp32.add_(p_fp32 * (-group["weight_decay"] * lr))
+        p_fp32.add_(-update)
+        if p_fp32 is not p:
+            p.copy_(p_fp32)
 
 
 def _import_attr(module_name: str, attr: str, pip_name: str, optimizer_type: str) -> Any:
@@ -239,9 +361,7 @@ def create_optimizer(
     elif key == "lion":
         cls = Lion
     elif key == "adafactor":
-        import transformers.optimization
-
-        cls = transformers.optimization.Adafactor
+        cls = Adafactor
         lr = _prepare_adafactor(param_groups, lr, kwargs)
     elif key in _PACKAGED_BY_KEY:
         module_name, class_name, pip_name, defaults = _PACKAGED_BY_KEY[key]
@@ -292,17 +412,6 @@ class FusedBackwardHandle:
         self.handles = []
 
 
-def _adafactor_step_one(optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict[str, Any]) -> None:
-    """Run the optimizer's own update for one parameter: Adafactor's update and state are per-parameter, so a
-    step over a one-parameter view of the group equals that parameter's share of a full step."""
-    all_groups = optimizer.param_groups
-    optimizer.param_groups = [{**group, "params": [param]}]
-    try:
-        optimizer.step()
-    finally:
-        optimizer.param_groups = all_groups
-
-
 def install_fused_backward_pass(
     optimizer: torch.optim.Optimizer,
     max_grad_norm: float = 0.0,
@@ -312,7 +421,7 @@ def install_fused_backward_pass(
     """`--fused_backward_pass`: step each parameter as soon as its gradient is ready, then free the gradient.
 
     Saves the memory of holding every gradient at once. Constraints (AnimaError otherwise):
-      - optimizer: transformers Adafactor only [--optimizer_type Adafactor];
+      - optimizer: our Adafactor only [--optimizer_type Adafactor];
       - gradient_accumulation_steps must be 1 [--gradient_accumulation_steps] (the step happens inside backward);
       - num_processes must be 1: the hook fires before gradients are averaged across processes.
     max_grad_norm [--max_grad_norm]: when ≠ 0 each parameter's gradient is clipped to this norm on its own
@@ -321,10 +430,8 @@ def install_fused_backward_pass(
     After backward the gradients are already None; the trainer skips its own clip and optimizer.step()
     (calling them is harmless). Returns a handle whose `remove()` uninstalls the hooks.
     """
-    import transformers.optimization
-
     inner = unwrap_optimizer(optimizer)
-    if not isinstance(inner, transformers.optimization.Adafactor):
+    if not isinstance(inner, Adafactor):
         raise AnimaError("--fused_backward_pass works only with --optimizer_type Adafactor")
     if gradient_accumulation_steps != 1:
         raise AnimaError("--fused_backward_pass does not work with --gradient_accumulation_steps > 1; set it to 1")
@@ -335,7 +442,7 @@ def install_fused_backward_pass(
         def hook(param: torch.Tensor) -> None:
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([param], max_grad_norm)
-            _adafactor_step_one(inner, param, group)
+            inner.step_parameter(param, group)
             param.grad = None
 
         return hook

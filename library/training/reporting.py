@@ -3,6 +3,12 @@
 Only the main process reports. In an interactive terminal a tqdm bar shows loss, lr and s/it; when stdout is
 not a terminal (logs, CI, nohup) one plain line per optimizer step is printed instead, so log files stay
 readable.
+
+The per-step loss (and an LR the optimizer computes on the device) stays a device tensor until it is reported:
+reading a CUDA value on the host waits for the queued work, which empties the GPU's queue every step. The
+reporter queues the steps and reads all their values with one transfer every `LOSS_READ_INTERVAL` steps, and
+before any other output (messages, scalars, the epoch average, the summary), so every line and scalar keeps its
+value and its order; the bar still advances at every step.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import torch
 from tqdm import tqdm
 
 logger = logging.getLogger("anima_train")
+# Optimizer steps whose losses are read from the device together (one host sync per interval).
+LOSS_READ_INTERVAL = 10
 # Parents of the module loggers (`logging.getLogger(__name__)`) in the project's packages.
 PACKAGE_LOGGERS = ("library", "networks")
 
@@ -62,6 +70,20 @@ class LossRecorder:
         return self.total / max(len(self.losses), 1)
 
 
+def read_scalars(values: list[float | torch.Tensor]) -> list[float]:
+    """Python floats of `values` (floats and 0-dim tensors), reading the tensors with one transfer per device."""
+    out: list[float | None] = [v if not isinstance(v, torch.Tensor) else None for v in values]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(i)
+    for indices in by_device.values():
+        stacked = torch.stack([values[i].detach().float().reshape(()) for i in indices])  # [n] float32
+        for i, number in zip(indices, stacked.tolist()):
+            out[i] = number
+    return [float(v) for v in out]
+
+
 class TrainingReporter:
     """Progress display, per-step lines and TensorBoard scalars of one run (no-op on non-main processes)."""
 
@@ -73,6 +95,9 @@ class TrainingReporter:
         self.start_time = time.time()
         self.last_step_time = self.start_time
         self.initial_step = initial_step
+        self.losses = LossRecorder()
+        # Queued optimizer steps: (global step, epoch, step in epoch, loss, other logs, seconds the step took).
+        self._pending: list[tuple[int, int, int, float | torch.Tensor, dict[str, Any], float]] = []
         self.bar = None
         if self.is_main and self.interactive:
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="steps", smoothing=0.1, dynamic_ncols=True)
@@ -84,13 +109,49 @@ class TrainingReporter:
             self.run_dir = Path(logging_dir) / f"{log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
             self.writer = SummaryWriter(log_dir=str(self.run_dir))
 
-    def step(self, global_step: int, epoch: int, logs: dict[str, float]) -> None:
-        """Report one optimizer step: bar postfix or a log line, and TensorBoard scalars."""
+    def train_step(self, global_step: int, epoch: int, step_in_epoch: int, loss: float | torch.Tensor,
+                   logs: dict[str, float | torch.Tensor]) -> None:
+        """Report one optimizer step: `loss/current`, `loss/average` (over the epoch so far) and `logs`.
+
+        Tensor values are read later (see the module docstring); the bar advances now."""
         if not self.is_main:
             return
         now = time.time()
         seconds_per_step = now - self.last_step_time
         self.last_step_time = now
+        if self.bar is not None:
+            self.bar.update(1)
+        self._pending.append((global_step, epoch, step_in_epoch, loss, logs, seconds_per_step))
+        if len(self._pending) >= LOSS_READ_INTERVAL:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read the queued steps' values (one transfer) and write their bar postfix, lines and scalars."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        flat: list[float | torch.Tensor] = []
+        for _, _, _, loss, logs, _ in pending:
+            flat.append(loss)
+            flat.extend(logs.values())
+        numbers = iter(read_scalars(flat))
+        for global_step, epoch, step_in_epoch, _, logs, seconds_per_step in pending:
+            loss = next(numbers)
+            self.losses.add(step_in_epoch, loss)
+            read = {"loss/current": loss, "loss/average": self.losses.average}
+            read.update({key: next(numbers) for key in logs})
+            self._show(global_step, epoch, read, seconds_per_step)
+
+    def new_epoch(self) -> None:
+        """Start the epoch's loss average afresh (after reporting the queued steps of the last epoch)."""
+        self.flush()
+        self.losses.reset()
+
+    def epoch_average(self) -> float:
+        self.flush()
+        return self.losses.average
+
+    def _show(self, global_step: int, epoch: int, logs: dict[str, float], seconds_per_step: float) -> None:
         shown = {"loss": f"{logs.get('loss/current', float('nan')):.4f}",
                  "avr_loss": f"{logs.get('loss/average', float('nan')):.4f}"}
         lr = next((v for k, v in logs.items() if k.startswith("lr/")), None)
@@ -98,14 +159,17 @@ class TrainingReporter:
             shown["lr"] = f"{lr:.3g}"
         if self.bar is not None:
             self.bar.set_postfix(shown, refresh=False)
-            self.bar.update(1)
         else:
             fields = " ".join(f"{k}={v}" for k, v in shown.items())
             print(f"step {global_step}/{self.total_steps} epoch {epoch} {fields} {seconds_per_step:.2f}s/it",
                   flush=True)
-        self.scalars(global_step, logs)
+        self._write_scalars(global_step, logs)
 
     def scalars(self, global_step: int, logs: dict[str, float]) -> None:
+        self.flush()
+        self._write_scalars(global_step, logs)
+
+    def _write_scalars(self, global_step: int, logs: dict[str, float]) -> None:
         if self.writer is not None:
             for key, value in logs.items():
                 self.writer.add_scalar(key, value, global_step)
@@ -113,12 +177,14 @@ class TrainingReporter:
     def message(self, text: str) -> None:
         if not self.is_main:
             return
+        self.flush()
         if self.bar is not None:
             self.bar.write(text)
         else:
             logger.info(text)
 
     def close(self) -> None:
+        self.flush()
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -129,6 +195,7 @@ class TrainingReporter:
 
     def summary(self, *, steps: int, output_file: str | None, device: torch.device) -> str:
         """One block of text at the end: steps, wall time, peak accelerator memory, output file."""
+        self.flush()
         elapsed = time.time() - self.start_time
         if self.initial_step:  # resumed: say what this run did
             lines = [f"training finished at step {steps}: {steps - self.initial_step} steps in this run, "
@@ -148,13 +215,14 @@ class TrainingReporter:
         return text
 
 
-def lr_logs(lr_scheduler: Any, descriptions: list[str]) -> dict[str, float]:
-    """`lr/<group description>` for every optimizer parameter group."""
+def lr_logs(lr_scheduler: Any, descriptions: list[str]) -> dict[str, float | torch.Tensor]:
+    """`lr/<group description>` for every optimizer parameter group (a tensor where the optimizer computes its
+    LR on the device: the reporter reads it at log time)."""
     lrs = lr_scheduler.get_last_lr()
-    logs = {}
+    logs: dict[str, float | torch.Tensor] = {}
     for i, lr in enumerate(lrs):
         name = descriptions[i] if i < len(descriptions) and descriptions[i] else f"group{i}"
-        logs[f"lr/{name}"] = float(lr)
+        logs[f"lr/{name}"] = lr.detach() if isinstance(lr, torch.Tensor) else float(lr)
     return logs
 
 

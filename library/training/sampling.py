@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import toml
 import torch
 from PIL import Image
 
@@ -205,6 +204,8 @@ def _read_txt(path: Path) -> list[tuple[dict[str, Any], str]]:
 
 
 def _read_toml(path: Path) -> list[tuple[dict[str, Any], str]]:
+    import toml  # imported when a TOML file is read: GPU-only runs need no toml
+
     try:
         data = toml.load(path)
     except toml.TomlDecodeError as err:

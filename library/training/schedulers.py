@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from library.errors import AnimaError
-from library.training.optimizers import is_schedule_free, parse_literal_kwargs, unwrap_optimizer
+from library.training.optimizers import Adafactor, is_schedule_free, parse_literal_kwargs, unwrap_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +96,36 @@ class ScheduleFreeScheduler:
         pass
 
 
-def _is_relative_step_adafactor(optimizer: torch.optim.Optimizer) -> bool:
-    import transformers.optimization
+class AdafactorSchedule:
+    """Stand-in scheduler for Adafactor with relative_step: the optimizer computes its own step size, so step()
+    changes nothing; get_last_lr() reports each group's step size at its first parameter's last update (the
+    initial LR before any update). The values may be 0-dim device tensors: the reporter reads them at log time,
+    so reporting costs no host sync per step."""
 
+    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float = 0.0):
+        self.optimizer = optimizer
+        self.initial_lr = initial_lr
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def get_last_lr(self) -> list[float | torch.Tensor]:
+        inner = unwrap_optimizer(self.optimizer)
+        lrs = [inner.group_lr(group) for group in inner.param_groups]
+        return [self.initial_lr if lr is None else lr for lr in lrs]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial_lr": self.initial_lr}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # States written with transformers' AdafactorSchedule hold LambdaLR fields instead; nothing in them is
+        # needed, the step sizes live in the optimizer state.
+        self.initial_lr = state_dict.get("initial_lr", self.initial_lr)
+
+
+def _is_relative_step_adafactor(optimizer: torch.optim.Optimizer) -> bool:
     inner = unwrap_optimizer(optimizer)
-    return isinstance(inner, transformers.optimization.Adafactor) and bool(inner.defaults.get("relative_step"))
+    return isinstance(inner, Adafactor) and bool(inner.defaults.get("relative_step"))
 
 
 def resolve_lr_scheduler_name(lr_scheduler: str, optimizer: torch.optim.Optimizer, learning_rate: float) -> str:
@@ -199,8 +224,6 @@ def create_lr_scheduler(
         return _call(scheduler_type, _custom_scheduler_class(scheduler_type), optimizer, **kwargs)
 
     if name.startswith("adafactor"):
-        import transformers.optimization
-
         _no_warmup("adafactor", warmup)
         if not _is_relative_step_adafactor(optimizer):
             raise AnimaError(
@@ -211,7 +234,7 @@ def create_lr_scheduler(
             lr0 = float(initial_lr) if initial_lr else 0.0
         except ValueError:
             raise AnimaError(f"--lr_scheduler {name!r}: expected adafactor or adafactor:<initial lr>") from None
-        return transformers.optimization.AdafactorSchedule(unwrap_optimizer(optimizer), lr0)
+        return AdafactorSchedule(optimizer, lr0)
 
     if name not in LR_SCHEDULERS:
         raise AnimaError(

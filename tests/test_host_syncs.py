@@ -1,0 +1,105 @@
+"""No device-to-host read in a steady-state training step: masks, loss reporting and optimizers stay on the device.
+
+Counted with the dispatch/function-mode counter of bench/bench_host_syncs.py (exact counts, not times).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.bench_host_syncs import OPTIMIZERS, HostSyncCounter, count_run
+from library.models.dit import LLMAdapter
+from library.training import reporting
+from library.training.reporting import TrainingReporter, read_scalars
+
+
+def test_masked_adapter_attention_reads_nothing_back_and_still_zeroes_empty_prompts():
+    torch.manual_seed(0)
+    adapter = LLMAdapter(source_dim=16, model_dim=16, num_layers=2, num_heads=2, mlp_channels=32, vocab=50)
+    source = torch.randn(2, 5, 16)
+    ids = torch.randint(0, 50, (2, 4))
+    source_mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])  # sample 1: empty prompt
+    target_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with HostSyncCounter() as counter:
+        out = adapter(source, ids, target_mask, source_mask)
+    assert counter.total == 0, counter.sites
+    assert torch.isfinite(out).all()
+    # The empty prompt's cross-attention contributes exactly nothing: same output as with any other source.
+    again = adapter(torch.randn(2, 5, 16), ids, target_mask, source_mask)
+    torch.testing.assert_close(out[1], again[1])
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_training_steps_read_the_device_only_when_the_reporter_logs(optimizer, tiny_setup, tmp_path):
+    steps = 8
+    counter = count_run(tiny_setup, tmp_path, OPTIMIZERS[optimizer], warmup=2, steps=steps)
+    # Only the reporter's batched reads remain: at most one per epoch boundary (4 steps per epoch here) or
+    # per LOSS_READ_INTERVAL steps, never one per step.
+    assert set(counter.counts) == {"tolist"}, counter.sites
+    assert all("reporting.py" in site for site in counter.sites), counter.sites
+    assert 1 <= counter.total <= steps // 4 + 1, counter.sites
+
+
+def test_reporter_reads_queued_losses_at_once_and_prints_the_same_lines(monkeypatch, capsys):
+    monkeypatch.setattr(reporting, "LOSS_READ_INTERVAL", 3)
+    reporter = TrainingReporter(total_steps=7, initial_step=0, is_main_process=True, logging_dir=None,
+                                interactive=False)
+    losses = [0.5, 0.25, 0.125, 1.0, 2.0]
+    with HostSyncCounter() as counter:
+        for step, loss in enumerate(losses[:2], start=1):
+            reporter.train_step(step, 1, step - 1, torch.tensor(loss), {"lr/unet": torch.tensor(1e-3)})
+        assert capsys.readouterr().out == ""  # queued, not read
+        reporter.train_step(3, 1, 2, torch.tensor(losses[2]), {"lr/unet": 2e-3})  # the third step reads all
+    assert counter.total == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" 0.")[0] for line in lines] == [
+        "step 1/7 epoch 1 loss=0.5000 avr_loss=0.5000 lr=0.001",
+        "step 2/7 epoch 1 loss=0.2500 avr_loss=0.3750 lr=0.001",
+        "step 3/7 epoch 1 loss=0.1250 avr_loss=0.2917 lr=0.002",
+    ]
+    reporter.train_step(4, 1, 3, torch.tensor(losses[3]), {})
+    assert reporter.epoch_average() == pytest.approx(sum(losses[:4]) / 4)  # reads the queued step first
+    reporter.new_epoch()
+    reporter.train_step(5, 2, 0, torch.tensor(losses[4]), {})
+    reporter.message("saved something")  # any other output comes after the queued steps' lines
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("step 5/7 epoch 2 loss=2.0000 avr_loss=2.0000")
+    reporter.close()
+
+
+def test_read_scalars_keeps_float32_values_and_plain_floats():
+    values = [torch.tensor(0.1), 0.3, torch.tensor(1 / 3, dtype=torch.float64), torch.tensor(2.5).bfloat16()]
+    assert read_scalars(values) == [torch.tensor(0.1).item(), 0.3, torch.tensor(1 / 3).item(), 2.5]
+
+
+def test_loader_pins_batches_only_when_cuda_is_available(monkeypatch, tiny_setup, tmp_path):
+    from train_helpers import tiny_train_argv, trainer_through_caches
+
+    from library.data.config import make_dataloader
+
+    trainer = trainer_through_caches(tiny_train_argv(tiny_setup, tmp_path))
+    loader = make_dataloader(trainer.train_group, num_workers=0, persistent_workers=False, seed=0)
+    assert loader.pin_memory is False  # CPU: pinning would only cost memory
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    loader = make_dataloader(trainer.train_group, num_workers=0, persistent_workers=False, seed=0)
+    assert loader.pin_memory is True  # CUDA: page-locked batches for the trainer's non_blocking copies
+
+
+def test_sigmas_reach_cuda_through_a_pinned_non_blocking_copy(monkeypatch):
+    from library.training import flow_matching
+
+    copies = []
+
+    def fake_pin(self):
+        copies.append("pinned")
+        return self
+
+    def fake_to(self, *args, **kwargs):
+        copies.append((str(args[0]) if args else str(kwargs.get("device")), kwargs.get("non_blocking", False)))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    monkeypatch.setattr(torch.Tensor, "to", fake_to)
+    flow_matching.sample_sigmas(2, "sigmoid", device="cuda")
+    assert copies == ["pinned", ("cuda", True)]
