@@ -127,32 +127,39 @@ def test_dry_run_builds_an_optimizer_that_reads_its_parameters_on_cpu_copies(tin
     assert "dry run: every check passed" in capsys.readouterr().out
 
 
-def test_memory_estimate_counts_weights_optimizer_state_and_checkpointed_activations(tiny_setup):
+def test_memory_estimate_is_the_block_swap_planners_peak_plus_a_resident_text_encoder(tiny_setup):
     from types import SimpleNamespace
 
+    from library.models import block_swap
     from library.models.dit_loading import load_anima_model
     from library.training.args import parse_args
     from library.training.memory import estimate_training_memory
 
-    dit = load_anima_model(tiny_setup.dit, device="meta")
-    dit_params = sum(p.numel() for p in dit.parameters())
     group = SimpleNamespace(datasets=[SimpleNamespace(bucket_sizes=[(64, 64), (128, 64)],
                                                       config=SimpleNamespace(batch_size=2))])
 
     def estimate(*extra: str):
         args, _ = parse_args(tiny_train_argv(tiny_setup, Path("out"), *extra))
-        return estimate_training_memory(args, dit, 1000, group, text_encoder_parameters=500)
+        dit = load_anima_model(tiny_setup.dit, device="meta")
+        return args, dit, estimate_training_memory(args, dit, 1000, group, text_encoder_parameters=500)
 
-    plain = estimate()
-    assert plain.dit_weights == dit_params * 4 and plain.text_encoder == 0  # fp32; cached text: encoder freed
-    assert plain.network_and_optimizer == 1000 * (4 + 4 + 8)  # weights, gradients, AdamW moments
-    bf16 = estimate("--mixed_precision", "bf16", "--optimizer_type", "AdamW8bit")
-    assert bf16.dit_weights == dit_params * 2 and bf16.network_and_optimizer == 1000 * (4 + 4 + 2)
-    tokens = (128 // 8 // 2) * (64 // 8 // 2) * 2  # the largest bucket, batch 2
-    per_block = tokens * dit.config.model_channels * 4
-    assert plain.activations == per_block * 34 * dit.config.num_blocks
-    assert estimate("--gradient_checkpointing").activations == per_block * (dit.config.num_blocks + 34)
-    assert plain.total == plain.dit_weights + plain.network_and_optimizer + plain.activations
+    args, dit, plain = estimate()
+    memory = block_swap.dit_training_memory(dit, batch_size=2, tokens=(128 // 16) * (64 // 16),
+                                            context_tokens=args.t5_max_token_length,
+                                            adapter_context_tokens=args.qwen3_max_token_length, fp8=False,
+                                            trainable_bytes=4000, element_size=4)
+    assert plain.training_peak == memory.peak_bytes(0, "none") and plain.text_encoder == 0  # cached text: freed
+    _, _, checkpointed = estimate("--gradient_checkpointing", "--blocks_to_swap", "1")
+    assert checkpointed.training_peak == memory.peak_bytes(1, "ckpt") < plain.training_peak
+    _, bf16_dit, bf16 = estimate("--mixed_precision", "bf16")
+    assert all(p.dtype == torch.bfloat16 for p in bf16_dit.parameters()) and bf16.training_peak < plain.training_peak
+    _, _, live_text = estimate("--gradient_checkpointing")
+    assert live_text.total == live_text.training_peak
+    args, _, resident = estimate()
+    args.cache_text_encoder_outputs = False
+    args.network_train_unet_only = False
+    assert estimate_training_memory(args, load_anima_model(tiny_setup.dit, device="meta"), 1000, group,
+                                    text_encoder_parameters=500).text_encoder == 500 * 4
 
 
 def test_dry_run_with_cache_only_plans_the_caches_and_writes_none(tiny_setup, dataset, tmp_path, no_weights_read,
