@@ -102,7 +102,7 @@ class PoisonOneBatch(AnimaNetworkTrainer):
         if self.global_step != 2 or hasattr(self, "before"):
             return super().train_step(args, batch)
         self.before = ({k: v.clone() for k, v in self.network.state_dict().items()},
-                       copy.deepcopy(self.optimizer.state_dict()), self.lr_scheduler.state_dict()["last_epoch"])
+                       copy.deepcopy(self.optimizer.state_dict()), copy.deepcopy(self.lr_scheduler.state_dict()))
         original = self.batch_loss
         self.batch_loss = lambda *a, **k: original(*a, **k) * float("nan")
         try:
@@ -110,7 +110,7 @@ class PoisonOneBatch(AnimaNetworkTrainer):
         finally:
             self.batch_loss = original
         self.after = ({k: v.clone() for k, v in self.network.state_dict().items()},
-                      copy.deepcopy(self.optimizer.state_dict()), self.lr_scheduler.state_dict()["last_epoch"])
+                      copy.deepcopy(self.optimizer.state_dict()), copy.deepcopy(self.lr_scheduler.state_dict()))
         return loss
 
 
