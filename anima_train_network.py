@@ -243,6 +243,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
             logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale,
             latent_size=tuple(latents.shape[-2:]), weight_dtype=weight_dtype, device=latents.device,
         )
+        sigmas = flow_matching.restrict_to_timestep_range(sigmas, args.min_timestep, args.max_timestep)
         noisy = flow_matching.noisy_input(latents, noise, sigmas, weight_dtype, ip_noise_gamma=args.ip_noise_gamma,
                                           ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength)
         timesteps = flow_matching.model_timesteps(sigmas, weight_dtype)
@@ -295,7 +296,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             debug_dataset_main(args)
             return 0
         require_training_inputs(args)
-        AnimaNetworkTrainer().train(args)
+        trainer = AnimaNetworkTrainer()
+        try:
+            trainer.train(args)
+        finally:
+            trainer.release_output()
     except AnimaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

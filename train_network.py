@@ -190,6 +190,9 @@ class NetworkTrainer:
         self.trainable_parameter_count = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         if args.resume:
             self.check_resume_folder(args, network, optimizer, scheduler)
+        # One run per output: a second run on the same --output_dir/--output_name stops here, before any work.
+        # A dry run writes nothing, so it takes no lock.
+        self.output_lock = None if args.dry_run else outputs.claim_output(args)
 
     def check_optimizer_and_scheduler(self, args: argparse.Namespace, network: Any) -> tuple[Any, Any]:
         """Build the optimizer and LR scheduler as the run will, on the network's (meta-device) parameters."""
@@ -349,6 +352,13 @@ class NetworkTrainer:
         lines.append("  memory estimate: " + estimate.describe())
         lines.append(f"  outputs: {Path(args.output_dir) / outputs.last_model_name(args)}")
         print("\n".join(lines), flush=True)
+
+    def release_output(self) -> None:
+        """Free the run lock taken in check_inputs (process exit frees it too)."""
+        lock = getattr(self, "output_lock", None)
+        if lock is not None:
+            lock.release()
+            self.output_lock = None
 
     def setup_accelerator(self, args: argparse.Namespace) -> None:
         """Accelerator (grad accumulation, mixed precision, DDP) and the dtypes derived from the flags."""

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from library.errors import AnimaError
+from library.errors import AnimaError, OneLineErrorParser
 from networks.lora_format import (
     ALPHA_FOLDED_METADATA_KEY,
     COMFY_FORMAT,
@@ -35,7 +35,7 @@ from networks.lora_format import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m networks.convert_lora", description="Convert an Anima LoRA between sd-scripts and ComfyUI keys."
     )
     parser.add_argument("--src", required=True, help="input LoRA (.safetensors, either layout)")
@@ -72,7 +72,12 @@ def convert_file(src: str, dst: str, to: str, keep_alpha: bool = False) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """CLI entry point: a bad command line exits 2, a bad file 1, each with one `error:` line."""
+    try:
+        args = build_parser().parse_args(argv)
+    except AnimaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         convert_file(args.src, args.dst, args.to, keep_alpha=args.keep_alpha)
     except AnimaError as e:

@@ -190,6 +190,7 @@ def test_missing_config_file_is_one_clear_error(tmp_path):
     (["--log_with", "tensorboard"], ["--log_with tensorboard", "--logging_dir"]),
     (["--attn_mode", "sageattn"], ["sageattn", "inference"]),
     (["--xformers"], ["xformers", "--split_attn"]),
+    (["--sdpa", "--xformers", "--split_attn"], ["--xformers", "--sdpa"]),
     (["--use_8bit_adam", "--optimizer_type", "AdamW"], ["--use_8bit_adam", "--optimizer_type"]),
     (["--weighted_captions"], ["--weighted_captions"]),
     (["--pretrained_model_name_or_path", "/no/such/dit.safetensors"], ["/no/such/dit.safetensors", "not found"]),

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from train_helpers import tiny_train_argv, trainer_through_caches
 
 from anima_train_network import AnimaNetworkTrainer
+from library.io.run_lock import is_run_lock_file
 from library.training.args import parse_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +70,8 @@ def test_outputs_are_named_and_carry_metadata(two_epoch_run):
     assert (out / "tiny-000001.safetensors").is_file()
     assert (out / "tiny-000001-state" / "train_state.json").is_file()
     assert (out / "tiny-state").is_dir() and (out / "tiny.safetensors").is_file()
-    assert not any(p.name.startswith(".") for p in out.iterdir()), "temporary files left behind"
+    assert not any(p.name.startswith(".") and not is_run_lock_file(p.name) for p in out.iterdir()), \
+        "temporary files left behind"
     with safe_open(str(out / "tiny.safetensors"), "pt") as f:
         meta = f.metadata()
         keys = list(f.keys())
@@ -119,6 +121,7 @@ import sys, torch
 from safetensors.torch import save_file
 sys.path.insert(0, {repo!r})
 from anima_train_network import AnimaNetworkTrainer
+from library.io.run_lock import is_run_lock_file
 from library.training.args import parse_args
 args, _ = parse_args(sys.argv[1:])
 trainer = AnimaNetworkTrainer()

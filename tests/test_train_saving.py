@@ -61,7 +61,7 @@ def test_failed_atomic_write_keeps_the_previous_file(tmp_path):
         tmp.write_text("half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(AnimaError, match="cannot write .*x.safetensors: disk full; nothing was replaced"):
         files.atomic_write(target, fail)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
 

@@ -7,7 +7,6 @@ latent_cache and text_cache for how they are written and checked).
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,8 @@ import torch
 
 from library.data.records import ImageInfo, Size
 from library.errors import AnimaError
+from library.io.files import remove_leftovers
+from library.io.npz import NPZ_READ_ERRORS
 
 CACHE_FORMAT = 1
 LATENT_CHANNELS = 16
@@ -45,6 +46,56 @@ def latents_npz_path(image_path: str | os.PathLike, image_size: Size) -> str:
 def key_suffix(bucket: Size) -> str:
     """`_<h>x<w>` of the latent for a bucket (W, H)."""
     return f"_{bucket[1] // VAE_STRIDE}x{bucket[0] // VAE_STRIDE}"
+
+
+def latent_problem(latent: np.ndarray, bucket: Size) -> str | None:
+    """Why a cached latent cannot be used for this bucket (W, H), or None: float [16, h, w] ([16, 1, h, w] from
+    older caches), h, w = bucket / 8, every value finite."""
+    expected = (LATENT_CHANNELS, bucket[1] // VAE_STRIDE, bucket[0] // VAE_STRIDE)
+    if not np.issubdtype(latent.dtype, np.floating):
+        return f"latent dtype {latent.dtype} is not a float type"
+    shape = tuple(latent.shape)
+    if shape != expected and not (len(shape) == 4 and shape[1] == 1 and (shape[0], *shape[2:]) == expected):
+        return f"latent shape {list(shape)} differs from {list(expected)}"
+    if not np.isfinite(latent).all():
+        return "latent has NaN/inf values"
+    return None
+
+
+def mask_problem(mask: np.ndarray, bucket: Size) -> str | None:
+    """Why a cached loss mask cannot be used for this bucket (W, H): float or integer [H, W], finite."""
+    if not (np.issubdtype(mask.dtype, np.floating) or np.issubdtype(mask.dtype, np.integer)):
+        return f"mask dtype {mask.dtype} is not numeric"
+    if tuple(mask.shape) != (bucket[1], bucket[0]):
+        return f"mask shape {list(mask.shape)} differs from {[bucket[1], bucket[0]]}"
+    if np.issubdtype(mask.dtype, np.floating) and not np.isfinite(mask).all():
+        return "mask has NaN/inf values"
+    return None
+
+
+def text_problem(arrays: dict[str, np.ndarray]) -> str | None:
+    """Why cached text-encoder outputs (npz keys of DISK_KEYS) cannot be used, or None: `prompt_embeds` float
+    [Lq, D] and finite, `attn_mask` integer [Lq], `t5_input_ids` and `t5_attn_mask` integer [Lt]."""
+    embeds, mask = arrays["prompt_embeds"], arrays["attn_mask"]
+    ids, t5_mask = arrays["t5_input_ids"], arrays["t5_attn_mask"]
+    if not np.issubdtype(embeds.dtype, np.floating) or embeds.ndim != 2:
+        return f"prompt_embeds is {embeds.dtype} {list(embeds.shape)}, not float [tokens, features]"
+    for name, array in (("attn_mask", mask), ("t5_input_ids", ids), ("t5_attn_mask", t5_mask)):
+        if not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_) or array.ndim != 1:
+            return f"{name} is {array.dtype} {list(array.shape)}, not integer [tokens]"
+    if mask.shape[0] != embeds.shape[0]:
+        return f"attn_mask has {mask.shape[0]} tokens, prompt_embeds {embeds.shape[0]}"
+    if ids.shape != t5_mask.shape:
+        return f"t5_input_ids has {ids.shape[0]} tokens, t5_attn_mask {t5_mask.shape[0]}"
+    if not np.isfinite(embeds).all():
+        return "prompt_embeds has NaN/inf values"
+    return None
+
+
+def remove_cache_leftovers(infos: list[ImageInfo]) -> None:
+    """Remove the temporary cache files killed runs left beside the images (see files.remove_leftovers)."""
+    for folder in sorted({Path(info.path).parent for info in infos}):
+        remove_leftovers(folder)
 
 
 def loss_mask_key(subset: Any, info: ImageInfo) -> str | None:
@@ -81,15 +132,22 @@ def load_cached_latents(info: ImageInfo, flip: bool,
                 name = ("latents_flipped" if flip else "latents") + suffix
                 if name not in data.files:
                     raise KeyError(name)
-                latent = torch.from_numpy(data[name].astype(np.float32))
+                stored = data[name]
+                problem = latent_problem(stored, info.bucket)
                 mask = None
                 if mask_key is not None:
                     if mask_key + suffix not in data.files:
                         raise KeyError(mask_key + suffix)
-                    mask = torch.from_numpy(data[mask_key + suffix].astype(np.float32))
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+                    stored_mask = data[mask_key + suffix]
+                    problem = problem or mask_problem(stored_mask, info.bucket)
+                    mask = torch.from_numpy(stored_mask.astype(np.float32))
+        except NPZ_READ_ERRORS as exc:
             raise AnimaError(f"latent cache {info.latents_npz} cannot be read ({type(exc).__name__}: {exc}); delete "
                              "it and run the caching again") from exc
+        if problem is not None:
+            raise AnimaError(f"latent cache {info.latents_npz} is damaged ({problem}); delete it and run the "
+                             "caching again")
+        latent = torch.from_numpy(stored.astype(np.float32))
         if latent.dim() == 4:  # older 5-D caches store [16, 1, h, w]
             latent = latent.squeeze(1)
     if mask is not None and flip:
@@ -104,8 +162,11 @@ def load_cached_text(info: ImageInfo) -> dict[str, torch.Tensor]:
     assert info.text_npz is not None
     try:
         with np.load(info.text_npz, allow_pickle=False) as data:
-            return {key: torch.from_numpy(np.asarray(data[disk])).to(LOADED_DTYPES[key])
-                    for key, (disk, _) in DISK_KEYS.items()}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+            arrays = {disk: np.asarray(data[disk]) for disk, _ in DISK_KEYS.values()}
+    except NPZ_READ_ERRORS as exc:
         raise AnimaError(f"text cache {info.text_npz} cannot be read ({type(exc).__name__}: {exc}); delete it and "
                          "run the caching again") from exc
+    problem = text_problem(arrays)
+    if problem is not None:
+        raise AnimaError(f"text cache {info.text_npz} is damaged ({problem}); delete it and run the caching again")
+    return {key: torch.from_numpy(arrays[disk]).to(LOADED_DTYPES[key]) for key, (disk, _) in DISK_KEYS.items()}

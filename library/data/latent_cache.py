@@ -22,7 +22,6 @@ import concurrent.futures
 import json
 import logging
 import os
-import zipfile
 from collections import Counter
 from typing import Any
 
@@ -33,18 +32,19 @@ from tqdm import tqdm
 from library.data import images as image_io
 from library.data.cache_files import (
     CACHE_FORMAT,
-    LATENT_CHANNELS,
-    VAE_STRIDE,
     check_cache_name_collisions,
     key_suffix,
+    latent_problem,
     latents_npz_path,
     loss_mask_key,
+    mask_problem,
+    remove_cache_leftovers,
 )
 from library.data.datasets import DatasetGroup, ImageDataset
 from library.data.records import ImageInfo, Size
 from library.errors import AnimaError
 from library.io.files import file_sha256
-from library.io.npz import merge_into_npz
+from library.io.npz import NPZ_READ_ERRORS, merge_into_npz
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,18 @@ def _expected_provenance(dataset: ImageDataset, info: ImageInfo, vae_identity: s
     }
 
 
+def _changed_setting(stored: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """Which recorded setting differs from the current one, or None."""
+    for field in ("format", "vae", "bucket", "resized", "crop", "interpolation", "pixels", "alpha"):
+        if stored.get(field) != expected[field]:
+            return f"{field} changed"
+    if stored.get("conditioning", False) != expected.get("conditioning", False):
+        return "conditioning changed"
+    if expected["flip"] and not stored.get("flip"):
+        return "flip changed"
+    return None
+
+
 def _stale_reason(dataset: ImageDataset, info: ImageInfo, path: str, vae_identity: str,
                   skip_check: bool) -> str | None:
     """None if the disk entry can be used, else why it must be re-encoded."""
@@ -105,19 +117,19 @@ def _stale_reason(dataset: ImageDataset, info: ImageInfo, path: str, vae_identit
             if "provenance" + suffix not in names:
                 return "no provenance recorded (written by another tool)"
             stored = json.loads(str(data["provenance" + suffix]))
-            shape = data["latents" + suffix].shape
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+            expected = _expected_provenance(dataset, info, vae_identity)
+            changed = _changed_setting(stored, expected)
+            if changed is not None:
+                return changed
+            # Read the arrays themselves: a damaged member of an intact zip only shows when it is read.
+            for name in needed:
+                array = data[name]
+                problem = (mask_problem(array, info.bucket) if mask_key and name == mask_key + suffix
+                           else latent_problem(array, info.bucket))
+                if problem is not None:
+                    return problem
+    except NPZ_READ_ERRORS as exc:
         return f"unreadable ({type(exc).__name__})"
-    expected = _expected_provenance(dataset, info, vae_identity)
-    for field in ("format", "vae", "bucket", "resized", "crop", "interpolation", "pixels", "alpha"):
-        if stored.get(field) != expected[field]:
-            return f"{field} changed"
-    if stored.get("conditioning", False) != expected.get("conditioning", False):
-        return "conditioning changed"
-    if expected["flip"] and not stored.get("flip"):
-        return "flip changed"
-    if tuple(shape[-3:]) != (LATENT_CHANNELS, info.bucket[1] // VAE_STRIDE, info.bucket[0] // VAE_STRIDE):
-        return "latent shape differs"
     if not image_unchanged(stored.get("image", {}), info.path):
         return "image changed"
     if info.conditioning_path is not None and not image_unchanged(stored.get("conditioning_image", {}),
@@ -133,6 +145,8 @@ def cache_group_latents(group: DatasetGroup, vae: Any, vae_identity: str, *, bat
     entries = sorted(group.image_infos(), key=lambda e: (e[1].bucket[0] * e[1].bucket[1], e[1].bucket))
     if to_disk:
         check_cache_name_collisions([info for _, info in entries], lambda i: latents_npz_path(i.path, i.image_size))
+        if is_main_process:
+            remove_cache_leftovers([info for _, info in entries])
 
     todo: list[tuple[ImageDataset, ImageInfo]] = []
     reasons: Counter[str] = Counter()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zipfile
 from collections import Counter
 from typing import Any
 
@@ -25,14 +24,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.data.cache_files import CACHE_FORMAT, DISK_KEYS, LOADED_DTYPES, check_cache_name_collisions, text_npz_path
+from library.data.cache_files import (
+    CACHE_FORMAT,
+    DISK_KEYS,
+    LOADED_DTYPES,
+    check_cache_name_collisions,
+    remove_cache_leftovers,
+    text_npz_path,
+    text_problem,
+)
 from library.data.captions import cached_caption_text
 from library.data.datasets import DatasetGroup
 from library.data.records import ImageInfo
 from library.errors import AnimaError
-from library.io.npz import merge_into_npz
+from library.io.npz import NPZ_READ_ERRORS, merge_into_npz
 
 logger = logging.getLogger(__name__)
+
 
 def _stale_reason(path: str, caption: str, identity: str, skip_check: bool) -> str | None:
     if not os.path.exists(path):
@@ -47,15 +55,16 @@ def _stale_reason(path: str, caption: str, identity: str, skip_check: bool) -> s
             if "provenance" not in data.files:
                 return "no provenance recorded (written by another tool)"
             stored = json.loads(str(data["provenance"]))
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+            if stored.get("format") != CACHE_FORMAT:
+                return "format changed"
+            if stored.get("text_encoding") != identity:
+                return "text encoder, tokenizer or max length changed"
+            if stored.get("caption") != caption:
+                return "caption changed"
+            # Read the arrays themselves: a damaged member of an intact zip only shows when it is read.
+            return text_problem({n: np.asarray(data[n]) for n in needed})
+    except NPZ_READ_ERRORS as exc:
         return f"unreadable ({type(exc).__name__})"
-    if stored.get("format") != CACHE_FORMAT:
-        return "format changed"
-    if stored.get("text_encoding") != identity:
-        return "text encoder, tokenizer or max length changed"
-    if stored.get("caption") != caption:
-        return "caption changed"
-    return None
 
 
 def _split_batch(outputs: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
@@ -73,6 +82,8 @@ def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int
     entries = group.image_infos()
     if to_disk:
         check_cache_name_collisions([info for _, info in entries], lambda i: text_npz_path(i.path))
+        if is_main_process:
+            remove_cache_leftovers([info for _, info in entries])
     with torch.no_grad():
         group.empty_text = _split_batch(text_encoding.encode([""]), 1)[0]
 

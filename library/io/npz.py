@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,10 @@ import numpy as np
 from library.io.files import atomic_write
 
 logger = logging.getLogger(__name__)
+
+# What reading a damaged npz raises: a bad zip directory or CRC (BadZipFile), a bad .npy header or a short
+# array (ValueError, EOFError, OSError), a damaged compressed member (zlib.error), a missing key (KeyError).
+NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError)
 
 
 def save_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
@@ -28,7 +33,7 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except NPZ_READ_ERRORS as exc:
         raise ValueError(f"{type(exc).__name__}: {exc}") from exc
 
 

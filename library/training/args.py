@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from library.data.config import add_dataset_arguments
-from library.errors import AnimaError
-from library.io.files import atomic_write
+from library.errors import AnimaError, OneLineErrorParser
+from library.io.files import atomic_write, restore_interrupted_dir
 from library.models.block_swap import max_blocks_to_swap
 from library.models.dit import AnimaConfig
 from library.training.losses import check_loss_options
@@ -31,6 +31,44 @@ ATTN_MODES = ["torch", "xformers", "flash", "sageattn", "sdpa"]
 LOSS_TYPES = ["l1", "l2", "huber", "smooth_l1"]
 HUBER_SCHEDULES = ["constant", "exponential", "snr"]
 MAX_BLOCKS_TO_SWAP = max_blocks_to_swap(AnimaConfig().num_blocks)  # 26 for the 28-block DiT
+
+# Flags sd-scripts command lines carry that change nothing for Anima: accepted so those command lines run, and
+# warned once when given (a value other than the default). name -> why it has no effect. The --help text of each
+# flag and the list in docs/flags.md come from this table.
+_SD_NOISE = "a Stable Diffusion noise tweak; sd-scripts' Anima trainer ignores it too"
+_SD_SNR = "a loss option of the Stable Diffusion noise schedule; flow matching has no such schedule"
+NO_EFFECT_FLAGS: dict[str, str] = {
+    "v2": "a Stable Diffusion 2 option",
+    "v_parameterization": "a Stable Diffusion option; Anima always predicts the flow velocity",
+    "clip_skip": "a CLIP option; Anima's text encoder is Qwen3",
+    "max_token_length": "a CLIP option; use --qwen3_max_token_length / --t5_max_token_length",
+    "tokenizer_cache_dir": "tokenizers come from --qwen3 / --qwen3_tokenizer_path / --t5_tokenizer_path",
+    "mem_eff_attn": "a Stable Diffusion attention option; choose the attention with --attn_mode",
+    "noise_offset": _SD_NOISE,
+    "noise_offset_random_strength": _SD_NOISE,
+    "multires_noise_iterations": _SD_NOISE,
+    "multires_noise_discount": _SD_NOISE,
+    "adaptive_noise_scale": _SD_NOISE,
+    "min_snr_gamma": _SD_SNR,
+    "debiased_estimation_loss": _SD_SNR,
+    "scale_v_pred_loss_like_noise_pred": _SD_SNR,
+    "v_pred_like_loss": _SD_SNR,
+    "zero_terminal_snr": _SD_SNR,
+    "highvram": "in sd-scripts it skips freeing memory during latent caching; this trainer frees none there",
+    "lowram": "in sd-scripts it keeps the VAE on the GPU while text outputs are cached; this trainer never moves "
+              "models off the device for caching",
+    "disable_mmap_load_safetensors": "model files are always read through safetensors' memory map (sd-scripts' "
+                                     "Anima trainer ignores this flag too)",
+    "sample_sampler": "sample images always use the flow-matching Euler sampler (sd-scripts' Anima trainer ignores "
+                      "this flag too); euler and k_euler name that sampler and are accepted without a warning",
+}
+# --sample_sampler values that name the sampler actually used (no warning).
+EULER_SAMPLERS = ("euler", "k_euler")
+
+
+def no_effect_help(name: str) -> str:
+    return f"no effect for Anima (warned): {NO_EFFECT_FLAGS[name]}"
+
 
 # Keys never written by --output_config (secrets and the config flags themselves).
 _NOT_SAVED_IN_CONFIG = {"config_file", "output_config", "wandb_api_key"}
@@ -72,10 +110,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     a("t5_tokenizer_path", type=str, default=None,
       help="T5 tokenizer folder; default: downloaded once from the Hugging Face hub (first run needs network; "
       "point this flag at a local folder to avoid it)")
-    a("tokenizer_cache_dir", type=str, default=None, help="unused for Anima (kept for sd-scripts command lines)")
-    a("v2", action="store_true", help="Stable Diffusion 2 option; has no effect for Anima (warned)")
-    a("v_parameterization", action="store_true", help="Stable Diffusion option; has no effect for Anima (warned)")
-    a("disable_mmap_load_safetensors", action="store_true", help="unused for Anima")
+    a("tokenizer_cache_dir", type=str, default=None)
+    a("v2", action="store_true")
+    a("v_parameterization", action="store_true")
+    a("disable_mmap_load_safetensors", action="store_true")
 
 
 def _add_anima_arguments(parser: argparse.ArgumentParser) -> None:
@@ -214,32 +252,35 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
       help="multiply the loss by the mask images of conditioning_data_dir / --conditioning_data_dir (red channel; "
       "required there); --alpha_mask masks apply without it")
     # Stable Diffusion noise/loss tweaks: parsed so old command lines work, warned as having no effect.
-    a("noise_offset", type=float, default=None, help="no effect for Anima (warned)")
-    a("noise_offset_random_strength", action="store_true", help="no effect for Anima (warned)")
-    a("multires_noise_iterations", type=int, default=None, help="no effect for Anima (warned)")
-    a("multires_noise_discount", type=float, default=0.3, help="no effect for Anima")
-    a("adaptive_noise_scale", type=float, default=None, help="no effect for Anima (warned)")
-    a("min_snr_gamma", type=float, default=None, help="no effect for Anima (warned)")
-    a("debiased_estimation_loss", action="store_true", help="no effect for Anima (warned)")
-    a("scale_v_pred_loss_like_noise_pred", action="store_true", help="no effect for Anima (warned)")
-    a("v_pred_like_loss", type=float, default=None, help="no effect for Anima (warned)")
-    a("zero_terminal_snr", action="store_true", help="no effect for Anima (warned)")
-    a("min_timestep", type=int, default=None, help="only recorded in the model-spec metadata")
-    a("max_timestep", type=int, default=None, help="only recorded in the model-spec metadata")
+    a("noise_offset", type=float, default=None)
+    a("noise_offset_random_strength", action="store_true")
+    a("multires_noise_iterations", type=int, default=None)
+    a("multires_noise_discount", type=float, default=None)
+    a("adaptive_noise_scale", type=float, default=None)
+    a("min_snr_gamma", type=float, default=None)
+    a("debiased_estimation_loss", action="store_true")
+    a("scale_v_pred_loss_like_noise_pred", action="store_true")
+    a("v_pred_like_loss", type=float, default=None)
+    a("zero_terminal_snr", action="store_true")
+    a("min_timestep", type=int, default=None,
+      help="lowest timestep (0-1000) to train on: each drawn sigma is mapped linearly from [0, 1] into "
+      "[min_timestep, max_timestep] / 1000 (as sd-scripts' SD3 trainer maps its draw); default 0")
+    a("max_timestep", type=int, default=None,
+      help="highest timestep (0-1000) to train on, see --min_timestep; default 1000")
     a("weighted_captions", action="store_true", help="not supported by the Anima tokenizer (rejected)")
-    a("clip_skip", type=int, default=None, help="Stable Diffusion option; has no effect for Anima (warned)")
-    a("max_token_length", type=int, default=None, choices=[None, 150, 225],
-      help="Stable Diffusion option; use --qwen3_max_token_length/--t5_max_token_length")
-    a("mem_eff_attn", action="store_true", help="unused for Anima")
-    a("sdpa", action="store_true", help="unused for Anima (torch SDPA is the default)")
+    a("clip_skip", type=int, default=None)
+    a("max_token_length", type=int, default=None, choices=[None, 150, 225])
+    a("mem_eff_attn", action="store_true")
+    a("sdpa", action="store_true", help="use torch SDPA attention (the default; same as --attn_mode torch)")
     a("xformers", action="store_true", help=GPU_ONLY + "use xformers attention (same as --attn_mode xformers)")
     a("torch_compile", action="store_true", help="compile the model with torch.compile")
-    a("dynamo_backend", type=str, default="inductor", help="torch.compile backend")
+    a("dynamo_backend", type=str, default=None,
+      help="torch.compile backend (default inductor); only used with --torch_compile (warned otherwise)")
     a("ddp_timeout", type=int, default=None, help="multi-GPU: process-group timeout in minutes")
     a("ddp_gradient_as_bucket_view", action="store_true", help="multi-GPU: DDP gradient_as_bucket_view")
     a("ddp_static_graph", action="store_true", help="multi-GPU: DDP static_graph")
-    a("lowram", action="store_true", help="keep models on the accelerator while caching")
-    a("highvram", action="store_true", help="skip cache clearing during latent caching")
+    a("lowram", action="store_true")
+    a("highvram", action="store_true")
     a("initial_epoch", type=int, default=None, help="epoch to start counting from")
     a("initial_step", type=int, default=None, help="step to start counting from")
     a("skip_until_initial_step", action="store_true", help="skip the data before --initial_step")
@@ -283,7 +324,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     a("sample_every_n_steps", type=int, default=None, help="sample every N steps")
     a("sample_every_n_epochs", type=int, default=None, help="sample every N epochs (overrides steps)")
     a("sample_at_first", action="store_true", help="sample before training")
-    a("sample_sampler", type=str, default="ddim", help="unused: Anima always samples with its Euler sampler")
+    a("sample_sampler", type=str, default=None)
 
 
 def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
@@ -351,7 +392,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def setup_parser() -> argparse.ArgumentParser:
     """The full trainer parser: dataset flags (from the dataset module) plus every training flag."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="anima_train_network.py",
         description="Train a LoRA for Anima. Flags marked [GPU only] need a CUDA device.",
     )
@@ -366,6 +407,8 @@ def setup_parser() -> argparse.ArgumentParser:
     _add_logging_arguments(parser)
     _add_unsupported_arguments(parser)
     _add_config_arguments(parser)
+    for name in NO_EFFECT_FLAGS:
+        parser._option_string_actions[_flag(name)].help = no_effect_help(name)
     return parser
 
 
@@ -493,6 +536,10 @@ def _flag(name: str) -> str:
     return f"--{name}"
 
 
+def _parser_defaults() -> dict[str, Any]:
+    return {action.dest: action.default for action in setup_parser()._actions}
+
+
 def validate_args(args: argparse.Namespace) -> list[str]:
     """Normalise aliases and reject combinations that cannot work. Returns warnings for no-effect flags.
 
@@ -501,7 +548,9 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     warnings: list[str] = []
     reject = _Rejections()
 
-    # Attention mode: --xformers selects xformers only when --attn_mode is absent; sdpa is an alias of torch.
+    # Attention mode: --xformers / --sdpa select it only when --attn_mode is absent; sdpa is an alias of torch.
+    if args.sdpa and args.xformers:
+        reject("--xformers and --sdpa choose different attention; keep one (or use --attn_mode)")
     if args.attn_mode is None:
         args.attn_mode = "xformers" if args.xformers else "torch"
     if args.attn_mode == "sdpa":
@@ -516,16 +565,22 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         warnings.append("--fp8_base / --fp8_base_unet are not supported for Anima; training without fp8")
         args.fp8_base = False
         args.fp8_base_unet = False
-    for name in ("v2", "v_parameterization", "noise_offset_random_strength", "debiased_estimation_loss",
-                 "scale_v_pred_loss_like_noise_pred", "zero_terminal_snr", "mem_eff_attn"):
-        if getattr(args, name):
-            warnings.append(f"{_flag(name)} has no effect for Anima training; ignored")
-    for name in ("clip_skip", "max_token_length", "noise_offset", "multires_noise_iterations",
-                 "adaptive_noise_scale", "min_snr_gamma", "v_pred_like_loss", "tokenizer_cache_dir"):
-        if getattr(args, name) is not None:
-            warnings.append(f"{_flag(name)} has no effect for Anima training; ignored")
-    if args.sample_sampler not in (None, "ddim", "euler"):
-        warnings.append("--sample_sampler is ignored: Anima samples with its own Euler flow sampler")
+    defaults = _parser_defaults()
+    for name in NO_EFFECT_FLAGS:
+        value = getattr(args, name)
+        if value == defaults[name] or (name == "sample_sampler" and value in EULER_SAMPLERS):
+            continue
+        warnings.append(f"{_flag(name)} has no effect for Anima ({NO_EFFECT_FLAGS[name]}); ignored")
+    if args.dynamo_backend is not None and not (args.torch_compile or getattr(args, "compile", False)):
+        warnings.append(f"--dynamo_backend {args.dynamo_backend} has no effect without --torch_compile; ignored")
+    if args.torch_compile and args.dynamo_backend is None:
+        args.dynamo_backend = "inductor"
+    for name in ("min_timestep", "max_timestep"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1000:
+            reject(f"{_flag(name)} {value}: must be between 0 and 1000")
+    if (args.min_timestep or 0) > (1000 if args.max_timestep is None else args.max_timestep):
+        reject(f"--min_timestep {args.min_timestep} must not exceed --max_timestep {args.max_timestep or 1000}")
 
     if args.weighted_captions:
         reject("--weighted_captions is not supported by the Anima tokenizer; remove it")
@@ -636,6 +691,9 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         if getattr(args, name, None) != kwargs.get("default", False if kwargs.get("action") else None):
             reject(f"{_flag(name)}: {advice}")
 
+    # A run killed while replacing this state folder left it under its hidden `.old` name: move it back first.
+    if args.resume:
+        restore_interrupted_dir(Path(args.resume))
     # Files named on the command line must exist (caught before any long work).
     for name in ("pretrained_model_name_or_path", "qwen3", "vae", "llm_adapter_path", "qwen3_tokenizer_path",
                  "t5_tokenizer_path", "network_weights", "sample_prompts", "resume", "dataset_config"):

@@ -99,7 +99,21 @@ def render_flags_markdown(parser: argparse.ArgumentParser) -> str:
             lines.append(f"| {flag} | {_type_column(action)} | {_default_column(action)} | "
                          f"{_help_column(parser, action)} |")
         lines.append("")
+    lines += _no_effect_section(parser)
     return "\n".join(lines)
+
+
+def _no_effect_section(parser: argparse.ArgumentParser) -> list[str]:
+    """The sd-scripts flags that are accepted but change nothing (args.NO_EFFECT_FLAGS), each with the reason."""
+    from library.training.args import NO_EFFECT_FLAGS
+
+    names = [name for name in NO_EFFECT_FLAGS if f"--{name}" in parser._option_string_actions]
+    if not names:
+        return []
+    lines = ["## Flags with no effect for Anima", "",
+             "Accepted so that sd-scripts command lines and configs run unchanged; giving one prints a warning.", ""]
+    lines += [f"- `--{name}`: {_cell(NO_EFFECT_FLAGS[name])}" for name in names]
+    return lines + [""]
 
 
 def main() -> int:

@@ -147,6 +147,23 @@ def sample_sigmas(
     return sigmas.to(device)
 
 
+def restrict_to_timestep_range(sigmas: torch.Tensor, min_timestep: int | None = None,
+                               max_timestep: int | None = None) -> torch.Tensor:
+    """Map σ ∈ [0, 1] linearly into [min_timestep, max_timestep] / 1000  [--min_timestep, --max_timestep].
+
+    σ' = lo + (hi − lo)·σ keeps the shape of the chosen sampling inside the range (sd-scripts' SD3 trainer maps
+    its draw the same way). Both None: σ unchanged. Equal bounds: every σ is that value.
+    """
+    if min_timestep is None and max_timestep is None:
+        return sigmas
+    low = (min_timestep or 0) / NUM_TRAIN_TIMESTEPS
+    high = (NUM_TRAIN_TIMESTEPS if max_timestep is None else max_timestep) / NUM_TRAIN_TIMESTEPS
+    if not 0 <= low <= high <= 1:
+        raise AnimaError(f"--min_timestep {min_timestep} / --max_timestep {max_timestep}: need "
+                         f"0 <= min <= max <= {NUM_TRAIN_TIMESTEPS}")
+    return low + (high - low) * sigmas
+
+
 def model_timesteps(sigmas: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
     """The t the DiT receives: (1000·σ) cast to the weight dtype, then / 1000 (result in the weight dtype).
 

@@ -11,12 +11,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from library.io.files import file_hashes
+from library.io.files import file_hashes, remove_leftovers
+from library.io.run_lock import RunLock, acquire_run_lock
 
 MODEL_SPEC_VERSION = "1.0.1"
 MODEL_SPEC_ARCHITECTURE = "anima-preview/lora"
 MODEL_SPEC_IMPLEMENTATION = "https://huggingface.co/circlestone-labs/Anima"
 BASE_MODEL_VERSION = "anima"
+
+
+# --- the run's claim on its output ------------------------------------------------------------------------
+
+
+def claim_output(args: argparse.Namespace) -> RunLock | None:
+    """Take the run lock of (--output_dir, --output_name) and remove what killed runs left in --output_dir.
+
+    Only the main process of a launch (RANK 0 or unset) locks; the other processes write nothing there. A
+    `--cache_only` run writes no output files and takes no lock (None).
+    """
+    if args.cache_only or not args.output_dir or os.environ.get("RANK", "0") != "0":
+        return None
+    lock = acquire_run_lock(args.output_dir, _last_stem(args))
+    remove_leftovers(args.output_dir)
+    return lock
 
 
 # --- names --------------------------------------------------------------------------------------------------
