@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,8 +116,9 @@ class AnimaNetworkTrainer(NetworkTrainer):
     def load_dit(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> torch.nn.Module:
         from library.models.dit_loading import load_anima_model
 
-        # With block swap the DiT stays in CPU memory until `place_dit` streams part of it to the device.
-        device = torch.device("cpu") if args.blocks_to_swap else self.device
+        # With block swap the DiT stays in CPU memory until `place_dit` streams part of it to the device; with
+        # --fp8_base until `place_dit` has stored its block projections in float8.
+        device = torch.device("cpu") if args.blocks_to_swap or args.fp8_base else self.device
         dit = load_anima_model(args.pretrained_model_name_or_path, device=device, dtype=weight_dtype,
                                attn_mode=args.attn_mode, split_attn=args.split_attn,
                                llm_adapter_path=args.llm_adapter_path)
@@ -126,15 +128,32 @@ class AnimaNetworkTrainer(NetworkTrainer):
         return dit
 
     def place_dit(self, args: argparse.Namespace, device: torch.device) -> None:
+        from library.training.args import compile_options
+
         if args.blocks_to_swap == "auto":
             args.blocks_to_swap = self.plan_block_swap(args, device)
+        if args.fp8_base:
+            from library.models.fp8 import quantize_linear_weights
+
+            # After --base_weights were merged into the bf16 weights and the LoRA hooks attached.
+            names = quantize_linear_weights(self.dit)
+            logger.info("--fp8_base: %d DiT block projections stored in float8_e4m3fn", len(names))
         if not args.blocks_to_swap:
             self.dit.to(device)
-            return
-        # After --base_weights were merged: the swapper keeps a CPU copy of every block's weights from here on.
-        self.dit.enable_block_swap(args.blocks_to_swap, device)
-        self.dit.move_to_device_except_swap_blocks(device)
-        self.dit.prepare_block_swap_before_forward()
+        else:
+            # After --base_weights were merged: the swapper keeps a CPU copy of every block's weights from here on.
+            self.dit.enable_block_swap(args.blocks_to_swap, device)
+            self.dit.move_to_device_except_swap_blocks(device)
+            self.dit.prepare_block_swap_before_forward()
+        options = compile_options(args)
+        if options is not None:
+            import torch._dynamo
+
+            if args.compile_cache_size_limit is not None:
+                torch._dynamo.config.cache_size_limit = args.compile_cache_size_limit
+            logger.info("compiling each DiT block with torch.compile (%s)",
+                        ", ".join(f"{k}={v}" for k, v in options.items()))
+            self.dit.compile_blocks(**options)
 
     def plan_block_swap(self, args: argparse.Namespace, device: torch.device) -> int:
         """`--blocks_to_swap auto`: the smallest swap count whose estimated training peak fits the free device
@@ -257,23 +276,25 @@ class AnimaNetworkTrainer(NetworkTrainer):
 
     # --- sampling and metadata --------------------------------------------------------------------------------
 
-    def sample_images(self, args: argparse.Namespace, accelerator: Accelerator, epoch: int | None, step: int) -> None:
+    def sample_images(self, args: argparse.Namespace, accelerator: Accelerator, epoch: int | None,
+                      step: int) -> list[tuple[Path, str]]:
         from library.training.sampling import generate_sample_images, load_sample_prompts
 
         encoder = self.sample_prompt_encoder or self.text_encoding
         if encoder is None:
             logger.warning("sample images skipped: no text encoder and no cached prompt encodings")
-            return
+            return []
         dit = accelerator.unwrap_model(self.dit)
         dit.switch_block_swap_for_inference()  # forward-only swapping; a no-op without --blocks_to_swap
         try:
-            generate_sample_images(
+            written = generate_sample_images(
                 dit, self.vae, encoder, load_sample_prompts(args.sample_prompts), output_dir=args.output_dir,
                 output_name=args.output_name, step=step, epoch=epoch, device=self.device,
                 autocast_dtype=self.weight_dtype if self.weight_dtype != torch.float32 else None, network=self.network,
             )
         finally:
             dit.switch_block_swap_for_training()
+        return [(path, prompt.prompt) for path, prompt in written]
 
     def update_metadata(self, metadata: dict[str, str], args: argparse.Namespace) -> None:
         for name in ANIMA_METADATA_ARGS:

@@ -14,6 +14,8 @@ setup(
     extras_require={
         # LyCORIS for --network_module lycoris.kohya (its own dependencies are ours already).
         "lycoris": ["lycoris-lora>=4.1.3"],
+        # wandb for --log_with wandb (an optional tracker).
+        "wandb": ["wandb>=0.17"],
         "test": ["pytest>=8", "ruff>=0.6", "lycoris-lora>=4.1.3"],
     },
 )

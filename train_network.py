@@ -5,9 +5,11 @@ optimizer and scheduler -> prepare -> resume -> loop -> final save. Model specif
 how text and images are encoded, the noise/target/model call, sampling, extra metadata) live in a subclass
 that overrides the hook methods grouped at the top of the class; `AnimaNetworkTrainer` is that subclass.
 
-Multi-process (accelerate DDP): every process trains on its shard of the batches; gradients of the network
-are averaged by an explicit all-reduce before clipping and the optimizer step, so all processes hold the same
-weights. Only the main process writes caches, LoRA files, states, samples and logs; the others wait.
+Multi-process (accelerate DDP): every process trains on its shard of the batches; the network is wrapped in
+accelerate's DistributedDataParallel through `distributed.TrainingModule` (its forward runs the training loss,
+so DDP sees the LoRA layers run), which averages the gradients in buckets overlapped with the backward, so all
+processes hold the same weights. Only the main process writes caches, LoRA files, states, samples and logs;
+the others wait.
 """
 
 from __future__ import annotations
@@ -25,17 +27,26 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from library.data.metadata import group_metadata
 from library.errors import AnimaError
 from library.io import files
 from library.training import outputs, schedule
 from library.training import state as train_state
+from library.training.distributed import TrainingModule, process_group_kwargs, uses_module_dropout
 from library.training.losses import huber_threshold, per_sample_loss
 from library.training.nonfinite import NonFiniteGuard, finite_flag, total_grad_norm
 from library.training.optimizers import unwrap_optimizer
-from library.training.reporting import TrainingReporter, logger, lr_logs, read_scalars
+from library.training.reporting import (
+    TrainingReporter,
+    init_trackers,
+    logger,
+    lr_logs,
+    prepare_tracker_environment,
+    read_scalars,
+    run_logging_dir,
+)
 from library.training.schedule import Position
 from library.training.state import capture_rng, restore_rng
 from networks import import_network_module
@@ -110,8 +121,9 @@ class NetworkTrainer:
         raise NotImplementedError
 
     def sample_images(self, args: argparse.Namespace, accelerator: Accelerator, epoch: int | None,
-                      step: int) -> None:
-        """Model hook: render `--sample_prompts` (main process only)."""
+                      step: int) -> list[tuple[Path, str]]:
+        """Model hook: render `--sample_prompts` (main process only); returns (image file, prompt) pairs."""
+        return []
 
     def update_metadata(self, metadata: dict[str, str], args: argparse.Namespace) -> None:
         """Model hook: add model-specific ss_* keys."""
@@ -362,21 +374,20 @@ class NetworkTrainer:
 
     def setup_accelerator(self, args: argparse.Namespace) -> None:
         """Accelerator (grad accumulation, mixed precision, DDP) and the dtypes derived from the flags."""
-        kwargs_handlers = []
-        if args.ddp_timeout:
-            import datetime
-
-            kwargs_handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout)))
+        kwargs_handlers = process_group_kwargs(args)
         # Without an accelerator device, say so: accelerate then runs multi-process launches on CPU (gloo).
         no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+        run_dir = run_logging_dir(args.logging_dir, args.log_prefix) if args.log_with else None
+        prepare_tracker_environment(args, run_dir)
         self.accelerator = Accelerator(
             cpu=no_accelerator,
+            log_with=args.log_with,  # the trackers start in train_loop (init_trackers)
+            project_dir=run_dir,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             mixed_precision=args.mixed_precision,
             # The per-epoch shuffle depends only on (seed, epoch), so a resumed run sees the same order.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             kwargs_handlers=kwargs_handlers,
-            dynamo_backend=args.dynamo_backend if args.torch_compile else None,
         )
         set_seed(args.seed)
         if args.cuda_allow_tf32:
@@ -554,14 +565,24 @@ class NetworkTrainer:
         for te in self.text_encoders():
             te.requires_grad_(False)
         self.network.to(device)
-        # The network is not wrapped in DDP: its layers run inside the DiT's forward, so DDP's forward
-        # bookkeeping would never see them. Gradients are all-reduced explicitly instead.
-        self.optimizer, self.train_loader = self.accelerator.prepare(self.optimizer, self.train_loader)
-        if self.val_loader is not None:
-            self.val_loader = self.accelerator.prepare(self.val_loader)
         for p in self.trainable_params:
             p.requires_grad_(True)
-        self.broadcast_network()
+        if self.accelerator.num_processes > 1 and uses_module_dropout(self.network):
+            if args.ddp_static_graph:
+                raise AnimaError("--ddp_static_graph cannot be combined with module_dropout in --network_args "
+                                 "(a dropped module changes the set of trained parameters); drop one")
+            if args.cpu_offload_checkpointing or args.unsloth_offload_checkpointing:
+                # DDP finds the unused parameters in the forward graph, which the offloaded blocks leave out.
+                raise AnimaError("module_dropout in --network_args does not work with --cpu_offload_checkpointing "
+                                 "or --unsloth_offload_checkpointing on several processes; drop one or use "
+                                 "--gradient_checkpointing alone")
+            self.accelerator.ddp_handler.find_unused_parameters = True
+        # Under several processes this wraps the module in DistributedDataParallel, which also broadcasts the
+        # main process's LoRA weights to the others (see library/training/distributed.py).
+        self.training_model, self.optimizer, self.train_loader = self.accelerator.prepare(
+            TrainingModule(self.network, device.type), self.optimizer, self.train_loader)
+        if self.val_loader is not None:
+            self.val_loader = self.accelerator.prepare(self.val_loader)
         if args.gradient_checkpointing:
             self.dit.train()  # checkpointing acts only in training mode
             for te in self.text_encoders() if self.train_te else []:
@@ -578,14 +599,6 @@ class NetworkTrainer:
     @property
     def num_epochs(self) -> int:
         return self.schedule.num_epochs
-
-    def broadcast_network(self) -> None:
-        """Start every process from the main process's LoRA weights."""
-        if self.accelerator.num_processes > 1:
-            import torch.distributed as dist
-
-            for p in self.network.parameters():
-                dist.broadcast(p.data, src=0)
 
     def resume(self, args: argparse.Namespace) -> None:
         """Restore network, optimizer, scheduler, RNG and the exact position from `--resume` (validated by
@@ -647,10 +660,9 @@ class NetworkTrainer:
     def train_loop(self, args: argparse.Namespace) -> None:
         accelerator = self.accelerator
         sched = self.schedule
-        self.reporter = TrainingReporter(
-            total_steps=sched.max_train_steps, initial_step=self.global_step, is_main_process=self.is_main,
-            logging_dir=args.logging_dir if args.log_with else None, log_prefix=args.log_prefix,
-        )
+        init_trackers(accelerator, args)
+        self.reporter = TrainingReporter(total_steps=sched.max_train_steps, initial_step=self.global_step,
+                                         is_main_process=self.is_main, accelerator=accelerator)
         self.reporter.message(
             f"training: {self.train_group.num_train_images} images, {len(self.train_loader)} batches per epoch "
             f"per process, {sched.num_epochs} epochs, {sched.max_train_steps} steps, "
@@ -704,7 +716,7 @@ class NetworkTrainer:
             self.global_step += 1
             self.position = Position(epoch, epoch_batches, self.global_step)
             self.train_group.set_current_step(self.global_step)
-            logs = lr_logs(self.lr_scheduler, self.lr_descriptions)
+            logs = lr_logs(self.lr_scheduler, self.lr_descriptions, self.optimizer)
             if args.scale_weight_norms:
                 logs.update(self.max_norm_logs)
             # The loss stays on the device: the reporter reads it with other steps' (no sync per step).
@@ -719,7 +731,7 @@ class NetworkTrainer:
                 break
         else:
             self.position = Position(epoch + 1, 0, self.global_step)
-        self.reporter.scalars(self.global_step, {"loss/epoch_average": self.reporter.epoch_average()})
+        self.reporter.epoch_scalars(self.global_step, epoch + 1, {"loss/epoch_average": self.reporter.epoch_average()})
         self.after_epoch(args, epoch + 1)
 
     def skip_nonfinite_step(self, args: argparse.Namespace, batch: dict,
@@ -777,12 +789,12 @@ class NetworkTrainer:
         raise KeyboardInterrupt(str(path))
 
     def train_step(self, args: argparse.Namespace, batch: dict) -> torch.Tensor:
-        """One micro-batch: forward, backward; on sync steps all-reduce, clip, optimizer and scheduler step.
-        Returns the loss averaged over processes, a 0-dim float32 tensor on the device (not read here). The
-        non-finite guard's flag is the one value a step reads from the device."""
+        """One micro-batch: forward, backward (DDP averages the gradients on sync steps); on sync steps clip,
+        optimizer and scheduler step. Returns the loss averaged over processes, a 0-dim float32 tensor on the
+        device (not read here). The non-finite guard's flag is the one value a step reads from the device."""
         accelerator = self.accelerator
-        with accelerator.accumulate(self.network):
-            loss = self.batch_loss(args, batch, training=True)
+        with accelerator.accumulate(self.training_model):
+            loss = self.training_model(self.batch_loss, args, batch, training=True)
             self.step_finite = True
             if self.fused_backward is not None:
                 # The hooks clip and step every parameter during backward, so the guard must decide before it:
@@ -795,7 +807,6 @@ class NetworkTrainer:
                 self.batch_finite = finite_flag(loss) if self.batch_finite is None \
                     else self.batch_finite * finite_flag(loss)
                 if accelerator.sync_gradients:
-                    self.all_reduce_gradients()
                     norm = (accelerator.clip_grad_norm_(self.trainable_params, args.max_grad_norm)
                             if args.max_grad_norm else None)
                     self.step_finite = self.step_gradients_finite(norm)
@@ -854,17 +865,6 @@ class NetworkTrainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def all_reduce_gradients(self) -> None:
-        """Average the network gradients over processes (identical updates everywhere)."""
-        if self.accelerator.num_processes == 1:
-            return
-        import torch.distributed as dist
-
-        for p in self.trainable_params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad /= self.accelerator.num_processes
-
     def mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
         """Mean of `value` over processes: a 0-dim float32 tensor on the device (a collective, no host read)."""
         value = value.detach().float().mean()
@@ -908,9 +908,9 @@ class NetworkTrainer:
     def run_sampling(self, epoch: int | None, step: int) -> None:
         if not self.args.sample_prompts:
             return
-        with self.optimizer_eval_mode():
+        with self.optimizer_eval_mode(), self.reporter.excluded("sampling"):
             if self.is_main:
-                self.sample_images(self.args, self.accelerator, epoch, step)
+                self.reporter.samples(step, self.sample_images(self.args, self.accelerator, epoch, step) or [])
             self.accelerator.wait_for_everyone()
 
     # Schedule-free optimizers hold two weight sets; evaluation, sampling and saving must see the averaged one.
@@ -939,7 +939,7 @@ class NetworkTrainer:
     @torch.no_grad()
     def validate(self, args: argparse.Namespace) -> None:
         """Mean loss on the validation set with a fixed seed (RNG restored afterwards)."""
-        with self.optimizer_eval_mode():
+        with self.optimizer_eval_mode(), self.reporter.excluded("validation"):
             self.validation_loss(args)
 
     def validation_loss(self, args: argparse.Namespace) -> None:
@@ -968,8 +968,9 @@ class NetworkTrainer:
     def save_model(self, file_name: str, *, steps: int, epoch: int) -> Path | None:
         """Write the LoRA atomically (main process); the others wait."""
         path = Path(self.args.output_dir) / file_name
-        with self.optimizer_eval_mode():
+        with self.optimizer_eval_mode(), self.reporter.excluded("saving"):
             self.write_model(path, steps=steps, epoch=epoch)
+            self.reporter.write_pictures(self.args.output_dir, self.args.output_name)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -997,7 +998,7 @@ class NetworkTrainer:
         """Training state folder at `position`: network weights, optimizer, scheduler, the random states of every
         process (`rng`: this process's, default the current ones), the position and the run's settings."""
         path = Path(self.args.output_dir) / folder_name
-        with self.optimizer_eval_mode():
+        with self.optimizer_eval_mode(), self.reporter.excluded("saving"):
             self.write_state(path, position=position, kind=kind, rng=rng if rng is not None else capture_rng())
         return path
 

@@ -16,7 +16,7 @@ STEPS="${STEPS:-30}"
 
 # Install only what is missing (the CPU torch build first: an unpinned torch pulls a multi-GB CUDA build).
 python -c "import torch" 2>/dev/null || python -m pip install torch==2.13.0
-python -c "import accelerate, transformers, safetensors, toml, einops, PIL, tensorboard" 2>/dev/null \
+python -c "import accelerate, transformers, safetensors, toml, einops, PIL, tensorboard, matplotlib" 2>/dev/null \
   || python -m pip install -e .
 
 python examples/make_tiny_setup.py "$TINY"
@@ -41,4 +41,5 @@ accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no 
 echo
 echo "LoRA:          $(ls "$OUT"/tiny_lora*.safetensors)"
 echo "sample images: $OUT/sample/ ($(ls "$OUT/sample" | wc -l) files)"
+echo "pictures:      $OUT/tiny_lora_loss.png (loss / learning rate), $OUT/tiny_lora_samples.png (latest samples)"
 echo "logs:          $LOGS  (tensorboard --logdir $LOGS)"

@@ -59,7 +59,8 @@ class LoRAModule(AdapterModule):
         nn.init.zeros_(self.lora_up.weight)  # the network starts as an exact no-op
         self.refresh_scale()
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _rank_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """(drop(down(x)) [B, ..., r] in x's dtype, the scale to apply to up(...)); None when the module is skipped."""
         if self.skipped():
             return None
         h = F.linear(x, self.lora_down.weight.to(x.dtype))  # [B, ..., r]
@@ -72,7 +73,32 @@ class LoRAModule(AdapterModule):
             keep = torch.rand(mask_shape, device=h.device) >= self.rank_dropout
             h = h * keep.to(h.dtype)
             scale = scale / (1.0 - self.rank_dropout)  # keeps the expected update unchanged
-        return F.linear(h, self.lora_up.weight.to(x.dtype)) * (self.multiplier * scale)
+        return h, self.multiplier * scale
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        rank_part = self._rank_activations(x)
+        if rank_part is None:
+            return None
+        h, scale = rank_part
+        return F.linear(h, self.lora_up.weight.to(x.dtype)) * scale
+
+    def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        """output + delta(x), with the scale and the sum inside one GEMM (addmm): no full-size extra passes.
+
+        x: [B, ..., in]; output: the base layer's [B, ..., out].
+        """
+        x = args[0] if args else kwargs["input"]
+        rank_part = self._rank_activations(x)
+        if rank_part is None:
+            return output
+        h, scale = rank_part
+        flat = torch.addmm(
+            output.reshape(-1, output.shape[-1]),
+            h.reshape(-1, h.shape[-1]).to(output.dtype),
+            self.lora_up.weight.to(output.dtype).t(),  # [r, out]
+            alpha=scale,
+        )
+        return flat.view(output.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = up @ down * alpha / rank  [out, in] (multiplier not applied)."""

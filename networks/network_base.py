@@ -859,6 +859,9 @@ class AdapterNetwork(nn.Module):
             self.load_lora_state_dict(weights_sd)
         for lora in self.all_loras:
             base = self._targets[lora.lora_name].module
+            if base.weight.element_size() == 1:
+                raise AnimaError(f"cannot merge '{lora.lora_name}' into a float8 weight (--fp8_base); merge "
+                                 "before the weights are stored in float8")
             delta = lora.delta_weight().to(base.weight.device) * lora.multiplier
             base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
         kind = KIND_NAMES[self.module_class.KIND]

@@ -41,3 +41,13 @@ def tiny_setup(tmp_path_factory: pytest.TempPathFactory):
     from library.models.tiny import write_tiny_anima_setup
 
     return write_tiny_anima_setup(tmp_path_factory.mktemp("tiny_setup"))
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; a run with another --mixed_precision needs it reset (and after)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -173,8 +173,9 @@ def cache_only_without_disk_caches(w):
 
 
 @case
-def wandb_tracker(w):
-    return Case(w.argv("--log_with", "wandb"), "--log_with wandb: wandb logging is not available")
+def missing_tracker_config(w):
+    return Case(w.argv("--logging_dir", str(w.tmp / "logs"), "--log_tracker_config", w.missing("trackers.toml")),
+                "--log_tracker_config")
 
 
 @case

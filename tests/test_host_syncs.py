@@ -49,8 +49,7 @@ def test_training_steps_read_the_device_once_for_the_guard_and_when_the_reporter
 
 def test_reporter_reads_queued_losses_at_once_and_prints_the_same_lines(monkeypatch, capsys):
     monkeypatch.setattr(reporting, "LOSS_READ_INTERVAL", 3)
-    reporter = TrainingReporter(total_steps=7, initial_step=0, is_main_process=True, logging_dir=None,
-                                interactive=False)
+    reporter = TrainingReporter(total_steps=7, initial_step=0, is_main_process=True, interactive=False)
     losses = [0.5, 0.25, 0.125, 1.0, 2.0]
     with HostSyncCounter() as counter:
         for step, loss in enumerate(losses[:2], start=1):

@@ -57,3 +57,14 @@ def test_log_says_disk_caches_were_reused_and_why_a_caption_was_re_encoded(tiny_
     assert f"latent cache: {count} image(s), {count} reused from disk, 0 to encode" in second
     assert "re-encoding 1 text cache(s): caption changed" in second
     assert f"{count - 1} reused from disk, 1 to encode" in second
+
+
+def test_only_the_main_process_logs_below_errors(monkeypatch, restore_logging):
+    from library.training.reporting import setup_console_logging
+
+    monkeypatch.setenv("RANK", "1")
+    setup_console_logging("INFO")
+    assert logger.level == logging.ERROR and logging.getLogger("library").level == logging.ERROR
+    monkeypatch.setenv("RANK", "0")
+    setup_console_logging("INFO")
+    assert logger.level == logging.INFO

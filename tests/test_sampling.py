@@ -252,7 +252,9 @@ def test_generate_writes_named_pngs_and_restores_mode_and_rng(tmp_path):
     encoder = _fake_encodings(prompt_texts(prompts), 8)
 
     rng_before = torch.random.get_rng_state()
-    paths = generate_sample_images(model, vae, encoder, prompts, output_dir=tmp_path, output_name="run", step=7)
+    written = generate_sample_images(model, vae, encoder, prompts, output_dir=tmp_path, output_name="run", step=7)
+    assert [prompt for _, prompt in written] == prompts
+    paths = [path for path, _ in written]
 
     assert torch.equal(torch.random.get_rng_state(), rng_before)
     assert model.training and model.proj.training and not model.dropout.training
@@ -269,10 +271,10 @@ def test_generate_is_deterministic_for_a_seed_and_skips_unencodable_prompts(tmp_
     prompts = [SamplePrompt(0, "seeded", "", width=64, height=64, seed=11, sample_steps=2),
                SamplePrompt(1, "not cached", "", width=64, height=64, seed=11, sample_steps=2)]
     encoder = _fake_encodings(["seeded", ""], 8)
-    first = generate_sample_images(model, vae, encoder, prompts, output_dir=tmp_path / "a", output_name=None,
-                                   step=0, epoch=0)
-    second = generate_sample_images(model, vae, encoder, prompts[:1], output_dir=tmp_path / "b", output_name=None,
-                                    step=0, epoch=0)
+    first = [path for path, _ in generate_sample_images(model, vae, encoder, prompts, output_dir=tmp_path / "a",
+                                                        output_name=None, step=0, epoch=0)]
+    second = [path for path, _ in generate_sample_images(model, vae, encoder, prompts[:1], output_dir=tmp_path / "b",
+                                                         output_name=None, step=0, epoch=0)]
     assert len(first) == 1 and "sample prompt 1 skipped" in caplog.text
     assert first[0].name.startswith("e000000_00_")
     assert np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(second[0])))
@@ -358,7 +360,7 @@ def test_golden_sampling_is_deterministic_sized_and_leaves_training_state_alone(
         second = generate_sample_images(dit, vae, enc, prompts, output_dir=tmp_path / "b", output_name="g", step=10)
     finally:
         dit.eval()
-    images = [[np.asarray(Image.open(p)) for p in run] for run in (first, second)]
+    images = [[np.asarray(Image.open(p)) for p, _ in run] for run in (first, second)]
     assert [a.shape for a in images[0]] == [(64, 96, 3), (64, 64, 3)]
     for a, b in zip(*images):
         assert np.array_equal(a, b)

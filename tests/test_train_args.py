@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import toml
@@ -212,11 +213,43 @@ def test_all_conflicts_are_reported_together():
 
 
 def test_unsupported_sd_flags_are_warned_not_silently_ignored():
-    args, warnings = parse("--fp8_base", "--v2", "--v_parameterization", "--clip_skip", "2", "--noise_offset", "0.1")
-    assert args.fp8_base is False
+    args, warnings = parse("--v2", "--v_parameterization", "--clip_skip", "2", "--noise_offset", "0.1")
     text = " ".join(warnings)
-    for flag in ("--fp8_base", "--v2", "--v_parameterization", "--clip_skip", "--noise_offset"):
+    for flag in ("--v2", "--v_parameterization", "--clip_skip", "--noise_offset"):
         assert flag in text
+
+
+def test_fp8_base_unet_means_fp8_base():
+    args, _ = parse("--fp8_base_unet")
+    assert args.fp8_base
+
+
+def test_torch_compile_compiles_the_blocks_with_the_dynamo_backend():
+    from library.training.args import compile_options
+
+    args, _ = parse("--torch_compile", "--dynamo_backend", "EAGER")
+    assert args.compile and compile_options(args) == {"backend": "eager", "mode": None, "dynamic": None,
+                                                      "fullgraph": False}
+    args, _ = parse("--compile", "--compile_mode", "max-autotune-no-cudagraphs", "--compile_dynamic", "false",
+                    "--compile_fullgraph", "--compile_cache_size_limit", "64")
+    assert compile_options(args) == {"backend": "inductor", "mode": "max-autotune-no-cudagraphs", "dynamic": False,
+                                     "fullgraph": True}
+    args, _ = parse()
+    assert compile_options(args) is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--compile_mode", "default"], "--compile_mode need(s) --compile"),
+    (["--compile_fullgraph", "--compile_backend", "eager"], "--compile_backend, --compile_fullgraph need(s)"),
+    (["--torch_compile", "--dynamo_backend", "eager", "--compile_backend", "aot_eager"], "disagree"),
+    (["--compile", "--compile_backend", "no_such_backend"], "unknown torch.compile backend"),
+    (["--compile", "--compile_mode", "reduce-overhead", "--blocks_to_swap", "4"], "captures CUDA graphs"),
+    (["--compile", "--compile_cache_size_limit", "0"], "--compile_cache_size_limit must be at least 1"),
+    (["--compile", "--compile_backend", "eager", "--compile_mode", "default"], "--compile_mode is an inductor option"),
+])
+def test_compile_flags_without_effect_or_in_conflict_are_rejected(argv, message):
+    with pytest.raises(AnimaError, match=re.escape(message)):
+        parse(*argv)
 
 
 def test_cached_text_outputs_train_only_the_dit_lora_with_a_warning():
@@ -243,7 +276,7 @@ def test_logging_dir_turns_on_tensorboard():
 
 def test_help_marks_gpu_only_flags():
     text = setup_parser().format_help()
-    for flag in ("--fp8_base", "--xformers"):
+    for flag in ("--xformers",):
         start = text.index(f"\n  {flag}")  # the option's help entry, not the usage line
         block = text[start:start + 400]
         assert "[GPU only]" in block, flag
@@ -279,9 +312,6 @@ def test_huber_with_every_schedule_including_the_default_snr_is_accepted():
     (["--resume_from_huggingface"], "--resume_from_huggingface", "--resume"),
     (["--async_upload"], "--async_upload", "Hugging Face"),
     (["--dataset_class", "my.Dataset"], "--dataset_class", "--dataset_config"),
-    (["--wandb_api_key", "k"], "--wandb_api_key", "--logging_dir"),
-    (["--wandb_run_name", "r"], "--wandb_run_name", "--logging_dir"),
-    (["--log_with", "wandb"], "--log_with wandb", "--logging_dir"),
 ])
 def test_unsupported_sd_scripts_flags_are_rejected_with_advice(argv, flag, advice):
     with pytest.raises(AnimaError) as err:

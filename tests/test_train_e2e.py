@@ -3,6 +3,7 @@ metadata is complete, cached caption dropout uses the empty-caption encoding, 2-
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -117,17 +118,48 @@ def test_cached_caption_dropout_feeds_the_empty_caption_encoding(tiny, tmp_path)
 
 
 DDP_WORKER = """
-import sys, torch
+import json, os, sys, torch
 from safetensors.torch import save_file
 sys.path.insert(0, {repo!r})
 from anima_train_network import AnimaNetworkTrainer
 from library.io.run_lock import is_run_lock_file
 from library.training.args import parse_args
+
+def prepare_and_record(self, args):
+    # What the trainer handed to DDP, read while the process group is alive (end_training destroys it).
+    AnimaNetworkTrainer.prepare_for_real(self, args)
+    model = self.training_model
+    group = torch.distributed.distributed_c10d._get_default_group()
+    info = {{"wrapper": type(model).__name__, "inner": type(model.module).__name__,
+            "owns_network": model.module.network is self.network,
+            "gradient_as_bucket_view": model.gradient_as_bucket_view, "static_graph": model.static_graph,
+            "find_unused_parameters": model.find_unused_parameters,
+            "timeout_s": group._get_backend(torch.device("cpu")).options._timeout.total_seconds()}}
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(f"{{args.output_dir}}/ddp{{self.accelerator.process_index}}.json", "w") as f:
+        json.dump(info, f)
+
+
+no_sync_entries = []
+ddp_no_sync = torch.nn.parallel.DistributedDataParallel.no_sync
+
+
+def counting_no_sync(self):
+    no_sync_entries.append(1)
+    return ddp_no_sync(self)
+
+
+torch.nn.parallel.DistributedDataParallel.no_sync = counting_no_sync
+AnimaNetworkTrainer.prepare_for_real = AnimaNetworkTrainer.prepare
+AnimaNetworkTrainer.prepare = prepare_and_record
 args, _ = parse_args(sys.argv[1:])
 trainer = AnimaNetworkTrainer()
 trainer.train(args)
+rank = trainer.accelerator.process_index
 state = {{k: v.detach().cpu().contiguous() for k, v in trainer.network.state_dict().items()}}
-save_file(state, f"{{args.output_dir}}/rank{{trainer.accelerator.process_index}}.safetensors")
+save_file(state, f"{{args.output_dir}}/rank{{rank}}.safetensors")
+with open(f"{{args.output_dir}}/no_sync{{rank}}.txt", "w") as f:
+    f.write(str(len(no_sync_entries)))
 """
 
 
@@ -139,7 +171,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_process_ddp_keeps_identical_weights(tiny, tmp_path):
+def run_two_processes(tiny, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path, list[dict]]:
+    """Train on the tiny setup with 2 CPU processes (gloo); returns the run, its output dir and each rank's
+    DDP wrapper facts."""
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER.format(repo=str(REPO)))
     out = tmp_path / "ddp"
@@ -148,16 +182,60 @@ def test_two_process_ddp_keeps_identical_weights(tiny, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()),
-           str(worker), *base_argv(tiny, out, "--max_train_steps", "3", "--learning_rate", "5e-3")]
+           str(worker), *base_argv(tiny, out, "--learning_rate", "5e-3", *extra)]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    infos = [json.loads((out / f"ddp{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, info in enumerate(infos):
+        info["no_sync_entries"] = int((out / f"no_sync{rank}.txt").read_text())
+    return result, out, infos
+
+
+def assert_identical_ranks(out: Path) -> None:
+    """Both processes end with the same LoRA (the same computation, so bitwise) and it was trained."""
     rank0 = load_file(str(out / "rank0.safetensors"))
     rank1 = load_file(str(out / "rank1.safetensors"))
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     assert any(rank0[k].abs().sum() > 0 for k in rank0 if k.endswith("lora_up.weight")), "nothing was trained"
+
+
+def test_two_process_ddp_keeps_identical_weights(tiny, tmp_path):
+    result, out, infos = run_two_processes(tiny, tmp_path, "--max_train_steps", "3")
+    # The network trains inside accelerate's DistributedDataParallel wrapper, with DDP's default options.
+    for info in infos:
+        assert info == {"wrapper": "DistributedDataParallel", "inner": "TrainingModule", "owns_network": True,
+                        "gradient_as_bucket_view": False, "static_graph": False, "find_unused_parameters": False,
+                        "timeout_s": info["timeout_s"],
+                        "no_sync_entries": 0}  # no accumulation: every micro-batch all-reduces
+    assert_identical_ranks(out)
+    rank0 = load_file(str(out / "rank0.safetensors"))
     saved = load_file(str(out / "tiny.safetensors"))
     for key in saved:
         assert torch.equal(saved[key], rank0[key]), key
     # Only the main process writes outputs.
     assert result.stdout.count("training finished") == 1
+
+
+def test_two_process_accumulation_skips_the_all_reduce_and_ddp_flags_reach_the_wrapper(tiny, tmp_path):
+    # With gradient checkpointing (the LoRA layers run again inside the backward) and module dropout (a skipped
+    # LoRA module gets no gradient in that step, which DDP must expect).
+    _, out, infos = run_two_processes(tiny, tmp_path, "--max_train_steps", "2", "--gradient_accumulation_steps", "2",
+                                      "--ddp_gradient_as_bucket_view", "--ddp_timeout", "7", "--gradient_checkpointing",
+                                      "--network_args", "module_dropout=0.5")
+    for info in infos:
+        assert info["wrapper"] == "DistributedDataParallel"
+        assert info["gradient_as_bucket_view"] is True and info["static_graph"] is False
+        assert info["find_unused_parameters"] is True
+        assert info["timeout_s"] == 7 * 60
+        # Accumulation micro-batches ran under DDP's no_sync (a step that ends the epoch early syncs at once).
+        assert info["no_sync_entries"] >= 1
+    assert_identical_ranks(out)
+
+
+def test_two_process_ddp_static_graph_reaches_the_wrapper(tiny, tmp_path):
+    # With CPU-offload checkpointing: its inner backward gives the LoRA parameters their gradients.
+    _, out, infos = run_two_processes(tiny, tmp_path, "--max_train_steps", "2", "--ddp_static_graph",
+                                      "--cpu_offload_checkpointing")
+    assert [info["static_graph"] for info in infos] == [True, True]
+    assert_identical_ranks(out)

@@ -88,8 +88,7 @@ def test_train_state_of_the_earlier_format_reads_with_its_counters(tmp_path):
 def test_end_summary_reports_steps_output_and_cpu_peak_memory():
     from library.training.reporting import TrainingReporter
 
-    reporter = TrainingReporter(total_steps=3, initial_step=0, is_main_process=True, logging_dir=None,
-                                interactive=False)
+    reporter = TrainingReporter(total_steps=3, initial_step=0, is_main_process=True, interactive=False)
     text = reporter.summary(steps=3, output_file="out/last.safetensors", device=torch.device("cpu"))
     reporter.close()
     assert "3 steps" in text and "out/last.safetensors" in text
@@ -113,8 +112,7 @@ def test_saved_files_get_the_users_normal_permissions(tmp_path):
 def test_end_summary_after_resume_counts_the_steps_of_this_run():
     from library.training.reporting import TrainingReporter
 
-    reporter = TrainingReporter(total_steps=200, initial_step=120, is_main_process=True, logging_dir=None,
-                                interactive=False)
+    reporter = TrainingReporter(total_steps=200, initial_step=120, is_main_process=True, interactive=False)
     text = reporter.summary(steps=200, output_file=None, device=torch.device("cpu"))
     reporter.close()
     assert "at step 200: 80 steps in this run" in text.splitlines()[0]

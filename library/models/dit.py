@@ -11,6 +11,7 @@ Token layout inside the DiT: ``[B, L, D]`` with the (t, h, w) patch grid flatten
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -97,24 +98,90 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            # One fused kernel on CUDA (float32 statistics inside), no float32 copy of x.
+            with autocast_off(x):
+                return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return normed.to(x.dtype) * self.weight.to(x.dtype)
+
+
+def _autocast_device_type(x: torch.Tensor) -> str:
+    # Meta tensors stand for CUDA ones: bench/bench_step_traffic.py counts the CUDA autocast step on them.
+    return "cuda" if x.device.type == "meta" else x.device.type
+
+
+def autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context without autocast for x's device type (a no-op when autocast is off there).
+
+    Used around norms whose kernels already keep float32 statistics for 16-bit inputs: autocast would otherwise
+    cast their whole input to float32 first (layer_norm is on its float32 list) and return float32 activations.
+    """
+    device_type = _autocast_device_type(x)
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the next Linear computes in: autocast's when it is on for x's device, else x's own."""
+    device_type = _autocast_device_type(x)
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 def layer_norm_no_affine(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), eps=NORM_EPS)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LayerNorm(x) * (1 + scale) + shift, returned in the compute dtype (see ``compute_dtype``).
+
+    x: [B, L, D]; shift/scale: [B, 1, D]. float32 x: computed in float32 and cast once, so every Linear and LoRA
+    reading the result shares one copy. 16-bit x: the norm kernel keeps float32 statistics and writes x's dtype;
+    the affine part is one fused multiply-add.
+    """
+    if x.dtype == torch.float32:
+        h = layer_norm_no_affine(x) * (1 + scale) + shift
+        dtype = compute_dtype(x)
+        return h if dtype == h.dtype else h.to(dtype)
+    with autocast_off(x):
+        normed = layer_norm_no_affine(x)
+    return torch.addcmul(shift.to(x.dtype), normed, (1 + scale).to(x.dtype))
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """x + gate * update; one fused kernel for 16-bit hidden states (float32 keeps the separate ops)."""
+    if x.dtype == torch.float32:
+        return x + gate * update
+    return torch.addcmul(x, gate.to(x.dtype), update.to(x.dtype))
+
+
+def rope_tables(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE angles [L, Dh] (float32) -> (cos, signed sin) [L, Dh] in dtype, the tables ``apply_rope`` takes.
+
+    The signed sin is -sin on the first half of the lanes and sin on the second, so the rotation needs no
+    negation pass: x * cos + roll(x, Dh/2) * signed_sin.
+    """
+    half = angles.shape[-1] // 2
+    sin = angles.sin()
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return angles.cos().to(dtype), signed_sin.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Half-split ("rotate half") rotary embedding: lane j pairs with lane j + Dh/2.
 
-    x: [B, L, H, Dh]; cos/sin: [L, Dh] float32. Rotation in float32, result in x's dtype.
+    x: [B, L, H, Dh]; cos/signed_sin: [L, Dh] from ``rope_tables``. float32 x: rotation in float32 (the same bits
+    as with cat(-x2, x1) * sin, negation being exact). 16-bit x: three kernels in x's dtype, no float32 copy.
     """
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+    rolled = x.roll(x.shape[-1] // 2, dims=-1)  # [x2, x1]
+    cos, signed_sin = cos[:, None, :], signed_sin[:, None, :]
+    if x.dtype == torch.float32:
+        return x * cos.float() + rolled * signed_sin.float()
+    return torch.addcmul(x * cos.to(x.dtype), rolled, signed_sin.to(x.dtype))
 
 
 def _inverse_frequencies(dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
@@ -255,8 +322,8 @@ class LLMAdapter(nn.Module):
         device = x.device
         target_angles = sequence_rope_angles(x.shape[1], self.head_dim, device)
         source_angles = sequence_rope_angles(source.shape[1], self.head_dim, device)
-        target_rope = (target_angles.cos(), target_angles.sin())
-        source_rope = (source_angles.cos(), source_angles.sin())
+        target_rope = rope_tables(target_angles, torch.float32)
+        source_rope = rope_tables(source_angles, torch.float32)
         target_mask = None if target_attention_mask is None else target_attention_mask.bool()
         source_mask = None if source_attention_mask is None else source_attention_mask.bool()
         for block in self.blocks:
@@ -393,6 +460,7 @@ class Block(nn.Module):
         self.adaln_modulation_mlp = _adaln_modulation(d, config.adaln_lora_dim, 3)
         self.gradient_checkpointing = False
         self.checkpoint_offload: str | None = None  # None, CPU_OFFLOAD or UNSLOTH_OFFLOAD
+        self.compiled_body = None  # torch.compile'd _body (Anima.compile_blocks), run inside the checkpointing
 
     def _body(
         self,
@@ -406,17 +474,19 @@ class Block(nn.Module):
         split_attn: bool,
     ) -> torch.Tensor:
         # x: [B, L, D]; emb: [B, 1, D]; adaln_lora: [B, 1, 3D] (shared by every sub-layer)
+        # rope_cos/rope_sin: [L, Dh] from rope_tables. h is made once per sub-layer in the compute dtype and
+        # shared by q/k/v and their LoRA downs.
         shift, scale, gate = (self.adaln_modulation_self_attn(emb) + adaln_lora).chunk(3, dim=-1)
-        h = layer_norm_no_affine(x) * (1 + scale) + shift
-        x = x + gate * self.self_attn(h, h, (rope_cos, rope_sin), attn_mode, split_attn)
+        h = modulate(x, shift, scale)
+        x = gated_residual(x, gate, self.self_attn(h, h, (rope_cos, rope_sin), attn_mode, split_attn))
 
         shift, scale, gate = (self.adaln_modulation_cross_attn(emb) + adaln_lora).chunk(3, dim=-1)
-        h = layer_norm_no_affine(x) * (1 + scale) + shift
-        x = x + gate * self.cross_attn(h, context, None, attn_mode, split_attn)
+        h = modulate(x, shift, scale)
+        x = gated_residual(x, gate, self.cross_attn(h, context, None, attn_mode, split_attn))
 
         shift, scale, gate = (self.adaln_modulation_mlp(emb) + adaln_lora).chunk(3, dim=-1)
-        h = layer_norm_no_affine(x) * (1 + scale) + shift
-        return x + gate * self.mlp(h)
+        h = modulate(x, shift, scale)
+        return gated_residual(x, gate, self.mlp(h))
 
     def forward(
         self,
@@ -430,14 +500,15 @@ class Block(nn.Module):
         split_attn: bool = False,
     ) -> torch.Tensor:
         args = (x, emb, context, rope_cos, rope_sin, adaln_lora, attn_mode, split_attn)
+        body = self._body if self.compiled_body is None else self.compiled_body
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             if self.checkpoint_offload is None:
-                return checkpoint(self._body, *args, use_reentrant=False)
-            body = functools.partial(self._body, attn_mode=attn_mode, split_attn=split_attn)
+                return checkpoint(body, *args, use_reentrant=False)
+            body = functools.partial(body, attn_mode=attn_mode, split_attn=split_attn)
             return checkpoint_with_cpu_offload(
                 body, *args[:6], asynchronous=self.checkpoint_offload == UNSLOTH_OFFLOAD
             )
-        return self._body(*args)
+        return body(*args)
 
 
 class FinalLayer(nn.Module):
@@ -451,7 +522,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor, adaln_lora: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1]
         shift, scale = (self.adaln_modulation(emb) + adaln_lora[..., : 2 * d]).chunk(2, dim=-1)
-        return self.linear(layer_norm_no_affine(x) * (1 + scale) + shift)
+        return self.linear(modulate(x, shift, scale))
 
 
 class Anima(nn.Module):
@@ -479,7 +550,7 @@ class Anima(nn.Module):
             config.adapter_mlp_channels,
             config.adapter_vocab_size,
         )
-        # (T', H', W', device) -> (cos, sin) [L, head_dim] float32; derived data, never in the state dict.
+        # (T', H', W', device, dtype) -> rope_tables [L, head_dim]; derived data, never in the state dict.
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.block_swapper: BlockSwapper | None = None
 
@@ -525,7 +596,23 @@ class Anima(nn.Module):
             block.gradient_checkpointing = False
             block.checkpoint_offload = None
 
-    # ---- block swap (library.models.block_swap) -----------------------------------------------------------------------
+    def compile_blocks(
+        self, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = None, fullgraph: bool = False
+    ) -> None:
+        """``torch.compile`` every DiT block's computation (``--compile``), one compiled function per block.
+
+        What is compiled is the block body: gradient checkpointing, CPU-offload checkpointing and block swap stay
+        eager around it (their copies, streams and autograd hooks are host-side bookkeeping). The LoRA hooks of
+        the block's Linear layers and float8 weights (``--fp8_base``) are traced into the graph. Parameters are
+        graph inputs, so block swap re-pointing a block at another device slot needs no recompilation; modes
+        that capture CUDA graphs (fixed addresses) are refused with block swap by the trainer.
+        """
+        for block in self.blocks:
+            block.compiled_body = torch.compile(
+                block._body, backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph
+            )
+
+        # ---- block swap (library.models.block_swap) -----------------------------------------------------------------------
 
     def enable_block_swap(self, num_blocks: int, device: torch.device) -> None:
         """Keep the weights of ``num_blocks`` DiT blocks in CPU memory and stream them in during forward/backward.
@@ -573,12 +660,15 @@ class Anima(nn.Module):
         ratios = (c.rope_h_extrapolation_ratio, c.rope_w_extrapolation_ratio, c.rope_t_extrapolation_ratio)
         return video_rope_angles(frames, height, width, c.head_dim, ratios, device)
 
-    def _rope_cos_sin(self, frames: int, height: int, width: int, device: torch.device):
-        key = (frames, height, width, str(device))
+    def _rope_cos_sin(
+        self, frames: int, height: int, width: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ):
+        """rope_tables for the grid in the dtype the rotation runs in (float32, or the 16-bit q/k dtype)."""
+        key = (frames, height, width, str(device), dtype)
         cached = self._rope_cache.get(key)
         if cached is None:
             angles = self.rope_angles(frames, height, width, device)
-            cached = (angles.cos(), angles.sin())
+            cached = rope_tables(angles, dtype)
             self._rope_cache[key] = cached
         return cached
 
@@ -634,7 +724,7 @@ class Anima(nn.Module):
 
         sinusoid, adaln_lora = self.t_embedder(timesteps.reshape(b))  # [B, 1, D], [B, 1, 3D]
         emb = self.t_embedding_norm(sinusoid)
-        rope_cos, rope_sin = self._rope_cos_sin(*grid, x.device)
+        rope_cos, rope_sin = self._rope_cos_sin(*grid, x.device, compute_dtype(x))
         context = crossattn_emb.to(dtype)
 
         swapper = self.block_swapper

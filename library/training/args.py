@@ -32,6 +32,9 @@ LOSS_TYPES = ["l1", "l2", "huber", "smooth_l1"]
 HUBER_SCHEDULES = ["constant", "exponential", "snr"]
 MAX_BLOCKS_TO_SWAP = max_blocks_to_swap(AnimaConfig().num_blocks)  # 26 for the 28-block DiT
 
+# --log_with values: accelerate's tracker names (accelerate.utils.LoggerType), "all" last.
+TRACKERS = ["tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio", "all"]
+
 # Flags sd-scripts command lines carry that change nothing for Anima: accepted so those command lines run, and
 # warned once when given (a value other than the default). name -> why it has no effect. The --help text of each
 # flag and the list in docs/flags.md come from this table.
@@ -230,8 +233,14 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="autocast and frozen-model dtype")
     a("full_fp16", action="store_true", help="keep the LoRA weights in fp16 (needs --mixed_precision fp16)")
     a("full_bf16", action="store_true", help="keep the LoRA weights in bf16 (needs --mixed_precision bf16)")
-    a("fp8_base", action="store_true", help=GPU_ONLY + "not supported for Anima: disabled with a warning")
-    a("fp8_base_unet", action="store_true", help=GPU_ONLY + "not supported for Anima: disabled with a warning")
+    a("fp8_base", action="store_true",
+      help="store the frozen DiT block projections (attention q/k/v/output, MLP) as float8_e4m3fn with one scale "
+      "per output channel and compute them in bf16 (or the autocast dtype): 0.55x the block weight memory and "
+      "swap traffic. Embedders, norms, adaLN modulation, the final layer, the LLM adapter, Qwen3 and the LoRA "
+      "keep their dtype. Verified on CPU (tests/test_fp8.py); the CUDA path is covered by "
+      "tests/test_fp8.py::test_gpu_fp8_training_step_matches_bf16_on_cuda")
+    a("fp8_base_unet", action="store_true",
+      help="same as --fp8_base (the DiT is Anima's U-Net; the text encoder is never stored in float8)")
     a("no_half_vae", action="store_true", help="keep the VAE in float32")
     a("seed", type=int, default=None, help="random seed (default: random)")
     a("gradient_checkpointing", action="store_true", help="recompute DiT block activations in backward")
@@ -273,9 +282,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("mem_eff_attn", action="store_true")
     a("sdpa", action="store_true", help="use torch SDPA attention (the default; same as --attn_mode torch)")
     a("xformers", action="store_true", help=GPU_ONLY + "use xformers attention (same as --attn_mode xformers)")
-    a("torch_compile", action="store_true", help="compile the model with torch.compile")
+    a("torch_compile", action="store_true",
+      help="same as --compile (each DiT block compiled), with --dynamo_backend as the backend")
     a("dynamo_backend", type=str, default=None,
-      help="torch.compile backend (default inductor); only used with --torch_compile (warned otherwise)")
+      help="torch.compile backend for --torch_compile (default inductor); without --torch_compile it has no "
+      "effect (warned)")
     a("ddp_timeout", type=int, default=None, help="multi-GPU: process-group timeout in minutes")
     a("ddp_gradient_as_bucket_view", action="store_true", help="multi-GPU: DDP gradient_as_bucket_view")
     a("ddp_static_graph", action="store_true", help="multi-GPU: DDP static_graph")
@@ -330,12 +341,19 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging and metadata")
     a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
-    a("logging_dir", type=str, default=None, help="TensorBoard folder (enables tensorboard)")
-    a("log_with", choices=["tensorboard", "wandb", "all"], default=None, help="tracker")
+    a("logging_dir", type=str, default=None,
+      help="folder of the tracker logs (alone it turns on tensorboard); each run writes <prefix><timestamp>/ there")
+    a("log_with", choices=TRACKERS, default=None,
+      help="experiment tracker (through accelerate); 'all': every installed one; tensorboard/all need --logging_dir")
     a("log_prefix", type=str, default=None, help="prefix of the run folder")
-    a("log_tracker_name", type=str, default=None, help="tracker project name")
-    a("log_tracker_config", type=str, default=None, help="tracker init kwargs TOML")
-    a("log_config", action="store_true", help="log the training arguments to the tracker")
+    a("log_tracker_name", type=str, default=None, help="tracker project / run-group name (default network_train)")
+    a("log_tracker_config", type=str, default=None,
+      help="TOML of tracker init kwargs, one table per tracker, e.g. [wandb] entity = \"me\"")
+    a("log_config", action="store_true",
+      help="log the training arguments as hyperparameters (secrets and local paths left out)")
+    a("wandb_run_name", type=str, default=None, help="wandb run name")
+    a("wandb_api_key", type=str, default=None,
+      help="wandb API key (logs in before the run; never written by --output_config)")
     a("console_log_level", type=str, default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
       help="console log level")
     a("console_log_file", type=str, default=None, help="also write the console log to this file")
@@ -349,7 +367,6 @@ def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
 # name -> (argparse keywords, what to do instead)
 _DEEPSPEED = "DeepSpeed is not supported; remove it (multi-GPU training runs with `accelerate launch --multi_gpu`)"
 _HUB = "Hugging Face upload/resume is not supported; remove it and upload the files from --output_dir yourself"
-_WANDB = "wandb logging is not available; remove it and use --logging_dir (TensorBoard)"
 UNSUPPORTED_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
     "deepspeed": ({"action": "store_true"}, _DEEPSPEED),
     "zero_stage": ({"type": int, "default": 2}, _DEEPSPEED),
@@ -371,8 +388,6 @@ UNSUPPORTED_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
     "async_upload": ({"action": "store_true"}, _HUB),
     "dataset_class": ({"type": str, "default": None}, "custom dataset classes are not supported; describe the "
                       "images with --dataset_config (a dataset TOML) or --train_data_dir"),
-    "wandb_run_name": ({"type": str, "default": None}, _WANDB),
-    "wandb_api_key": ({"type": str, "default": None}, _WANDB),
 }
 
 
@@ -390,6 +405,73 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     a("output_config", type=str, nargs="?", const=True, default=None, help="write the given arguments to this TOML and exit (bare: to the --config_file path); refuses to overwrite")
 
 
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # fixed tensor addresses: no block swap
+_COMPILE_OPTIONS = ("compile_backend", "compile_mode", "compile_dynamic", "compile_cache_size_limit")
+
+
+def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("torch.compile (sd-scripts' per-block compile flags)")
+    a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
+    a("compile", action="store_true",
+      help="torch.compile each DiT block (forward and backward; LoRA and --fp8_base inside the graph, checkpointing "
+      "and block swap around it). Verified on CPU with the eager/aot_eager backends, no graph break inside a "
+      "block (tests/test_compile.py); inductor on CUDA is covered by "
+      "tests/test_compile.py::test_gpu_inductor_compiled_blocks_match_eager_on_cuda")
+    a("compile_backend", type=str, default=None, help="torch.compile backend (default inductor; needs --compile)")
+    a("compile_mode", choices=COMPILE_MODES, default=None,
+      help="torch.compile mode (default: default; needs --compile); reduce-overhead and max-autotune capture CUDA "
+      "graphs and are refused with --blocks_to_swap")
+    a("compile_dynamic", choices=["true", "false", "auto"], default=None,
+      help="dynamic shapes: true, false or auto (default auto: PyTorch decides; needs --compile)")
+    a("compile_fullgraph", action="store_true",
+      help="fail instead of splitting a block's graph (needs --compile)")
+    a("compile_cache_size_limit", type=int, default=None,
+      help="torch._dynamo.config.cache_size_limit (default: PyTorch's; needs --compile)")
+
+
+def compile_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """torch.compile keyword arguments for the DiT blocks, or None without --compile (after validate_args)."""
+    if not args.compile:
+        return None
+    dynamic = {"true": True, "false": False, "auto": None, None: None}[args.compile_dynamic]
+    return {"backend": args.compile_backend or "inductor", "mode": args.compile_mode, "dynamic": dynamic,
+            "fullgraph": args.compile_fullgraph}
+
+
+def _validate_compile_args(args: argparse.Namespace, reject: Any, warnings: list[str]) -> None:
+    dynamo_backend = None if (args.dynamo_backend or "no").lower() == "no" else args.dynamo_backend.lower()
+    if args.torch_compile:
+        args.compile = True  # accelerate's dynamo plugin would never see the DiT: compile its blocks instead
+        if dynamo_backend and args.compile_backend and dynamo_backend != args.compile_backend.lower():
+            reject(f"--dynamo_backend {args.dynamo_backend} and --compile_backend {args.compile_backend} disagree; "
+                   "keep one")
+        args.compile_backend = args.compile_backend or dynamo_backend
+        if args.dynamo_backend is None:
+            args.dynamo_backend = "inductor"
+    elif args.dynamo_backend is not None:
+        warnings.append(f"--dynamo_backend {args.dynamo_backend} has no effect without --torch_compile; ignored")
+    if not args.compile:
+        given = [_flag(name) for name in _COMPILE_OPTIONS if getattr(args, name) is not None]
+        given += ["--compile_fullgraph"] if args.compile_fullgraph else []
+        if given:
+            reject(f"{', '.join(given)} need(s) --compile")
+        return
+    if args.compile_cache_size_limit is not None and args.compile_cache_size_limit < 1:
+        reject(f"--compile_cache_size_limit must be at least 1, got {args.compile_cache_size_limit}")
+    if args.blocks_to_swap and args.compile_mode in CUDA_GRAPH_COMPILE_MODES:
+        reject(f"--compile_mode {args.compile_mode} captures CUDA graphs (fixed weight addresses), which block swap "
+               "changes every step; use --compile_mode default or max-autotune-no-cudagraphs with --blocks_to_swap")
+    backend = args.compile_backend or "inductor"
+    if args.compile_mode is not None and backend != "inductor":
+        reject(f"--compile_mode is an inductor option; the {backend} backend would ignore it")
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        reject(f"--compile_backend {backend}: unknown torch.compile backend; choose one of {', '.join(known)}")
+
+
 def setup_parser() -> argparse.ArgumentParser:
     """The full trainer parser: dataset flags (from the dataset module) plus every training flag."""
     parser = OneLineErrorParser(
@@ -402,6 +484,7 @@ def setup_parser() -> argparse.ArgumentParser:
     _add_network_arguments(parser)
     _add_optimizer_arguments(parser)
     _add_training_arguments(parser)
+    _add_compile_arguments(parser)
     _add_saving_arguments(parser)
     _add_sampling_arguments(parser)
     _add_logging_arguments(parser)
@@ -560,21 +643,17 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     if args.attn_mode == "xformers" and not args.split_attn:
         reject("--attn_mode xformers (or --xformers) needs --split_attn; add it or use --attn_mode torch")
 
+    if args.fp8_base_unet:
+        args.fp8_base = True  # the DiT is the only model --fp8_base stores in float8
+    _validate_compile_args(args, reject, warnings)
+
     # Options that do nothing for Anima: accepted so sd-scripts command lines run, but never silently.
-    if args.fp8_base or args.fp8_base_unet:
-        warnings.append("--fp8_base / --fp8_base_unet are not supported for Anima; training without fp8")
-        args.fp8_base = False
-        args.fp8_base_unet = False
     defaults = _parser_defaults()
     for name in NO_EFFECT_FLAGS:
         value = getattr(args, name)
         if value == defaults[name] or (name == "sample_sampler" and value in EULER_SAMPLERS):
             continue
         warnings.append(f"{_flag(name)} has no effect for Anima ({NO_EFFECT_FLAGS[name]}); ignored")
-    if args.dynamo_backend is not None and not (args.torch_compile or getattr(args, "compile", False)):
-        warnings.append(f"--dynamo_backend {args.dynamo_backend} has no effect without --torch_compile; ignored")
-    if args.torch_compile and args.dynamo_backend is None:
-        args.dynamo_backend = "inductor"
     for name in ("min_timestep", "max_timestep"):
         value = getattr(args, name)
         if value is not None and not 0 <= value <= 1000:
@@ -649,6 +728,10 @@ def validate_args(args: argparse.Namespace) -> list[str]:
             reject("--fused_backward_pass only works with --optimizer_type Adafactor")
         if args.gradient_accumulation_steps > 1:
             reject("--fused_backward_pass does not work with --gradient_accumulation_steps > 1")
+    if args.ddp_static_graph and args.gradient_accumulation_steps > 1:
+        # PyTorch's DDP static graph breaks under no_sync (the accumulation micro-steps): pytorch/pytorch#143580.
+        reject("--ddp_static_graph does not work with --gradient_accumulation_steps > 1 (PyTorch DDP limitation); "
+               "drop one")
     warmup_free = args.lr_scheduler in ("constant", "adafactor") or bool(args.lr_scheduler_type)
     if warmup_free and args.lr_warmup_steps:
         name = args.lr_scheduler_type or args.lr_scheduler
@@ -685,8 +768,25 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         args.log_with = "tensorboard"
     if args.log_with in ("tensorboard", "all") and not args.logging_dir:
         reject(f"--log_with {args.log_with} needs --logging_dir")
-    if args.log_with in ("wandb", "all"):
-        reject(f"--log_with {args.log_with}: {_WANDB}")
+    if args.log_with not in (None, "all"):
+        from accelerate.tracking import get_available_trackers
+
+        if args.log_with not in {str(t.value) for t in get_available_trackers()}:
+            reject(f"--log_with {args.log_with}: the {args.log_with} package is not installed; "
+                   f"pip install {args.log_with.replace('_', '-')}")
+    if args.log_tracker_config:
+        if not os.path.isfile(args.log_tracker_config):
+            reject(f"--log_tracker_config {args.log_tracker_config}: not found; check the path")
+        else:
+            read_tracker_config(args.log_tracker_config, reject)
+    tracker_flags = [f for f in ("log_prefix", "log_tracker_name", "log_tracker_config", "log_config")
+                     if getattr(args, f)]
+    if tracker_flags and not args.log_with:
+        warnings.append(f"{', '.join(_flag(f) for f in tracker_flags)} have no effect without --log_with "
+                        "or --logging_dir")
+    wandb_flags = [f for f in ("wandb_run_name", "wandb_api_key") if getattr(args, f)]
+    if wandb_flags and args.log_with not in ("wandb", "all"):
+        warnings.append(f"{', '.join(_flag(f) for f in wandb_flags)} have no effect without --log_with wandb")
     for name, (kwargs, advice) in UNSUPPORTED_FLAGS.items():
         if getattr(args, name, None) != kwargs.get("default", False if kwargs.get("action") else None):
             reject(f"{_flag(name)}: {advice}")
@@ -717,6 +817,28 @@ def validate_args(args: argparse.Namespace) -> list[str]:
 
     reject.raise_if_any()
     return warnings
+
+
+def read_tracker_config(path: str, reject: Any = None) -> dict[str, dict[str, Any]]:
+    """`--log_tracker_config`: a TOML whose top-level tables are keyword arguments of each tracker's init
+    (`accelerator.init_trackers(init_kwargs=...)`), e.g. `[wandb]` with `entity`, `tags`, `notes`."""
+    def fail(message: str) -> dict[str, dict[str, Any]]:
+        if reject is None:
+            raise AnimaError(message)
+        reject(message)
+        return {}
+
+    import toml  # imported when a TOML file is read: GPU-only runs need no toml
+
+    try:
+        config = toml.load(path)
+    except (toml.TomlDecodeError, OSError) as exc:
+        return fail(f"--log_tracker_config {path}: not a readable TOML file ({exc})")
+    not_tables = [k for k, v in config.items() if not isinstance(v, dict)]
+    if not_tables:
+        return fail(f"--log_tracker_config {path}: {', '.join(not_tables)} must be tables named for a tracker, "
+                    "e.g. [wandb]")
+    return config
 
 
 class _Rejections:

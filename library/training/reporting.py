@@ -1,26 +1,43 @@
-"""What a training run tells the user: progress bar, per-step log lines, TensorBoard scalars, end summary.
+"""What a training run tells the user: progress bar, per-step log lines, experiment trackers, pictures and
+the end summary.
 
-Only the main process reports. In an interactive terminal a tqdm bar shows loss, lr and s/it; when stdout is
-not a terminal (logs, CI, nohup) one plain line per optimizer step is printed instead, so log files stay
-readable.
+Only the main process reports. In an interactive terminal a tqdm bar shows loss, lr and s/it, and log lines
+are printed above it (tqdm's logging redirection); when stdout is not a terminal (logs, CI, nohup) one plain
+line per optimizer step is printed instead, so log files stay readable.
 
 The per-step loss (and an LR the optimizer computes on the device) stays a device tensor until it is reported:
 reading a CUDA value on the host waits for the queued work, which empties the GPU's queue every step. The
 reporter queues the steps and reads all their values with one transfer every `LOSS_READ_INTERVAL` steps, and
-before any other output (messages, scalars, the epoch average, the summary), so every line and scalar keeps its
-value and its order; the bar still advances at every step.
+before any other output (messages, scalars, the epoch average, samples, pictures, the summary), so every line
+and scalar keeps its value and its order; the bar still advances at every step.
+
+Trackers (`--log_with`) run through accelerate (`Accelerator(log_with=...)`, `init_trackers`), with sd-scripts'
+names and behaviour: the run folder `<logging_dir>/<log_prefix><timestamp>`, the project name
+`--log_tracker_name` (default `network_train`), init kwargs from `--log_tracker_config`, `--wandb_run_name`,
+`--wandb_api_key`, hyperparameters with `--log_config`, and sd-scripts' scalar names (`loss/current`,
+`loss/average`, `loss/epoch_average`, `loss/validation/step_average`, `lr/<group>`, `lr/d*lr/<group>`,
+`max_norm/*`). TensorBoard gets the optimizer step as its x value (the epoch for `loss/epoch_average`);
+wandb gets `global_step` and `epoch` as values, so its own step keeps increasing.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import logging
+import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from library.training import pictures
 
 logger = logging.getLogger("anima_train")
 # Optimizer steps whose losses are read from the device together (one host sync per interval).
@@ -39,6 +56,10 @@ def setup_console_logging(level: str | None = None, log_file: str | None = None,
         handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
     # The trainer's own logger and the package loggers (cache reuse, skipped images, LoRA setup, ...). The
     # package loggers keep propagating, so handlers on the root logger (pytest's caplog) still see them.
+    # Under `accelerate launch` every process runs this; only the main one (RANK 0) shows more than errors,
+    # so each message and warning appears once, not once per process.
+    if int(os.environ.get("RANK", "0")) > 0:
+        level = "ERROR"
     for name in (logger.name, *PACKAGE_LOGGERS):
         logging.getLogger(name).handlers[:] = handlers
         logging.getLogger(name).setLevel(level or "INFO")
@@ -84,11 +105,79 @@ def read_scalars(values: list[float | torch.Tensor]) -> list[float]:
     return [float(v) for v in out]
 
 
-class TrainingReporter:
-    """Progress display, per-step lines and TensorBoard scalars of one run (no-op on non-main processes)."""
+DEFAULT_TRACKER_NAME = "network_train"  # sd-scripts' project name for network training
+# Not sent to trackers by --log_config (as sd-scripts): secrets, and local paths, which may name people/places.
+SECRET_ARGS = ("wandb_api_key", "huggingface_token")
+PATH_ARGS = ("pretrained_model_name_or_path", "qwen3", "vae", "llm_adapter_path", "qwen3_tokenizer_path",
+             "t5_tokenizer_path", "tokenizer_cache_dir", "train_data_dir", "conditioning_data_dir", "reg_data_dir",
+             "output_dir", "logging_dir", "dataset_config", "config_file", "network_weights", "base_weights",
+             "sample_prompts", "resume", "console_log_file", "log_tracker_config")
 
-    def __init__(self, *, total_steps: int, initial_step: int, is_main_process: bool, logging_dir: str | None,
-                 log_prefix: str | None = None, interactive: bool | None = None) -> None:
+
+def run_logging_dir(logging_dir: str | None, log_prefix: str | None) -> str | None:
+    """This run's tracker folder: `<logging_dir>/<log_prefix><YYYYmmddHHMMSS>` (sd-scripts' layout)."""
+    if not logging_dir:
+        return None
+    return os.path.join(logging_dir, f"{log_prefix or ''}{time.strftime('%Y%m%d%H%M%S', time.localtime())}")
+
+
+def prepare_tracker_environment(args: argparse.Namespace, run_dir: str | None) -> None:
+    """Before the Accelerator starts its trackers: wandb writes under the run folder and logs in with
+    `--wandb_api_key` (sd-scripts does the same)."""
+    if args.log_with not in ("wandb", "all"):
+        return
+    try:
+        import wandb
+    except ImportError:
+        return  # "all" without wandb installed: accelerate starts only the installed trackers
+    if run_dir is not None:
+        os.makedirs(run_dir, exist_ok=True)
+        os.environ["WANDB_DIR"] = run_dir
+    if args.wandb_api_key:
+        wandb.login(key=args.wandb_api_key)
+
+
+def sanitized_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`--log_config`: the arguments as tracker hyperparameters (None when off). Values a tracker stores
+    (None, bool, int, float, str) are kept; lists and other objects become their text; secrets and local
+    paths are left out."""
+    if not args.log_config:
+        return None
+    config: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if key in SECRET_ARGS or key in PATH_ARGS:
+            continue
+        config[key] = value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+    return config
+
+
+def init_trackers(accelerator: Any, args: argparse.Namespace) -> None:
+    """Start the `--log_with` trackers on the main process (a no-op without trackers)."""
+    if not args.log_with or not accelerator.is_main_process:
+        return
+    from library.training.args import read_tracker_config
+
+    init_kwargs: dict[str, dict[str, Any]] = {}
+    if args.log_tracker_config:
+        init_kwargs = read_tracker_config(args.log_tracker_config)
+    if args.wandb_run_name:
+        # The flag names the run unless the tracker config already does.
+        init_kwargs.setdefault("wandb", {}).setdefault("name", args.wandb_run_name)
+    accelerator.init_trackers(args.log_tracker_name or DEFAULT_TRACKER_NAME, config=sanitized_config(args),
+                              init_kwargs=init_kwargs)
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            run = tracker.tracker
+            for metric in ("global_step", "epoch"):
+                run.define_metric(metric, hidden=True)
+
+
+class TrainingReporter:
+    """Progress display, per-step lines, tracker logs, run pictures and the end summary of one run
+    (no-op on non-main processes). `accelerator` carries the trackers (None: console only)."""
+
+    def __init__(self, *, total_steps: int, initial_step: int, is_main_process: bool, accelerator: Any = None,
+                 interactive: bool | None = None) -> None:
         self.is_main = is_main_process
         self.total_steps = total_steps
         self.interactive = sys.stdout.isatty() if interactive is None else interactive
@@ -98,16 +187,25 @@ class TrainingReporter:
         self.losses = LossRecorder()
         # Queued optimizer steps: (global step, epoch, step in epoch, loss, other logs, seconds the step took).
         self._pending: list[tuple[int, int, int, float | torch.Tensor, dict[str, Any], float]] = []
+        self.trackers = list(accelerator.trackers) if accelerator is not None and is_main_process else []
+        self.epoch = 0
+        self.history = pictures.RunHistory()
+        self.latest_samples: list[tuple[Path, str]] = []
+        self.pictures: dict[str, Path] = {}
+        self.missing_pictures: set[str] = set()
+        self.excluded_seconds: dict[str, float] = {}
+        self.paused_since_last_step = 0.0
         self.bar = None
+        self.redirect: contextlib.ExitStack | None = None
         if self.is_main and self.interactive:
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="steps", smoothing=0.1, dynamic_ncols=True)
-        self.writer = None
-        self.run_dir: Path | None = None
-        if self.is_main and logging_dir:
-            from torch.utils.tensorboard import SummaryWriter  # imported only when asked for
+            console_loggers = [lg for lg in (logger, *map(logging.getLogger, PACKAGE_LOGGERS), logging.getLogger())
+                               if any(_is_console_handler(h) for h in lg.handlers)]
+            if console_loggers:  # log lines go above the bar instead of breaking it
+                self.redirect = contextlib.ExitStack()
+                self.redirect.enter_context(logging_redirect_tqdm(loggers=console_loggers))
 
-            self.run_dir = Path(logging_dir) / f"{log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
-            self.writer = SummaryWriter(log_dir=str(self.run_dir))
+    # --- per step ---------------------------------------------------------------------------------------------
 
     def train_step(self, global_step: int, epoch: int, step_in_epoch: int, loss: float | torch.Tensor,
                    logs: dict[str, float | torch.Tensor]) -> None:
@@ -117,8 +215,9 @@ class TrainingReporter:
         if not self.is_main:
             return
         now = time.time()
-        seconds_per_step = now - self.last_step_time
+        seconds_per_step = now - self.last_step_time - self.paused_since_last_step
         self.last_step_time = now
+        self.paused_since_last_step = 0.0
         if self.bar is not None:
             self.bar.update(1)
         self._pending.append((global_step, epoch, step_in_epoch, loss, logs, seconds_per_step))
@@ -163,66 +262,161 @@ class TrainingReporter:
             fields = " ".join(f"{k}={v}" for k, v in shown.items())
             print(f"step {global_step}/{self.total_steps} epoch {epoch} {fields} {seconds_per_step:.2f}s/it",
                   flush=True)
+        self.epoch = epoch
+        self.history.add_step(global_step, logs)
         self._write_scalars(global_step, logs)
 
     def scalars(self, global_step: int, logs: dict[str, float]) -> None:
+        """Log scalars (after the queued steps) to every tracker, at the step."""
+        if not self.is_main:
+            return
         self.flush()
+        if "loss/validation/step_average" in logs:
+            self.history.add_validation(global_step, logs["loss/validation/step_average"])
         self._write_scalars(global_step, logs)
 
-    def _write_scalars(self, global_step: int, logs: dict[str, float]) -> None:
-        if self.writer is not None:
-            for key, value in logs.items():
-                self.writer.add_scalar(key, value, global_step)
+    def epoch_scalars(self, global_step: int, epoch: int, logs: dict[str, float]) -> None:
+        """Per-epoch scalars (`loss/epoch_average`): plotted against the epoch, as sd-scripts does."""
+        if not self.is_main:
+            return
+        self.flush()
+        self.epoch = epoch
+        self._write_scalars(global_step, logs, x_value=epoch)
+
+    def _write_scalars(self, global_step: int, logs: dict[str, float], *, x_value: int | None = None) -> None:
+        """TensorBoard and the others plot the values at `x_value` (default: the step); wandb gets the step and
+        the epoch as values (its own step must only grow)."""
+        for tracker in self.trackers:
+            if tracker.name == "wandb":
+                tracker.log({**logs, "global_step": global_step, "epoch": self.epoch})
+            else:
+                tracker.log(logs, step=global_step if x_value is None else x_value)
+
+    def samples(self, step: int, samples: Sequence[tuple[Path, str]]) -> None:
+        """The images of one sampling round: kept for the grid picture and sent to trackers that show images
+        (TensorBoard, wandb) as `sample_<i>`."""
+        if not self.is_main or not samples:
+            return
+        self.flush()
+        self.latest_samples = list(samples)
+        if not any(t.name in ("tensorboard", "wandb") for t in self.trackers):
+            return
+        from PIL import Image
+
+        arrays = []
+        for path, prompt in samples:
+            with Image.open(path) as image:
+                arrays.append((np.asarray(image.convert("RGB")), prompt))  # [H, W, 3] uint8
+        for tracker in self.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({f"sample_{i}": pixels[None] for i, (pixels, _) in enumerate(arrays)},
+                                   step=step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({**{f"sample_{i}": wandb.Image(pixels, caption=prompt)
+                                for i, (pixels, prompt) in enumerate(arrays)},
+                             "global_step": step, "epoch": self.epoch})
+
+    # --- time that is not training ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def excluded(self, kind: str) -> Iterator[None]:
+        """Time spent on `kind` (sampling, validation, saving) is left out of the training s/step."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            seconds = time.time() - start
+            self.excluded_seconds[kind] = self.excluded_seconds.get(kind, 0.0) + seconds
+            self.paused_since_last_step += seconds
+
+    # --- pictures and messages ----------------------------------------------------------------------------------
+
+    def write_pictures(self, output_dir: str | Path, output_name: str | None) -> None:
+        """The loss/learning-rate plot and the grid of the latest samples (see library/training/pictures.py)."""
+        if not self.is_main:
+            return
+        self.flush()
+        try:
+            plot = pictures.write_loss_plot(pictures.loss_plot_path(output_dir, output_name), self.history)
+        except ImportError:  # an environment without matplotlib (a requirement) still trains and saves
+            if "loss plot" not in self.missing_pictures:
+                self.missing_pictures.add("loss plot")
+                logger.warning("no loss plot: matplotlib is not installed (pip install matplotlib)")
+            plot = None
+        if plot is not None:
+            self.pictures["loss plot"] = plot
+        grid = pictures.write_sample_grid(pictures.sample_grid_path(output_dir, output_name), self.latest_samples)
+        if grid is not None:
+            self.pictures["sample grid"] = grid
 
     def message(self, text: str) -> None:
         if not self.is_main:
             return
         self.flush()
-        if self.bar is not None:
+        if self.bar is not None and self.redirect is None:
             self.bar.write(text)
         else:
             logger.info(text)
 
     def close(self) -> None:
+        """Close the bar (the trackers are finished by `accelerator.end_training()`)."""
         self.flush()
+        if self.redirect is not None:
+            self.redirect.close()
+            self.redirect = None
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-            self.writer = None
 
     def summary(self, *, steps: int, output_file: str | None, device: torch.device) -> str:
-        """One block of text at the end: steps, wall time, peak accelerator memory, output file."""
+        """One block of text at the end: steps, wall time, training s/step (sampling, validation and saving
+        left out), peak accelerator memory, output file and pictures."""
         self.flush()
         elapsed = time.time() - self.start_time
+        run_steps = steps - self.initial_step
         if self.initial_step:  # resumed: say what this run did
-            lines = [f"training finished at step {steps}: {steps - self.initial_step} steps in this run, "
-                     f"{format_duration(elapsed)}"]
+            lines = [f"training finished at step {steps}: {run_steps} steps in this run, {format_duration(elapsed)}"]
         else:
             lines = [f"training finished: {steps} steps in {format_duration(elapsed)}"]
-        if steps > self.initial_step:
-            lines.append(f"  average {elapsed / (steps - self.initial_step):.2f} s/step")
+        if run_steps > 0:
+            training = elapsed - sum(self.excluded_seconds.values())
+            excluded = ", ".join(f"{kind} {sec:.1f} s" for kind, sec in self.excluded_seconds.items())
+            lines.append(f"  training {training / run_steps:.2f} s/step" + (f" ({excluded} not counted)"
+                                                                             if excluded else ""))
         peak, kind = peak_memory_bytes(device)
         lines.append(f"  peak memory: {peak / 2**30:.2f} GiB ({kind})" if peak is not None
                      else "  peak memory: not tracked on this device")
         if output_file:
             lines.append(f"  output: {output_file}")
+        for name, path in self.pictures.items():
+            lines.append(f"  {name}: {path}")
         text = "\n".join(lines)
         if self.is_main:
             print(text, flush=True)
         return text
 
 
-def lr_logs(lr_scheduler: Any, descriptions: list[str]) -> dict[str, float | torch.Tensor]:
-    """`lr/<group description>` for every optimizer parameter group (a tensor where the optimizer computes its
-    LR on the device: the reporter reads it at log time)."""
+def _is_console_handler(handler: logging.Handler) -> bool:
+    return type(handler) is logging.StreamHandler and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
+
+
+def lr_logs(lr_scheduler: Any, descriptions: list[str], optimizer: Any = None) -> dict[str, float | torch.Tensor]:
+    """`lr/<group description>` for every optimizer parameter group (`lr/unet`, `lr/textencoder 1`, ...; a
+    tensor where the optimizer computes its LR on the device: the reporter reads it at log time), and for
+    D-Adaptation / Prodigy (groups holding their estimate `d`) the effective `lr/d*lr/<group>`: their scheduled
+    lr is a factor (usually 1.0), d times it is the step size actually used."""
     lrs = lr_scheduler.get_last_lr()
+    groups = optimizer.param_groups if optimizer is not None else []
     logs: dict[str, float | torch.Tensor] = {}
     for i, lr in enumerate(lrs):
         name = descriptions[i] if i < len(descriptions) and descriptions[i] else f"group{i}"
-        logs[f"lr/{name}"] = lr.detach() if isinstance(lr, torch.Tensor) else float(lr)
+        lr = lr.detach() if isinstance(lr, torch.Tensor) else float(lr)
+        logs[f"lr/{name}"] = lr
+        d = groups[i].get("d") if i < len(groups) else None
+        if d is not None:
+            logs[f"lr/d*lr/{name}"] = (d.detach() if isinstance(d, torch.Tensor) else float(d)) * lr
     return logs
 
 

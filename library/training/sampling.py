@@ -245,11 +245,25 @@ def _read_json(path: Path) -> list[tuple[dict[str, Any], str]]:
     return entries
 
 
+# Parsed prompt files by (path, modification time, size). A run reads its prompt file when the flags are
+# checked, when the prompts are encoded for the cache and at every sampling; parsing it once keeps each of
+# its warnings (ignored keys, clamped steps) to one line per run. An edited file is parsed (and warned) again.
+_PARSED_PROMPT_FILES: dict[tuple[str, int, int], list[SamplePrompt]] = {}
+
+
 def load_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
     """Read and validate a ``--sample_prompts`` file (.txt, .toml or .json). Raises AnimaError on bad input."""
     path = Path(path)
     if not path.is_file():
         raise AnimaError(f"--sample_prompts: file not found: {path}")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _PARSED_PROMPT_FILES:
+        _PARSED_PROMPT_FILES[key] = _parse_sample_prompts(path)
+    return list(_PARSED_PROMPT_FILES[key])
+
+
+def _parse_sample_prompts(path: Path) -> list[SamplePrompt]:
     readers: dict[str, Callable[[Path], list[tuple[dict[str, Any], str]]]] = {
         ".txt": _read_txt, ".toml": _read_toml, ".json": _read_json,
     }
@@ -421,19 +435,19 @@ def generate_sample_images(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     network: torch.nn.Module | None = None,
-) -> list[Path]:
+) -> list[tuple[Path, SamplePrompt]]:
     """Render every prompt with the Euler flow sampler and write PNGs under ``<output_dir>/sample/``.
 
     ``model`` is the DiT (with its LLM adapter, and any LoRA already applied); ``epoch`` is given for
     epoch-triggered and first-step sampling (file names use ``e<epoch>`` then), else ``step`` names the files.
     ``network`` (the LoRA, if it is a separate module) is put in eval mode too, so its dropout is off.
     A prompt whose text cannot be encoded is skipped with a warning. Train/eval modes and the torch RNG
-    states are restored afterwards. Returns the written paths.
+    states are restored afterwards. Returns the written files with their prompts.
     """
     model_device, model_dtype = _module_device_dtype(model)
     device = torch.device(device) if device is not None else model_device
     sample_dir = Path(output_dir) / "sample"
-    written: list[Path] = []
+    written: list[tuple[Path, SamplePrompt]] = []
 
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else torch.autocast(device.type, enabled=False))
@@ -458,7 +472,7 @@ def generate_sample_images(
             timestamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
             path = sample_dir / sample_image_filename(output_name, step, epoch, prompt.index, prompt.seed, timestamp)
             save_png_atomic(pixels[0], path)
-            written.append(path)
+            written.append((path, prompt))
     return written
 
 
