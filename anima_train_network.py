@@ -325,10 +325,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AnimaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        # Saves are atomic, so every file already in --output_dir is complete.
-        print("error: interrupted (Ctrl-C); the LoRA files and states saved so far are complete; continue with "
-              "--resume <a *-state folder> if --save_state was on", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # Saves are atomic, so every file already in --output_dir is complete. With --save_state the trainer
+        # finished the step and saved a state of it; its folder is the exception's argument.
+        if exc.args:
+            print(f"error: interrupted (Ctrl-C); the state of the last step is saved in {exc.args[0]}; continue "
+                  f"with --resume {exc.args[0]}", file=sys.stderr)
+        else:
+            print("error: interrupted (Ctrl-C); the LoRA files and states saved so far are complete; continue with "
+                  "--resume <a *-state folder> if --save_state was on", file=sys.stderr)
         return 130
     return 0
 

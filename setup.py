@@ -16,6 +16,7 @@ setup(
         "lycoris": ["lycoris-lora>=4.1.3"],
         # wandb for --log_with wandb (an optional tracker).
         "wandb": ["wandb>=0.17"],
-        "test": ["pytest>=8", "ruff>=0.6", "lycoris-lora>=4.1.3"],
+        # The tests also run the optional LyCORIS and wandb (offline) paths.
+        "test": ["pytest>=8", "ruff>=0.6", "lycoris-lora>=4.1.3", "wandb>=0.17"],
     },
 )

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
+import os
 import random
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -32,9 +32,11 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from library.data.metadata import group_metadata
 from library.errors import AnimaError
 from library.io import files
-from library.training import outputs
+from library.training import outputs, schedule
+from library.training import state as train_state
 from library.training.distributed import TrainingModule, process_group_kwargs, uses_module_dropout
 from library.training.losses import huber_threshold, per_sample_loss
+from library.training.nonfinite import NonFiniteGuard, finite_flag, total_grad_norm
 from library.training.optimizers import unwrap_optimizer
 from library.training.reporting import (
     TrainingReporter,
@@ -45,7 +47,8 @@ from library.training.reporting import (
     read_scalars,
     run_logging_dir,
 )
-from library.training.state import NETWORK_STATE_FILE, read_train_state, write_train_state
+from library.training.schedule import Position
+from library.training.state import capture_rng, restore_rng
 from networks import import_network_module
 from networks.lora_format import load_lora_file
 
@@ -137,10 +140,14 @@ class NetworkTrainer:
         self.setup_run(args)
         self.check_inputs(args)
         self.setup_accelerator(args)
-        if args.cache_only:
+        if args.cache_only and not args.dry_run:
             self.write_caches_only(args)
             return None
         self.build_datasets(args)
+        self.check_against_datasets(args)
+        if args.dry_run:
+            self.print_plan(args)
+            return None
         self.load_frozen_models(args, self.accelerator, self.weight_dtype)
         self.build_caches(args)
         self.dit = self.load_dit(args, self.accelerator, self.weight_dtype)
@@ -156,31 +163,207 @@ class NetworkTrainer:
     # --- phases -----------------------------------------------------------------------------------------------
 
     def setup_run(self, args: argparse.Namespace) -> None:
-        """Session id, start time, seed."""
+        """Session id, start time, seed. Without --seed a resumed run takes the seed its state recorded (the data
+        order, the validation split and the noise depend on it); a new run draws one."""
         self.session_id = random.randint(0, 2**32)
         self.training_started_at = time.time()
+        self.seed_given = args.seed is not None
+        self.saved_train_state = train_state.read_train_state(Path(args.resume)) if args.resume else None
         if args.seed is None:
-            args.seed = random.randint(0, 2**32 - 1)
+            saved_seed = self.saved_train_state.seed if self.saved_train_state is not None else None
+            args.seed = saved_seed if saved_seed is not None else random.randint(0, 2**32 - 1)
+            if saved_seed is not None:
+                logger.info("--seed not given: using the seed %d recorded in %s", saved_seed, args.resume)
 
     def check_inputs(self, args: argparse.Namespace) -> None:
         """Fail in seconds, before images are scanned, models loaded or caches written: the model files (headers
         only), the --resume folder, and the network (--network_args, --network_weights, --base_weights) built
         on weightless copies of the models."""
-        if args.resume:
-            read_train_state(Path(args.resume))
         if not args.cache_only:
             files.check_writable_dir(args.output_dir, "--output_dir")
         if args.logging_dir and args.log_with:
             files.check_writable_dir(args.logging_dir, "--logging_dir")
         dit, text_encoders = self.inspect_models(args)
-        if not args.cache_only:
-            logging.disable(logging.WARNING)  # the real build logs the same lines again
-            try:
-                self.build_network(args, dit, text_encoders, merge_base_weights=False).remove_hooks()
-            finally:
-                logging.disable(logging.NOTSET)
+        self.inspected_dit = dit
+        self.inspected_text_encoder_parameters = sum(p.numel() for te in text_encoders for p in te.parameters())
+        self.loaded_state = None
+        if args.cache_only:
+            return
+        logging.disable(logging.WARNING)  # the real build logs the same lines again
+        try:
+            network = self.build_network(args, dit, text_encoders, merge_base_weights=False)
+            # The optimizer and the LR scheduler on the weightless LoRA parameters: a typo'd --optimizer_type or
+            # --lr_scheduler, or bad --optimizer_args, fail here and not after caching.
+            optimizer, scheduler = self.check_optimizer_and_scheduler(args, network)
+        finally:
+            logging.disable(logging.NOTSET)
+        network.remove_hooks()
+        self.network_parameter_count = sum(p.numel() for p in network.parameters())
+        self.trainable_parameter_count = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        if args.resume:
+            self.check_resume_folder(args, network, optimizer, scheduler)
         # One run per output: a second run on the same --output_dir/--output_name stops here, before any work.
-        self.output_lock = outputs.claim_output(args)
+        # A dry run writes nothing, so it takes no lock.
+        self.output_lock = None if args.dry_run else outputs.claim_output(args)
+
+    def check_optimizer_and_scheduler(self, args: argparse.Namespace, network: Any) -> tuple[Any, Any]:
+        """Build the optimizer and LR scheduler as the run will, on the network's (meta-device) parameters."""
+        from library.training.schedulers import create_lr_scheduler, resolve_lr_scheduler_name
+
+        try:
+            _, _, optimizer, _ = self.build_optimizer(args, network)
+        except (RuntimeError, NotImplementedError) as exc:
+            if "meta" not in str(exc):
+                raise
+            # An optimizer that reads its parameters' values when built: give it uninitialised CPU copies.
+            network.to_empty(device="cpu")
+            _, _, optimizer, _ = self.build_optimizer(args, network)
+        # The step count only shapes the schedule; with --max_train_epochs it is known after the image scan.
+        scheduler = create_lr_scheduler(
+            resolve_lr_scheduler_name(args.lr_scheduler, optimizer, args.learning_rate), optimizer,
+            args.max_train_steps, args.lr_warmup_steps, num_decay_steps=args.lr_decay_steps,
+            num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
+            timescale=args.lr_scheduler_timescale, min_lr_ratio=args.lr_scheduler_min_lr_ratio,
+            scheduler_type=args.lr_scheduler_type, scheduler_args=args.lr_scheduler_args)
+        return optimizer, scheduler
+
+    def check_resume_folder(self, args: argparse.Namespace, network: Any, optimizer: Any, scheduler: Any) -> None:
+        """--resume: every file of the folder read (weights_only) and checked against this run's network,
+        optimizer and scheduler; the step count and every changed setting checked. Nothing is loaded yet."""
+        folder = Path(args.resume)
+        shapes = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+        loaded = train_state.validate_state_folder(folder, shapes)
+        try:
+            optimizer.load_state_dict(loaded.optimizer)  # group sizes and state keys are checked on meta tensors
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise AnimaError(f"--resume {folder}: optimizer.pt does not fit this run's optimizer ({exc}); use the "
+                             "--optimizer_type, --optimizer_args and learning-rate flags of the saved run") from None
+        try:
+            scheduler.load_state_dict(loaded.scheduler)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise AnimaError(f"--resume {folder}: scheduler.pt does not fit this run's --lr_scheduler ({exc}); use "
+                             "the saved run's scheduler flags") from None
+        saved = loaded.train_state
+        if args.max_train_epochs is None and saved.global_step >= args.max_train_steps:
+            raise AnimaError(f"--resume {folder}: the state is already at step {saved.global_step} of "
+                             f"--max_train_steps {args.max_train_steps}; raise --max_train_steps to train further")
+        self.loaded_state = loaded
+        if saved.settings is None:
+            logger.warning("--resume %s: the state records no settings (written by an older version); changes "
+                           "to the command line cannot be checked", folder)
+            return
+        current = train_state.recorded_settings(args)
+        changes = train_state.compare_settings(saved.settings, current)
+        if self.seed_given and saved.seed is not None and saved.seed != args.seed:
+            changes.append(train_state.SettingChange(train_state.SEED, saved.seed, args.seed, True))
+        self.report_resume_changes(args, changes)
+
+    def report_resume_changes(self, args: argparse.Namespace, changes: list[Any]) -> None:
+        """One warning line per changed setting; those that break an exact continuation are refused unless
+        --resume_allow_changes."""
+        for change in changes:
+            logger.warning("--resume: changed since the state: %s%s", change.describe(),
+                           " (breaks the exact continuation)" if change.breaks_continuation else "")
+        breaking = [c for c in changes if c.breaks_continuation]
+        if breaking and not args.resume_allow_changes:
+            names = ", ".join(c.describe() for c in breaking)
+            raise AnimaError(f"--resume {args.resume}: {names}; these changes make an exact continuation impossible; "
+                             "use the saved run's settings, or add --resume_allow_changes to continue anyway")
+
+    def check_against_datasets(self, args: argparse.Namespace) -> None:
+        """After the image scan, before any model loads: the schedule, the disk-cache folders, and for --resume
+        the dataset, batches per epoch and number of processes against the state, and the steps left."""
+        self.schedule = self.make_run_schedule(args, len(self.train_group))
+        # Taken from the image scan (before caching may drop undecodable images), so that every run of the same
+        # data records and compares the same facts.
+        self.data_facts = self.run_facts(args)
+        self.check_cache_folders(args)
+        if self.loaded_state is None:
+            return
+        saved = self.loaded_state.train_state
+        facts = self.data_facts
+        if saved.settings is not None:
+            changes = [train_state.SettingChange(name, saved.facts.get(name), value, True)
+                       for name, value in facts.items() if saved.facts.get(name) != value]
+            self.report_resume_changes(args, changes)
+        left = schedule.steps_left(saved.position, self.schedule)
+        if left <= 0:
+            raise AnimaError(f"--resume {args.resume}: nothing left to train (the state is at step "
+                             f"{saved.global_step}, epoch {saved.position.epoch + 1} of {self.schedule.num_epochs}, "
+                             f"--max_train_steps {self.schedule.max_train_steps}); raise --max_train_steps or "
+                             "--max_train_epochs")
+
+    def make_run_schedule(self, args: argparse.Namespace, num_batches: int) -> schedule.Schedule:
+        return schedule.make_schedule(
+            num_batches, num_processes=self.accelerator.num_processes,
+            gradient_accumulation_steps=args.gradient_accumulation_steps, max_train_steps=args.max_train_steps,
+            max_train_epochs=args.max_train_epochs, save_every_n_epochs=args.save_every_n_epochs,
+            save_n_epoch_ratio=args.save_n_epoch_ratio)
+
+    def run_facts(self, args: argparse.Namespace) -> dict[str, Any]:
+        """What the data order depends on besides the flags (recorded in every state)."""
+        return {train_state.NUM_PROCESSES: self.accelerator.num_processes,
+                train_state.BATCHES_PER_EPOCH: self.schedule.batches_per_epoch,
+                train_state.DATASET_FINGERPRINT: train_state.dataset_fingerprint(self.train_group,
+                                                                                 args.dataset_config)}
+
+    def check_cache_folders(self, args: argparse.Namespace) -> None:
+        """Disk caches are written beside the images: a folder that must receive a missing cache file has to be
+        writable (checked now, not after the models loaded)."""
+        from library.data.cache_files import latents_npz_path, text_npz_path
+
+        for _, info in (pair for group in self.groups() for pair in group.image_infos()):
+            wanted = []
+            if args.cache_latents_to_disk:
+                wanted.append(latents_npz_path(info.path, info.image_size))
+            if args.cache_text_encoder_outputs_to_disk:
+                wanted.append(text_npz_path(info.path))
+            for path in wanted:
+                folder = Path(path).parent
+                if not Path(path).exists() and not os.access(folder, os.W_OK | os.X_OK):
+                    raise AnimaError(f"cache folder {folder} is not writable, and the disk cache {Path(path).name} "
+                                     "must be written there; make the image folder writable or drop "
+                                     "--cache_latents_to_disk / --cache_text_encoder_outputs_to_disk")
+
+    def print_plan(self, args: argparse.Namespace) -> None:
+        """--dry_run: what the run would do, after every check passed."""
+        from library.training.memory import estimate_training_memory
+
+        sched = self.schedule
+        lines = ["dry run: every check passed; nothing was loaded or written"]
+        for group, name in ((self.train_group, "training"), (self.val_group, "validation")):
+            if group is None:
+                continue
+            for index, dataset in enumerate(group.datasets):
+                buckets = ", ".join(f"{w}x{h}" for w, h in dataset.bucket_sizes)
+                lines.append(f"  {name} dataset {index}: {len(dataset.infos)} images ({dataset.num_train_images} "
+                             f"with repeats), batch size {dataset.config.batch_size}, {len(dataset)} batches, "
+                             f"buckets {buckets}")
+        lines.append(f"  schedule: {sched.batches_per_epoch} batches per epoch per process, {sched.steps_per_epoch} "
+                     f"steps per epoch, {sched.num_epochs} epochs, {sched.max_train_steps} steps")
+        if self.loaded_state is not None:
+            position = self.loaded_state.train_state.position
+            lines.append(f"  resume: from step {position.global_step} (epoch {position.epoch + 1}, "
+                         f"{position.batches_done} batches done), {schedule.steps_left(position, sched)} steps left")
+        images = sum(len(d.infos) for g in self.groups() for d in g.datasets)
+        cached = []
+        if args.cache_latents:
+            cached.append(f"latents of {images} images ({'disk' if args.cache_latents_to_disk else 'memory'})")
+        if args.cache_text_encoder_outputs:
+            cached.append(f"text-encoder outputs of {images} captions "
+                          f"({'disk' if args.cache_text_encoder_outputs_to_disk else 'memory'})")
+        lines.append("  cache: " + ("; ".join(cached) if cached else "nothing (encoded every step)"))
+        if args.cache_only:
+            lines.append("  --cache_only: the caches would be written, then the run would stop")
+            print("\n".join(lines), flush=True)
+            return
+        lines.append(f"  network: {self.network_parameter_count:,} LoRA parameters, "
+                     f"{self.trainable_parameter_count:,} trained")
+        estimate = estimate_training_memory(args, self.inspected_dit, self.trainable_parameter_count,
+                                            self.train_group, self.inspected_text_encoder_parameters)
+        lines.append("  memory estimate: " + estimate.describe())
+        lines.append(f"  outputs: {Path(args.output_dir) / outputs.last_model_name(args)}")
+        print("\n".join(lines), flush=True)
 
     def release_output(self) -> None:
         """Free the run lock taken in check_inputs (process exit frees it too)."""
@@ -315,26 +498,34 @@ class NetworkTrainer:
         self.train_te = train_te
         self.train_dit = train_dit
 
-    def create_optimizer(self, args: argparse.Namespace) -> None:
-        """Parameter groups (per component / LoRA+), optimizer, data loader, step counts, LR scheduler."""
-        from library.data.config import make_dataloader
-        from library.training.optimizers import create_optimizer, install_fused_backward_pass, is_schedule_free
-        from library.training.schedulers import create_lr_scheduler, resolve_lr_scheduler_name
+    def build_optimizer(self, args: argparse.Namespace, network: Any) -> tuple[str, str, Any, list[str]]:
+        """Parameter groups (per component / LoRA+) and the optimizer; parameters of lr-0 groups are frozen.
+        Returns (name, args text, optimizer, group descriptions). Also runs on a meta-device network."""
+        from library.training.optimizers import create_optimizer
 
         component_lrs = {name: getattr(args, f"{name}_lr")
                          for name in ("self_attn", "cross_attn", "mlp", "mod", "llm_adapter")}
-        groups, descriptions = self.network.prepare_optimizer_params(
+        groups, descriptions = network.prepare_optimizer_params(
             args.text_encoder_lr, args.unet_lr, args.learning_rate, component_lrs)
         trained = {id(p) for g in groups for p in g["params"]}
-        for p in self.network.parameters():
+        for p in network.parameters():
             p.requires_grad_(id(p) in trained)  # lr 0 groups were dropped: their parameters stay frozen
         if not trained:
             raise AnimaError("no LoRA parameter is trained: every learning rate is 0 or no module matched")
-        self.trainable_params = [p for p in self.network.parameters() if p.requires_grad]
-        self.lr_descriptions = descriptions
         optimizer_name, optimizer_args_text, optimizer = create_optimizer(
             args.optimizer_type, groups, args.learning_rate, args.optimizer_args,
             use_8bit_adam=args.use_8bit_adam, use_lion_optimizer=args.use_lion_optimizer)
+        return optimizer_name, optimizer_args_text, optimizer, descriptions
+
+    def create_optimizer(self, args: argparse.Namespace) -> None:
+        """Optimizer, data loader, the run's schedule (step counts) and the LR scheduler."""
+        from library.data.config import make_dataloader
+        from library.training.optimizers import install_fused_backward_pass, is_schedule_free
+        from library.training.schedulers import create_lr_scheduler, resolve_lr_scheduler_name
+
+        optimizer_name, optimizer_args_text, optimizer, descriptions = self.build_optimizer(args, self.network)
+        self.trainable_params = [p for p in self.network.parameters() if p.requires_grad]
+        self.lr_descriptions = descriptions
         # ss_optimizer: "module.Class(key=value,...)" or just "module.Class" without --optimizer_args.
         self.optimizer_text = optimizer_name + (f"({optimizer_args_text})" if optimizer_args_text else "")
         self.schedule_free = is_schedule_free(optimizer)
@@ -347,22 +538,17 @@ class NetworkTrainer:
                                            persistent_workers=args.persistent_data_loader_workers, seed=args.seed)
                            if self.val_group is not None else None)
 
-        # Steps per epoch are counted per process after sharding.
-        batches = math.ceil(len(self.train_loader) / self.accelerator.num_processes)
-        self.steps_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+        # Counted again now: caching may have dropped undecodable images since the image scan.
+        self.schedule = self.make_run_schedule(args, len(self.train_loader))
         if args.max_train_epochs is not None:
-            args.max_train_steps = args.max_train_epochs * self.steps_per_epoch
-            logger.info("--max_train_epochs %d -> %d steps", args.max_train_epochs, args.max_train_steps)
-        self.num_epochs = math.ceil(args.max_train_steps / self.steps_per_epoch)
-        if args.save_n_epoch_ratio:
-            args.save_every_n_epochs = max(1, self.num_epochs // args.save_n_epoch_ratio)
-        self.train_group.set_max_train_steps(args.max_train_steps)
+            logger.info("--max_train_epochs %d -> %d steps", args.max_train_epochs, self.schedule.max_train_steps)
+        self.train_group.set_max_train_steps(self.schedule.max_train_steps)
 
         self.optimizer = optimizer
-        # Stepped once per optimizer step on every process, so its length is --max_train_steps.
+        # Stepped once per optimizer step on every process, so its length is the run's step count.
         self.lr_scheduler = create_lr_scheduler(
             resolve_lr_scheduler_name(args.lr_scheduler, optimizer, args.learning_rate), optimizer,
-            args.max_train_steps, args.lr_warmup_steps, num_decay_steps=args.lr_decay_steps,
+            self.schedule.max_train_steps, args.lr_warmup_steps, num_decay_steps=args.lr_decay_steps,
             num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
             timescale=args.lr_scheduler_timescale, min_lr_ratio=args.lr_scheduler_min_lr_ratio,
             scheduler_type=args.lr_scheduler_type, scheduler_args=args.lr_scheduler_args)
@@ -406,42 +592,45 @@ class NetworkTrainer:
             for te in self.text_encoders():
                 te.eval()
 
-    def resume(self, args: argparse.Namespace) -> None:
-        """Restore network, optimizer, scheduler, RNG and counters from `--resume`."""
-        self.global_step = 0
-        self.first_epoch = 0
-        self.skip_batches = 0
-        if not args.resume:
-            if args.initial_epoch or args.initial_step:
-                self.apply_initial_step(args, 0)
-            return
-        folder = Path(args.resume)
-        state = read_train_state(folder)
-        self.load_state(folder)
-        self.global_step = state["global_step"]
-        self.first_epoch = state["current_epoch"]
-        self.skip_batches = state["epoch_step"]
-        logger.info("resumed from %s: epoch %d, step %d", folder, self.first_epoch, self.global_step)
-        if args.initial_epoch or args.initial_step:
-            logger.warning("--initial_step/--initial_epoch override the step stored in %s", folder)
-            self.apply_initial_step(args, self.global_step)
-        if self.global_step >= args.max_train_steps:
-            raise AnimaError(f"--resume {folder}: already at step {self.global_step} of --max_train_steps "
-                             f"{args.max_train_steps}; raise --max_train_steps or --max_train_epochs")
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.schedule.steps_per_epoch
 
-    def apply_initial_step(self, args: argparse.Namespace, default: int) -> None:
-        step = default
-        if args.initial_step is not None:
-            step = args.initial_step
-        elif args.initial_epoch is not None:
-            step = (args.initial_epoch - 1) * self.steps_per_epoch
-        if step >= args.max_train_steps:
-            raise AnimaError(f"--initial_step {step} must be below --max_train_steps {args.max_train_steps}")
-        self.global_step = step
-        self.first_epoch = step // self.steps_per_epoch
-        in_epoch_steps = step - self.first_epoch * self.steps_per_epoch
-        # Only with --skip_until_initial_step is the data actually skipped; otherwise the epoch starts fresh.
-        self.skip_batches = in_epoch_steps * args.gradient_accumulation_steps if args.skip_until_initial_step else 0
+    @property
+    def num_epochs(self) -> int:
+        return self.schedule.num_epochs
+
+    def resume(self, args: argparse.Namespace) -> None:
+        """Restore network, optimizer, scheduler, RNG and the exact position from `--resume` (validated by
+        check_inputs), or start at --initial_step / --initial_epoch."""
+        self.position = Position()
+        if args.resume:
+            loaded = self.loaded_state
+            if loaded is None:  # a trainer driven without check_inputs
+                network = self.network
+                loaded = train_state.validate_state_folder(
+                    Path(args.resume), {k: tuple(v.shape) for k, v in network.state_dict().items()})
+            self.load_state(loaded)
+            self.position = loaded.train_state.position
+            if schedule.steps_left(self.position, self.schedule) <= 0:
+                raise AnimaError(f"--resume {args.resume}: nothing left to train (the state is at step "
+                                 f"{self.position.global_step} of {self.schedule.max_train_steps}); raise "
+                                 "--max_train_steps or --max_train_epochs")
+            logger.info("resumed from %s (%s state): epoch %d, %d batches of it done, step %d", loaded.folder,
+                        loaded.train_state.kind, self.position.epoch + 1, self.position.batches_done,
+                        self.position.global_step)
+        if args.initial_epoch or args.initial_step:
+            if args.resume:
+                logger.warning("--initial_step/--initial_epoch override the step stored in %s", args.resume)
+            step = schedule.initial_step(args.initial_step, args.initial_epoch, self.schedule,
+                                         self.position.global_step)
+            if step >= self.schedule.max_train_steps:
+                raise AnimaError(f"--initial_step {step} must be below --max_train_steps "
+                                 f"{self.schedule.max_train_steps}")
+            self.position = schedule.position_from_initial_step(step, self.schedule, args.skip_until_initial_step)
+        self.global_step = self.position.global_step
+        self.first_epoch, self.skip_batches = schedule.resume_start(self.position, self.schedule)
+        self.train_group.set_current_step(self.global_step)
 
     def build_metadata(self, args: argparse.Namespace) -> None:
         """ss_* metadata of the run (fixed part) and the model spec."""
@@ -457,6 +646,7 @@ class NetworkTrainer:
             num_validation_images=num_val, num_batches_per_epoch=len(self.train_loader),
             num_epochs=self.num_epochs, optimizer_name=self.optimizer_text,
             network_args=self.network_args if args.network_args else None, dataset_metadata=dataset_metadata,
+            max_train_steps=self.schedule.max_train_steps,
             network_dim=getattr(self.network, "network_dim", None),
             network_alpha=getattr(self.network, "network_alpha", None),
         )
@@ -469,74 +659,163 @@ class NetworkTrainer:
 
     def train_loop(self, args: argparse.Namespace) -> None:
         accelerator = self.accelerator
+        sched = self.schedule
         init_trackers(accelerator, args)
-        self.reporter = TrainingReporter(total_steps=args.max_train_steps, initial_step=self.global_step,
+        self.reporter = TrainingReporter(total_steps=sched.max_train_steps, initial_step=self.global_step,
                                          is_main_process=self.is_main, accelerator=accelerator)
         self.reporter.message(
             f"training: {self.train_group.num_train_images} images, {len(self.train_loader)} batches per epoch "
-            f"per process, {self.num_epochs} epochs, {args.max_train_steps} steps, "
+            f"per process, {sched.num_epochs} epochs, {sched.max_train_steps} steps, "
             f"{accelerator.num_processes} process(es), grad accumulation {args.gradient_accumulation_steps}"
         )
+        self.guard = NonFiniteGuard(args.max_nonfinite_steps)
         self.last_epoch = self.first_epoch
         self.optimizer_train_mode()
         if args.sample_at_first and self.global_step == 0:
             self.run_sampling(epoch=0, step=0)
         try:
-            for epoch in range(self.first_epoch, self.num_epochs):
-                if self.global_step >= args.max_train_steps:
-                    break
-                self.last_epoch = epoch
-                self.train_group.set_current_epoch(epoch + 1)
-                self.network.train()
-                if hasattr(self.train_loader, "set_epoch"):
-                    self.train_loader.set_epoch(epoch)
-                loader = self.train_loader
-                if self.skip_batches:
-                    loader = accelerator.skip_first_batches(self.train_loader, self.skip_batches)
-                epoch_batches = self.skip_batches
-                self.skip_batches = 0
-                self.reporter.new_epoch()
-                for batch in loader:
-                    epoch_batches += 1
-                    loss = self.train_step(args, batch)
-                    if not accelerator.sync_gradients:
-                        continue
-                    self.global_step += 1
-                    self.train_group.set_current_step(self.global_step)
-                    step_in_epoch = math.ceil(epoch_batches / args.gradient_accumulation_steps) - 1
-                    logs = lr_logs(self.lr_scheduler, self.lr_descriptions, self.optimizer)
-                    if args.scale_weight_norms:
-                        logs.update(self.max_norm_logs)
-                    # The loss stays on the device: the reporter reads it with other steps' (no sync per step).
-                    self.reporter.train_step(self.global_step, epoch + 1, step_in_epoch, loss, logs)
-                    self.after_step(args, epoch, epoch_batches)
-                    if self.global_step >= args.max_train_steps:
+            with self.ctrl_c_saves_a_state(args):
+                for epoch in range(self.first_epoch, sched.num_epochs):
+                    if self.global_step >= sched.max_train_steps:
                         break
-                self.reporter.epoch_scalars(self.global_step, epoch + 1,
-                                            {"loss/epoch_average": self.reporter.epoch_average()})
-                self.after_epoch(args, epoch + 1)
+                    self.train_epoch(args, epoch)
         finally:
             self.reporter.close()
+        if self.guard.skipped:
+            logger.warning("%d step(s) were skipped for a non-finite loss or gradient; the run made %d of %d steps",
+                           self.guard.skipped, self.global_step, sched.max_train_steps)
         accelerator.wait_for_everyone()
+
+    def train_epoch(self, args: argparse.Namespace, epoch: int) -> None:
+        """One epoch (0-based `epoch`), from its first batch or from the resume position."""
+        accelerator = self.accelerator
+        self.last_epoch = epoch
+        self.train_group.set_current_epoch(epoch + 1)
+        self.network.train()
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)
+        loader = self.train_loader
+        if self.skip_batches:
+            loader = accelerator.skip_first_batches(self.train_loader, self.skip_batches)
+        epoch_batches = self.skip_batches
+        self.skip_batches = 0
+        self.reporter.new_epoch()
+        step_start = None  # (position, random states) before the first batch of the current optimizer step
+        for batch in loader:
+            if step_start is None:
+                step_start = (Position(epoch, epoch_batches, self.global_step), capture_rng())
+            epoch_batches += 1
+            loss = self.train_step(args, batch)
+            if not accelerator.sync_gradients:
+                continue
+            started, step_start = step_start, None
+            if not self.step_finite:
+                self.skip_nonfinite_step(args, batch, started)
+                continue
+            self.guard.record(True)
+            self.global_step += 1
+            self.position = Position(epoch, epoch_batches, self.global_step)
+            self.train_group.set_current_step(self.global_step)
+            logs = lr_logs(self.lr_scheduler, self.lr_descriptions, self.optimizer)
+            if args.scale_weight_norms:
+                logs.update(self.max_norm_logs)
+            # The loss stays on the device: the reporter reads it with other steps' (no sync per step).
+            self.reporter.train_step(self.global_step, epoch + 1,
+                                     schedule.step_in_epoch(epoch_batches, args.gradient_accumulation_steps), loss,
+                                     logs)
+            self.after_step(args, epoch, epoch_batches)
+            files.fault_point(f"step:{self.global_step}")
+            if self.interrupt_requested:
+                self.save_interrupt_state(args)
+            if self.global_step >= self.schedule.max_train_steps:
+                break
+        else:
+            self.position = Position(epoch + 1, 0, self.global_step)
+        self.reporter.epoch_scalars(self.global_step, epoch + 1, {"loss/epoch_average": self.reporter.epoch_average()})
+        self.after_epoch(args, epoch + 1)
+
+    def skip_nonfinite_step(self, args: argparse.Namespace, batch: dict,
+                            started: tuple[Position, dict[str, Any]]) -> None:
+        """A step with a non-finite loss or gradient changed nothing (no update, optimizer state and LR schedule
+        untouched, not counted). Log it; after --max_nonfinite_steps in a row, save the state of the last good
+        step and stop."""
+        position, rng = started
+        if self.guard.consecutive == 0:
+            self.first_bad_step = started  # the state of the last good step is the one before this batch
+        stop = self.guard.record(False)
+        sigmas = self.last_sigmas.detach().float().cpu().tolist() if self.last_sigmas is not None else []
+        logger.warning("non-finite loss or gradient after step %d (epoch %d, batch %d): step skipped; images %s, "
+                       "sigmas %s", position.global_step, position.epoch + 1, position.batches_done + 1,
+                       list(batch.get("image_keys") or []), [round(x, 4) for x in sigmas])
+        if not stop:
+            return
+        good_position, good_rng = self.first_bad_step
+        name = outputs.step_state_name(self.args, good_position.global_step)
+        path = self.save_state(name, position=good_position, kind=train_state.NONFINITE, rng=good_rng)
+        raise AnimaError(f"{self.guard.consecutive} steps in a row had a non-finite loss or gradient (the first after "
+                         f"step {good_position.global_step}); the state of the last good step is saved in {path}; "
+                         f"lower --learning_rate (or check the models and data), then continue with --resume {path}")
+
+    @contextmanager
+    def ctrl_c_saves_a_state(self, args: argparse.Namespace) -> Iterator[None]:
+        """With --save_state, the first Ctrl-C lets the current step finish, saves a state of it and stops; a
+        second Ctrl-C stops at once. Single process only (the processes could not agree on the step)."""
+        self.interrupt_requested = False
+        usable = (args.save_state and self.accelerator.num_processes == 1
+                  and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if not usable:
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.interrupt_requested:
+                raise KeyboardInterrupt
+            self.interrupt_requested = True
+            print("Ctrl-C: finishing this step and saving a state (Ctrl-C again stops at once)", flush=True)
+
+        try:
+            signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: keep the default behaviour
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def save_interrupt_state(self, args: argparse.Namespace) -> None:
+        path = self.save_state(outputs.step_state_name(args, self.global_step), position=self.position,
+                               kind=train_state.INTERRUPTED)
+        raise KeyboardInterrupt(str(path))
 
     def train_step(self, args: argparse.Namespace, batch: dict) -> torch.Tensor:
         """One micro-batch: forward, backward (DDP averages the gradients on sync steps); on sync steps clip,
         optimizer and scheduler step. Returns the loss averaged over processes, a 0-dim float32 tensor on the
-        device (not read here)."""
+        device (not read here). The non-finite guard's flag is the one value a step reads from the device."""
         accelerator = self.accelerator
         with accelerator.accumulate(self.training_model):
             loss = self.training_model(self.batch_loss, args, batch, training=True)
-            accelerator.backward(loss)
-            # With --fused_backward_pass the hooks already clipped and stepped every parameter during backward.
-            if self.fused_backward is None:
+            self.step_finite = True
+            if self.fused_backward is not None:
+                # The hooks clip and step every parameter during backward, so the guard must decide before it:
+                # a non-finite loss skips backward (and so the update) entirely.
+                self.step_finite = self.read_finite_flag(finite_flag(loss))
+                if self.step_finite:
+                    accelerator.backward(loss)
+            else:
+                accelerator.backward(loss)
+                self.batch_finite = finite_flag(loss) if self.batch_finite is None \
+                    else self.batch_finite * finite_flag(loss)
                 if accelerator.sync_gradients:
-                    if args.max_grad_norm:
-                        accelerator.clip_grad_norm_(self.trainable_params, args.max_grad_norm)
-                self.optimizer.step()
+                    norm = (accelerator.clip_grad_norm_(self.trainable_params, args.max_grad_norm)
+                            if args.max_grad_norm else None)
+                    self.step_finite = self.step_gradients_finite(norm)
+                if self.step_finite:
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients:
+            if accelerator.sync_gradients and self.step_finite:
                 self.lr_scheduler.step()
-        if args.scale_weight_norms and accelerator.sync_gradients:
+        if args.scale_weight_norms and accelerator.sync_gradients and self.step_finite:  # skipped: no change
             keys_scaled, mean_norm, max_norm = self.network.apply_max_norm_regularization(
                 args.scale_weight_norms, self.device)
             self.max_norm_logs = {"max_norm/keys_scaled": keys_scaled, "max_norm/average_key_norm": mean_norm,
@@ -551,6 +830,7 @@ class NetworkTrainer:
         with torch.set_grad_enabled(training):
             pred, target, sigmas, weighting = self.noise_pred_and_target(args, self.accelerator, latents, text,
                                                                          self.weight_dtype)
+            self.last_sigmas = sigmas.detach()  # [B], read only to log a non-finite step
             huber_c = (huber_threshold(args.huber_schedule, sigmas, args.huber_c, args.huber_scale)
                        if args.loss_type in ("huber", "smooth_l1") else None)
             mask = batch.get("loss_masks")  # [B, 1, H, W] alpha / conditioning masks, or None
@@ -559,6 +839,31 @@ class NetworkTrainer:
                                    mask=mask.to(pred.device, non_blocking=True) if mask is not None else None,
                                    sample_weights=batch["loss_weights"].to(pred.device, non_blocking=True))
             return loss.mean()
+
+    # The non-finite guard: one device->host read per optimizer step (see library/training/nonfinite.py).
+    batch_finite: torch.Tensor | None = None  # product of the micro-batch loss flags since the last step
+    last_sigmas: torch.Tensor | None = None
+
+    def step_gradients_finite(self, clipped_norm: torch.Tensor | None) -> bool:
+        """Whether the accumulated losses and the averaged gradients are finite. With a loss scaler (fp16)
+        overflowing gradients are the scaler's business (it skips the step and lowers the scale), so only
+        the losses count there."""
+        flags = self.batch_finite if self.batch_finite is not None else torch.ones((), device=self.device)
+        self.batch_finite = None
+        if self.accelerator.scaler is None:
+            norm = clipped_norm if clipped_norm is not None else total_grad_norm(self.trainable_params)
+            if norm is not None:
+                flags = flags * finite_flag(norm)
+        return self.read_finite_flag(flags)
+
+    def read_finite_flag(self, flag: torch.Tensor) -> bool:
+        """The guard's single host sync; every process takes the same decision (minimum over processes)."""
+        if self.accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            flag = flag.reshape(1).clone()
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
         """Mean of `value` over processes: a 0-dim float32 tensor on the device (a collective, no host read)."""
@@ -570,34 +875,34 @@ class NetworkTrainer:
     def after_step(self, args: argparse.Namespace, epoch: int, epoch_batches: int) -> None:
         """Step-triggered sampling, checkpoint, state and validation."""
         step = self.global_step
-        if args.sample_every_n_steps and not args.sample_every_n_epochs and step % args.sample_every_n_steps == 0:
+        if schedule.step_sampling_due(step, args.sample_every_n_steps, args.sample_every_n_epochs):
             self.run_sampling(epoch=None, step=step)
-        if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
+        if schedule.step_save_due(step, args.save_every_n_steps, self.schedule.max_train_steps):
             self.save_model(outputs.step_model_name(args, step), steps=step, epoch=epoch)
             self.prune(outputs.step_model_name, outputs.step_to_prune(step, args.save_every_n_steps,
                                                                     args.save_last_n_steps))
             if args.save_state:
-                self.save_state(outputs.step_state_name(args, step), epoch=epoch, epoch_batches=epoch_batches)
+                self.save_state(outputs.step_state_name(args, step), position=Position(epoch, epoch_batches, step))
                 keep = args.save_last_n_steps_state or args.save_last_n_steps
                 self.prune(outputs.step_state_name, outputs.step_to_prune(step, args.save_every_n_steps, keep))
-        if self.val_loader is not None and args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
+        if self.val_loader is not None and schedule.every(args.validate_every_n_steps, step):
             self.validate(args)
 
     def after_epoch(self, args: argparse.Namespace, epoch: int) -> None:
         """Epoch-triggered validation, checkpoint (never for the final epoch), state and sampling."""
-        if self.val_loader is not None and (
-                (args.validate_every_n_epochs and epoch % args.validate_every_n_epochs == 0)
-                or (not args.validate_every_n_epochs and not args.validate_every_n_steps)):
+        if self.val_loader is not None and schedule.epoch_validation_due(epoch, args.validate_every_n_epochs,
+                                                                         args.validate_every_n_steps):
             self.validate(args)
-        if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < self.num_epochs:
+        every_n_epochs = self.schedule.save_every_n_epochs
+        if schedule.epoch_save_due(epoch, every_n_epochs, self.num_epochs):
             self.save_model(outputs.epoch_model_name(args, epoch), steps=self.global_step, epoch=epoch)
-            self.prune(outputs.epoch_model_name, outputs.epoch_to_prune(epoch, args.save_every_n_epochs,
+            self.prune(outputs.epoch_model_name, outputs.epoch_to_prune(epoch, every_n_epochs,
                                                                       args.save_last_n_epochs))
             if args.save_state:
-                self.save_state(outputs.epoch_state_name(args, epoch), epoch=epoch, epoch_batches=0)
+                self.save_state(outputs.epoch_state_name(args, epoch), position=self.position)
                 keep = args.save_last_n_epochs_state or args.save_last_n_epochs
-                self.prune(outputs.epoch_state_name, outputs.epoch_to_prune(epoch, args.save_every_n_epochs, keep))
-        if args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0:
+                self.prune(outputs.epoch_state_name, outputs.epoch_to_prune(epoch, every_n_epochs, keep))
+        if schedule.every(args.sample_every_n_epochs, epoch):
             self.run_sampling(epoch=epoch, step=self.global_step)
 
     def run_sampling(self, epoch: int | None, step: int) -> None:
@@ -640,7 +945,7 @@ class NetworkTrainer:
     def validation_loss(self, args: argparse.Namespace) -> None:
         self.network.eval()
         seed = args.validation_seed if args.validation_seed is not None else args.seed
-        rng = _rng_state()
+        rng = capture_rng()
         torch.manual_seed(seed)
         random.seed(seed)
         losses = []  # device tensors, read once after the loop
@@ -650,7 +955,7 @@ class NetworkTrainer:
                     break
                 losses.append(self.mean_over_processes(self.batch_loss(args, batch, training=False)))
         finally:
-            _set_rng_state(rng)
+            restore_rng(rng)
             self.network.train()
             self.reset_dit_layout()
         total, count = sum(read_scalars(losses)), len(losses)
@@ -688,55 +993,59 @@ class NetworkTrainer:
                 self.reporter.message(f"removed old checkpoint {path}")
         self.accelerator.wait_for_everyone()
 
-    def save_state(self, folder_name: str, *, epoch: int, epoch_batches: int) -> None:
-        """Training state folder: network weights, optimizer, scheduler, RNG of every process, counters."""
+    def save_state(self, folder_name: str, *, position: Position, kind: str = train_state.PERIODIC,
+                   rng: dict[str, Any] | None = None) -> Path:
+        """Training state folder at `position`: network weights, optimizer, scheduler, the random states of every
+        process (`rng`: this process's, default the current ones), the position and the run's settings."""
+        path = Path(self.args.output_dir) / folder_name
         with self.optimizer_eval_mode(), self.reporter.excluded("saving"):
-            self.write_state(Path(self.args.output_dir) / folder_name, epoch=epoch, epoch_batches=epoch_batches)
+            self.write_state(path, position=position, kind=kind, rng=rng if rng is not None else capture_rng())
+        return path
 
-    def write_state(self, path: Path, *, epoch: int, epoch_batches: int) -> None:
-        rng = _rng_state()
+    def write_state(self, path: Path, *, position: Position, kind: str, rng: dict[str, Any]) -> None:
         gathered = _gather_objects(self.accelerator, rng)
         if self.is_main:
-            def write(tmp: Path) -> None:
-                import safetensors.torch
+            weights = {k: v.detach().cpu() for k, v in self.network.state_dict().items()}
+            files.refuse_non_finite(weights, path)
+            record = train_state.TrainState(position=position, seed=self.args.seed, kind=kind,
+                                            facts=self.data_facts,
+                                            settings=train_state.recorded_settings(self.args))
 
-                weights = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
-                safetensors.torch.save_file(weights, str(tmp / NETWORK_STATE_FILE))
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-                torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
-                for rank, state in enumerate(gathered):
-                    torch.save(state, tmp / f"rng_{rank}.pt")
-                write_train_state(tmp, epoch=epoch, global_step=self.global_step, epoch_step=epoch_batches)
+            def write(tmp: Path) -> None:
+                train_state.write_state_files(tmp, network=weights, optimizer=self.optimizer.state_dict(),
+                                              scheduler=self.lr_scheduler.state_dict(), rng_states=gathered,
+                                              train_state=record)
+                files.fault_point(f"state_write:{position.global_step}")
 
             files.atomic_write_dir(path, write)
             self.reporter.message(f"saved state {path}")
         self.accelerator.wait_for_everyone()
 
-    def load_state(self, folder: Path) -> None:
-        import safetensors.torch
-
-        needed = [NETWORK_STATE_FILE, "optimizer.pt", "scheduler.pt"]
-        missing = [n for n in needed if not (folder / n).is_file()]
-        if missing:
-            raise AnimaError(f"--resume {folder}: missing {', '.join(missing)}; give a folder written by --save_state")
-        weights = safetensors.torch.load_file(str(folder / NETWORK_STATE_FILE),
-                                              device=str(self.device))
-        result = self.network.load_state_dict(weights, strict=False)
+    def load_state(self, loaded: train_state.LoadedState) -> None:
+        """Put a validated state folder into the network, optimizer, scheduler and random generators."""
+        folder = loaded.folder
+        result = self.network.load_state_dict({k: v.to(self.device) for k, v in loaded.network.items()},
+                                              strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise AnimaError(f"--resume {folder}: the saved network does not match this one "
                              f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); "
                              "use the same --network_dim/--network_args as the saved run")
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-        self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        rng_file = folder / f"rng_{self.accelerator.process_index}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=True))
+        self.optimizer.load_state_dict(loaded.optimizer)
+        self.lr_scheduler.load_state_dict(loaded.scheduler)
+        rank = self.accelerator.process_index
+        if rank < len(loaded.rng_states):
+            restore_rng(loaded.rng_states[rank])
+        else:  # more processes than the state had (accepted by --resume_allow_changes): seeded per rank
+            logger.warning("--resume %s has no random state for process %d; seeding it from --seed", folder, rank)
+            set_seed(self.args.seed + rank)
 
     def save_final(self, args: argparse.Namespace) -> Path:
-        epoch = self.num_epochs
+        # The exact position: the last epoch may have stopped part-way at --max_train_steps.
+        end = self.position
         if args.save_state or args.save_state_on_train_end:
-            self.save_state(outputs.last_state_name(args), epoch=epoch, epoch_batches=0)
-        path = self.save_model(outputs.last_model_name(args), steps=self.global_step, epoch=epoch)
+            self.save_state(outputs.last_state_name(args), position=end, kind=train_state.END_OF_RUN)
+            files.fault_point("end_state")
+        path = self.save_model(outputs.last_model_name(args), steps=self.global_step, epoch=self.num_epochs)
         self.accelerator.end_training()
         self.reporter.summary(steps=self.global_step, output_file=str(path), device=self.device)
         return path
@@ -754,30 +1063,6 @@ def parse_network_args(items: list[str] | None) -> dict[str, str]:
         key, value = item.split("=", 1)
         parsed[key.strip()] = value.strip()
     return parsed
-
-
-def _rng_state() -> dict[str, Any]:
-    """RNG states as plain tensors/lists (loadable with weights_only=True)."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [py_version, list(py_state), py_gauss],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, py_state, gauss = state["python"]
-    random.setstate((version, tuple(py_state), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _gather_objects(accelerator: Accelerator, obj: Any) -> list[Any]:

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from library.errors import AnimaError
 from library.io.checkpoints import guess_checkpoint_kind, open_checkpoint, sample_keys
-from library.io.files import atomic_write, safetensors_hashes
+from library.io.files import atomic_write, refuse_non_finite, safetensors_hashes
 
 UNET_PREFIX = "lora_unet"
 TE_PREFIX = "lora_te"
@@ -454,6 +454,7 @@ def save_lora_file(
     ``torch.save`` of the state dict (no metadata)."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    refuse_non_finite(tensors, path)
     if path.suffix == ".safetensors":
         meta = {k: str(v) for k, v in (metadata or {}).items()}
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(tensors, meta)

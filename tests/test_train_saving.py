@@ -12,7 +12,8 @@ import torch
 from library.errors import AnimaError
 from library.io import files
 from library.training import outputs
-from library.training.state import read_train_state, write_train_state
+from library.training.schedule import Position
+from library.training.state import TrainState, read_train_state, write_train_state
 
 
 def names_args(**kw) -> argparse.Namespace:
@@ -66,10 +67,22 @@ def test_failed_atomic_write_keeps_the_previous_file(tmp_path):
 
 
 def test_train_state_round_trip_and_bad_folder(tmp_path):
-    write_train_state(tmp_path, epoch=2, global_step=17, epoch_step=3)
-    assert read_train_state(tmp_path) == {"current_epoch": 2, "global_step": 17, "epoch_step": 3}
+    state = TrainState(position=Position(epoch=2, batches_done=3, global_step=17), seed=5, kind="periodic",
+                       facts={"batches_per_epoch": 9}, settings={"learning_rate": 0.5})
+    write_train_state(tmp_path, state)
+    assert read_train_state(tmp_path) == state
     with pytest.raises(AnimaError, match="--resume"):
         read_train_state(tmp_path / "nothing")
+    (tmp_path / "train_state.json").write_text('{"current_epoch": 1, "global_step": -4}')
+    with pytest.raises(AnimaError, match="damaged"):
+        read_train_state(tmp_path)
+
+
+def test_train_state_of_the_earlier_format_reads_with_its_counters(tmp_path):
+    (tmp_path / "train_state.json").write_text('{"current_epoch": 1, "global_step": 7, "epoch_step": 2}')
+    state = read_train_state(tmp_path)
+    assert state.position == Position(epoch=1, batches_done=2, global_step=7)
+    assert state.seed is None and state.settings is None
 
 
 def test_end_summary_reports_steps_output_and_cpu_peak_memory():

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from io import BytesIO
 from pathlib import Path
 
@@ -30,6 +30,38 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+# --- finite values ---
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """Name of the first floating tensor holding NaN or infinity (None when all are finite)."""
+    return next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+
+
+def refuse_non_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """No LoRA file or state with a NaN or infinite value is ever written: one error line instead."""
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise AnimaError(f"refusing to write {path}: LoRA tensor {bad} is NaN or infinite (the training diverged, or "
+                         "--save_precision fp16 overflows); the files saved earlier are intact; lower --learning_rate "
+                         "or resume from an earlier state")
+
+
+# --- fault injection (tests) ---
+
+FAULT_ENV = "ANIMA_TEST_KILL_AT"
+
+
+def fault_point(name: str) -> None:
+    """Test hook for the kill-and-resume tests: when the environment variable ANIMA_TEST_KILL_AT equals `name`
+    (e.g. "state_write:6", inside the atomic write of a state folder), the process kills itself with SIGKILL,
+    exactly as a crash or the OOM killer would. Costs one dictionary lookup otherwise."""
+    if os.environ.get(FAULT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- atomic writes ------------------------------------------------------------------------------------------

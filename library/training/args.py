@@ -9,6 +9,7 @@ cannot work and returns warnings for flags that have no effect.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -299,6 +300,12 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("validate_every_n_epochs", type=int, default=None, help="validate every N epochs")
     a("max_validation_steps", type=int, default=None, help="cap on validation batches")
     a("cache_only", action="store_true", help="write the latent / text-encoder caches and exit without training")
+    a("max_nonfinite_steps", type=int, default=3,
+      help="stop after this many optimizer steps in a row with a NaN/inf loss or gradient (each is skipped "
+      "without an update), saving a state of the last good step; 0 never stops")
+    a("dry_run", action="store_true",
+      help="check everything that needs no weights (flags, dataset, images, model headers, network, optimizer, "
+      "resume folder, output and cache folders), print the plan and a memory estimate, and exit")
 
 
 def _add_saving_arguments(parser: argparse.ArgumentParser) -> None:
@@ -317,6 +324,9 @@ def _add_saving_arguments(parser: argparse.ArgumentParser) -> None:
     a("save_state", action="store_true", help="also save the training state with every LoRA file")
     a("save_state_on_train_end", action="store_true", help="save the training state at the end")
     a("resume", type=str, default=None, help="state folder to resume from")
+    a("resume_allow_changes", action="store_true",
+      help="resume even when settings that the exact continuation depends on (seed, dataset, batch size, "
+      "network, optimizer, ...) changed since the state; each change is still listed")
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -745,6 +755,15 @@ def validate_args(args: argparse.Namespace) -> list[str]:
             setattr(args, name, None)
     if args.ip_noise_gamma is not None and args.ip_noise_gamma < 0:
         reject("--ip_noise_gamma must not be negative")
+    if args.max_nonfinite_steps < 0:
+        reject(f"--max_nonfinite_steps must be 0 (never stop) or more, got {args.max_nonfinite_steps}")
+    learning_rates = [("learning_rate", args.learning_rate), ("unet_lr", args.unet_lr)]
+    learning_rates += [("text_encoder_lr", lr) for lr in (args.text_encoder_lr or [])]
+    learning_rates += [(f"{c}_lr", getattr(args, f"{c}_lr", None))
+                       for c in ("self_attn", "cross_attn", "mlp", "mod", "llm_adapter")]
+    for name, lr in learning_rates:
+        if lr is not None and not (math.isfinite(lr) and lr >= 0):
+            reject(f"{_flag(name)} must be a finite number >= 0, got {lr}")
 
     # Logging.
     if args.logging_dir and args.log_with is None:

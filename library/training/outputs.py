@@ -191,10 +191,12 @@ def training_metadata(
     optimizer_name: str,
     network_args: dict[str, Any] | None,
     dataset_metadata: dict[str, str] | None,
+    max_train_steps: int | None = None,
     network_dim: int | None = None,
     network_alpha: float | None = None,
 ) -> dict[str, str]:
-    """ss_* metadata describing the run (all values are strings, as in sd-scripts files)."""
+    """ss_* metadata describing the run (all values are strings, as in sd-scripts files). max_train_steps: the
+    run's step count when --max_train_epochs set it (default --max_train_steps)."""
     m: dict[str, Any] = {
         "ss_session_id": session_id,
         "ss_training_started_at": training_started_at,
@@ -209,7 +211,7 @@ def training_metadata(
         "ss_num_epochs": num_epochs,
         "ss_gradient_checkpointing": args.gradient_checkpointing,
         "ss_gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "ss_max_train_steps": args.max_train_steps,
+        "ss_max_train_steps": max_train_steps if max_train_steps is not None else args.max_train_steps,
         "ss_lr_warmup_steps": args.lr_warmup_steps,
         "ss_lr_scheduler": args.lr_scheduler,
         "ss_network_module": args.network_module,
