@@ -53,12 +53,20 @@ def file_identity(path: str, dtype: torch.dtype) -> str:
 class AnimaNetworkTrainer(NetworkTrainer):
     """The Anima hooks: Qwen3 + T5-id conditioning through the LLM adapter, Qwen-Image VAE latents."""
 
+    # --self_attn_lr, --cross_attn_lr, ...: the DiT's attention, MLP and modulation layers and the LLM adapter.
+    component_lr_names = ("self_attn", "cross_attn", "mlp", "mod", "llm_adapter")
+
     def __init__(self) -> None:
         self.text_encoder: torch.nn.Module | None = None
         self.text_encoding: Any = None
         self.vae: torch.nn.Module | None = None
         self.sample_prompt_encoder: Any = None
         self.tokenizer: Any = None  # found by the input check, reused when the text encoder loads
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The VAE runs in float32 with --no_half_vae, else in the weight dtype."""
+        return torch.float32 if self.args.no_half_vae else self.weight_dtype
 
     # --- checks -----------------------------------------------------------------------------------------------
 
@@ -130,6 +138,9 @@ class AnimaNetworkTrainer(NetworkTrainer):
     def place_dit(self, args: argparse.Namespace, device: torch.device) -> None:
         from library.training.args import compile_options
 
+        if args.gradient_checkpointing:
+            self.dit.enable_gradient_checkpointing(cpu_offload=args.cpu_offload_checkpointing,
+                                                   unsloth_offload=args.unsloth_offload_checkpointing)
         if args.blocks_to_swap == "auto":
             args.blocks_to_swap = self.plan_block_swap(args, device)
         if args.fp8_base:

@@ -62,6 +62,9 @@ class NetworkTrainer:
     # ---------------------------------------------------------------------------------------------------------
     # Model hooks
 
+    # The model's component learning-rate groups: `--<name>_lr` for each name (read by build_optimizer).
+    component_lr_names: tuple[str, ...] = ()
+
     def assert_extra_args(self, args: argparse.Namespace, train_group: Any, val_group: Any) -> None:
         """Model hook: model-specific checks that need the datasets (raise AnimaError)."""
 
@@ -100,7 +103,8 @@ class NetworkTrainer:
         raise NotImplementedError
 
     def place_dit(self, args: argparse.Namespace, device: torch.device) -> None:
-        """Model hook: move the frozen denoiser to the device (block swap keeps part of it in CPU memory)."""
+        """Model hook: move the frozen denoiser to the device (block swap keeps part of it in CPU memory) and
+        turn on its gradient checkpointing."""
         self.dit.to(device)
 
     def reset_dit_layout(self) -> None:
@@ -273,7 +277,6 @@ class NetworkTrainer:
         self.is_main = self.accelerator.is_main_process
         self.weight_dtype = DTYPES[args.mixed_precision]
         self.save_dtype = SAVE_DTYPES[args.save_precision]
-        self.vae_dtype = torch.float32 if args.no_half_vae else self.weight_dtype
 
     def build_datasets(self, args: argparse.Namespace) -> None:
         """Dataset groups from `--dataset_config` / folders, checked before any model loads."""
@@ -362,8 +365,6 @@ class NetworkTrainer:
         train_dit = not args.network_train_text_encoder_only
         train_te = self.train_text_encoder(args) and bool(text_encoders)
         if args.gradient_checkpointing:
-            self.dit.enable_gradient_checkpointing(cpu_offload=args.cpu_offload_checkpointing,
-                                                   unsloth_offload=args.unsloth_offload_checkpointing)
             for te in text_encoders if train_te else []:
                 if hasattr(te, "gradient_checkpointing_enable"):
                     te.gradient_checkpointing_enable()
@@ -378,8 +379,7 @@ class NetworkTrainer:
         Returns (name, args text, optimizer, group descriptions). Also runs on a meta-device network."""
         from library.training.optimizers import create_optimizer
 
-        component_lrs = {name: getattr(args, f"{name}_lr")
-                         for name in ("self_attn", "cross_attn", "mlp", "mod", "llm_adapter")}
+        component_lrs = {name: getattr(args, f"{name}_lr") for name in self.component_lr_names}
         groups, descriptions = network.prepare_optimizer_params(
             args.text_encoder_lr, args.unet_lr, args.learning_rate, component_lrs)
         trained = {id(p) for g in groups for p in g["params"]}
