@@ -22,6 +22,7 @@ from library.data.text_cache import cache_group_text
 from library.errors import AnimaError
 from library.training import flow_matching
 from library.training.args import handle_output_config, parse_args, require_training_inputs
+from library.training.losses import ModelOutput
 from library.training.reporting import logger, setup_console_logging
 from train_network import NetworkTrainer
 
@@ -262,9 +263,8 @@ class AnimaNetworkTrainer(NetworkTrainer):
         return {k: v.to(device, non_blocking=True) for k, v in text.items()}
 
     def noise_pred_and_target(self, args: argparse.Namespace, accelerator: Accelerator, latents: torch.Tensor,
-                              text: dict[str, torch.Tensor], weight_dtype: torch.dtype
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """latents x0 [B, 16, h, w] -> (velocity prediction, target ε − x0, σ [B], loss weight [B])."""
+                              text: dict[str, torch.Tensor], weight_dtype: torch.dtype) -> ModelOutput:
+        """latents x0 [B, 16, h, w] -> velocity prediction, target ε − x0, σ [B], loss weight [B]."""
         batch_size = latents.shape[0]
         noise = torch.randn_like(latents)
         sigmas = flow_matching.sample_sigmas(
@@ -283,7 +283,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
             pred = self.dit(noisy.unsqueeze(2), timesteps, context)  # [B, 16, 1, h, w]
         target = flow_matching.velocity_target(latents.float(), noise.float())
         weighting = flow_matching.loss_weighting(args.weighting_scheme, sigmas)
-        return pred.squeeze(2), target, sigmas, weighting
+        return ModelOutput(prediction=pred.squeeze(2), target=target, sigmas=sigmas, weighting=weighting)
 
     # --- sampling and metadata --------------------------------------------------------------------------------
 

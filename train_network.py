@@ -34,7 +34,7 @@ from library.io import files
 from library.training import checkpointing, outputs, preflight, schedule
 from library.training import state as train_state
 from library.training.distributed import TrainingModule, process_group_kwargs, uses_module_dropout
-from library.training.losses import huber_threshold, per_sample_loss
+from library.training.losses import ModelOutput, huber_threshold, per_sample_loss
 from library.training.nonfinite import NonFiniteGuard, finite_flag, total_grad_norm
 from library.training.optimizers import unwrap_optimizer
 from library.training.reporting import (
@@ -119,9 +119,8 @@ class NetworkTrainer:
         raise NotImplementedError
 
     def noise_pred_and_target(self, args: argparse.Namespace, accelerator: Accelerator, latents: torch.Tensor,
-                              text: dict[str, torch.Tensor], weight_dtype: torch.dtype
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Model hook: returns (prediction, target, sigmas [B], loss weighting [B])."""
+                              text: dict[str, torch.Tensor], weight_dtype: torch.dtype) -> ModelOutput:
+        """Model hook: the prediction, its target, the sigmas [B] and the loss weighting [B]."""
         raise NotImplementedError
 
     def sample_images(self, args: argparse.Namespace, accelerator: Accelerator, epoch: int | None,
@@ -699,14 +698,14 @@ class NetworkTrainer:
         with torch.set_grad_enabled(training and self.train_te):
             text = self.batch_text(args, batch, train_text_encoder=training and self.train_te)
         with torch.set_grad_enabled(training):
-            pred, target, sigmas, weighting = self.noise_pred_and_target(args, self.accelerator, latents, text,
-                                                                         self.weight_dtype)
-            self.last_sigmas = sigmas.detach()  # [B], read only to log a non-finite step
-            huber_c = (huber_threshold(args.huber_schedule, sigmas, args.huber_c, args.huber_scale)
+            out = self.noise_pred_and_target(args, self.accelerator, latents, text, self.weight_dtype)
+            pred = out.prediction
+            self.last_sigmas = out.sigmas.detach()  # [B], read only to log a non-finite step
+            huber_c = (huber_threshold(args.huber_schedule, out.sigmas, args.huber_c, args.huber_scale)
                        if args.loss_type in ("huber", "smooth_l1") else None)
             mask = batch.get("loss_masks")  # [B, 1, H, W] alpha / conditioning masks, or None
             # The loader pins batches on CUDA: non_blocking copies queue behind the step instead of waiting.
-            loss = per_sample_loss(pred, target, args.loss_type, huber_c=huber_c, weighting=weighting,
+            loss = per_sample_loss(pred, out.target, args.loss_type, huber_c=huber_c, weighting=out.weighting,
                                    mask=mask.to(pred.device, non_blocking=True) if mask is not None else None,
                                    sample_weights=batch["loss_weights"].to(pred.device, non_blocking=True))
             return loss.mean()
