@@ -22,6 +22,7 @@ from library.data.text_cache import cache_group_text
 from library.errors import AnimaError
 from library.training import flow_matching
 from library.training.args import handle_output_config, parse_args, require_training_inputs
+from library.training.losses import ModelOutput
 from library.training.reporting import logger, setup_console_logging
 from train_network import NetworkTrainer
 
@@ -53,12 +54,20 @@ def file_identity(path: str, dtype: torch.dtype) -> str:
 class AnimaNetworkTrainer(NetworkTrainer):
     """The Anima hooks: Qwen3 + T5-id conditioning through the LLM adapter, Qwen-Image VAE latents."""
 
+    # --self_attn_lr, --cross_attn_lr, ...: the DiT's attention, MLP and modulation layers and the LLM adapter.
+    component_lr_names = ("self_attn", "cross_attn", "mlp", "mod", "llm_adapter")
+
     def __init__(self) -> None:
         self.text_encoder: torch.nn.Module | None = None
         self.text_encoding: Any = None
         self.vae: torch.nn.Module | None = None
         self.sample_prompt_encoder: Any = None
         self.tokenizer: Any = None  # found by the input check, reused when the text encoder loads
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The VAE runs in float32 with --no_half_vae, else in the weight dtype."""
+        return torch.float32 if self.args.no_half_vae else self.weight_dtype
 
     # --- checks -----------------------------------------------------------------------------------------------
 
@@ -130,6 +139,9 @@ class AnimaNetworkTrainer(NetworkTrainer):
     def place_dit(self, args: argparse.Namespace, device: torch.device) -> None:
         from library.training.args import compile_options
 
+        if args.gradient_checkpointing:
+            self.dit.enable_gradient_checkpointing(cpu_offload=args.cpu_offload_checkpointing,
+                                                   unsloth_offload=args.unsloth_offload_checkpointing)
         if args.blocks_to_swap == "auto":
             args.blocks_to_swap = self.plan_block_swap(args, device)
         if args.fp8_base:
@@ -251,9 +263,8 @@ class AnimaNetworkTrainer(NetworkTrainer):
         return {k: v.to(device, non_blocking=True) for k, v in text.items()}
 
     def noise_pred_and_target(self, args: argparse.Namespace, accelerator: Accelerator, latents: torch.Tensor,
-                              text: dict[str, torch.Tensor], weight_dtype: torch.dtype
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """latents x0 [B, 16, h, w] -> (velocity prediction, target ε − x0, σ [B], loss weight [B])."""
+                              text: dict[str, torch.Tensor], weight_dtype: torch.dtype) -> ModelOutput:
+        """latents x0 [B, 16, h, w] -> velocity prediction, target ε − x0, σ [B], loss weight [B]."""
         batch_size = latents.shape[0]
         noise = torch.randn_like(latents)
         sigmas = flow_matching.sample_sigmas(
@@ -272,7 +283,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
             pred = self.dit(noisy.unsqueeze(2), timesteps, context)  # [B, 16, 1, h, w]
         target = flow_matching.velocity_target(latents.float(), noise.float())
         weighting = flow_matching.loss_weighting(args.weighting_scheme, sigmas)
-        return pred.squeeze(2), target, sigmas, weighting
+        return ModelOutput(prediction=pred.squeeze(2), target=target, sigmas=sigmas, weighting=weighting)
 
     # --- sampling and metadata --------------------------------------------------------------------------------
 

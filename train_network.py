@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import signal
 import time
@@ -32,10 +31,10 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from library.data.metadata import group_metadata
 from library.errors import AnimaError
 from library.io import files
-from library.training import outputs, schedule
+from library.training import checkpointing, outputs, preflight, schedule
 from library.training import state as train_state
 from library.training.distributed import TrainingModule, process_group_kwargs, uses_module_dropout
-from library.training.losses import huber_threshold, per_sample_loss
+from library.training.losses import ModelOutput, huber_threshold, per_sample_loss
 from library.training.nonfinite import NonFiniteGuard, finite_flag, total_grad_norm
 from library.training.optimizers import unwrap_optimizer
 from library.training.reporting import (
@@ -48,6 +47,7 @@ from library.training.reporting import (
     run_logging_dir,
 )
 from library.training.schedule import Position
+from library.training.schedulers import lr_scheduler_from_args
 from library.training.state import capture_rng, restore_rng
 from networks import import_network_module
 from networks.lora_format import load_lora_file
@@ -61,6 +61,9 @@ class NetworkTrainer:
 
     # ---------------------------------------------------------------------------------------------------------
     # Model hooks
+
+    # The model's component learning-rate groups: `--<name>_lr` for each name (read by build_optimizer).
+    component_lr_names: tuple[str, ...] = ()
 
     def assert_extra_args(self, args: argparse.Namespace, train_group: Any, val_group: Any) -> None:
         """Model hook: model-specific checks that need the datasets (raise AnimaError)."""
@@ -100,7 +103,8 @@ class NetworkTrainer:
         raise NotImplementedError
 
     def place_dit(self, args: argparse.Namespace, device: torch.device) -> None:
-        """Model hook: move the frozen denoiser to the device (block swap keeps part of it in CPU memory)."""
+        """Model hook: move the frozen denoiser to the device (block swap keeps part of it in CPU memory) and
+        turn on its gradient checkpointing."""
         self.dit.to(device)
 
     def reset_dit_layout(self) -> None:
@@ -115,9 +119,8 @@ class NetworkTrainer:
         raise NotImplementedError
 
     def noise_pred_and_target(self, args: argparse.Namespace, accelerator: Accelerator, latents: torch.Tensor,
-                              text: dict[str, torch.Tensor], weight_dtype: torch.dtype
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Model hook: returns (prediction, target, sigmas [B], loss weighting [B])."""
+                              text: dict[str, torch.Tensor], weight_dtype: torch.dtype) -> ModelOutput:
+        """Model hook: the prediction, its target, the sigmas [B] and the loss weighting [B]."""
         raise NotImplementedError
 
     def sample_images(self, args: argparse.Namespace, accelerator: Accelerator, epoch: int | None,
@@ -144,9 +147,10 @@ class NetworkTrainer:
             self.write_caches_only(args)
             return None
         self.build_datasets(args)
-        self.check_against_datasets(args)
+        self.schedule, self.data_facts = self.check_against_datasets(args)
         if args.dry_run:
-            self.print_plan(args)
+            preflight.print_plan(args, self.schedule, self.train_group, self.val_group, self.loaded_state,
+                                 self.network_size)
             return None
         self.load_frozen_models(args, self.accelerator, self.weight_dtype)
         self.build_caches(args)
@@ -184,8 +188,7 @@ class NetworkTrainer:
         if args.logging_dir and args.log_with:
             files.check_writable_dir(args.logging_dir, "--logging_dir")
         dit, text_encoders = self.inspect_models(args)
-        self.inspected_dit = dit
-        self.inspected_text_encoder_parameters = sum(p.numel() for te in text_encoders for p in te.parameters())
+        self.network_size = preflight.NetworkSize(dit, sum(p.numel() for te in text_encoders for p in te.parameters()))
         self.loaded_state = None
         if args.cache_only:
             return
@@ -198,18 +201,16 @@ class NetworkTrainer:
         finally:
             logging.disable(logging.NOTSET)
         network.remove_hooks()
-        self.network_parameter_count = sum(p.numel() for p in network.parameters())
-        self.trainable_parameter_count = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        self.network_size.network_parameters = sum(p.numel() for p in network.parameters())
+        self.network_size.trainable_parameters = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         if args.resume:
-            self.check_resume_folder(args, network, optimizer, scheduler)
+            self.loaded_state = preflight.check_resume_folder(args, network, optimizer, scheduler, self.seed_given)
         # One run per output: a second run on the same --output_dir/--output_name stops here, before any work.
         # A dry run writes nothing, so it takes no lock.
         self.output_lock = None if args.dry_run else outputs.claim_output(args)
 
     def check_optimizer_and_scheduler(self, args: argparse.Namespace, network: Any) -> tuple[Any, Any]:
         """Build the optimizer and LR scheduler as the run will, on the network's (meta-device) parameters."""
-        from library.training.schedulers import create_lr_scheduler, resolve_lr_scheduler_name
-
         try:
             _, _, optimizer, _ = self.build_optimizer(args, network)
         except (RuntimeError, NotImplementedError) as exc:
@@ -219,79 +220,21 @@ class NetworkTrainer:
             network.to_empty(device="cpu")
             _, _, optimizer, _ = self.build_optimizer(args, network)
         # The step count only shapes the schedule; with --max_train_epochs it is known after the image scan.
-        scheduler = create_lr_scheduler(
-            resolve_lr_scheduler_name(args.lr_scheduler, optimizer, args.learning_rate), optimizer,
-            args.max_train_steps, args.lr_warmup_steps, num_decay_steps=args.lr_decay_steps,
-            num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
-            timescale=args.lr_scheduler_timescale, min_lr_ratio=args.lr_scheduler_min_lr_ratio,
-            scheduler_type=args.lr_scheduler_type, scheduler_args=args.lr_scheduler_args)
-        return optimizer, scheduler
+        return optimizer, lr_scheduler_from_args(args, optimizer, args.max_train_steps)
 
-    def check_resume_folder(self, args: argparse.Namespace, network: Any, optimizer: Any, scheduler: Any) -> None:
-        """--resume: every file of the folder read (weights_only) and checked against this run's network,
-        optimizer and scheduler; the step count and every changed setting checked. Nothing is loaded yet."""
-        folder = Path(args.resume)
-        shapes = {k: tuple(v.shape) for k, v in network.state_dict().items()}
-        loaded = train_state.validate_state_folder(folder, shapes)
-        try:
-            optimizer.load_state_dict(loaded.optimizer)  # group sizes and state keys are checked on meta tensors
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise AnimaError(f"--resume {folder}: optimizer.pt does not fit this run's optimizer ({exc}); use the "
-                             "--optimizer_type, --optimizer_args and learning-rate flags of the saved run") from None
-        try:
-            scheduler.load_state_dict(loaded.scheduler)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise AnimaError(f"--resume {folder}: scheduler.pt does not fit this run's --lr_scheduler ({exc}); use "
-                             "the saved run's scheduler flags") from None
-        saved = loaded.train_state
-        if args.max_train_epochs is None and saved.global_step >= args.max_train_steps:
-            raise AnimaError(f"--resume {folder}: the state is already at step {saved.global_step} of "
-                             f"--max_train_steps {args.max_train_steps}; raise --max_train_steps to train further")
-        self.loaded_state = loaded
-        if saved.settings is None:
-            logger.warning("--resume %s: the state records no settings (written by an older version); changes "
-                           "to the command line cannot be checked", folder)
-            return
-        current = train_state.recorded_settings(args)
-        changes = train_state.compare_settings(saved.settings, current)
-        if self.seed_given and saved.seed is not None and saved.seed != args.seed:
-            changes.append(train_state.SettingChange(train_state.SEED, saved.seed, args.seed, True))
-        self.report_resume_changes(args, changes)
-
-    def report_resume_changes(self, args: argparse.Namespace, changes: list[Any]) -> None:
-        """One warning line per changed setting; those that break an exact continuation are refused unless
-        --resume_allow_changes."""
-        for change in changes:
-            logger.warning("--resume: changed since the state: %s%s", change.describe(),
-                           " (breaks the exact continuation)" if change.breaks_continuation else "")
-        breaking = [c for c in changes if c.breaks_continuation]
-        if breaking and not args.resume_allow_changes:
-            names = ", ".join(c.describe() for c in breaking)
-            raise AnimaError(f"--resume {args.resume}: {names}; these changes make an exact continuation impossible; "
-                             "use the saved run's settings, or add --resume_allow_changes to continue anyway")
-
-    def check_against_datasets(self, args: argparse.Namespace) -> None:
+    def check_against_datasets(self, args: argparse.Namespace) -> tuple[schedule.Schedule, dict[str, Any]]:
         """After the image scan, before any model loads: the schedule, the disk-cache folders, and for --resume
-        the dataset, batches per epoch and number of processes against the state, and the steps left."""
-        self.schedule = self.make_run_schedule(args, len(self.train_group))
+        the dataset, batches per epoch and number of processes against the state, and the steps left. Returns
+        the schedule and the data facts every state records."""
+        run_schedule = self.make_run_schedule(args, len(self.train_group))
         # Taken from the image scan (before caching may drop undecodable images), so that every run of the same
         # data records and compares the same facts.
-        self.data_facts = self.run_facts(args)
-        self.check_cache_folders(args)
-        if self.loaded_state is None:
-            return
-        saved = self.loaded_state.train_state
-        facts = self.data_facts
-        if saved.settings is not None:
-            changes = [train_state.SettingChange(name, saved.facts.get(name), value, True)
-                       for name, value in facts.items() if saved.facts.get(name) != value]
-            self.report_resume_changes(args, changes)
-        left = schedule.steps_left(saved.position, self.schedule)
-        if left <= 0:
-            raise AnimaError(f"--resume {args.resume}: nothing left to train (the state is at step "
-                             f"{saved.global_step}, epoch {saved.position.epoch + 1} of {self.schedule.num_epochs}, "
-                             f"--max_train_steps {self.schedule.max_train_steps}); raise --max_train_steps or "
-                             "--max_train_epochs")
+        facts = preflight.run_facts(self.accelerator.num_processes, run_schedule, self.train_group,
+                                    args.dataset_config)
+        preflight.check_cache_folders(args, self.groups())
+        if self.loaded_state is not None:
+            preflight.check_resume_against_data(args, self.loaded_state, facts, run_schedule)
+        return run_schedule, facts
 
     def make_run_schedule(self, args: argparse.Namespace, num_batches: int) -> schedule.Schedule:
         return schedule.make_schedule(
@@ -299,71 +242,6 @@ class NetworkTrainer:
             gradient_accumulation_steps=args.gradient_accumulation_steps, max_train_steps=args.max_train_steps,
             max_train_epochs=args.max_train_epochs, save_every_n_epochs=args.save_every_n_epochs,
             save_n_epoch_ratio=args.save_n_epoch_ratio)
-
-    def run_facts(self, args: argparse.Namespace) -> dict[str, Any]:
-        """What the data order depends on besides the flags (recorded in every state)."""
-        return {train_state.NUM_PROCESSES: self.accelerator.num_processes,
-                train_state.BATCHES_PER_EPOCH: self.schedule.batches_per_epoch,
-                train_state.DATASET_FINGERPRINT: train_state.dataset_fingerprint(self.train_group,
-                                                                                 args.dataset_config)}
-
-    def check_cache_folders(self, args: argparse.Namespace) -> None:
-        """Disk caches are written beside the images: a folder that must receive a missing cache file has to be
-        writable (checked now, not after the models loaded)."""
-        from library.data.cache_files import latents_npz_path, text_npz_path
-
-        for _, info in (pair for group in self.groups() for pair in group.image_infos()):
-            wanted = []
-            if args.cache_latents_to_disk:
-                wanted.append(latents_npz_path(info.path, info.image_size))
-            if args.cache_text_encoder_outputs_to_disk:
-                wanted.append(text_npz_path(info.path))
-            for path in wanted:
-                folder = Path(path).parent
-                if not Path(path).exists() and not os.access(folder, os.W_OK | os.X_OK):
-                    raise AnimaError(f"cache folder {folder} is not writable, and the disk cache {Path(path).name} "
-                                     "must be written there; make the image folder writable or drop "
-                                     "--cache_latents_to_disk / --cache_text_encoder_outputs_to_disk")
-
-    def print_plan(self, args: argparse.Namespace) -> None:
-        """--dry_run: what the run would do, after every check passed."""
-        from library.training.memory import estimate_training_memory
-
-        sched = self.schedule
-        lines = ["dry run: every check passed; nothing was loaded or written"]
-        for group, name in ((self.train_group, "training"), (self.val_group, "validation")):
-            if group is None:
-                continue
-            for index, dataset in enumerate(group.datasets):
-                buckets = ", ".join(f"{w}x{h}" for w, h in dataset.bucket_sizes)
-                lines.append(f"  {name} dataset {index}: {len(dataset.infos)} images ({dataset.num_train_images} "
-                             f"with repeats), batch size {dataset.config.batch_size}, {len(dataset)} batches, "
-                             f"buckets {buckets}")
-        lines.append(f"  schedule: {sched.batches_per_epoch} batches per epoch per process, {sched.steps_per_epoch} "
-                     f"steps per epoch, {sched.num_epochs} epochs, {sched.max_train_steps} steps")
-        if self.loaded_state is not None:
-            position = self.loaded_state.train_state.position
-            lines.append(f"  resume: from step {position.global_step} (epoch {position.epoch + 1}, "
-                         f"{position.batches_done} batches done), {schedule.steps_left(position, sched)} steps left")
-        images = sum(len(d.infos) for g in self.groups() for d in g.datasets)
-        cached = []
-        if args.cache_latents:
-            cached.append(f"latents of {images} images ({'disk' if args.cache_latents_to_disk else 'memory'})")
-        if args.cache_text_encoder_outputs:
-            cached.append(f"text-encoder outputs of {images} captions "
-                          f"({'disk' if args.cache_text_encoder_outputs_to_disk else 'memory'})")
-        lines.append("  cache: " + ("; ".join(cached) if cached else "nothing (encoded every step)"))
-        if args.cache_only:
-            lines.append("  --cache_only: the caches would be written, then the run would stop")
-            print("\n".join(lines), flush=True)
-            return
-        lines.append(f"  network: {self.network_parameter_count:,} LoRA parameters, "
-                     f"{self.trainable_parameter_count:,} trained")
-        estimate = estimate_training_memory(args, self.inspected_dit, self.trainable_parameter_count,
-                                            self.train_group, self.inspected_text_encoder_parameters)
-        lines.append("  memory estimate: " + estimate.describe())
-        lines.append(f"  outputs: {Path(args.output_dir) / outputs.last_model_name(args)}")
-        print("\n".join(lines), flush=True)
 
     def release_output(self) -> None:
         """Free the run lock taken in check_inputs (process exit frees it too)."""
@@ -398,7 +276,6 @@ class NetworkTrainer:
         self.is_main = self.accelerator.is_main_process
         self.weight_dtype = DTYPES[args.mixed_precision]
         self.save_dtype = SAVE_DTYPES[args.save_precision]
-        self.vae_dtype = torch.float32 if args.no_half_vae else self.weight_dtype
 
     def build_datasets(self, args: argparse.Namespace) -> None:
         """Dataset groups from `--dataset_config` / folders, checked before any model loads."""
@@ -487,8 +364,6 @@ class NetworkTrainer:
         train_dit = not args.network_train_text_encoder_only
         train_te = self.train_text_encoder(args) and bool(text_encoders)
         if args.gradient_checkpointing:
-            self.dit.enable_gradient_checkpointing(cpu_offload=args.cpu_offload_checkpointing,
-                                                   unsloth_offload=args.unsloth_offload_checkpointing)
             for te in text_encoders if train_te else []:
                 if hasattr(te, "gradient_checkpointing_enable"):
                     te.gradient_checkpointing_enable()
@@ -503,8 +378,7 @@ class NetworkTrainer:
         Returns (name, args text, optimizer, group descriptions). Also runs on a meta-device network."""
         from library.training.optimizers import create_optimizer
 
-        component_lrs = {name: getattr(args, f"{name}_lr")
-                         for name in ("self_attn", "cross_attn", "mlp", "mod", "llm_adapter")}
+        component_lrs = {name: getattr(args, f"{name}_lr") for name in self.component_lr_names}
         groups, descriptions = network.prepare_optimizer_params(
             args.text_encoder_lr, args.unet_lr, args.learning_rate, component_lrs)
         trained = {id(p) for g in groups for p in g["params"]}
@@ -521,7 +395,6 @@ class NetworkTrainer:
         """Optimizer, data loader, the run's schedule (step counts) and the LR scheduler."""
         from library.data.config import make_dataloader
         from library.training.optimizers import install_fused_backward_pass, is_schedule_free
-        from library.training.schedulers import create_lr_scheduler, resolve_lr_scheduler_name
 
         optimizer_name, optimizer_args_text, optimizer, descriptions = self.build_optimizer(args, self.network)
         self.trainable_params = [p for p in self.network.parameters() if p.requires_grad]
@@ -546,12 +419,7 @@ class NetworkTrainer:
 
         self.optimizer = optimizer
         # Stepped once per optimizer step on every process, so its length is the run's step count.
-        self.lr_scheduler = create_lr_scheduler(
-            resolve_lr_scheduler_name(args.lr_scheduler, optimizer, args.learning_rate), optimizer,
-            self.schedule.max_train_steps, args.lr_warmup_steps, num_decay_steps=args.lr_decay_steps,
-            num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
-            timescale=args.lr_scheduler_timescale, min_lr_ratio=args.lr_scheduler_min_lr_ratio,
-            scheduler_type=args.lr_scheduler_type, scheduler_args=args.lr_scheduler_args)
+        self.lr_scheduler = lr_scheduler_from_args(args, optimizer, self.schedule.max_train_steps)
         self.fused_backward = None
         if args.fused_backward_pass:
             self.fused_backward = install_fused_backward_pass(
@@ -610,7 +478,9 @@ class NetworkTrainer:
                 network = self.network
                 loaded = train_state.validate_state_folder(
                     Path(args.resume), {k: tuple(v.shape) for k, v in network.state_dict().items()})
-            self.load_state(loaded)
+            checkpointing.load_state(loaded, network=self.network, optimizer=self.optimizer,
+                                     lr_scheduler=self.lr_scheduler, device=self.device,
+                                     rank=self.accelerator.process_index, seed=args.seed)
             self.position = loaded.train_state.position
             if schedule.steps_left(self.position, self.schedule) <= 0:
                 raise AnimaError(f"--resume {args.resume}: nothing left to train (the state is at step "
@@ -828,14 +698,14 @@ class NetworkTrainer:
         with torch.set_grad_enabled(training and self.train_te):
             text = self.batch_text(args, batch, train_text_encoder=training and self.train_te)
         with torch.set_grad_enabled(training):
-            pred, target, sigmas, weighting = self.noise_pred_and_target(args, self.accelerator, latents, text,
-                                                                         self.weight_dtype)
-            self.last_sigmas = sigmas.detach()  # [B], read only to log a non-finite step
-            huber_c = (huber_threshold(args.huber_schedule, sigmas, args.huber_c, args.huber_scale)
+            out = self.noise_pred_and_target(args, self.accelerator, latents, text, self.weight_dtype)
+            pred = out.prediction
+            self.last_sigmas = out.sigmas.detach()  # [B], read only to log a non-finite step
+            huber_c = (huber_threshold(args.huber_schedule, out.sigmas, args.huber_c, args.huber_scale)
                        if args.loss_type in ("huber", "smooth_l1") else None)
             mask = batch.get("loss_masks")  # [B, 1, H, W] alpha / conditioning masks, or None
             # The loader pins batches on CUDA: non_blocking copies queue behind the step instead of waiting.
-            loss = per_sample_loss(pred, target, args.loss_type, huber_c=huber_c, weighting=weighting,
+            loss = per_sample_loss(pred, out.target, args.loss_type, huber_c=huber_c, weighting=out.weighting,
                                    mask=mask.to(pred.device, non_blocking=True) if mask is not None else None,
                                    sample_weights=batch["loss_weights"].to(pred.device, non_blocking=True))
             return loss.mean()
@@ -978,10 +848,7 @@ class NetworkTrainer:
         if self.is_main:
             metadata = outputs.metadata_for_save(self.metadata, self.model_spec, steps=steps, epoch=epoch,
                                                 no_metadata=self.args.no_metadata)
-            is_safetensors = path.suffix == ".safetensors"
-            # save_weights writes atomically (temp file + rename).
-            self.network.save_weights(str(path), self.save_dtype, metadata if is_safetensors else None,
-                                      lora_format=self.args.lora_format)
+            checkpointing.write_lora(self.network, path, metadata, self.save_dtype, self.args.lora_format)
             self.reporter.message(f"saved {path}")
 
     def prune(self, name_of: Callable[[argparse.Namespace, int], str], number: int | None) -> None:
@@ -1003,41 +870,15 @@ class NetworkTrainer:
         return path
 
     def write_state(self, path: Path, *, position: Position, kind: str, rng: dict[str, Any]) -> None:
-        gathered = _gather_objects(self.accelerator, rng)
+        gathered = checkpointing.gather_objects(self.accelerator, rng)
         if self.is_main:
-            weights = {k: v.detach().cpu() for k, v in self.network.state_dict().items()}
-            files.refuse_non_finite(weights, path)
             record = train_state.TrainState(position=position, seed=self.args.seed, kind=kind,
                                             facts=self.data_facts,
                                             settings=train_state.recorded_settings(self.args))
-
-            def write(tmp: Path) -> None:
-                train_state.write_state_files(tmp, network=weights, optimizer=self.optimizer.state_dict(),
-                                              scheduler=self.lr_scheduler.state_dict(), rng_states=gathered,
-                                              train_state=record)
-                files.fault_point(f"state_write:{position.global_step}")
-
-            files.atomic_write_dir(path, write)
+            checkpointing.write_state_folder(path, network=self.network, optimizer=self.optimizer,
+                                             lr_scheduler=self.lr_scheduler, rng_states=gathered, record=record)
             self.reporter.message(f"saved state {path}")
         self.accelerator.wait_for_everyone()
-
-    def load_state(self, loaded: train_state.LoadedState) -> None:
-        """Put a validated state folder into the network, optimizer, scheduler and random generators."""
-        folder = loaded.folder
-        result = self.network.load_state_dict({k: v.to(self.device) for k, v in loaded.network.items()},
-                                              strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise AnimaError(f"--resume {folder}: the saved network does not match this one "
-                             f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); "
-                             "use the same --network_dim/--network_args as the saved run")
-        self.optimizer.load_state_dict(loaded.optimizer)
-        self.lr_scheduler.load_state_dict(loaded.scheduler)
-        rank = self.accelerator.process_index
-        if rank < len(loaded.rng_states):
-            restore_rng(loaded.rng_states[rank])
-        else:  # more processes than the state had (accepted by --resume_allow_changes): seeded per rank
-            logger.warning("--resume %s has no random state for process %d; seeding it from --seed", folder, rank)
-            set_seed(self.args.seed + rank)
 
     def save_final(self, args: argparse.Namespace) -> Path:
         # The exact position: the last epoch may have stopped part-way at --max_train_steps.
@@ -1063,13 +904,3 @@ def parse_network_args(items: list[str] | None) -> dict[str, str]:
         key, value = item.split("=", 1)
         parsed[key.strip()] = value.strip()
     return parsed
-
-
-def _gather_objects(accelerator: Accelerator, obj: Any) -> list[Any]:
-    if accelerator.num_processes == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * accelerator.num_processes
-    dist.all_gather_object(out, obj)
-    return out

@@ -13,8 +13,8 @@ import torch
 from train_helpers import tiny_train_argv
 
 import anima_train_network
-import train_network
 from anima_train_network import AnimaNetworkTrainer
+from library.training import preflight
 
 COMMON = ("--network_args", "train_llm_adapter=false", "--cache_latents_to_disk")
 
@@ -90,7 +90,7 @@ def test_a_read_only_image_folder_with_disk_caches_fails_before_any_model(tiny_s
     images = dataset.parent / "images"
     real_access = os.access
     # Root can write anywhere, so the permission is simulated at the one place the trainer asks.
-    monkeypatch.setattr(train_network.os, "access",
+    monkeypatch.setattr(preflight.os, "access",
                         lambda path, mode: False if Path(path) == images else real_access(path, mode))
     args = tiny_train_argv(tiny_setup, tmp_path / "out", *COMMON, "--dry_run", dataset=dataset)
     assert anima_train_network.main(args) == 2

@@ -110,8 +110,8 @@ def test_training_step_draws_sigmas_only_inside_the_timestep_range():
     trainer.dit = RecordingDiT()
     latents = torch.zeros(64, 16, 2, 2)
     text = {"qwen3_embeds": torch.zeros(64, 1, 4), "qwen3_mask": None, "t5_ids": None, "t5_mask": None}
-    _, _, sigmas, _ = trainer.noise_pred_and_target(args, SimpleNamespace(autocast=nullcontext), latents, text,
-                                                    torch.float32)
+    sigmas = trainer.noise_pred_and_target(args, SimpleNamespace(autocast=nullcontext), latents, text,
+                                         torch.float32).sigmas
     assert 0.2 <= float(sigmas.min()) and float(sigmas.max()) <= 0.3 and float(sigmas.std()) > 0
     torch.testing.assert_close(trainer.dit.timesteps[0], sigmas)
 

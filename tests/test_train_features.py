@@ -248,7 +248,7 @@ def fixed_prediction(trainer: AnimaNetworkTrainer) -> torch.Tensor:
     text = trainer.batch_text(trainer.args, batch, train_text_encoder=False)
     torch.manual_seed(5)
     with torch.no_grad():
-        pred, *_ = trainer.noise_pred_and_target(trainer.args, trainer.accelerator, latents, text, torch.float32)
+        pred = trainer.noise_pred_and_target(trainer.args, trainer.accelerator, latents, text, torch.float32).prediction
     return pred
 
 

@@ -34,7 +34,8 @@ def step(accelerator, *argv, batch=64, seed=0):
     latents = torch.randn(batch, 16, 4, 4)
     text = {"qwen3_embeds": torch.zeros(batch, 3, 8), "qwen3_mask": torch.ones(batch, 3, dtype=torch.long),
             "t5_ids": torch.ones(batch, 5, dtype=torch.long), "t5_mask": torch.ones(batch, 5, dtype=torch.long)}
-    pred, target, sigmas, weighting = trainer.noise_pred_and_target(args, accelerator, latents, text, torch.float32)
+    out = trainer.noise_pred_and_target(args, accelerator, latents, text, torch.float32)
+    pred, target, sigmas, weighting = out.prediction, out.target, out.sigmas, out.weighting
     return trainer.dit, latents, pred, target, sigmas, weighting
 
 

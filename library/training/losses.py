@@ -6,6 +6,8 @@ Order inside a step: element-wise loss on float32 copies → × w(σ) → × mas
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -115,3 +117,13 @@ def per_sample_loss(
     if sample_weights is not None:
         loss = loss * sample_weights.to(loss)
     return loss
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """One model call of a training step: what the loss compares, and how it is weighted."""
+
+    prediction: torch.Tensor  # [B, C, h, w]
+    target: torch.Tensor  # [B, C, h, w]
+    sigmas: torch.Tensor  # [B] noise levels (Huber schedule, non-finite step logs)
+    weighting: torch.Tensor | None  # [B] per-sample loss weight, or None

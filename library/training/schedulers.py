@@ -318,3 +318,14 @@ def create_lr_scheduler(
         )
     factory = tro.get_linear_schedule_with_warmup if name == "linear" else tro.get_cosine_schedule_with_warmup
     return _call(name, factory, optimizer, num_warmup_steps=warmup, num_training_steps=num_training_steps, **kwargs)
+
+
+def lr_scheduler_from_args(args: argparse.Namespace, optimizer: torch.optim.Optimizer, num_steps: int) -> Any:
+    """The run's LR scheduler from its flags; `num_steps` is the run's optimizer-step count. The one place the
+    scheduler flags are read (the input check and the run build it alike)."""
+    return create_lr_scheduler(
+        resolve_lr_scheduler_name(args.lr_scheduler, optimizer, args.learning_rate), optimizer,
+        num_steps, args.lr_warmup_steps, num_decay_steps=args.lr_decay_steps,
+        num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
+        timescale=args.lr_scheduler_timescale, min_lr_ratio=args.lr_scheduler_min_lr_ratio,
+        scheduler_type=args.lr_scheduler_type, scheduler_args=args.lr_scheduler_args)
