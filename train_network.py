@@ -37,9 +37,9 @@ from library.training.args import MIXED_PRECISION_DTYPES, SAVE_PRECISION_DTYPES
 from library.training.distributed import TrainingModule, allow_module_dropout, process_group_kwargs
 from library.training.interrupt import CtrlC
 from library.training.losses import ModelOutput, huber_threshold, per_sample_loss
-from library.training.network_setup import OptimizerSetup, build_network, build_optimizer, trains_text_encoder
+from library.training.network_setup import build_network, build_optimizer, trains_text_encoder
 from library.training.nonfinite import NonFiniteGuard
-from library.training.optimizers import ScheduleFreeModes
+from library.training.optimizers import ScheduleFreeModes, install_fused_backward_pass
 from library.training.reporting import (
     TrainingReporter,
     init_trackers,
@@ -131,14 +131,19 @@ class NetworkTrainer:
         self.network, self.network_args, self.train_te = self.create_network(args)
         if args.cache_text_encoder_outputs:  # outputs cached, the encoder not trained: free it
             self.text_encoders = []
-        self.opt = self.create_optimizer(args)
+        self.opt = build_optimizer(args, self.network, self.component_lr_names)
+        self.fused_backward = (install_fused_backward_pass(self.opt.optimizer, args.max_grad_norm,
+                                                           args.gradient_accumulation_steps,
+                                                           self.accelerator.num_processes)
+                               if args.fused_backward_pass else None)
         self.train_loader, self.val_loader, self.schedule = self.build_loaders(args)
         # Stepped once per optimizer step on every process, so its length is the run's step count.
         self.lr_scheduler = lr_scheduler_from_args(args, self.opt.optimizer, self.schedule.max_train_steps)
-        self.training_model, self.optimizer = self.prepare(args)
+        self.training_model, self.optimizer, self.train_loader, self.val_loader = self.prepare(args)
         self.modes = ScheduleFreeModes(self.optimizer)
         self.position = self.resume(args)
         self.metadata, self.model_spec = self.build_metadata(args)
+        self.reporter, self.writer = self.start_outputs(args)
         self.train_loop(args)
         return self.save_final(args)
 
@@ -255,17 +260,6 @@ class NetworkTrainer:
             network.to(self.weight_dtype)
         return network, network_args, train_te
 
-    def create_optimizer(self, args: argparse.Namespace) -> OptimizerSetup:
-        """The optimizer over the trained LoRA parameters (and --fused_backward_pass's hooks on them)."""
-        from library.training.optimizers import install_fused_backward_pass
-
-        setup = build_optimizer(args, self.network, self.component_lr_names)
-        self.fused_backward = (install_fused_backward_pass(setup.optimizer, args.max_grad_norm,
-                                                           args.gradient_accumulation_steps,
-                                                           self.accelerator.num_processes)
-                               if args.fused_backward_pass else None)
-        return setup
-
     def build_loaders(self, args: argparse.Namespace) -> tuple[Any, Any, schedule.Schedule]:
         """The training and validation loaders, and the schedule counted again from the loader (caching may
         have dropped undecodable images since the image scan)."""
@@ -282,9 +276,9 @@ class NetworkTrainer:
         self.train_group.set_max_train_steps(run_schedule.max_train_steps)
         return train_loader, val_loader, run_schedule
 
-    def prepare(self, args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
+    def prepare(self, args: argparse.Namespace) -> tuple[torch.nn.Module, Any, Any, Any]:
         """Move models to the device, freeze the base models, let accelerate wrap the network (DDP), the
-        optimizer and the loaders. Returns the training module and the wrapped optimizer."""
+        optimizer and the loaders. Returns the training module, the optimizer and the two loaders, wrapped."""
         self.dit.requires_grad_(False)
         self.place_dit(args)
         for te in self.text_encoders:
@@ -295,15 +289,14 @@ class NetworkTrainer:
         allow_module_dropout(self.accelerator, self.network, args)
         # Under several processes this wraps the module in DistributedDataParallel, which also broadcasts the
         # main process's LoRA weights to the others (see library/training/distributed.py).
-        training_model, optimizer, self.train_loader = self.accelerator.prepare(
+        training_model, optimizer, train_loader = self.accelerator.prepare(
             TrainingModule(self.network, self.device.type), self.opt.optimizer, self.train_loader)
-        if self.val_loader is not None:
-            self.val_loader = self.accelerator.prepare(self.val_loader)
+        val_loader = self.accelerator.prepare(self.val_loader) if self.val_loader is not None else None
         # Checkpointing acts only in training mode.
         self.dit.train(args.gradient_checkpointing)
         for te in self.text_encoders:
             te.train(args.gradient_checkpointing and self.train_te)
-        return training_model, optimizer
+        return training_model, optimizer, train_loader, val_loader
 
     def resume(self, args: argparse.Namespace) -> Position:
         """Restore network, optimizer, scheduler and RNG from `--resume` (validated by check_inputs); returns the
@@ -348,15 +341,19 @@ class NetworkTrainer:
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
+    def start_outputs(self, args: argparse.Namespace) -> tuple[TrainingReporter, checkpointing.RunWriter]:
+        """The trackers, the reporter (progress, logs, pictures) and the writer of LoRA files and states."""
+        init_trackers(self.accelerator, args)
+        reporter = TrainingReporter(total_steps=self.schedule.max_train_steps, initial_step=self.position.global_step,
+                                    is_main_process=self.is_main, accelerator=self.accelerator)
+        writer = checkpointing.RunWriter(
+            args, self.accelerator, network=self.network, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+            reporter=reporter, eval_mode=self.modes.eval_mode, metadata=self.metadata, model_spec=self.model_spec,
+            save_dtype=self.save_dtype, seed=self.seed, data_facts=self.data_facts)
+        return reporter, writer
+
     def train_loop(self, args: argparse.Namespace) -> None:
         accelerator, sched = self.accelerator, self.schedule
-        init_trackers(accelerator, args)
-        self.reporter = TrainingReporter(total_steps=sched.max_train_steps, initial_step=self.position.global_step,
-                                         is_main_process=self.is_main, accelerator=accelerator)
-        self.writer = checkpointing.RunWriter(
-            args, accelerator, network=self.network, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
-            reporter=self.reporter, eval_mode=self.modes.eval_mode, metadata=self.metadata,
-            model_spec=self.model_spec, save_dtype=self.save_dtype, seed=self.seed, data_facts=self.data_facts)
         self.reporter.message(
             f"training: {self.train_group.num_train_images} images, {len(self.train_loader)} batches per epoch "
             f"per process, {sched.num_epochs} epochs, {sched.max_train_steps} steps, "

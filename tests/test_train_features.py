@@ -33,7 +33,7 @@ class CountingTrainer(AnimaNetworkTrainer):
 
     def prepare(self, args):
         prepared = super().prepare(args)
-        self.training_model, self.optimizer = prepared
+        self.training_model, self.optimizer = prepared[:2]
         self.calls = {"clip": 0, "step": 0}
         clip, step = self.accelerator.clip_grad_norm_, self.optimizer.step
 
