@@ -36,6 +36,7 @@ from networks.lora_format import (
     load_lora_file,
     lora_name_for,
     module_kind,
+    module_rank,
     sample_keys,
     save_lora_file,
     to_sd_scripts_format,
@@ -261,12 +262,17 @@ def parse_network_args(
 class AdapterModule(nn.Module):
     """The update of one nn.Linear [out, in]; subclasses define its parameters and ``delta``.
 
-    Shared here: multiplier, dropouts, ``alpha`` buffer and ``scale = alpha / rank``, loading a file's tensors,
-    and the hook. Subclasses set KIND (a key of lora_format.ADAPTER_KEYS) and PLUS_NAMES (substrings of the
-    parameter names LoRA+ trains at lr x ratio, as sd-scripts picks them)."""
+    Shared here: the constructor arguments every kind takes, multiplier, dropouts, ``alpha`` buffer and
+    ``scale = alpha / rank``, loading a file's tensors, and the hook. Subclasses set KIND (a key of
+    lora_format.ADAPTER_KEYS) and PLUS_NAMES (substrings of the parameter names LoRA+ trains at lr x ratio, as
+    sd-scripts picks them), create their parameters in ``init_parameters`` and may set OPTION_PARSERS (the
+    ``--network_args`` keys only this kind knows), NEURON_DROPOUT (False: ``--network_dropout`` has no effect)
+    and ``module_kwargs`` (the parsed options -> their own constructor arguments)."""
 
     KIND: ClassVar[str]
     PLUS_NAMES: ClassVar[tuple[str, ...]]
+    OPTION_PARSERS: ClassVar[Mapping[str, OptionParser]] = {}
+    NEURON_DROPOUT: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -280,7 +286,9 @@ class AdapterModule(nn.Module):
         dropout: float | None = None,
         rank_dropout: float | None = None,
         module_dropout: float | None = None,
+        **own: Any,
     ) -> None:
+        """own: the constructor arguments of the subclass (e.g. LoKr's factor), passed to init_parameters."""
         super().__init__()
         self.lora_name = lora_name
         self.original_name = original_name
@@ -295,6 +303,19 @@ class AdapterModule(nn.Module):
         self.module_dropout = module_dropout
         self.scale = 1.0
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_scale())
+        self.init_parameters(**own)
+        self.refresh_scale()
+
+    def init_parameters(self) -> None:
+        """Create this kind's parameters (in_features, out_features, rank and alpha are set); a subclass with
+        constructor arguments of its own takes them here as keywords."""
+        raise NotImplementedError
+
+    @classmethod
+    def module_kwargs(cls, options: NetworkOptions) -> dict[str, Any]:
+        """The subclass's own constructor arguments for every module of a new network, from the parsed
+        ``--network_args`` (its OPTION_PARSERS values are in ``options.extras``)."""
+        return {}
 
     @property
     def rank(self) -> int:
@@ -344,8 +365,11 @@ class AdapterModule(nn.Module):
 
     @classmethod
     def kwargs_from_parts(cls, parts: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """Constructor arguments (rank, alpha, layout) that rebuild a module of a file's shapes."""
-        raise NotImplementedError
+        """Constructor arguments (rank, alpha; a subclass adds its own, e.g. LoKr's layout) that rebuild a module
+        of a file's shapes. The rank is None for a module whose update is never scaled (LoKr, both factors
+        full)."""
+        alpha = parts.get("alpha")
+        return {"rank": module_rank(cls.KIND, parts), "alpha": None if alpha is None else float(alpha.float())}
 
     def load_parts(self, parts: Mapping[str, torch.Tensor], source: str) -> None:
         """Copy one module's tensors from a file (sd-scripts suffixes). The file's alpha replaces this module's;
@@ -876,9 +900,17 @@ class AdapterNetwork(nn.Module):
 _SELECTION_ARGS = ("train_llm_adapter", "exclude_patterns", "include_patterns", "network_reg_dims")
 
 
+def valid_network_args(module_class: type[AdapterModule]) -> tuple[str, ...]:
+    """Every ``--network_args`` key a network of ``module_class`` adapters accepts."""
+    return (*COMMON_OPTION_PARSERS, *module_class.OPTION_PARSERS)
+
+
+def _parse_module_args(module_class: type[AdapterModule], network_args: Mapping[str, Any]) -> NetworkOptions:
+    return parse_network_args(network_args, MODULE_FOR_KIND[module_class.KIND], module_class.OPTION_PARSERS)
+
+
 def build_network(
     module_class: type[AdapterModule],
-    module_name: str,
     multiplier: float,
     network_dim: int | None,
     network_alpha: float | None,
@@ -886,14 +918,16 @@ def build_network(
     unet: nn.Module | None,
     neuron_dropout: float | None,
     network_args: Mapping[str, Any],
-    extra_parsers: Mapping[str, OptionParser] | None = None,
-    module_kwargs: Callable[[NetworkOptions], Mapping[str, Any]] | None = None,
 ) -> AdapterNetwork:
-    """``create_network`` of a network module: a new network of ``module_class`` adapters. module_kwargs maps
-    the parsed options to the extra constructor arguments of every module."""
-    options = parse_network_args(network_args, module_name, extra_parsers)
+    """``create_network`` of a network module: a new network of ``module_class`` adapters."""
+    options = _parse_module_args(module_class, network_args)
     if network_dim is not None and int(network_dim) < 1:
         raise AnimaError(f"--network_dim must be >= 1, got {network_dim}")
+    if not module_class.NEURON_DROPOUT:
+        if neuron_dropout:
+            logger.warning("--network_dropout has no effect with %s (use rank_dropout / module_dropout)",
+                           KIND_NAMES[module_class.KIND])
+        neuron_dropout = None
     if neuron_dropout is not None:
         neuron_dropout = _parse_fraction("network_dropout", neuron_dropout)
     return AdapterNetwork(
@@ -905,13 +939,12 @@ def build_network(
         network_alpha=network_alpha,
         dropout=neuron_dropout,
         options=options,
-        module_kwargs=module_kwargs(options) if module_kwargs is not None else None,
+        module_kwargs=module_class.module_kwargs(options),
     )
 
 
 def build_network_from_weights(
     module_class: type[AdapterModule],
-    module_name: str,
     multiplier: float,
     file: str | None,
     text_encoders: Any,
@@ -919,13 +952,12 @@ def build_network_from_weights(
     weights_sd: Mapping[str, torch.Tensor] | None,
     for_inference: bool,
     network_args: Mapping[str, Any],
-    extra_parsers: Mapping[str, OptionParser] | None = None,
 ) -> tuple[AdapterNetwork, dict[str, torch.Tensor]]:
     """``create_network_from_weights`` of a network module: exactly the modules, shapes and alphas of a file
     (either layout), weights loaded. Returns (network, sd-scripts-keyed state dict). Selection network_args
     are superseded by the file; the others (dropouts, LoRA+, reg_lrs, verbose) still apply."""
-    options = parse_network_args(network_args, module_name, extra_parsers)
-    ignored = [k for k in (*_SELECTION_ARGS, *(extra_parsers or {})) if network_args.get(k) is not None]
+    options = _parse_module_args(module_class, network_args)
+    ignored = [k for k in (*_SELECTION_ARGS, *module_class.OPTION_PARSERS) if network_args.get(k) is not None]
     if ignored:
         logger.warning("network_args %s are ignored: the modules come from the weights file", ", ".join(ignored))
     if weights_sd is None:
@@ -961,3 +993,45 @@ def build_network_from_weights(
         network.requires_grad_(False)
         network.eval()
     return network, sd
+
+
+def network_entry_points(module_class: type[AdapterModule]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The two functions sd-scripts calls on a network module (``create_network``,
+    ``create_network_from_weights``, with sd-scripts' signatures) for networks of ``module_class`` adapters."""
+    kind = KIND_NAMES[module_class.KIND]
+
+    def create_network(
+        multiplier: float,
+        network_dim: int | None,
+        network_alpha: float | None,
+        vae: Any,
+        text_encoders: Any,
+        unet: nn.Module | None,
+        neuron_dropout: float | None = None,
+        **kwargs: Any,
+    ) -> AdapterNetwork:
+        return build_network(module_class, multiplier, network_dim, network_alpha, text_encoders, unet,
+                             neuron_dropout, kwargs)
+
+    def create_network_from_weights(
+        multiplier: float,
+        file: str | None,
+        vae: Any,
+        text_encoders: Any,
+        unet: nn.Module | None,
+        weights_sd: Mapping[str, torch.Tensor] | None = None,
+        for_inference: bool = False,
+        **kwargs: Any,
+    ) -> tuple[AdapterNetwork, dict[str, torch.Tensor]]:
+        return build_network_from_weights(module_class, multiplier, file, text_encoders, unet, weights_sd,
+                                          for_inference, kwargs)
+
+    create_network.__doc__ = (
+        f"New {kind} network; kwargs are the ``--network_args`` (strings), see VALID_NETWORK_ARGS."
+    )
+    create_network_from_weights.__doc__ = (
+        f"Network with exactly the modules, shapes and alphas of a {kind} file (either layout), weights loaded.\n\n"
+        "Returns (network, sd-scripts-keyed state dict). Selection network_args are superseded by the file; the "
+        "others (dropouts, LoRA+, reg_lrs, verbose) still apply."
+    )
+    return create_network, create_network_from_weights
