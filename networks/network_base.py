@@ -444,6 +444,35 @@ def _name_index(side: str, model: nn.Module | None) -> dict[str, list[tuple[str,
     return index
 
 
+def side_learning_rates(
+    text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None, default_lr: float | None
+) -> tuple[float | None, float | None]:
+    """(text encoder lr, DiT lr) of ``prepare_optimizer_params``: sd-scripts passes the text encoder's as a list
+    (one per encoder; Anima has one), and a side without its own takes the default."""
+    if isinstance(text_encoder_lr, (list, tuple)):
+        text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
+    return (default_lr if text_encoder_lr is None else text_encoder_lr, default_lr if unet_lr is None else unet_lr)
+
+
+def weights_to_load(
+    file: str | None, weights_sd: Mapping[str, torch.Tensor] | None
+) -> tuple[Mapping[str, torch.Tensor], str]:
+    """What ``create_network_from_weights`` builds from: the given state dict, else the file's; and the name
+    its messages use for it."""
+    if weights_sd is None:
+        if file is None:
+            raise AnimaError("create_network_from_weights needs a file or a state dict")
+        weights_sd, _ = load_lora_file(file)
+    return weights_sd, str(file) if file is not None else "state dict"
+
+
+def most_common(values: Iterable[Any]) -> Any:
+    """The most frequent value (the first seen of a tie), None for no values: a file's rank and alpha stand for
+    the network this way (ss_network_dim / ss_network_alpha)."""
+    counts = Counter(values)
+    return counts.most_common(1)[0][0] if counts else None
+
+
 # --------------------------------------------------------------------------------------------------
 # The network
 # --------------------------------------------------------------------------------------------------
@@ -711,12 +740,8 @@ class AdapterNetwork(nn.Module):
         unknown = set(component_lrs) - set(COMPONENTS)
         if unknown:
             raise AnimaError(f"unknown component learning rate(s) {sorted(unknown)}; valid: {', '.join(COMPONENTS)}")
-        if isinstance(text_encoder_lr, (list, tuple)):
-            text_encoder_lr = text_encoder_lr[0] if len(text_encoder_lr) > 0 else None
-        side_lr = {
-            TEXT_ENCODER_SIDE: default_lr if text_encoder_lr is None else text_encoder_lr,
-            UNET_SIDE: default_lr if unet_lr is None else unet_lr,
-        }
+        text_encoder_lr, unet_lr = side_learning_rates(text_encoder_lr, unet_lr, default_lr)
+        side_lr = {TEXT_ENCODER_SIDE: text_encoder_lr, UNET_SIDE: unet_lr}
         opts = self.options
         side_ratio = {
             TEXT_ENCODER_SIDE: opts.loraplus_text_encoder_lr_ratio or opts.loraplus_lr_ratio,
@@ -960,11 +985,7 @@ def build_network_from_weights(
     ignored = [k for k in (*_SELECTION_ARGS, *module_class.OPTION_PARSERS) if network_args.get(k) is not None]
     if ignored:
         logger.warning("network_args %s are ignored: the modules come from the weights file", ", ".join(ignored))
-    if weights_sd is None:
-        if file is None:
-            raise AnimaError("create_network_from_weights needs a file or a state dict")
-        weights_sd, _ = load_lora_file(file)
-    source = str(file) if file is not None else "state dict"
+    weights_sd, source = weights_to_load(file, weights_sd)
     sd = to_sd_scripts_format(weights_sd, add_missing_alpha=True)
     module_shapes = {}
     for name, parts in group_by_module(sd).items():
@@ -975,16 +996,13 @@ def build_network_from_weights(
                 f"{MODULE_FOR_KIND[kind]}"
             )
         module_shapes[name] = module_class.kwargs_from_parts(parts)
-    # The file's most common rank and alpha stand for the network (ss_network_dim / ss_network_alpha).
-    ranks = Counter(shape["rank"] for shape in module_shapes.values())
-    alphas = Counter(shape["alpha"] for shape in module_shapes.values() if shape["alpha"] is not None)
     network = AdapterNetwork(
         text_encoders,
         unet,
         module_class,
         multiplier=multiplier,
-        network_dim=ranks.most_common(1)[0][0] if ranks else None,
-        network_alpha=alphas.most_common(1)[0][0] if alphas else None,
+        network_dim=most_common(shape["rank"] for shape in module_shapes.values()),
+        network_alpha=most_common(shape["alpha"] for shape in module_shapes.values() if shape["alpha"] is not None),
         options=options,
         module_shapes=module_shapes,
     )
