@@ -23,6 +23,7 @@ from torch import nn
 from library.errors import AnimaError
 from networks.lora_format import (
     COMFY_FORMAT,
+    SD_SCRIPTS_FORMAT,
     TE_PREFIX,
     TE_PREFIX_ALIASES,
     check_lora_format,
@@ -192,7 +193,7 @@ class AnimaLycorisNetwork(lycoris_kohya.LycorisNetworkKohya):
     def save_weights(self, file: str, dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None,
                      lora_format: str | None = None) -> None:
         """Atomic save, LyCORIS' keys in the sd-scripts layout (default) or the ComfyUI one (alphas kept)."""
-        lora_format = check_lora_format(lora_format or "sd-scripts")
+        lora_format = check_lora_format(lora_format or SD_SCRIPTS_FORMAT)
         self.check_save_format(lora_format)
         sd = {k: v.detach().clone().cpu() for k, v in self.state_dict().items()}
         if lora_format == COMFY_FORMAT:

@@ -22,9 +22,12 @@ import torch
 from torch import nn
 
 from library.errors import AnimaError
+from networks import LOHA_MODULE, LOKR_MODULE, LORA_MODULE, LYCORIS_MODULE
 from networks.lora_format import (
     COMFY_FORMAT,
     KIND_NAMES,
+    LOHA_KIND,
+    LOKR_KIND,
     LORA_KIND,
     SD_SCRIPTS_FORMAT,
     TE_PREFIX,
@@ -69,7 +72,7 @@ _GROUP_PREFIX = {TEXT_ENCODER_SIDE: "textencoder 1", UNET_SIDE: "unet"}
 
 
 # The network module each adapter kind is trained with (for error messages about files of another kind).
-MODULE_FOR_KIND = {"lora": "networks.lora_anima", "lokr": "networks.lokr", "loha": "networks.loha"}
+MODULE_FOR_KIND = {LORA_KIND: LORA_MODULE, LOKR_KIND: LOKR_MODULE, LOHA_KIND: LOHA_MODULE}
 
 # --------------------------------------------------------------------------------------------------
 # --network_args
@@ -230,7 +233,7 @@ _OPTION_FIELD = {"network_reg_dims": "reg_dims", "network_reg_lrs": "reg_lrs"}
 
 def parse_network_args(
     network_args: Mapping[str, Any],
-    module_name: str = "networks.lora_anima",
+    module_name: str = LORA_MODULE,
     extra_parsers: Mapping[str, OptionParser] | None = None,
 ) -> NetworkOptions:
     """``--network_args`` key/value pairs (strings, or already-typed values) -> NetworkOptions. extra_parsers
@@ -378,7 +381,7 @@ class AdapterModule(nn.Module):
         extra = sorted(set(parts) - set(own) - {"alpha"})
         if extra:
             hint = (
-                "DoRA (dora_wd) files load with --network_module lycoris.kohya"
+                f"DoRA (dora_wd) files load with --network_module {LYCORIS_MODULE}"
                 if "dora_scale" in extra
                 else "the file's layer was built with other network_args (decompose_both, full_matrix, factor?)"
             )
