@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 
 from library.data.config import debug_dataset_main
 from library.data.latent_cache import cache_group_latents
@@ -58,7 +57,6 @@ class AnimaNetworkTrainer(NetworkTrainer):
     component_lr_names = ("self_attn", "cross_attn", "mlp", "mod", "llm_adapter")
 
     def __init__(self) -> None:
-        self.text_encoder: torch.nn.Module | None = None
         self.text_encoding: Any = None
         self.vae: torch.nn.Module | None = None
         self.sample_prompt_encoder: Any = None
@@ -69,22 +67,18 @@ class AnimaNetworkTrainer(NetworkTrainer):
         """The VAE runs in float32 with --no_half_vae, else in the weight dtype."""
         return torch.float32 if self.args.no_half_vae else self.weight_dtype
 
-    # --- checks -----------------------------------------------------------------------------------------------
-
-    def assert_extra_args(self, args: argparse.Namespace, train_group: Any, val_group: Any) -> None:
-        flow_matching.check_flow_matching_options(args.timestep_sampling, args.weighting_scheme,
-                                                  args.discrete_flow_shift, args.logit_std, args.ip_noise_gamma)
-        from library.models.attention import check_attn_mode
-
-        check_attn_mode(args.attn_mode, training=True)
-
     # --- models -----------------------------------------------------------------------------------------------
 
     def inspect_models(self, args: argparse.Namespace) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+        from library.models.attention import check_attn_mode
         from library.models.dit_loading import load_anima_model
         from library.models.qwen3 import load_qwen3_text_encoder
         from library.models.vae import load_vae
 
+        if not args.cache_only:
+            flow_matching.check_flow_matching_options(args.timestep_sampling, args.weighting_scheme,
+                                                      args.discrete_flow_shift, args.logit_std, args.ip_noise_gamma)
+            check_attn_mode(args.attn_mode, training=True)
         meta = torch.device("meta")  # headers only: names, shapes and configs are checked, no weight is read
         dit = load_anima_model(args.pretrained_model_name_or_path, device=meta, attn_mode=args.attn_mode,
                                split_attn=args.split_attn, llm_adapter_path=args.llm_adapter_path)
@@ -101,12 +95,24 @@ class AnimaNetworkTrainer(NetworkTrainer):
             load_qwen3_tokenizer(qwen3_path=args.qwen3, tokenizer_path=args.qwen3_tokenizer_path),
             load_t5_tokenizer(args.t5_tokenizer_path), args.qwen3_max_token_length, args.t5_max_token_length)
 
-    def load_frozen_models(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> None:
-        self.text_encoding = self.load_text_encoding_for_caching(args)
-        self.text_encoder = self.text_encoding.text_encoder
-        self.vae, self.vae_identity = self.load_vae_for_caching(args)
+    def load_frozen_models(self, args: argparse.Namespace, groups: list[Any]) -> list[torch.nn.Module]:
+        self.text_encoding = self.load_text_encoding(args)
+        text_encoder = self.text_encoding.text_encoder
+        self.vae, self.vae_identity = self.load_vae(args)
+        if args.cache_latents:
+            self.cache_latents(args, groups)
+        if args.cache_text_encoder_outputs:
+            self.cache_text_encoder_outputs(args, groups)
+            self.text_encoding = None  # every batch brings its encoding; the trainer frees the encoder
+        return [text_encoder]
 
-    def load_text_encoding_for_caching(self, args: argparse.Namespace) -> Any:
+    def write_caches_only(self, args: argparse.Namespace) -> None:
+        from library.data.config import cache_only_main
+
+        cache_only_main(args, load_vae=lambda: self.load_vae(args), load_text_encoding=lambda: self.load_text_encoding(args),
+                        is_main_process=self.is_main)
+
+    def load_text_encoding(self, args: argparse.Namespace) -> Any:
         """Tokenizers + Qwen3 on the device, wrapped in the encoding object the caches and the loop use."""
         from library.models.qwen3 import AnimaTextEncoding, load_qwen3_text_encoder
 
@@ -114,7 +120,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
         text_encoder = load_qwen3_text_encoder(args.qwen3, device=self.device, dtype=self.weight_dtype)
         return AnimaTextEncoding(tokenizer, text_encoder, self.device, self.weight_dtype)
 
-    def load_vae_for_caching(self, args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    def load_vae(self, args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
         """The VAE on the device and the identity string that ties latent caches to it."""
         from library.models.vae import load_vae
 
@@ -122,39 +128,39 @@ class AnimaNetworkTrainer(NetworkTrainer):
                        disable_cache=args.vae_disable_cache)
         return vae, file_identity(args.vae, self.vae_dtype) + f"|chunk{args.vae_chunk_size}"
 
-    def load_dit(self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype) -> torch.nn.Module:
+    def load_dit(self, args: argparse.Namespace) -> torch.nn.Module:
         from library.models.dit_loading import load_anima_model
 
         # With block swap the DiT stays in CPU memory until `place_dit` streams part of it to the device; with
         # --fp8_base until `place_dit` has stored its block projections in float8.
         device = torch.device("cpu") if args.blocks_to_swap or args.fp8_base else self.device
-        dit = load_anima_model(args.pretrained_model_name_or_path, device=device, dtype=weight_dtype,
+        dit = load_anima_model(args.pretrained_model_name_or_path, device=device, dtype=self.weight_dtype,
                                attn_mode=args.attn_mode, split_attn=args.split_attn,
                                llm_adapter_path=args.llm_adapter_path)
-        warning = fp32_without_tf32_warning(self.device, weight_dtype, sum(p.numel() for p in dit.parameters()))
+        warning = fp32_without_tf32_warning(self.device, self.weight_dtype, sum(p.numel() for p in dit.parameters()))
         if warning:
             logger.warning(warning)
         return dit
 
-    def place_dit(self, args: argparse.Namespace, device: torch.device) -> None:
+    def place_dit(self, args: argparse.Namespace) -> None:
         from library.training.args import compile_options
 
+        device = self.device
         if args.gradient_checkpointing:
             self.dit.enable_gradient_checkpointing(cpu_offload=args.cpu_offload_checkpointing,
                                                    unsloth_offload=args.unsloth_offload_checkpointing)
-        if args.blocks_to_swap == "auto":
-            args.blocks_to_swap = self.plan_block_swap(args, device)
+        blocks_to_swap = self.plan_block_swap(args, device) if args.blocks_to_swap == "auto" else args.blocks_to_swap
         if args.fp8_base:
             from library.models.fp8 import quantize_linear_weights
 
             # After --base_weights were merged into the bf16 weights and the LoRA hooks attached.
             names = quantize_linear_weights(self.dit)
             logger.info("--fp8_base: %d DiT block projections stored in float8_e4m3fn", len(names))
-        if not args.blocks_to_swap:
+        if not blocks_to_swap:
             self.dit.to(device)
         else:
             # After --base_weights were merged: the swapper keeps a CPU copy of every block's weights from here on.
-            self.dit.enable_block_swap(args.blocks_to_swap, device)
+            self.dit.enable_block_swap(blocks_to_swap, device)
             self.dit.move_to_device_except_swap_blocks(device)
             self.dit.prepare_block_swap_before_forward()
         options = compile_options(args)
@@ -197,35 +203,25 @@ class AnimaNetworkTrainer(NetworkTrainer):
     def reset_dit_layout(self) -> None:
         self.dit.prepare_block_swap_before_forward()
 
-    def text_encoders(self) -> list[torch.nn.Module]:
-        return [self.text_encoder] if self.text_encoder is not None else []
-
-    def free_text_encoders_if_unused(self, args: argparse.Namespace) -> None:
-        if args.cache_text_encoder_outputs and not self.train_te:
-            self.text_encoder = None
-            self.text_encoding = None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-
     # --- caches -----------------------------------------------------------------------------------------------
 
-    def cache_latents(self, args: argparse.Namespace, accelerator: Accelerator, groups: list[Any]) -> None:
+    def cache_latents(self, args: argparse.Namespace, groups: list[Any]) -> None:
         # The main process encodes (and writes disk caches) first; the others then reuse the files.
+        accelerator = self.accelerator
         with accelerator.main_process_first():
             for group in groups:
                 cache_group_latents(group, self.vae, self.vae_identity, batch_size=args.vae_batch_size,
                                     to_disk=args.cache_latents_to_disk, skip_check=args.skip_cache_check,
                                     is_main_process=accelerator.is_main_process)
 
-    def cache_text_encoder_outputs(self, args: argparse.Namespace, accelerator: Accelerator,
-                                   groups: list[Any]) -> None:
+    def cache_text_encoder_outputs(self, args: argparse.Namespace, groups: list[Any]) -> None:
+        accelerator = self.accelerator
         batch_size = args.text_encoder_batch_size or args.train_batch_size
         with accelerator.main_process_first(), torch.no_grad():
             for group in groups:
                 cache_group_text(group, self.text_encoding, batch_size=batch_size,
-                                                 to_disk=args.cache_text_encoder_outputs_to_disk,
-                                                 skip_check=args.skip_cache_check,
-                                                 is_main_process=accelerator.is_main_process)
+                                 to_disk=args.cache_text_encoder_outputs_to_disk, skip_check=args.skip_cache_check,
+                                 is_main_process=accelerator.is_main_process)
         if args.sample_prompts and accelerator.is_main_process:
             # Encode the sample prompts now: the text encoder is freed before training.
             from library.training.sampling import CachedPromptEncodings, load_sample_prompts
@@ -235,8 +231,15 @@ class AnimaNetworkTrainer(NetworkTrainer):
 
     # --- one step ---------------------------------------------------------------------------------------------
 
-    def batch_latents(self, args: argparse.Namespace, batch: dict, weight_dtype: torch.dtype) -> torch.Tensor:
-        device = self.device
+    def model_output(self, args: argparse.Namespace, batch: dict, train_text_encoder: bool) -> ModelOutput:
+        latents = self.batch_latents(batch)
+        with torch.set_grad_enabled(train_text_encoder):
+            text = self.batch_text(batch, train_text_encoder)
+        return self.noise_pred_and_target(args, latents, text)
+
+    def batch_latents(self, batch: dict) -> torch.Tensor:
+        """Latents of a batch, from the cache or encoded live: [B, 16, h, w] in the weight dtype."""
+        device, weight_dtype = self.device, self.weight_dtype
         if batch.get("latents") is not None:
             # non_blocking: the loader pins its batches on CUDA, so the copy does not stall the host.
             return batch["latents"].to(device=device, dtype=weight_dtype, non_blocking=True)  # [B, 16, h, w]
@@ -248,7 +251,8 @@ class AnimaNetworkTrainer(NetworkTrainer):
             latents = torch.nan_to_num(latents, nan=0.0)
         return latents.to(weight_dtype)
 
-    def batch_text(self, args: argparse.Namespace, batch: dict, train_text_encoder: bool) -> dict[str, torch.Tensor]:
+    def batch_text(self, batch: dict, train_text_encoder: bool) -> dict[str, torch.Tensor]:
+        """Text conditioning of a batch, from the cache or encoded live (with gradients for the Qwen3 LoRA)."""
         device = self.device
         if batch.get("text") is not None:
             text = batch["text"]  # cached; caption dropout already swapped in the empty-caption encoding
@@ -262,10 +266,10 @@ class AnimaNetworkTrainer(NetworkTrainer):
                              "freed; delete stale *_anima_te.npz files or drop --cache_text_encoder_outputs")
         return {k: v.to(device, non_blocking=True) for k, v in text.items()}
 
-    def noise_pred_and_target(self, args: argparse.Namespace, accelerator: Accelerator, latents: torch.Tensor,
-                              text: dict[str, torch.Tensor], weight_dtype: torch.dtype) -> ModelOutput:
+    def noise_pred_and_target(self, args: argparse.Namespace, latents: torch.Tensor,
+                              text: dict[str, torch.Tensor]) -> ModelOutput:
         """latents x0 [B, 16, h, w] -> velocity prediction, target ε − x0, σ [B], loss weight [B]."""
-        batch_size = latents.shape[0]
+        batch_size, weight_dtype = latents.shape[0], self.weight_dtype
         noise = torch.randn_like(latents)
         sigmas = flow_matching.sample_sigmas(
             batch_size, args.timestep_sampling, sigmoid_scale=args.sigmoid_scale,
@@ -277,7 +281,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
         noisy = flow_matching.noisy_input(latents, noise, sigmas, weight_dtype, ip_noise_gamma=args.ip_noise_gamma,
                                           ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength)
         timesteps = flow_matching.model_timesteps(sigmas, weight_dtype)
-        with accelerator.autocast():
+        with self.accelerator.autocast():
             context = self.dit.encode_text(text["qwen3_embeds"].to(weight_dtype), text["qwen3_mask"],
                                            text["t5_ids"], text["t5_mask"])
             pred = self.dit(noisy.unsqueeze(2), timesteps, context)  # [B, 16, 1, h, w]
@@ -287,15 +291,14 @@ class AnimaNetworkTrainer(NetworkTrainer):
 
     # --- sampling and metadata --------------------------------------------------------------------------------
 
-    def sample_images(self, args: argparse.Namespace, accelerator: Accelerator, epoch: int | None,
-                      step: int) -> list[tuple[Path, str]]:
+    def sample_images(self, args: argparse.Namespace, epoch: int | None, step: int) -> list[tuple[Path, str]]:
         from library.training.sampling import generate_sample_images, load_sample_prompts
 
         encoder = self.sample_prompt_encoder or self.text_encoding
         if encoder is None:
             logger.warning("sample images skipped: no text encoder and no cached prompt encodings")
             return []
-        dit = accelerator.unwrap_model(self.dit)
+        dit = self.accelerator.unwrap_model(self.dit)
         dit.switch_block_swap_for_inference()  # forward-only swapping; a no-op without --blocks_to_swap
         try:
             written = generate_sample_images(

@@ -23,7 +23,7 @@ def no_weights_read(monkeypatch):
     def must_not_run(*_a, **_k):
         raise AssertionError("a model was loaded or a cache written")
 
-    for name in ("load_frozen_models", "build_caches", "load_dit", "write_caches_only"):
+    for name in ("load_frozen_models", "load_dit", "write_caches_only"):
         monkeypatch.setattr(AnimaNetworkTrainer, name, must_not_run)
 
 

@@ -108,10 +108,10 @@ def test_training_step_draws_sigmas_only_inside_the_timestep_range():
     args, _ = parse_args(["--min_timestep", "200", "--max_timestep", "300", "--timestep_sampling", "uniform"])
     trainer = AnimaNetworkTrainer()
     trainer.dit = RecordingDiT()
+    trainer.accelerator, trainer.weight_dtype = SimpleNamespace(autocast=nullcontext), torch.float32
     latents = torch.zeros(64, 16, 2, 2)
     text = {"qwen3_embeds": torch.zeros(64, 1, 4), "qwen3_mask": None, "t5_ids": None, "t5_mask": None}
-    sigmas = trainer.noise_pred_and_target(args, SimpleNamespace(autocast=nullcontext), latents, text,
-                                         torch.float32).sigmas
+    sigmas = trainer.noise_pred_and_target(args, latents, text).sigmas
     assert 0.2 <= float(sigmas.min()) and float(sigmas.max()) <= 0.3 and float(sigmas.std()) > 0
     torch.testing.assert_close(trainer.dit.timesteps[0], sigmas)
 

@@ -422,12 +422,10 @@ def test_bad_network_choice_is_one_error_line_before_any_long_work(module, extra
 
 
 def test_network_args_dropout_reaches_the_network(tiny_setup, tmp_path):
-    from train_helpers import tiny_train_argv, trainer_through_caches
+    from train_helpers import tiny_train_argv, trainer_through_network
 
-    trainer = trainer_through_caches(tiny_train_argv(tiny_setup, tmp_path, "--network_dropout", "0.1",
-                                                     "--network_args", "dropout=0.2"))
-    trainer.dit = trainer.load_dit(trainer.args, trainer.accelerator, trainer.weight_dtype)
-    trainer.create_network(trainer.args)
+    trainer = trainer_through_network(tiny_train_argv(tiny_setup, tmp_path, "--network_dropout", "0.1",
+                                                      "--network_args", "dropout=0.2"))
     # network_args win (LyCORIS reads that key; sd-scripts' own modules would ignore it silently).
     assert {lora.dropout for lora in trainer.network.unet_loras} == {0.2}
 

@@ -135,8 +135,8 @@ def test_a_non_finite_step_changes_no_weight_optimizer_state_or_schedule_and_is_
 class InfInDiT(AnimaNetworkTrainer):
     """An inf weight in the loaded DiT (as a diverged merge would leave), past the file check."""
 
-    def load_dit(self, args, accelerator, weight_dtype):
-        dit = super().load_dit(args, accelerator, weight_dtype)
+    def load_dit(self, args):
+        dit = super().load_dit(args)
         with torch.no_grad():
             next(p for p in dit.parameters() if p.dim() == 2).view(-1)[0] = float("inf")
         return dit
@@ -219,14 +219,14 @@ class PoisonOneMicroBatch(AnimaNetworkTrainer):
             return loss * float("nan")
         return loss
 
-    def after_step(self, args, epoch, epoch_batches):
-        super().after_step(args, epoch, epoch_batches)
+    def after_step(self, args, epoch):
+        super().after_step(args, epoch)
         self.weights_after_last_good_step = {k: v.clone() for k, v in self.network.state_dict().items()}
 
-    def skip_nonfinite_step(self, args, batch, started):
+    def skip_nonfinite_step(self, batch, started):
         self.unchanged = all(torch.equal(v, self.weights_after_last_good_step[k])
                              for k, v in self.network.state_dict().items())
-        super().skip_nonfinite_step(args, batch, started)
+        super().skip_nonfinite_step(batch, started)
 
 
 def test_a_non_finite_micro_batch_skips_its_whole_accumulated_step(tiny_setup, tmp_path):

@@ -110,9 +110,9 @@ def test_cached_caption_dropout_feeds_the_empty_caption_encoding(tiny, tmp_path)
     config.write_text(tiny.dataset_toml.read_text().replace("num_repeats = 1", "num_repeats = 1\ncaption_dropout_rate = 1.0"))
     trainer = trainer_through_caches(tiny_train_argv(tiny, tmp_path, "--max_train_steps", "1", dataset=config))
     args = trainer.args
-    empty = trainer.text_encoding.encode([""])
+    empty = trainer.load_text_encoding(args).encode([""])
     batch = trainer.train_group[0]
-    text = trainer.batch_text(args, batch, train_text_encoder=False)
+    text = trainer.batch_text(batch, train_text_encoder=False)
     for key, value in empty.items():
         assert torch.equal(text[key], value.expand_as(text[key]).to(text[key].dtype)), key
 
@@ -127,8 +127,8 @@ from library.training.args import parse_args
 
 def prepare_and_record(self, args):
     # What the trainer handed to DDP, read while the process group is alive (end_training destroys it).
-    AnimaNetworkTrainer.prepare_for_real(self, args)
-    model = self.training_model
+    prepared = AnimaNetworkTrainer.prepare_for_real(self, args)
+    model = prepared[0]
     group = torch.distributed.distributed_c10d._get_default_group()
     info = {{"wrapper": type(model).__name__, "inner": type(model.module).__name__,
             "owns_network": model.module.network is self.network,
@@ -138,6 +138,7 @@ def prepare_and_record(self, args):
     os.makedirs(args.output_dir, exist_ok=True)
     with open(f"{{args.output_dir}}/ddp{{self.accelerator.process_index}}.json", "w") as f:
         json.dump(info, f)
+    return prepared
 
 
 no_sync_entries = []

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from train_helpers import tiny_train_argv, trainer_through_caches
+from train_helpers import tiny_train_argv, trainer_through_network
 
 from anima_train_network import AnimaNetworkTrainer
 from library.io.run_lock import is_run_lock_file
@@ -32,7 +32,8 @@ class CountingTrainer(AnimaNetworkTrainer):
     """Counts the trainer's global clipping and optimizer-wrapper steps, and logs schedule-free mode events."""
 
     def prepare(self, args):
-        super().prepare(args)
+        prepared = super().prepare(args)
+        self.training_model, self.optimizer = prepared
         self.calls = {"clip": 0, "step": 0}
         clip, step = self.accelerator.clip_grad_norm_, self.optimizer.step
 
@@ -46,14 +47,12 @@ class CountingTrainer(AnimaNetworkTrainer):
 
         self.accelerator.clip_grad_norm_ = counted_clip
         self.optimizer.step = counted_step
+        return prepared
 
-    def write_model(self, path, **kw):
-        RecordingAdamWScheduleFree.log.append("save")
-        super().write_model(path, **kw)
-
-    def validation_loss(self, args):
-        RecordingAdamWScheduleFree.log.append("validate")
-        super().validation_loss(args)
+    def batch_loss(self, args, batch, training):
+        if not training:
+            RecordingAdamWScheduleFree.log.append("validate")
+        return super().batch_loss(args, batch, training)
 
 
 class RecordingAdamWScheduleFree(torch.optim.AdamW):
@@ -129,7 +128,7 @@ def test_resume_mid_epoch_from_a_step_state_equals_the_uninterrupted_run(tiny_se
     state = out / "tiny-step00000002-state"
     counters = json.loads((state / "train_state.json").read_text())
     assert counters["global_step"] == 2 and counters["epoch_step"] > 0, "the state is not in the middle of an epoch"
-    assert trainer.steps_per_epoch > 2
+    assert trainer.schedule.steps_per_epoch > 2
     resumed = run(base_argv(tiny_setup, tmp_path, "--max_train_steps", "4", "--resume", str(state), *COMMON))
     assert resumed.global_step == 4
     assert_same_weights(load_file(str(out / "tiny.safetensors")), load_file(str(tmp_path / "tiny.safetensors")))
@@ -143,7 +142,7 @@ def test_save_last_n_epochs_keeps_only_the_newest_epoch_file(tiny_setup, tmp_pat
     one_batch.write_text(tiny_setup.dataset_toml.read_text().replace("batch_size = 2", "batch_size = 8"))
     trainer = run(base_argv(tiny_setup, tmp_path, "--max_train_epochs", "3", "--save_every_n_epochs", "1",
                             "--save_last_n_epochs", "1", dataset=one_batch))
-    assert trainer.num_epochs == 3 and trainer.global_step == 3 * trainer.steps_per_epoch
+    assert trainer.schedule.num_epochs == 3 and trainer.global_step == 3 * trainer.schedule.steps_per_epoch
     assert sorted(p.name for p in tmp_path.glob("tiny*.safetensors")) == ["tiny-000002.safetensors",
                                                                           "tiny.safetensors"]
     meta = metadata(tmp_path / "tiny.safetensors")
@@ -235,20 +234,16 @@ def test_network_weights_in_either_format_are_the_starting_point(tiny_setup, ste
         torch.testing.assert_close(delta, expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def build_until_network(argv: list[str]) -> AnimaNetworkTrainer:
-    trainer = trainer_through_caches(argv)
-    trainer.dit = trainer.load_dit(trainer.args, trainer.accelerator, trainer.weight_dtype)
-    trainer.create_network(trainer.args)
-    return trainer
+build_until_network = trainer_through_network
 
 
 def fixed_prediction(trainer: AnimaNetworkTrainer) -> torch.Tensor:
     batch = trainer.train_group[0]
-    latents = trainer.batch_latents(trainer.args, batch, torch.float32)
-    text = trainer.batch_text(trainer.args, batch, train_text_encoder=False)
+    latents = trainer.batch_latents(batch)
+    text = trainer.batch_text(batch, train_text_encoder=False)
     torch.manual_seed(5)
     with torch.no_grad():
-        pred = trainer.noise_pred_and_target(trainer.args, trainer.accelerator, latents, text, torch.float32).prediction
+        pred = trainer.noise_pred_and_target(trainer.args, latents, text).prediction
     return pred
 
 
@@ -288,7 +283,17 @@ def test_fused_backward_pass_steps_inside_backward_and_matches_the_plain_adafact
     assert fused0.global_step == 2
 
 
-def test_schedule_free_optimizer_is_in_eval_mode_for_saving_and_validation(tiny_setup, val_toml, tmp_path):
+def test_schedule_free_optimizer_is_in_eval_mode_for_saving_and_validation(tiny_setup, val_toml, tmp_path,
+                                                                          monkeypatch):
+    from library.training import checkpointing
+
+    write_lora = checkpointing.write_lora
+
+    def recorded_write_lora(*a, **k):
+        RecordingAdamWScheduleFree.log.append("save")
+        return write_lora(*a, **k)
+
+    monkeypatch.setattr(checkpointing, "write_lora", recorded_write_lora)
     RecordingAdamWScheduleFree.log.clear()
     run(base_argv(tiny_setup, tmp_path, "--max_train_steps", "2", "--save_every_n_steps", "1",
                   "--validate_every_n_steps", "1", "--max_validation_steps", "1", "--optimizer_type",
@@ -337,7 +342,7 @@ def flags_run(tiny_setup, tmp_path_factory):
 
 def test_epochs_and_accumulation_set_the_step_count(flags_run):
     trainer, out = flags_run
-    assert trainer.global_step == trainer.steps_per_epoch == math.ceil(len(trainer.train_loader) / 2)
+    assert trainer.global_step == trainer.schedule.steps_per_epoch == math.ceil(len(trainer.train_loader) / 2)
     assert trainer.calls["step"] == len(trainer.train_loader)  # one optimizer call per micro-batch, synced every 2
     assert trainer.calls["clip"] == 0  # --max_grad_norm 0
     meta = metadata(out / "tiny.safetensors")
@@ -467,7 +472,7 @@ def test_blocks_to_swap_auto_plans_from_the_free_memory_and_logs_the_plan(tiny_s
     caplog.set_level(logging.INFO, logger="anima_train")
     argv = ("--max_train_steps", "1", "--gradient_checkpointing", "--blocks_to_swap", "auto", *COMMON)
     roomy = run(base_argv(tiny_setup, tmp_path / "roomy", *argv, dit=four_block_dit))
-    assert roomy.args.blocks_to_swap == 0 and roomy.dit.block_swapper is None
+    assert roomy.args.blocks_to_swap == "auto" and roomy.dit.block_swapper is None  # the flag is not rewritten
     memory, free, checkpointing = plans[-1]
     assert (free, checkpointing, memory.num_blocks) == (10**15, "ckpt", 4)
     assert memory.block_weights == sum(p.numel() * p.element_size() for p in roomy.dit.blocks[0].parameters())
@@ -479,14 +484,14 @@ def test_blocks_to_swap_auto_plans_from_the_free_memory_and_logs_the_plan(tiny_s
 
     budget["free"] = memory.peak_bytes(1, "ckpt")  # room for everything but one block's weights
     tight = run(base_argv(tiny_setup, tmp_path / "tight", *argv, dit=four_block_dit))
-    assert tight.args.blocks_to_swap == 1 and tight.dit.block_swapper.blocks_to_swap == 1
+    assert tight.dit.block_swapper.blocks_to_swap == 1
     assert "--blocks_to_swap auto: 1 blocks swapped" in caplog.text and "fits" in caplog.text
 
 
 def test_blocks_to_swap_auto_swaps_nothing_without_a_cuda_memory_query(tiny_setup, four_block_dit, tmp_path):
     trainer = run(base_argv(tiny_setup, tmp_path, "--max_train_steps", "1", "--blocks_to_swap", "auto", *COMMON,
                             dit=four_block_dit))
-    assert trainer.args.blocks_to_swap == 0 and trainer.dit.block_swapper is None
+    assert trainer.dit.block_swapper is None
 
 
 def test_blocks_to_swap_beyond_the_model_limit_is_one_clear_error(tiny_setup, tmp_path):
@@ -531,3 +536,17 @@ def test_debug_dataset_prints_batches_and_loads_no_model(tiny_setup, tmp_path, c
     assert "bucket" in printed.lower()
     assert any(path.stem in printed for path in tiny_setup.image_dir.glob("*.png"))
     assert not out.exists()
+
+
+def test_a_run_leaves_its_parsed_flags_unchanged(tiny_setup, four_block_dit, tmp_path):
+    # The seed drawn without --seed and the planned swap count live on the trainer, not in the namespace.
+    import copy
+
+    args, _ = parse_args(base_argv(tiny_setup, tmp_path, "--max_train_steps", "2", "--blocks_to_swap", "auto",
+                                   "--save_state", *COMMON, dit=four_block_dit))
+    args.seed = None
+    before = copy.deepcopy(vars(args))
+    trainer = CountingTrainer()
+    trainer.train(args)
+    assert vars(args) == before
+    assert trainer.seed is not None and trainer.global_step == 2

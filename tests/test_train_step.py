@@ -30,11 +30,12 @@ def step(accelerator, *argv, batch=64, seed=0):
     args, _ = parse_args(list(argv))
     trainer = AnimaNetworkTrainer()
     trainer.dit = RecordingDiT()
+    trainer.accelerator, trainer.weight_dtype = accelerator, torch.float32
     torch.manual_seed(seed)
     latents = torch.randn(batch, 16, 4, 4)
     text = {"qwen3_embeds": torch.zeros(batch, 3, 8), "qwen3_mask": torch.ones(batch, 3, dtype=torch.long),
             "t5_ids": torch.ones(batch, 5, dtype=torch.long), "t5_mask": torch.ones(batch, 5, dtype=torch.long)}
-    out = trainer.noise_pred_and_target(args, accelerator, latents, text, torch.float32)
+    out = trainer.noise_pred_and_target(args, latents, text)
     pred, target, sigmas, weighting = out.prediction, out.target, out.sigmas, out.weighting
     return trainer.dit, latents, pred, target, sigmas, weighting
 
@@ -73,7 +74,6 @@ def test_loss_type_changes_the_batch_loss(accelerator):
         trainer = AnimaNetworkTrainer()
         trainer.dit, trainer.accelerator, trainer.weight_dtype, trainer.train_te = RecordingDiT(), accelerator, \
             torch.float32, False
-        trainer.device = torch.device("cpu")
         batch = {"latents": torch.randn(2, 16, 4, 4), "loss_weights": torch.ones(2), "loss_masks": None,
                  "text": {"qwen3_embeds": torch.zeros(2, 3, 8), "qwen3_mask": torch.ones(2, 3, dtype=torch.long),
                           "t5_ids": torch.ones(2, 5, dtype=torch.long), "t5_mask": torch.ones(2, 5, dtype=torch.long)}}
@@ -112,7 +112,6 @@ def test_loss_masks_of_the_batch_weight_the_loss(accelerator):
     trainer = AnimaNetworkTrainer()
     trainer.dit, trainer.accelerator, trainer.weight_dtype, trainer.train_te = RecordingDiT(), accelerator, \
         torch.float32, False
-    trainer.device = torch.device("cpu")
 
     def loss(masks):
         torch.manual_seed(0)

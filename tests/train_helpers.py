@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from anima_train_network import AnimaNetworkTrainer
-from library.training.args import parse_args
+from library.training.args import MIXED_PRECISION_DTYPES, parse_args
 
 
 def tiny_train_argv(tiny, out: Path, *extra: str, cache_text: bool = True, dataset: Path | None = None,
@@ -31,11 +31,19 @@ def trainer_through_caches(argv: list[str]) -> AnimaNetworkTrainer:
     args, _ = parse_args(argv)
     trainer = AnimaNetworkTrainer()
     trainer.args = args
-    trainer.setup_run(args)
-    trainer.setup_accelerator(args)
-    trainer.build_datasets(args)
-    trainer.load_frozen_models(args, trainer.accelerator, trainer.weight_dtype)
-    trainer.build_caches(args)
+    trainer.seed = trainer.run_seed(args)
+    trainer.weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
+    trainer.accelerator = trainer.setup_accelerator(args)
+    trainer.train_group, trainer.val_group = trainer.build_datasets(args)
+    trainer.text_encoders = trainer.load_frozen_models(args, trainer.groups())
+    return trainer
+
+
+def trainer_through_network(argv: list[str]) -> AnimaNetworkTrainer:
+    """`trainer_through_caches`, then the DiT loaded and the network created and attached."""
+    trainer = trainer_through_caches(argv)
+    trainer.dit = trainer.load_dit(trainer.args)
+    trainer.network, trainer.network_args, trainer.train_te = trainer.create_network(trainer.args)
     return trainer
 
 

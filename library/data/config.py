@@ -570,7 +570,8 @@ def config_from_command_line(args: argparse.Namespace) -> tuple[dict[str, Any], 
 # Building the dataset groups
 
 
-def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, DatasetGroup | None]:
+def build_dataset_groups(args: argparse.Namespace, seed: int | None = None
+                         ) -> tuple[DatasetGroup, DatasetGroup | None]:
     """(training group, validation group or None) from --dataset_config or the command-line dataset flags.
 
     Everything is validated (config keys, values, folders, captions, image headers, caching options) before any
@@ -599,7 +600,8 @@ def build_dataset_groups(args: argparse.Namespace) -> tuple[DatasetGroup, Datase
         logger.warning("--masked_loss is on but no subset has conditioning_data_dir or alpha_mask, so the loss "
                        "is not masked")
 
-    seed = getattr(args, "seed", None)
+    if seed is None:  # the run's seed (default --seed); without one, the split and the order are random
+        seed = getattr(args, "seed", None)
     if seed is None:
         seed = random.randint(0, 2**31)
     dataset_seed = random.Random(seed).randint(0, 2**31)

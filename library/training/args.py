@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from library.data.config import add_dataset_arguments
 from library.errors import AnimaError, OneLineErrorParser
 from library.io.files import atomic_write, restore_interrupted_dir
@@ -31,6 +33,10 @@ from networks.lora_format import KIND_NAMES, LORA_FORMATS, SD_SCRIPTS_FORMAT
 from networks.network_base import MODULE_FOR_KIND
 
 GPU_ONLY = "[GPU only] "
+
+# --mixed_precision: the autocast and frozen-model dtype; --save_precision: the dtype of the saved LoRA.
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_PRECISION_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 MAX_BLOCKS_TO_SWAP = max_blocks_to_swap(AnimaConfig().num_blocks)  # 26 for the 28-block DiT
 
@@ -232,7 +238,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("max_train_epochs", type=int, default=None, help="number of epochs (overrides --max_train_steps)")
     a("train_batch_size", type=int, default=1, help="batch size per process")
     a("gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    a("mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="autocast and frozen-model dtype")
+    a("mixed_precision", choices=list(MIXED_PRECISION_DTYPES), default="no", help="autocast and frozen-model dtype")
     a("full_fp16", action="store_true", help="keep the LoRA weights in fp16 (needs --mixed_precision fp16)")
     a("full_bf16", action="store_true", help="keep the LoRA weights in bf16 (needs --mixed_precision bf16)")
     a("fp8_base", action="store_true",
@@ -314,7 +320,7 @@ def _add_saving_arguments(parser: argparse.ArgumentParser) -> None:
     a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
     a("output_dir", type=str, default=None, help="output folder")
     a("output_name", type=str, default=None, help="base name of the LoRA files")
-    a("save_precision", choices=[None, "float", "fp16", "bf16"], default=None, help="dtype of the saved LoRA")
+    a("save_precision", choices=list(SAVE_PRECISION_DTYPES), default=None, help="dtype of the saved LoRA")
     a("save_every_n_epochs", type=int, default=None, help="save every N epochs")
     a("save_every_n_steps", type=int, default=None, help="save every N steps")
     a("save_n_epoch_ratio", type=int, default=None, help="save about N times over the run")

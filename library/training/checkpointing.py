@@ -1,9 +1,13 @@
 """Writing the LoRA files and the training-state folders of a run, pruning old ones, and loading a state back.
 
-Every write is atomic (temp file or folder + rename); only the main process writes, the others wait."""
+Every write is atomic (temp file or folder + rename); only the main process writes, the others wait.
+`RunWriter` holds what a run's writes need and owns the rules of when a step or an epoch saves (with the names
+and keep windows of `outputs`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +17,11 @@ from accelerate.utils import set_seed
 
 from library.errors import AnimaError
 from library.io import files
+from library.training import outputs, schedule
 from library.training import state as train_state
-from library.training.reporting import logger
-from library.training.state import restore_rng
+from library.training.reporting import TrainingReporter, logger
+from library.training.schedule import Position
+from library.training.state import capture_rng, restore_rng
 
 
 def write_lora(network: Any, path: Path, metadata: dict[str, str], save_dtype: torch.dtype | None,
@@ -68,3 +74,80 @@ def load_state(loaded: train_state.LoadedState, *, network: Any, optimizer: Any,
         logger.warning("--resume %s has no random state for process %d; seeding it from --seed", folder, rank)
         set_seed(seed + rank)
 
+
+
+class RunWriter:
+    """The LoRA files and state folders of one run in `--output_dir`, and the pruning of those that left their
+    keep window. Writes see a schedule-free optimizer's averaged weights (`eval_mode`) and are left out of the
+    step times."""
+
+    def __init__(self, args: Any, accelerator: Accelerator, *, network: Any, optimizer: Any, lr_scheduler: Any,
+                 reporter: TrainingReporter, eval_mode: Callable[[], AbstractContextManager[None]],
+                 metadata: dict[str, str], model_spec: dict[str, str], save_dtype: torch.dtype | None, seed: int,
+                 data_facts: dict[str, Any]) -> None:
+        self.args, self.accelerator, self.network = args, accelerator, network
+        self.optimizer, self.lr_scheduler, self.reporter, self.eval_mode = optimizer, lr_scheduler, reporter, eval_mode
+        self.metadata, self.model_spec, self.save_dtype = metadata, model_spec, save_dtype
+        self.seed, self.data_facts = seed, data_facts
+        self.output_dir = Path(args.output_dir)
+
+    def save_model(self, file_name: str, *, steps: int, epoch: int) -> Path:
+        path = self.output_dir / file_name
+        with self.eval_mode(), self.reporter.excluded("saving"):
+            if self.accelerator.is_main_process:
+                metadata = outputs.metadata_for_save(self.metadata, self.model_spec, steps=steps, epoch=epoch,
+                                                    no_metadata=self.args.no_metadata)
+                write_lora(self.network, path, metadata, self.save_dtype, self.args.lora_format)
+                self.reporter.message(f"saved {path}")
+            self.reporter.write_pictures(self.args.output_dir, self.args.output_name)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def save_state(self, folder_name: str, *, position: Position, kind: str = train_state.PERIODIC,
+                   rng: dict[str, Any] | None = None) -> Path:
+        """The state folder at `position`: network weights, optimizer, scheduler, the random states of every
+        process (`rng`: this process's, default the current ones), the position and the run's settings."""
+        path = self.output_dir / folder_name
+        with self.eval_mode(), self.reporter.excluded("saving"):
+            gathered = gather_objects(self.accelerator, rng if rng is not None else capture_rng())
+            if self.accelerator.is_main_process:
+                record = train_state.TrainState(position=position, seed=self.seed, kind=kind, facts=self.data_facts,
+                                                settings=train_state.recorded_settings(self.args))
+                write_state_folder(path, network=self.network, optimizer=self.optimizer,
+                                   lr_scheduler=self.lr_scheduler, rng_states=gathered, record=record)
+                self.reporter.message(f"saved state {path}")
+            self.accelerator.wait_for_everyone()
+        return path
+
+    def prune(self, name_of: Callable[[Any, int], str], number: int | None) -> None:
+        """Remove the checkpoint `name_of(args, number)` (None: nothing left its keep window)."""
+        if self.accelerator.is_main_process and number is not None:
+            path = self.output_dir / name_of(self.args, number)
+            if path.exists():
+                files.remove_path(path)
+                self.reporter.message(f"removed old checkpoint {path}")
+        self.accelerator.wait_for_everyone()
+
+    def after_step(self, position: Position, max_train_steps: int) -> None:
+        """`--save_every_n_steps`: the LoRA (and with --save_state the state) of this step; old ones pruned."""
+        args, step = self.args, position.global_step
+        if not schedule.step_save_due(step, args.save_every_n_steps, max_train_steps):
+            return
+        self.save_model(outputs.step_model_name(args, step), steps=step, epoch=position.epoch)
+        self.prune(outputs.step_model_name, outputs.step_to_prune(step, args.save_every_n_steps, args.save_last_n_steps))
+        if args.save_state:
+            self.save_state(outputs.step_state_name(args, step), position=position)
+            keep = args.save_last_n_steps_state or args.save_last_n_steps
+            self.prune(outputs.step_state_name, outputs.step_to_prune(step, args.save_every_n_steps, keep))
+
+    def after_epoch(self, epoch: int, position: Position, run_schedule: schedule.Schedule) -> None:
+        """`--save_every_n_epochs` (never for the final epoch, which the run's end saves) after 1-based `epoch`."""
+        args, every_n_epochs = self.args, run_schedule.save_every_n_epochs
+        if not schedule.epoch_save_due(epoch, every_n_epochs, run_schedule.num_epochs):
+            return
+        self.save_model(outputs.epoch_model_name(args, epoch), steps=position.global_step, epoch=epoch)
+        self.prune(outputs.epoch_model_name, outputs.epoch_to_prune(epoch, every_n_epochs, args.save_last_n_epochs))
+        if args.save_state:
+            self.save_state(outputs.epoch_state_name(args, epoch), position=position)
+            keep = args.save_last_n_epochs_state or args.save_last_n_epochs
+            self.prune(outputs.epoch_state_name, outputs.epoch_to_prune(epoch, every_n_epochs, keep))

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+from library.errors import AnimaError
+
 
 class TrainingModule(torch.nn.Module):
     """Owns the trained network; `forward(loss_fn, *args, **kwargs)` returns `loss_fn(*args, **kwargs)`.
@@ -50,6 +52,22 @@ def uses_module_dropout(network: torch.nn.Module) -> bool:
     """True when some LoRA module may skip itself in a step (`module_dropout`): its parameters then get no
     gradient on that process, which DDP must be told about (`find_unused_parameters`)."""
     return any(getattr(m, "module_dropout", None) for m in network.modules())
+
+
+def allow_module_dropout(accelerator: Any, network: torch.nn.Module, args: argparse.Namespace) -> None:
+    """Under several processes, a network with `module_dropout` needs DDP's search for unused parameters; refuse
+    the combinations where that cannot work."""
+    if accelerator.num_processes == 1 or not uses_module_dropout(network):
+        return
+    if args.ddp_static_graph:
+        raise AnimaError("--ddp_static_graph cannot be combined with module_dropout in --network_args "
+                         "(a dropped module changes the set of trained parameters); drop one")
+    if args.cpu_offload_checkpointing or args.unsloth_offload_checkpointing:
+        # DDP finds the unused parameters in the forward graph, which the offloaded blocks leave out.
+        raise AnimaError("module_dropout in --network_args does not work with --cpu_offload_checkpointing "
+                         "or --unsloth_offload_checkpointing on several processes; drop one or use "
+                         "--gradient_checkpointing alone")
+    accelerator.ddp_handler.find_unused_parameters = True
 
 
 def process_group_kwargs(args: argparse.Namespace) -> list[Any]:

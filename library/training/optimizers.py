@@ -8,11 +8,12 @@ is imported by name, nothing the user types is ever evaluated.
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -398,6 +399,34 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
     """Schedule-free optimizers keep their own LR schedule and need train()/eval() switching around evaluation."""
     return type(optimizer).__name__.lower().endswith("schedulefree")
+
+
+class ScheduleFreeModes:
+    """Schedule-free optimizers hold two weight sets: training steps use one, evaluation, sampling and saving must
+    see the averaged one. `eval_mode()` switches for a block (nested blocks switch once); other optimizers pass."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.inner = unwrap_optimizer(optimizer) if is_schedule_free(unwrap_optimizer(optimizer)) else None
+        self.depth = 0
+
+    def train_mode(self) -> None:
+        if self.inner is not None:
+            self.inner.train()
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        if self.inner is None:
+            yield
+            return
+        if self.depth == 0:
+            self.inner.eval()
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if self.depth == 0:
+                self.inner.train()
 
 
 class FusedBackwardHandle:

@@ -5,6 +5,7 @@ Everything here reads headers, flags, the image scan and the --resume folder; no
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,10 @@ from typing import Any
 import torch
 
 from library.errors import AnimaError
-from library.training import outputs, schedule
+from library.training import network_setup, outputs, schedule
 from library.training import state as train_state
 from library.training.reporting import logger
+from library.training.schedulers import lr_scheduler_from_args
 
 
 def report_resume_changes(args: argparse.Namespace, changes: list[train_state.SettingChange]) -> None:
@@ -115,6 +117,35 @@ class NetworkSize:
         self.text_encoder_parameters = text_encoder_parameters
         self.network_parameters = network_parameters
         self.trainable_parameters = trainable_parameters
+
+
+def check_network(args: argparse.Namespace, dit: torch.nn.Module, text_encoders: list[torch.nn.Module],
+                  component_lr_names: tuple[str, ...], seed_given: bool
+                  ) -> tuple[NetworkSize, train_state.LoadedState | None]:
+    """On weightless (meta-device) models: the network (--network_args, --network_weights, --base_weights), the
+    optimizer and LR scheduler (a typo'd --optimizer_type or --lr_scheduler, or bad --optimizer_args, fail here
+    and not after caching) and the --resume folder against them. Returns the sizes and the checked state."""
+    size = NetworkSize(dit, sum(p.numel() for te in text_encoders for p in te.parameters()))
+    logging.disable(logging.WARNING)  # the real build logs the same lines again
+    try:
+        network, _ = network_setup.build_network(args, dit, text_encoders, merge=False)
+        try:
+            setup = network_setup.build_optimizer(args, network, component_lr_names)
+        except (RuntimeError, NotImplementedError) as exc:
+            if "meta" not in str(exc):
+                raise
+            # An optimizer that reads its parameters' values when built: give it uninitialised CPU copies.
+            network.to_empty(device="cpu")
+            setup = network_setup.build_optimizer(args, network, component_lr_names)
+        # The step count only shapes the schedule; with --max_train_epochs it is known after the image scan.
+        scheduler = lr_scheduler_from_args(args, setup.optimizer, args.max_train_steps)
+    finally:
+        logging.disable(logging.NOTSET)
+    network.remove_hooks()
+    size.network_parameters = sum(p.numel() for p in network.parameters())
+    size.trainable_parameters = sum(p.numel() for p in setup.trainable_params)
+    loaded = check_resume_folder(args, network, setup.optimizer, scheduler, seed_given) if args.resume else None
+    return size, loaded
 
 
 def print_plan(args: argparse.Namespace, sched: schedule.Schedule, train_group: Any, val_group: Any,

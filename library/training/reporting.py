@@ -7,8 +7,8 @@ line per optimizer step is printed instead, so log files stay readable.
 
 The per-step loss (and an LR the optimizer computes on the device) stays a device tensor until it is reported:
 reading a CUDA value on the host waits for the queued work, which empties the GPU's queue every step. The
-reporter queues the steps and reads all their values with one transfer every `LOSS_READ_INTERVAL` steps, and
-before any other output (messages, scalars, the epoch average, samples, pictures, the summary), so every line
+reporter queues the steps; their values travel with the next step's one read (the non-finite guard's flag,
+`read_with`), are shown every `LOSS_READ_INTERVAL` steps, and are read before any other output (messages, scalars, the epoch average, samples, pictures, the summary), so every line
 and scalar keeps its value and its order; the bar still advances at every step.
 
 Trackers (`--log_with`) run through accelerate (`Accelerator(log_with=...)`, `init_trackers`), with sd-scripts'
@@ -29,6 +29,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,23 @@ def init_trackers(accelerator: Any, args: argparse.Namespace) -> None:
                 run.define_metric(metric, hidden=True)
 
 
+@dataclass
+class _QueuedStep:
+    """An optimizer step waiting to be shown: its values may still be device tensors."""
+
+    global_step: int
+    epoch: int
+    step_in_epoch: int
+    loss: float | torch.Tensor
+    logs: dict[str, float | torch.Tensor]
+    seconds: float
+    average: float | None = None  # loss/average once the loss counted in the epoch average
+
+    @property
+    def is_read(self) -> bool:
+        return not any(isinstance(v, torch.Tensor) for v in (self.loss, *self.logs.values()))
+
+
 class TrainingReporter:
     """Progress display, per-step lines, tracker logs, run pictures and the end summary of one run
     (no-op on non-main processes). `accelerator` carries the trackers (None: console only)."""
@@ -185,8 +203,7 @@ class TrainingReporter:
         self.last_step_time = self.start_time
         self.initial_step = initial_step
         self.losses = LossRecorder()
-        # Queued optimizer steps: (global step, epoch, step in epoch, loss, other logs, seconds the step took).
-        self._pending: list[tuple[int, int, int, float | torch.Tensor, dict[str, Any], float]] = []
+        self._pending: list[_QueuedStep] = []  # optimizer steps not shown yet
         self.trackers = list(accelerator.trackers) if accelerator is not None and is_main_process else []
         self.epoch = 0
         self.history = pictures.RunHistory()
@@ -220,34 +237,71 @@ class TrainingReporter:
         self.paused_since_last_step = 0.0
         if self.bar is not None:
             self.bar.update(1)
-        self._pending.append((global_step, epoch, step_in_epoch, loss, logs, seconds_per_step))
-        if len(self._pending) >= LOSS_READ_INTERVAL:
+        step = _QueuedStep(global_step, epoch, step_in_epoch, loss, dict(logs), seconds_per_step)
+        if not isinstance(loss, torch.Tensor) and not self._deferred_average():
+            # A loss already on the host counts in the epoch average now, so the epoch's end needs no read.
+            self.losses.add(step_in_epoch, float(loss))
+            step.average = self.losses.average
+        self._pending.append(step)
+        # Every LOSS_READ_INTERVAL steps the queue is shown. Steps whose values `read_with` already read cost no
+        # transfer; when no read carried the older steps' values (only the newest step may wait for the next
+        # one), they are all read here at once.
+        read = next((i for i, queued in enumerate(self._pending) if not queued.is_read), len(self._pending))
+        if read >= LOSS_READ_INTERVAL:
+            self.flush(read)
+        elif len(self._pending) >= LOSS_READ_INTERVAL and read < len(self._pending) - 1:
             self.flush()
 
-    def flush(self) -> None:
-        """Read the queued steps' values (one transfer) and write their bar postfix, lines and scalars."""
-        pending, self._pending = self._pending, []
+    def _deferred_average(self) -> bool:
+        """Whether a queued step still waits for its loss to enter the epoch average."""
+        return any(queued.average is None for queued in self._pending)
+
+    def read_with(self, *values: torch.Tensor) -> list[float]:
+        """`values` read together with every queued step's device values, in one transfer. The trainer reads its
+        non-finite flag (and the step's loss) through here, so that a steady-state step costs one host sync."""
+        if not self.is_main or not self._pending:
+            return read_scalars(list(values))
+        flat: list[float | torch.Tensor] = list(values)
+        for queued in self._pending:
+            flat.append(queued.loss)
+            flat.extend(queued.logs.values())
+        numbers = iter(read_scalars(flat))
+        result = [next(numbers) for _ in values]
+        for queued in self._pending:
+            queued.loss = next(numbers)
+            queued.logs = {key: next(numbers) for key in queued.logs}
+        return result
+
+    def flush(self, count: int | None = None) -> None:
+        """Read the first `count` (default all) queued steps' values (one transfer) and write their bar postfix,
+        lines and scalars."""
+        count = len(self._pending) if count is None else count
+        pending, self._pending = self._pending[:count], self._pending[count:]
         if not pending:
             return
         flat: list[float | torch.Tensor] = []
-        for _, _, _, loss, logs, _ in pending:
-            flat.append(loss)
-            flat.extend(logs.values())
+        for queued in pending:
+            flat.append(queued.loss)
+            flat.extend(queued.logs.values())
         numbers = iter(read_scalars(flat))
-        for global_step, epoch, step_in_epoch, _, logs, seconds_per_step in pending:
+        for queued in pending:
             loss = next(numbers)
-            self.losses.add(step_in_epoch, loss)
-            read = {"loss/current": loss, "loss/average": self.losses.average}
-            read.update({key: next(numbers) for key in logs})
-            self._show(global_step, epoch, read, seconds_per_step)
+            if queued.average is None:
+                self.losses.add(queued.step_in_epoch, loss)
+                queued.average = self.losses.average
+            read = {"loss/current": loss, "loss/average": queued.average}
+            read.update({key: next(numbers) for key in queued.logs})
+            self._show(queued.global_step, queued.epoch, read, queued.seconds)
 
     def new_epoch(self) -> None:
-        """Start the epoch's loss average afresh (after reporting the queued steps of the last epoch)."""
-        self.flush()
+        """Start the epoch's loss average afresh (the queued steps of the last epoch keep theirs)."""
+        if self._deferred_average():
+            self.flush()
         self.losses.reset()
 
     def epoch_average(self) -> float:
-        self.flush()
+        if self._deferred_average():
+            self.flush()
         return self.losses.average
 
     def _show(self, global_step: int, epoch: int, logs: dict[str, float], seconds_per_step: float) -> None:
@@ -279,7 +333,8 @@ class TrainingReporter:
         """Per-epoch scalars (`loss/epoch_average`): plotted against the epoch, as sd-scripts does."""
         if not self.is_main:
             return
-        self.flush()
+        if self._deferred_average():
+            self.flush()
         self.epoch = epoch
         self._write_scalars(global_step, logs, x_value=epoch)
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+from library.errors import AnimaError
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,32 @@ class Position:
     global_step: int = 0
 
 
+def schedule_from_args(args: Any, num_batches: int, num_processes: int) -> Schedule:
+    """The schedule the flags (--gradient_accumulation_steps, --max_train_steps/--max_train_epochs,
+    --save_every_n_epochs/--save_n_epoch_ratio) give for `num_batches` batches per epoch."""
+    return make_schedule(num_batches, num_processes=num_processes,
+                         gradient_accumulation_steps=args.gradient_accumulation_steps,
+                         max_train_steps=args.max_train_steps, max_train_epochs=args.max_train_epochs,
+                         save_every_n_epochs=args.save_every_n_epochs, save_n_epoch_ratio=args.save_n_epoch_ratio)
+
+
+def start_position(resumed: Position | None, schedule: Schedule, *, initial_step: int | None,
+                   initial_epoch: int | None, skip_until_initial_step: bool, resume_flag: str | None) -> Position:
+    """Where the run starts: the resumed state's position (`resume_flag`: the --resume folder) or the start,
+    then --initial_step / --initial_epoch when given (they override a resumed step)."""
+    position = resumed or Position()
+    if resumed is not None and steps_left(resumed, schedule) <= 0:
+        raise AnimaError(f"--resume {resume_flag}: nothing left to train (the state is at step "
+                         f"{resumed.global_step} of {schedule.max_train_steps}); raise --max_train_steps or "
+                         "--max_train_epochs")
+    if not initial_step and not initial_epoch:
+        return position
+    step = step_named_by_flags(initial_step, initial_epoch, schedule, position.global_step)
+    if step >= schedule.max_train_steps:
+        raise AnimaError(f"--initial_step {step} must be below --max_train_steps {schedule.max_train_steps}")
+    return position_from_initial_step(step, schedule, skip_until_initial_step)
+
+
 def resume_start(position: Position, schedule: Schedule) -> tuple[int, int]:
     """(first epoch to enter, batches of it to skip) for a run continuing from `position`."""
     return position.epoch, min(position.batches_done, schedule.batches_per_epoch)
@@ -80,7 +109,7 @@ def position_from_initial_step(step: int, schedule: Schedule, skip_data: bool) -
     return Position(epoch=epoch, batches_done=batches, global_step=step)
 
 
-def initial_step(initial_step: int | None, initial_epoch: int | None, schedule: Schedule, default: int) -> int:
+def step_named_by_flags(initial_step: int | None, initial_epoch: int | None, schedule: Schedule, default: int) -> int:
     """The step --initial_step / --initial_epoch (1-based) name; `default` when neither is given."""
     if initial_step is not None:
         return initial_step
