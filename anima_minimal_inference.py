@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from library.errors import AnimaError, OneLineErrorParser, flags_renamed
 from library.io.checkpoints import open_checkpoint, sample_keys
 from library.io.files import atomic_write, check_writable_dir
-from library.models.attention import check_attn_mode
+from library.models.attention import ATTN_MODE_CHOICES, check_attn_mode
 from library.models.dit_loading import MODEL_FLAG
 from library.models.qwen3 import QWEN3_FLAG
 from library.training.sampling import (
@@ -45,7 +45,7 @@ from library.training.sampling import (
     sample_latents,
     save_png_atomic,
 )
-from networks import import_network_module
+from networks import LYCORIS_MODULE, import_network_module
 from networks.lora_format import (
     COMFY_TE_PREFIX,
     KIND_NAMES,
@@ -60,7 +60,6 @@ from networks.network_base import MODULE_FOR_KIND
 logger = logging.getLogger("anima_minimal_inference")
 
 OUTPUT_TYPES = ("images", "latent", "latent_images")
-ATTN_MODES = ("torch", "sdpa", "flash", "sageattn", "xformers")
 MAX_SEED = 2**32 - 1
 LATENT_KEY = "latent"  # the tensor name of a saved latent file, as sd-scripts writes it
 # The trainer's loaders name the trainer's flags in their errors; this script's flags are named differently.
@@ -117,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     device = parser.add_argument_group("device and memory")
     device.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
-    device.add_argument("--attn_mode", choices=ATTN_MODES, default="torch", help="DiT attention (sdpa = torch)")
+    device.add_argument("--attn_mode", choices=ATTN_MODE_CHOICES, default="torch", help="DiT attention (sdpa = torch)")
     device.add_argument("--fp8", action="store_true",
                         help="DiT block projections stored as float8_e4m3fn with one scale per tensor (the trainer's --fp8_base storage)")
     device.add_argument("--fp8_scaled", action="store_true",
@@ -225,7 +224,7 @@ def read_loras(args: argparse.Namespace) -> list[LoraFile]:
                                                   args.include_patterns, args.exclude_patterns, strict=True):
         sd = load_lora_file(path, flag="--lora_weight")[0]
         if args.lycoris:
-            module = "lycoris.kohya"
+            module = LYCORIS_MODULE
         else:
             try:
                 sd = to_sd_scripts_format(sd, add_missing_alpha=True)

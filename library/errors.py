@@ -22,6 +22,12 @@ class AnimaError(Exception):
         super().__init__(_original_message(str(message)))
 
 
+def check_choice(flag: str, value: object, choices: Sequence[object]) -> None:
+    """AnimaError unless ``value`` is one of ``choices``: "--flag 'value' is not supported; use one of a, b"."""
+    if value not in choices:
+        raise AnimaError(f"{flag} {value!r} is not supported; use one of {', '.join(map(str, choices))}")
+
+
 def _original_message(message: str) -> str:
     """An AnimaError raised in a DataLoader worker reaches the main process re-created from the worker's whole
     traceback text ("Caught AnimaError in DataLoader worker process 0.\\nOriginal Traceback ..."); keep only

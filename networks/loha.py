@@ -19,20 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import AnimaError
-from networks.lokr import warn_unused_neuron_dropout
 from networks.lora_format import LOHA_KIND
-from networks.network_base import (
-    COMMON_OPTION_PARSERS,
-    CONV_ARG_PARSERS,
-    AdapterModule,
-    AdapterNetwork,
-    build_network,
-    build_network_from_weights,
-)
-
-MODULE_NAME = "networks.loha"
-EXTRA_PARSERS = dict(CONV_ARG_PARSERS)
-VALID_NETWORK_ARGS = (*COMMON_OPTION_PARSERS, *EXTRA_PARSERS)
+from networks.network_base import CONV_ARG_PARSERS, AdapterModule, network_entry_points, valid_network_args
 
 
 class LoHaModule(AdapterModule):
@@ -40,22 +28,11 @@ class LoHaModule(AdapterModule):
 
     KIND = LOHA_KIND
     PLUS_NAMES = ("hada_w2_a",)
+    OPTION_PARSERS = CONV_ARG_PARSERS
+    NEURON_DROPOUT = False  # no rank activations to drop out (rank_dropout acts on the output features)
 
-    def __init__(
-        self,
-        lora_name: str,
-        original_name: str,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        alpha: float | None,
-        multiplier: float = 1.0,
-        dropout: float | None = None,
-        rank_dropout: float | None = None,
-        module_dropout: float | None = None,
-    ) -> None:
-        super().__init__(lora_name, original_name, in_features, out_features, rank, alpha, multiplier,
-                         dropout, rank_dropout, module_dropout)
+    def init_parameters(self) -> None:
+        rank, in_features, out_features = self.rank, self.in_features, self.out_features
         self.hada_w1_a = nn.Parameter(torch.empty(out_features, rank))
         self.hada_w1_b = nn.Parameter(torch.empty(rank, in_features))
         self.hada_w2_a = nn.Parameter(torch.zeros(out_features, rank))  # zero: the network starts as a no-op
@@ -64,7 +41,6 @@ class LoHaModule(AdapterModule):
         nn.init.normal_(self.hada_w1_a, std=0.1)
         nn.init.normal_(self.hada_w1_b, std=1.0)
         nn.init.normal_(self.hada_w2_b, std=1.0)
-        self.refresh_scale()
 
     def _delta(self, dtype: torch.dtype) -> torch.Tensor:
         w1 = self.hada_w1_a.to(dtype) @ self.hada_w1_b.to(dtype)  # [out, in]
@@ -93,36 +69,8 @@ class LoHaModule(AdapterModule):
             raise AnimaError(
                 f"LoHa files with two different ranks ({rank} and {rank2}) in one module are not supported"
             )
-        alpha = parts.get("alpha")
-        return {"rank": int(rank), "alpha": None if alpha is None else float(alpha.float())}
+        return super().kwargs_from_parts(parts)
 
 
-def create_network(
-    multiplier: float,
-    network_dim: int | None,
-    network_alpha: float | None,
-    vae: Any,
-    text_encoders: Any,
-    unet: nn.Module | None,
-    neuron_dropout: float | None = None,
-    **kwargs: Any,
-) -> AdapterNetwork:
-    """New LoHa network; kwargs are the ``--network_args`` (strings), see VALID_NETWORK_ARGS."""
-    warn_unused_neuron_dropout("LoHa", neuron_dropout)
-    return build_network(LoHaModule, MODULE_NAME, multiplier, network_dim, network_alpha, text_encoders, unet,
-                         None, kwargs, EXTRA_PARSERS)
-
-
-def create_network_from_weights(
-    multiplier: float,
-    file: str | None,
-    vae: Any,
-    text_encoders: Any,
-    unet: nn.Module | None,
-    weights_sd: Mapping[str, torch.Tensor] | None = None,
-    for_inference: bool = False,
-    **kwargs: Any,
-) -> tuple[AdapterNetwork, dict[str, torch.Tensor]]:
-    """Network with exactly the modules and ranks of a LoHa file (either layout), weights loaded."""
-    return build_network_from_weights(LoHaModule, MODULE_NAME, multiplier, file, text_encoders, unet, weights_sd,
-                                      for_inference, kwargs, EXTRA_PARSERS)
+VALID_NETWORK_ARGS = valid_network_args(LoHaModule)
+create_network, create_network_from_weights = network_entry_points(LoHaModule)  # sd-scripts' entry points

@@ -24,21 +24,16 @@ import torch
 from torch import nn
 
 from library.errors import AnimaError
-from networks.lora_format import LOKR_KIND, module_rank
+from networks.lora_format import LOKR_KIND
 from networks.network_base import (
-    COMMON_OPTION_PARSERS,
     CONV_ARG_PARSERS,
     AdapterModule,
-    AdapterNetwork,
     NetworkOptions,
-    build_network,
-    build_network_from_weights,
-    logger,
+    network_entry_points,
     parse_bool,
     parse_int,
+    valid_network_args,
 )
-
-MODULE_NAME = "networks.lokr"
 
 
 def _parse_factor(key: str, value: Any) -> int:
@@ -46,15 +41,6 @@ def _parse_factor(key: str, value: Any) -> int:
     if factor == 0 or factor < -1:
         raise AnimaError(f"--network_args {key}={value!r}: expected -1 (balanced) or a positive integer")
     return factor
-
-
-EXTRA_PARSERS = {
-    "factor": _parse_factor,
-    "decompose_both": parse_bool,
-    "full_matrix": parse_bool,
-    **CONV_ARG_PARSERS,
-}
-VALID_NETWORK_ARGS = (*COMMON_OPTION_PARSERS, *EXTRA_PARSERS)
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -110,35 +96,27 @@ class LoKrModule(AdapterModule):
 
     KIND = LOKR_KIND
     PLUS_NAMES = ("lokr_w1",)
+    OPTION_PARSERS = {
+        "factor": _parse_factor,
+        "decompose_both": parse_bool,
+        "full_matrix": parse_bool,
+        **CONV_ARG_PARSERS,
+    }
+    NEURON_DROPOUT = False  # no rank activations to drop out (rank_dropout acts on the output features)
 
-    def __init__(
-        self,
-        lora_name: str,
-        original_name: str,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        alpha: float | None,
-        multiplier: float = 1.0,
-        dropout: float | None = None,
-        rank_dropout: float | None = None,
-        module_dropout: float | None = None,
-        factor: int = -1,
-        decompose_both: bool = False,
-        full_matrix: bool = False,
-        layout: LoKrLayout | None = None,
+    def init_parameters(
+        self, factor: int = -1, decompose_both: bool = False, full_matrix: bool = False, layout: LoKrLayout | None = None
     ) -> None:
         """layout (from a file) overrides rank's choice of shapes by factor / decompose_both / full_matrix."""
+        rank, in_features, out_features = self.rank, self.in_features, self.out_features
         if layout is None:
             layout = LoKrLayout.for_layer(in_features, out_features, rank, factor, decompose_both, full_matrix)
         if layout.out_l * layout.out_k != out_features or layout.in_m * layout.in_n != in_features:
             raise AnimaError(
-                f"LoKr module '{lora_name}': factors w1 [{layout.out_l}, {layout.in_m}] x w2 [{layout.out_k}, "
+                f"LoKr module '{self.lora_name}': factors w1 [{layout.out_l}, {layout.in_m}] x w2 [{layout.out_k}, "
                 f"{layout.in_n}] do not make the layer's [{out_features}, {in_features}]"
             )
         self.layout = layout
-        super().__init__(lora_name, original_name, in_features, out_features, rank, alpha, multiplier,
-                         dropout, rank_dropout, module_dropout)
         if self.full:
             self.alpha.fill_(float(rank))  # both factors full: scale 1, alpha written as the rank
         if layout.w1_rank is None:
@@ -155,7 +133,6 @@ class LoKrModule(AdapterModule):
             self.lokr_w2_a = nn.Parameter(torch.empty(layout.out_k, layout.w2_rank))
             self.lokr_w2_b = nn.Parameter(torch.zeros(layout.w2_rank, layout.in_n))
             nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
-        self.refresh_scale()
 
     @property
     def full(self) -> bool:
@@ -199,53 +176,20 @@ class LoKrModule(AdapterModule):
     @classmethod
     def kwargs_from_parts(cls, parts: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         layout = LoKrLayout.from_parts(parts)
-        rank = module_rank(LOKR_KIND, parts)
-        if rank is None:  # both full: the rank only names the module's size (sd-scripts' convention)
-            rank = max(layout.out_k, layout.in_n)
-        alpha = parts.get("alpha")
-        return {"rank": rank, "alpha": None if alpha is None else float(alpha.float()), "layout": layout}
+        kwargs = super().kwargs_from_parts(parts)
+        if kwargs["rank"] is None:  # both full: the rank only names the module's size (sd-scripts' convention)
+            kwargs["rank"] = max(layout.out_k, layout.in_n)
+        return {**kwargs, "layout": layout}
+
+    @classmethod
+    def module_kwargs(cls, options: NetworkOptions) -> dict[str, Any]:
+        extras = options.extras
+        return {
+            "factor": extras.get("factor", -1),
+            "decompose_both": extras.get("decompose_both", False),
+            "full_matrix": extras.get("full_matrix", False),
+        }
 
 
-def _module_kwargs(options: NetworkOptions) -> dict[str, Any]:
-    extras = options.extras
-    return {
-        "factor": extras.get("factor", -1),
-        "decompose_both": extras.get("decompose_both", False),
-        "full_matrix": extras.get("full_matrix", False),
-    }
-
-
-def warn_unused_neuron_dropout(kind_name: str, neuron_dropout: float | None) -> None:
-    if neuron_dropout:
-        logger.warning("--network_dropout has no effect with %s (use rank_dropout / module_dropout)", kind_name)
-
-
-def create_network(
-    multiplier: float,
-    network_dim: int | None,
-    network_alpha: float | None,
-    vae: Any,
-    text_encoders: Any,
-    unet: nn.Module | None,
-    neuron_dropout: float | None = None,
-    **kwargs: Any,
-) -> AdapterNetwork:
-    """New LoKr network; kwargs are the ``--network_args`` (strings), see VALID_NETWORK_ARGS."""
-    warn_unused_neuron_dropout("LoKr", neuron_dropout)
-    return build_network(LoKrModule, MODULE_NAME, multiplier, network_dim, network_alpha, text_encoders, unet,
-                         None, kwargs, EXTRA_PARSERS, _module_kwargs)
-
-
-def create_network_from_weights(
-    multiplier: float,
-    file: str | None,
-    vae: Any,
-    text_encoders: Any,
-    unet: nn.Module | None,
-    weights_sd: Mapping[str, torch.Tensor] | None = None,
-    for_inference: bool = False,
-    **kwargs: Any,
-) -> tuple[AdapterNetwork, dict[str, torch.Tensor]]:
-    """Network with exactly the modules and shapes of a LoKr file (either layout), weights loaded."""
-    return build_network_from_weights(LoKrModule, MODULE_NAME, multiplier, file, text_encoders, unet, weights_sd,
-                                      for_inference, kwargs, EXTRA_PARSERS)
+VALID_NETWORK_ARGS = valid_network_args(LoKrModule)
+create_network, create_network_from_weights = network_entry_points(LoKrModule)  # sd-scripts' entry points

@@ -11,24 +11,14 @@ The layer choice, the network container and the file handling are shared with Lo
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks.lora_format import LORA_KIND, module_rank
-from networks.network_base import (
-    COMMON_OPTION_PARSERS,
-    AdapterModule,
-    AdapterNetwork,
-    build_network,
-    build_network_from_weights,
-)
+from networks.lora_format import LORA_KIND
+from networks.network_base import AdapterModule, AdapterNetwork, network_entry_points, valid_network_args
 
-MODULE_NAME = "networks.lora_anima"
-VALID_NETWORK_ARGS = tuple(COMMON_OPTION_PARSERS)
 LoRANetwork = AdapterNetwork  # the container; its modules are LoRAModule here
 
 
@@ -38,26 +28,11 @@ class LoRAModule(AdapterModule):
     KIND = LORA_KIND
     PLUS_NAMES = ("lora_up",)
 
-    def __init__(
-        self,
-        lora_name: str,
-        original_name: str,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        alpha: float | None,
-        multiplier: float = 1.0,
-        dropout: float | None = None,
-        rank_dropout: float | None = None,
-        module_dropout: float | None = None,
-    ) -> None:
-        super().__init__(lora_name, original_name, in_features, out_features, rank, alpha, multiplier,
-                         dropout, rank_dropout, module_dropout)
-        self.lora_down = nn.Linear(in_features, rank, bias=False)  # weight [r, in]
-        self.lora_up = nn.Linear(rank, out_features, bias=False)  # weight [out, r]
+    def init_parameters(self) -> None:
+        self.lora_down = nn.Linear(self.in_features, self.rank, bias=False)  # weight [r, in]
+        self.lora_up = nn.Linear(self.rank, self.out_features, bias=False)  # weight [out, r]
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)  # the network starts as an exact no-op
-        self.refresh_scale()
 
     def _rank_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
         """(drop(down(x)) [B, ..., r] in x's dtype, the scale to apply to up(...)); None when the module is skipped."""
@@ -110,45 +85,9 @@ class LoRAModule(AdapterModule):
     def folded_alpha_parameter(self) -> torch.Tensor:
         return self.lora_up.weight
 
-    @classmethod
-    def kwargs_from_parts(cls, parts: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        alpha = parts.get("alpha")
-        return {"rank": module_rank(LORA_KIND, parts), "alpha": None if alpha is None else float(alpha.float())}
 
-
-# --------------------------------------------------------------------------------------------------
-# sd-scripts entry points
-# --------------------------------------------------------------------------------------------------
-
-
-def create_network(
-    multiplier: float,
-    network_dim: int | None,
-    network_alpha: float | None,
-    vae: Any,
-    text_encoders: Any,
-    unet: nn.Module | None,
-    neuron_dropout: float | None = None,
-    **kwargs: Any,
-) -> AdapterNetwork:
-    """New LoRA network; kwargs are the ``--network_args`` (strings), see VALID_NETWORK_ARGS."""
-    return build_network(LoRAModule, MODULE_NAME, multiplier, network_dim, network_alpha, text_encoders, unet,
-                         neuron_dropout, kwargs)
-
-
-def create_network_from_weights(
-    multiplier: float,
-    file: str | None,
-    vae: Any,
-    text_encoders: Any,
-    unet: nn.Module | None,
-    weights_sd: Mapping[str, torch.Tensor] | None = None,
-    for_inference: bool = False,
-    **kwargs: Any,
-) -> tuple[AdapterNetwork, dict[str, torch.Tensor]]:
-    """Network with exactly the modules, ranks and alphas of a LoRA file (either format), weights loaded.
-
-    Returns (network, sd-scripts-keyed state dict). Selection network_args are superseded by the file;
-    the others (dropouts, LoRA+, reg_lrs, verbose) still apply."""
-    return build_network_from_weights(LoRAModule, MODULE_NAME, multiplier, file, text_encoders, unet, weights_sd,
-                                      for_inference, kwargs)
+VALID_NETWORK_ARGS = valid_network_args(LoRAModule)
+# sd-scripts' entry points: create_network(multiplier, network_dim, network_alpha, vae, text_encoders, unet,
+# neuron_dropout=None, **network_args) and create_network_from_weights(multiplier, file, vae, text_encoders, unet,
+# weights_sd=None, for_inference=False, **network_args).
+create_network, create_network_from_weights = network_entry_points(LoRAModule)

@@ -13,7 +13,6 @@ with the sshs hashes, either key layout) and otherwise leaves LyCORIS' behaviour
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from torch import nn
 from library.errors import AnimaError
 from networks.lora_format import (
     COMFY_FORMAT,
+    SD_SCRIPTS_FORMAT,
     TE_PREFIX,
     TE_PREFIX_ALIASES,
     check_lora_format,
@@ -35,7 +35,7 @@ from networks.lora_format import (
     sample_keys,
     save_lora_file,
 )
-from networks.network_base import text_encoder_root
+from networks.network_base import most_common, side_learning_rates, text_encoder_root, weights_to_load
 
 MISSING_LIBRARY = (
     "--network_module lycoris.kohya needs the LyCORIS library: pip install lycoris-lora "
@@ -183,12 +183,8 @@ class AnimaLycorisNetwork(lycoris_kohya.LycorisNetworkKohya):
                 f"{', '.join('--' + k + '_lr' for k in given)}: per-component learning rates work with "
                 "networks.lora_anima / lokr / loha; LyCORIS has one learning rate per model"
             )
-        if isinstance(text_encoder_lr, (list, tuple)):
-            text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
         groups, descriptions = super().prepare_optimizer_params(
-            default_lr if text_encoder_lr is None else text_encoder_lr,
-            default_lr if unet_lr is None else unet_lr,
-            default_lr,
+            *side_learning_rates(text_encoder_lr, unet_lr, default_lr), default_lr
         )
         return [{**g, "params": list(g["params"])} for g in groups], descriptions
 
@@ -197,7 +193,7 @@ class AnimaLycorisNetwork(lycoris_kohya.LycorisNetworkKohya):
     def save_weights(self, file: str, dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None,
                      lora_format: str | None = None) -> None:
         """Atomic save, LyCORIS' keys in the sd-scripts layout (default) or the ComfyUI one (alphas kept)."""
-        lora_format = check_lora_format(lora_format or "sd-scripts")
+        lora_format = check_lora_format(lora_format or SD_SCRIPTS_FORMAT)
         self.check_save_format(lora_format)
         sd = {k: v.detach().clone().cpu() for k, v in self.state_dict().items()}
         if lora_format == COMFY_FORMAT:
@@ -271,11 +267,7 @@ def create_network_from_weights(
     **kwargs: Any,
 ) -> tuple[AnimaLycorisNetwork, dict[str, torch.Tensor]]:
     """A LyCORIS network with exactly the modules of a file (either layout); every module must find its layer."""
-    if weights_sd is None:
-        if file is None:
-            raise AnimaError("create_network_from_weights needs a file or a state dict")
-        weights_sd, _ = load_lora_file(file)
-    source = str(file) if file is not None else "state dict"
+    weights_sd, source = weights_to_load(file, weights_sd)
     sd = _sd_scripts_keys(weights_sd)
     network, _ = lycoris_kohya.create_network_from_weights(multiplier, None, vae, text_encoder_root(text_encoders),
                                                            unet, weights_sd=sd, for_inference=for_inference)
@@ -288,12 +280,9 @@ def create_network_from_weights(
     kinds = {type(lora).__name__ for lora in network.loras}
     algo = next((name for name, cls in network_module_dict.items() if {cls.__name__} == kinds), "mixed")
     network = AnimaLycorisNetwork.adopt(network, algo)
-    # The file's most common rank and alpha stand for the network (ss_network_dim / ss_network_alpha).
-    ranks = Counter(int(getattr(lora, "lora_dim", 0)) for lora in network.loras if getattr(lora, "lora_dim", 0))
-    alphas = Counter(float(lora.alpha) for lora in network.loras if isinstance(getattr(lora, "alpha", None),
-                                                                               torch.Tensor))
-    network.network_dim = ranks.most_common(1)[0][0] if ranks else None
-    network.network_alpha = alphas.most_common(1)[0][0] if alphas else None
+    network.network_dim = most_common(int(lora.lora_dim) for lora in network.loras if getattr(lora, "lora_dim", 0))
+    network.network_alpha = most_common(float(lora.alpha) for lora in network.loras
+                                        if isinstance(getattr(lora, "alpha", None), torch.Tensor))
     if for_inference:
         network.requires_grad_(False)
         network.eval()

@@ -22,9 +22,12 @@ import torch
 from torch import nn
 
 from library.errors import AnimaError
+from networks import LOHA_MODULE, LOKR_MODULE, LORA_MODULE, LYCORIS_MODULE
 from networks.lora_format import (
     COMFY_FORMAT,
     KIND_NAMES,
+    LOHA_KIND,
+    LOKR_KIND,
     LORA_KIND,
     SD_SCRIPTS_FORMAT,
     TE_PREFIX,
@@ -36,6 +39,7 @@ from networks.lora_format import (
     load_lora_file,
     lora_name_for,
     module_kind,
+    module_rank,
     sample_keys,
     save_lora_file,
     to_sd_scripts_format,
@@ -68,7 +72,7 @@ _GROUP_PREFIX = {TEXT_ENCODER_SIDE: "textencoder 1", UNET_SIDE: "unet"}
 
 
 # The network module each adapter kind is trained with (for error messages about files of another kind).
-MODULE_FOR_KIND = {"lora": "networks.lora_anima", "lokr": "networks.lokr", "loha": "networks.loha"}
+MODULE_FOR_KIND = {LORA_KIND: LORA_MODULE, LOKR_KIND: LOKR_MODULE, LOHA_KIND: LOHA_MODULE}
 
 # --------------------------------------------------------------------------------------------------
 # --network_args
@@ -229,7 +233,7 @@ _OPTION_FIELD = {"network_reg_dims": "reg_dims", "network_reg_lrs": "reg_lrs"}
 
 def parse_network_args(
     network_args: Mapping[str, Any],
-    module_name: str = "networks.lora_anima",
+    module_name: str = LORA_MODULE,
     extra_parsers: Mapping[str, OptionParser] | None = None,
 ) -> NetworkOptions:
     """``--network_args`` key/value pairs (strings, or already-typed values) -> NetworkOptions. extra_parsers
@@ -261,12 +265,17 @@ def parse_network_args(
 class AdapterModule(nn.Module):
     """The update of one nn.Linear [out, in]; subclasses define its parameters and ``delta``.
 
-    Shared here: multiplier, dropouts, ``alpha`` buffer and ``scale = alpha / rank``, loading a file's tensors,
-    and the hook. Subclasses set KIND (a key of lora_format.ADAPTER_KEYS) and PLUS_NAMES (substrings of the
-    parameter names LoRA+ trains at lr x ratio, as sd-scripts picks them)."""
+    Shared here: the constructor arguments every kind takes, multiplier, dropouts, ``alpha`` buffer and
+    ``scale = alpha / rank``, loading a file's tensors, and the hook. Subclasses set KIND (a key of
+    lora_format.ADAPTER_KEYS) and PLUS_NAMES (substrings of the parameter names LoRA+ trains at lr x ratio, as
+    sd-scripts picks them), create their parameters in ``init_parameters`` and may set OPTION_PARSERS (the
+    ``--network_args`` keys only this kind knows), NEURON_DROPOUT (False: ``--network_dropout`` has no effect)
+    and ``module_kwargs`` (the parsed options -> their own constructor arguments)."""
 
     KIND: ClassVar[str]
     PLUS_NAMES: ClassVar[tuple[str, ...]]
+    OPTION_PARSERS: ClassVar[Mapping[str, OptionParser]] = {}
+    NEURON_DROPOUT: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -280,7 +289,9 @@ class AdapterModule(nn.Module):
         dropout: float | None = None,
         rank_dropout: float | None = None,
         module_dropout: float | None = None,
+        **own: Any,
     ) -> None:
+        """own: the constructor arguments of the subclass (e.g. LoKr's factor), passed to init_parameters."""
         super().__init__()
         self.lora_name = lora_name
         self.original_name = original_name
@@ -295,6 +306,19 @@ class AdapterModule(nn.Module):
         self.module_dropout = module_dropout
         self.scale = 1.0
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_scale())
+        self.init_parameters(**own)
+        self.refresh_scale()
+
+    def init_parameters(self) -> None:
+        """Create this kind's parameters (in_features, out_features, rank and alpha are set); a subclass with
+        constructor arguments of its own takes them here as keywords."""
+        raise NotImplementedError
+
+    @classmethod
+    def module_kwargs(cls, options: NetworkOptions) -> dict[str, Any]:
+        """The subclass's own constructor arguments for every module of a new network, from the parsed
+        ``--network_args`` (its OPTION_PARSERS values are in ``options.extras``)."""
+        return {}
 
     @property
     def rank(self) -> int:
@@ -344,8 +368,11 @@ class AdapterModule(nn.Module):
 
     @classmethod
     def kwargs_from_parts(cls, parts: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """Constructor arguments (rank, alpha, layout) that rebuild a module of a file's shapes."""
-        raise NotImplementedError
+        """Constructor arguments (rank, alpha; a subclass adds its own, e.g. LoKr's layout) that rebuild a module
+        of a file's shapes. The rank is None for a module whose update is never scaled (LoKr, both factors
+        full)."""
+        alpha = parts.get("alpha")
+        return {"rank": module_rank(cls.KIND, parts), "alpha": None if alpha is None else float(alpha.float())}
 
     def load_parts(self, parts: Mapping[str, torch.Tensor], source: str) -> None:
         """Copy one module's tensors from a file (sd-scripts suffixes). The file's alpha replaces this module's;
@@ -354,7 +381,7 @@ class AdapterModule(nn.Module):
         extra = sorted(set(parts) - set(own) - {"alpha"})
         if extra:
             hint = (
-                "DoRA (dora_wd) files load with --network_module lycoris.kohya"
+                f"DoRA (dora_wd) files load with --network_module {LYCORIS_MODULE}"
                 if "dora_scale" in extra
                 else "the file's layer was built with other network_args (decompose_both, full_matrix, factor?)"
             )
@@ -418,6 +445,35 @@ def _name_index(side: str, model: nn.Module | None) -> dict[str, list[tuple[str,
     for name, module in _linear_modules(model):
         index.setdefault(lora_name_for(prefix, name), []).append((name, module))
     return index
+
+
+def side_learning_rates(
+    text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None, default_lr: float | None
+) -> tuple[float | None, float | None]:
+    """(text encoder lr, DiT lr) of ``prepare_optimizer_params``: sd-scripts passes the text encoder's as a list
+    (one per encoder; Anima has one), and a side without its own takes the default."""
+    if isinstance(text_encoder_lr, (list, tuple)):
+        text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
+    return (default_lr if text_encoder_lr is None else text_encoder_lr, default_lr if unet_lr is None else unet_lr)
+
+
+def weights_to_load(
+    file: str | None, weights_sd: Mapping[str, torch.Tensor] | None
+) -> tuple[Mapping[str, torch.Tensor], str]:
+    """What ``create_network_from_weights`` builds from: the given state dict, else the file's; and the name
+    its messages use for it."""
+    if weights_sd is None:
+        if file is None:
+            raise AnimaError("create_network_from_weights needs a file or a state dict")
+        weights_sd, _ = load_lora_file(file)
+    return weights_sd, str(file) if file is not None else "state dict"
+
+
+def most_common(values: Iterable[Any]) -> Any:
+    """The most frequent value (the first seen of a tie), None for no values: a file's rank and alpha stand for
+    the network this way (ss_network_dim / ss_network_alpha)."""
+    counts = Counter(values)
+    return counts.most_common(1)[0][0] if counts else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -687,12 +743,8 @@ class AdapterNetwork(nn.Module):
         unknown = set(component_lrs) - set(COMPONENTS)
         if unknown:
             raise AnimaError(f"unknown component learning rate(s) {sorted(unknown)}; valid: {', '.join(COMPONENTS)}")
-        if isinstance(text_encoder_lr, (list, tuple)):
-            text_encoder_lr = text_encoder_lr[0] if len(text_encoder_lr) > 0 else None
-        side_lr = {
-            TEXT_ENCODER_SIDE: default_lr if text_encoder_lr is None else text_encoder_lr,
-            UNET_SIDE: default_lr if unet_lr is None else unet_lr,
-        }
+        text_encoder_lr, unet_lr = side_learning_rates(text_encoder_lr, unet_lr, default_lr)
+        side_lr = {TEXT_ENCODER_SIDE: text_encoder_lr, UNET_SIDE: unet_lr}
         opts = self.options
         side_ratio = {
             TEXT_ENCODER_SIDE: opts.loraplus_text_encoder_lr_ratio or opts.loraplus_lr_ratio,
@@ -876,9 +928,17 @@ class AdapterNetwork(nn.Module):
 _SELECTION_ARGS = ("train_llm_adapter", "exclude_patterns", "include_patterns", "network_reg_dims")
 
 
+def valid_network_args(module_class: type[AdapterModule]) -> tuple[str, ...]:
+    """Every ``--network_args`` key a network of ``module_class`` adapters accepts."""
+    return (*COMMON_OPTION_PARSERS, *module_class.OPTION_PARSERS)
+
+
+def _parse_module_args(module_class: type[AdapterModule], network_args: Mapping[str, Any]) -> NetworkOptions:
+    return parse_network_args(network_args, MODULE_FOR_KIND[module_class.KIND], module_class.OPTION_PARSERS)
+
+
 def build_network(
     module_class: type[AdapterModule],
-    module_name: str,
     multiplier: float,
     network_dim: int | None,
     network_alpha: float | None,
@@ -886,14 +946,16 @@ def build_network(
     unet: nn.Module | None,
     neuron_dropout: float | None,
     network_args: Mapping[str, Any],
-    extra_parsers: Mapping[str, OptionParser] | None = None,
-    module_kwargs: Callable[[NetworkOptions], Mapping[str, Any]] | None = None,
 ) -> AdapterNetwork:
-    """``create_network`` of a network module: a new network of ``module_class`` adapters. module_kwargs maps
-    the parsed options to the extra constructor arguments of every module."""
-    options = parse_network_args(network_args, module_name, extra_parsers)
+    """``create_network`` of a network module: a new network of ``module_class`` adapters."""
+    options = _parse_module_args(module_class, network_args)
     if network_dim is not None and int(network_dim) < 1:
         raise AnimaError(f"--network_dim must be >= 1, got {network_dim}")
+    if not module_class.NEURON_DROPOUT:
+        if neuron_dropout:
+            logger.warning("--network_dropout has no effect with %s (use rank_dropout / module_dropout)",
+                           KIND_NAMES[module_class.KIND])
+        neuron_dropout = None
     if neuron_dropout is not None:
         neuron_dropout = _parse_fraction("network_dropout", neuron_dropout)
     return AdapterNetwork(
@@ -905,13 +967,12 @@ def build_network(
         network_alpha=network_alpha,
         dropout=neuron_dropout,
         options=options,
-        module_kwargs=module_kwargs(options) if module_kwargs is not None else None,
+        module_kwargs=module_class.module_kwargs(options),
     )
 
 
 def build_network_from_weights(
     module_class: type[AdapterModule],
-    module_name: str,
     multiplier: float,
     file: str | None,
     text_encoders: Any,
@@ -919,20 +980,15 @@ def build_network_from_weights(
     weights_sd: Mapping[str, torch.Tensor] | None,
     for_inference: bool,
     network_args: Mapping[str, Any],
-    extra_parsers: Mapping[str, OptionParser] | None = None,
 ) -> tuple[AdapterNetwork, dict[str, torch.Tensor]]:
     """``create_network_from_weights`` of a network module: exactly the modules, shapes and alphas of a file
     (either layout), weights loaded. Returns (network, sd-scripts-keyed state dict). Selection network_args
     are superseded by the file; the others (dropouts, LoRA+, reg_lrs, verbose) still apply."""
-    options = parse_network_args(network_args, module_name, extra_parsers)
-    ignored = [k for k in (*_SELECTION_ARGS, *(extra_parsers or {})) if network_args.get(k) is not None]
+    options = _parse_module_args(module_class, network_args)
+    ignored = [k for k in (*_SELECTION_ARGS, *module_class.OPTION_PARSERS) if network_args.get(k) is not None]
     if ignored:
         logger.warning("network_args %s are ignored: the modules come from the weights file", ", ".join(ignored))
-    if weights_sd is None:
-        if file is None:
-            raise AnimaError("create_network_from_weights needs a file or a state dict")
-        weights_sd, _ = load_lora_file(file)
-    source = str(file) if file is not None else "state dict"
+    weights_sd, source = weights_to_load(file, weights_sd)
     sd = to_sd_scripts_format(weights_sd, add_missing_alpha=True)
     module_shapes = {}
     for name, parts in group_by_module(sd).items():
@@ -943,16 +999,13 @@ def build_network_from_weights(
                 f"{MODULE_FOR_KIND[kind]}"
             )
         module_shapes[name] = module_class.kwargs_from_parts(parts)
-    # The file's most common rank and alpha stand for the network (ss_network_dim / ss_network_alpha).
-    ranks = Counter(shape["rank"] for shape in module_shapes.values())
-    alphas = Counter(shape["alpha"] for shape in module_shapes.values() if shape["alpha"] is not None)
     network = AdapterNetwork(
         text_encoders,
         unet,
         module_class,
         multiplier=multiplier,
-        network_dim=ranks.most_common(1)[0][0] if ranks else None,
-        network_alpha=alphas.most_common(1)[0][0] if alphas else None,
+        network_dim=most_common(shape["rank"] for shape in module_shapes.values()),
+        network_alpha=most_common(shape["alpha"] for shape in module_shapes.values() if shape["alpha"] is not None),
         options=options,
         module_shapes=module_shapes,
     )
@@ -961,3 +1014,45 @@ def build_network_from_weights(
         network.requires_grad_(False)
         network.eval()
     return network, sd
+
+
+def network_entry_points(module_class: type[AdapterModule]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The two functions sd-scripts calls on a network module (``create_network``,
+    ``create_network_from_weights``, with sd-scripts' signatures) for networks of ``module_class`` adapters."""
+    kind = KIND_NAMES[module_class.KIND]
+
+    def create_network(
+        multiplier: float,
+        network_dim: int | None,
+        network_alpha: float | None,
+        vae: Any,
+        text_encoders: Any,
+        unet: nn.Module | None,
+        neuron_dropout: float | None = None,
+        **kwargs: Any,
+    ) -> AdapterNetwork:
+        return build_network(module_class, multiplier, network_dim, network_alpha, text_encoders, unet,
+                             neuron_dropout, kwargs)
+
+    def create_network_from_weights(
+        multiplier: float,
+        file: str | None,
+        vae: Any,
+        text_encoders: Any,
+        unet: nn.Module | None,
+        weights_sd: Mapping[str, torch.Tensor] | None = None,
+        for_inference: bool = False,
+        **kwargs: Any,
+    ) -> tuple[AdapterNetwork, dict[str, torch.Tensor]]:
+        return build_network_from_weights(module_class, multiplier, file, text_encoders, unet, weights_sd,
+                                          for_inference, kwargs)
+
+    create_network.__doc__ = (
+        f"New {kind} network; kwargs are the ``--network_args`` (strings), see VALID_NETWORK_ARGS."
+    )
+    create_network_from_weights.__doc__ = (
+        f"Network with exactly the modules, shapes and alphas of a {kind} file (either layout), weights loaded.\n\n"
+        "Returns (network, sd-scripts-keyed state dict). Selection network_args are superseded by the file; the "
+        "others (dropouts, LoRA+, reg_lrs, verbose) still apply."
+    )
+    return create_network, create_network_from_weights

@@ -6,6 +6,7 @@ wherever ``ANIMA_SHARED_DIR`` points. Tests that need it skip with a visible rea
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -51,3 +52,22 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """The trainer's main() points its console logging (its own logger and the package loggers) at the stderr
+    of the test that runs it, which pytest closes afterwards; later messages would then print "--- Logging error
+    ---". Every test gets those loggers' handlers, levels and propagation back as they were."""
+    from library.training.reporting import PACKAGE_LOGGERS, logger
+
+    loggers = [logging.getLogger(name) for name in (logger.name, *PACKAGE_LOGGERS)]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate in saved:
+        for handler in lg.handlers:
+            if handler not in handlers:
+                handler.close()  # a --console_log_file handler releases its file
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate

@@ -3,7 +3,6 @@ nothing is loaded or written either way. A real run makes the same checks before
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -17,15 +16,6 @@ from anima_train_network import AnimaNetworkTrainer
 from library.training import preflight
 
 COMMON = ("--network_args", "train_llm_adapter=false", "--cache_latents_to_disk")
-
-
-@pytest.fixture(autouse=True)
-def console_logging_released():
-    """main() points the trainer's console logging at this test's captured stderr; detach it afterwards."""
-    yield
-    for name in ("anima_train", "library", "networks"):
-        logging.getLogger(name).handlers[:] = []
-    logging.getLogger("anima_train").propagate = True
 
 
 @pytest.fixture

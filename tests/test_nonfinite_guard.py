@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,6 @@ from library.training.state import validate_state_folder
 from networks.lora_format import save_lora_file
 
 COMMON = ("--network_args", "train_llm_adapter=false")
-
-
-@pytest.fixture(autouse=True)
-def console_logging_released():
-    """main() points the trainer's console logging at this test's captured stderr; detach it afterwards."""
-    yield
-    for name in ("anima_train", "library", "networks"):
-        logging.getLogger(name).handlers[:] = []
-    logging.getLogger("anima_train").propagate = True
 
 
 def run(args: list[str], trainer_cls=AnimaNetworkTrainer) -> AnimaNetworkTrainer:

@@ -51,15 +51,6 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.fixture(autouse=True)
-def console_logging_released():
-    """main() points the trainer's console logging at this test's captured stderr; detach it afterwards."""
-    yield
-    for name in ("anima_train", "library", "networks"):
-        logging.getLogger(name).handlers[:] = []
-    logging.getLogger("anima_train").propagate = True
-
-
 def _must_not_run(*_args, **_kwargs):
     raise AssertionError("datasets or models were loaded before the error")
 

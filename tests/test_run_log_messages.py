@@ -6,27 +6,11 @@ from __future__ import annotations
 import logging
 import shutil
 
-import pytest
-
 import anima_train_network
-from library.training.reporting import PACKAGE_LOGGERS, logger
+from library.training.reporting import logger
 
 
-@pytest.fixture
-def restore_logging():
-    names = (logger.name, *PACKAGE_LOGGERS)
-    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level, logging.getLogger(n).propagate)
-             for n in names}
-    yield
-    for name, (handlers, level, propagate) in saved.items():
-        for handler in logging.getLogger(name).handlers:
-            handler.close()
-        logging.getLogger(name).handlers[:] = handlers
-        logging.getLogger(name).setLevel(level)
-        logging.getLogger(name).propagate = propagate
-
-
-def test_log_says_disk_caches_were_reused_and_why_a_caption_was_re_encoded(tiny_setup, tmp_path, restore_logging):
+def test_log_says_disk_caches_were_reused_and_why_a_caption_was_re_encoded(tiny_setup, tmp_path):
     tiny = tiny_setup
     images = tmp_path / "img" / "2_shape"  # DreamBooth folder mode: repeats_name
     shutil.copytree(tiny.dataset_toml.parent / "images", images)
@@ -59,7 +43,7 @@ def test_log_says_disk_caches_were_reused_and_why_a_caption_was_re_encoded(tiny_
     assert f"{count - 1} reused from disk, 1 to encode" in second
 
 
-def test_only_the_main_process_logs_below_errors(monkeypatch, restore_logging):
+def test_only_the_main_process_logs_below_errors(monkeypatch):
     from library.training.reporting import setup_console_logging
 
     monkeypatch.setenv("RANK", "1")

@@ -29,6 +29,7 @@ from library.errors import AnimaError
 
 ATTN_MODES = ("torch", "flash", "xformers", "sageattn")
 _ALIASES = {"sdpa": "torch"}
+ATTN_MODE_CHOICES = (*ATTN_MODES, *_ALIASES)  # what --attn_mode accepts (trainer and inference script)
 # mode -> (python package, how to install it)
 _PACKAGES = {
     "flash": ("flash_attn", "pip install flash-attn --no-build-isolation"),
@@ -41,8 +42,7 @@ def normalize_attn_mode(mode: str) -> str:
     """Canonical mode name (``sdpa`` -> ``torch``); AnimaError for an unknown name."""
     name = _ALIASES.get(str(mode).lower(), str(mode).lower())
     if name not in ATTN_MODES:
-        choices = ", ".join((*ATTN_MODES, *_ALIASES))
-        raise AnimaError(f"--attn_mode: unknown attention mode '{mode}'; choose one of: {choices}")
+        raise AnimaError(f"--attn_mode: unknown attention mode '{mode}'; choose one of: {', '.join(ATTN_MODE_CHOICES)}")
     return name
 
 

@@ -233,17 +233,53 @@ def sequence_rope_angles(length: int, head_dim: int, device=None, theta: float =
 # LLM adapter: T5-token queries attend to Qwen3 hidden states and produce the DiT's text context.
 
 
-class AdapterAttention(nn.Module):
-    def __init__(self, query_dim: int, kv_dim: int, num_heads: int):
+class QKNormAttention(nn.Module):
+    """Attention with per-head RMS QK-norm, as the DiT and the LLM adapter both use it: q/k/v projections,
+    q/k norms, RoPE where given, the attention call; the output projection is applied by the subclass.
+
+    The layers keep upstream's names (the checkpoint keys) and order (the order LoRA modules are made in):
+    q_proj, k_proj, v_proj, the output projection (``output_name``), q_norm, k_norm."""
+
+    def __init__(self, query_dim: int, kv_dim: int, num_heads: int, output_name: str):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = query_dim // num_heads
         self.q_proj = nn.Linear(query_dim, query_dim, bias=False)
         self.k_proj = nn.Linear(kv_dim, query_dim, bias=False)
         self.v_proj = nn.Linear(kv_dim, query_dim, bias=False)
-        self.o_proj = nn.Linear(query_dim, query_dim, bias=False)
+        self.add_module(output_name, nn.Linear(query_dim, query_dim, bias=False))
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        kv: torch.Tensor,
+        q_rope: tuple[torch.Tensor, torch.Tensor] | None,
+        k_rope: tuple[torch.Tensor, torch.Tensor] | None,
+        attn_mode: str,
+        mask: torch.Tensor | None = None,
+        split_batch: bool = False,
+    ) -> torch.Tensor:
+        """Queries from x [B, Lq, D], keys and values from kv [B, Lk, Dkv] -> [B, Lq, D] before the output
+        projection. mask: key mask [B, Lk] (see library.models.attention)."""
+        b, lq, _ = x.shape
+        lk = kv.shape[1]
+        q = self.q_norm(self.q_proj(x).view(b, lq, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(kv).view(b, lk, self.num_heads, self.head_dim))
+        v = self.v_proj(kv).view(b, lk, self.num_heads, self.head_dim)
+        if q_rope is not None:
+            q = apply_rope(q, *q_rope)
+        if k_rope is not None:
+            k = apply_rope(k, *k_rope)
+        return attention(q, k, v, attn_mode, mask=mask, split_batch=split_batch).reshape(b, lq, -1)
+
+
+class AdapterAttention(QKNormAttention):
+    o_proj: nn.Linear
+
+    def __init__(self, query_dim: int, kv_dim: int, num_heads: int):
+        super().__init__(query_dim, kv_dim, num_heads, output_name="o_proj")
 
     def forward(
         self,
@@ -253,16 +289,8 @@ class AdapterAttention(nn.Module):
         k_rope: tuple[torch.Tensor, torch.Tensor],
         key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        b, lq, _ = x.shape
-        lk = kv.shape[1]
-        q = self.q_norm(self.q_proj(x).view(b, lq, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(kv).view(b, lk, self.num_heads, self.head_dim))
-        v = self.v_proj(kv).view(b, lk, self.num_heads, self.head_dim)
-        q = apply_rope(q, *q_rope)
-        k = apply_rope(k, *k_rope)
         # The adapter is small and masked: always SDPA.
-        out = attention(q, k, v, "torch", mask=key_mask)
-        return self.o_proj(out.reshape(b, lq, -1))
+        return self.o_proj(self.attend(x, kv, q_rope, k_rope, "torch", mask=key_mask))
 
 
 class LLMAdapterTransformerBlock(nn.Module):
@@ -400,19 +428,13 @@ def _adaln_modulation(model_channels: int, adaln_lora_dim: int, chunks: int) -> 
     )
 
 
-class DiTAttention(nn.Module):
+class DiTAttention(QKNormAttention):
     """Self- or cross-attention with per-head RMS QK-norm; RoPE only when given (self-attention)."""
 
+    output_proj: nn.Linear
+
     def __init__(self, query_dim: int, context_dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = query_dim // num_heads
-        self.q_proj = nn.Linear(query_dim, query_dim, bias=False)
-        self.k_proj = nn.Linear(context_dim, query_dim, bias=False)
-        self.v_proj = nn.Linear(context_dim, query_dim, bias=False)
-        self.output_proj = nn.Linear(query_dim, query_dim, bias=False)
-        self.q_norm = RMSNorm(self.head_dim)
-        self.k_norm = RMSNorm(self.head_dim)
+        super().__init__(query_dim, context_dim, num_heads, output_name="output_proj")
 
     def forward(
         self,
@@ -422,17 +444,8 @@ class DiTAttention(nn.Module):
         attn_mode: str,
         split_attn: bool,
     ) -> torch.Tensor:
-        b, lq, _ = x.shape
-        lk = context.shape[1]
-        q = self.q_norm(self.q_proj(x).view(b, lq, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(context).view(b, lk, self.num_heads, self.head_dim))
-        v = self.v_proj(context).view(b, lk, self.num_heads, self.head_dim)
-        if rope is not None:
-            q = apply_rope(q, *rope)
-            k = apply_rope(k, *rope)
         # No mask: zero (padded) context rows take part in the softmax on purpose.
-        out = attention(q, k, v, attn_mode, split_batch=split_attn)
-        return self.output_proj(out.reshape(b, lq, -1))
+        return self.output_proj(self.attend(x, context, rope, rope, attn_mode, split_batch=split_attn))
 
 
 class FeedForward(nn.Module):

@@ -20,11 +20,17 @@ import torch
 from library.data.config import add_dataset_arguments
 from library.errors import AnimaError, OneLineErrorParser
 from library.io.files import atomic_write, restore_interrupted_dir
+from library.models.attention import ATTN_MODE_CHOICES
 from library.models.block_swap import max_blocks_to_swap
 from library.models.dit import AnimaConfig
-from library.training.losses import check_loss_options
+from library.training.flow_matching import TIMESTEP_SAMPLING_METHODS, WEIGHTING_SCHEMES
+from library.training.losses import HUBER_SCHEDULES, LOSS_TYPES, check_loss_options
+from library.training.optimizers import optimizer_type_names
 from library.training.outputs import MODEL_SPEC_TEXT_FIELDS, thumbnail_data_url
-from library.training.schedulers import parse_int_or_float
+from library.training.schedulers import LR_SCHEDULERS, NO_WARMUP_SCHEDULERS, parse_int_or_float
+from networks import LYCORIS_MODULE
+from networks.lora_format import KIND_NAMES, LORA_FORMATS, SD_SCRIPTS_FORMAT
+from networks.network_base import MODULE_FOR_KIND
 
 GPU_ONLY = "[GPU only] "
 
@@ -32,11 +38,6 @@ GPU_ONLY = "[GPU only] "
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_PRECISION_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-TIMESTEP_SAMPLINGS = ["sigma", "uniform", "sigmoid", "shift", "flux_shift"]
-WEIGHTING_SCHEMES = ["sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"]
-ATTN_MODES = ["torch", "xformers", "flash", "sageattn", "sdpa"]
-LOSS_TYPES = ["l1", "l2", "huber", "smooth_l1"]
-HUBER_SCHEDULES = ["constant", "exponential", "snr"]
 MAX_BLOCKS_TO_SWAP = max_blocks_to_swap(AnimaConfig().num_blocks)  # 26 for the 28-block DiT
 
 # --log_with values: accelerate's tracker names (accelerate.utils.LoggerType), "all" last.
@@ -129,7 +130,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_anima_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Anima training")
     a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
-    a("timestep_sampling", choices=TIMESTEP_SAMPLINGS, default="sigmoid", help="how sigma is drawn per sample")
+    a("timestep_sampling", choices=TIMESTEP_SAMPLING_METHODS, default="sigmoid", help="how sigma is drawn per sample")
     a("sigmoid_scale", type=float, default=1.0, help="scale of the normal draw in sigmoid/shift/flux_shift sampling")
     a("discrete_flow_shift", type=float, default=1.0,
       help="shift s in s*t/(1+(s-1)*t); used by `shift` and `sigma` sampling")
@@ -140,7 +141,7 @@ def _add_anima_arguments(parser: argparse.ArgumentParser) -> None:
     a("mode_scale", type=float, default=1.29, help="scale of the `mode` density")
     a("qwen3_max_token_length", type=int, default=512, help="Qwen3 tokens: truncate and pad to this length")
     a("t5_max_token_length", type=int, default=512, help="T5 tokens: truncate and pad to this length")
-    a("attn_mode", choices=ATTN_MODES, default=None,
+    a("attn_mode", choices=ATTN_MODE_CHOICES, default=None,
       help="DiT attention: torch (default, alias sdpa); " + GPU_ONLY + "xformers (needs --split_attn), flash: "
       "GPU-only packages, verified only with stand-in kernels on CPU "
       "(tests/test_attention.py::test_package_modes_match_reference_with_and_without_mask), no GPU test yet; "
@@ -182,8 +183,8 @@ def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("network (LoRA)")
     a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
     a("network_module", type=str, default=None,
-      help="network module to train: networks.lora_anima (LoRA), networks.lokr (LoKr), networks.loha (LoHa), "
-           "lycoris.kohya (LyCORIS, needs pip install lycoris-lora)")
+      help="network module to train: " + ", ".join(f"{module} ({KIND_NAMES[kind]})" for kind, module in MODULE_FOR_KIND.items())
+      + f", {LYCORIS_MODULE} (LyCORIS, needs pip install lycoris-lora)")
     a("network_dim", type=int, default=None, help="LoRA rank (default 4)")
     a("network_alpha", type=float, default=1, help="LoRA alpha; scale = alpha / rank")
     a("network_dropout", type=float, default=None, help="dropout on the rank-r activations")
@@ -202,22 +203,22 @@ def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
     a("no_metadata", action="store_true", help="write only the minimal metadata into the LoRA file")
     a("save_model_as", choices=[None, "ckpt", "pt", "safetensors"], default="safetensors",
       help="LoRA file format (metadata only in safetensors)")
-    a("lora_format", choices=["sd-scripts", "comfy"], default="sd-scripts",
+    a("lora_format", choices=LORA_FORMATS, default=SD_SCRIPTS_FORMAT,
       help="key names in the saved LoRA: sd-scripts (lora_unet_*) or comfy (diffusion_model.*, lora_A/lora_B)")
 
 
 def _add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimizer and learning-rate schedule")
     a = lambda name, **kw: _add(g, parser, name, **kw)  # noqa: E731
-    a("optimizer_type", type=str, default="", help="AdamW (default), AdamW8bit, Adafactor, Lion, Prodigy, ...")
+    a("optimizer_type", type=str, default="",
+      help=f"AdamW (default), {', '.join(n for n in optimizer_type_names() if n != 'AdamW')}, a torch.optim class "
+      "name or a dotted class path")
     a("use_8bit_adam", action="store_true", help="legacy alias of --optimizer_type AdamW8bit")
     a("use_lion_optimizer", action="store_true", help="legacy alias of --optimizer_type Lion")
     a("learning_rate", type=float, default=2.0e-6, help="base learning rate")
     a("max_grad_norm", type=float, default=1.0, help="clip the total gradient norm; 0 disables")
     a("optimizer_args", type=str, default=None, nargs="*", help="optimizer options as key=value")
-    a("lr_scheduler", type=str, default="constant",
-      help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, "
-      "cosine_with_min_lr, warmup_stable_decay, piecewise_constant, adafactor")
+    a("lr_scheduler", type=str, default="constant", help=", ".join(LR_SCHEDULERS))
     a("lr_scheduler_type", type=str, default="", help="custom scheduler class")
     a("lr_scheduler_args", type=str, default=None, nargs="*", help="scheduler options as key=value")
     a("lr_warmup_steps", type=int_or_float, default=0, help="warmup steps, or a ratio of total steps (0.1, 10%%)")
@@ -740,7 +741,7 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         # PyTorch's DDP static graph breaks under no_sync (the accumulation micro-steps): pytorch/pytorch#143580.
         reject("--ddp_static_graph does not work with --gradient_accumulation_steps > 1 (PyTorch DDP limitation); "
                "drop one")
-    warmup_free = args.lr_scheduler in ("constant", "adafactor") or bool(args.lr_scheduler_type)
+    warmup_free = args.lr_scheduler in NO_WARMUP_SCHEDULERS or bool(args.lr_scheduler_type)
     if warmup_free and args.lr_warmup_steps:
         name = args.lr_scheduler_type or args.lr_scheduler
         reject(f"--lr_warmup_steps must be 0 with the {name} scheduler; remove it or use constant_with_warmup")

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from library.errors import AnimaError
+from library.errors import AnimaError, check_choice
 
 TIMESTEP_SAMPLING_METHODS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform")
@@ -35,14 +35,8 @@ def check_flow_matching_options(
 
     Raises AnimaError naming the flag and the accepted values.
     """
-    if timestep_sampling not in TIMESTEP_SAMPLING_METHODS:
-        raise AnimaError(
-            f"--timestep_sampling {timestep_sampling!r} is not supported; use one of {', '.join(TIMESTEP_SAMPLING_METHODS)}"
-        )
-    if weighting_scheme not in WEIGHTING_SCHEMES:
-        raise AnimaError(
-            f"--weighting_scheme {weighting_scheme!r} is not supported; use one of {', '.join(WEIGHTING_SCHEMES)}"
-        )
+    check_choice("--timestep_sampling", timestep_sampling, TIMESTEP_SAMPLING_METHODS)
+    check_choice("--weighting_scheme", weighting_scheme, WEIGHTING_SCHEMES)
     if not discrete_flow_shift > 0:
         raise AnimaError(f"--discrete_flow_shift must be > 0 (got {discrete_flow_shift}); 1.0 means no shift")
     if not logit_std > 0:
@@ -224,11 +218,8 @@ def loss_weighting(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
         return sigmas**-2.0
     if weighting_scheme == "cosmap":
         return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
-    if weighting_scheme in WEIGHTING_SCHEMES:
-        return torch.ones_like(sigmas)
-    raise AnimaError(
-        f"--weighting_scheme {weighting_scheme!r} is not supported; use one of {', '.join(WEIGHTING_SCHEMES)}"
-    )
+    check_choice("--weighting_scheme", weighting_scheme, WEIGHTING_SCHEMES)
+    return torch.ones_like(sigmas)
 
 
 def sampling_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from library.errors import AnimaError
+from library.errors import AnimaError, check_choice
 
 LOSS_TYPES = ("l1", "l2", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -21,13 +21,9 @@ def check_loss_options(
     loss_type: str = "l2", huber_schedule: str = "snr", huber_c: float = 0.1, huber_scale: float = 1.0
 ) -> None:
     """Validate the loss flags up front (AnimaError naming the flag)."""
-    if loss_type not in LOSS_TYPES:
-        raise AnimaError(f"--loss_type {loss_type!r} is not supported; use one of {', '.join(LOSS_TYPES)}")
+    check_choice("--loss_type", loss_type, LOSS_TYPES)
     if loss_type in ("huber", "smooth_l1"):
-        if huber_schedule not in HUBER_SCHEDULES:
-            raise AnimaError(
-                f"--huber_schedule {huber_schedule!r} is not supported; use one of {', '.join(HUBER_SCHEDULES)}"
-            )
+        check_choice("--huber_schedule", huber_schedule, HUBER_SCHEDULES)
         if not huber_c > 0:
             raise AnimaError(f"--huber_c must be > 0 (got {huber_c})")
         if not huber_scale > 0:
@@ -65,18 +61,18 @@ def elementwise_loss(
     l2 = d², l1 = |d|, huber = 2c(√(d² + c²) − c), smooth_l1 = 2(√(d² + c²) − c) with d = pred − target and
     huber_c the per-sample threshold [B] from `huber_threshold` (needed for huber / smooth_l1).
     """
+    check_choice("--loss_type", loss_type, LOSS_TYPES)
     diff = pred.float() - target.float()
     if loss_type == "l2":
         return diff**2
     if loss_type == "l1":
         return diff.abs()
-    if loss_type in ("huber", "smooth_l1"):
-        if huber_c is None:
-            raise ValueError(f"loss_type {loss_type!r} needs the per-sample huber_c")
-        c = huber_c.float().reshape(-1, *([1] * (diff.dim() - 1)))
-        smooth = torch.sqrt(diff**2 + c**2) - c
-        return 2 * c * smooth if loss_type == "huber" else 2 * smooth
-    raise AnimaError(f"--loss_type {loss_type!r} is not supported; use one of {', '.join(LOSS_TYPES)}")
+    # huber / smooth_l1
+    if huber_c is None:
+        raise ValueError(f"loss_type {loss_type!r} needs the per-sample huber_c")
+    c = huber_c.float().reshape(-1, *([1] * (diff.dim() - 1)))
+    smooth = torch.sqrt(diff**2 + c**2) - c
+    return 2 * c * smooth if loss_type == "huber" else 2 * smooth
 
 
 def apply_loss_mask(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

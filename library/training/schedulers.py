@@ -32,6 +32,8 @@ LR_SCHEDULERS = (
     "piecewise_constant",
     "adafactor",
 )
+# Schedulers with no warmup phase: --lr_warmup_steps must be 0 (as with a custom --lr_scheduler_type).
+NO_WARMUP_SCHEDULERS = ("constant", "adafactor")
 _DOTTED_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
