@@ -75,9 +75,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
         from library.models.qwen3 import load_qwen3_text_encoder
         from library.models.vae import load_vae
 
-        if not args.cache_only:
-            flow_matching.check_flow_matching_options(args.timestep_sampling, args.weighting_scheme,
-                                                      args.discrete_flow_shift, args.logit_std, args.ip_noise_gamma)
+        if not args.cache_only:  # the flag checks of library/training/args.py ran at parsing
             check_attn_mode(args.attn_mode, training=True)
         meta = torch.device("meta")  # headers only: names, shapes and configs are checked, no weight is read
         dit = load_anima_model(args.pretrained_model_name_or_path, device=meta, attn_mode=args.attn_mode,
@@ -177,6 +175,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
         """`--blocks_to_swap auto`: the smallest swap count whose estimated training peak fits the free device
         memory (see `library.models.block_swap.TrainingMemory.peak_bytes`), for the largest bucket x batch size."""
         from library.models import block_swap
+        from library.training.memory import checkpointing_mode
 
         free = block_swap.device_free_bytes(device)
         if free is None:
@@ -192,8 +191,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
             adapter_context_tokens=args.qwen3_max_token_length, fp8=bool(args.fp8_base),
             trainable_bytes=sum(p.numel() * p.element_size() for p in self.network.parameters()),
             element_size=4 if self.weight_dtype == torch.float32 else 2)
-        checkpointing = ("cpu_offload" if args.cpu_offload_checkpointing else "unsloth"
-                         if args.unsloth_offload_checkpointing else "ckpt" if args.gradient_checkpointing else "none")
+        checkpointing = checkpointing_mode(args)
         plan = block_swap.plan_blocks_to_swap(memory, free, checkpointing)
         message = (f"{plan.describe()} (batch {batch} x {tokens} image tokens, checkpointing {checkpointing}, "
                    f"fp8 {bool(args.fp8_base)})")

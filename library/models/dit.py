@@ -21,10 +21,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from library.errors import AnimaError
 from library.models.attention import attention, normalize_attn_mode
 from library.models.block_swap import BlockSwapper
-from library.models.offload_checkpointing import CPU_OFFLOAD, UNSLOTH_OFFLOAD, checkpoint_with_cpu_offload
+from library.models.offload_checkpointing import (
+    CPU_OFFLOAD,
+    UNSLOTH_OFFLOAD,
+    checkpoint_offload_mode,
+    checkpoint_with_cpu_offload,
+)
 
 NORM_EPS = 1e-6
 
@@ -590,16 +594,7 @@ class Anima(nn.Module):
         kept in CPU memory, blocking copies. ``unsloth_offload``: the same with asynchronous copies (side stream,
         pinned memory). See ``library.models.offload_checkpointing``. Offloading excludes block swap.
         """
-        if cpu_offload and unsloth_offload:
-            raise AnimaError(
-                "--unsloth_offload_checkpointing and --cpu_offload_checkpointing exclude each other; keep one"
-            )
-        offload = CPU_OFFLOAD if cpu_offload else UNSLOTH_OFFLOAD if unsloth_offload else None
-        if offload is not None and self.block_swapper is not None:
-            raise AnimaError(
-                f"--blocks_to_swap cannot be combined with --{offload}_checkpointing; keep one "
-                "(block swap works with plain --gradient_checkpointing)"
-            )
+        offload = checkpoint_offload_mode(cpu_offload, unsloth_offload, block_swap=self.block_swapper is not None)
         for block in self.blocks:
             block.gradient_checkpointing = True
             block.checkpoint_offload = offload
@@ -634,11 +629,8 @@ class Anima(nn.Module):
         and ``prepare_block_swap_before_forward()``. Block weights must stay frozen and must not be moved with
         ``.to()`` afterwards (checked at every forward).
         """
-        if any(block.checkpoint_offload is not None for block in self.blocks):
-            raise AnimaError(
-                "--blocks_to_swap cannot be combined with --cpu_offload_checkpointing or "
-                "--unsloth_offload_checkpointing; keep one"
-            )
+        offload = next((block.checkpoint_offload for block in self.blocks if block.checkpoint_offload), None)
+        checkpoint_offload_mode(offload == CPU_OFFLOAD, offload == UNSLOTH_OFFLOAD, block_swap=True)
         self.block_swapper = BlockSwapper(self.blocks, num_blocks, device)
 
     def move_to_device_except_swap_blocks(self, device: torch.device) -> None:

@@ -21,9 +21,23 @@ from collections.abc import Callable
 
 import torch
 
+from library.errors import AnimaError
+
 CPU_OFFLOAD = "cpu_offload"
 UNSLOTH_OFFLOAD = "unsloth_offload"
 OFFLOAD_MODES = (CPU_OFFLOAD, UNSLOTH_OFFLOAD)
+
+
+def checkpoint_offload_mode(cpu_offload: bool, unsloth_offload: bool, block_swap: bool = False) -> str | None:
+    """The offload mode the checkpointing flags choose (None: plain checkpointing). The two modes exclude each
+    other, and either excludes block swap (both move block activations or weights over the same link)."""
+    if cpu_offload and unsloth_offload:
+        raise AnimaError("--unsloth_offload_checkpointing and --cpu_offload_checkpointing exclude each other; keep one")
+    mode = CPU_OFFLOAD if cpu_offload else UNSLOTH_OFFLOAD if unsloth_offload else None
+    if mode is not None and block_swap:
+        raise AnimaError(f"--blocks_to_swap cannot be combined with --{mode}_checkpointing; keep one (block swap "
+                         "works with plain --gradient_checkpointing)")
+    return mode
 
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 

@@ -23,11 +23,12 @@ from library.io.files import atomic_write, restore_interrupted_dir
 from library.models.attention import ATTN_MODE_CHOICES
 from library.models.block_swap import max_blocks_to_swap
 from library.models.dit import AnimaConfig
-from library.training.flow_matching import TIMESTEP_SAMPLING_METHODS, WEIGHTING_SCHEMES
+from library.models.offload_checkpointing import checkpoint_offload_mode
+from library.training.flow_matching import TIMESTEP_SAMPLING_METHODS, WEIGHTING_SCHEMES, check_flow_matching_options
 from library.training.losses import HUBER_SCHEDULES, LOSS_TYPES, check_loss_options
 from library.training.optimizers import optimizer_type_names
 from library.training.outputs import MODEL_SPEC_TEXT_FIELDS, thumbnail_data_url
-from library.training.schedulers import LR_SCHEDULERS, NO_WARMUP_SCHEDULERS, parse_int_or_float
+from library.training.schedulers import LR_SCHEDULERS, NO_WARMUP_SCHEDULERS, check_no_warmup, parse_int_or_float
 from networks import LYCORIS_MODULE
 from networks.lora_format import KIND_NAMES, LORA_FORMATS, SD_SCRIPTS_FORMAT
 from networks.network_base import MODULE_FOR_KIND
@@ -672,10 +673,7 @@ def validate_args(args: argparse.Namespace) -> list[str]:
 
     if args.weighted_captions:
         reject("--weighted_captions is not supported by the Anima tokenizer; remove it")
-    try:
-        check_loss_options(args.loss_type, args.huber_schedule, args.huber_c, args.huber_scale)
-    except AnimaError as exc:
-        reject(str(exc))
+    reject.check(check_loss_options, args.loss_type, args.huber_schedule, args.huber_c, args.huber_scale)
 
     # Caching flags: *_to_disk implies the in-memory flag.
     if args.cache_latents_to_disk and not args.cache_latents:
@@ -704,12 +702,9 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         reject("--network_train_unet_only and --network_train_text_encoder_only exclude each other; keep one")
 
     # Memory features.
-    if args.unsloth_offload_checkpointing and args.cpu_offload_checkpointing:
-        reject("--unsloth_offload_checkpointing and --cpu_offload_checkpointing exclude each other; keep one")
+    reject.check(checkpoint_offload_mode, args.cpu_offload_checkpointing, args.unsloth_offload_checkpointing,
+                 bool(args.blocks_to_swap))
     if args.blocks_to_swap:
-        if args.cpu_offload_checkpointing or args.unsloth_offload_checkpointing:
-            reject("--blocks_to_swap cannot be combined with --cpu_offload_checkpointing or "
-                   "--unsloth_offload_checkpointing; keep one")
         if args.blocks_to_swap != "auto" and not 1 <= args.blocks_to_swap <= MAX_BLOCKS_TO_SWAP:
             reject(f"--blocks_to_swap {args.blocks_to_swap}: must be between 1 and {MAX_BLOCKS_TO_SWAP}")
     if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
@@ -741,10 +736,8 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         # PyTorch's DDP static graph breaks under no_sync (the accumulation micro-steps): pytorch/pytorch#143580.
         reject("--ddp_static_graph does not work with --gradient_accumulation_steps > 1 (PyTorch DDP limitation); "
                "drop one")
-    warmup_free = args.lr_scheduler in NO_WARMUP_SCHEDULERS or bool(args.lr_scheduler_type)
-    if warmup_free and args.lr_warmup_steps:
-        name = args.lr_scheduler_type or args.lr_scheduler
-        reject(f"--lr_warmup_steps must be 0 with the {name} scheduler; remove it or use constant_with_warmup")
+    if args.lr_scheduler in NO_WARMUP_SCHEDULERS or args.lr_scheduler_type:
+        reject.check(check_no_warmup, args.lr_scheduler_type or args.lr_scheduler, args.lr_warmup_steps)
 
     # Numbers that must be positive.
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps"):
@@ -760,8 +753,8 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         if value is not None and value <= 0:
             warnings.append(f"{_flag(name)} {value} is not positive; sampling on that schedule is off")
             setattr(args, name, None)
-    if args.ip_noise_gamma is not None and args.ip_noise_gamma < 0:
-        reject("--ip_noise_gamma must not be negative")
+    reject.check(check_flow_matching_options, args.timestep_sampling, args.weighting_scheme,
+                 args.discrete_flow_shift, args.logit_std, args.ip_noise_gamma)
     if args.max_nonfinite_steps < 0:
         reject(f"--max_nonfinite_steps must be 0 (never stop) or more, got {args.max_nonfinite_steps}")
     learning_rates = [("learning_rate", args.learning_rate), ("unet_lr", args.unet_lr)]
@@ -863,6 +856,13 @@ class _Rejections:
 
     def __call__(self, message: str) -> None:
         self.messages.append(message)
+
+    def check(self, rule: Any, *rule_args: Any) -> None:
+        """Run a rule its owner module states (it raises AnimaError) and collect its message."""
+        try:
+            rule(*rule_args)
+        except AnimaError as exc:
+            self.messages.append(str(exc))
 
     def raise_if_any(self) -> None:
         if self.messages:

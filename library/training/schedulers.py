@@ -142,7 +142,9 @@ def resolve_lr_scheduler_name(lr_scheduler: str, optimizer: torch.optim.Optimize
     return lr_scheduler
 
 
-def _no_warmup(name: str, num_warmup_steps: int) -> None:
+def check_no_warmup(name: str, num_warmup_steps: int | float | None) -> None:
+    """Schedulers without a warmup phase (NO_WARMUP_SCHEDULERS, a custom --lr_scheduler_type) need
+    --lr_warmup_steps 0."""
     if num_warmup_steps:
         raise AnimaError(
             f"--lr_warmup_steps must be 0 with the {name} scheduler (got {num_warmup_steps} steps); "
@@ -222,11 +224,11 @@ def create_lr_scheduler(
         return ScheduleFreeScheduler(optimizer)
 
     if scheduler_type:
-        _no_warmup(scheduler_type, warmup)
+        check_no_warmup(scheduler_type, warmup)
         return _call(scheduler_type, _custom_scheduler_class(scheduler_type), optimizer, **kwargs)
 
     if name.startswith("adafactor"):
-        _no_warmup("adafactor", warmup)
+        check_no_warmup("adafactor", warmup)
         if not _is_relative_step_adafactor(optimizer):
             raise AnimaError(
                 "--lr_scheduler adafactor needs --optimizer_type Adafactor with relative_step=True; pick another scheduler"
@@ -257,7 +259,7 @@ def create_lr_scheduler(
             )
         return _call(name, get_piecewise_constant_schedule, optimizer, **kwargs)
     if name == "constant":
-        _no_warmup(name, warmup)
+        check_no_warmup(name, warmup)
         return _call(name, tro.get_constant_schedule, optimizer, **kwargs)
     if name == "constant_with_warmup":
         return _call(name, tro.get_constant_schedule_with_warmup, optimizer, num_warmup_steps=warmup, **kwargs)
