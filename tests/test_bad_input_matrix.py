@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from test_damaged_caches import corrupt_member
+from test_run_safety import hold_lock_in_subprocess
 from train_helpers import tiny_train_argv
 
 import anima_train_network
@@ -233,7 +233,7 @@ def unknown_network_arg(w):
 
 @case
 def output_folder_locked_by_a_running_process(w):
-    holder = hold_run_lock(w.out, "tiny")
+    holder = hold_lock_in_subprocess(w.out, "tiny")
     return Case(w.argv(), f"another run is writing these files (pid {holder.pid} on ", holder=holder)
 
 
@@ -336,19 +336,6 @@ def disk_full_while_saving_a_sample_image(w):
                 folders=[prompts], before_models=False)
 
 
-def hold_run_lock(output_dir: Path, name: str) -> subprocess.Popen:
-    code = textwrap.dedent(f"""
-        import time
-        from library.io.run_lock import acquire_run_lock
-        lock = acquire_run_lock({str(output_dir)!r}, {name!r})
-        print("locked", flush=True)
-        time.sleep(120)
-    """)
-    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    return holder
-
-
 def assert_one_error_line(stderr: str, expected: str) -> None:
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], stderr[-3000:]
@@ -385,7 +372,7 @@ def test_case_count_covers_the_areas():
 @pytest.mark.parametrize("kind", ["misspelt_flag", "locked_output"])
 def test_bad_input_through_the_command_line_script(kind, tiny_setup, tmp_path, monkeypatch):
     world = make_world(tiny_setup, tmp_path, monkeypatch)
-    holder = hold_run_lock(world.out, "tiny") if kind == "locked_output" else None
+    holder = hold_lock_in_subprocess(world.out, "tiny") if kind == "locked_output" else None
     argv = world.argv("--learnign_rate", "1") if kind == "misspelt_flag" else world.argv()
     expected = "did you mean --learning_rate?" if holder is None else f"(pid {holder.pid} on "
     before = snapshot(world.out), snapshot(world.images)
