@@ -372,3 +372,19 @@ def test_cuda_allow_tf32_sets_the_backend_flags_and_fp32_without_it_warns(monkey
     trainer_through_caches(tiny_train_argv(tiny_setup, tmp_path, "--cuda_allow_tf32"))
     assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
     assert fp32_without_tf32_warning(cuda, torch.float32, two_billion) is None
+
+
+def test_parsed_flags_are_already_normalised_so_a_resume_compares_the_same_settings():
+    # The state records the settings after the run normalised them; a resumed run compares its freshly parsed
+    # flags against them, so the parse must give the normalised values already.
+    import copy
+
+    from library.data.config import normalize_dataset_args
+    from library.training.state import recorded_settings
+
+    args, _ = parse_args(["--caption_extention", ".txt", "--cache_latents_to_disk",
+                          "--cache_text_encoder_outputs_to_disk"])
+    assert args.caption_extension == ".txt" and args.cache_latents and args.cache_text_encoder_outputs
+    again = copy.deepcopy(args)
+    normalize_dataset_args(again)
+    assert recorded_settings(again) == recorded_settings(args)

@@ -221,14 +221,13 @@ def parse_face_crop_range(value: Any, where: str) -> tuple[float, float] | None:
 
 
 def normalize_dataset_args(args: argparse.Namespace) -> None:
-    """Legacy alias and implied flags, in place (idempotent)."""
+    """The legacy --caption_extention alias, and the in-memory caching flags each *_to_disk flag implies; in
+    place and idempotent (the trainer's flag parsing runs it; the dataset builders run it for direct callers)."""
     if getattr(args, "caption_extention", None) and args.caption_extension in (None, DEFAULTS["caption_extension"]):
         args.caption_extension = args.caption_extention
     if getattr(args, "cache_latents_to_disk", False):
         args.cache_latents = True
-    if getattr(args, "cache_text_encoder_outputs_to_disk", False) and not getattr(
-            args, "cache_text_encoder_outputs", False):
-        logger.warning("--cache_text_encoder_outputs_to_disk turns on --cache_text_encoder_outputs")
+    if getattr(args, "cache_text_encoder_outputs_to_disk", False):
         args.cache_text_encoder_outputs = True
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from library.data.config import add_dataset_arguments
+from library.data.config import add_dataset_arguments, normalize_dataset_args
 from library.errors import AnimaError, OneLineErrorParser
 from library.io.files import atomic_write, restore_interrupted_dir
 from library.models.attention import ATTN_MODE_CHOICES
@@ -675,11 +675,8 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         reject("--weighted_captions is not supported by the Anima tokenizer; remove it")
     reject.check(check_loss_options, args.loss_type, args.huber_schedule, args.huber_c, args.huber_scale)
 
-    # Caching flags: *_to_disk implies the in-memory flag.
-    if args.cache_latents_to_disk and not args.cache_latents:
-        args.cache_latents = True
-    if args.cache_text_encoder_outputs_to_disk and not args.cache_text_encoder_outputs:
-        args.cache_text_encoder_outputs = True
+    # Caching flags: *_to_disk implies the in-memory flag (and the --caption_extention alias).
+    normalize_dataset_args(args)
     if args.cache_text_encoder_outputs:
         if args.network_train_text_encoder_only:
             reject("--cache_text_encoder_outputs cannot be combined with --network_train_text_encoder_only "
