@@ -348,3 +348,20 @@ def test_dit_training_memory_plans_fewer_swapped_blocks_with_fp8():
     budget = bf16.peak_bytes(3, "ckpt")  # bf16 needs 3 blocks swapped in this budget ...
     assert block_swap.plan_blocks_to_swap(bf16, budget, "ckpt").blocks_to_swap == 3
     assert block_swap.plan_blocks_to_swap(fp8, budget, "ckpt").blocks_to_swap < 3  # ... fp8 fewer
+
+
+def test_free_memory_for_the_plan_counts_what_the_caching_allocator_holds_unused(monkeypatch):
+    """The planner runs after the caches were written and the text encoder freed: memory PyTorch still reserves
+    for them is free for training, but the driver counts it as used until the cache is emptied."""
+    gib = 2**30
+    state = {"driver_free": 10 * gib, "cached_unused": 3 * gib}
+
+    def empty_cache():
+        state["driver_free"] += state["cached_unused"]
+        state["cached_unused"] = 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["driver_free"], 80 * gib))
+    assert block_swap.device_free_bytes(torch.device("cuda", 0)) == 13 * gib
+    assert block_swap.device_free_bytes(torch.device("cpu")) is None
