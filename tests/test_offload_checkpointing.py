@@ -247,7 +247,9 @@ def test_gpu_offload_checkpointing_matches_no_checkpointing_on_cuda(golden_dir, 
     # bf16 autocast as in training
     reference = run_step(model, network, golden, device="cuda", autocast_dtype=torch.bfloat16)
     actual = run_step(model, network, golden, device="cuda", checkpointing=mode, autocast_dtype=torch.bfloat16)
-    torch.testing.assert_close(actual[0], reference[0], rtol=0, atol=0)
+    # The offloaded forward runs without grad: SDPA and cuBLAS may pick other kernels than with grad, so the
+    # prediction is compared within bf16 rounding, not bit for bit.
+    torch.testing.assert_close(actual[0], reference[0], rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(actual[1], reference[1], rtol=2e-2, atol=1e-4)
 
 
