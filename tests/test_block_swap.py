@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fake_cuda_streams import StreamChecker
 
 from library.errors import AnimaError
 from library.models import block_swap
@@ -198,6 +199,75 @@ def test_block_swap_rejects_moved_or_trainable_block_weights():
         train_step(model, network, 0)
 
 
+# ---- the CUDA stream order, on fake streams --------------------------------------------------------------------
+
+
+def swapper_on_fake_streams(model, blocks_to_swap: int, monkeypatch):
+    """Block swap on the CPU taking its CUDA code path: side-stream copies, events and waits, on the fake streams
+    of tests/fake_cuda_streams.py, which flag every access that a real GPU would let race."""
+    swapper = enable_swap(model, blocks_to_swap)
+    permanent = [t for tensors in (*swapper._slots, *swapper._host) for t in tensors]
+    checker = StreamChecker(permanent).install(monkeypatch)
+    swapper._is_cuda = True
+    swapper._side_stream = torch.cuda.Stream(swapper.device)
+    return swapper, checker
+
+
+def swap_session(model, network, checkpointing: bool):
+    """Training steps, a validation forward, sampling forwards and training again: what a run does."""
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    results = [train_step(model, network, seed) for seed in (0, 1)]
+    x, sigmas, context = make_inputs(3)
+    with torch.no_grad():  # validation: forward-only schedule in training mode
+        results.append((model(x, sigmas, context), None))
+    model.switch_block_swap_for_inference()
+    model.eval()
+    with torch.no_grad():
+        results += [(model(x, sigmas, context), None) for _ in range(2)]  # the second refills behind the compute
+    model.switch_block_swap_for_training()
+    model.train()
+    results.append(train_step(model, network, 0))
+    return results
+
+
+@pytest.mark.parametrize("blocks_to_swap, checkpointing", [(1, False), (3, False), (4, True)])
+def test_block_swap_stream_order_has_no_race_and_matches_the_resident_model(blocks_to_swap, checkpointing,
+                                                                             monkeypatch):
+    model, network = model_with_lora()
+    expected = swap_session(model, network, checkpointing)
+    model.disable_gradient_checkpointing()
+    swapper, checker = swapper_on_fake_streams(model, blocks_to_swap, monkeypatch)
+    with checker:
+        actual = swap_session(model, network, checkpointing)
+    assert checker.races == []
+    assert checker.unrecorded_side_reads() == []
+    assert checker.side_ops > 0 and ("wait_event", "compute", "side") in checker.log  # copies ran on the side
+    for (out, grads), (out_ref, grads_ref) in zip(actual, expected):
+        torch.testing.assert_close(out, out_ref)
+        if grads_ref is not None:
+            torch.testing.assert_close(grads, grads_ref)
+    assert swapper.resident_blocks() == list(range(NUM_BLOCKS - blocks_to_swap))
+
+
+def test_the_stream_checker_flags_a_block_run_before_its_copy_is_waited_for(monkeypatch):
+    model, network = model_with_lora()
+    swapper, checker = swapper_on_fake_streams(model, 2, monkeypatch)
+    monkeypatch.setattr(block_swap.BlockSwapper, "_wait_for", lambda self, index: self._ready.pop(index, None))
+    with checker:
+        train_step(model, network, 0)
+    assert any(race.startswith("read after write") for race in checker.races), checker.races
+
+
+def test_the_stream_checker_flags_a_copy_into_a_slot_still_read_by_the_compute_stream(monkeypatch):
+    model, network = model_with_lora()
+    swapper, checker = swapper_on_fake_streams(model, 2, monkeypatch)
+    swapper._side_stream.wait_stream = lambda other: None  # the copy would not wait for the outgoing block
+    with checker:
+        train_step(model, network, 0)
+    assert any(race.startswith("write after read") for race in checker.races), checker.races
+
+
 # ---- CUDA ---------------------------------------------------------------------------------------------------
 
 
@@ -348,3 +418,20 @@ def test_dit_training_memory_plans_fewer_swapped_blocks_with_fp8():
     budget = bf16.peak_bytes(3, "ckpt")  # bf16 needs 3 blocks swapped in this budget ...
     assert block_swap.plan_blocks_to_swap(bf16, budget, "ckpt").blocks_to_swap == 3
     assert block_swap.plan_blocks_to_swap(fp8, budget, "ckpt").blocks_to_swap < 3  # ... fp8 fewer
+
+
+def test_free_memory_for_the_plan_counts_what_the_caching_allocator_holds_unused(monkeypatch):
+    """The planner runs after the caches were written and the text encoder freed: memory PyTorch still reserves
+    for them is free for training, but the driver counts it as used until the cache is emptied."""
+    gib = 2**30
+    state = {"driver_free": 10 * gib, "cached_unused": 3 * gib}
+
+    def empty_cache():
+        state["driver_free"] += state["cached_unused"]
+        state["cached_unused"] = 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["driver_free"], 80 * gib))
+    assert block_swap.device_free_bytes(torch.device("cuda", 0)) == 13 * gib
+    assert block_swap.device_free_bytes(torch.device("cpu")) is None

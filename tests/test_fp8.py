@@ -163,6 +163,30 @@ def test_fp8_base_training_runs_on_the_tiny_models_and_stays_close_to_bf16(tiny_
         assert fp8[key].abs().max() > 0 and cosine > 0.9, key
 
 
+def test_fp8_layers_compute_in_the_autocast_dtype_for_the_lora_and_their_scales_move_with_the_model():
+    """As in a CUDA bf16 run (CPU autocast stands in): float32 activations reach a float8 layer, which computes in
+    bf16, so the LoRA hook gets bf16 and the LoRA's float32 weights get float32 gradients; .to(device) moves the
+    scales with the weights and keeps both dtypes."""
+    model = tiny_dit()  # float32 weights and activations: the layer must still hand bf16 to the LoRA
+    network = with_lora(model)
+    quantize_linear_weights(model)
+    layer = model.blocks[0].self_attn.q_proj
+    seen = []
+    layer.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)), prepend=True)
+    torch.manual_seed(1)
+    x, t, context = torch.randn(2, 16, 1, 8, 8), torch.rand(2), torch.randn(2, 6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = model(x, t, context)
+    pred.float().square().mean().backward()
+    assert seen and all(out == torch.bfloat16 for _, out in seen), seen  # what the LoRA hook adds to
+    grads = [p.grad for p in network.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert (layer.weight.dtype, layer.weight_scale.dtype) == (FP8_DTYPE, torch.float32)
+    model.to("meta")  # any device move: the scales are parameters of the layer, so they travel too
+    assert (layer.weight.device.type, layer.weight_scale.device.type) == ("meta", "meta")
+    assert (layer.weight.dtype, layer.weight_scale.dtype) == (FP8_DTYPE, torch.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_fp8_training_step_matches_bf16_on_cuda():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -105,3 +106,95 @@ def test_gpu_check_dry_run_writes_two_files_and_prints_the_tables_last(tmp_path)
     assert "env: exit 0" in out and "sdpa: exit 0" in out
     assert out.index("## Steps") < out.index("### SDPA back-ends at the real shapes")  # tables come last
     assert out.rstrip().endswith("|")
+
+
+def hidden_packages_script(body: str) -> str:
+    """Python source that hides the packages missing on the device the way a machine without them does
+    (`importlib.util.find_spec` answers None, `import` raises ModuleNotFoundError; the metadata of other
+    distributions stays readable), then runs `body`. Unlike a finder that raises, this leaves libraries that
+    probe for optional packages (transformers looking for flash_attn) working as they do on the device."""
+    return (
+        "import importlib.abc, sys\n"
+        f"absent = {ABSENT_ON_DEVICE!r}\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def __init__(self, inner):\n"
+        "        self.inner = inner\n"
+        "    def __getattr__(self, name):\n"
+        "        return getattr(self.inner, name)\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in absent:\n"
+        "            return None\n"
+        "        find = getattr(self.inner, 'find_spec', None)\n"
+        "        return find(name, path, target) if find else None\n"
+        "sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]\n" + body
+    )
+
+
+def test_tiny_setup_and_json_dataset_config_need_no_toml(tmp_path):
+    """The GPU tests' tiny setup (test_inference's CUDA render) and a JSON --dataset_config work on the device
+    image, which has no toml; the TOML the setup writes is the text toml.dumps gives for its config."""
+    toml = pytest.importorskip("toml")
+    config = {"datasets": [{"resolution": 64, "subsets": [{"image_dir": str(tmp_path / "setup" / "images")}]}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(config), encoding="utf-8")
+    body = (
+        "from library.models.tiny import write_tiny_anima_setup\n"
+        "from library.data.config import load_dataset_config\n"
+        f"setup = write_tiny_anima_setup({str(tmp_path / 'setup')!r})\n"
+        f"print(load_dataset_config({str(tmp_path / 'dataset.json')!r}))\n"
+        "try:\n"
+        "    import toml\n"
+        "except ModuleNotFoundError:\n"
+        "    print('toml hidden')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", hidden_packages_script(body)], cwd=REPO, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-2:] == [repr(config), "toml hidden"]
+    text = (tmp_path / "setup" / "dataset.toml").read_text(encoding="utf-8")
+    parsed = toml.loads(text)
+    assert toml.dumps(parsed) == text
+    assert parsed["datasets"][0]["subsets"][0]["image_dir"] == str((tmp_path / "setup" / "images").resolve())
+    assert parsed["general"] == {"caption_extension": ".txt", "shuffle_caption": False, "keep_tokens": 0}
+
+
+def device_configs(option: str) -> list[str]:
+    """The configuration names gpu_check.sh passes with --configs on the device (not the --dry lists)."""
+    text = SCRIPT.read_text(encoding="utf-8")
+    device_part = text[text.index("    DEVICE=cuda"):text.index("\nfi\n", text.index("    DEVICE=cuda"))]
+    names = []
+    for match in re.finditer(rf"^    {option}=\((.*?)\)", device_part, re.MULTILINE | re.DOTALL):
+        words = match.group(1).split()
+        if "--configs" in words:
+            following = words[words.index("--configs") + 1:]
+            stop = next((i for i, w in enumerate(following) if w.startswith("--")), len(following))
+            names += following[:stop]
+    return names
+
+
+def test_gpu_check_entry_points_parse_their_device_arguments_without_the_missing_packages():
+    """Every python entry point gpu_check.sh runs imports and answers --help on the device image, and the
+    configuration names it passes on the device are ones the benchmarks accept."""
+    scripts = ["bench/bench_gpu_parity.py", "bench/bench_sdpa.py", "bench/bench_train_step.py"]
+    body = (
+        "import runpy\n"
+        "for script in sys.argv[1:]:\n"
+        "    sys.argv = [script, '--help']\n"
+        "    try:\n"
+        "        runpy.run_path(script, run_name='__main__')\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code in (0, None), (script, exc.code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", hidden_packages_script(body), *scripts], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("usage:") == len(scripts)
+
+    from bench.bench_gpu_parity import CONFIGS
+    from bench.bench_train_step import parse_config
+
+    train = device_configs("TRAIN_1024") + device_configs("TRAIN_512") + device_configs("PROFILE_1024")
+    assert "swap26+ckpt" in train and "compile" in train
+    for name in train:
+        options = parse_config(name)  # SystemExit for an unknown part
+        assert options["swap"] <= 26  # at most N - 2 of the 28 blocks (--blocks 28 on the device)
+    assert set(device_configs("PARITY")) <= set(CONFIGS)

@@ -104,3 +104,28 @@ def test_sigmas_reach_cuda_through_a_pinned_non_blocking_copy(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "to", fake_to)
     flow_matching.sample_sigmas(2, "sigmoid", device="cuda")
     assert copies == ["pinned", ("cuda", True)]
+
+
+def test_prepared_loaders_send_batches_to_the_device_without_blocking(monkeypatch, tiny_setup, tmp_path):
+    """accelerate moves every batch to the device; a blocking copy from the pinned batch would synchronise the
+    stream (wait for the whole queued step) once per batch tensor on CUDA."""
+    import accelerate.data_loader
+    from train_helpers import tiny_train_argv
+
+    from anima_train_network import AnimaNetworkTrainer
+    from library.training.args import parse_args
+
+    sends = []
+    real_send = accelerate.data_loader.send_to_device
+
+    def recording_send(batch, device, non_blocking=False, skip_keys=None):
+        sends.append(non_blocking)
+        return real_send(batch, device, non_blocking=non_blocking, skip_keys=skip_keys)
+
+    monkeypatch.setattr(accelerate.data_loader, "send_to_device", recording_send)
+    args, _ = parse_args(tiny_train_argv(tiny_setup, tmp_path, "--max_train_steps", "2", "--validation_split",
+                                         "0.25", "--validate_every_n_steps", "2"))
+    trainer = AnimaNetworkTrainer()
+    trainer.train(args)
+    assert trainer.train_loader._non_blocking and trainer.val_loader._non_blocking
+    assert len(sends) >= 3 and all(sends), sends  # training and validation batches

@@ -153,6 +153,86 @@ def test_exclusive_memory_options_raise_one_clear_error(golden_dir):
     model.enable_gradient_checkpointing()  # plain checkpointing works with block swap
 
 
+# ---- the CUDA stream order, on fake streams --------------------------------------------------------------------
+
+
+def tiny_model_with_lora():
+    from library.models.dit import Anima, AnimaConfig
+
+    torch.manual_seed(0)
+    config = AnimaConfig(model_channels=32, num_blocks=4, num_heads=2, crossattn_emb_channels=16, adaln_lora_dim=8,
+                         adapter_source_dim=12, adapter_model_dim=16, adapter_num_layers=1, adapter_num_heads=2)
+    model = Anima(config).requires_grad_(False).train()
+    network = create_network(1.0, 4, 1.0, None, [], model)
+    network.apply_to([], model, False, True)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for lora in network.unet_loras:
+            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=gen) * 0.1)
+    return model, network
+
+
+def tiny_step(model, network, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x, sigmas, context = torch.randn(2, 16, 1, 4, 6, generator=gen), torch.rand(2, generator=gen), torch.randn(
+        2, 5, 16, generator=gen)
+    network.zero_grad(set_to_none=True)
+    out = model(x, sigmas, context)
+    out.square().mean().backward()
+    return out.detach(), torch.cat([p.grad.flatten() for p in network.parameters()])
+
+
+def offload_on_fake_streams(model, mode: str, monkeypatch):
+    """The CUDA code path of the offload checkpointing on the CPU: pinned buffers, side-stream copies, events and
+    record_stream on the fake streams of tests/fake_cuda_streams.py, which flag what would race on a GPU."""
+    from fake_cuda_streams import StreamChecker
+
+    from library.models import offload_checkpointing
+
+    checker = StreamChecker().install(monkeypatch)
+    monkeypatch.setattr(offload_checkpointing, "_uses_streams", lambda device: True)
+    monkeypatch.setattr(offload_checkpointing, "_pinned_empty", lambda like: torch.empty(like.shape, dtype=like.dtype))
+    monkeypatch.setattr(offload_checkpointing, "_side_streams", {})
+    model.enable_gradient_checkpointing(**MODES[mode])
+    return checker
+
+
+@pytest.mark.parametrize("mode", ["cpu_offload", "unsloth_offload"])
+def test_offload_stream_order_has_no_race_and_matches_no_checkpointing(mode, monkeypatch):
+    model, network = tiny_model_with_lora()
+    expected = [tiny_step(model, network, seed) for seed in (0, 1)]
+    checker = offload_on_fake_streams(model, mode, monkeypatch)
+    with checker:
+        actual = [tiny_step(model, network, seed) for seed in (0, 1)]
+    assert checker.races == []
+    assert checker.unrecorded_side_reads() == []
+    # unsloth: every block input leaves on the side stream; cpu_offload: blocking copies on the compute stream.
+    assert (checker.side_ops > 0) == (mode == "unsloth_offload")
+    for (out, grads), (out_ref, grads_ref) in zip(actual, expected):
+        torch.testing.assert_close(out, out_ref)
+        torch.testing.assert_close(grads, grads_ref)
+
+
+@pytest.mark.parametrize("fault", ["backward does not wait", "copy does not wait", "no record_stream"])
+def test_the_stream_checker_flags_a_broken_offload_order(fault, monkeypatch):
+    from fake_cuda_streams import FakeStream
+
+    model, network = tiny_model_with_lora()
+    checker = offload_on_fake_streams(model, "unsloth_offload", monkeypatch)
+    if fault == "backward does not wait":
+        checker.compute.wait_event = lambda event: None  # the input would be copied back before it reached the host
+    elif fault == "copy does not wait":
+        monkeypatch.setattr(FakeStream, "wait_stream", lambda self, other: None)  # read before the block input is made
+    else:
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: None)
+    with checker:
+        tiny_step(model, network, 0)
+    if fault == "no record_stream":
+        assert checker.unrecorded_side_reads()
+    else:
+        assert any(race.startswith("read after write") for race in checker.races), checker.races
+
+
 # ---- CUDA ---------------------------------------------------------------------------------------------------
 
 
@@ -167,7 +247,9 @@ def test_gpu_offload_checkpointing_matches_no_checkpointing_on_cuda(golden_dir, 
     # bf16 autocast as in training
     reference = run_step(model, network, golden, device="cuda", autocast_dtype=torch.bfloat16)
     actual = run_step(model, network, golden, device="cuda", checkpointing=mode, autocast_dtype=torch.bfloat16)
-    torch.testing.assert_close(actual[0], reference[0], rtol=0, atol=0)
+    # The offloaded forward runs without grad: SDPA and cuBLAS may pick other kernels than with grad, so the
+    # prediction is compared within bf16 rounding, not bit for bit.
+    torch.testing.assert_close(actual[0], reference[0], rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(actual[1], reference[1], rtol=2e-2, atol=1e-4)
 
 

@@ -245,18 +245,19 @@ def load_dataset_config(path: str | Path) -> dict[str, Any]:
                          f"file{hint}")
     if not path.is_file():
         raise AnimaError(f"--dataset_config {path} not found; fix the path")
-    import toml  # imported when a TOML file is read: GPU-only runs need no toml
-
     suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise AnimaError(f"--dataset_config {path}: use a .toml or .json file")
+    if suffix == ".toml":
+        import toml  # imported only for a TOML file: a JSON config (or none) needs no toml, e.g. on the GPU image
+
+        loads, errors = toml.loads, (toml.TomlDecodeError, UnicodeDecodeError)
+    else:
+        loads, errors = json.loads, (json.JSONDecodeError, UnicodeDecodeError)
     try:
-        text = path.read_text(encoding="utf-8")
-        if suffix == ".toml":
-            return toml.loads(text)
-        if suffix == ".json":
-            return json.loads(text)
-    except (toml.TomlDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return loads(path.read_text(encoding="utf-8"))
+    except errors as exc:
         raise AnimaError(f"--dataset_config {path} cannot be parsed: {str(exc).splitlines()[0]}") from exc
-    raise AnimaError(f"--dataset_config {path}: use a .toml or .json file")
 
 
 def _type_ok(kind: str, value: Any) -> bool:

@@ -378,8 +378,13 @@ def plan_blocks_to_swap(memory: TrainingMemory, free_bytes: int, checkpointing: 
 
 
 def device_free_bytes(device: torch.device) -> int | None:
-    """Free memory of a CUDA device (`torch.cuda.mem_get_info`); None for other devices."""
+    """Free memory of a CUDA device (`torch.cuda.mem_get_info`); None for other devices.
+
+    The caching allocator's unused blocks are handed back to the driver first: the planner runs after the
+    caches were written and the text encoder freed, whose memory PyTorch still reserves and the driver would
+    count as used (the plan would swap blocks that fit)."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
+    torch.cuda.empty_cache()
     return torch.cuda.mem_get_info(device)[0]

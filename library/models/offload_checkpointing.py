@@ -49,11 +49,20 @@ def _offload_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
+def _uses_streams(device: torch.device) -> bool:
+    """Whether copies from and to `device` take the stream path (CUDA; the tests' fake streams on the CPU)."""
+    return device.type == "cuda"
+
+
+def _pinned_empty(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+
+
 def _copy_to_host(x: torch.Tensor, asynchronous: bool) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     """A CPU copy of x (pinned when x is on CUDA) and, for asynchronous copies, the event marking its end."""
-    if x.device.type != "cuda":
+    if not _uses_streams(x.device):
         return x.detach().to("cpu", copy=True), None
-    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host = _pinned_empty(x)
     if not asynchronous:
         host.copy_(x)
         return host, None

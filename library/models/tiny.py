@@ -249,23 +249,33 @@ def write_tiny_images(image_dir: Path, num_images: int, seed: int = 0) -> list[s
     return captions
 
 
+def _toml_value(value: bool | int | float | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def tiny_dataset_toml_text(image_dir: Path) -> str:
+    """The tiny dataset config as TOML text, written without the ``toml`` package (not on every machine the tests
+    run on, e.g. the GPU device image): the same text ``toml.dumps`` gives for this config."""
+    general = {"caption_extension": ".txt", "shuffle_caption": False, "keep_tokens": 0}
+    dataset = {"resolution": 64, "batch_size": 2, "enable_bucket": True, "min_bucket_reso": 32,
+               "max_bucket_reso": 128, "bucket_reso_steps": 16}
+    subset = {"image_dir": str(image_dir.resolve()), "num_repeats": 1}
+
+    def table(header: str, values: dict) -> list[str]:
+        return [header, *(f"{key} = {_toml_value(value)}" for key, value in values.items())]
+
+    lines = [*table("[[datasets]]", dataset), *table("[[datasets.subsets]]", subset), "", "",
+             *table("[general]", general)]
+    return "\n".join(lines) + "\n"
+
+
 def write_tiny_dataset_toml(path: Path, image_dir: Path) -> None:
     """A one-subset DreamBooth-style dataset config with bucketing over the tiny image sizes."""
-    config = {
-        "general": {"caption_extension": ".txt", "shuffle_caption": False, "keep_tokens": 0},
-        "datasets": [{
-            "resolution": 64,
-            "batch_size": 2,
-            "enable_bucket": True,
-            "min_bucket_reso": 32,
-            "max_bucket_reso": 128,
-            "bucket_reso_steps": 16,
-            "subsets": [{"image_dir": str(image_dir.resolve()), "num_repeats": 1}],
-        }],
-    }
-    import toml  # only the tiny setup writes TOML; GPU-only runs need no toml
-
-    _write_text(path, toml.dumps(config))
+    _write_text(path, tiny_dataset_toml_text(image_dir))
 
 
 def write_tiny_sample_prompts(path: Path) -> None:
