@@ -243,11 +243,17 @@ class AnimaNetworkTrainer(NetworkTrainer):
             return batch["latents"].to(device=device, dtype=weight_dtype, non_blocking=True)  # [B, 16, h, w]
         with torch.no_grad():
             pixels = batch["images"].to(device=device, dtype=self.vae_dtype, non_blocking=True)  # [B, 3, H, W]
-            latents = self.vae.encode_pixels_to_latents(pixels)
-        if torch.isnan(latents).any():
-            logger.warning("NaN in VAE latents of %s; replaced by 0", batch.get("image_keys"))
-            latents = torch.nan_to_num(latents, nan=0.0)
-        return latents.to(weight_dtype)
+            # The dataset scales every image to [-1, 1]: no range check (it would read the device every step).
+            latents = self.vae.encode_pixels_to_latents(pixels, check_range=False)
+        # NaN (a VAE overflow) becomes 0; whether there was any is read with the step's one read, not here.
+        nan = torch.isnan(latents)
+        message = f"NaN in VAE latents of {list(batch.get('image_keys') or [])}; replaced by 0"
+        reporter = getattr(self, "reporter", None)
+        if reporter is not None:
+            reporter.warn_if(nan.any(), message)
+        elif nan.any():  # before training starts (no reporter yet): read now
+            logger.warning(message)
+        return torch.where(nan, torch.zeros((), dtype=latents.dtype, device=latents.device), latents).to(weight_dtype)
 
     def batch_text(self, batch: dict, train_text_encoder: bool) -> dict[str, torch.Tensor]:
         """Text conditioning of a batch, from the cache or encoded live (with gradients for the Qwen3 LoRA)."""

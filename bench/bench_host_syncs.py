@@ -16,7 +16,8 @@ device sync. Everything else is counted, even though on this CPU run every tenso
     python bench/bench_host_syncs.py --json                 # every optimizer; last line one JSON object
     python bench/bench_host_syncs.py --optimizers AdamW --steps 20 --verbose
 
-The JSON maps the optimizer (`Adafactor+fused` = Adafactor with `--fused_backward_pass`) to host syncs per step.
+The JSON maps the configuration to host syncs per step: the optimizer (`Adafactor+fused` = Adafactor with
+`--fused_backward_pass`), and AdamW with `--scale_weight_norms` or with latents encoded live every step.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ OPTIMIZERS: dict[str, list[str]] = {
     "AdamW8bit": ["--optimizer_type", "AdamW8bit"],
     "Adafactor": ["--optimizer_type", "Adafactor"],
     "Adafactor+fused": ["--optimizer_type", "Adafactor", "--fused_backward_pass"],
+    # Other step paths (AdamW): max-norm regularisation of every module, latents encoded live by the VAE.
+    "AdamW+scale_weight_norms": ["--optimizer_type", "AdamW", "--scale_weight_norms", "0.02"],
+    "AdamW+live_latents": ["--optimizer_type", "AdamW", "--no_cache_latents"],
 }
 SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "nonzero_static", "argwhere", "equal",
                       "masked_select", "unique", "_unique2", "unique_consecutive", "repeat_interleave"})
@@ -137,6 +141,8 @@ def count_run(setup, out_dir: Path, optimizer_flags: list[str], warmup: int, ste
         "--cache_text_encoder_outputs", "--max_train_steps", str(warmup + steps + 1), "--learning_rate", "1e-3",
         "--max_grad_norm", "1.0", *optimizer_flags,
     ]
+    if "--no_cache_latents" in optimizer_flags:  # encode the images with the VAE every step
+        argv = [a for a in argv if a not in ("--cache_latents", "--no_cache_latents")]
     args, _ = parse_args(argv)
     counter_box: dict[str, HostSyncCounter] = {}
 

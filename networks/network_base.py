@@ -813,24 +813,31 @@ class AdapterNetwork(nn.Module):
     @torch.no_grad()
     def apply_max_norm_regularization(
         self, max_norm_value: float, device: torch.device | str | None = None
-    ) -> tuple[int, float, float]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scale ΔW by m/n where n = max(|ΔW|_F, m/2) exceeds m, spread evenly over its factors (LoRA: up and
-        down each by sqrt(m/n)). Returns (modules scaled, mean norm, max norm) of the norms after scaling."""
-        scaled, norms = 0, []
+        down each by sqrt(m/n)). Returns (modules scaled, mean norm, max norm) of the norms after scaling as 0-dim
+        tensors on the device: nothing is read back to the host (the trainer logs them with the next step's read).
+
+        Every factor is multiplied, by exactly 1.0 where ΔW is within the limit (n/n), so no value is read to
+        decide."""
+        ratios, norms = [], []
         for lora in self.all_loras:
             norm = lora.delta_weight().to(device if device is not None else lora.alpha.device).norm()
             norm = norm.clamp(min=max_norm_value / 2)
-            desired = norm.clamp(max=max_norm_value)
-            ratio = (desired / norm).item()
-            if ratio != 1.0:
-                scaled += 1
-                factors = lora.delta_factors()
-                for factor in factors:
-                    factor.mul_(ratio ** (1.0 / len(factors)))
-            norms.append(norm.item() * ratio)
+            ratio = norm.clamp(max=max_norm_value) / norm  # 0-dim float32
+            factors = lora.delta_factors()
+            # float64 root rounded to float32: the value (and, for bf16/fp16 factors, the float32 product) a
+            # Python-float multiplier gives.
+            root = (ratio.double() ** (1.0 / len(factors))).float()
+            for factor in factors:
+                factor.mul_(root.to(factor.device))
+            ratios.append(ratio)
+            norms.append(norm * ratio)
         if not norms:
-            return 0, 0.0, 0.0
-        return scaled, sum(norms) / len(norms), max(norms)
+            zero = torch.zeros(())
+            return zero.long(), zero, zero
+        ratios_t, norms_t = torch.stack(ratios), torch.stack(norms).double()
+        return (ratios_t != 1.0).sum(), norms_t.mean(), norms_t.max()
 
     # ---- weights I/O -----------------------------------------------------------------------------
 

@@ -129,3 +129,32 @@ def test_prepared_loaders_send_batches_to_the_device_without_blocking(monkeypatc
     trainer.train(args)
     assert trainer.train_loader._non_blocking and trainer.val_loader._non_blocking
     assert len(sends) >= 3 and all(sends), sends  # training and validation batches
+
+
+def test_a_device_condition_is_warned_about_with_the_next_read_and_costs_no_read_of_its_own(caplog):
+    reporter = TrainingReporter(total_steps=3, initial_step=0, is_main_process=True, interactive=False)
+    with HostSyncCounter() as counter:
+        reporter.warn_if(torch.tensor(True), "NaN in VAE latents of ['a']; replaced by 0")
+        reporter.warn_if(torch.tensor(False), "NaN in VAE latents of ['b']; replaced by 0")
+        assert counter.total == 0 and "NaN" not in caplog.text  # nothing read yet
+        flag, loss = reporter.read_with(torch.tensor(1.0), torch.tensor(0.5))
+    assert counter.total == 1 and (flag, loss) == (1.0, 0.5)
+    assert "['a']" in caplog.text and "['b']" not in caplog.text
+    reporter.close()
+
+
+def test_live_vae_latents_with_nan_become_zero_and_are_warned_about(tiny_setup, tmp_path, caplog):
+    from train_helpers import tiny_train_argv, trainer_through_caches
+
+    argv = [a for a in tiny_train_argv(tiny_setup, tmp_path) if a != "--cache_latents"]
+    trainer = trainer_through_caches(argv)
+    batch = trainer.train_group[0]
+    assert batch.get("latents") is None  # encoded live
+    trainer.vae.encode_pixels_to_latents = lambda pixels, check_range=True: torch.full(
+        (pixels.shape[0], 16, pixels.shape[-2] // 8, pixels.shape[-1] // 8), float("nan"))
+    trainer.reporter = TrainingReporter(total_steps=1, initial_step=0, is_main_process=True, interactive=False)
+    latents = trainer.batch_latents(batch)
+    assert torch.equal(latents, torch.zeros_like(latents)) and "NaN" not in caplog.text
+    trainer.reporter.read_with(torch.tensor(1.0))
+    assert "NaN in VAE latents" in caplog.text
+    trainer.reporter.close()

@@ -185,7 +185,7 @@ def test_max_norm_regularization_scales_the_update_to_the_limit():
         network = module.create_network(1.0, 2, 2.0, None, None, model)
         randomize(network, std=1.0)
         limit = 0.5
-        scaled, _, max_norm = network.apply_max_norm_regularization(limit, "cpu")
+        scaled, _, max_norm = (t.item() for t in network.apply_max_norm_regularization(limit, "cpu"))
         assert scaled == len(network.unet_loras)
         norms = [lora.delta_weight().norm().item() for lora in network.unet_loras]
         assert max(norms) == pytest.approx(limit, rel=1e-4) and max_norm == pytest.approx(limit, rel=1e-4)

@@ -204,6 +204,7 @@ class TrainingReporter:
         self.initial_step = initial_step
         self.losses = LossRecorder()
         self._pending: list[_QueuedStep] = []  # optimizer steps not shown yet
+        self._conditions: list[tuple[torch.Tensor, str]] = []  # (device flag, warning), see warn_if
         self.trackers = list(accelerator.trackers) if accelerator is not None and is_main_process else []
         self.epoch = 0
         self.history = pictures.RunHistory()
@@ -256,20 +257,29 @@ class TrainingReporter:
         """Whether a queued step still waits for its loss to enter the epoch average."""
         return any(queued.average is None for queued in self._pending)
 
+    def warn_if(self, flag: torch.Tensor, message: str) -> None:
+        """Log `message` as a warning if the device value `flag` turns out nonzero; it is read with the next
+        step's values (every process keeps its own, the warning names what that process saw)."""
+        self._conditions.append((flag.detach().reshape(()), message))
+
+    def _read_conditions(self, numbers: list[float]) -> None:
+        conditions, self._conditions = self._conditions, []
+        for (_, message), value in zip(conditions, numbers):
+            if value:
+                logger.warning(message)
+
     def read_with(self, *values: torch.Tensor) -> list[float]:
-        """`values` read together with every queued step's device values, in one transfer. The trainer reads its
-        non-finite flag (and the step's loss) through here, so that a steady-state step costs one host sync."""
-        if not self.is_main or not self._pending:
-            return read_scalars(list(values))
-        flat: list[float | torch.Tensor] = list(values)
-        for queued in self._pending:
-            flat.append(queued.loss)
-            flat.extend(queued.logs.values())
-        numbers = iter(read_scalars(flat))
+        """`values` read together with every queued step's device values (and the flags of `warn_if`), in one
+        transfer. The trainer reads its non-finite flag (and the step's loss) through here, so that a
+        steady-state step costs one host sync."""
+        conditions = [flag for flag, _ in self._conditions]
+        queued = [v for q in self._pending for v in (q.loss, *q.logs.values())]  # empty on other processes
+        numbers = iter(read_scalars([*values, *conditions, *queued]))
         result = [next(numbers) for _ in values]
-        for queued in self._pending:
-            queued.loss = next(numbers)
-            queued.logs = {key: next(numbers) for key in queued.logs}
+        self._read_conditions([next(numbers) for _ in conditions])
+        for q in self._pending:
+            q.loss = next(numbers)
+            q.logs = {key: next(numbers) for key in q.logs}
         return result
 
     def flush(self, count: int | None = None) -> None:
@@ -418,6 +428,8 @@ class TrainingReporter:
     def close(self) -> None:
         """Close the bar (the trackers are finished by `accelerator.end_training()`)."""
         self.flush()
+        if self._conditions:
+            self._read_conditions(read_scalars([flag for flag, _ in self._conditions]))
         if self.redirect is not None:
             self.redirect.close()
             self.redirect = None
