@@ -11,6 +11,8 @@ import torch
 
 from anima_train_network import main
 from library.errors import AnimaError
+from library.models import offload_checkpointing
+from library.training import optimizers, schedulers
 from library.training.args import int_or_float, parse_args, setup_parser
 
 
@@ -388,3 +390,18 @@ def test_parsed_flags_are_already_normalised_so_a_resume_compares_the_same_setti
     again = copy.deepcopy(args)
     normalize_dataset_args(again)
     assert recorded_settings(again) == recorded_settings(args)
+
+
+@pytest.mark.parametrize("flags, rule", [
+    (["--use_8bit_adam", "--optimizer_type", "AdamW"], lambda: optimizers.resolve_optimizer_type("AdamW", True)),
+    (["--fused_backward_pass", "--optimizer_type", "AdamW"], lambda: optimizers.check_fused_backward_pass(False, 1)),
+    (["--blocks_to_swap", "4", "--cpu_offload_checkpointing"],
+     lambda: offload_checkpointing.checkpoint_offload_mode(True, False, block_swap=True)),
+    (["--lr_scheduler", "constant", "--lr_warmup_steps", "10"], lambda: schedulers.check_no_warmup("constant", 10)),
+])
+def test_the_flag_check_states_the_same_rule_as_the_code_that_owns_it(flags, rule):
+    with pytest.raises(AnimaError) as owner:
+        rule()
+    with pytest.raises(AnimaError) as parsed:
+        parse_args(flags)
+    assert str(owner.value) in str(parsed.value)

@@ -26,7 +26,7 @@ from library.models.dit import AnimaConfig
 from library.models.offload_checkpointing import checkpoint_offload_mode
 from library.training.flow_matching import TIMESTEP_SAMPLING_METHODS, WEIGHTING_SCHEMES, check_flow_matching_options
 from library.training.losses import HUBER_SCHEDULES, LOSS_TYPES, check_loss_options
-from library.training.optimizers import optimizer_type_names
+from library.training.optimizers import check_fused_backward_pass, optimizer_type_names, resolve_optimizer_type
 from library.training.outputs import MODEL_SPEC_TEXT_FIELDS, thumbnail_data_url
 from library.training.schedulers import LR_SCHEDULERS, NO_WARMUP_SCHEDULERS, check_no_warmup, parse_int_or_float
 from networks import LYCORIS_MODULE
@@ -720,15 +720,10 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         reject("--full_fp16 and --full_bf16 exclude each other; keep one")
 
     # Optimizer.
-    legacy = [f for f in ("use_8bit_adam", "use_lion_optimizer") if getattr(args, f)]
-    if len(legacy) > 1 or (legacy and args.optimizer_type):
-        reject("--use_8bit_adam / --use_lion_optimizer cannot be combined with each other or with "
-               "--optimizer_type; use only --optimizer_type")
+    reject.check(resolve_optimizer_type, args.optimizer_type, args.use_8bit_adam, args.use_lion_optimizer)
     if args.fused_backward_pass:
-        if (args.optimizer_type or "").lower() != "adafactor":
-            reject("--fused_backward_pass only works with --optimizer_type Adafactor")
-        if args.gradient_accumulation_steps > 1:
-            reject("--fused_backward_pass does not work with --gradient_accumulation_steps > 1")
+        reject.check(check_fused_backward_pass, (args.optimizer_type or "").lower() == "adafactor",
+                     args.gradient_accumulation_steps)
     if args.ddp_static_graph and args.gradient_accumulation_steps > 1:
         # PyTorch's DDP static graph breaks under no_sync (the accumulation micro-steps): pytorch/pytorch#143580.
         reject("--ddp_static_graph does not work with --gradient_accumulation_steps > 1 (PyTorch DDP limitation); "

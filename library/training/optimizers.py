@@ -338,13 +338,7 @@ def create_optimizer(
     Adafactor defaults to relative_step=True: the optimizer then ignores lr and the group LRs, and the LR
     scheduler must become `adafactor:<lr>` (see `lr_schedulers.resolve_lr_scheduler_name`).
     """
-    if use_8bit_adam or use_lion_optimizer:
-        if (use_8bit_adam and use_lion_optimizer) or optimizer_type:
-            raise AnimaError(
-                "--use_8bit_adam, --use_lion_optimizer and --optimizer_type are exclusive; use only --optimizer_type"
-            )
-        optimizer_type = "AdamW8bit" if use_8bit_adam else "Lion"
-    optimizer_type = optimizer_type or "AdamW"
+    optimizer_type = resolve_optimizer_type(optimizer_type, use_8bit_adam, use_lion_optimizer)
     kwargs = parse_literal_kwargs(optimizer_args, "--optimizer_args")
     param_groups = list(param_groups)
     if not param_groups:
@@ -441,6 +435,30 @@ class FusedBackwardHandle:
         self.handles = []
 
 
+def resolve_optimizer_type(optimizer_type: str | None, use_8bit_adam: bool = False,
+                           use_lion_optimizer: bool = False) -> str:
+    """--optimizer_type, or what the legacy --use_8bit_adam / --use_lion_optimizer shortcuts name (they exclude
+    each other and --optimizer_type); AdamW by default."""
+    if use_8bit_adam or use_lion_optimizer:
+        if (use_8bit_adam and use_lion_optimizer) or optimizer_type:
+            raise AnimaError(
+                "--use_8bit_adam, --use_lion_optimizer and --optimizer_type are exclusive; use only --optimizer_type"
+            )
+        return "AdamW8bit" if use_8bit_adam else "Lion"
+    return optimizer_type or "AdamW"
+
+
+def check_fused_backward_pass(is_adafactor: bool, gradient_accumulation_steps: int, num_processes: int = 1) -> None:
+    """--fused_backward_pass steps each parameter inside backward: our Adafactor only, no gradient accumulation,
+    one process (the hook fires before gradients are averaged across processes)."""
+    if not is_adafactor:
+        raise AnimaError("--fused_backward_pass works only with --optimizer_type Adafactor")
+    if gradient_accumulation_steps != 1:
+        raise AnimaError("--fused_backward_pass does not work with --gradient_accumulation_steps > 1; set it to 1")
+    if num_processes != 1:
+        raise AnimaError("--fused_backward_pass works only with a single process; drop it for multi-GPU training")
+
+
 def install_fused_backward_pass(
     optimizer: torch.optim.Optimizer,
     max_grad_norm: float = 0.0,
@@ -460,12 +478,7 @@ def install_fused_backward_pass(
     (calling them is harmless). Returns a handle whose `remove()` uninstalls the hooks.
     """
     inner = unwrap_optimizer(optimizer)
-    if not isinstance(inner, Adafactor):
-        raise AnimaError("--fused_backward_pass works only with --optimizer_type Adafactor")
-    if gradient_accumulation_steps != 1:
-        raise AnimaError("--fused_backward_pass does not work with --gradient_accumulation_steps > 1; set it to 1")
-    if num_processes != 1:
-        raise AnimaError("--fused_backward_pass works only with a single process; drop it for multi-GPU training")
+    check_fused_backward_pass(isinstance(inner, Adafactor), gradient_accumulation_steps, num_processes)
 
     def make_hook(group: dict[str, Any]) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
