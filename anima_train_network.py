@@ -75,7 +75,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
         from library.models.qwen3 import load_qwen3_text_encoder
         from library.models.vae import load_vae
 
-        if not args.cache_only:  # the flag checks of library/training/args.py ran at parsing
+        if not args.cache_only:  # the attention back-end is installed (the flag values were checked at parsing)
             check_attn_mode(args.attn_mode, training=True)
         meta = torch.device("meta")  # headers only: names, shapes and configs are checked, no weight is read
         dit = load_anima_model(args.pretrained_model_name_or_path, device=meta, attn_mode=args.attn_mode,
@@ -107,8 +107,8 @@ class AnimaNetworkTrainer(NetworkTrainer):
     def write_caches_only(self, args: argparse.Namespace) -> None:
         from library.data.config import cache_only_main
 
-        cache_only_main(args, load_vae=lambda: self.load_vae(args), load_text_encoding=lambda: self.load_text_encoding(args),
-                        is_main_process=self.is_main)
+        cache_only_main(args, load_vae=lambda: self.load_vae(args),
+                        load_text_encoding=lambda: self.load_text_encoding(args), is_main_process=self.is_main)
 
     def load_text_encoding(self, args: argparse.Namespace) -> Any:
         """Tokenizers + Qwen3 on the device, wrapped in the encoding object the caches and the loop use."""
