@@ -157,19 +157,9 @@ def test_exclusive_memory_options_raise_one_clear_error(golden_dir):
 
 
 def tiny_model_with_lora():
-    from library.models.dit import Anima, AnimaConfig
+    from test_block_swap import model_with_lora, tiny_config
 
-    torch.manual_seed(0)
-    config = AnimaConfig(model_channels=32, num_blocks=4, num_heads=2, crossattn_emb_channels=16, adaln_lora_dim=8,
-                         adapter_source_dim=12, adapter_model_dim=16, adapter_num_layers=1, adapter_num_heads=2)
-    model = Anima(config).requires_grad_(False).train()
-    network = create_network(1.0, 4, 1.0, None, [], model)
-    network.apply_to([], model, False, True)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for lora in network.unet_loras:
-            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=gen) * 0.1)
-    return model, network
+    return model_with_lora(tiny_config(num_blocks=4))
 
 
 def tiny_step(model, network, seed: int):
