@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -849,7 +849,7 @@ class _Rejections:
     def __call__(self, message: str) -> None:
         self.messages.append(message)
 
-    def check(self, rule: Any, *rule_args: Any) -> None:
+    def check(self, rule: Callable[..., Any], *rule_args: Any) -> None:
         """Run a rule its owner module states (it raises AnimaError) and collect its message."""
         try:
             rule(*rule_args)

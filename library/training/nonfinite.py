@@ -51,8 +51,7 @@ class NonFiniteGuard:
         """The flag of the whole optimizer step (the losses so far, and with `check_gradients` the gradient
         norm), agreed over processes. With a loss scaler (fp16) overflowing gradients are the scaler's business
         (it skips the step and lowers the scale): the caller passes check_gradients=False."""
-        flag = self.losses_flag if self.losses_flag is not None else None
-        self.losses_flag = None
+        flag, self.losses_flag = self.losses_flag, None
         if check_gradients:
             norm = clipped_norm if clipped_norm is not None else total_grad_norm(params)
             if norm is not None:

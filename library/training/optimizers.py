@@ -400,7 +400,8 @@ class ScheduleFreeModes:
     see the averaged one. `eval_mode()` switches for a block (nested blocks switch once); other optimizers pass."""
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.inner = unwrap_optimizer(optimizer) if is_schedule_free(unwrap_optimizer(optimizer)) else None
+        inner = unwrap_optimizer(optimizer)
+        self.inner = inner if is_schedule_free(inner) else None
         self.depth = 0
 
     def train_mode(self) -> None:
