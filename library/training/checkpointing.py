@@ -131,23 +131,29 @@ class RunWriter:
     def after_step(self, position: Position, max_train_steps: int) -> None:
         """`--save_every_n_steps`: the LoRA (and with --save_state the state) of this step; old ones pruned."""
         args, step = self.args, position.global_step
-        if not schedule.step_save_due(step, args.save_every_n_steps, max_train_steps):
-            return
-        self.save_model(outputs.step_model_name(args, step), steps=step, epoch=position.epoch)
-        self.prune(outputs.step_model_name, outputs.step_to_prune(step, args.save_every_n_steps, args.save_last_n_steps))
-        if args.save_state:
-            self.save_state(outputs.step_state_name(args, step), position=position)
-            keep = args.save_last_n_steps_state or args.save_last_n_steps
-            self.prune(outputs.step_state_name, outputs.step_to_prune(step, args.save_every_n_steps, keep))
+        if schedule.step_save_due(step, args.save_every_n_steps, max_train_steps):
+            self._save_and_prune(step, outputs.step_model_name, outputs.step_state_name,
+                                 lambda keep: outputs.step_to_prune(step, args.save_every_n_steps, keep),
+                                 args.save_last_n_steps, args.save_last_n_steps_state,
+                                 steps=step, epoch=position.epoch, position=position)
 
     def after_epoch(self, epoch: int, position: Position, run_schedule: schedule.Schedule) -> None:
         """`--save_every_n_epochs` (never for the final epoch, which the run's end saves) after 1-based `epoch`."""
         args, every_n_epochs = self.args, run_schedule.save_every_n_epochs
-        if not schedule.epoch_save_due(epoch, every_n_epochs, run_schedule.num_epochs):
-            return
-        self.save_model(outputs.epoch_model_name(args, epoch), steps=position.global_step, epoch=epoch)
-        self.prune(outputs.epoch_model_name, outputs.epoch_to_prune(epoch, every_n_epochs, args.save_last_n_epochs))
-        if args.save_state:
-            self.save_state(outputs.epoch_state_name(args, epoch), position=position)
-            keep = args.save_last_n_epochs_state or args.save_last_n_epochs
-            self.prune(outputs.epoch_state_name, outputs.epoch_to_prune(epoch, every_n_epochs, keep))
+        if schedule.epoch_save_due(epoch, every_n_epochs, run_schedule.num_epochs):
+            self._save_and_prune(epoch, outputs.epoch_model_name, outputs.epoch_state_name,
+                                 lambda keep: outputs.epoch_to_prune(epoch, every_n_epochs, keep),
+                                 args.save_last_n_epochs, args.save_last_n_epochs_state,
+                                 steps=position.global_step, epoch=epoch, position=position)
+
+    def _save_and_prune(self, number: int, model_name: Callable[[Any, int], str],
+                        state_name: Callable[[Any, int], str], to_prune: Callable[[int | None], int | None],
+                        keep: int | None, keep_states: int | None, *, steps: int, epoch: int,
+                        position: Position) -> None:
+        """The LoRA `model_name(args, number)` (and the state `state_name(...)`), then the ones that left their
+        keep window (`keep`; states `keep_states`, default `keep`)."""
+        self.save_model(model_name(self.args, number), steps=steps, epoch=epoch)
+        self.prune(model_name, to_prune(keep))
+        if self.args.save_state:
+            self.save_state(state_name(self.args, number), position=position)
+            self.prune(state_name, to_prune(keep_states or keep))
