@@ -8,7 +8,8 @@ line per optimizer step is printed instead, so log files stay readable.
 The per-step loss (and an LR the optimizer computes on the device) stays a device tensor until it is reported:
 reading a CUDA value on the host waits for the queued work, which empties the GPU's queue every step. The
 reporter queues the steps; their values travel with the next step's one read (the non-finite guard's flag,
-`read_with`), are shown every `LOSS_READ_INTERVAL` steps, and are read before any other output (messages, scalars, the epoch average, samples, pictures, the summary), so every line
+`read_with`), are shown every `LOSS_READ_INTERVAL` steps, and are read before any other output (messages,
+scalars, the epoch average, samples, pictures, the summary), so every line
 and scalar keeps its value and its order; the bar still advances at every step.
 
 Trackers (`--log_with`) run through accelerate (`Accelerator(log_with=...)`, `init_trackers`), with sd-scripts'
@@ -185,9 +186,12 @@ class _QueuedStep:
     seconds: float
     average: float | None = None  # loss/average once the loss counted in the epoch average
 
+    def values(self) -> list[float | torch.Tensor]:
+        return [self.loss, *self.logs.values()]
+
     @property
     def is_read(self) -> bool:
-        return not any(isinstance(v, torch.Tensor) for v in (self.loss, *self.logs.values()))
+        return not any(isinstance(v, torch.Tensor) for v in self.values())
 
 
 class TrainingReporter:
@@ -273,7 +277,7 @@ class TrainingReporter:
         transfer. The trainer reads its non-finite flag (and the step's loss) through here, so that a
         steady-state step costs one host sync."""
         conditions = [flag for flag, _ in self._conditions]
-        queued = [v for q in self._pending for v in (q.loss, *q.logs.values())]  # empty on other processes
+        queued = [v for q in self._pending for v in q.values()]  # empty on other processes
         numbers = iter(read_scalars([*values, *conditions, *queued]))
         result = [next(numbers) for _ in values]
         self._read_conditions([next(numbers) for _ in conditions])
@@ -289,11 +293,7 @@ class TrainingReporter:
         pending, self._pending = self._pending[:count], self._pending[count:]
         if not pending:
             return
-        flat: list[float | torch.Tensor] = []
-        for queued in pending:
-            flat.append(queued.loss)
-            flat.extend(queued.logs.values())
-        numbers = iter(read_scalars(flat))
+        numbers = iter(read_scalars([v for queued in pending for v in queued.values()]))
         for queued in pending:
             loss = next(numbers)
             if queued.average is None:
@@ -429,7 +429,7 @@ class TrainingReporter:
         """Close the bar (the trackers are finished by `accelerator.end_training()`)."""
         self.flush()
         if self._conditions:
-            self._read_conditions(read_scalars([flag for flag, _ in self._conditions]))
+            self.read_with()  # the warn_if flags still unread
         if self.redirect is not None:
             self.redirect.close()
             self.redirect = None
