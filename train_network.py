@@ -37,7 +37,7 @@ from library.training.args import MIXED_PRECISION_DTYPES, SAVE_PRECISION_DTYPES
 from library.training.distributed import TrainingModule, allow_module_dropout, process_group_kwargs
 from library.training.interrupt import CtrlC
 from library.training.losses import ModelOutput, huber_threshold, per_sample_loss
-from library.training.network_setup import build_network, build_optimizer, trains_text_encoder
+from library.training.network_setup import network_from_args, optimizer_from_args, trains_text_encoder
 from library.training.nonfinite import NonFiniteGuard
 from library.training.optimizers import ScheduleFreeModes, install_fused_backward_pass
 from library.training.reporting import (
@@ -60,7 +60,7 @@ class NetworkTrainer:
     # ---------------------------------------------------------------------------------------------------------
     # Model hooks
 
-    # The model's component learning-rate groups: `--<name>_lr` for each name (read by build_optimizer).
+    # The component learning-rate groups: `--<name>_lr` for each name (read by network_setup.optimizer_from_args).
     component_lr_names: tuple[str, ...] = ()
 
     def inspect_models(self, args: argparse.Namespace) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
@@ -131,7 +131,7 @@ class NetworkTrainer:
         self.network, self.network_args, self.train_te = self.create_network(args)
         if args.cache_text_encoder_outputs:  # outputs cached, the encoder not trained: free it
             self.text_encoders = []
-        self.opt = build_optimizer(args, self.network, self.component_lr_names)
+        self.opt = optimizer_from_args(args, self.network, self.component_lr_names)
         self.fused_backward = (install_fused_backward_pass(self.opt.optimizer, args.max_grad_norm,
                                                            args.gradient_accumulation_steps,
                                                            self.accelerator.num_processes)
@@ -252,7 +252,7 @@ class NetworkTrainer:
     def create_network(self, args: argparse.Namespace) -> tuple[Any, dict[str, str], bool]:
         """Merge --base_weights, create the LoRA, attach it and load --network_weights. Returns the network, the
         parsed --network_args and whether the text encoder trains."""
-        network, network_args = build_network(args, self.dit, self.text_encoders, merge=True,
+        network, network_args = network_from_args(args, self.dit, self.text_encoders, merge=True,
                                               dtype=self.weight_dtype, device=self.device)
         train_te = trains_text_encoder(args) and bool(self.text_encoders)
         if args.gradient_checkpointing and train_te:

@@ -20,8 +20,9 @@ from networks import import_network_module
 from networks.lora_format import load_lora_file
 
 
-def parse_network_args(items: list[str] | None) -> dict[str, str]:
-    """`key=value` items of --network_args (split at the first '=')."""
+def split_network_args(items: list[str] | None) -> dict[str, str]:
+    """`key=value` items of --network_args as strings (split at the first '='); the network module parses
+    and checks the values (`networks.network_base.parse_network_args`)."""
     parsed: dict[str, str] = {}
     for item in items or []:
         if "=" not in item:
@@ -52,14 +53,14 @@ def merge_base_weights(args: argparse.Namespace, network_module: Any, dit: torch
             merged.merge_to(text_encoders, dit, weights_sd=None, dtype=dtype, device=device)
 
 
-def build_network(args: argparse.Namespace, dit: torch.nn.Module, text_encoders: list[torch.nn.Module], *,
+def network_from_args(args: argparse.Namespace, dit: torch.nn.Module, text_encoders: list[torch.nn.Module], *,
                   merge: bool, dtype: torch.dtype | None = None,
                   device: torch.device | None = None) -> tuple[Any, dict[str, str]]:
     """The attached network (with --network_weights loaded) and the parsed --network_args. With `merge=False`
     (the input check on weightless models) --base_weights are only checked, and loading logs nothing."""
     network_module = import_network_module(args.network_module)
     merge_base_weights(args, network_module, dit, text_encoders, merge=merge, dtype=dtype, device=device)
-    network_args = parse_network_args(args.network_args)
+    network_args = split_network_args(args.network_args)
     if args.dim_from_weights:
         if not args.network_weights:
             raise AnimaError("--dim_from_weights needs --network_weights")
@@ -90,7 +91,7 @@ class OptimizerSetup:
     text: str  # ss_optimizer: "module.Class(key=value,...)", or "module.Class" without --optimizer_args
 
 
-def build_optimizer(args: argparse.Namespace, network: Any, component_lr_names: tuple[str, ...]) -> OptimizerSetup:
+def optimizer_from_args(args: argparse.Namespace, network: Any, component_lr_names: tuple[str, ...]) -> OptimizerSetup:
     """Parameter groups (per component `--<name>_lr` / LoRA+) and the optimizer; the parameters of lr-0 groups
     are frozen. Also runs on a meta-device network."""
     from library.training.optimizers import create_optimizer

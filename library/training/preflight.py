@@ -128,15 +128,15 @@ def check_network(args: argparse.Namespace, dit: torch.nn.Module, text_encoders:
     size = NetworkSize(dit, sum(p.numel() for te in text_encoders for p in te.parameters()))
     logging.disable(logging.WARNING)  # the real build logs the same lines again
     try:
-        network, _ = network_setup.build_network(args, dit, text_encoders, merge=False)
+        network, _ = network_setup.network_from_args(args, dit, text_encoders, merge=False)
         try:
-            setup = network_setup.build_optimizer(args, network, component_lr_names)
+            setup = network_setup.optimizer_from_args(args, network, component_lr_names)
         except (RuntimeError, NotImplementedError) as exc:
             if "meta" not in str(exc):
                 raise
             # An optimizer that reads its parameters' values when built: give it uninitialised CPU copies.
             network.to_empty(device="cpu")
-            setup = network_setup.build_optimizer(args, network, component_lr_names)
+            setup = network_setup.optimizer_from_args(args, network, component_lr_names)
         # The step count only shapes the schedule; with --max_train_epochs it is known after the image scan.
         scheduler = lr_scheduler_from_args(args, setup.optimizer, args.max_train_steps)
     finally:
