@@ -79,7 +79,7 @@ def start_position(resumed: Position | None, schedule: Schedule, *, initial_step
                          "--max_train_epochs")
     if not initial_step and not initial_epoch:
         return position
-    step = step_named_by_flags(initial_step, initial_epoch, schedule, position.global_step)
+    step = step_named_by_flags(initial_step, initial_epoch, schedule)
     if step >= schedule.max_train_steps:
         raise AnimaError(f"--initial_step {step} must be below --max_train_steps {schedule.max_train_steps}")
     return position_from_initial_step(step, schedule, skip_until_initial_step)
@@ -109,13 +109,11 @@ def position_from_initial_step(step: int, schedule: Schedule, skip_data: bool) -
     return Position(epoch=epoch, batches_done=batches, global_step=step)
 
 
-def step_named_by_flags(initial_step: int | None, initial_epoch: int | None, schedule: Schedule, default: int) -> int:
-    """The step --initial_step / --initial_epoch (1-based) name; `default` when neither is given."""
+def step_named_by_flags(initial_step: int | None, initial_epoch: int, schedule: Schedule) -> int:
+    """The step --initial_step names, else the first step of --initial_epoch (1-based)."""
     if initial_step is not None:
         return initial_step
-    if initial_epoch is not None:
-        return (initial_epoch - 1) * schedule.steps_per_epoch
-    return default
+    return (initial_epoch - 1) * schedule.steps_per_epoch
 
 
 def step_in_epoch(batches_done: int, gradient_accumulation_steps: int) -> int:
