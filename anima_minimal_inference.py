@@ -15,6 +15,7 @@ Every input is checked, the LoRAs against the models' headers, before any weight
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -22,7 +23,7 @@ import os
 import random
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,13 @@ from library.models.dit_loading import MODEL_FLAG
 from library.models.qwen3 import QWEN3_FLAG
 from library.training.sampling import (
     CachedPromptEncodings,
+    PromptEncoder,
     SamplePrompt,
     decode_latents,
     encode_prompt_contexts,
     load_sample_prompts,
     prompt_from_fields,
+    prompt_from_line,
     sample_latents,
     save_png_atomic,
 )
@@ -100,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_argument("--from_file", default=None,
                             help="prompt file (.txt lines with --w --h --d --s --l/--g --fs --n, .toml or .json, "
                             "as --sample_prompts); the command line gives the defaults")
+    generation.add_argument("--interactive", action="store_true",
+                            help="read prompts from the console, one per line in the --from_file .txt form, and "
+                            "render each as it is entered (models stay loaded); Ctrl+D ends")
     generation.add_argument("--image_size", type=int, nargs=2, default=[1024, 1024], metavar=("HEIGHT", "WIDTH"),
                             help="image height and width (rounded down to multiples of 16)")
     generation.add_argument("--infer_steps", type=int, default=50, help="sampling steps")
@@ -159,8 +165,13 @@ def check_args(args: argparse.Namespace) -> None:
         for path in paths:
             if not os.path.isfile(path):
                 raise AnimaError(f"{flag} {path}: not found; check the path")
-    if not decode_only and args.prompt is None and not args.from_file:
-        raise AnimaError("give --prompt, --from_file or --latent_path")
+    if args.interactive:
+        given = [flag for flag, value in (("--prompt", args.prompt is not None), ("--from_file", args.from_file),
+                                          ("--latent_path", decode_only)) if value]
+        if given:
+            raise AnimaError(f"--interactive reads the prompts from the console; leave out {', '.join(given)}")
+    elif not decode_only and args.prompt is None and not args.from_file:
+        raise AnimaError("give --prompt, --from_file, --interactive or --latent_path")
     if args.prompt is not None and args.from_file:
         raise AnimaError("--prompt and --from_file exclude each other; keep one")
     count = len(args.lora_weight or [])
@@ -184,17 +195,26 @@ def check_args(args: argparse.Namespace) -> None:
     check_writable_dir(args.save_path, "--save_path")
 
 
+def prompt_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """What a prompt line leaves out comes from the command line."""
+    height, width = args.image_size
+    return {"width": width, "height": height, "sample_steps": args.infer_steps, "scale": args.guidance_scale,
+            "flow_shift": args.flow_shift, "negative_prompt": args.negative_prompt, "seed": args.seed}
+
+
+def with_seed(prompt: SamplePrompt) -> SamplePrompt:
+    # A random seed is drawn here, not inside the sampler, so that it can be written into the file name.
+    return prompt if prompt.seed is not None else dataclasses.replace(prompt, seed=random.randint(0, MAX_SEED))
+
+
 def prompts_from_args(args: argparse.Namespace) -> list[SamplePrompt]:
     """The prompts to render: --prompt, or --from_file with the command line as defaults; every seed fixed."""
-    height, width = args.image_size
-    defaults = {"width": width, "height": height, "sample_steps": args.infer_steps, "scale": args.guidance_scale,
-                "flow_shift": args.flow_shift, "negative_prompt": args.negative_prompt, "seed": args.seed}
+    defaults = prompt_defaults(args)
     if args.from_file:
         prompts = load_sample_prompts(args.from_file, defaults=defaults, guidance_is_scale=True, flag="--from_file")
     else:
         prompts = [prompt_from_fields({**defaults, "prompt": args.prompt}, 0, "--prompt")]
-    # A random seed is drawn here, not inside the sampler, so that it can be written into the file name.
-    return [p if p.seed is not None else dataclasses.replace(p, seed=random.randint(0, MAX_SEED)) for p in prompts]
+    return [with_seed(p) for p in prompts]
 
 
 # --- LoRAs ---------------------------------------------------------------------------------------------------
@@ -319,10 +339,9 @@ def load_tokenizer(args: argparse.Namespace) -> Any:
             load_t5_tokenizer(args.t5_tokenizer_path))
 
 
-def encode_prompts(args: argparse.Namespace, prompts: Sequence[SamplePrompt], tokenizer: Any,
-                   loras: Sequence[LoraFile], dit_shapes: torch.nn.Module, device: torch.device
-                   ) -> CachedPromptEncodings:
-    """Encode every prompt text with Qwen3 (LoRAs merged), then free the text encoder."""
+def load_text_encoding(args: argparse.Namespace, tokenizer: Any, loras: Sequence[LoraFile],
+                       dit_shapes: torch.nn.Module, device: torch.device) -> PromptEncoder:
+    """Qwen3 with the LoRAs merged, on the device (or the CPU with --text_encoder_cpu), as a prompt encoder."""
     from library.models.qwen3 import AnimaTextEncoding, load_qwen3_text_encoder
 
     te_device = torch.device("cpu") if args.text_encoder_cpu else device
@@ -330,9 +349,16 @@ def encode_prompts(args: argparse.Namespace, prompts: Sequence[SamplePrompt], to
     with flags_renamed(RENAMED_FLAGS):
         text_encoder = load_qwen3_text_encoder(args.text_encoder, device=te_device, dtype=dtype)
     merge_loras(loras, text_encoder, dit_shapes, text_encoder_side=True)
-    encodings = CachedPromptEncodings.from_encoder(AnimaTextEncoding(tokenizer, text_encoder, te_device, dtype),
-                                                   prompts)
-    del text_encoder
+    return AnimaTextEncoding(tokenizer, text_encoder, te_device, dtype)
+
+
+def encode_prompts(args: argparse.Namespace, prompts: Sequence[SamplePrompt], tokenizer: Any,
+                   loras: Sequence[LoraFile], dit_shapes: torch.nn.Module, device: torch.device
+                   ) -> CachedPromptEncodings:
+    """Encode every prompt text with Qwen3 (LoRAs merged), then free the text encoder."""
+    encoder = load_text_encoding(args, tokenizer, loras, dit_shapes, device)
+    encodings = CachedPromptEncodings.from_encoder(encoder, prompts)
+    del encoder
     _free_device_memory(device)
     return encodings
 
@@ -427,6 +453,102 @@ def save_image(pixels: torch.Tensor, stem: str, metadata: dict[str, str] | None,
     return path
 
 
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    """One sampled prompt (or loaded latent file) waiting to be decoded."""
+
+    latents: torch.Tensor  # [1, 16, 1, h, w], fp32 on the CPU
+    stem: str  # output file name without suffix
+    metadata: dict[str, str]
+
+
+def sampling_context(args: argparse.Namespace, device: torch.device) -> contextlib.ExitStack:
+    """no_grad, and with --fp8/--fp8_scaled on CUDA the bf16 autocast that float8 weights compute in (elsewhere
+    they are dequantised to float32)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    stack.enter_context(torch.autocast(device.type, dtype=compute_dtype(device),
+                                       enabled=bool(args.fp8 or args.fp8_scaled) and device.type == "cuda"))
+    return stack
+
+
+def render_prompt(args: argparse.Namespace, dit: torch.nn.Module, encoder: PromptEncoder, prompt: SamplePrompt,
+                  device: torch.device, written: list[Path]) -> Rendered:
+    """Sample one prompt; with --output_type latent/latent_images its latent file is written (and listed)."""
+    context, negative = encode_prompt_contexts(dit, encoder, prompt, device, compute_dtype(device))
+    latents = sample_latents(dit, prompt, context, negative).cpu()
+    stem = f"{_time_flag()}_{prompt.seed}"
+    if args.output_type != "images":
+        written.append(save_latent(latents, prompt, stem, args))
+    return Rendered(latents, stem, prompt_metadata(prompt))
+
+
+def load_image_vae(args: argparse.Namespace, device: torch.device) -> torch.nn.Module | None:
+    """The VAE that decodes the PNGs, or None with --output_type latent."""
+    if args.output_type == "latent":
+        return None
+    from library.models.vae import load_vae
+
+    return load_vae(args.vae, device=device, dtype=compute_dtype(device), chunk_size=args.vae_chunk_size,
+                    disable_cache=args.vae_disable_cache)
+
+
+def write_image(vae: torch.nn.Module, rendered: Rendered, device: torch.device, args: argparse.Namespace) -> Path:
+    with torch.no_grad():
+        pixels = decode_latents(vae, rendered.latents[:, :, 0], device)  # [1, 3, H, W]
+    return save_image(pixels[0], rendered.stem, rendered.metadata, args)
+
+
+def console_lines() -> Iterator[str]:
+    """Prompt lines typed at the console (with line editing where ``readline`` exists), or piped in."""
+    if not sys.stdin.isatty():
+        yield from sys.stdin
+        return
+    try:
+        import readline  # noqa: F401  (input() then edits lines and keeps a history)
+    except ImportError:
+        pass
+    while True:
+        try:
+            yield input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+
+
+def run_interactive(args: argparse.Namespace, tokenizer: Any, loras: Sequence[LoraFile],
+                    dit_shapes: torch.nn.Module, device: torch.device, lines: Iterable[str]) -> list[Path]:
+    """--interactive: every model stays loaded and each prompt line is rendered and written as it comes. A bad
+    line is one ``error:`` line on stderr and the next line is read; Ctrl+C stops the image being rendered."""
+    encoder = load_text_encoding(args, tokenizer, loras, dit_shapes, device)
+    dit = load_dit(args, loras, device)
+    vae = load_image_vae(args, device)
+    defaults = prompt_defaults(args)
+    written: list[Path] = []
+    logger.info("interactive: enter one prompt per line (options --w --h --d --s --l/--g --fs --n); Ctrl+D ends")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            prompt = with_seed(prompt_from_line(line, number - 1, f"prompt {number}", defaults,
+                                                guidance_is_scale=True))
+        except AnimaError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            continue
+        files: list[Path] = []
+        try:
+            with sampling_context(args, device):
+                rendered = render_prompt(args, dit, encoder, prompt, device, files)
+            if vae is not None:
+                files.append(write_image(vae, rendered, device, args))
+        except KeyboardInterrupt:  # stops this image only (its files are written whole or not at all)
+            print("interrupted; enter the next prompt (Ctrl+D ends)", file=sys.stderr, flush=True)
+        for path in files:
+            logger.info("wrote %s", path)
+        written += files
+    return written
+
+
 # --- main ----------------------------------------------------------------------------------------------------
 
 
@@ -436,45 +558,31 @@ def generate(args: argparse.Namespace) -> list[Path]:
     if args.vae_disable_cache:
         logger.warning("--vae_disable_cache has no effect on images (the image VAE keeps no cache); ignored")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    prompts = [] if args.latent_path else prompts_from_args(args)
+    prompts = [] if args.latent_path or args.interactive else prompts_from_args(args)
     loras = read_loras(args)
     dit_shapes = check_models(args, loras)
     tokenizer = None if args.latent_path else load_tokenizer(args)
     Path(args.save_path).mkdir(parents=True, exist_ok=True)
-
-    from library.models.vae import load_vae
+    if args.interactive:
+        return run_interactive(args, tokenizer, loras, dit_shapes, device, console_lines())
 
     written: list[Path] = []
-    results: list[tuple[torch.Tensor, str, dict[str, str]]] = []  # latents, file stem, metadata
+    results: list[Rendered] = []
     if args.latent_path:
         for path in args.latent_path:
             latents, metadata = load_latent(path)
-            results.append((latents, f"{_time_flag()}_{metadata.get('seeds', 0)}_{Path(path).stem}", metadata))
+            results.append(Rendered(latents, f"{_time_flag()}_{metadata.get('seeds', 0)}_{Path(path).stem}", metadata))
     else:
+        # One model on the device at a time: the text encoder for every prompt, then the DiT, then the VAE.
         encodings = encode_prompts(args, prompts, tokenizer, loras, dit_shapes, device)
         dit = load_dit(args, loras, device)
-        dtype = compute_dtype(device)
-        # float8 weights compute in bf16 under autocast on CUDA; elsewhere they are dequantised to float32.
-        autocast = torch.autocast(device.type, dtype=dtype,
-                                  enabled=bool(args.fp8 or args.fp8_scaled) and device.type == "cuda")
-        with torch.no_grad(), autocast:
-            for prompt in prompts:
-                context, negative = encode_prompt_contexts(dit, encodings, prompt, device, dtype)
-                latents = sample_latents(dit, prompt, context, negative).cpu()
-                stem = f"{_time_flag()}_{prompt.seed}"
-                if args.output_type != "images":
-                    written.append(save_latent(latents, prompt, stem, args))
-                results.append((latents, stem, prompt_metadata(prompt)))
+        with sampling_context(args, device):
+            results = [render_prompt(args, dit, encodings, prompt, device, written) for prompt in prompts]
         del dit
         _free_device_memory(device)
-    if args.output_type != "latent":
-        vae_dtype = compute_dtype(device)
-        vae = load_vae(args.vae, device=device, dtype=vae_dtype, chunk_size=args.vae_chunk_size,
-                       disable_cache=args.vae_disable_cache)
-        with torch.no_grad():
-            for latents, stem, metadata in results:
-                pixels = decode_latents(vae, latents[:, :, 0], device)  # [1, 3, H, W]
-                written.append(save_image(pixels[0], stem, metadata, args))
+    vae = load_image_vae(args, device)
+    if vae is not None:
+        written += [write_image(vae, rendered, device, args) for rendered in results]
     for path in written:
         logger.info("wrote %s", path)
     return written

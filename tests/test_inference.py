@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,47 @@ def test_from_file_renders_each_line_with_the_command_line_as_defaults(setup_and
     assert images["a green triangle"].info["infer_steps"] == "3"
 
 
+def test_interactive_renders_each_console_line_as_the_same_image_as_a_prompt_run(setup_and_loras, tmp_path,
+                                                                                 monkeypatch, capsys):
+    setup, first, second = setup_and_loras
+    common = [*model_flags(setup), *SIZE, "--lora_weight", str(first), str(second), "--guidance_scale", "4.5"]
+    lines = "a red circle --d 7 --n blurry\n\n# a comment\na cat --zz 1\na blue square --d 5 --w 96 --s 3\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))  # piped lines, as from a console
+    assert anima_minimal_inference.main([*common, "--interactive", "--save_path", str(tmp_path / "live"),
+                                         "--output_type", "latent_images"]) == 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "prompt 4" in errors[0] and "--zz" in errors[0]  # the bad line only, run goes on
+    images = {Image.open(p).info["prompt"]: p for p in pngs(tmp_path / "live")}
+    assert sorted(images) == ["a blue square", "a red circle"]
+    assert len(list((tmp_path / "live").glob("*_latent.safetensors"))) == 2
+    square = Image.open(images["a blue square"])
+    assert square.size == (96, 64) and square.info["infer_steps"] == "3" and square.info["seeds"] == "5"
+    # The same prompt given with --prompt renders the same picture.
+    assert anima_minimal_inference.main([*common, "--prompt", "a red circle", "--negative_prompt", "blurry",
+                                         "--seed", "7", "--save_path", str(tmp_path / "once")]) == 0
+    [once] = pngs(tmp_path / "once")
+    assert Image.open(images["a red circle"]).info["negative_prompt"] == "blurry"
+    torch.testing.assert_close(pixels(images["a red circle"]), pixels(once), atol=1, rtol=0)
+
+
+def test_interactive_ctrl_c_stops_one_image_and_reads_the_next_line(setup_and_loras, tmp_path, monkeypatch, capsys):
+    setup, _, _ = setup_and_loras
+    real_sample, calls = anima_minimal_inference.sample_latents, []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(anima_minimal_inference, "sample_latents", interrupted_once)
+    monkeypatch.setattr("sys.stdin", io.StringIO("first --d 1\nsecond --d 2\n"))
+    out = tmp_path / "live"
+    assert anima_minimal_inference.main([*model_flags(setup), *SIZE, "--interactive", "--save_path", str(out)]) == 0
+    assert "interrupted" in capsys.readouterr().err
+    assert [Image.open(p).info["prompt"] for p in pngs(out)] == ["second"]
+
+
 def test_latent_output_decodes_later_to_the_same_image(setup_and_loras, tmp_path):
     setup, _, _ = setup_and_loras
     out = tmp_path / "both"
@@ -218,6 +260,7 @@ def test_block_swap_renders_the_same_image_as_the_resident_dit(tiny_setup, tmp_p
     (["--blocks_to_swap", "1"], "at most 0 can be swapped"),
     (["--attn_mode", "flash"], "flash"),
     (["--fp8", "--fp8_scaled"], "--fp8 and --fp8_scaled"),
+    (["--interactive"], "--interactive reads the prompts from the console; leave out --prompt"),
 ])
 def test_bad_command_lines_end_with_one_error_line(setup_and_loras, tmp_path, capsys, extra, message):
     setup, first, _ = setup_and_loras
@@ -237,7 +280,7 @@ def test_help_lists_the_upstream_flags():
                 "--include_patterns", "--exclude_patterns", "--prompt", "--negative_prompt", "--image_size",
                 "--infer_steps", "--guidance_scale", "--flow_shift", "--seed", "--save_path", "--output_type",
                 "--from_file", "--fp8", "--fp8_scaled", "--attn_mode", "--vae_chunk_size", "--vae_disable_cache",
-                "--text_encoder_cpu", "--device", "--latent_path", "--no_metadata"}
+                "--text_encoder_cpu", "--device", "--latent_path", "--no_metadata", "--interactive"}
     assert upstream <= options
     assert {"--t5_tokenizer_path", "--qwen3_tokenizer_path", "--blocks_to_swap"} <= options
 

@@ -283,15 +283,26 @@ def _parse_sample_prompts(path: Path, defaults: Mapping[str, Any] | None, guidan
     reader = readers.get(path.suffix.lower())
     if reader is None:
         raise AnimaError(f"{flag}: {path} must end in .txt, .toml or .json")
-    prompts = []
-    for index, (fields, where) in enumerate(reader(path)):
-        fields = dict(fields)
-        if guidance_is_scale and "guidance_scale" in fields:
-            fields.setdefault("scale", fields.pop("guidance_scale"))
-        prompts.append(prompt_from_fields({**(defaults or {}), **fields}, index, where))
+    prompts = [_prompt_with_defaults(fields, defaults, guidance_is_scale, index, where)
+               for index, (fields, where) in enumerate(reader(path))]
     if not prompts:
         raise AnimaError(f"{flag}: {path} contains no prompts")
     return prompts
+
+
+def _prompt_with_defaults(fields: Mapping[str, Any], defaults: Mapping[str, Any] | None, guidance_is_scale: bool,
+                          index: int, where: str) -> SamplePrompt:
+    fields = dict(fields)
+    if guidance_is_scale and "guidance_scale" in fields:
+        fields.setdefault("scale", fields.pop("guidance_scale"))
+    return prompt_from_fields({**(defaults or {}), **fields}, index, where)
+
+
+def prompt_from_line(line: str, index: int, where: str, defaults: Mapping[str, Any] | None = None,
+                     guidance_is_scale: bool = False) -> SamplePrompt:
+    """One prompt from a line in the ``.txt`` prompt-file form (``text --w 832 --d 5 ...``), read as
+    ``load_sample_prompts`` reads a line of a file with the same ``defaults`` and ``guidance_is_scale``."""
+    return _prompt_with_defaults(parse_prompt_line(line.strip(), where), defaults, guidance_is_scale, index, where)
 
 
 def prompt_texts(prompts: Sequence[SamplePrompt]) -> list[str]:
