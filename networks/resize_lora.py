@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_to", required=True, help="output file (.safetensors keeps metadata; .pt/.ckpt)")
     parser.add_argument("--new_rank", type=int, default=4,
                         help="rank of the output (with --dynamic_method: the largest rank allowed)")
+    parser.add_argument("--new_conv_rank", type=int, default=None,
+                        help="sd-scripts' rank for convolution modules; Anima LoRAs have none, so it has no "
+                        "effect (warned)")
     parser.add_argument("--save_precision", choices=list(SAVE_PRECISIONS), default="float",
                         help="dtype of the saved tensors")
     parser.add_argument("--dynamic_method", choices=DYNAMIC_METHODS, default=None,
@@ -134,6 +137,9 @@ def check_args(args: argparse.Namespace) -> None:
     check_output_path(args.save_to, [args.model])
     if args.new_rank < 1:
         raise AnimaError(f"--new_rank must be at least 1, got {args.new_rank}")
+    if args.new_conv_rank is not None:
+        print(f"warning: --new_conv_rank {args.new_conv_rank} has no effect: the Anima DiT has no convolution "
+              "layers, so its LoRAs hold none; ignored", file=sys.stderr)
     if args.dynamic_method is None and args.dynamic_param is not None:
         raise AnimaError("--dynamic_param needs --dynamic_method (sv_ratio, sv_cumulative or sv_fro)")
     if args.dynamic_method is not None:

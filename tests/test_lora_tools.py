@@ -235,6 +235,21 @@ def test_resize_argument_errors_are_one_line(tiny_dit_and_loras, tmp_path, capsy
     assert "is also an input file" in capsys.readouterr().err
 
 
+def test_resize_warns_that_new_conv_rank_has_no_effect_and_resizes_as_without_it(tiny_dit_and_loras, tmp_path,
+                                                                                 capsys):
+    _, _, first, _ = tiny_dit_and_loras
+    plain, conv = tmp_path / "plain.safetensors", tmp_path / "conv.safetensors"
+    assert resize_lora.main(["--model", str(first), "--save_to", str(plain), "--new_rank", "2"]) == 0
+    capsys.readouterr()
+    assert resize_lora.main(["--model", str(first), "--save_to", str(conv), "--new_rank", "2",
+                             "--new_conv_rank", "2"]) == 0
+    assert "warning: --new_conv_rank 2 has no effect" in capsys.readouterr().err
+    with safe_open(str(plain), "pt") as a, safe_open(str(conv), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+
+
 # --- converter and alpha restoration -------------------------------------------------------------------------
 
 
