@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generation = parser.add_argument_group("generation")
     generation.add_argument("--prompt", default=None, help="prompt")
-    generation.add_argument("--negative_prompt", default="", help="negative prompt (used when guidance_scale > 1)")
+    generation.add_argument("--negative_prompt", default="", help="negative prompt (used when guidance_scale is not 1)")
     generation.add_argument("--from_file", default=None,
                             help="prompt file (.txt lines with --w --h --d --s --l/--g --fs --n, .toml or .json, "
                             "as --sample_prompts); the command line gives the defaults")
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_argument("--image_size", type=int, nargs=2, default=[1024, 1024], metavar=("HEIGHT", "WIDTH"),
                             help="image height and width (rounded down to multiples of 16)")
     generation.add_argument("--infer_steps", type=int, default=50, help="sampling steps")
-    generation.add_argument("--guidance_scale", type=float, default=3.5, help="classifier-free guidance scale")
+    generation.add_argument("--guidance_scale", type=float, default=3.5, help="classifier-free guidance scale; 1 turns CFG off, any other value (below 1 too, as in sd-scripts) runs it")
     generation.add_argument("--flow_shift", type=float, default=5.0, help="flow-matching schedule shift")
     generation.add_argument("--seed", type=int, default=None, help="seed (default: random, written in the name)")
     generation.add_argument("--save_path", required=True, help="output folder")
@@ -475,7 +475,8 @@ def sampling_context(args: argparse.Namespace, device: torch.device) -> contextl
 def render_prompt(args: argparse.Namespace, dit: torch.nn.Module, encoder: PromptEncoder, prompt: SamplePrompt,
                   device: torch.device, written: list[Path]) -> Rendered:
     """Sample one prompt; with --output_type latent/latent_images its latent file is written (and listed)."""
-    context, negative = encode_prompt_contexts(dit, encoder, prompt, device, compute_dtype(device))
+    context, negative = encode_prompt_contexts(dit, encoder, prompt, device, compute_dtype(device),
+                                               guidance_below_one=True)
     latents = sample_latents(dit, prompt, context, negative).cpu()
     stem = f"{_time_flag()}_{prompt.seed}"
     if args.output_type != "images":

@@ -15,6 +15,7 @@ from library.errors import AnimaError
 from library.training.sampling import (
     CachedPromptEncodings,
     SamplePrompt,
+    encode_prompt_contexts,
     euler_flow_sample,
     generate_sample_images,
     load_sample_prompts,
@@ -198,6 +199,30 @@ def test_euler_without_cfg_makes_one_pass_per_step():
         euler_flow_sample(model, noise, torch.tensor([1.0, 0.5, 0.0]), torch.zeros(1, 2, 4),
                           torch.ones(1, 2, 4), scale=1.0)
     assert len(model.calls) == 2
+
+
+def test_cfg_runs_below_one_for_inference_and_only_above_one_for_training_samples():
+    class Encoder:
+        def encode(self, captions):
+            return {"qwen3_embeds": torch.ones(1, 2, 4), "qwen3_mask": torch.ones(1, 2), "t5_ids": torch.ones(1, 2),
+                    "t5_mask": torch.ones(1, 2)}
+
+    class Model:
+        def encode_text(self, embeds, mask, ids, ids_mask):
+            return embeds
+
+    def negative(scale, **kwargs):
+        prompt = SamplePrompt(0, "a", "b", width=64, height=64, seed=1, sample_steps=1, scale=scale)
+        return encode_prompt_contexts(Model(), Encoder(), prompt, torch.device("cpu"), torch.float32, **kwargs)[1]
+
+    assert negative(0.5) is None and negative(1.0) is None and negative(2.0) is not None  # sd-scripts' trainer
+    assert negative(0.5, guidance_below_one=True) is not None  # sd-scripts' inference script
+    assert negative(1.0, guidance_below_one=True) is None
+    model = _LinearVelocity()
+    with torch.no_grad():
+        euler_flow_sample(model, torch.zeros(1, 16, 1, 2, 2), torch.tensor([1.0, 0.0]), torch.zeros(1, 2, 4),
+                          torch.ones(1, 2, 4), scale=0.5)
+    assert len(model.calls) == 2  # one step, conditional and negative pass
 
 
 # ---------------------------------------------------------------------------------------------------------------

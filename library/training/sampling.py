@@ -366,14 +366,14 @@ def euler_flow_sample(
 
     noise: [B, 16, 1, H, W] (any float dtype; computed in fp32); sigmas: [steps+1] decreasing.
     The model is called as ``model(x, t [B], context, padding_mask=zeros [B,1,H,W])`` in the dtype of ``context``.
-    With ``negative_context`` and ``scale > 1`` the velocity is ``v_neg + scale * (v_pos - v_neg)``
+    With ``negative_context`` and ``scale != 1`` the velocity is ``v_neg + scale * (v_pos - v_neg)``
     (two separate passes). Returns the fp32 latent at the last σ.
     """
     dtype = context.dtype
     x = noise.to(torch.float32)
     batch, _, _, height, width = x.shape
     padding_mask = torch.zeros(batch, 1, height, width, dtype=dtype, device=x.device)
-    use_cfg = negative_context is not None and scale > 1.0
+    use_cfg = negative_context is not None and scale != 1.0
     for i in range(len(sigmas) - 1):
         t = sigmas[i].to(device=x.device, dtype=dtype).expand(batch)
         x_in = x.to(dtype)
@@ -504,10 +504,16 @@ def generate_sample_images(
 
 
 def encode_prompt_contexts(model: Any, encoder: PromptEncoder, prompt: SamplePrompt, device: torch.device,
-                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(context, negative context or None without CFG) [1, Lt, D] of one prompt; KeyError if a text is unknown."""
+                           dtype: torch.dtype, guidance_below_one: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context, negative context or None without CFG) [1, Lt, D] of one prompt; KeyError if a text is unknown.
+
+    CFG runs for a scale above 1, as in sd-scripts' training samples; with ``guidance_below_one`` also for a
+    scale below 1, as in sd-scripts' inference script (a scale of 1 is the conditional pass alone either way).
+    """
     context = _encode_context(model, encoder, prompt.prompt, device, dtype)
-    negative = _encode_context(model, encoder, prompt.negative_prompt, device, dtype) if prompt.scale > 1.0 else None
+    use_cfg = prompt.scale > 1.0 or (guidance_below_one and prompt.scale < 1.0)
+    negative = _encode_context(model, encoder, prompt.negative_prompt, device, dtype) if use_cfg else None
     return context, negative
 
 
