@@ -522,7 +522,7 @@ class NetworkTrainer:
         step = self.global_step
         if schedule.step_sampling_due(step, args.sample_every_n_steps, args.sample_every_n_epochs):
             self.run_sampling(epoch=None, step=step)
-        self.writer.after_step(self.position, self.schedule.max_train_steps)
+        self.writer.after_step(self.position)
         if self.val_loader is not None and schedule.every(args.validate_every_n_steps, step):
             self.validate(args)
 
