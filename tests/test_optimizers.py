@@ -112,13 +112,22 @@ def test_bitsandbytes_optimizers_build_and_reduce_loss(optimizer_type, expected_
     assert last < first, (first, last)
 
 
-def test_sgd_nesterov_gets_momentum_default_and_records_it():
+def test_sgd_nesterov_gets_momentum_default_and_records_only_the_momentum():
     model, _, _ = _tiny_problem()
     name, args, optimizer = create_optimizer("sgdnesterov", model.parameters(), 0.1)
     assert optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["nesterov"] is True
-    assert args == "momentum=0.9,nesterov=True"
+    # The ss_optimizer text shows the filled-in momentum; Nesterov is what the name says (sd-scripts' text).
+    assert args == "momentum=0.9"
     _, args, optimizer = create_optimizer("SGDNesterov", model.parameters(), 0.1, ["momentum=0.5"])
-    assert optimizer.defaults["momentum"] == 0.5 and args == "momentum=0.5,nesterov=True"
+    assert optimizer.defaults["momentum"] == 0.5 and optimizer.defaults["nesterov"] is True and args == "momentum=0.5"
+
+
+@pytest.mark.parametrize("value", ["False", "True"])
+def test_sgd_nesterov_refuses_a_nesterov_option(value):
+    model, _, _ = _tiny_problem()
+    with pytest.raises(AnimaError, match="--optimizer_args nesterov: --optimizer_type SGDNesterov always uses "
+                                         "nesterov=True"):
+        create_optimizer("SGDNesterov", model.parameters(), 0.1, [f"nesterov={value}"])
 
 
 def test_param_group_lrs_are_kept():
@@ -137,6 +146,20 @@ def test_lion_update_is_signed_momentum_with_decoupled_weight_decay():
     expected = torch.tensor([1.0, -2.0, 0.5]) * 0.95 - 0.1 * torch.tensor([1.0, -1.0, 0.0])
     torch.testing.assert_close(p.detach(), expected)
     torch.testing.assert_close(optimizer.state[p]["exp_avg"], 0.01 * torch.tensor([0.3, -0.1, 0.0]))
+
+
+def test_lion_decoupled_weight_decay_divides_the_decay_by_the_initial_lr():
+    # lion-pytorch's option (sd-scripts passes --optimizer_args to that class): wd / lr0, with lr0 the --learning_rate,
+    # so a group at twice the LR decays twice as fast, and halving the LR by a schedule halves the decay.
+    p, q = torch.nn.Parameter(torch.tensor([1.0, -2.0])), torch.nn.Parameter(torch.tensor([4.0]))
+    _, args, optimizer = create_optimizer("Lion", [{"params": [p]}, {"params": [q], "lr": 0.2}], 0.1,
+                                          ["decoupled_weight_decay=True", "weight_decay=0.5"])
+    assert args == "decoupled_weight_decay=True,weight_decay=0.5"
+    p.grad, q.grad = torch.tensor([0.3, -0.1]), torch.tensor([-1.0])
+    optimizer.step()
+    # p ← p·(1 − lr·wd/lr0) − lr·sign(g): lr0 = 0.1, wd/lr0 = 5
+    torch.testing.assert_close(p.detach(), torch.tensor([1.0, -2.0]) * (1 - 0.1 * 5) - 0.1 * torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(q.detach(), torch.tensor([4.0]) * (1 - 0.2 * 5) + 0.2)
 
 
 def test_adafactor_relative_step_drops_lrs_and_switches_scheduler():
