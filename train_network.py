@@ -229,15 +229,18 @@ class NetworkTrainer:
         return train_group, val_group
 
     def check_against_datasets(self, args: argparse.Namespace) -> tuple[schedule.Schedule, dict[str, Any]]:
-        """After the image scan, before any model loads: the schedule, the disk-cache folders, and for --resume
-        the dataset, batches per epoch and number of processes against the state, and the steps left. Returns
-        the schedule and the data facts every state records."""
+        """After the image scan, before any model loads: the schedule, the disk-cache folders, the LR warmup against
+        the run's length (with --max_train_epochs; otherwise the input check did it), and for --resume the
+        dataset, batches per epoch and number of processes against the state, and the steps left. Returns the
+        schedule and the data facts every state records."""
         num_processes = self.accelerator.num_processes
         run_schedule = schedule.schedule_from_args(args, len(self.train_group), num_processes)
         # Taken from the image scan (before caching may drop undecodable images), so that every run of the same
         # data records and compares the same facts.
         facts = preflight.run_facts(num_processes, run_schedule, self.train_group, args.dataset_config)
         preflight.check_cache_folders(args, self.groups())
+        if args.max_train_epochs is not None:  # the step count was not known to the input check
+            preflight.check_schedule_length(args, self.network_size, run_schedule.max_train_steps)
         if self.loaded_state is not None:
             preflight.check_resume_against_data(args, self.loaded_state, facts, run_schedule)
         return run_schedule, facts
