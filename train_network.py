@@ -50,7 +50,7 @@ from library.training.reporting import (
     run_logging_dir,
 )
 from library.training.schedule import Position
-from library.training.schedulers import lr_scheduler_from_args
+from library.training.schedulers import is_relative_step_adafactor, lr_scheduler_from_args, resolve_lr_scheduler_name
 from library.training.state import capture_rng, restore_rng
 
 
@@ -341,6 +341,10 @@ class NetworkTrainer:
             network_dim=getattr(self.network, "network_dim", None),
             network_alpha=getattr(self.network, "network_alpha", None),
         )
+        if is_relative_step_adafactor(self.opt.optimizer):
+            # As sd-scripts records it: no LR was used, and the schedule that ran is adafactor:<initial lr>.
+            metadata.update(ss_learning_rate="None", ss_unet_lr="None", ss_lr_scheduler=resolve_lr_scheduler_name(
+                args.lr_scheduler, self.opt.optimizer, args.learning_rate))
         if not args.no_metadata:
             self.update_metadata(metadata, args)
         return metadata, outputs.model_spec(args, self.training_started_at)

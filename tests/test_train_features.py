@@ -278,6 +278,10 @@ def test_fused_backward_pass_steps_inside_backward_and_matches_the_plain_adafact
     plain0 = run(base_argv(tiny_setup, tmp_path / "p0", "--max_train_steps", "2", "--optimizer_type", "Adafactor",
                            "--max_grad_norm", "0", *COMMON))
     assert plain0.calls["step"] == 2 and plain0.calls["clip"] == 0  # --max_grad_norm 0: no clipping
+    # relative_step (the default) sets its own step size: recorded as sd-scripts records it.
+    meta = metadata(tmp_path / "p0" / "tiny.safetensors")
+    assert (meta["ss_learning_rate"], meta["ss_unet_lr"], meta["ss_lr_scheduler"]) == ("None", "None", "adafactor:0.005")
+    assert meta["ss_optimizer"] == "library.training.optimizers.Adafactor(relative_step=True)"
     fused_sd = load_file(str(tmp_path / "f0" / "tiny.safetensors"))
     assert_same_weights(load_file(str(tmp_path / "p0" / "tiny.safetensors")), fused_sd, atol=1e-6)
     assert any(v.abs().sum() > 0 for k, v in fused_sd.items() if k.endswith("lora_up.weight")), "nothing trained"

@@ -125,7 +125,8 @@ class AdafactorSchedule:
         self.initial_lr = state_dict.get("initial_lr", self.initial_lr)
 
 
-def _is_relative_step_adafactor(optimizer: torch.optim.Optimizer) -> bool:
+def is_relative_step_adafactor(optimizer: torch.optim.Optimizer) -> bool:
+    """Adafactor with relative_step: it computes its own step size, the LR flags only name the initial LR."""
     inner = unwrap_optimizer(optimizer)
     return isinstance(inner, Adafactor) and bool(inner.defaults.get("relative_step"))
 
@@ -133,7 +134,7 @@ def _is_relative_step_adafactor(optimizer: torch.optim.Optimizer) -> bool:
 def resolve_lr_scheduler_name(lr_scheduler: str, optimizer: torch.optim.Optimizer, learning_rate: float) -> str:
     """The scheduler name to actually use: Adafactor with relative_step computes its own LR, so the schedule
     becomes "adafactor:<learning_rate>" (the LR is only reported). Otherwise `lr_scheduler` unchanged."""
-    if _is_relative_step_adafactor(optimizer):
+    if is_relative_step_adafactor(optimizer):
         if not lr_scheduler.startswith("adafactor"):
             logger.info(
                 "Adafactor with relative_step=True: using the adafactor LR scheduler instead of %s", lr_scheduler
@@ -240,7 +241,7 @@ def create_lr_scheduler(
 
     if name.startswith("adafactor"):
         check_no_warmup("adafactor", warmup)
-        if not _is_relative_step_adafactor(optimizer):
+        if not is_relative_step_adafactor(optimizer):
             raise AnimaError(
                 "--lr_scheduler adafactor needs --optimizer_type Adafactor with relative_step=True; pick another scheduler"
             )
