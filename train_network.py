@@ -50,7 +50,7 @@ from library.training.reporting import (
     run_logging_dir,
 )
 from library.training.schedule import Position
-from library.training.schedulers import lr_scheduler_from_args
+from library.training.schedulers import is_relative_step_adafactor, lr_scheduler_from_args, resolve_lr_scheduler_name
 from library.training.state import capture_rng, restore_rng
 
 
@@ -229,15 +229,18 @@ class NetworkTrainer:
         return train_group, val_group
 
     def check_against_datasets(self, args: argparse.Namespace) -> tuple[schedule.Schedule, dict[str, Any]]:
-        """After the image scan, before any model loads: the schedule, the disk-cache folders, and for --resume
-        the dataset, batches per epoch and number of processes against the state, and the steps left. Returns
-        the schedule and the data facts every state records."""
+        """After the image scan, before any model loads: the schedule, the disk-cache folders, the LR warmup against
+        the run's length (with --max_train_epochs; otherwise the input check did it), and for --resume the
+        dataset, batches per epoch and number of processes against the state, and the steps left. Returns the
+        schedule and the data facts every state records."""
         num_processes = self.accelerator.num_processes
         run_schedule = schedule.schedule_from_args(args, len(self.train_group), num_processes)
         # Taken from the image scan (before caching may drop undecodable images), so that every run of the same
         # data records and compares the same facts.
         facts = preflight.run_facts(num_processes, run_schedule, self.train_group, args.dataset_config)
         preflight.check_cache_folders(args, self.groups())
+        if args.max_train_epochs is not None:  # the step count was not known to the input check
+            preflight.check_schedule_length(args, self.network_size, run_schedule.max_train_steps)
         if self.loaded_state is not None:
             preflight.check_resume_against_data(args, self.loaded_state, facts, run_schedule)
         return run_schedule, facts
@@ -338,6 +341,10 @@ class NetworkTrainer:
             network_dim=getattr(self.network, "network_dim", None),
             network_alpha=getattr(self.network, "network_alpha", None),
         )
+        if is_relative_step_adafactor(self.opt.optimizer):
+            # As sd-scripts records it: no LR was used, and the schedule that ran is adafactor:<initial lr>.
+            metadata.update(ss_learning_rate="None", ss_unet_lr="None", ss_lr_scheduler=resolve_lr_scheduler_name(
+                args.lr_scheduler, self.opt.optimizer, args.learning_rate))
         if not args.no_metadata:
             self.update_metadata(metadata, args)
         return metadata, outputs.model_spec(args, self.training_started_at)
@@ -522,7 +529,7 @@ class NetworkTrainer:
         step = self.global_step
         if schedule.step_sampling_due(step, args.sample_every_n_steps, args.sample_every_n_epochs):
             self.run_sampling(epoch=None, step=step)
-        self.writer.after_step(self.position, self.schedule.max_train_steps)
+        self.writer.after_step(self.position)
         if self.val_loader is not None and schedule.every(args.validate_every_n_steps, step):
             self.validate(args)
 

@@ -75,6 +75,19 @@ def test_bad_optimizer_scheduler_and_learning_rate_fail_before_any_model_or_cach
     assert not out.exists() and not npz_files(dataset)
 
 
+def test_warmup_is_checked_against_the_epoch_count_not_max_train_steps(tiny_setup, dataset, tmp_path,
+                                                                         no_weights_read, capsys):
+    # 5 batches per epoch: --max_train_epochs 3 is 15 steps and overrides --max_train_steps 2.
+    flags = (*COMMON, "--max_train_steps", "2", "--max_train_epochs", "3", "--lr_scheduler", "cosine", "--dry_run")
+    ok = tiny_train_argv(tiny_setup, tmp_path / "ok", *flags, "--lr_warmup_steps", "5", dataset=dataset)
+    assert anima_train_network.main(ok) == 0
+    assert "3 epochs, 15 steps" in capsys.readouterr().out
+    too_long = tiny_train_argv(tiny_setup, tmp_path / "long", *flags, "--lr_warmup_steps", "16", dataset=dataset)
+    assert anima_train_network.main(too_long) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: --lr_warmup_steps (16) is longer than the whole run (15 steps)", err
+
+
 def test_a_read_only_image_folder_with_disk_caches_fails_before_any_model(tiny_setup, dataset, tmp_path,
                                                                           no_weights_read, monkeypatch, capsys):
     images = dataset.parent / "images"

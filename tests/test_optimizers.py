@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 import types
@@ -112,13 +113,22 @@ def test_bitsandbytes_optimizers_build_and_reduce_loss(optimizer_type, expected_
     assert last < first, (first, last)
 
 
-def test_sgd_nesterov_gets_momentum_default_and_records_it():
+def test_sgd_nesterov_gets_momentum_default_and_records_only_the_momentum():
     model, _, _ = _tiny_problem()
     name, args, optimizer = create_optimizer("sgdnesterov", model.parameters(), 0.1)
     assert optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["nesterov"] is True
-    assert args == "momentum=0.9,nesterov=True"
+    # The ss_optimizer text shows the filled-in momentum; Nesterov is what the name says (sd-scripts' text).
+    assert args == "momentum=0.9"
     _, args, optimizer = create_optimizer("SGDNesterov", model.parameters(), 0.1, ["momentum=0.5"])
-    assert optimizer.defaults["momentum"] == 0.5 and args == "momentum=0.5,nesterov=True"
+    assert optimizer.defaults["momentum"] == 0.5 and optimizer.defaults["nesterov"] is True and args == "momentum=0.5"
+
+
+@pytest.mark.parametrize("value", ["False", "True"])
+def test_sgd_nesterov_refuses_a_nesterov_option(value):
+    model, _, _ = _tiny_problem()
+    with pytest.raises(AnimaError, match="--optimizer_args nesterov: --optimizer_type SGDNesterov always uses "
+                                         "nesterov=True"):
+        create_optimizer("SGDNesterov", model.parameters(), 0.1, [f"nesterov={value}"])
 
 
 def test_param_group_lrs_are_kept():
@@ -137,6 +147,20 @@ def test_lion_update_is_signed_momentum_with_decoupled_weight_decay():
     expected = torch.tensor([1.0, -2.0, 0.5]) * 0.95 - 0.1 * torch.tensor([1.0, -1.0, 0.0])
     torch.testing.assert_close(p.detach(), expected)
     torch.testing.assert_close(optimizer.state[p]["exp_avg"], 0.01 * torch.tensor([0.3, -0.1, 0.0]))
+
+
+def test_lion_decoupled_weight_decay_divides_the_decay_by_the_initial_lr():
+    # lion-pytorch's option (sd-scripts passes --optimizer_args to that class): wd / lr0, with lr0 the --learning_rate,
+    # so a group at twice the LR decays twice as fast, and halving the LR by a schedule halves the decay.
+    p, q = torch.nn.Parameter(torch.tensor([1.0, -2.0])), torch.nn.Parameter(torch.tensor([4.0]))
+    _, args, optimizer = create_optimizer("Lion", [{"params": [p]}, {"params": [q], "lr": 0.2}], 0.1,
+                                          ["decoupled_weight_decay=True", "weight_decay=0.5"])
+    assert args == "decoupled_weight_decay=True,weight_decay=0.5"
+    p.grad, q.grad = torch.tensor([0.3, -0.1]), torch.tensor([-1.0])
+    optimizer.step()
+    # p ← p·(1 − lr·wd/lr0) − lr·sign(g): lr0 = 0.1, wd/lr0 = 5
+    torch.testing.assert_close(p.detach(), torch.tensor([1.0, -2.0]) * (1 - 0.1 * 5) - 0.1 * torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(q.detach(), torch.tensor([4.0]) * (1 - 0.2 * 5) + 0.2)
 
 
 def test_adafactor_relative_step_drops_lrs_and_switches_scheduler():
@@ -211,6 +235,22 @@ def test_schedule_free_optimizer_gets_a_no_op_scheduler():
     assert isinstance(scheduler, ScheduleFreeScheduler)
     scheduler.step()
     assert scheduler.get_last_lr() == [0.25]
+
+
+def test_schedule_free_optimizer_warns_that_the_scheduler_flags_go_unused(caplog):
+    class AdamWScheduleFree(torch.optim.AdamW):
+        pass
+
+    model, _, _ = _tiny_problem()
+    optimizer = AdamWScheduleFree(model.parameters(), lr=0.25)
+    with caplog.at_level(logging.WARNING):
+        create_lr_scheduler("constant", optimizer, 100, 0)
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):
+        create_lr_scheduler("cosine", optimizer, 100, 0.1, scheduler_args=["num_cycles=2"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "--lr_scheduler, --lr_warmup_steps, --lr_scheduler_args: not used with the schedule-free optimizer "
+        "AdamWScheduleFree, which keeps its own schedule (its warmup: --optimizer_args warmup_steps=N)"]
 
 
 def test_unknown_optimizer_lists_valid_names():
@@ -542,6 +582,16 @@ def test_warmup_stable_decay_scheduler():
         _lrs("warmup_stable_decay", num_warmup_steps=60, num_decay_steps=50)
 
 
+def test_run_length_checks_can_wait_for_the_step_count():
+    # The input check with --max_train_epochs does not know the run's length yet: it builds with check_length off.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for name, warmup, decay, message in (("cosine", 5, 0, "longer than the whole run"),
+                                         ("warmup_stable_decay", 1, 5, "exceed the run")):
+        with pytest.raises(AnimaError, match=message):
+            create_lr_scheduler(name, optimizer, 2, warmup, num_decay_steps=decay)
+        create_lr_scheduler(name, optimizer, 2, warmup, num_decay_steps=decay, check_length=False)
+
+
 def test_piecewise_constant_scheduler_follows_step_rules():
     got = _lrs("piecewise_constant", steps=(0, 9, 10, 19, 20, 99), scheduler_args=["step_rules='1:10,0.1:20,0.01'"])
     _check(got, lambda s: 1.0 if s < 10 else 0.1 if s < 20 else 0.01)
@@ -604,3 +654,32 @@ def test_steps_from_int_or_float_floors_ratios_and_rejects_bad_values():
     for bad in (-1, 1.5, "abc"):
         with pytest.raises(AnimaError, match="--lr_decay_steps"):
             steps_from_int_or_float(bad, 95, "--lr_decay_steps")
+
+
+@pytest.mark.parametrize("flags, name, kwargs", [
+    (["--lr_scheduler", "inverse_sqrt", "--lr_warmup_steps", "4", "--lr_scheduler_timescale", "40"],
+     "inverse_sqrt", {"num_warmup_steps": 4, "timescale": 40}),
+    (["--lr_scheduler", "cosine_with_restarts", "--lr_warmup_steps", "10%", "--lr_scheduler_num_cycles", "3"],
+     "cosine_with_restarts", {"num_warmup_steps": 0.1, "num_cycles": 3}),
+    (["--lr_scheduler", "polynomial", "--lr_scheduler_power", "2.5", "--lr_scheduler_args", "lr_end=1e-3"],
+     "polynomial", {"power": 2.5, "scheduler_args": ["lr_end=1e-3"]}),
+    (["--lr_scheduler", "warmup_stable_decay", "--lr_warmup_steps", "0.05", "--lr_decay_steps", "0.3",
+      "--lr_scheduler_min_lr_ratio", "0.1", "--lr_scheduler_num_cycles", "2"],
+     "warmup_stable_decay", {"num_warmup_steps": 0.05, "num_decay_steps": 0.3, "min_lr_ratio": 0.1, "num_cycles": 2}),
+])
+def test_scheduler_flags_reach_the_schedule(flags, name, kwargs):
+    from library.training.args import parse_args
+    from library.training.schedulers import lr_scheduler_from_args
+
+    args, _ = parse_args(flags)
+    got = [None, None]
+    for i, build in enumerate((lambda opt: lr_scheduler_from_args(args, opt, T),
+                               lambda opt: create_lr_scheduler(name, opt, T, **kwargs))):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler, lrs = build(optimizer), []
+        for _ in range(T):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        got[i] = lrs
+    assert got[0] == got[1] and len(set(got[0])) > 2

@@ -208,6 +208,14 @@ def test_incompatible_flags_are_rejected_naming_the_flags(argv, words):
         assert word in message
 
 
+@pytest.mark.parametrize("flag", ["--save_n_epoch_ratio", "--save_last_n_epochs_state", "--save_last_n_steps_state"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_save_counts_below_one_are_rejected(flag, value):
+    # A negative --save_n_epoch_ratio used to save every epoch (sd-scripts ignores it); neither is what was asked.
+    with pytest.raises(AnimaError, match=re.escape(f"{flag} must be at least 1, got {value}")):
+        parse(flag, value)
+
+
 def test_all_conflicts_are_reported_together():
     with pytest.raises(AnimaError) as err:
         parse("--full_bf16", "--fused_backward_pass")

@@ -119,22 +119,23 @@ def step_run(tiny_setup, tmp_path_factory):
 def test_save_last_n_steps_prunes_older_step_files_and_states(step_run):
     _, out = step_run
     names = {p.name for p in out.iterdir() if not is_run_lock_file(p.name)}
-    assert names == {"tiny-step00000002-state", "tiny-step00000002.safetensors", "tiny-step00000003-state",
-                     "tiny-step00000003.safetensors", "tiny-state", "tiny.safetensors", "tiny_loss.png"}
+    # Step 4 is the last step and is saved too (as sd-scripts does); keeping the last 1 step leaves steps 3 and 4.
+    assert names == {"tiny-step00000003-state", "tiny-step00000003.safetensors", "tiny-step00000004-state",
+                     "tiny-step00000004.safetensors", "tiny-state", "tiny.safetensors", "tiny_loss.png"}
 
 
 def test_resume_mid_epoch_from_a_step_state_equals_the_uninterrupted_run(tiny_setup, step_run, tmp_path):
     trainer, out = step_run
-    state = out / "tiny-step00000002-state"
+    state = out / "tiny-step00000003-state"
     counters = json.loads((state / "train_state.json").read_text())
-    assert counters["global_step"] == 2 and counters["epoch_step"] > 0, "the state is not in the middle of an epoch"
-    assert trainer.schedule.steps_per_epoch > 2
+    assert counters["global_step"] == 3 and counters["epoch_step"] > 0, "the state is not in the middle of an epoch"
+    assert trainer.schedule.steps_per_epoch > 3
     resumed = run(base_argv(tiny_setup, tmp_path, "--max_train_steps", "4", "--resume", str(state), *COMMON))
     assert resumed.global_step == 4
     assert_same_weights(load_file(str(out / "tiny.safetensors")), load_file(str(tmp_path / "tiny.safetensors")))
-    step2 = load_file(str(out / "tiny-step00000002.safetensors"))
+    step3 = load_file(str(out / "tiny-step00000003.safetensors"))
     final = load_file(str(tmp_path / "tiny.safetensors"))
-    assert any(not torch.equal(step2[k], final[k]) for k in final if k.endswith("lora_up.weight"))
+    assert any(not torch.equal(step3[k], final[k]) for k in final if k.endswith("lora_up.weight"))
 
 
 def test_save_last_n_epochs_keeps_only_the_newest_epoch_file(tiny_setup, tmp_path):
@@ -277,6 +278,10 @@ def test_fused_backward_pass_steps_inside_backward_and_matches_the_plain_adafact
     plain0 = run(base_argv(tiny_setup, tmp_path / "p0", "--max_train_steps", "2", "--optimizer_type", "Adafactor",
                            "--max_grad_norm", "0", *COMMON))
     assert plain0.calls["step"] == 2 and plain0.calls["clip"] == 0  # --max_grad_norm 0: no clipping
+    # relative_step (the default) sets its own step size: recorded as sd-scripts records it.
+    meta = metadata(tmp_path / "p0" / "tiny.safetensors")
+    assert (meta["ss_learning_rate"], meta["ss_unet_lr"], meta["ss_lr_scheduler"]) == ("None", "None", "adafactor:0.005")
+    assert meta["ss_optimizer"] == "library.training.optimizers.Adafactor(relative_step=True)"
     fused_sd = load_file(str(tmp_path / "f0" / "tiny.safetensors"))
     assert_same_weights(load_file(str(tmp_path / "p0" / "tiny.safetensors")), fused_sd, atol=1e-6)
     assert any(v.abs().sum() > 0 for k, v in fused_sd.items() if k.endswith("lora_up.weight")), "nothing trained"
@@ -300,7 +305,7 @@ def test_schedule_free_optimizer_is_in_eval_mode_for_saving_and_validation(tiny_
                   f"{__name__}.RecordingAdamWScheduleFree", dataset=val_toml))
     log = RecordingAdamWScheduleFree.log
     assert log[0] == "train"
-    assert log.count("save") == 2 and log.count("validate") >= 2
+    assert log.count("save") == 3 and log.count("validate") >= 2  # steps 1 and 2 (the last) and the final file
     mode = None
     for entry in log:
         if entry in ("train", "eval"):

@@ -735,8 +735,9 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             reject(f"{_flag(name)} must be at least 1, got {getattr(args, name)}")
-    for name in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
-                 "save_last_n_steps", "qwen3_max_token_length", "t5_max_token_length"):
+    for name in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio",
+                 "save_last_n_epochs", "save_last_n_steps", "save_last_n_epochs_state", "save_last_n_steps_state",
+                 "qwen3_max_token_length", "t5_max_token_length"):
         value = getattr(args, name)
         if value is not None and value < 1:
             reject(f"{_flag(name)} must be at least 1, got {value}")

@@ -128,10 +128,10 @@ class RunWriter:
                 self.reporter.message(f"removed old checkpoint {path}")
         self.accelerator.wait_for_everyone()
 
-    def after_step(self, position: Position, max_train_steps: int) -> None:
+    def after_step(self, position: Position) -> None:
         """`--save_every_n_steps`: the LoRA (and with --save_state the state) of this step; old ones pruned."""
         args, step = self.args, position.global_step
-        if schedule.step_save_due(step, args.save_every_n_steps, max_train_steps):
+        if schedule.step_save_due(step, args.save_every_n_steps):
             self._save_and_prune(step, outputs.step_model_name, outputs.step_state_name,
                                  lambda keep: outputs.step_to_prune(step, args.save_every_n_steps, keep),
                                  args.save_last_n_steps, args.save_last_n_steps_state,

@@ -65,15 +65,20 @@ class Lion(torch.optim.Optimizer):
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
 
     update = sign(β1·m + (1 − β1)·g); p ← p·(1 − lr·wd) − lr·update; m ← β2·m + (1 − β2)·g.
-    Typical lr is 3–10× smaller than AdamW's, weight decay 3–10× larger.
+    Typical lr is 3–10× smaller than AdamW's, weight decay 3–10× larger. The options are those of lion-pytorch's
+    class (which sd-scripts uses): with `decoupled_weight_decay=True` the decay is wd / lr0 (lr0: the `lr` given
+    here), so p ← p·(1 − (lr / lr0)·wd): the decay follows the LR schedule but not the LR's size.
     """
 
-    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
+                 decoupled_weight_decay: bool = False):
         if not lr > 0:
             raise ValueError(f"Lion: lr must be > 0 (got {lr})")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"Lion: betas must be in [0, 1) (got {betas})")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
+        self.initial_lr = lr
+        self.decoupled_weight_decay = bool(decoupled_weight_decay)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -83,6 +88,7 @@ class Lion(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            decay = group["weight_decay"] / self.initial_lr if self.decoupled_weight_decay else group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -90,7 +96,7 @@ class Lion(torch.optim.Optimizer):
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(p)
                 exp_avg = state["exp_avg"]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.mul_(1 - group["lr"] * decay)
                 update = exp_avg.mul(beta1).add_(p.grad, alpha=1 - beta1).sign_()
                 p.add_(update, alpha=-group["lr"])
                 exp_avg.mul_(beta2).add_(p.grad, alpha=1 - beta2)
@@ -231,7 +237,7 @@ def _import_attr(module_name: str, attr: str, pip_name: str, optimizer_type: str
 # display name → (module, class name, pip package, default kwargs added when absent); matched case-insensitively
 _PACKAGED_OPTIMIZERS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "AdamW8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", {}),
-    "SGDNesterov8bit": ("bitsandbytes.optim", "SGD8bit", "bitsandbytes", {"momentum": 0.9, "nesterov": True}),
+    "SGDNesterov8bit": ("bitsandbytes.optim", "SGD8bit", "bitsandbytes", {"momentum": 0.9}),
     "Lion8bit": ("bitsandbytes.optim", "Lion8bit", "bitsandbytes", {}),
     "PagedAdamW8bit": ("bitsandbytes.optim", "PagedAdamW8bit", "bitsandbytes", {}),
     "PagedLion8bit": ("bitsandbytes.optim", "PagedLion8bit", "bitsandbytes", {}),
@@ -251,6 +257,9 @@ _PACKAGED_OPTIMIZERS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "SGDScheduleFree": ("schedulefree", "SGDScheduleFree", "schedulefree", {}),
 }
 _PACKAGED_BY_KEY = {name.lower(): spec for name, spec in _PACKAGED_OPTIMIZERS.items()}
+# Settings that the optimizer name itself stands for: passed to the class, never taken from --optimizer_args and,
+# as in sd-scripts, not part of the `ss_optimizer` text (which shows momentum=0.9 when it was filled in).
+_FIXED_KWARGS: dict[str, dict[str, Any]] = {"sgdnesterov": {"nesterov": True}, "sgdnesterov8bit": {"nesterov": True}}
 _BUILTIN_OPTIMIZERS = ("AdamW", "SGDNesterov", "Lion", "Adafactor")
 # Optimizers that find their own step size: the lr should be about 1.0.
 _ADAPTIVE_LR_PREFIXES = ("dadapt", "prodigy")
@@ -352,7 +361,6 @@ def create_optimizer(
     elif key == "sgdnesterov":
         cls = torch.optim.SGD
         kwargs.setdefault("momentum", 0.9)
-        kwargs.setdefault("nesterov", True)
     elif key == "lion":
         cls = Lion
     elif key == "adafactor":
@@ -366,6 +374,11 @@ def create_optimizer(
     else:
         cls = _resolve_torch_or_dotted(optimizer_type)
 
+    fixed = _FIXED_KWARGS.get(key, {})
+    for name in fixed.keys() & kwargs.keys():
+        raise AnimaError(f"--optimizer_args {name}: --optimizer_type {optimizer_type} always uses {name}={fixed[name]}; "
+                         f"drop {name}=... (or pick another optimizer, e.g. --optimizer_type SGD)")
+
     if key.startswith(_ADAPTIVE_LR_PREFIXES):
         lrs = _group_lrs(param_groups) or [lr]
         if min(lrs) <= 0.1:
@@ -376,7 +389,7 @@ def create_optimizer(
             logger.warning("%s with several learning rates: the adaptation may not work as expected", cls.__name__)
 
     try:
-        optimizer = cls(param_groups, lr=lr, **kwargs)
+        optimizer = cls(param_groups, lr=lr, **kwargs, **fixed)
     except (TypeError, ValueError) as e:
         given = format_kwargs(kwargs) or "none"
         raise AnimaError(

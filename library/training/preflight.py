@@ -117,6 +117,7 @@ class NetworkSize:
         self.text_encoder_parameters = text_encoder_parameters
         self.network_parameters = network_parameters
         self.trainable_parameters = trainable_parameters
+        self.optimizer: torch.optim.Optimizer | None = None  # built on the weightless LoRA parameters
 
 
 def check_network(args: argparse.Namespace, dit: torch.nn.Module, text_encoders: list[torch.nn.Module],
@@ -137,15 +138,30 @@ def check_network(args: argparse.Namespace, dit: torch.nn.Module, text_encoders:
             # An optimizer that reads its parameters' values when built: give it uninitialised CPU copies.
             network.to_empty(device="cpu")
             setup = network_setup.optimizer_from_args(args, network, component_lr_names)
-        # The step count only shapes the schedule; with --max_train_epochs it is known after the image scan.
-        scheduler = lr_scheduler_from_args(args, setup.optimizer, args.max_train_steps)
+        # The step count only shapes the schedule; with --max_train_epochs it is known after the image scan, where
+        # `check_schedule_length` checks the warmup against it.
+        scheduler = lr_scheduler_from_args(args, setup.optimizer, args.max_train_steps,
+                                           check_length=args.max_train_epochs is None)
     finally:
         logging.disable(logging.NOTSET)
     network.remove_hooks()
+    size.optimizer = setup.optimizer
     size.network_parameters = sum(p.numel() for p in network.parameters())
     size.trainable_parameters = sum(p.numel() for p in setup.trainable_params)
     loaded = check_resume_folder(args, network, setup.optimizer, scheduler, seed_given) if args.resume else None
     return size, loaded
+
+
+def check_schedule_length(args: argparse.Namespace, size: NetworkSize, num_steps: int) -> None:
+    """Once the image scan gives the run's step count: --lr_warmup_steps (and --lr_decay_steps) must fit in it
+    (checked on the input check's weightless optimizer, before any model loads)."""
+    if size.optimizer is None:
+        return
+    logging.disable(logging.WARNING)  # the real build logs the same lines again
+    try:
+        lr_scheduler_from_args(args, size.optimizer, num_steps)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def print_plan(args: argparse.Namespace, sched: schedule.Schedule, train_group: Any, val_group: Any,

@@ -129,9 +129,10 @@ def every(n: int | None, count: int) -> bool:
     return bool(n) and count % n == 0
 
 
-def step_save_due(step: int, save_every_n_steps: int | None, max_train_steps: int) -> bool:
-    """A step checkpoint is written every N steps, except at the last step (the final save covers it)."""
-    return every(save_every_n_steps, step) and step < max_train_steps
+def step_save_due(step: int, save_every_n_steps: int | None) -> bool:
+    """A step checkpoint is written every N steps, the last step included (as in sd-scripts: a run of a multiple of
+    N steps ends with both `<name>-step<N>` and the final file). Only epoch saves skip the final epoch."""
+    return every(save_every_n_steps, step)
 
 
 def epoch_save_due(epoch: int, save_every_n_epochs: int | None, num_epochs: int) -> bool:

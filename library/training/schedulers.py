@@ -125,7 +125,8 @@ class AdafactorSchedule:
         self.initial_lr = state_dict.get("initial_lr", self.initial_lr)
 
 
-def _is_relative_step_adafactor(optimizer: torch.optim.Optimizer) -> bool:
+def is_relative_step_adafactor(optimizer: torch.optim.Optimizer) -> bool:
+    """Adafactor with relative_step: it computes its own step size, the LR flags only name the initial LR."""
     inner = unwrap_optimizer(optimizer)
     return isinstance(inner, Adafactor) and bool(inner.defaults.get("relative_step"))
 
@@ -133,7 +134,7 @@ def _is_relative_step_adafactor(optimizer: torch.optim.Optimizer) -> bool:
 def resolve_lr_scheduler_name(lr_scheduler: str, optimizer: torch.optim.Optimizer, learning_rate: float) -> str:
     """The scheduler name to actually use: Adafactor with relative_step computes its own LR, so the schedule
     becomes "adafactor:<learning_rate>" (the LR is only reported). Otherwise `lr_scheduler` unchanged."""
-    if _is_relative_step_adafactor(optimizer):
+    if is_relative_step_adafactor(optimizer):
         if not lr_scheduler.startswith("adafactor"):
             logger.info(
                 "Adafactor with relative_step=True: using the adafactor LR scheduler instead of %s", lr_scheduler
@@ -191,6 +192,7 @@ def create_lr_scheduler(
     min_lr_ratio: float | None = None,
     scheduler_type: str = "",
     scheduler_args: list[str] | None = None,
+    check_length: bool = True,
 ) -> Any:
     """Build the LR scheduler.
 
@@ -206,7 +208,10 @@ def create_lr_scheduler(
       (required unless min_lr is in scheduler_args) and warmup_stable_decay (default 0).
     scheduler_type [--lr_scheduler_type]: a torch.optim.lr_scheduler class name or dotted class path; built
       with only scheduler_args.  scheduler_args [--lr_scheduler_args]: `key=literal` items passed on.
-    Schedule-free optimizers get a `ScheduleFreeScheduler` whatever the name.
+    check_length: refuse a warmup (or warmup + decay) longer than num_training_steps; off where the run's length
+      is not known yet (the input check with --max_train_epochs, before the image scan).
+    Schedule-free optimizers get a `ScheduleFreeScheduler` whatever the name (a warning lists the scheduler flags
+      given that it leaves unused).
     Schedules (lr0 = the group LR, W warmup, T total, D decay, S = T − W − D stable):
       constant: lr0; constant_with_warmup: lr0·min(1, s/W); linear: warmup then lr0·(T−s)/(T−W);
       cosine: warmup then lr0·½(1 + cos(π·p)), p = (s−W)/(T−W); cosine_with_restarts: same with p taken
@@ -221,6 +226,13 @@ def create_lr_scheduler(
     decay = steps_from_int_or_float(num_decay_steps, num_training_steps, "--lr_decay_steps")
 
     if is_schedule_free(unwrap_optimizer(optimizer)):
+        unused = [flag for flag, given in (("--lr_scheduler", name != "constant"), ("--lr_warmup_steps", warmup),
+                                           ("--lr_decay_steps", decay), ("--lr_scheduler_type", scheduler_type),
+                                           ("--lr_scheduler_args", scheduler_args)) if given]
+        if unused:
+            logger.warning("%s: not used with the schedule-free optimizer %s, which keeps its own schedule "
+                           "(its warmup: --optimizer_args warmup_steps=N)", ", ".join(unused),
+                           type(unwrap_optimizer(optimizer)).__name__)
         return ScheduleFreeScheduler(optimizer)
 
     if scheduler_type:
@@ -229,7 +241,7 @@ def create_lr_scheduler(
 
     if name.startswith("adafactor"):
         check_no_warmup("adafactor", warmup)
-        if not _is_relative_step_adafactor(optimizer):
+        if not is_relative_step_adafactor(optimizer):
             raise AnimaError(
                 "--lr_scheduler adafactor needs --optimizer_type Adafactor with relative_step=True; pick another scheduler"
             )
@@ -267,7 +279,7 @@ def create_lr_scheduler(
         return _call(
             name, tro.get_inverse_sqrt_schedule, optimizer, num_warmup_steps=warmup, timescale=timescale, **kwargs
         )
-    if warmup > num_training_steps:
+    if check_length and warmup > num_training_steps:
         raise AnimaError(f"--lr_warmup_steps ({warmup}) is longer than the whole run ({num_training_steps} steps)")
     if name == "cosine_with_restarts":
         return _call(
@@ -305,7 +317,7 @@ def create_lr_scheduler(
         )
     if name == "warmup_stable_decay":
         stable = num_training_steps - warmup - decay
-        if stable < 0:
+        if check_length and stable < 0:
             raise AnimaError(
                 f"--lr_warmup_steps ({warmup}) + --lr_decay_steps ({decay}) exceed the run ({num_training_steps} steps)"
             )
@@ -324,12 +336,14 @@ def create_lr_scheduler(
     return _call(name, factory, optimizer, num_warmup_steps=warmup, num_training_steps=num_training_steps, **kwargs)
 
 
-def lr_scheduler_from_args(args: argparse.Namespace, optimizer: torch.optim.Optimizer, num_steps: int) -> Any:
-    """The run's LR scheduler from its flags; `num_steps` is the run's optimizer-step count. The one place the
-    scheduler flags are read (the input check and the run build it alike)."""
+def lr_scheduler_from_args(args: argparse.Namespace, optimizer: torch.optim.Optimizer, num_steps: int, *,
+                           check_length: bool = True) -> Any:
+    """The run's LR scheduler from its flags; `num_steps` is the run's optimizer-step count (`check_length`: see
+    `create_lr_scheduler`). The one place the scheduler flags are read (the input check and the run build it
+    alike)."""
     return create_lr_scheduler(
         resolve_lr_scheduler_name(args.lr_scheduler, optimizer, args.learning_rate), optimizer,
         num_steps, args.lr_warmup_steps, num_decay_steps=args.lr_decay_steps,
         num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
         timescale=args.lr_scheduler_timescale, min_lr_ratio=args.lr_scheduler_min_lr_ratio,
-        scheduler_type=args.lr_scheduler_type, scheduler_args=args.lr_scheduler_args)
+        scheduler_type=args.lr_scheduler_type, scheduler_args=args.lr_scheduler_args, check_length=check_length)
