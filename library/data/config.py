@@ -612,8 +612,12 @@ def build_dataset_groups(args: argparse.Namespace, seed: int | None = None
     zero_repeats = [s.where for c in dataset_configs for s in c.subsets if s.num_repeats == 0 and not s.is_reg]
     train_datasets, val_datasets = [], []
     write_cache_info = not getattr(args, "debug_dataset", False)  # --debug_dataset writes nothing
+    # Validation splits without a validation_seed: sd-scripts shuffles the DreamBooth subsets one after another
+    # with its global generator, seeded with the run's seed just before; one generator here gives those shuffles.
+    split_stream = random.Random(seed)
     for config in dataset_configs:
-        train, val = _build_dataset(config, bad_images, seed, dataset_seed, prior_loss_weight, write_cache_info)
+        train, val = _build_dataset(config, bad_images, seed, dataset_seed, prior_loss_weight, write_cache_info,
+                                    split_stream)
         if train is not None:
             train_datasets.append(train)
         if val is not None:
@@ -641,7 +645,8 @@ def build_dataset_groups(args: argparse.Namespace, seed: int | None = None
 
 
 def _build_dataset(config: DatasetConfig, bad_images: BadImages, seed: int, dataset_seed: int,
-                   prior_loss_weight: float, write_cache_info: bool) -> tuple[ImageDataset | None, ImageDataset | None]:
+                   prior_loss_weight: float, write_cache_info: bool, split_stream: random.Random
+                   ) -> tuple[ImageDataset | None, ImageDataset | None]:
     train_infos: list[ImageInfo] = []
     reg_infos: list[ImageInfo] = []
     val_infos: list[ImageInfo] = []
@@ -664,8 +669,13 @@ def _build_dataset(config: DatasetConfig, bad_images: BadImages, seed: int, data
             reg_infos.extend(infos)
             continue
         if config.validation_split > 0 and infos:
-            split_seed = config.validation_seed if config.validation_seed is not None else seed
-            infos, held_out = split_train_validation(infos, config.validation_split, split_seed)
+            if config.validation_seed is not None:  # each subset shuffled afresh with it
+                split_rng = random.Random(config.validation_seed)
+            elif config.is_dreambooth:
+                split_rng = split_stream
+            else:  # sd-scripts does not split fine-tuning datasets, so they leave the shared stream alone
+                split_rng = random.Random(seed)
+            infos, held_out = split_train_validation(infos, config.validation_split, split_rng)
             for info in held_out:
                 info.num_repeats = 1
             val_infos.extend(held_out)

@@ -292,10 +292,11 @@ def _resolve_metadata_image(key: str, subset: SubsetConfig) -> Path | None:
     return next((c for c in candidates if c.is_file() and image_io.is_image_file(c)), None)
 
 
-def split_train_validation(items: list[Any], split: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """Shuffle with `seed`; training gets the first ceil(n * (1 - split)) items, validation the rest."""
+def split_train_validation(items: list[Any], split: float, rng: random.Random) -> tuple[list[Any], list[Any]]:
+    """Shuffle with `rng`; training gets the first ceil(n * (1 - split)) items (as in sd-scripts), validation the
+    rest (sd-scripts takes the last round(n * split), which can include an image that is also trained on)."""
     shuffled = list(items)
-    random.Random(seed).shuffle(shuffled)
+    rng.shuffle(shuffled)
     n_train = math.ceil(len(shuffled) * (1.0 - split))
     return shuffled[:n_train], shuffled[n_train:]
 
