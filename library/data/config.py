@@ -22,7 +22,6 @@ import difflib
 import json
 import logging
 import random
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -513,8 +512,15 @@ def _check_subset_values(subset: SubsetConfig) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Configs synthesized from the command line
 
-# `<repeats>_<class tokens>`, or just `<repeats>` (no class tokens), as sd-scripts reads folder names.
-_REPEATS_FOLDER = re.compile(r"^(\d+)(?:_(.*))?$")
+def _parse_repeats_folder(name: str) -> tuple[int, str] | None:
+    """(repeats, class tokens) of a folder named `<repeats>_<class tokens>` or just `<repeats>`, read as sd-scripts
+    reads it: the text before the first "_" is an integer in Python's int() syntax ("05", "+3", " 5"), the rest
+    (possibly empty, underscores kept) the class tokens; None when the first part is not an integer."""
+    head, _, class_tokens = name.partition("_")
+    try:
+        return int(head), class_tokens
+    except ValueError:
+        return None
 
 
 def _dreambooth_subsets_from_folder(parent: str, is_reg: bool, flag: str) -> list[dict[str, Any]]:
@@ -523,16 +529,16 @@ def _dreambooth_subsets_from_folder(parent: str, is_reg: bool, flag: str) -> lis
         raise AnimaError(f"{flag} {root} does not exist or is not a folder; fix the path")
     subsets = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        match = _REPEATS_FOLDER.match(folder.name)
-        if match is None:
+        parsed = _parse_repeats_folder(folder.name)
+        if parsed is None:
             logger.warning("%s: folder %s is skipped: its name must be <repeats>_<class tokens> (e.g. 10_sks girl) "
                            "or just <repeats>", flag, folder.name)
             continue
-        repeats = int(match.group(1))
+        repeats, class_tokens = parsed
         if repeats < 1:
             logger.warning("%s: folder %s is skipped: repeats must be at least 1", flag, folder.name)
             continue
-        subsets.append({"image_dir": str(folder), "num_repeats": repeats, "class_tokens": match.group(2) or "",
+        subsets.append({"image_dir": str(folder), "num_repeats": repeats, "class_tokens": class_tokens,
                         "is_reg": is_reg})
     return subsets
 
