@@ -336,3 +336,15 @@ def test_real_tiny_vae_latents_cached_equal_a_direct_encode(tmp_path, images, go
         got = cached[index]["latents"]
         assert got.shape == (pixels.shape[0], 16, pixels.shape[2] // 8, pixels.shape[3] // 8)
         torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_latent_cache_crop_ltrb_holds_sd_scripts_letterbox_numbers(tmp_path, images):
+    # 90x64 (aspect 1.40625) lands in the 80x48 bucket, which is wider: the letterboxed image is 48 high and
+    # 48 * 1.40625 = 67.5 wide, and the left margin (80 - 67.5) / 2 = 6.25 is rounded down to 6.
+    write_image(images / "d.png", 90, 64, seed=4)
+    (images / "d.txt").write_text("wide", encoding="utf-8")
+    cache_latents(make_args(tmp_path, "--cache_latents_to_disk"), FakeVAE())
+    data = read_npz(latents_npz_path(images / "d.png", (90, 64)))
+    crop = data["crop_ltrb_6x10"]
+    assert crop.dtype == np.float64 and crop.tolist() == [6.0, 0.0, 73.5, 48.0]
+    assert read_npz(latents_npz_path(images / "a.png", (64, 64)))["crop_ltrb_8x8"].tolist() == [0.0, 0.0, 64.0, 64.0]

@@ -88,6 +88,29 @@ def test_wildcards_choose_an_option_and_keep_double_braces():
     assert outs == {"simple background, {retro style}", "white background, {retro style}"}
 
 
+def test_one_line_wildcard_caption_draws_only_its_choices_from_the_generator():
+    # sd-scripts picks a line only when the caption has several, so a one-line caption uses the generator for its
+    # {..} choice and the shuffle alone; the same seed then gives sd-scripts' result.
+    options = CaptionOptions(enable_wildcard=True, shuffle_caption=True)
+    for seed in range(5):
+        rng = random.Random(seed)
+        out = transform_caption("{a|b|c} x, y, z", options, rng)
+        ref = random.Random(seed)
+        head = ref.choice(["a", "b", "c"]) + " x"
+        tags = [head, "y", "z"]
+        ref.shuffle(tags)
+        assert out == ", ".join(tags) and rng.random() == ref.random()
+    rng, ref = random.Random(7), random.Random(7)
+    out = transform_caption("one\ntwo\nthree", CaptionOptions(enable_wildcard=True), rng)
+    assert out == ref.choice(["one", "two", "three"]) and rng.random() == ref.random()
+
+
+def test_wildcard_group_is_a_brace_with_no_closing_brace_inside():
+    wild = CaptionOptions(enable_wildcard=True)
+    assert transform_caption("a {} b", wild, random.Random(0)) == "a {} b"
+    assert {transform_caption("{a{b|c}", wild, random.Random(s)) for s in range(20)} == {"a{b", "c"}
+
+
 def test_multiline_caption_picks_one_line_with_wildcards_and_first_line_without():
     caption = "line one\nline two"
     assert run(caption) == "line one"

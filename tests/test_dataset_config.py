@@ -278,6 +278,17 @@ def test_command_line_dreambooth_folders_with_reg(tmp_path):
     assert {i.caption for i in dataset.infos} == {"sks dog", "dog"}
 
 
+def test_folder_repeats_are_the_integer_before_the_first_underscore(tmp_path):
+    # sd-scripts reads "<repeats>_<class tokens>" with int() on the text before the first "_" (so "+3" and "5 " are
+    # numbers) and keeps the rest, underscores included, as the class tokens.
+    for name in ("+3_red hair", "5 _sks", "2_a_b", "7", "1_", "x_1", "0_zero"):
+        write_image(tmp_path / "train" / name / "i.png", 64, 64)
+    train, _ = build_dataset_groups(make_args("--train_data_dir", str(tmp_path / "train"), "--resolution", "64"))
+    subsets = {Path(s.image_dir).name: (s.num_repeats, s.class_tokens) for s in train.datasets[0].subsets}
+    assert subsets == {"+3_red hair": (3, "red hair"), "5 _sks": (5, "sks"), "2_a_b": (2, "a_b"), "7": (7, ""),
+                       "1_": (1, "")}
+
+
 def test_command_line_finetuning_with_in_json(tmp_path):
     write_image(tmp_path / "imgs" / "a.png", 64, 64)
     meta = tmp_path / "meta.json"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +202,31 @@ validation_seed = 5
     assert len(train_keys) == 8 and not train_keys & set(val_keys)
     assert all("reg" not in Path(k).parent.name for k in val_keys)
     assert train.num_train_images == 16 and train.num_reg_images == 16
+
+
+def test_validation_split_without_seed_shuffles_subsets_in_turn_and_holds_out_the_rest(tmp_path):
+    # No validation_seed: one generator seeded with the run's seed (7) shuffles each subset's sorted images in turn,
+    # as sd-scripts' global generator does; training keeps the first ceil(n * (1 - split)), validation the rest.
+    # With n = 10 and split 0.15 that is 9 and 1 (sd-scripts' round(1.5) = 2 would also validate a trained image).
+    folders = {"a": 10, "b": 7}
+    for name, count in folders.items():
+        for i in range(count):
+            write_image(tmp_path / name / f"{name}{i}.png", 64 + i, 64)
+    subsets = "".join(f"  [[datasets.subsets]]\n  image_dir = '{tmp_path / name}'\n" for name in folders)
+    path = tmp_path / "ds.toml"
+    path.write_text(f"[[datasets]]\nresolution = 64\nvalidation_split = 0.15\n{subsets}", encoding="utf-8")
+    train, val = build_dataset_groups(make_args("--dataset_config", str(path)))
+    stream = random.Random(7)
+    expected_train, expected_val = set(), set()
+    for name, count in folders.items():
+        keys = sorted(str(tmp_path / name / f"{name}{i}.png") for i in range(count))
+        stream.shuffle(keys)
+        n_train = math.ceil(count * (1 - 0.15))
+        expected_train |= set(keys[:n_train])
+        expected_val |= set(keys[n_train:])
+    assert {i.key for i in train.datasets[0].infos} == expected_train
+    assert {i.key for i in val.datasets[0].infos} == expected_val
+    assert len(expected_train) == 9 + 6 and len(expected_val) == 1 + 1
 
 
 def test_metadata_from_config_lists_datasets_tags_and_buckets(tmp_path):

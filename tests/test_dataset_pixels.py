@@ -98,6 +98,29 @@ def test_resized_training_tensors_match_opencv_and_pillow_called_directly(tmp_pa
     assert shrunk and enlarged  # both default branches were exercised
 
 
+def test_random_crop_without_buckets_cuts_an_unscaled_window_of_a_large_image(tmp_path):
+    # As in sd-scripts: without bucketing, random_crop takes a resolution-sized window of the image at its own
+    # scale (no resize first); the offsets are drawn height first, each only along a side with slack.
+    pixels = random_pixels(100, 80, seed=5)
+    (tmp_path / "img").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "img" / "a.png")
+    train, _ = dataset_from_toml(tmp_path, "resolution = 64", "random_crop = true")
+    dataset = train.datasets[0]
+    info, subset = dataset.infos[0], dataset.subsets[0]
+    offsets = set()
+    for seed in range(6):
+        rng, ref = random.Random(seed), random.Random(seed)
+        image, _ = dataset._load_pixels(info, subset, False, rng)
+        top, left = ref.randint(0, 80 - 64), ref.randint(0, 100 - 64)
+        window = torch.from_numpy(pixels[top: top + 64, left: left + 64].copy()).float()
+        assert torch.equal(training_pixels(image[None])[0].round(), window)
+        offsets.add((left, top))
+    assert len(offsets) > 1
+    rng, ref = random.Random(1), random.Random(1)
+    plan = image_io.plan_bucket_crop((80, 64), (64, 64), rng)  # bucket crop: slack in the width only
+    assert (plan.left, plan.top) == (ref.randint(0, 16), 0) and rng.random() == ref.random()
+
+
 def test_default_downscale_uses_area_when_one_side_keeps_its_size():
     pixels = random_pixels(64, 90, seed=4)
     ours = image_io.resize_pixels(pixels, (64, 45), None)

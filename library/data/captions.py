@@ -22,7 +22,9 @@ from pathlib import Path
 
 from library.errors import AnimaError
 
-_WILDCARD = re.compile(r"\{([^{}]*)\}")
+# A choice group is "{" + one or more characters other than "}" + "}", as sd-scripts matches it: "{}" stays literal
+# text, and in "{a{b|c}" the group starts at the first brace.
+_WILDCARD = re.compile(r"\{([^}]+)\}")
 _OPEN_ESCAPE = "\x00LBRACE\x00"
 _CLOSE_ESCAPE = "\x00RBRACE\x00"
 
@@ -95,7 +97,9 @@ def transform_caption(caption: str, options: CaptionOptions, rng: random.Random,
 
     if options.enable_wildcard:
         lines = [line for line in caption.split("\n") if line.strip()] or [""]
-        caption = expand_wildcards(rng.choice(lines), rng)
+        # A random line only when there is a choice: a one-line caption draws nothing, as in sd-scripts, so the
+        # same generator state gives sd-scripts' wildcard choices, shuffles and tag dropouts.
+        caption = expand_wildcards(rng.choice(lines) if len(lines) > 1 else lines[0], rng)
     else:
         caption = caption.split("\n")[0]
 

@@ -22,7 +22,6 @@ import difflib
 import json
 import logging
 import random
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -513,8 +512,15 @@ def _check_subset_values(subset: SubsetConfig) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Configs synthesized from the command line
 
-# `<repeats>_<class tokens>`, or just `<repeats>` (no class tokens), as sd-scripts reads folder names.
-_REPEATS_FOLDER = re.compile(r"^(\d+)(?:_(.*))?$")
+def _parse_repeats_folder(name: str) -> tuple[int, str] | None:
+    """(repeats, class tokens) of a folder named `<repeats>_<class tokens>` or just `<repeats>`, read as sd-scripts
+    reads it: the text before the first "_" is an integer in Python's int() syntax ("05", "+3", " 5"), the rest
+    (possibly empty, underscores kept) the class tokens; None when the first part is not an integer."""
+    head, _, class_tokens = name.partition("_")
+    try:
+        return int(head), class_tokens
+    except ValueError:
+        return None
 
 
 def _dreambooth_subsets_from_folder(parent: str, is_reg: bool, flag: str) -> list[dict[str, Any]]:
@@ -523,16 +529,16 @@ def _dreambooth_subsets_from_folder(parent: str, is_reg: bool, flag: str) -> lis
         raise AnimaError(f"{flag} {root} does not exist or is not a folder; fix the path")
     subsets = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        match = _REPEATS_FOLDER.match(folder.name)
-        if match is None:
+        parsed = _parse_repeats_folder(folder.name)
+        if parsed is None:
             logger.warning("%s: folder %s is skipped: its name must be <repeats>_<class tokens> (e.g. 10_sks girl) "
                            "or just <repeats>", flag, folder.name)
             continue
-        repeats = int(match.group(1))
+        repeats, class_tokens = parsed
         if repeats < 1:
             logger.warning("%s: folder %s is skipped: repeats must be at least 1", flag, folder.name)
             continue
-        subsets.append({"image_dir": str(folder), "num_repeats": repeats, "class_tokens": match.group(2) or "",
+        subsets.append({"image_dir": str(folder), "num_repeats": repeats, "class_tokens": class_tokens,
                         "is_reg": is_reg})
     return subsets
 
@@ -612,8 +618,12 @@ def build_dataset_groups(args: argparse.Namespace, seed: int | None = None
     zero_repeats = [s.where for c in dataset_configs for s in c.subsets if s.num_repeats == 0 and not s.is_reg]
     train_datasets, val_datasets = [], []
     write_cache_info = not getattr(args, "debug_dataset", False)  # --debug_dataset writes nothing
+    # Validation splits without a validation_seed: sd-scripts shuffles the DreamBooth subsets one after another
+    # with its global generator, seeded with the run's seed just before; one generator here gives those shuffles.
+    split_stream = random.Random(seed)
     for config in dataset_configs:
-        train, val = _build_dataset(config, bad_images, seed, dataset_seed, prior_loss_weight, write_cache_info)
+        train, val = _build_dataset(config, bad_images, seed, dataset_seed, prior_loss_weight, write_cache_info,
+                                    split_stream)
         if train is not None:
             train_datasets.append(train)
         if val is not None:
@@ -641,7 +651,8 @@ def build_dataset_groups(args: argparse.Namespace, seed: int | None = None
 
 
 def _build_dataset(config: DatasetConfig, bad_images: BadImages, seed: int, dataset_seed: int,
-                   prior_loss_weight: float, write_cache_info: bool) -> tuple[ImageDataset | None, ImageDataset | None]:
+                   prior_loss_weight: float, write_cache_info: bool, split_stream: random.Random
+                   ) -> tuple[ImageDataset | None, ImageDataset | None]:
     train_infos: list[ImageInfo] = []
     reg_infos: list[ImageInfo] = []
     val_infos: list[ImageInfo] = []
@@ -664,8 +675,13 @@ def _build_dataset(config: DatasetConfig, bad_images: BadImages, seed: int, data
             reg_infos.extend(infos)
             continue
         if config.validation_split > 0 and infos:
-            split_seed = config.validation_seed if config.validation_seed is not None else seed
-            infos, held_out = split_train_validation(infos, config.validation_split, split_seed)
+            if config.validation_seed is not None:  # each subset shuffled afresh with it
+                split_rng = random.Random(config.validation_seed)
+            elif config.is_dreambooth:
+                split_rng = split_stream
+            else:  # sd-scripts does not split fine-tuning datasets, so they leave the shared stream alone
+                split_rng = random.Random(seed)
+            infos, held_out = split_train_validation(infos, config.validation_split, split_rng)
             for info in held_out:
                 info.num_repeats = 1
             val_infos.extend(held_out)

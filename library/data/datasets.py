@@ -292,10 +292,11 @@ def _resolve_metadata_image(key: str, subset: SubsetConfig) -> Path | None:
     return next((c for c in candidates if c.is_file() and image_io.is_image_file(c)), None)
 
 
-def split_train_validation(items: list[Any], split: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """Shuffle with `seed`; training gets the first ceil(n * (1 - split)) items, validation the rest."""
+def split_train_validation(items: list[Any], split: float, rng: random.Random) -> tuple[list[Any], list[Any]]:
+    """Shuffle with `rng`; training gets the first ceil(n * (1 - split)) items (as in sd-scripts), validation the
+    rest (sd-scripts takes the last round(n * split), which can include an image that is also trained on)."""
     shuffled = list(items)
-    random.Random(seed).shuffle(shuffled)
+    rng.shuffle(shuffled)
     n_train = math.ceil(len(shuffled) * (1.0 - split))
     return shuffled[:n_train], shuffled[n_train:]
 
@@ -513,11 +514,17 @@ class ImageDataset:
         return image_io.to_tensor(rgb), mask_tensor
 
     def crop_plan(self, info: ImageInfo, subset: SubsetConfig, rng: random.Random) -> image_io.CropPlan:
-        """Face-centred crop (face box in the name, face_crop_aug_range, no bucketing), else bucket cover + crop."""
+        """Face-centred crop (face box in the name, face_crop_aug_range, no bucketing), else bucket cover + crop.
+
+        Without bucketing, `random_crop` on an image that covers the resolution cuts a random window of the unscaled
+        image, as sd-scripts does (a patch at the image's own scale); smaller images are scaled to cover first."""
         assert info.bucket is not None and info.resized is not None
         if info.face is not None and subset.face_crop_aug_range is not None and not self.config.enable_bucket:
             return image_io.plan_face_crop(info.image_size, info.bucket, info.face, subset.face_crop_aug_range,
                                            subset.random_crop, rng)
+        if (subset.random_crop and not self.config.enable_bucket
+                and info.image_size[0] >= info.bucket[0] and info.image_size[1] >= info.bucket[1]):
+            return image_io.plan_bucket_crop(info.image_size, info.bucket, rng, height_first=True)
         return image_io.plan_bucket_crop(info.resized, info.bucket, rng if subset.random_crop else None)
 
 

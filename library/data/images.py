@@ -242,14 +242,22 @@ def face_box_from_stem(stem: str) -> FaceBox | None:
     return FaceBox(cx, cy, width, height)
 
 
-def plan_bucket_crop(resized: Size, bucket: Size, crop_rng: random.Random | None) -> CropPlan:
-    """Cover-resize to `resized`, then crop to `bucket`: centred, or at a uniform random offset with crop_rng."""
+def plan_bucket_crop(resized: Size, bucket: Size, crop_rng: random.Random | None, *,
+                     height_first: bool = False) -> CropPlan:
+    """Cover-resize to `resized`, then crop to `bucket`: centred, or at a uniform random offset with crop_rng.
+
+    As in sd-scripts, a random offset is drawn only along a side with slack, the width's first (the height's first
+    with `height_first`, sd-scripts' order for crops of unscaled images without bucketing)."""
     excess_w, excess_h = resized[0] - bucket[0], resized[1] - bucket[1]
     if excess_w < 0 or excess_h < 0:
         raise ValueError(f"resized image {resized[0]}x{resized[1]} is smaller than its bucket {bucket[0]}x{bucket[1]}")
-    left = crop_rng.randint(0, excess_w) if crop_rng is not None else excess_w // 2
-    top = crop_rng.randint(0, excess_h) if crop_rng is not None else excess_h // 2
-    return CropPlan(tuple(resized), left, top, tuple(bucket))
+    if crop_rng is None:
+        return CropPlan(tuple(resized), excess_w // 2, excess_h // 2, tuple(bucket))
+    offsets = {}
+    for axis in ("h", "w") if height_first else ("w", "h"):
+        excess = excess_h if axis == "h" else excess_w
+        offsets[axis] = crop_rng.randint(0, excess) if excess > 0 else 0
+    return CropPlan(tuple(resized), offsets["w"], offsets["h"], tuple(bucket))
 
 
 def plan_face_crop(image_size: Size, target: Size, face: FaceBox, face_range: tuple[float, float],

@@ -255,7 +255,7 @@ def _encode_and_store(good: list[tuple[ImageDataset, ImageInfo, tuple[np.ndarray
             arrays = {
                 "latents" + suffix: latents[k].numpy(),
                 "original_size" + suffix: np.array(info.image_size, dtype=np.int64),
-                "crop_ltrb" + suffix: np.array(_letterbox_ltrb(info.bucket, info.image_size), dtype=np.float32),
+                "crop_ltrb" + suffix: np.array(_letterbox_ltrb(info.bucket, info.image_size), dtype=np.float64),
                 "provenance" + suffix: np.array(json.dumps(provenance, sort_keys=True)),
             }
             if flipped is not None:
@@ -271,10 +271,16 @@ def _encode_and_store(good: list[tuple[ImageDataset, ImageInfo, tuple[np.ndarray
 
 
 def _letterbox_ltrb(bucket: Size, image_size: Size) -> tuple[float, float, float, float]:
-    """Where the whole image would sit if fitted inside the bucket, centred (an SDXL leftover kept for format)."""
-    scale = min(bucket[0] / image_size[0], bucket[1] / image_size[1])
-    width, height = image_size[0] * scale, image_size[1] * scale
-    left, top = (bucket[0] - width) / 2, (bucket[1] - height) / 2
+    """Where the whole image would sit if fitted inside the bucket (an SDXL leftover kept for the file format), with
+    sd-scripts' numbers: the side that fits equals the bucket's, and left/top are the free space halved and rounded
+    down (so a file read by sd-scripts holds the values it writes itself)."""
+    bucket_w, bucket_h = bucket
+    image_aspect = image_size[0] / image_size[1]
+    if bucket_w / bucket_h > image_aspect:  # the bucket is wider: the heights match
+        width, height = bucket_h * image_aspect, float(bucket_h)
+    else:
+        width, height = float(bucket_w), bucket_w / image_aspect
+    left, top = (bucket_w - width) // 2, (bucket_h - height) // 2
     return left, top, left + width, top + height
 
 
