@@ -237,9 +237,57 @@ def test_metadata_from_config_lists_datasets_tags_and_buckets(tmp_path):
     meta = group_metadata(train)
     datasets = json.loads(meta["ss_datasets"])
     assert datasets[0]["num_train_images"] == 3 and datasets[0]["subsets"][0]["num_repeats"] == 3
-    assert json.loads(meta["ss_tag_frequency"]) == {"img": {"red": 3, "blue": 3}}
+    assert json.loads(meta["ss_tag_frequency"]) == {"img": {"red": 1, "blue": 1}}  # each image once
     assert datasets[0]["bucket_info"]["buckets"]["0"]["count"] == 3
     assert meta["ss_num_train_images"] == "3"
+
+
+def test_tag_frequency_counts_each_caption_once_lower_cased_at_commas_and_fine_tuning_tags_only(tmp_path):
+    import json
+    for name, caption in (("a", "Red, blue; green"), ("b", "red,  BLUE")):
+        write_image(tmp_path / "img" / f"{name}.png", 64, 64)
+        (tmp_path / "img" / f"{name}.txt").write_text(caption, encoding="utf-8")
+    records = {"a.png": {"caption": "a photo", "tags": "Cat, dog"}, "b.png": {"caption": "cat, fish"}}
+    (tmp_path / "meta.json").write_text(json.dumps(records), encoding="utf-8")
+    path = tmp_path / "ds.toml"
+    path.write_text(f"""[[datasets]]
+resolution = 64
+caption_separator = ";"
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / 'img'}'
+  caption_extension = ".txt"
+  num_repeats = 4
+[[datasets]]
+resolution = 64
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / 'img'}'
+  metadata_file = '{tmp_path / 'meta.json'}'
+""", encoding="utf-8")
+    train, _ = build_dataset_groups(make_args("--dataset_config", str(path)))
+    frequency = json.loads(group_metadata(train)["ss_tag_frequency"])
+    assert frequency == {"img": {"red": 2, "blue; green": 1, "blue": 1}, "meta.json": {"cat": 1, "dog": 1}}
+
+
+def test_reg_image_count_in_the_metadata_is_before_balancing(tmp_path):
+    import json
+    for i in range(4):
+        write_image(tmp_path / "img" / f"t{i}.png", 64, 64)
+    write_image(tmp_path / "reg" / "r0.png", 64, 64)
+    path = tmp_path / "ds.toml"
+    path.write_text(f"""[[datasets]]
+resolution = 64
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / 'img'}'
+  num_repeats = 2
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / 'reg'}'
+  is_reg = true
+  num_repeats = 3
+""", encoding="utf-8")
+    train, _ = build_dataset_groups(make_args("--dataset_config", str(path)))
+    assert train.num_reg_images == 8  # samples per epoch: the one reg image repeated to match the 8 training ones
+    meta = group_metadata(train)
+    assert meta["ss_num_reg_images"] == "3" and json.loads(meta["ss_datasets"])[0]["num_reg_images"] == 3
 
 
 def test_cache_info_writes_sizes_once_and_reuses_them(tmp_path):

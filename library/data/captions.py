@@ -165,12 +165,13 @@ def _tag_operations(caption: str, options: CaptionOptions, rng: random.Random, s
     return ", ".join(fixed + flexible + fixed_tail)
 
 
-def tag_frequency(captions: list[str], separator: str = ",") -> dict[str, int]:
-    """How often each tag occurs in these captions (for the ss_tag_frequency metadata)."""
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """How many of these captions hold each tag, lower-cased, split at commas (ss_tag_frequency as sd-scripts
+    counts it: each image once whatever its repeats and the subset's caption_separator)."""
     counts: dict[str, int] = {}
     for caption in captions:
-        for tag in caption.split(separator):
-            tag = tag.strip()
+        for tag in caption.split(","):
+            tag = tag.strip().lower()
             if tag:
                 counts[tag] = counts.get(tag, 0) + 1
     return counts

@@ -267,6 +267,7 @@ def _collect_finetuning(subset: SubsetConfig, subset_index: int, bad_images: Bad
             bad_images.add(path, str(exc))
             continue
         caption, tags = record.get("caption"), record.get("tags")
+        tags = tags if isinstance(tags, str) else None
         if tags and subset.captions.enable_wildcard:
             tags = tags.replace("\n", separator)  # one tag list, not wildcard lines of its own
         if caption is None or (isinstance(caption, str) and not caption.strip()):  # no leading separator
@@ -277,7 +278,7 @@ def _collect_finetuning(subset: SubsetConfig, subset_index: int, bad_images: Bad
             else:
                 caption = caption + separator + tags
         infos.append(ImageInfo(key=key, path=path.resolve(), caption=caption, num_repeats=subset.num_repeats,
-                               is_reg=False, subset_index=subset_index, image_size=size))
+                               is_reg=False, subset_index=subset_index, image_size=size, tags=tags))
     _attach_face_boxes(subset, infos)
     return infos
 
@@ -360,7 +361,14 @@ class ImageDataset:
 
     @property
     def num_reg_images(self) -> int:
+        """Regularisation samples per epoch (after their repeats were raised to balance the training images)."""
         return sum(i.num_repeats for i in self.infos if i.is_reg)
+
+    @property
+    def reg_images_with_repeats(self) -> int:
+        """Regularisation images times their subset's num_repeats, before balancing (sd-scripts' num_reg_images,
+        which the metadata records)."""
+        return sum(self.subsets[i.subset_index].num_repeats for i in self.infos if i.is_reg)
 
     def _make_bucket_manager(self) -> BucketManager:
         config = self.config

@@ -20,8 +20,10 @@ def _subset_name(subset: Any) -> str:
 def _dataset_tag_frequency(dataset: ImageDataset) -> dict[str, dict[str, int]]:
     frequency: dict[str, dict[str, int]] = {}
     for index, subset in enumerate(dataset.subsets):
-        captions = [i.caption for i in dataset.infos if i.subset_index == index for _ in range(i.num_repeats)]
-        counts = tag_frequency(captions, subset.captions.caption_separator)
+        infos = [i for i in dataset.infos if i.subset_index == index]
+        # Fine-tuning subsets count their records' tags only, DreamBooth subsets the caption texts (sd-scripts).
+        texts = [i.tags for i in infos if i.tags] if subset.kind == "finetuning" else [i.caption for i in infos]
+        counts = tag_frequency(texts)
         bucket = frequency.setdefault(_subset_name(subset), {})
         for tag, count in counts.items():
             bucket[tag] = bucket.get(tag, 0) + count
@@ -80,7 +82,8 @@ def group_metadata(group: DatasetGroup) -> dict[str, str]:
                 merged[tag] = merged.get(tag, 0) + count
         dirs.update(_dataset_dirs(dataset))
 
-    counts = {"ss_num_train_images": str(group.num_train_images), "ss_num_reg_images": str(group.num_reg_images)}
+    reg_images = sum(dataset.reg_images_with_repeats for dataset in group.datasets)
+    counts = {"ss_num_train_images": str(group.num_train_images), "ss_num_reg_images": str(reg_images)}
     if group.from_config:
         datasets = []
         for dataset in group.datasets:
@@ -89,7 +92,7 @@ def group_metadata(group: DatasetGroup) -> dict[str, str]:
                 "is_dreambooth": cfg.is_dreambooth,
                 "batch_size_per_device": cfg.batch_size,
                 "num_train_images": dataset.num_train_images,
-                "num_reg_images": dataset.num_reg_images,
+                "num_reg_images": dataset.reg_images_with_repeats,
                 "resolution": list(cfg.resolution or ()),
                 "enable_bucket": cfg.enable_bucket,
                 "min_bucket_reso": cfg.min_bucket_reso if cfg.enable_bucket else None,

@@ -86,3 +86,4 @@ class ImageInfo:
     face: image_io.FaceBox | None = None  # from the file name, only when the subset uses face_crop_aug_range
     conditioning_path: Path | None = None  # the mask image of a conditioning_data_dir subset
     orientation: int = 1  # the file's EXIF orientation (image_size already has it applied)
+    tags: str | None = None  # a fine-tuning record's tags (what ss_tag_frequency counts there)
