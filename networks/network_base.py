@@ -949,6 +949,16 @@ def _parse_module_args(module_class: type[AdapterModule], network_args: Mapping[
     return parse_network_args(network_args, MODULE_FOR_KIND[module_class.KIND], module_class.OPTION_PARSERS)
 
 
+def _neuron_dropout(module_class: type[AdapterModule], neuron_dropout: Any) -> float | None:
+    """--network_dropout, checked; None (with a warning if it was set) for kinds without rank activations."""
+    if not module_class.NEURON_DROPOUT:
+        if neuron_dropout:
+            logger.warning("--network_dropout has no effect with %s (use rank_dropout / module_dropout)",
+                           KIND_NAMES[module_class.KIND])
+        return None
+    return None if neuron_dropout is None else _parse_fraction("network_dropout", neuron_dropout)
+
+
 def build_network(
     module_class: type[AdapterModule],
     multiplier: float,
@@ -966,13 +976,7 @@ def build_network(
         network_alpha = 1.0
     if network_dim is not None and int(network_dim) < 1:
         raise AnimaError(f"--network_dim must be >= 1, got {network_dim}")
-    if not module_class.NEURON_DROPOUT:
-        if neuron_dropout:
-            logger.warning("--network_dropout has no effect with %s (use rank_dropout / module_dropout)",
-                           KIND_NAMES[module_class.KIND])
-        neuron_dropout = None
-    if neuron_dropout is not None:
-        neuron_dropout = _parse_fraction("network_dropout", neuron_dropout)
+    neuron_dropout = _neuron_dropout(module_class, neuron_dropout)
     return AdapterNetwork(
         text_encoders,
         unet,
@@ -998,7 +1002,10 @@ def build_network_from_weights(
 ) -> tuple[AdapterNetwork, dict[str, torch.Tensor]]:
     """``create_network_from_weights`` of a network module: exactly the modules, shapes and alphas of a file
     (either layout), weights loaded. Returns (network, sd-scripts-keyed state dict). Selection network_args
-    are superseded by the file; the others (dropouts, LoRA+, reg_lrs, verbose) still apply."""
+    are superseded by the file; the others (dropouts, LoRA+, reg_lrs, verbose) still apply, and ``dropout``
+    (the trainer's --network_dropout) is the neuron dropout."""
+    network_args = dict(network_args)
+    neuron_dropout = _neuron_dropout(module_class, network_args.pop("dropout", None))
     options = _parse_module_args(module_class, network_args)
     ignored = [k for k in (*_SELECTION_ARGS, *module_class.OPTION_PARSERS) if network_args.get(k) is not None]
     if ignored:
@@ -1021,6 +1028,7 @@ def build_network_from_weights(
         multiplier=multiplier,
         network_dim=most_common(shape["rank"] for shape in module_shapes.values()),
         network_alpha=most_common(shape["alpha"] for shape in module_shapes.values() if shape["alpha"] is not None),
+        dropout=neuron_dropout,
         options=options,
         module_shapes=module_shapes,
     )
