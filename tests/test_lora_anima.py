@@ -360,6 +360,25 @@ def test_rank_dropout_at_batch_2_masks_per_sample_and_rank_and_is_unbiased():
     assert (mean - exact).abs().max() < 0.06 * exact.abs().max()
 
 
+def test_rank_dropout_mask_is_one_uniform_draw_per_sample_and_rank_kept_above_p(monkeypatch):
+    """The mask is u > p with u ~ U[0, 1) drawn as [B, r] from the default generator (sd-scripts' draw), the
+    update rescaled by 1/(1 − p)."""
+    lora = LoRAModule("lora_unet_x", "x", 8, 6, rank=6, alpha=3.0, rank_dropout=0.25)
+    with torch.no_grad():
+        lora.lora_up.weight.copy_(torch.randn(6, 6, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2))
+    lora.train()
+    torch.manual_seed(3)
+    got = lora.delta(x)
+    torch.manual_seed(3)
+    keep = (torch.rand(2, 6) > 0.25).unsqueeze(1)
+    h = (x @ lora.lora_down.weight.t()) * keep
+    torch.testing.assert_close(got, (h @ lora.lora_up.weight.t()) * (0.5 / 0.75))
+    # A draw equal to p is dropped.
+    monkeypatch.setattr(torch, "rand", lambda *size, **kwargs: torch.full(size[0] if len(size) == 1 else size, 0.25))
+    assert not lora.delta(x).any()
+
+
 def test_module_dropout_skips_whole_update_only_in_training():
     torch.manual_seed(0)
     lora = LoRAModule("lora_unet_x", "x", 8, 5, rank=4, alpha=4.0, module_dropout=0.5)
