@@ -236,11 +236,13 @@ class AnimaNetworkTrainer(NetworkTrainer):
         return self.noise_pred_and_target(args, latents, text)
 
     def batch_latents(self, batch: dict) -> torch.Tensor:
-        """Latents of a batch, from the cache or encoded live: [B, 16, h, w] in the weight dtype."""
-        device, weight_dtype = self.device, self.weight_dtype
+        """Latents of a batch, from the cache or encoded live: [B, 16, h, w], float32 from the cache, the VAE's
+        dtype when encoded live (as sd-scripts keeps them: the noise ε is drawn in this dtype, and the target
+        ε − x0 is not rounded through a 16-bit weight dtype; only the DiT's input is)."""
+        device = self.device
         if batch.get("latents") is not None:
             # non_blocking: the loader pins its batches on CUDA, so the copy does not stall the host.
-            return batch["latents"].to(device=device, dtype=weight_dtype, non_blocking=True)  # [B, 16, h, w]
+            return batch["latents"].to(device=device, non_blocking=True)  # [B, 16, h, w]
         with torch.no_grad():
             pixels = batch["images"].to(device=device, dtype=self.vae_dtype, non_blocking=True)  # [B, 3, H, W]
             # The dataset scales every image to [-1, 1]: no range check (it would read the device every step).
@@ -253,7 +255,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
             reporter.warn_if(nan.any(), message)
         elif nan.any():  # before training starts (no reporter yet): read now
             logger.warning(message)
-        return torch.where(nan, torch.zeros((), dtype=latents.dtype, device=latents.device), latents).to(weight_dtype)
+        return torch.where(nan, torch.zeros((), dtype=latents.dtype, device=latents.device), latents)
 
     def batch_text(self, batch: dict, train_text_encoder: bool) -> dict[str, torch.Tensor]:
         """Text conditioning of a batch, from the cache or encoded live (with gradients for the Qwen3 LoRA)."""
@@ -274,17 +276,17 @@ class AnimaNetworkTrainer(NetworkTrainer):
                               text: dict[str, torch.Tensor]) -> ModelOutput:
         """latents x0 [B, 16, h, w] -> velocity prediction, target ε − x0, σ [B], loss weight [B]."""
         batch_size, weight_dtype = latents.shape[0], self.weight_dtype
+        # sd-scripts' draw order: ε (in the latents' dtype), σ, then the ip_noise_gamma draws.
         noise = torch.randn_like(latents)
-        sigmas = flow_matching.sample_sigmas(
+        sigmas, timesteps = flow_matching.training_noise_levels(
             batch_size, args.timestep_sampling, sigmoid_scale=args.sigmoid_scale,
             discrete_flow_shift=args.discrete_flow_shift, weighting_scheme=args.weighting_scheme,
             logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale,
-            latent_size=tuple(latents.shape[-2:]), weight_dtype=weight_dtype, device=latents.device,
+            latent_size=tuple(latents.shape[-2:]), min_timestep=args.min_timestep, max_timestep=args.max_timestep,
+            weight_dtype=weight_dtype, device=latents.device,
         )
-        sigmas = flow_matching.restrict_to_timestep_range(sigmas, args.min_timestep, args.max_timestep)
         noisy = flow_matching.noisy_input(latents, noise, sigmas, weight_dtype, ip_noise_gamma=args.ip_noise_gamma,
                                           ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength)
-        timesteps = flow_matching.model_timesteps(sigmas, weight_dtype)
         with self.accelerator.autocast():
             context = self.dit.encode_text(text["qwen3_embeds"].to(weight_dtype), text["qwen3_mask"],
                                            text["t5_ids"], text["t5_mask"])

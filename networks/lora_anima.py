@@ -45,7 +45,7 @@ class LoRAModule(AdapterModule):
         if self.training and self.rank_dropout:
             # One Bernoulli(1-p) draw per sample and rank channel, shared by all positions of that sample.
             mask_shape = (h.shape[-1],) if h.dim() == 1 else (h.shape[0],) + (1,) * (h.dim() - 2) + (h.shape[-1],)
-            keep = torch.rand(mask_shape, device=h.device) >= self.rank_dropout
+            keep = torch.rand(mask_shape, device=h.device) > self.rank_dropout  # sd-scripts' test: u > p keeps
             h = h * keep.to(h.dtype)
             scale = scale / (1.0 - self.rank_dropout)  # keeps the expected update unchanged
         return h, self.multiplier * scale

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from library.errors import AnimaError
+from networks import LYCORIS_MODULE
 from networks.lora_format import (
     COMFY_FORMAT,
     SD_SCRIPTS_FORMAT,
@@ -266,7 +267,12 @@ def create_network_from_weights(
     for_inference: bool = False,
     **kwargs: Any,
 ) -> tuple[AnimaLycorisNetwork, dict[str, torch.Tensor]]:
-    """A LyCORIS network with exactly the modules of a file (either layout); every module must find its layer."""
+    """A LyCORIS network with exactly the modules of a file (either layout); every module must find its layer.
+    LyCORIS rebuilds the modules from the file alone: network_args (kwargs) have no effect, which is warned."""
+    given = sorted(key for key, value in kwargs.items() if value is not None)
+    if given:
+        logger.warning("--network_args %s have no effect with --dim_from_weights and %s: LyCORIS builds the "
+                       "network from the weights file alone", ", ".join(given), LYCORIS_MODULE)
     weights_sd, source = weights_to_load(file, weights_sd)
     sd = _sd_scripts_keys(weights_sd)
     network, _ = lycoris_kohya.create_network_from_weights(multiplier, None, vae, text_encoder_root(text_encoders),

@@ -732,9 +732,10 @@ class AdapterNetwork(nn.Module):
     ) -> tuple[list[dict[str, Any]], list[str]]:
         """Optimizer param groups and their descriptions, text encoder first, then DiT.
 
-        Per side, modules go to the first matching bucket: a ``network_reg_lrs`` regex (``reg_lr_<i>``), then
-        (DiT only) a component with a learning rate in component_lrs (keys: llm_adapter, self_attn,
-        cross_attn, mlp, mod; first match in that order), else the side's base group. With LoRA+ each bucket
+        Per side, modules go to the first matching bucket: a ``network_reg_lrs`` regex (``reg_lr_<i>``, i its
+        position in network_reg_lrs), then (DiT only) a component with a learning rate in component_lrs (keys:
+        llm_adapter, self_attn, cross_attn, mlp, mod; first match in that order), else the side's base group.
+        Groups come in that order, the reg_lr ones ordered by their first module (as sd-scripts orders them). With LoRA+ each bucket
         splits into the adapter's plain weights (lr) and its LoRA+ weights (" plus", lr x ratio: LoRA's up, LoKr's
         w1, LoHa's w2_a, as sd-scripts picks them). A group whose lr is 0 or None is
         left out and its parameters frozen.
@@ -766,6 +767,10 @@ class AdapterNetwork(nn.Module):
             buckets[""] = (side_lr[side], [])
             for lora in loras:
                 buckets[self._bucket_for(lora.original_name, reg_lrs, buckets)][1].append(lora)
+            # sd-scripts' group order: the reg_lr groups in the order their first module comes, then the rest.
+            first = {name: loras.index(members[0]) for name, (_, members) in buckets.items() if members}
+            reg_names = sorted((n for n in first if n.startswith("reg_lr_")), key=first.__getitem__)
+            buckets = {n: buckets[n] for n in (*reg_names, *(n for n in buckets if not n.startswith("reg_lr_")))}
 
             for name, (lr, members) in buckets.items():
                 if not members:
@@ -815,15 +820,15 @@ class AdapterNetwork(nn.Module):
         self, max_norm_value: float, device: torch.device | str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scale ΔW by m/n where n = max(|ΔW|_F, m/2) exceeds m, spread evenly over its factors (LoRA: up and
-        down each by sqrt(m/n)). Returns (modules scaled, mean norm, max norm) of the norms after scaling as 0-dim
+        down each by sqrt(m/n)). Returns (modules scaled, mean, max) of the norms |ΔW|_F after scaling as 0-dim
         tensors on the device: nothing is read back to the host (the trainer logs them with the next step's read).
 
         Every factor is multiplied, by exactly 1.0 where ΔW is within the limit (n/n), so no value is read to
         decide."""
         ratios, norms = [], []
         for lora in self.all_loras:
-            norm = lora.delta_weight().to(device if device is not None else lora.alpha.device).norm()
-            norm = norm.clamp(min=max_norm_value / 2)
+            true_norm = lora.delta_weight().to(device if device is not None else lora.alpha.device).norm()
+            norm = true_norm.clamp(min=max_norm_value / 2)
             ratio = norm.clamp(max=max_norm_value) / norm  # 0-dim float32
             factors = lora.delta_factors()
             # float64 root rounded to float32: the value (and, for bf16/fp16 factors, the float32 product) a
@@ -832,7 +837,7 @@ class AdapterNetwork(nn.Module):
             for factor in factors:
                 factor.mul_(root.to(factor.device))
             ratios.append(ratio)
-            norms.append(norm * ratio)
+            norms.append(true_norm * ratio)  # |ΔW| after scaling (the clamp only guards the division)
         if not norms:
             zero = torch.zeros(())
             return zero.long(), zero, zero
@@ -944,6 +949,16 @@ def _parse_module_args(module_class: type[AdapterModule], network_args: Mapping[
     return parse_network_args(network_args, MODULE_FOR_KIND[module_class.KIND], module_class.OPTION_PARSERS)
 
 
+def _neuron_dropout(module_class: type[AdapterModule], neuron_dropout: Any) -> float | None:
+    """--network_dropout, checked; None (with a warning if it was set) for kinds without rank activations."""
+    if not module_class.NEURON_DROPOUT:
+        if neuron_dropout:
+            logger.warning("--network_dropout has no effect with %s (use rank_dropout / module_dropout)",
+                           KIND_NAMES[module_class.KIND])
+        return None
+    return None if neuron_dropout is None else _parse_fraction("network_dropout", neuron_dropout)
+
+
 def build_network(
     module_class: type[AdapterModule],
     multiplier: float,
@@ -954,17 +969,14 @@ def build_network(
     neuron_dropout: float | None,
     network_args: Mapping[str, Any],
 ) -> AdapterNetwork:
-    """``create_network`` of a network module: a new network of ``module_class`` adapters."""
+    """``create_network`` of a network module: a new network of ``module_class`` adapters. network_dim None
+    is 4 and network_alpha None is 1.0, sd-scripts' defaults (an alpha of 0 means alpha = rank)."""
     options = _parse_module_args(module_class, network_args)
+    if network_alpha is None:
+        network_alpha = 1.0
     if network_dim is not None and int(network_dim) < 1:
         raise AnimaError(f"--network_dim must be >= 1, got {network_dim}")
-    if not module_class.NEURON_DROPOUT:
-        if neuron_dropout:
-            logger.warning("--network_dropout has no effect with %s (use rank_dropout / module_dropout)",
-                           KIND_NAMES[module_class.KIND])
-        neuron_dropout = None
-    if neuron_dropout is not None:
-        neuron_dropout = _parse_fraction("network_dropout", neuron_dropout)
+    neuron_dropout = _neuron_dropout(module_class, neuron_dropout)
     return AdapterNetwork(
         text_encoders,
         unet,
@@ -990,7 +1002,10 @@ def build_network_from_weights(
 ) -> tuple[AdapterNetwork, dict[str, torch.Tensor]]:
     """``create_network_from_weights`` of a network module: exactly the modules, shapes and alphas of a file
     (either layout), weights loaded. Returns (network, sd-scripts-keyed state dict). Selection network_args
-    are superseded by the file; the others (dropouts, LoRA+, reg_lrs, verbose) still apply."""
+    are superseded by the file; the others (dropouts, LoRA+, reg_lrs, verbose) still apply, and ``dropout``
+    (the trainer's --network_dropout) is the neuron dropout."""
+    network_args = dict(network_args)
+    neuron_dropout = _neuron_dropout(module_class, network_args.pop("dropout", None))
     options = _parse_module_args(module_class, network_args)
     ignored = [k for k in (*_SELECTION_ARGS, *module_class.OPTION_PARSERS) if network_args.get(k) is not None]
     if ignored:
@@ -1013,6 +1028,7 @@ def build_network_from_weights(
         multiplier=multiplier,
         network_dim=most_common(shape["rank"] for shape in module_shapes.values()),
         network_alpha=most_common(shape["alpha"] for shape in module_shapes.values() if shape["alpha"] is not None),
+        dropout=neuron_dropout,
         options=options,
         module_shapes=module_shapes,
     )

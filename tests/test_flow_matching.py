@@ -16,12 +16,14 @@ from library.training.flow_matching import (
     TIMESTEP_SAMPLING_METHODS,
     discrete_sigma_table,
     flux_shift_mu,
+    flux_shift_sigmas,
     loss_weighting,
     model_timesteps,
     noisy_input,
     sample_sigmas,
     sampling_sigmas,
     shift_sigmas,
+    training_noise_levels,
     velocity_target,
 )
 from library.training.losses import (
@@ -119,6 +121,63 @@ def test_flux_shift_sampling_depends_on_resolution_as_formula(latent_size):
     s = _draw("flux_shift", latent_size=latent_size)
     _check_cdf(s, lambda x: _phi(_logit(x / (shift - (shift - 1) * x))))
     _check_mean_vs_normal_transform(s, lambda z: shift * _np_sigmoid(z) / (1 + (shift - 1) * _np_sigmoid(z)))
+
+
+def test_flux_shift_map_is_exp_mu_over_exp_mu_plus_odds_bit_for_bit():
+    """flux_shift: σ' = e^μ / (e^μ + (1/σ − 1)), evaluated in that form (the same float32 bits as sd-scripts),
+    and equal to the shift map S(σ; e^μ)."""
+    torch.manual_seed(3)
+    sigmas = torch.rand(1000)
+    mu = flux_shift_mu(64, 96)
+    slope = (1.15 - 0.5) / (4096 - 256)  # the line through (256, 0.5) and (4096, 1.15), as slope·n + intercept
+    assert mu == slope * (32 * 48) + (0.5 - slope * 256)
+    e = math.exp(mu)
+    assert torch.equal(flux_shift_sigmas(sigmas, mu), e / (e + (1 / sigmas - 1)))
+    torch.testing.assert_close(flux_shift_sigmas(sigmas, mu), shift_sigmas(sigmas, e))
+    assert flux_shift_sigmas(torch.tensor([0.0, 1.0]), mu).tolist() == [0.0, 1.0]
+    drawn = sample_sigmas(8, "flux_shift", latent_size=(64, 96), generator=torch.Generator().manual_seed(5))
+    normal = torch.randn(8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(drawn, flux_shift_sigmas(torch.sigmoid(normal), mu))
+
+
+def test_draws_without_a_generator_come_from_the_default_generator_in_order():
+    """The trainer passes no generator: σ is the next draw of the global generator (sigmoid: one randn per
+    sample, uniform: one rand, sigma: one rand or randn for u), nothing else is drawn."""
+    for method, replay in (
+        ("uniform", lambda: torch.rand(6)),
+        ("sigmoid", lambda: torch.sigmoid(1.5 * torch.randn(6))),
+        ("shift", lambda: shift_sigmas(torch.sigmoid(1.5 * torch.randn(6)), 3.0)),
+        ("sigma", lambda: discrete_sigma_table(3.0)[(torch.rand(6) * 1000).long()]),
+    ):
+        torch.manual_seed(11)
+        drawn = sample_sigmas(6, method, sigmoid_scale=1.5, discrete_flow_shift=3.0)
+        after = torch.rand(3)
+        torch.manual_seed(11)
+        assert torch.equal(drawn, replay()), method
+        assert torch.equal(after, torch.rand(3)), method
+
+
+def test_sigma_mode_model_timestep_is_rounded_once_from_the_table_value():
+    """sigma mode in bf16: σ (noisy input, loss weight) is the table value rounded to bf16; the DiT's t is
+    round_bf16(1000·σ_table)/1000, one rounding of the unrounded table value."""
+    table = discrete_sigma_table(3.0)
+    u = torch.rand(4096, generator=torch.Generator().manual_seed(2))
+    exact = table[(u * 1000).long()]
+    sigmas, timesteps = training_noise_levels(4096, "sigma", discrete_flow_shift=3.0, weighting_scheme="uniform",
+                                              weight_dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(sigmas, exact.to(torch.bfloat16).float())
+    assert timesteps.dtype == torch.bfloat16
+    assert torch.equal(timesteps, (exact * 1000).to(torch.bfloat16) / 1000)
+    # Rounding σ first and then 1000·σ again would differ for some of these draws.
+    assert not torch.equal(timesteps, model_timesteps(sigmas, torch.bfloat16))
+
+
+def test_continuous_modes_keep_sigma_in_float32_and_round_only_the_timestep():
+    sigmas, timesteps = training_noise_levels(64, "sigmoid", weight_dtype=torch.bfloat16,
+                                              generator=torch.Generator().manual_seed(4))
+    expected = torch.sigmoid(torch.randn(64, generator=torch.Generator().manual_seed(4)))
+    assert torch.equal(sigmas, expected)
+    assert torch.equal(timesteps, model_timesteps(expected, torch.bfloat16))
 
 
 def test_flux_shift_without_latent_size_is_rejected():
@@ -246,7 +305,8 @@ def test_ip_noise_gamma_perturbs_only_the_input_with_a_fresh_draw():
     torch.testing.assert_close(x_t, (1 - s) * x0 + s * (noise + 0.1 * xi))
 
 
-def test_ip_noise_gamma_random_strength_draws_one_scalar_below_gamma():
+def test_ip_noise_gamma_random_strength_draws_xi_first_then_one_scalar_below_gamma():
+    """sd-scripts' order: ξ ~ N(0, I), then γ' = U[0, 1)·γ (one scalar, in the weight dtype)."""
     gen = torch.Generator().manual_seed(2)
     x0, noise = torch.randn(2, 4, 3, 3, generator=gen), torch.randn(2, 4, 3, 3, generator=gen)
     sigmas = torch.tensor([0.3, 0.9])
@@ -259,11 +319,27 @@ def test_ip_noise_gamma_random_strength_draws_one_scalar_below_gamma():
         generator=torch.Generator().manual_seed(9),
     )
     replay = torch.Generator().manual_seed(9)
-    gamma = torch.rand(1, generator=replay).item() * 0.5
     xi = torch.randn(x0.shape, generator=replay)
+    gamma = torch.rand(1, generator=replay).item() * 0.5
     assert 0 <= gamma < 0.5
     s = sigmas.view(-1, 1, 1, 1)
     torch.testing.assert_close(x_t, (1 - s) * x0 + s * (noise + gamma * xi))
+
+
+def test_ip_noise_gamma_draws_come_from_the_default_generator_in_sd_scripts_order():
+    """Without a generator (the trainer): ξ then γ' from the global generator, ξ and γ' in the weight dtype."""
+    gen = torch.Generator().manual_seed(4)
+    x0, noise = torch.randn(2, 4, 3, 3, generator=gen), torch.randn(2, 4, 3, 3, generator=gen)
+    sigmas = torch.tensor([0.2, 0.6])
+    torch.manual_seed(21)
+    x_t = noisy_input(x0, noise, sigmas, torch.bfloat16, ip_noise_gamma=0.3, ip_noise_gamma_random_strength=True)
+    after = torch.rand(2)
+    torch.manual_seed(21)
+    xi = torch.randn(x0.shape, dtype=torch.bfloat16)
+    gamma = torch.rand(1, dtype=torch.bfloat16) * 0.3
+    s = sigmas.view(-1, 1, 1, 1)
+    assert torch.equal(x_t, ((1 - s) * x0 + s * (noise + gamma * xi)).to(torch.bfloat16))
+    assert torch.equal(after, torch.rand(2))
 
 
 def test_loss_weighting_matches_each_scheme_formula():

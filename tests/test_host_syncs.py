@@ -87,7 +87,8 @@ def test_loader_pins_batches_only_when_cuda_is_available(monkeypatch, tiny_setup
     assert loader.pin_memory is True  # CUDA: page-locked batches for the trainer's non_blocking copies
 
 
-def test_sigmas_reach_cuda_through_a_pinned_non_blocking_copy(monkeypatch):
+def test_sigma_mode_sigmas_reach_cuda_through_a_pinned_non_blocking_copy(monkeypatch):
+    """sigma mode looks σ up on the CPU (its u is a CPU draw, as in sd-scripts): one pinned non_blocking copy."""
     from library.training import flow_matching
 
     copies = []
@@ -96,14 +97,39 @@ def test_sigmas_reach_cuda_through_a_pinned_non_blocking_copy(monkeypatch):
         copies.append("pinned")
         return self
 
+    real_to = torch.Tensor.to
+
     def fake_to(self, *args, **kwargs):
-        copies.append((str(args[0]) if args else str(kwargs.get("device")), kwargs.get("non_blocking", False)))
-        return self
+        target = args[0] if args else kwargs.get("device")
+        if isinstance(target, (str, torch.device)) and torch.device(target).type == "cuda":
+            copies.append(("cuda", kwargs.get("non_blocking", False)))
+            return self
+        return real_to(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
     monkeypatch.setattr(torch.Tensor, "to", fake_to)
-    flow_matching.sample_sigmas(2, "sigmoid", device="cuda")
+    flow_matching.sample_sigmas(2, "sigma", device="cuda")
     assert copies == ["pinned", ("cuda", True)]
+
+
+@pytest.mark.parametrize("method", ["uniform", "sigmoid", "shift", "flux_shift"])
+def test_continuous_sigmas_are_drawn_on_the_training_device(monkeypatch, method):
+    """As sd-scripts: the σ draw uses the training device's generator, so nothing is copied to the device."""
+    from library.training import flow_matching
+
+    draws, copies = [], []
+
+    def fake_draw(*size, generator=None, device=None, **kwargs):
+        draws.append(torch.device(device))
+        return torch.full(size, 0.5, device="meta")
+
+    monkeypatch.setattr(torch, "rand", fake_draw)
+    monkeypatch.setattr(torch, "randn", fake_draw)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: copies.append("pinned") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append((a, k)) or self)
+    flow_matching.sample_sigmas(2, method, latent_size=(8, 8), device="cuda")
+    assert draws == [torch.device("cuda")]
+    assert "pinned" not in copies
 
 
 def test_prepared_loaders_send_batches_to_the_device_without_blocking(monkeypatch, tiny_setup, tmp_path):

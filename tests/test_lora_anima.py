@@ -179,6 +179,28 @@ def test_include_patterns_override_default_exclusion_and_exclude_patterns_remove
     )
 
 
+def test_modules_and_their_initial_weights_follow_sd_scripts_module_order():
+    """DiT modules come as sd-scripts walks the model (embedders, LLM adapter, blocks, final layer), and each
+    module's init draws from the default generator in turn (down's and up's Linear init, then down's
+    kaiming-uniform a=√5), so a seed gives sd-scripts' initial LoRA."""
+    dit = tiny_dit()
+    torch.manual_seed(5)
+    network = create_network(1.0, 4, 1.0, None, None, dit, train_llm_adapter="true",
+                             include_patterns="['x_embedder.*', 't_embedder.*', 'final_layer.linear']")
+    names = original_names(network.unet_loras)
+    kinds = [n.split(".")[0] for n in names]
+    assert kinds == sorted(kinds, key=["x_embedder", "t_embedder", "llm_adapter", "blocks", "final_layer"].index)
+    assert names[kinds.index("blocks"):kinds.index("final_layer")] == DEFAULT_DIT_MODULES
+    torch.manual_seed(5)
+    for lora in network.unet_loras:
+        nn.Linear(lora.in_features, lora.rank, bias=False)
+        nn.Linear(lora.rank, lora.out_features, bias=False)
+        expected = torch.empty(lora.rank, lora.in_features)
+        nn.init.kaiming_uniform_(expected, a=math.sqrt(5))
+        assert torch.equal(lora.lora_down.weight, expected), lora.original_name
+        assert not lora.lora_up.weight.any()
+
+
 def test_text_encoder_attention_and_mlp_layers_get_lora_te_prefix():
     network = create_network(1.0, 4, 1.0, None, [tiny_qwen3()], tiny_dit())
     names = original_names(network.text_encoder_loras)
@@ -205,10 +227,13 @@ def test_reg_dims_set_rank_per_regex_first_match_wins_and_rank_zero_skips():
     assert all(float(lora.alpha) == 2.0 for lora in network.unet_loras)
 
 
-def test_alpha_none_or_zero_means_alpha_equals_rank():
-    for alpha in (None, 0):
-        network = create_network(1.0, 8, alpha, None, None, tiny_dit())
-        assert all(float(lora.alpha) == 8.0 and lora.scale == 1.0 for lora in network.unet_loras)
+def test_alpha_zero_means_alpha_equals_rank_and_none_is_the_default_one():
+    network = create_network(1.0, 8, 0, None, None, tiny_dit())
+    assert all(float(lora.alpha) == 8.0 and lora.scale == 1.0 for lora in network.unet_loras)
+    network = create_network(1.0, 8, None, None, None, tiny_dit())  # sd-scripts' create_network default
+    assert all(float(lora.alpha) == 1.0 and lora.scale == 1 / 8 for lora in network.unet_loras)
+    network = create_network(1.0, None, None, None, None, tiny_dit())
+    assert all(lora.rank == 4 and float(lora.alpha) == 1.0 for lora in network.unet_loras)
 
 
 def test_verbose_prints_a_table_of_modules_and_ranks(capsys):
@@ -335,6 +360,25 @@ def test_rank_dropout_at_batch_2_masks_per_sample_and_rank_and_is_unbiased():
     assert (mean - exact).abs().max() < 0.06 * exact.abs().max()
 
 
+def test_rank_dropout_mask_is_one_uniform_draw_per_sample_and_rank_kept_above_p(monkeypatch):
+    """The mask is u > p with u ~ U[0, 1) drawn as [B, r] from the default generator (sd-scripts' draw), the
+    update rescaled by 1/(1 − p)."""
+    lora = LoRAModule("lora_unet_x", "x", 8, 6, rank=6, alpha=3.0, rank_dropout=0.25)
+    with torch.no_grad():
+        lora.lora_up.weight.copy_(torch.randn(6, 6, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2))
+    lora.train()
+    torch.manual_seed(3)
+    got = lora.delta(x)
+    torch.manual_seed(3)
+    keep = (torch.rand(2, 6) > 0.25).unsqueeze(1)
+    h = (x @ lora.lora_down.weight.t()) * keep
+    torch.testing.assert_close(got, (h @ lora.lora_up.weight.t()) * (0.5 / 0.75))
+    # A draw equal to p is dropped.
+    monkeypatch.setattr(torch, "rand", lambda *size, **kwargs: torch.full(size[0] if len(size) == 1 else size, 0.25))
+    assert not lora.delta(x).any()
+
+
 def test_module_dropout_skips_whole_update_only_in_training():
     torch.manual_seed(0)
     lora = LoRAModule("lora_unet_x", "x", 8, 5, rank=4, alpha=4.0, module_dropout=0.5)
@@ -392,6 +436,21 @@ def test_param_groups_order_with_reg_lrs_and_loraplus():
     assert len(all_params) == len(set(all_params)) == len(list(network.parameters()))
 
 
+def test_reg_lr_groups_come_in_the_order_of_their_first_module():
+    """sd-scripts orders the reg_lr groups by the first module that falls in each, not by the regex list."""
+    network = create_network(1.0, 4, 1.0, None, None, tiny_dit(),
+                             network_reg_lrs=".*mlp.*=1e-3,.*self_attn.*=2e-4", loraplus_unet_lr_ratio="2")
+    groups, descriptions = network.prepare_optimizer_params(None, 1e-4, None)
+    assert [(d, lr) for d, lr, _ in group_summary(groups, descriptions)] == [
+        ("unet reg_lr_1", 2e-4),  # blocks.0.self_attn.q_proj is the first module
+        ("unet reg_lr_1 plus", 4e-4),
+        ("unet reg_lr_0", 1e-3),
+        ("unet reg_lr_0 plus", 2e-3),
+        ("unet", 1e-4),
+        ("unet plus", 2e-4),
+    ]
+
+
 def test_specific_loraplus_ratio_wins_and_missing_lrs_fall_back_to_default():
     network = create_network(
         1.0, 4, 1.0, None, [tiny_qwen3()], tiny_dit(), loraplus_lr_ratio="4", loraplus_unet_lr_ratio="16"
@@ -444,7 +503,7 @@ def test_reg_lr_zero_freezes_matching_modules():
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_max_norm_regularization_scales_only_modules_above_the_limit():
+def test_max_norm_regularization_scales_only_modules_above_the_limit_and_reports_their_norms():
     network = create_network(1.0, 4, 2.0, None, None, tiny_dit())
     randomize_up(network, std=0.01)
     big = network.unet_loras[0]
@@ -462,8 +521,9 @@ def test_max_norm_regularization_scales_only_modules_above_the_limit():
     assert norms_after[0] == pytest.approx(limit, rel=1e-4)
     assert norms_after[1:] == pytest.approx(norms_before[1:], rel=1e-6)
     assert max_norm == pytest.approx(limit, rel=1e-4)
-    expected_mean = sum(max(n, limit / 2) for n in [limit, *norms_before[1:]]) / len(norms_before)
-    assert mean_norm == pytest.approx(expected_mean, rel=1e-4)
+    # The logged norms are the modules' |ΔW| after scaling, small ones included as they are.
+    assert min(norms_before[1:]) < limit / 2
+    assert mean_norm == pytest.approx(sum(norms_after) / len(norms_after), rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------------

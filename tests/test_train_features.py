@@ -555,3 +555,19 @@ def test_a_run_leaves_its_parsed_flags_unchanged(tiny_setup, four_block_dit, tmp
     trainer.train(args)
     assert vars(args) == before
     assert trainer.seed is not None and trainer.global_step == 2
+
+
+def test_dim_from_weights_keeps_the_dropouts_and_loraplus_of_the_command_line(tiny_setup, tmp_path):
+    """The file sets modules, ranks and alphas; --network_dropout and the non-selection network_args still act
+    (sd-scripts' Anima LoRA drops them silently with --dim_from_weights)."""
+    first = trainer_through_network(tiny_train_argv(tiny_setup, tmp_path / "a"))
+    start = tmp_path / "start.safetensors"
+    first.network.save_weights(str(start))
+    trainer = trainer_through_network(tiny_train_argv(
+        tiny_setup, tmp_path / "b", "--network_weights", str(start), "--dim_from_weights", "--network_dropout", "0.2",
+        "--network_args", "rank_dropout=0.1", "module_dropout=0.05", "loraplus_lr_ratio=4"))
+    loras = trainer.network.unet_loras
+    assert len(loras) == len(first.network.unet_loras)
+    assert {(lora.dropout, lora.rank_dropout, lora.module_dropout) for lora in loras} == {(0.2, 0.1, 0.05)}
+    _, descriptions = trainer.network.prepare_optimizer_params(None, 1e-4, 1e-4)
+    assert descriptions == ["unet", "unet plus"]

@@ -123,3 +123,41 @@ def test_loss_masks_of_the_batch_weight_the_loss(accelerator):
     half = torch.ones(2, 1, 32, 32)
     half[..., 16:] = 0
     assert 0.2 * full < loss(half) < 0.8 * full
+
+
+def test_step_draws_noise_then_sigma_then_ip_noise_from_the_global_generator(accelerator):
+    """sd-scripts' draw order and dtypes under a 16-bit weight dtype: ε in the latents' dtype (float32 from the
+    cache), σ, ξ and the strength in the weight dtype; the DiT gets the bf16 input and t = round(1000σ)/1000,
+    the loss compares with the float32 target ε − x0."""
+    args, _ = parse_args(["--timestep_sampling", "shift", "--discrete_flow_shift", "2", "--ip_noise_gamma", "0.2",
+                          "--ip_noise_gamma_random_strength"])
+    trainer = AnimaNetworkTrainer()
+    trainer.dit = RecordingDiT()
+    trainer.accelerator, trainer.weight_dtype = accelerator, torch.bfloat16
+    latents = torch.randn(3, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    text = {"qwen3_embeds": torch.zeros(3, 3, 8), "qwen3_mask": torch.ones(3, 3, dtype=torch.long),
+            "t5_ids": torch.ones(3, 5, dtype=torch.long), "t5_mask": torch.ones(3, 5, dtype=torch.long)}
+    torch.manual_seed(8)
+    out = trainer.noise_pred_and_target(args, latents, text)
+    after = torch.rand(2)
+
+    torch.manual_seed(8)
+    noise = torch.randn_like(latents)
+    sig = torch.sigmoid(torch.randn(3))
+    sig = 2 * sig / (1 + sig)
+    xi = torch.randn(latents.shape, dtype=torch.bfloat16)
+    gamma = torch.rand(1, dtype=torch.bfloat16) * 0.2
+    s = sig.view(-1, 1, 1, 1)
+    assert torch.equal(out.sigmas, sig)
+    assert torch.equal(trainer.dit.x.squeeze(2), ((1 - s) * latents + s * (noise + gamma * xi)).to(torch.bfloat16))
+    assert torch.equal(trainer.dit.timesteps, (sig * 1000).to(torch.bfloat16) / 1000)
+    assert out.target.dtype == torch.float32 and torch.equal(out.target, noise - latents)
+    assert torch.equal(after, torch.rand(2))
+
+
+def test_cached_latents_enter_the_step_in_float32_under_a_16_bit_weight_dtype(accelerator):
+    trainer = AnimaNetworkTrainer()
+    trainer.accelerator, trainer.weight_dtype = accelerator, torch.bfloat16
+    cached = torch.randn(2, 16, 4, 4)
+    latents = trainer.batch_latents({"latents": cached})
+    assert latents.dtype == torch.float32 and torch.equal(latents, cached)

@@ -556,9 +556,8 @@ class Anima(nn.Module):
         d = config.model_channels
         self.x_embedder = PatchEmbed(config.patch_spatial, config.patch_temporal, config.patch_features, d)
         self.t_embedder = nn.Sequential(SinusoidalTimesteps(d), TimestepEmbedding(d))
-        self.t_embedding_norm = RMSNorm(d)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_blocks)])
-        self.final_layer = FinalLayer(config)
+        # Registration order = named_modules() order, which sets the order (and so, for one seed, the initial
+        # weights) of the LoRA modules; it is sd-scripts' order: embedders, adapter, blocks, final layer, norm.
         self.llm_adapter = LLMAdapter(
             config.adapter_source_dim,
             config.adapter_model_dim,
@@ -567,6 +566,9 @@ class Anima(nn.Module):
             config.adapter_mlp_channels,
             config.adapter_vocab_size,
         )
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_blocks)])
+        self.final_layer = FinalLayer(config)
+        self.t_embedding_norm = RMSNorm(d)
         # (T', H', W', device, dtype) -> rope_tables [L, head_dim]; derived data, never in the state dict.
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.block_swapper: BlockSwapper | None = None

@@ -51,10 +51,22 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def flux_shift_mu(latent_height: int, latent_width: int) -> float:
-    """μ of `--timestep_sampling flux_shift` for a latent of this size (patch count n = (h//2)·(w//2))."""
+    """μ of `--timestep_sampling flux_shift` for a latent of this size (patch count n = (h//2)·(w//2)).
+
+    μ = m·n + b, the line through (256, 0.5) and (4096, 1.15), evaluated in this form (slope and intercept
+    first) so that it is the same float as sd-scripts' value.
+    """
     patches = (latent_height // 2) * (latent_width // 2)
     slope = (_FLUX_SHIFT_MAX_MU - _FLUX_SHIFT_BASE_MU) / (_FLUX_SHIFT_MAX_TOKENS - _FLUX_SHIFT_BASE_TOKENS)
-    return _FLUX_SHIFT_BASE_MU + (patches - _FLUX_SHIFT_BASE_TOKENS) * slope
+    intercept = _FLUX_SHIFT_BASE_MU - slope * _FLUX_SHIFT_BASE_TOKENS
+    return slope * patches + intercept
+
+
+def flux_shift_sigmas(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+    """The flux_shift map e^μ / (e^μ + (1/σ − 1)): S(σ; e^μ) written as sd-scripts evaluates it, so the float32
+    result is the same bits (σ = 0 gives 0, σ = 1 gives 1)."""
+    shift = math.exp(mu)
+    return shift / (shift + (1 / sigmas - 1))
 
 
 def discrete_sigma_table(discrete_flow_shift: float = 1.0) -> torch.Tensor:
@@ -66,15 +78,18 @@ def discrete_sigma_table(discrete_flow_shift: float = 1.0) -> torch.Tensor:
     return shift_sigmas(base, discrete_flow_shift)
 
 
-def _draw_device(generator: torch.Generator | None) -> torch.device:
-    """Random draws happen where the generator lives (a generator only feeds tensors on its own device)."""
-    return generator.device if generator is not None else torch.device("cpu")
+def _draw_device(generator: torch.Generator | None, device: torch.device | str = "cpu") -> torch.device:
+    """Where a random draw happens: on the generator's device when one is given (a generator only feeds tensors
+    on its own device), else on `device`, from that device's default generator."""
+    return generator.device if generator is not None else torch.device(device)
 
 
 def _density_u(
     batch_size: int, weighting_scheme: str, logit_mean: float, logit_std: float, mode_scale: float, generator
 ) -> torch.Tensor:
-    """u ∈ [0, 1] drawn from the density the weighting scheme asks for (only `sigma` sampling uses this)."""
+    """u ∈ [0, 1] drawn from the density the weighting scheme asks for (only `sigma` sampling uses this).
+
+    Drawn on the CPU (or the generator's device) whatever the training device, as sd-scripts draws it."""
     if weighting_scheme == "logit_normal":
         normal = torch.randn(batch_size, generator=generator, device=_draw_device(generator))
         return torch.sigmoid(logit_mean + logit_std * normal)
@@ -82,6 +97,39 @@ def _density_u(
     if weighting_scheme == "mode":
         return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     return u
+
+
+def _to_device(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    if torch.device(device).type == "cuda" and values.device.type == "cpu":
+        # From pinned memory the copy is queued behind the step's work; a pageable copy would wait for it.
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
+
+
+def _draw_sigmas(batch_size: int, timestep_sampling: str, sigmoid_scale: float, discrete_flow_shift: float,
+                 weighting_scheme: str, logit_mean: float, logit_std: float, mode_scale: float,
+                 latent_size: tuple[int, int] | None, generator: torch.Generator | None,
+                 device: torch.device | str) -> torch.Tensor:
+    """σ [batch_size] float32 on `device`, before any rounding through the weight dtype."""
+    check_flow_matching_options(timestep_sampling, weighting_scheme, discrete_flow_shift, logit_std)
+    if timestep_sampling == "flux_shift" and latent_size is None:
+        raise ValueError("flux_shift sampling needs latent_size=(h, w)")
+    if timestep_sampling == "sigma":
+        u = _density_u(batch_size, weighting_scheme, logit_mean, logit_std, mode_scale, generator)
+        # u == 1 (mode scheme at u=0) or a mode_scale that pushes u outside [0, 1] would index off the table.
+        indices = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
+        return _to_device(discrete_sigma_table(discrete_flow_shift).to(indices.device)[indices], device)
+    draw_device = _draw_device(generator, device)
+    if timestep_sampling == "uniform":
+        sigmas = torch.rand(batch_size, generator=generator, device=draw_device)
+    else:
+        normal = torch.randn(batch_size, generator=generator, device=draw_device)
+        sigmas = torch.sigmoid(sigmoid_scale * normal)
+        if timestep_sampling == "shift":
+            sigmas = shift_sigmas(sigmas, discrete_flow_shift)
+        elif timestep_sampling == "flux_shift":
+            sigmas = flux_shift_sigmas(sigmas, flux_shift_mu(*latent_size))
+    return _to_device(sigmas, device)
 
 
 def sample_sigmas(
@@ -114,31 +162,49 @@ def sample_sigmas(
       latent_size: (h, w) of the latent, required by flux_shift.
       weight_dtype: sigma mode only — σ is held in this dtype (the value is rounded through it, as the training
         recipe did), then returned as float32.
-      generator: torch.Generator for reproducible draws; draws happen on the generator's device (CPU when None)
-        and the result is moved to `device`.
+      generator: torch.Generator for reproducible draws, on its own device. Without one the draw uses the
+        default generator of `device` (the training device, as sd-scripts draws), except in sigma mode, whose u
+        is drawn on the CPU (as sd-scripts draws it) and the looked-up σ moved to `device`.
     """
-    check_flow_matching_options(timestep_sampling, weighting_scheme, discrete_flow_shift, logit_std)
+    return training_noise_levels(
+        batch_size, timestep_sampling, sigmoid_scale=sigmoid_scale, discrete_flow_shift=discrete_flow_shift,
+        weighting_scheme=weighting_scheme, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale,
+        latent_size=latent_size, weight_dtype=weight_dtype, generator=generator, device=device,
+    )[0]
+
+
+def training_noise_levels(
+    batch_size: int,
+    timestep_sampling: str = "sigmoid",
+    *,
+    sigmoid_scale: float = 1.0,
+    discrete_flow_shift: float = 1.0,
+    weighting_scheme: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    latent_size: tuple[int, int] | None = None,
+    min_timestep: int | None = None,
+    max_timestep: int | None = None,
+    weight_dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step's noise levels: (σ [B] float32 for the noisy input and the loss weight, the DiT's
+    timestep t [B] in the weight dtype). The draw is `sample_sigmas`' (same parameters), then mapped into
+    [--min_timestep, --max_timestep] by `restrict_to_timestep_range`.
+
+    t is `model_timesteps` of the σ before it is rounded through the weight dtype: in sigma mode σ is rounded
+    (sd-scripts looks it up in the weight dtype) while t = round(1000·σ)/1000 is rounded once, from the table
+    value, as sd-scripts' scheduler timestep is; elsewhere σ stays float32.
+    """
+    sigmas = _draw_sigmas(batch_size, timestep_sampling, sigmoid_scale, discrete_flow_shift, weighting_scheme,
+                          logit_mean, logit_std, mode_scale, latent_size, generator, device)
+    sigmas = restrict_to_timestep_range(sigmas, min_timestep, max_timestep)
+    timesteps = model_timesteps(sigmas, weight_dtype)
     if timestep_sampling == "sigma":
-        u = _density_u(batch_size, weighting_scheme, logit_mean, logit_std, mode_scale, generator)
-        # u == 1 (mode scheme at u=0) or a mode_scale that pushes u outside [0, 1] would index off the table.
-        indices = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
-        table = discrete_sigma_table(discrete_flow_shift).to(indices.device)
-        sigmas = table[indices].to(weight_dtype).float()
-    elif timestep_sampling == "uniform":
-        sigmas = torch.rand(batch_size, generator=generator, device=_draw_device(generator))
-    else:
-        normal = torch.randn(batch_size, generator=generator, device=_draw_device(generator))
-        sigmas = torch.sigmoid(sigmoid_scale * normal)
-        if timestep_sampling == "shift":
-            sigmas = shift_sigmas(sigmas, discrete_flow_shift)
-        elif timestep_sampling == "flux_shift":
-            if latent_size is None:
-                raise ValueError("flux_shift sampling needs latent_size=(h, w)")
-            sigmas = shift_sigmas(sigmas, math.exp(flux_shift_mu(*latent_size)))
-    if torch.device(device).type == "cuda" and sigmas.device.type == "cpu":
-        # From pinned memory the copy is queued behind the step's work; a pageable copy would wait for it.
-        return sigmas.pin_memory().to(device, non_blocking=True)
-    return sigmas.to(device)
+        sigmas = sigmas.to(weight_dtype).float()
+    return sigmas, timesteps
 
 
 def restrict_to_timestep_range(sigmas: torch.Tensor, min_timestep: int | None = None,
@@ -187,16 +253,18 @@ def noisy_input(
     x0, noise: [B, C, H, W] (or 5-D); sigmas: [B] (unrounded).
     ip_noise_gamma [--ip_noise_gamma]: input-perturbation strength γ; None or 0 disables it. ξ is a fresh normal
       draw in the weight dtype. The target stays ε − x0 (only the input is perturbed).
-    ip_noise_gamma_random_strength [--ip_noise_gamma_random_strength]: γ' = U[0,1)·γ, one scalar per batch;
-      otherwise γ' = γ.
+    ip_noise_gamma_random_strength [--ip_noise_gamma_random_strength]: γ' = U[0,1)·γ, one scalar per batch
+      (drawn after ξ, in the weight dtype); otherwise γ' = γ.
     generator: drives the ξ and γ' draws (on the generator's device, else x0's); ξ ends on x0's device.
     """
     if ip_noise_gamma:
-        gamma = ip_noise_gamma
-        if ip_noise_gamma_random_strength:
-            gamma = torch.rand(1, generator=generator, device=_draw_device(generator)).item() * ip_noise_gamma
-        draw_device = generator.device if generator is not None else x0.device
+        # sd-scripts' order and dtypes: ξ first, then the strength, both in the weight dtype on x0's device.
+        draw_device = _draw_device(generator, x0.device)
         xi = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=weight_dtype).to(x0.device)
+        gamma: float | torch.Tensor = ip_noise_gamma
+        if ip_noise_gamma_random_strength:
+            strength = torch.rand(1, generator=generator, device=draw_device, dtype=weight_dtype)
+            gamma = strength.to(x0.device) * ip_noise_gamma  # a [1] tensor: no host read
         noise = noise + gamma * xi
     s = _per_sample(sigmas, x0)
     return ((1 - s) * x0 + s * noise).to(weight_dtype)

@@ -61,13 +61,16 @@ def network_from_args(args: argparse.Namespace, dit: torch.nn.Module, text_encod
     network_module = import_network_module(args.network_module)
     merge_base_weights(args, network_module, dit, text_encoders, merge=merge, dtype=dtype, device=device)
     network_args = split_network_args(args.network_args)
+    # network_args dropout=p (LyCORIS' key, which sd-scripts also fills from --network_dropout) wins.
+    network_args.setdefault("dropout", args.network_dropout)
     if args.dim_from_weights:
         if not args.network_weights:
             raise AnimaError("--dim_from_weights needs --network_weights")
-        network, _ = network_module.create_network_from_weights(1.0, args.network_weights, None, text_encoders, dit)
+        # The file sets the modules, ranks and alphas; the other network_args (dropouts, LoRA+, reg_lrs) still
+        # apply (sd-scripts' Anima LoRA drops them all without a word here).
+        network, _ = network_module.create_network_from_weights(1.0, args.network_weights, None, text_encoders, dit,
+                                                                **network_args)
     else:
-        # network_args dropout=p (LyCORIS' key, which sd-scripts also fills from --network_dropout) wins.
-        network_args.setdefault("dropout", args.network_dropout)
         network = network_module.create_network(
             1.0, args.network_dim, args.network_alpha, None, text_encoders, dit,
             neuron_dropout=network_args["dropout"], **{k: v for k, v in network_args.items() if k != "dropout"})
