@@ -31,7 +31,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from library.data.metadata import group_metadata
 from library.errors import AnimaError
 from library.io import files
-from library.training import checkpointing, outputs, preflight, schedule
+from library.training import checkpointing, flow_matching, outputs, preflight, schedule
 from library.training import state as train_state
 from library.training.args import MIXED_PRECISION_DTYPES, SAVE_PRECISION_DTYPES
 from library.training.distributed import TrainingModule, allow_module_dropout, process_group_kwargs
@@ -531,13 +531,12 @@ class NetworkTrainer:
             self.run_sampling(epoch=None, step=step)
         self.writer.after_step(self.position)
         if self.val_loader is not None and schedule.every(args.validate_every_n_steps, step):
-            self.validate(args)
+            self.validate(args, "step")
 
     def after_epoch(self, args: argparse.Namespace, epoch: int) -> None:
         """Epoch-triggered validation, checkpoint (never for the final epoch), state and sampling."""
-        if self.val_loader is not None and schedule.epoch_validation_due(epoch, args.validate_every_n_epochs,
-                                                                         args.validate_every_n_steps):
-            self.validate(args)
+        if self.val_loader is not None and schedule.epoch_validation_due(epoch, args.validate_every_n_epochs):
+            self.validate(args, "epoch", epoch)
         self.writer.after_epoch(epoch, self.position, self.schedule)
         if schedule.every(args.sample_every_n_epochs, epoch):
             self.run_sampling(epoch=epoch, step=self.global_step)
@@ -551,8 +550,10 @@ class NetworkTrainer:
             self.accelerator.wait_for_everyone()
 
     @torch.no_grad()
-    def validate(self, args: argparse.Namespace) -> None:
-        """Mean loss on the validation set with a fixed seed (RNG restored afterwards)."""
+    def validate(self, args: argparse.Namespace, kind: str, epoch: int = 0) -> None:
+        """Mean loss on the validation set, each batch at sd-scripts' fixed validation timesteps, with a fixed seed
+        (RNG restored afterwards); `kind` "step" or "epoch" (then `epoch` counts from 1) names the scalars, as
+        sd-scripts does: loss/validation/<kind>_average and <kind>_divergence (minus the training loss/average)."""
         with self.modes.eval_mode(), self.reporter.excluded("validation"):
             self.network.eval()
             seed = args.validation_seed if args.validation_seed is not None else self.seed
@@ -561,17 +562,26 @@ class NetworkTrainer:
             random.seed(seed)
             losses = []  # device tensors, read once after the loop
             try:
+                timesteps = flow_matching.validation_timesteps(args.min_timestep, args.max_timestep)
+                # One copy of the flags per timestep, with both bounds at it: σ = t / 1000 for every sample.
+                fixed = [argparse.Namespace(**{**vars(args), "min_timestep": t, "max_timestep": t}) for t in timesteps]
                 for i, batch in enumerate(self.val_loader):
                     if args.max_validation_steps is not None and i >= args.max_validation_steps:
                         break
-                    losses.append(self.mean_over_processes(self.batch_loss(args, batch, training=False)))
+                    for at_timestep in fixed:
+                        losses.append(self.mean_over_processes(self.batch_loss(at_timestep, batch, training=False)))
             finally:
                 restore_rng(rng)
                 self.network.train()
                 self.reset_dit_layout()
             if losses:
                 mean = sum(read_scalars(losses)) / len(losses)
-                self.reporter.scalars(self.global_step, {"loss/validation/step_average": mean})
+                logs = {f"loss/validation/{kind}_average": mean,
+                        f"loss/validation/{kind}_divergence": mean - self.reporter.epoch_average()}
+                if kind == "epoch":
+                    self.reporter.epoch_scalars(self.global_step, epoch, logs)
+                else:
+                    self.reporter.scalars(self.global_step, logs)
                 self.reporter.message(f"validation loss at step {self.global_step}: {mean:.4f}")
 
     def save_final(self, args: argparse.Namespace) -> Path:

@@ -77,7 +77,8 @@ def test_schedule_counts_steps_epochs_and_where_a_resumed_run_starts():
     assert schedule.position_from_initial_step(4, by_epochs, skip_data=True) == Position(1, 2, 4)
     assert schedule.position_from_initial_step(4, by_epochs, skip_data=False) == Position(1, 0, 4)
     assert schedule.step_save_due(4, 2) and schedule.step_save_due(8, 2) and not schedule.step_save_due(7, 2)
-    assert schedule.epoch_validation_due(3, None, None) and not schedule.epoch_validation_due(3, None, 5)
+    assert schedule.epoch_validation_due(3, None) and schedule.epoch_validation_due(4, 2)
+    assert not schedule.epoch_validation_due(3, 2)
 
 
 # --- exact continuation -----------------------------------------------------------------------------------------

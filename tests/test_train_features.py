@@ -169,9 +169,39 @@ def test_validation_logs_a_loss_and_leaves_the_training_trajectory_alone(tiny_se
     events = EventAccumulator(str(next((tmp_path / "logs").iterdir()) / "network_train"))
     events.Reload()
     values = events.Scalars("loss/validation/step_average")
-    assert [v.step for v in values][:3] == [1, 2, 3]
+    assert [v.step for v in values] == [1, 2, 3]
     assert all(math.isfinite(v.value) and v.value > 0 for v in values)
+    # sd-scripts' names: the divergence from the training loss/average beside each average, per step and epoch.
+    average = {v.step: v.value for v in events.Scalars("loss/average")}
+    for v, divergence in zip(values, events.Scalars("loss/validation/step_divergence"), strict=True):
+        assert divergence.step == v.step and divergence.value == pytest.approx(v.value - average[v.step], abs=1e-5)
+    assert [v.step for v in events.Scalars("loss/validation/epoch_average")] == [1]  # the epoch, as sd-scripts
+    assert len(events.Scalars("loss/validation/epoch_divergence")) == 1
     assert metadata(tmp_path / "a" / "tiny.safetensors")["ss_num_validation_images"] == "2"
+
+
+class SigmaRecordingTrainer(CountingTrainer):
+    validation_sigmas: list[list[float]] = []
+
+    def batch_loss(self, args, batch, training):
+        loss = super().batch_loss(args, batch, training)
+        if not training:
+            type(self).validation_sigmas.append(self.last_sigmas.tolist())
+        return loss
+
+
+@pytest.mark.parametrize(("bounds", "sigmas"), [((), [0.2, 0.4, 0.6, 0.8]),
+                                                (("--min_timestep", "100", "--max_timestep", "900"),
+                                                 [0.26, 0.42, 0.58, 0.74])])
+def test_validation_scores_each_batch_at_sd_scripts_four_fixed_timesteps(tiny_setup, val_toml, tmp_path, bounds,
+                                                                        sigmas):
+    SigmaRecordingTrainer.validation_sigmas = []
+    run(base_argv(tiny_setup, tmp_path, "--max_train_steps", "1", "--max_validation_steps", "1", *bounds,
+                  dataset=val_toml), trainer_cls=SigmaRecordingTrainer)
+    recorded = SigmaRecordingTrainer.validation_sigmas
+    assert len(recorded) == 4  # one epoch-end validation, one batch, four passes
+    for batch_sigmas, sigma in zip(recorded, sigmas, strict=True):
+        assert batch_sigmas == pytest.approx([sigma] * len(batch_sigmas), abs=1e-6)
 
 
 # --- starting points: --network_weights, --dim_from_weights, --base_weights, --lora_format comfy ------------------

@@ -207,6 +207,19 @@ def training_noise_levels(
     return sigmas, timesteps
 
 
+VALIDATION_TIMESTEP_COUNT = 4  # sd-scripts' NUM_VALIDATION_TIMESTEPS
+
+
+def validation_timesteps(min_timestep: int | None = None, max_timestep: int | None = None) -> list[int]:
+    """The fixed timesteps every validation batch is scored at: the inner points of an even split of
+    [--min_timestep, --max_timestep] (default [0, 1000]) into five parts, truncated to integers as sd-scripts
+    computes them (200, 400, 600, 800 by default). Each pass sets both bounds to one of them, so σ = t / 1000."""
+    low = 0 if min_timestep is None else min_timestep
+    high = NUM_TRAIN_TIMESTEPS if max_timestep is None else max_timestep
+    step = (high - low) / (VALIDATION_TIMESTEP_COUNT + 1)
+    return [int(i * step + low) for i in range(1, VALIDATION_TIMESTEP_COUNT + 1)]
+
+
 def restrict_to_timestep_range(sigmas: torch.Tensor, min_timestep: int | None = None,
                                max_timestep: int | None = None) -> torch.Tensor:
     """Map σ ∈ [0, 1] linearly into [min_timestep, max_timestep] / 1000  [--min_timestep, --max_timestep].

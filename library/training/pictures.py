@@ -78,7 +78,7 @@ def write_loss_plot(path: Path, history: RunHistory) -> Path | None:
     if history.validation:
         steps, values = zip(*history.validation)
         loss_axes.plot(steps, values, "o-", color="#c50", markersize=3, linewidth=1.0,
-                       label="loss/validation/step_average")
+                       label="validation loss")
     loss_axes.set_ylabel("loss")
     loss_axes.grid(alpha=0.3)
     loss_axes.legend(loc="upper right", fontsize="small")

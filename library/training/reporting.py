@@ -16,8 +16,9 @@ Trackers (`--log_with`) run through accelerate (`Accelerator(log_with=...)`, `in
 names and behaviour: the run folder `<logging_dir>/<log_prefix><timestamp>`, the project name
 `--log_tracker_name` (default `network_train`), init kwargs from `--log_tracker_config`, `--wandb_run_name`,
 `--wandb_api_key`, hyperparameters with `--log_config`, and sd-scripts' scalar names (`loss/current`,
-`loss/average`, `loss/epoch_average`, `loss/validation/step_average`, `lr/<group>`, `lr/d*lr/<group>`,
-`max_norm/*`). TensorBoard gets the optimizer step as its x value (the epoch for `loss/epoch_average`);
+`loss/average`, `loss/epoch_average`, `loss/validation/{step,epoch}_{average,divergence}`, `lr/<group>`,
+`lr/d*lr/<group>`, `max_norm/*`). TensorBoard gets the optimizer step as its x value (the epoch for the
+per-epoch scalars);
 wandb gets `global_step` and `epoch` as values, so its own step keeps increasing.
 """
 
@@ -335,9 +336,13 @@ class TrainingReporter:
         if not self.is_main:
             return
         self.flush()
-        if "loss/validation/step_average" in logs:
-            self.history.add_validation(global_step, logs["loss/validation/step_average"])
+        self._add_validation(global_step, logs)
         self._write_scalars(global_step, logs)
+
+    def _add_validation(self, global_step: int, logs: dict[str, float]) -> None:
+        for name in ("loss/validation/step_average", "loss/validation/epoch_average"):
+            if name in logs:  # the loss plot marks every validation at its step
+                self.history.add_validation(global_step, logs[name])
 
     def epoch_scalars(self, global_step: int, epoch: int, logs: dict[str, float]) -> None:
         """Per-epoch scalars (`loss/epoch_average`): plotted against the epoch, as sd-scripts does."""
@@ -346,6 +351,7 @@ class TrainingReporter:
         if self._deferred_average():
             self.flush()
         self.epoch = epoch
+        self._add_validation(global_step, logs)
         self._write_scalars(global_step, logs, x_value=epoch)
 
     def _write_scalars(self, global_step: int, logs: dict[str, float], *, x_value: int | None = None) -> None:

@@ -145,9 +145,7 @@ def step_sampling_due(step: int, sample_every_n_steps: int | None, sample_every_
     return not sample_every_n_epochs and every(sample_every_n_steps, step)
 
 
-def epoch_validation_due(epoch: int, validate_every_n_epochs: int | None,
-                         validate_every_n_steps: int | None) -> bool:
-    """Without any validation schedule, validation runs after every epoch."""
-    if validate_every_n_epochs:
-        return every(validate_every_n_epochs, epoch)
-    return not validate_every_n_steps
+def epoch_validation_due(epoch: int, validate_every_n_epochs: int | None) -> bool:
+    """Validation runs after every epoch unless --validate_every_n_epochs says which (as in sd-scripts, also when
+    --validate_every_n_steps validates between epochs)."""
+    return every(validate_every_n_epochs, epoch) if validate_every_n_epochs else True
