@@ -601,3 +601,13 @@ def test_dim_from_weights_keeps_the_dropouts_and_loraplus_of_the_command_line(ti
     assert {(lora.dropout, lora.rank_dropout, lora.module_dropout) for lora in loras} == {(0.2, 0.1, 0.05)}
     _, descriptions = trainer.network.prepare_optimizer_params(None, 1e-4, 1e-4)
     assert descriptions == ["unet", "unet plus"]
+
+
+def test_validate_every_n_epochs_picks_the_epochs_that_validate(tiny_setup, val_toml, tmp_path):
+    counts = {}
+    for name, extra in {"default": (), "every_2": ("--validate_every_n_epochs", "2")}.items():
+        SigmaRecordingTrainer.validation_sigmas = []
+        run(base_argv(tiny_setup, tmp_path / name, "--max_train_epochs", "3", "--max_validation_steps", "1", *extra,
+                      dataset=val_toml), trainer_cls=SigmaRecordingTrainer)
+        counts[name] = len(SigmaRecordingTrainer.validation_sigmas) // 4  # four passes per validation batch
+    assert counts == {"default": 3, "every_2": 1}  # after each epoch by default; after epoch 2 only
