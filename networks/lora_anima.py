@@ -42,8 +42,9 @@ class LoRAModule(AdapterModule):
         if self.training and self.dropout:
             h = F.dropout(h, p=self.dropout)
         scale = self.scale
-        if self.training and self.rank_dropout:
-            # One Bernoulli(1-p) draw per sample and rank channel, shared by all positions of that sample.
+        if self.training and self.rank_dropout is not None:
+            # One Bernoulli(1-p) draw per sample and rank channel, shared by all positions of that sample. A given
+            # p = 0 still draws (and keeps everything), as sd-scripts does, so the random stream stays its.
             mask_shape = (h.shape[-1],) if h.dim() == 1 else (h.shape[0],) + (1,) * (h.dim() - 2) + (h.shape[-1],)
             keep = torch.rand(mask_shape, device=h.device) > self.rank_dropout  # sd-scripts' test: u > p keeps
             h = h * keep.to(h.dtype)

@@ -330,8 +330,11 @@ class AdapterModule(nn.Module):
         self.scale = float(self.alpha) / self.rank
 
     def skipped(self) -> bool:
-        """module_dropout: skip the whole update for this step."""
-        return bool(self.training and self.module_dropout and torch.rand(()).item() < self.module_dropout)
+        """module_dropout: skip the whole update for this step. A given p = 0 still draws its CPU number (never
+        skipping), as sd-scripts does, so the random stream stays sd-scripts'."""
+        if not self.training or self.module_dropout is None:
+            return False
+        return bool(torch.rand(()).item() < self.module_dropout)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """The update for input x [B, ..., in] -> [B, ..., out], in x's dtype, multiplier applied; None when

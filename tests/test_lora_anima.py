@@ -391,6 +391,24 @@ def test_module_dropout_skips_whole_update_only_in_training():
     assert all(lora.delta(x) is not None for _ in range(50))
 
 
+def test_rank_and_module_dropout_given_as_zero_draw_like_sd_scripts_and_change_nothing():
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2))
+    plain = LoRAModule("lora_unet_x", "x", 8, 6, rank=6, alpha=3.0)
+    torch.nn.init.normal_(plain.lora_up.weight)
+    for options, draws in (({"rank_dropout": 0.0}, lambda: torch.rand(2, 6)),
+                           ({"module_dropout": 0.0}, lambda: torch.rand(1))):
+        lora = LoRAModule("lora_unet_x", "x", 8, 6, rank=6, alpha=3.0, **options)
+        lora.load_state_dict(plain.state_dict())
+        lora.train()
+        torch.manual_seed(5)
+        got = lora.delta(x)
+        after = torch.rand(3)
+        torch.manual_seed(5)
+        draws()
+        assert torch.equal(after, torch.rand(3)), options  # one draw of sd-scripts' shape was taken
+        torch.testing.assert_close(got, plain.delta(x))
+
+
 def test_network_dropout_acts_on_rank_activations_in_training_only():
     model = tiny_dit()
     network = create_network(1.0, 4, 4.0, None, None, model, neuron_dropout=0.5)
