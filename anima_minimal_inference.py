@@ -42,6 +42,7 @@ from library.training.sampling import (
     SamplePrompt,
     decode_latents,
     encode_prompt_contexts,
+    is_prompt_line,
     load_sample_prompts,
     prompt_from_fields,
     prompt_from_line,
@@ -528,7 +529,7 @@ def run_interactive(args: argparse.Namespace, tokenizer: Any, loras: Sequence[Lo
     written: list[Path] = []
     logger.info("interactive: enter one prompt per line (options --w --h --d --s --l/--g --fs --n); Ctrl+D ends")
     for number, line in enumerate(lines, start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
+        if not is_prompt_line(line):
             continue
         try:
             prompt = with_seed(prompt_from_line(line, number - 1, f"prompt {number}", defaults,

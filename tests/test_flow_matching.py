@@ -20,7 +20,6 @@ from library.training.flow_matching import (
     loss_weighting,
     model_timesteps,
     noisy_input,
-    sample_sigmas,
     sampling_sigmas,
     shift_sigmas,
     training_noise_levels,
@@ -34,6 +33,11 @@ from library.training.losses import (
 )
 
 N = 100_000
+
+
+def sample_sigmas(*args, **kwargs) -> torch.Tensor:
+    """The σ of a training draw (without the timestep)."""
+    return training_noise_levels(*args, **kwargs)[0]
 # Empirical CDF at any point has std ≤ 0.5/√N ≈ 0.0016; 5 standard deviations.
 CDF_TOL = 5 * 0.5 / math.sqrt(N)
 

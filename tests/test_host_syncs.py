@@ -108,7 +108,7 @@ def test_sigma_mode_sigmas_reach_cuda_through_a_pinned_non_blocking_copy(monkeyp
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
     monkeypatch.setattr(torch.Tensor, "to", fake_to)
-    flow_matching.sample_sigmas(2, "sigma", device="cuda")
+    flow_matching.training_noise_levels(2, "sigma", device="cuda")
     assert copies == ["pinned", ("cuda", True)]
 
 
@@ -127,7 +127,7 @@ def test_continuous_sigmas_are_drawn_on_the_training_device(monkeypatch, method)
     monkeypatch.setattr(torch, "randn", fake_draw)
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: copies.append("pinned") or self)
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append((a, k)) or self)
-    flow_matching.sample_sigmas(2, method, latent_size=(8, 8), device="cuda")
+    flow_matching.training_noise_levels(2, method, latent_size=(8, 8), device="cuda")
     assert draws == [torch.device("cuda")]
     assert "pinned" not in copies
 

@@ -132,47 +132,6 @@ def _draw_sigmas(batch_size: int, timestep_sampling: str, sigmoid_scale: float, 
     return _to_device(sigmas, device)
 
 
-def sample_sigmas(
-    batch_size: int,
-    timestep_sampling: str = "sigmoid",
-    *,
-    sigmoid_scale: float = 1.0,
-    discrete_flow_shift: float = 1.0,
-    weighting_scheme: str = "uniform",
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-    mode_scale: float = 1.29,
-    latent_size: tuple[int, int] | None = None,
-    weight_dtype: torch.dtype = torch.float32,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Draw one σ per sample. Returns float32 [batch_size] in [0, 1].
-
-    Parameters (CLI flag in brackets):
-      timestep_sampling [--timestep_sampling]: "uniform" σ ~ U[0,1); "sigmoid" σ = sig(scale·N(0,1));
-        "shift" = sigmoid then S(σ; discrete_flow_shift); "flux_shift" = sigmoid then S(σ; e^μ) with μ from the
-        latent size; "sigma" = σ looked up in `discrete_sigma_table(discrete_flow_shift)` at index floor(1000·u),
-        u drawn by the weighting scheme's density.
-      sigmoid_scale [--sigmoid_scale]: multiplies the normal draw in sigmoid/shift/flux_shift.
-      discrete_flow_shift [--discrete_flow_shift]: the shift s in shift and sigma modes.
-      weighting_scheme, logit_mean, logit_std, mode_scale [--weighting_scheme, --logit_mean, --logit_std,
-        --mode_scale]: only change the draw in sigma mode (logit_normal: u = sig(N(mean, std)); mode:
-        u' = 1 − u − mode_scale·(cos²(πu/2) − 1 + u); others: u ~ U[0,1)).
-      latent_size: (h, w) of the latent, required by flux_shift.
-      weight_dtype: sigma mode only — σ is held in this dtype (the value is rounded through it, as the training
-        recipe did), then returned as float32.
-      generator: torch.Generator for reproducible draws, on its own device. Without one the draw uses the
-        default generator of `device` (the training device, as sd-scripts draws), except in sigma mode, whose u
-        is drawn on the CPU (as sd-scripts draws it) and the looked-up σ moved to `device`.
-    """
-    return training_noise_levels(
-        batch_size, timestep_sampling, sigmoid_scale=sigmoid_scale, discrete_flow_shift=discrete_flow_shift,
-        weighting_scheme=weighting_scheme, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale,
-        latent_size=latent_size, weight_dtype=weight_dtype, generator=generator, device=device,
-    )[0]
-
-
 def training_noise_levels(
     batch_size: int,
     timestep_sampling: str = "sigmoid",
@@ -190,9 +149,27 @@ def training_noise_levels(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training step's noise levels: (σ [B] float32 for the noisy input and the loss weight, the DiT's
-    timestep t [B] in the weight dtype). The draw is `sample_sigmas`' (same parameters), then mapped into
+    """One training step's noise levels: (σ [B] float32 in [0, 1] for the noisy input and the loss weight, the
+    DiT's timestep t [B] in the weight dtype). One σ is drawn per sample, then mapped into
     [--min_timestep, --max_timestep] by `restrict_to_timestep_range`.
+
+    Parameters (CLI flag in brackets):
+      timestep_sampling [--timestep_sampling]: "uniform" σ ~ U[0,1); "sigmoid" σ = sig(scale·N(0,1));
+        "shift" = sigmoid then S(σ; discrete_flow_shift); "flux_shift" = sigmoid then S(σ; e^μ) with μ from the
+        latent size; "sigma" = σ looked up in `discrete_sigma_table(discrete_flow_shift)` at index floor(1000·u),
+        u drawn by the weighting scheme's density.
+      sigmoid_scale [--sigmoid_scale]: multiplies the normal draw in sigmoid/shift/flux_shift.
+      discrete_flow_shift [--discrete_flow_shift]: the shift s in shift and sigma modes.
+      weighting_scheme, logit_mean, logit_std, mode_scale [--weighting_scheme, --logit_mean, --logit_std,
+        --mode_scale]: only change the draw in sigma mode (logit_normal: u = sig(N(mean, std)); mode:
+        u' = 1 − u − mode_scale·(cos²(πu/2) − 1 + u); others: u ~ U[0,1)).
+      latent_size: (h, w) of the latent, required by flux_shift.
+      weight_dtype: sigma mode only — σ is held in this dtype (the value is rounded through it, as the training
+        recipe did), then returned as float32.
+      generator: torch.Generator for reproducible draws, on its own device. Without one the draw uses the
+        default generator of `device` (the training device, as sd-scripts draws), except in sigma mode, whose u
+        is drawn on the CPU (as sd-scripts draws it) and the looked-up σ moved to `device`.
+      min_timestep, max_timestep [--min_timestep, --max_timestep]: the σ range, in timesteps (0 … 1000).
 
     t is `model_timesteps` of the σ before it is rounded through the weight dtype: in sigma mode σ is rounded
     (sd-scripts looks it up in the weight dtype) while t = round(1000·σ)/1000 is rounded once, from the table

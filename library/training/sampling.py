@@ -194,11 +194,17 @@ def prompt_from_fields(fields: Mapping[str, Any], index: int, where: str) -> Sam
     )
 
 
+def is_prompt_line(line: str) -> bool:
+    """Whether a line of a ``.txt`` prompt file (or the console) holds a prompt: blank and ``#`` lines do not."""
+    line = line.strip()
+    return bool(line) and not line.startswith("#")
+
+
 def _read_txt(path: Path) -> list[tuple[dict[str, Any], str]]:
     entries = []
     for line_no, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         line = raw.strip()
-        if not line or line.startswith("#"):
+        if not is_prompt_line(line):
             continue
         where = f"{path}:{line_no}"
         entries.append((parse_prompt_line(line, where), where))
