@@ -268,6 +268,26 @@ def test_cached_text_outputs_train_only_the_dit_lora_with_a_warning():
     assert any("--network_train_unet_only" in w for w in warnings)
 
 
+@pytest.mark.parametrize("argv, flags", [
+    (("--network_train_unet_only", "--text_encoder_lr", "1e-4"), ["--text_encoder_lr"]),
+    (("--cache_text_encoder_outputs", "--text_encoder_lr", "1e-4"), ["--text_encoder_lr"]),
+    (("--network_train_text_encoder_only", "--unet_lr", "1e-4", "--mlp_lr", "0"), ["--unet_lr", "--mlp_lr"]),
+])
+def test_learning_rate_of_a_side_that_is_not_trained_is_warned(argv, flags):
+    _, warnings = parse(*argv)
+    message = [w for w in warnings if "is not trained" in w]
+    assert len(message) == 1 and all(flag in message[0] for flag in flags)
+
+
+def test_text_encoder_lr_values_after_the_first_are_warned_as_unused():
+    # One value per text encoder (sd-scripts' SDXL passes two); Anima's one Qwen3 takes the first.
+    args, warnings = parse("--text_encoder_lr", "1e-4", "3e-4")
+    assert args.text_encoder_lr == [1e-4, 3e-4]
+    assert any("--text_encoder_lr" in w and "uses 0.0001" in w for w in warnings)
+    _, quiet = parse("--text_encoder_lr", "1e-4", "--unet_lr", "2e-4")
+    assert not any("text_encoder_lr" in w or "unet_lr" in w for w in quiet)
+
+
 def test_disk_latent_cache_implies_latent_cache_and_unsloth_implies_checkpointing():
     args, warnings = parse("--cache_latents_to_disk", "--unsloth_offload_checkpointing")
     assert args.cache_latents and args.gradient_checkpointing

@@ -633,6 +633,26 @@ def _parser_defaults() -> dict[str, Any]:
     return {action.dest: action.default for action in setup_parser()._actions}
 
 
+def _untrained_side_lr_warnings(args: argparse.Namespace) -> list[str]:
+    """Learning-rate flags that change nothing (sd-scripts accepts them silently): a rate for the side that is not
+    trained, and the values of --text_encoder_lr after the first (one per text encoder; Anima has one, Qwen3)."""
+    warnings = []
+    te_lrs = args.text_encoder_lr or []
+    if len(te_lrs) > 1:
+        warnings.append(f"--text_encoder_lr {' '.join(f'{lr:g}' for lr in te_lrs)}: Anima has one text encoder "
+                        f"(Qwen3); its LoRA uses {te_lrs[0]:g}, the other values have no effect")
+    if te_lrs and args.network_train_unet_only:
+        warnings.append("--text_encoder_lr has no effect: the Qwen3 LoRA is not trained (--network_train_unet_only"
+                        + (", implied by --cache_text_encoder_outputs)" if args.cache_text_encoder_outputs else ")"))
+    if args.network_train_text_encoder_only:
+        dit_lrs = ["unet_lr", *(f"{c}_lr" for c in ("self_attn", "cross_attn", "mlp", "mod", "llm_adapter"))]
+        given = [_flag(name) for name in dit_lrs if getattr(args, name, None) is not None]
+        if given:
+            warnings.append(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect: the DiT LoRA is not "
+                            "trained (--network_train_text_encoder_only)")
+    return warnings
+
+
 def validate_args(args: argparse.Namespace) -> list[str]:
     """Normalise aliases and reject combinations that cannot work. Returns warnings for no-effect flags.
 
@@ -697,6 +717,7 @@ def validate_args(args: argparse.Namespace) -> list[str]:
                "--cache_text_encoder_outputs_to_disk")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         reject("--network_train_unet_only and --network_train_text_encoder_only exclude each other; keep one")
+    warnings += _untrained_side_lr_warnings(args)
 
     # Memory features.
     reject.check(checkpoint_offload_mode, args.cpu_offload_checkpointing, args.unsloth_offload_checkpointing,
