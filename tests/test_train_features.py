@@ -428,6 +428,37 @@ def test_text_encoder_only_full_bf16_text_encoder_lr_and_no_metadata(tiny_setup,
     assert "ss_steps" not in meta and "modelspec.architecture" in meta
 
 
+class ClipRecordingTrainer(AnimaNetworkTrainer):
+    """Records the parameters handed to the gradient-norm clipping, and which of them hold a gradient."""
+
+    def prepare(self, args):
+        prepared = super().prepare(args)
+        clip, self.clipped = self.accelerator.clip_grad_norm_, []
+
+        def recording_clip(params, max_norm):
+            params = list(params)
+            self.clipped.append(({id(p) for p in params}, {id(p) for p in self.network.parameters() if p.grad is not None}))
+            return clip(params, max_norm)
+
+        self.accelerator.clip_grad_norm_ = recording_clip
+        return prepared
+
+
+def test_text_encoder_lr_zero_freezes_the_qwen3_lora_without_gradients_or_a_share_of_the_clipped_norm(
+        tiny_setup, tmp_path):
+    # A rate of 0 freezes the group (a documented difference: sd-scripts computes its gradients and clips with them).
+    trainer = run(base_argv(tiny_setup, tmp_path, "--max_train_steps", "2", "--text_encoder_lr", "0",
+                            cache_text=False), trainer_cls=ClipRecordingTrainer)
+    te_params = {id(p) for lora in trainer.network.text_encoder_loras for p in lora.parameters()}
+    dit_params = {id(p) for lora in trainer.network.unet_loras for p in lora.parameters()}
+    assert te_params and dit_params and len(trainer.clipped) == 2
+    for clipped, with_grad in trainer.clipped:
+        assert clipped == dit_params and with_grad == dit_params
+    sd = load_file(str(tmp_path / "tiny.safetensors"))
+    assert all(not v.any() for k, v in sd.items() if k.startswith("lora_te_") and k.endswith("lora_up.weight"))
+    assert any(v.any() for k, v in sd.items() if k.startswith("lora_unet_") and k.endswith("lora_up.weight"))
+
+
 # --- --cache_only, command-line dataset metadata ------------------------------------------------------------------
 
 
