@@ -422,6 +422,13 @@ class _Target:
     module: nn.Linear
 
 
+_SIDE_NAMES = {TEXT_ENCODER_SIDE: "text encoder (Qwen3)", UNET_SIDE: "DiT"}
+
+
+def _side_of(lora_name: str) -> str:
+    return UNET_SIDE if lora_name.startswith(UNET_PREFIX + "_") else TEXT_ENCODER_SIDE
+
+
 def _linear_modules(model: nn.Module | None) -> Iterable[tuple[str, nn.Linear]]:
     if model is None:
         return []
@@ -519,8 +526,10 @@ class AdapterNetwork(nn.Module):
         self.excluded_names: list[str] = []  # candidates removed by the exclude patterns (for verbose)
         self.text_encoder_loras: list[AdapterModule] = []
         self.unet_loras: list[AdapterModule] = []
+        self.untrained_sides: set[str] = set()  # sides apply_to left out (their modules in a file are skipped)
 
         te_root = text_encoder_root(text_encoders)
+        self.from_weights = module_shapes is not None  # built from a file's modules (--dim_from_weights)
         if module_shapes is None:
             targets = self._select_targets(te_root, unet)
             common = dict(module_kwargs or {})
@@ -608,7 +617,7 @@ class AdapterNetwork(nn.Module):
         indexes = {TEXT_ENCODER_SIDE: _name_index(TEXT_ENCODER_SIDE, te_root), UNET_SIDE: _name_index(UNET_SIDE, unet)}
         targets, unresolved = [], []
         for lora_name in module_shapes:
-            side = UNET_SIDE if lora_name.startswith(UNET_PREFIX + "_") else TEXT_ENCODER_SIDE
+            side = _side_of(lora_name)
             matches = indexes[side].get(lora_name, [])
             if len(matches) > 1:
                 names = ", ".join(n for n, _ in matches)
@@ -675,7 +684,11 @@ class AdapterNetwork(nn.Module):
         )
 
     def _drop_side(self, side: str) -> None:
+        self.untrained_sides.add(side)
         loras = self.unet_loras if side == UNET_SIDE else self.text_encoder_loras
+        if loras and self.from_weights:
+            logger.warning("%d %s LoRA module(s) of the weights are dropped: that side is not trained in this run, so "
+                           "the saved LoRA will not hold them", len(loras), _SIDE_NAMES[side])
         for lora in loras:
             handle = self._hooks.pop(lora.lora_name, None)
             if handle is not None:
@@ -893,10 +906,22 @@ class AdapterNetwork(nn.Module):
         return missing
 
     def load_lora_state_dict(self, raw: Mapping[str, torch.Tensor], source: str = "state dict") -> set[str]:
-        """Copy a state dict (either layout) into the modules; returns the module names it held."""
+        """Copy a state dict (either layout) into the modules; returns the module names it loaded.
+
+        Modules of a side this run does not train (``apply_to`` left it out: ``--network_train_unet_only``,
+        cached text-encoder outputs, ``--network_train_text_encoder_only``) are skipped with a warning, as
+        sd-scripts skips them; they are then not in the saved LoRA either."""
         modules = group_by_module(to_sd_scripts_format(raw, add_missing_alpha=False))
         by_name = {lora.lora_name: lora for lora in self.all_loras}
         unexpected = [name for name in modules if name not in by_name]
+        untrained = {side: [n for n in unexpected if _side_of(n) == side] for side in sorted(self.untrained_sides)}
+        for side, names in untrained.items():
+            if names:
+                logger.warning("%s: %d %s LoRA module(s) not loaded: that side is not trained in this run, so the "
+                               "saved LoRA will not hold them (%s)", source, len(names), _SIDE_NAMES[side],
+                               sample_keys(names))
+                unexpected = [n for n in unexpected if n not in names]
+                modules = {n: parts for n, parts in modules.items() if n not in names}
         if unexpected:
             raise AnimaError(
                 f"{source}: {len(unexpected)} module(s) are not part of this network: {sample_keys(unexpected)}; "

@@ -629,6 +629,29 @@ def test_text_encoder_side_not_applied_is_not_saved(tmp_path):
     assert all(k.startswith("lora_unet_") for k in network.state_dict())
 
 
+def test_weights_of_a_side_that_is_not_trained_are_skipped_with_a_warning(tmp_path, caplog):
+    # Continuing a Qwen3 + DiT LoRA with the DiT only (--network_train_unet_only, cached text outputs), or the
+    # reverse, loads the trained side; the other side's modules are left out (also of the saved LoRA), said once.
+    model, te = tiny_dit(), tiny_qwen3()
+    path = tmp_path / "both.safetensors"
+    trained_network(model, te=[te]).save_weights(str(path), None, None)
+    file_sd = load_file(str(path))
+    for apply_te, skipped in ((False, "text encoder (Qwen3)"), (True, "DiT")):
+        network = create_network(1.0, 4, 2.0, None, [te], model)
+        network.apply_to([te], model, apply_text_encoder=apply_te, apply_unet=not apply_te)
+        caplog.clear()
+        assert network.load_weights(str(path)) == []
+        assert f"{skipped} LoRA module(s) not loaded" in caplog.text
+        kept = "lora_te_" if apply_te else "lora_unet_"
+        sd = network.state_dict()
+        assert sd and all(k.startswith(kept) and torch.equal(v, file_sd[k]) for k, v in sd.items())
+    from_file, _ = create_network_from_weights(1.0, str(path), None, [te], model)
+    caplog.clear()
+    from_file.apply_to([te], model, apply_text_encoder=False, apply_unet=True)
+    assert "text encoder (Qwen3) LoRA module(s) of the weights are dropped" in caplog.text
+    assert all(k.startswith("lora_unet_") for k in from_file.state_dict())
+
+
 def test_loaded_alpha_sets_the_forward_scale():
     model = tiny_dit()
     network = trained_network(model)
