@@ -685,6 +685,15 @@ class AdapterNetwork(nn.Module):
 
     def _drop_side(self, side: str) -> None:
         self.untrained_sides.add(side)
+        opts = self.options
+        side_options = ({"loraplus_text_encoder_lr_ratio": opts.loraplus_text_encoder_lr_ratio}
+                        if side == TEXT_ENCODER_SIDE else
+                        {"loraplus_unet_lr_ratio": opts.loraplus_unet_lr_ratio,
+                         "train_llm_adapter": opts.train_llm_adapter or None})
+        for key, value in side_options.items():
+            if value is not None:
+                logger.warning("--network_args %s has no effect: the %s LoRA is not trained in this run", key,
+                               _SIDE_NAMES[side])
         loras = self.unet_loras if side == UNET_SIDE else self.text_encoder_loras
         if loras and self.from_weights:
             logger.warning("%d %s LoRA module(s) of the weights are dropped: that side is not trained in this run, so "

@@ -652,6 +652,21 @@ def test_weights_of_a_side_that_is_not_trained_are_skipped_with_a_warning(tmp_pa
     assert all(k.startswith("lora_unet_") for k in from_file.state_dict())
 
 
+@pytest.mark.parametrize("kwargs, apply_te, key", [
+    ({"loraplus_text_encoder_lr_ratio": "4"}, False, "loraplus_text_encoder_lr_ratio"),
+    ({"loraplus_unet_lr_ratio": "4"}, True, "loraplus_unet_lr_ratio"),
+    ({"train_llm_adapter": "true"}, True, "train_llm_adapter"),
+])
+def test_network_args_of_a_side_that_is_not_trained_are_warned(caplog, kwargs, apply_te, key):
+    model, te = tiny_dit(), tiny_qwen3()
+    network = create_network(1.0, 4, 2.0, None, [te], model, **kwargs)
+    network.apply_to([te], model, apply_text_encoder=apply_te, apply_unet=not apply_te)
+    assert f"--network_args {key} has no effect" in caplog.text
+    caplog.clear()
+    create_network(1.0, 4, 2.0, None, [te], model, **kwargs).apply_to([te], model)
+    assert "has no effect" not in caplog.text
+
+
 def test_loaded_alpha_sets_the_forward_scale():
     model = tiny_dit()
     network = trained_network(model)
