@@ -170,16 +170,18 @@ def resize_file(args: argparse.Namespace) -> list[ResizedModule]:
     resized, report = resize_state_dict(sd, args.new_rank, args.dynamic_method, args.dynamic_param,
                                         device=args.device, save_dtype=SAVE_PRECISIONS[args.save_precision])
     old, new = _rank_range(row.old_rank for row in report), _rank_range(row.new_rank for row in report)
+    # The comment names the largest rank before and after, as sd-scripts writes it ("from 8 to 4").
+    old_max, new_max = max(row.old_rank for row in report), max(row.new_rank for row in report)
     comment = metadata.get("ss_training_comment", "")
     if args.dynamic_method is None:
         ranks, alphas = {row.new_rank for row in report}, {row.alpha for row in report}
         metadata["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
         metadata["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
-        metadata["ss_training_comment"] = f"dimension is resized from {old} to {new}; {comment}"
+        metadata["ss_training_comment"] = f"dimension is resized from {old_max} to {new_max}; {comment}"
     else:
         metadata["ss_network_dim"] = metadata["ss_network_alpha"] = "Dynamic"
         metadata["ss_training_comment"] = (
-            f"Dynamic resize with {args.dynamic_method}: {args.dynamic_param} from {old}; {comment}")
+            f"Dynamic resize with {args.dynamic_method}: {args.dynamic_param} from {old_max}; {comment}")
     if source_format == COMFY_FORMAT:
         resized = convert_to_comfy(resized, fold_alpha=folded)
     metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_") and k != ALPHA_FOLDED_METADATA_KEY}

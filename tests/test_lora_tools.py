@@ -214,6 +214,19 @@ def test_dynamic_resize_picks_the_smallest_rank_reaching_the_target(tiny_dit_and
         assert f.metadata()["ss_network_dim"] == "Dynamic"
 
 
+def test_resize_comment_names_the_largest_rank_before_and_after(tiny_dit_and_loras, tmp_path):
+    _, dit, _, _ = tiny_dit_and_loras
+    mixed = write_lora(dit, tmp_path / "mixed.safetensors", rank=8, alpha=4.0, seed=3,
+                       network_reg_dims="blocks\\.1\\..*=2")  # ranks 8 (block 0) and 2 (block 1)
+    for extra, comment in ((["--new_rank", "4"], "dimension is resized from 8 to 4; "),
+                           (["--new_rank", "8", "--dynamic_method", "sv_fro", "--dynamic_param", "0.5"],
+                            "Dynamic resize with sv_fro: 0.5 from 8; ")):
+        out = tmp_path / "out.safetensors"
+        assert resize_lora.main(["--model", str(mixed), "--save_to", str(out), *extra]) == 0
+        with safe_open(str(out), "pt") as f:
+            assert f.metadata()["ss_training_comment"] == comment
+
+
 def test_resize_of_a_comfy_file_keeps_its_layout(tiny_dit_and_loras, tmp_path):
     _, _, _, second = tiny_dit_and_loras
     comfy, out = tmp_path / "comfy.safetensors", tmp_path / "comfy_r8.safetensors"
