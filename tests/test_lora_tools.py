@@ -344,3 +344,19 @@ def test_a_misspelt_tool_flag_ends_with_one_error_line_and_a_suggestion(tmp_path
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "did you mean" in err and "\n" not in err
+
+
+def test_converting_a_file_with_alpha_keys_copies_its_metadata_unchanged(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    sd = {"lora_unet_blocks_0_mlp_layer1.lora_down.weight": torch.randn(4, 8, generator=generator),
+          "lora_unet_blocks_0_mlp_layer1.lora_up.weight": torch.randn(16, 4, generator=generator),
+          "lora_unet_blocks_0_mlp_layer1.alpha": torch.tensor(2.0)}
+    given = {"ss_network_dim": "8", "ss_training_comment": "kept"}  # no ss_network_alpha, dim not the tensors'
+    src, comfy, back = (tmp_path / f"{n}.safetensors" for n in ("src", "comfy", "back"))
+    save_lora_file(src, sd, given)
+    assert convert_anima_lora_to_comfy.main([str(src), str(comfy), "--keep_alpha"]) == 0
+    assert convert_anima_lora_to_comfy.main([str(comfy), str(back), "--reverse"]) == 0
+    for path in (comfy, back):
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        assert {k: v for k, v in meta.items() if k.startswith("ss_network_") or k == "ss_training_comment"} == given
