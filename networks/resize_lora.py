@@ -174,8 +174,10 @@ def resize_file(args: argparse.Namespace) -> list[ResizedModule]:
     old_max, new_max = max(row.old_rank for row in report), max(row.new_rank for row in report)
     comment = metadata.get("ss_training_comment", "")
     if args.dynamic_method is None:
-        ranks, alphas = {row.new_rank for row in report}, {row.alpha for row in report}
-        metadata["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+        # As sd-scripts: the rank resized to (modules below it, e.g. all-zero ones kept at rank 1, do not count)
+        # and the alpha of the modules at that rank ("Dynamic" when those differ: sd-scripts writes the last one's).
+        alphas = {row.alpha for row in report if row.new_rank == new_max}
+        metadata["ss_network_dim"] = str(new_max)
         metadata["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
         metadata["ss_training_comment"] = f"dimension is resized from {old_max} to {new_max}; {comment}"
     else:

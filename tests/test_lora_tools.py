@@ -227,6 +227,23 @@ def test_resize_comment_names_the_largest_rank_before_and_after(tiny_dit_and_lor
             assert f.metadata()["ss_training_comment"] == comment
 
 
+def test_resize_metadata_is_the_new_rank_and_the_alpha_of_the_modules_at_that_rank(tiny_dit_and_loras, tmp_path):
+    _, dit, first, _ = tiny_dit_and_loras
+    sd = load_file(str(first))  # rank 4, alpha 2; one module all zero: it stays at rank 1
+    sd["lora_unet_blocks_0_mlp_layer1.lora_up.weight"] = torch.zeros_like(sd["lora_unet_blocks_0_mlp_layer1.lora_up.weight"])
+    with_zero = tmp_path / "with_zero.safetensors"
+    save_lora_file(with_zero, sd, {"ss_network_dim": "4", "ss_network_alpha": "2.0"})
+    mixed = write_lora(dit, tmp_path / "mixed.safetensors", rank=8, alpha=4.0, seed=3,
+                       network_reg_dims="blocks\\.1\\..*=2")  # scales 0.5 (rank 8) and 2 (rank 2)
+    for model, dim, alpha in ((with_zero, "2", "1.0"), (mixed, "2", "Dynamic")):
+        out = tmp_path / "out.safetensors"
+        assert resize_lora.main(["--model", str(model), "--save_to", str(out), "--new_rank", "2"]) == 0
+        with safe_open(str(out), "pt") as f:
+            meta = f.metadata()
+        assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == (dim, alpha)
+    assert load_file(str(out))["lora_unet_blocks_1_mlp_layer1.alpha"] == 4.0  # rank 2 kept, alpha/rank 2 kept
+
+
 def test_resize_of_a_comfy_file_keeps_its_layout(tiny_dit_and_loras, tmp_path):
     _, _, _, second = tiny_dit_and_loras
     comfy, out = tmp_path / "comfy.safetensors", tmp_path / "comfy_r8.safetensors"
