@@ -377,3 +377,18 @@ def test_converting_a_file_with_alpha_keys_copies_its_metadata_unchanged(tmp_pat
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
         assert {k: v for k, v in meta.items() if k.startswith("ss_network_") or k == "ss_training_comment"} == given
+
+
+def test_sd_scripts_named_converter_names_its_positional_arguments_and_warns_on_a_same_layout_input(
+        tiny_dit_and_loras, tmp_path, capsys):
+    _, _, first, _ = tiny_dit_and_loras
+    assert convert_anima_lora_to_comfy.main([str(tmp_path / "missing.safetensors"), str(tmp_path / "o.safetensors")]) == 1
+    assert capsys.readouterr().err.startswith("error: src_path: file not found")
+    assert convert_anima_lora_to_comfy.main([str(first), str(tmp_path / "o.txt")]) == 1
+    assert capsys.readouterr().err.startswith("error: dst_path ") and not (tmp_path / "o.txt").exists()
+    assert convert_anima_lora_to_comfy.main([str(first), str(first)]) == 1
+    assert "is also an input file" in capsys.readouterr().err
+    same = tmp_path / "same.safetensors"
+    assert convert_anima_lora_to_comfy.main([str(first), str(same), "--reverse"]) == 0  # already sd-scripts
+    assert "already in the sd-scripts layout" in capsys.readouterr().err
+    assert load_file(str(same)).keys() == load_file(str(first)).keys()
