@@ -43,7 +43,7 @@ from networks.lora_format import (
     save_lora_file,
     to_sd_scripts_with_alpha,
 )
-from networks.lora_tools import SAVE_PRECISIONS, check_inputs_exist, check_output_path, run_cli
+from networks.lora_tools import SAVE_PRECISIONS, check_device, check_inputs_exist, check_output_path, run_cli
 
 DYNAMIC_METHODS = ("sv_ratio", "sv_cumulative", "sv_fro")
 ZERO_SINGULAR_VALUE = 1e-6  # a module whose largest singular value is below this is all zero: kept at rank 1
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     check_inputs_exist([args.model], "--model")
     check_output_path(args.save_to, [args.model])
+    check_device(args.device, "--device")
     if args.new_rank < 1:
         raise AnimaError(f"--new_rank must be at least 1, got {args.new_rank}")
     if args.new_conv_rank is not None:

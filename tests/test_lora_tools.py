@@ -392,3 +392,15 @@ def test_sd_scripts_named_converter_names_its_positional_arguments_and_warns_on_
     assert convert_anima_lora_to_comfy.main([str(first), str(same), "--reverse"]) == 0  # already sd-scripts
     assert "already in the sd-scripts layout" in capsys.readouterr().err
     assert load_file(str(same)).keys() == load_file(str(first)).keys()
+
+
+@pytest.mark.parametrize("device", ["bogus", "meta"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_resize_and_merge_refuse_a_device_they_cannot_use_in_one_line(tiny_dit_and_loras, tmp_path, capsys, device):
+    setup, _, first, _ = tiny_dit_and_loras
+    out = tmp_path / "o.safetensors"
+    assert resize_lora.main(["--model", str(first), "--save_to", str(out), "--device", device]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --device {device}: ") and "\n" not in err
+    assert anima_merge_lora.main(["--dit", str(setup.dit), "--models", str(first), "--save_to", str(out),
+                                  "--working_device", device]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --working_device {device}: ") and not out.exists()
