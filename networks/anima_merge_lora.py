@@ -36,7 +36,7 @@ from networks.lora_format import (
     split_sd_key,
     to_sd_scripts_format,
 )
-from networks.lora_tools import SAVE_PRECISIONS, check_inputs_exist, check_output_path, run_cli
+from networks.lora_tools import SAVE_PRECISIONS, check_device, check_inputs_exist, check_output_path, run_cli
 from networks.network_base import MODULE_FOR_KIND, AdapterNetwork
 
 RELEASED_KEY_PREFIX = "net."
@@ -124,6 +124,7 @@ def merge_file(args: argparse.Namespace) -> None:
     check_inputs_exist([args.dit], "--dit")
     check_inputs_exist(args.models, "--models")
     check_output_path(args.save_to, [args.dit, *args.models], suffixes=(".safetensors",))
+    check_device(args.working_device, "--working_device")
     ratios = args.ratios if args.ratios else [1.0] * len(args.models)
     if len(ratios) != len(args.models):
         raise AnimaError(f"--ratios has {len(ratios)} value(s) for {len(args.models)} --models file(s); give one each")

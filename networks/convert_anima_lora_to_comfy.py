@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: a bad command line exits 2, a bad file 1, each with one `error:` line."""
     return run_cli(build_parser(), argv, lambda args: convert_file(
-        args.src_path, args.dst_path, SD_SCRIPTS_FORMAT if args.reverse else COMFY_FORMAT, keep_alpha=args.keep_alpha))
+        args.src_path, args.dst_path, SD_SCRIPTS_FORMAT if args.reverse else COMFY_FORMAT, keep_alpha=args.keep_alpha,
+        src_flag="src_path", dst_flag="dst_path", direction_hint="--reverse"))
 
 
 if __name__ == "__main__":

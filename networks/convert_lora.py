@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from library.errors import AnimaError, OneLineErrorParser
 from networks.lora_format import (
@@ -34,6 +33,7 @@ from networks.lora_format import (
     save_lora_file,
     to_sd_scripts_with_alpha,
 )
+from networks.lora_tools import check_output_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,12 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def convert_file(src: str, dst: str, to: str, keep_alpha: bool = False) -> int:
-    """Convert src into dst; returns the number of LoRA modules written."""
-    if Path(src).resolve() == Path(dst).resolve():
-        raise AnimaError(f"--dst {dst} is the same file as --src; choose another output path")
-    tensors, metadata = load_lora_file(src, flag="--src")
+def convert_file(src: str, dst: str, to: str, keep_alpha: bool = False, src_flag: str = "--src",
+                 dst_flag: str = "--dst", direction_hint: str = "--to") -> int:
+    """Convert src into dst; returns the number of LoRA modules written. The flags name the arguments in
+    messages (the sd-scripts-named script takes positional paths and ``--reverse``)."""
+    check_output_path(dst, [src], flag=dst_flag)
+    tensors, metadata = load_lora_file(src, flag=src_flag)
     source_format = detect_lora_format(tensors)
+    if source_format == to:
+        print(f"warning: {src} is already in the {to} layout: written as it is (check {direction_hint})",
+              file=sys.stderr)
     sd, metadata = to_sd_scripts_with_alpha(tensors, metadata)
     kinds = adapter_kinds(sd)
     fold_alpha = not keep_alpha and kinds == {LORA_KIND}  # LoKr/LoHa alphas always stay

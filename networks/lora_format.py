@@ -395,13 +395,15 @@ def to_sd_scripts_with_alpha(
     A LoRA module without alpha (a ComfyUI file whose alpha was folded into lora_B) gets back the alpha of
     ``ss_network_alpha`` with lora_B unfolded by rank/alpha, so the effective update is unchanged and the
     tensors agree with the metadata again; without a usable ``ss_network_alpha`` its alpha becomes its rank
-    (scale 1, lora_B unchanged). For a file of LoRA modules only, ``ss_network_alpha`` / ``ss_network_dim`` are
-    then set from the tensors when every module shares one value (left as they are otherwise). LoKr/LoHa
+    (scale 1, lora_B unchanged). For a file of LoRA modules only in which alphas were restored,
+    ``ss_network_alpha`` / ``ss_network_dim`` are then set from the tensors when every module shares one value;
+    otherwise the metadata is returned as it is (as sd-scripts' converter copies it). LoKr/LoHa
     modules are never folded: a missing alpha means rank, as in ``to_sd_scripts_format``."""
     out = to_sd_scripts_format(sd, add_missing_alpha=False)
     target_alpha = _metadata_number(metadata, NETWORK_ALPHA_METADATA_KEY)
     modules = group_by_module(out)
     kinds = set()
+    restored = False  # some LoRA module had its alpha folded away and got one back
     for lora_name, parts in modules.items():
         kind = module_kind(lora_name, parts)
         kinds.add(kind)
@@ -418,8 +420,9 @@ def to_sd_scripts_with_alpha(
         if alpha != rank:
             out[f"{lora_name}.lora_up.weight"] = (up.float() * (rank / alpha)).to(up.dtype)
         out[f"{lora_name}.alpha"] = torch.tensor(alpha, dtype=down.dtype)
+        restored = True
     meta = dict(metadata)
-    if kinds == {LORA_KIND}:
+    if kinds == {LORA_KIND} and restored:
         alphas = {float(out[f"{name}.alpha"].float()) for name in modules}
         ranks = {int(parts["lora_down.weight"].shape[0]) for parts in modules.values()}
         if len(alphas) == 1 and _metadata_number(meta, NETWORK_ALPHA_METADATA_KEY) != next(iter(alphas)):

@@ -35,6 +35,24 @@ def check_inputs_exist(paths: Sequence[str], flag: str) -> None:
             raise AnimaError(f"{flag} {path}: not found; check the path")
 
 
+def check_device(value: str, flag: str) -> torch.device:
+    """A device name torch knows and this machine has (cuda only when CUDA is available)."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise AnimaError(f"{flag} {value}: not a device name; use cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AnimaError(f"{flag} {value}: CUDA is not available on this machine; use {flag} cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise AnimaError(f"{flag} {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise AnimaError(f"{flag} {value}: MPS is not available on this machine; use {flag} cpu")
+    elif device.type not in ("cpu", "mps"):
+        raise AnimaError(f"{flag} {value}: the LoRA tools run on cpu, cuda or mps, not '{device.type}'")
+    return device
+
+
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
             work: Callable[[argparse.Namespace], object]) -> int:
     """Parse and run a tool: a bad command line exits 2, a bad file 1, each with one ``error:`` line."""

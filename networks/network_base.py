@@ -378,8 +378,9 @@ class AdapterModule(nn.Module):
         return {"rank": module_rank(cls.KIND, parts), "alpha": None if alpha is None else float(alpha.float())}
 
     def load_parts(self, parts: Mapping[str, torch.Tensor], source: str) -> None:
-        """Copy one module's tensors from a file (sd-scripts suffixes). The file's alpha replaces this module's;
-        without alpha (ComfyUI scale 1) the folded factor is divided by this module's scale instead."""
+        """Copy one module's tensors from a file (sd-scripts suffixes). The file's alpha replaces this module's (an
+        alpha of 0 means the rank); without alpha (ComfyUI scale 1) the folded factor is divided by this module's
+        scale instead."""
         own = dict(self.named_parameters())
         extra = sorted(set(parts) - set(own) - {"alpha"})
         if extra:
@@ -402,7 +403,10 @@ class AdapterModule(nn.Module):
             for name, param in own.items():
                 param.copy_(parts[name])
             if "alpha" in parts:
-                self.alpha.copy_(parts["alpha"].reshape(()))
+                alpha = float(parts["alpha"].float())
+                # An alpha of 0 in a file means alpha = rank (scale 1), as for a new network and in sd-scripts'
+                # network modules, which build the module from the file's alpha with that rule.
+                self.alpha.fill_(alpha if alpha != 0.0 else float(self.rank))
                 self.refresh_scale()
             elif self.scale != 1.0:
                 folded = self.folded_alpha_parameter()

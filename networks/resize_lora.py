@@ -43,7 +43,7 @@ from networks.lora_format import (
     save_lora_file,
     to_sd_scripts_with_alpha,
 )
-from networks.lora_tools import SAVE_PRECISIONS, check_inputs_exist, check_output_path, run_cli
+from networks.lora_tools import SAVE_PRECISIONS, check_device, check_inputs_exist, check_output_path, run_cli
 
 DYNAMIC_METHODS = ("sv_ratio", "sv_cumulative", "sv_fro")
 ZERO_SINGULAR_VALUE = 1e-6  # a module whose largest singular value is below this is all zero: kept at rank 1
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     check_inputs_exist([args.model], "--model")
     check_output_path(args.save_to, [args.model])
+    check_device(args.device, "--device")
     if args.new_rank < 1:
         raise AnimaError(f"--new_rank must be at least 1, got {args.new_rank}")
     if args.new_conv_rank is not None:
@@ -170,16 +171,20 @@ def resize_file(args: argparse.Namespace) -> list[ResizedModule]:
     resized, report = resize_state_dict(sd, args.new_rank, args.dynamic_method, args.dynamic_param,
                                         device=args.device, save_dtype=SAVE_PRECISIONS[args.save_precision])
     old, new = _rank_range(row.old_rank for row in report), _rank_range(row.new_rank for row in report)
+    # The comment names the largest rank before and after, as sd-scripts writes it ("from 8 to 4").
+    old_max, new_max = max(row.old_rank for row in report), max(row.new_rank for row in report)
     comment = metadata.get("ss_training_comment", "")
     if args.dynamic_method is None:
-        ranks, alphas = {row.new_rank for row in report}, {row.alpha for row in report}
-        metadata["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+        # As sd-scripts: the rank resized to (modules below it, e.g. all-zero ones kept at rank 1, do not count)
+        # and the alpha of the modules at that rank ("Dynamic" when those differ: sd-scripts writes the last one's).
+        alphas = {row.alpha for row in report if row.new_rank == new_max}
+        metadata["ss_network_dim"] = str(new_max)
         metadata["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
-        metadata["ss_training_comment"] = f"dimension is resized from {old} to {new}; {comment}"
+        metadata["ss_training_comment"] = f"dimension is resized from {old_max} to {new_max}; {comment}"
     else:
         metadata["ss_network_dim"] = metadata["ss_network_alpha"] = "Dynamic"
         metadata["ss_training_comment"] = (
-            f"Dynamic resize with {args.dynamic_method}: {args.dynamic_param} from {old}; {comment}")
+            f"Dynamic resize with {args.dynamic_method}: {args.dynamic_param} from {old_max}; {comment}")
     if source_format == COMFY_FORMAT:
         resized = convert_to_comfy(resized, fold_alpha=folded)
     metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_") and k != ALPHA_FOLDED_METADATA_KEY}

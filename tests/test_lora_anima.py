@@ -679,6 +679,22 @@ def test_loaded_alpha_sets_the_forward_scale():
     assert all(lora.scale == 0.5 for lora in other.unet_loras)
 
 
+def test_a_file_alpha_of_zero_means_alpha_equals_rank_as_for_a_new_network(tmp_path):
+    model = tiny_dit()
+    network = trained_network(model)
+    sd = {k: (torch.tensor(0.0) if k.endswith(".alpha") else v) for k, v in network.state_dict().items()}
+    path = tmp_path / "alpha0.pt"
+    torch.save(sd, path)
+    from_file, _ = create_network_from_weights(1.0, str(path), None, None, model)
+    resumed = create_network(1.0, 4, 2.0, None, None, model)
+    resumed.load_lora_state_dict(sd)
+    for loaded in (from_file, resumed):
+        assert all(float(lora.alpha) == 4.0 and lora.scale == 1.0 for lora in loaded.unet_loras)
+        for lora in loaded.unet_loras:  # the update is up @ down unscaled, not zero
+            up, down = sd[f"{lora.lora_name}.lora_up.weight"], sd[f"{lora.lora_name}.lora_down.weight"]
+            torch.testing.assert_close(lora.delta_weight(), up @ down)
+
+
 def test_load_errors_name_the_file_and_the_fix(tmp_path):
     model = tiny_dit()
     path = tmp_path / "rank8.safetensors"

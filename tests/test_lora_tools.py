@@ -214,6 +214,36 @@ def test_dynamic_resize_picks_the_smallest_rank_reaching_the_target(tiny_dit_and
         assert f.metadata()["ss_network_dim"] == "Dynamic"
 
 
+def test_resize_comment_names_the_largest_rank_before_and_after(tiny_dit_and_loras, tmp_path):
+    _, dit, _, _ = tiny_dit_and_loras
+    mixed = write_lora(dit, tmp_path / "mixed.safetensors", rank=8, alpha=4.0, seed=3,
+                       network_reg_dims="blocks\\.1\\..*=2")  # ranks 8 (block 0) and 2 (block 1)
+    for extra, comment in ((["--new_rank", "4"], "dimension is resized from 8 to 4; "),
+                           (["--new_rank", "8", "--dynamic_method", "sv_fro", "--dynamic_param", "0.5"],
+                            "Dynamic resize with sv_fro: 0.5 from 8; ")):
+        out = tmp_path / "out.safetensors"
+        assert resize_lora.main(["--model", str(mixed), "--save_to", str(out), *extra]) == 0
+        with safe_open(str(out), "pt") as f:
+            assert f.metadata()["ss_training_comment"] == comment
+
+
+def test_resize_metadata_is_the_new_rank_and_the_alpha_of_the_modules_at_that_rank(tiny_dit_and_loras, tmp_path):
+    _, dit, first, _ = tiny_dit_and_loras
+    sd = load_file(str(first))  # rank 4, alpha 2; one module all zero: it stays at rank 1
+    sd["lora_unet_blocks_0_mlp_layer1.lora_up.weight"] = torch.zeros_like(sd["lora_unet_blocks_0_mlp_layer1.lora_up.weight"])
+    with_zero = tmp_path / "with_zero.safetensors"
+    save_lora_file(with_zero, sd, {"ss_network_dim": "4", "ss_network_alpha": "2.0"})
+    mixed = write_lora(dit, tmp_path / "mixed.safetensors", rank=8, alpha=4.0, seed=3,
+                       network_reg_dims="blocks\\.1\\..*=2")  # scales 0.5 (rank 8) and 2 (rank 2)
+    for model, dim, alpha in ((with_zero, "2", "1.0"), (mixed, "2", "Dynamic")):
+        out = tmp_path / "out.safetensors"
+        assert resize_lora.main(["--model", str(model), "--save_to", str(out), "--new_rank", "2"]) == 0
+        with safe_open(str(out), "pt") as f:
+            meta = f.metadata()
+        assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == (dim, alpha)
+    assert load_file(str(out))["lora_unet_blocks_1_mlp_layer1.alpha"] == 4.0  # rank 2 kept, alpha/rank 2 kept
+
+
 def test_resize_of_a_comfy_file_keeps_its_layout(tiny_dit_and_loras, tmp_path):
     _, _, _, second = tiny_dit_and_loras
     comfy, out = tmp_path / "comfy.safetensors", tmp_path / "comfy_r8.safetensors"
@@ -331,3 +361,46 @@ def test_a_misspelt_tool_flag_ends_with_one_error_line_and_a_suggestion(tmp_path
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "did you mean" in err and "\n" not in err
+
+
+def test_converting_a_file_with_alpha_keys_copies_its_metadata_unchanged(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    sd = {"lora_unet_blocks_0_mlp_layer1.lora_down.weight": torch.randn(4, 8, generator=generator),
+          "lora_unet_blocks_0_mlp_layer1.lora_up.weight": torch.randn(16, 4, generator=generator),
+          "lora_unet_blocks_0_mlp_layer1.alpha": torch.tensor(2.0)}
+    given = {"ss_network_dim": "8", "ss_training_comment": "kept"}  # no ss_network_alpha, dim not the tensors'
+    src, comfy, back = (tmp_path / f"{n}.safetensors" for n in ("src", "comfy", "back"))
+    save_lora_file(src, sd, given)
+    assert convert_anima_lora_to_comfy.main([str(src), str(comfy), "--keep_alpha"]) == 0
+    assert convert_anima_lora_to_comfy.main([str(comfy), str(back), "--reverse"]) == 0
+    for path in (comfy, back):
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        assert {k: v for k, v in meta.items() if k.startswith("ss_network_") or k == "ss_training_comment"} == given
+
+
+def test_sd_scripts_named_converter_names_its_positional_arguments_and_warns_on_a_same_layout_input(
+        tiny_dit_and_loras, tmp_path, capsys):
+    _, _, first, _ = tiny_dit_and_loras
+    assert convert_anima_lora_to_comfy.main([str(tmp_path / "missing.safetensors"), str(tmp_path / "o.safetensors")]) == 1
+    assert capsys.readouterr().err.startswith("error: src_path: file not found")
+    assert convert_anima_lora_to_comfy.main([str(first), str(tmp_path / "o.txt")]) == 1
+    assert capsys.readouterr().err.startswith("error: dst_path ") and not (tmp_path / "o.txt").exists()
+    assert convert_anima_lora_to_comfy.main([str(first), str(first)]) == 1
+    assert "is also an input file" in capsys.readouterr().err
+    same = tmp_path / "same.safetensors"
+    assert convert_anima_lora_to_comfy.main([str(first), str(same), "--reverse"]) == 0  # already sd-scripts
+    assert "already in the sd-scripts layout" in capsys.readouterr().err
+    assert load_file(str(same)).keys() == load_file(str(first)).keys()
+
+
+@pytest.mark.parametrize("device", ["bogus", "meta"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_resize_and_merge_refuse_a_device_they_cannot_use_in_one_line(tiny_dit_and_loras, tmp_path, capsys, device):
+    setup, _, first, _ = tiny_dit_and_loras
+    out = tmp_path / "o.safetensors"
+    assert resize_lora.main(["--model", str(first), "--save_to", str(out), "--device", device]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --device {device}: ") and "\n" not in err
+    assert anima_merge_lora.main(["--dit", str(setup.dit), "--models", str(first), "--save_to", str(out),
+                                  "--working_device", device]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --working_device {device}: ") and not out.exists()
