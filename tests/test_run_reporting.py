@@ -151,10 +151,33 @@ def test_lr_logs_use_group_names_and_report_the_effective_d_times_lr():
                     "lr/unet": 0.5, "lr/d*lr/unet": pytest.approx(1e-4)}
     plain = lr_logs(Scheduler(), ["unet", ""], type("AdamW", (), {"param_groups": [{"lr": 1.0}, {"lr": 0.5}]})())
     assert plain == {"lr/unet": 1.0, "lr/group1": 0.5}
+    # ProdigyPlusScheduleFree: one `lr/d*lr`, its first group's (sd-scripts' name for it).
+    prodigy_plus = type("ProdigyPlusScheduleFree", (), {"param_groups": [{"lr": 1.0, "d": 3e-4}, {"lr": 0.5, "d": 1.0}]})
+    assert lr_logs(Scheduler(), ["unet", "unet plus"], prodigy_plus()) == {
+        "lr/unet": 1.0, "lr/unet plus": 0.5, "lr/d*lr": pytest.approx(3e-4)}
     # The plot draws the effective rate for such groups, the scheduled one otherwise.
     history = pictures.RunHistory()
     history.add_step(1, {"loss/current": 0.5, **logs})
     assert history.lrs == {"d*lr/textencoder": [(1, pytest.approx(2e-4))], "d*lr/unet": [(1, pytest.approx(1e-4))]}
+
+
+def test_loss_average_is_the_mean_of_the_last_epoch_of_batch_losses_with_every_accumulation_batch(capsys):
+    # sd-scripts' moving average: one slot per batch of an epoch, each holding that batch's latest loss (every
+    # gradient-accumulation batch counts), replaced by the same batch of the next epoch, never reset.
+    reporter = TrainingReporter(total_steps=4, initial_step=0, is_main_process=True, interactive=False)
+    # Epoch 1, 3 batches, accumulation 2: step 1 = batches 0 and 1, step 2 = batch 2 (the epoch's last).
+    reporter.train_step(1, 1, 1, torch.tensor(2.0), {}, [torch.tensor(4.0)])
+    reporter.train_step(2, 1, 2, 6.0, {})
+    assert reporter.epoch_average() == pytest.approx((4.0 + 2.0 + 6.0) / 3)
+    # Epoch 2: batches 0 and 1 replace their slots; batch 2 of epoch 1 still counts.
+    reporter.train_step(3, 2, 1, 1.0, {}, [0.0])
+    reporter.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" 0.")[0].split(" lr=")[0] for line in lines] == [
+        "step 1/4 epoch 1 loss=2.0000 avr_loss=3.0000",
+        "step 2/4 epoch 1 loss=6.0000 avr_loss=4.0000",
+        "step 3/4 epoch 2 loss=1.0000 avr_loss=2.3333",
+    ]
 
 
 def test_log_config_sanitizes_secrets_paths_and_non_scalar_values():
