@@ -353,7 +353,8 @@ class NetworkTrainer:
 
     def start_outputs(self, args: argparse.Namespace) -> tuple[TrainingReporter, checkpointing.RunWriter]:
         """The trackers, the reporter (progress, logs, pictures) and the writer of LoRA files and states."""
-        init_trackers(self.accelerator, args)
+        init_trackers(self.accelerator, args, {"seed": self.seed, "max_train_steps": self.schedule.max_train_steps,
+                                               "save_every_n_epochs": self.schedule.save_every_n_epochs})
         reporter = TrainingReporter(total_steps=self.schedule.max_train_steps, initial_step=self.position.global_step,
                                     is_main_process=self.is_main, accelerator=self.accelerator)
         writer = checkpointing.RunWriter(

@@ -187,6 +187,9 @@ def test_log_config_sanitizes_secrets_paths_and_non_scalar_values():
     assert config["network_dim"] == 8 and config["network_args"] == "['a=1']"
     assert "wandb_api_key" not in config and "output_dir" not in config
     assert all(v is None or isinstance(v, (bool, int, float, str)) for v in config.values())
+    # What the run uses replaces the flag (the drawn seed, the steps of --max_train_epochs), as sd-scripts logs them.
+    assert sanitized_config(args, {"seed": 7, "max_train_steps": 30})["seed"] == 7
+    assert sanitized_config(args, {"seed": 7, "max_train_steps": 30})["max_train_steps"] == 30
     args.log_config = False
     assert sanitized_config(args) is None
 

@@ -133,22 +133,24 @@ def prepare_tracker_environment(args: argparse.Namespace, run_dir: str | None) -
         wandb.login(key=args.wandb_api_key)
 
 
-def sanitized_config(args: argparse.Namespace) -> dict[str, Any] | None:
+def sanitized_config(args: argparse.Namespace, run_values: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """`--log_config`: the arguments as tracker hyperparameters (None when off). Values a tracker stores
     (None, bool, int, float, str) are kept; lists and other objects become their text; secrets and local
-    paths are left out."""
+    paths are left out. `run_values` replace flags by what the run uses (the drawn seed, the step count of
+    --max_train_epochs, ...), as sd-scripts logs its arguments after filling them in."""
     if not args.log_config:
         return None
     config: dict[str, Any] = {}
-    for key, value in vars(args).items():
+    for key, value in {**vars(args), **(run_values or {})}.items():
         if key in SECRET_ARGS or key in PATH_ARGS:
             continue
         config[key] = value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
     return config
 
 
-def init_trackers(accelerator: Any, args: argparse.Namespace) -> None:
-    """Start the `--log_with` trackers on the main process (a no-op without trackers)."""
+def init_trackers(accelerator: Any, args: argparse.Namespace, run_values: dict[str, Any] | None = None) -> None:
+    """Start the `--log_with` trackers on the main process (a no-op without trackers); `run_values`: see
+    `sanitized_config`."""
     if not args.log_with or not accelerator.is_main_process:
         return
     from library.training.args import read_tracker_config
@@ -159,7 +161,7 @@ def init_trackers(accelerator: Any, args: argparse.Namespace) -> None:
     if args.wandb_run_name:
         # The flag names the run unless the tracker config already does.
         init_kwargs.setdefault("wandb", {}).setdefault("name", args.wandb_run_name)
-    accelerator.init_trackers(args.log_tracker_name or DEFAULT_TRACKER_NAME, config=sanitized_config(args),
+    accelerator.init_trackers(args.log_tracker_name or DEFAULT_TRACKER_NAME, config=sanitized_config(args, run_values),
                               init_kwargs=init_kwargs)
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
