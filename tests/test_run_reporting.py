@@ -294,3 +294,28 @@ def test_a_missing_matplotlib_skips_the_loss_plot_with_one_warning(tmp_path, mon
         reporter.write_pictures(tmp_path, "run")
     assert caplog.text.count("no loss plot: matplotlib is not installed") == 1
     assert reporter.pictures == {} and not list(tmp_path.iterdir())
+
+
+def test_training_loss_average_counts_every_gradient_accumulation_batch(tiny_setup, tmp_path):
+    class Recording(AnimaNetworkTrainer):
+        def train_step(self, args, batch):
+            loss = super().train_step(args, batch)
+            batch_losses.append((float(loss), self.accelerator.sync_gradients))
+            return loss
+
+    batch_losses: list[tuple[float, bool]] = []
+    args, _ = parse_args(tiny_train_argv(tiny_setup, tmp_path / "out", "--max_train_steps", "5",
+                                         "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3"))
+    trainer = Recording()
+    trainer.train(args)
+    per_epoch = len(trainer.train_loader)  # 5 batches: steps of batches (0, 1), (2, 3), (4), then the next epoch
+    slots: dict[int, float] = {}
+    current, averages = [], []
+    for i, (loss, sync) in enumerate(batch_losses):
+        slots[i % per_epoch] = loss  # the same batch of the next epoch replaces it
+        if sync:
+            current.append(loss)
+            averages.append(sum(slots.values()) / len(slots))
+    assert len(current) == 5 and len(batch_losses) == 9
+    assert trainer.reporter.history.loss == pytest.approx(current)
+    assert trainer.reporter.history.average == pytest.approx(averages)
