@@ -353,7 +353,8 @@ class NetworkTrainer:
 
     def start_outputs(self, args: argparse.Namespace) -> tuple[TrainingReporter, checkpointing.RunWriter]:
         """The trackers, the reporter (progress, logs, pictures) and the writer of LoRA files and states."""
-        init_trackers(self.accelerator, args)
+        init_trackers(self.accelerator, args, {"seed": self.seed, "max_train_steps": self.schedule.max_train_steps,
+                                               "save_every_n_epochs": self.schedule.save_every_n_epochs})
         reporter = TrainingReporter(total_steps=self.schedule.max_train_steps, initial_step=self.position.global_step,
                                     is_main_process=self.is_main, accelerator=self.accelerator)
         writer = checkpointing.RunWriter(
@@ -399,16 +400,18 @@ class NetworkTrainer:
             self.train_loader.set_epoch(epoch)
         loader = accelerator.skip_first_batches(self.train_loader, skip_batches) if skip_batches else self.train_loader
         epoch_batches = skip_batches
-        self.reporter.new_epoch()
         step_start = None  # (position, random states) before the first batch of the current optimizer step
+        earlier_losses: list[torch.Tensor] = []  # of the current step's batches before its last (accumulation)
         for batch in loader:
             if step_start is None:
                 step_start = (Position(epoch, epoch_batches, self.global_step), capture_rng())
             epoch_batches += 1
             loss = self.train_step(args, batch)
             if not accelerator.sync_gradients:
+                earlier_losses.append(loss)
                 continue
             started, step_start = step_start, None
+            step_losses, earlier_losses = earlier_losses, []
             if not self.step_finite:
                 self.skip_nonfinite_step(batch, started)
                 continue
@@ -420,9 +423,7 @@ class NetworkTrainer:
             if args.scale_weight_norms:
                 logs.update(self.max_norm_logs)
             # The loss was read with the step's finite flag; device LRs are read with the next step's.
-            self.reporter.train_step(self.global_step, epoch + 1,
-                                     schedule.step_in_epoch(epoch_batches, args.gradient_accumulation_steps), loss,
-                                     logs)
+            self.reporter.train_step(self.global_step, epoch + 1, epoch_batches - 1, loss, logs, step_losses)
             self.after_step(args, epoch)
             files.fault_point(f"step:{self.global_step}")
             if self.ctrl_c.requested:
@@ -490,8 +491,8 @@ class NetworkTrainer:
         if args.scale_weight_norms and accelerator.sync_gradients and self.step_finite:  # skipped: no change
             keys_scaled, mean_norm, max_norm = self.network.apply_max_norm_regularization(
                 args.scale_weight_norms, self.device)
-            self.max_norm_logs = {"max_norm/keys_scaled": keys_scaled, "max_norm/average_key_norm": mean_norm,
-                                  "max_norm/max_key_norm": max_norm}
+            self.max_norm_logs = {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm,
+                                  "norm/avg_key_norm": mean_norm}
         return mean_loss
 
     def read_flag(self, flag: torch.Tensor, loss: torch.Tensor) -> tuple[bool, float]:

@@ -95,7 +95,8 @@ def eight_steps(tiny_setup, tmp_path_factory):
 def test_end_of_run_state_of_a_part_epoch_resumes_to_the_uninterrupted_run(tiny_setup, eight_steps, tmp_path):
     run(argv(tiny_setup, tmp_path, "--max_train_steps", "4", "--save_state"))
     counters = json.loads((tmp_path / "tiny-state" / "train_state.json").read_text())
-    assert (counters["current_epoch"], counters["epoch_step"], counters["global_step"]) == (0, 4, 4)
+    assert (counters["epoch_in_progress"], counters["epoch_step"], counters["global_step"]) == (0, 4, 4)
+    assert (counters["current_epoch"], counters["current_step"]) == (1, 4)  # sd-scripts' counters
     assert counters["kind"] == "end of run" and counters["seed"] == 11
     resumed = run(argv(tiny_setup, tmp_path, "--max_train_steps", "8", "--resume", str(tmp_path / "tiny-state")))
     assert resumed.global_step == 8
@@ -176,7 +177,7 @@ def test_resuming_a_state_with_no_epoch_left_is_one_error_before_models_load(tin
     at_epoch_end = tmp_path / "epoch-end-state"
     shutil.copytree(finished_state, at_epoch_end)
     counters = json.loads((at_epoch_end / "train_state.json").read_text())
-    counters.update(current_epoch=1, epoch_step=0, global_step=5)
+    counters.update(epoch_in_progress=1, current_epoch=1, epoch_step=0, global_step=5, current_step=5)
     (at_epoch_end / "train_state.json").write_text(json.dumps(counters))
     line = _main_error(argv(tiny_setup, tmp_path / "out", "--max_train_epochs", "1", "--resume", str(at_epoch_end)),
                        monkeypatch, capsys, "load_frozen_models")

@@ -151,10 +151,33 @@ def test_lr_logs_use_group_names_and_report_the_effective_d_times_lr():
                     "lr/unet": 0.5, "lr/d*lr/unet": pytest.approx(1e-4)}
     plain = lr_logs(Scheduler(), ["unet", ""], type("AdamW", (), {"param_groups": [{"lr": 1.0}, {"lr": 0.5}]})())
     assert plain == {"lr/unet": 1.0, "lr/group1": 0.5}
+    # ProdigyPlusScheduleFree: one `lr/d*lr`, its first group's (sd-scripts' name for it).
+    prodigy_plus = type("ProdigyPlusScheduleFree", (), {"param_groups": [{"lr": 1.0, "d": 3e-4}, {"lr": 0.5, "d": 1.0}]})
+    assert lr_logs(Scheduler(), ["unet", "unet plus"], prodigy_plus()) == {
+        "lr/unet": 1.0, "lr/unet plus": 0.5, "lr/d*lr": pytest.approx(3e-4)}
     # The plot draws the effective rate for such groups, the scheduled one otherwise.
     history = pictures.RunHistory()
     history.add_step(1, {"loss/current": 0.5, **logs})
     assert history.lrs == {"d*lr/textencoder": [(1, pytest.approx(2e-4))], "d*lr/unet": [(1, pytest.approx(1e-4))]}
+
+
+def test_loss_average_is_the_mean_of_the_last_epoch_of_batch_losses_with_every_accumulation_batch(capsys):
+    # sd-scripts' moving average: one slot per batch of an epoch, each holding that batch's latest loss (every
+    # gradient-accumulation batch counts), replaced by the same batch of the next epoch, never reset.
+    reporter = TrainingReporter(total_steps=4, initial_step=0, is_main_process=True, interactive=False)
+    # Epoch 1, 3 batches, accumulation 2: step 1 = batches 0 and 1, step 2 = batch 2 (the epoch's last).
+    reporter.train_step(1, 1, 1, torch.tensor(2.0), {}, [torch.tensor(4.0)])
+    reporter.train_step(2, 1, 2, 6.0, {})
+    assert reporter.epoch_average() == pytest.approx((4.0 + 2.0 + 6.0) / 3)
+    # Epoch 2: batches 0 and 1 replace their slots; batch 2 of epoch 1 still counts.
+    reporter.train_step(3, 2, 1, 1.0, {}, [0.0])
+    reporter.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" 0.")[0].split(" lr=")[0] for line in lines] == [
+        "step 1/4 epoch 1 loss=2.0000 avr_loss=3.0000",
+        "step 2/4 epoch 1 loss=6.0000 avr_loss=4.0000",
+        "step 3/4 epoch 2 loss=1.0000 avr_loss=2.3333",
+    ]
 
 
 def test_log_config_sanitizes_secrets_paths_and_non_scalar_values():
@@ -164,6 +187,9 @@ def test_log_config_sanitizes_secrets_paths_and_non_scalar_values():
     assert config["network_dim"] == 8 and config["network_args"] == "['a=1']"
     assert "wandb_api_key" not in config and "output_dir" not in config
     assert all(v is None or isinstance(v, (bool, int, float, str)) for v in config.values())
+    # What the run uses replaces the flag (the drawn seed, the steps of --max_train_epochs), as sd-scripts logs them.
+    assert sanitized_config(args, {"seed": 7, "max_train_steps": 30})["seed"] == 7
+    assert sanitized_config(args, {"seed": 7, "max_train_steps": 30})["max_train_steps"] == 30
     args.log_config = False
     assert sanitized_config(args) is None
 
@@ -268,3 +294,28 @@ def test_a_missing_matplotlib_skips_the_loss_plot_with_one_warning(tmp_path, mon
         reporter.write_pictures(tmp_path, "run")
     assert caplog.text.count("no loss plot: matplotlib is not installed") == 1
     assert reporter.pictures == {} and not list(tmp_path.iterdir())
+
+
+def test_training_loss_average_counts_every_gradient_accumulation_batch(tiny_setup, tmp_path):
+    class Recording(AnimaNetworkTrainer):
+        def train_step(self, args, batch):
+            loss = super().train_step(args, batch)
+            batch_losses.append((float(loss), self.accelerator.sync_gradients))
+            return loss
+
+    batch_losses: list[tuple[float, bool]] = []
+    args, _ = parse_args(tiny_train_argv(tiny_setup, tmp_path / "out", "--max_train_steps", "5",
+                                         "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3"))
+    trainer = Recording()
+    trainer.train(args)
+    per_epoch = len(trainer.train_loader)  # 5 batches: steps of batches (0, 1), (2, 3), (4), then the next epoch
+    slots: dict[int, float] = {}
+    current, averages = [], []
+    for i, (loss, sync) in enumerate(batch_losses):
+        slots[i % per_epoch] = loss  # the same batch of the next epoch replaces it
+        if sync:
+            current.append(loss)
+            averages.append(sum(slots.values()) / len(slots))
+    assert len(current) == 5 and len(batch_losses) == 9
+    assert trainer.reporter.history.loss == pytest.approx(current)
+    assert trainer.reporter.history.average == pytest.approx(averages)

@@ -410,6 +410,8 @@ def test_scale_weight_norms_caps_every_module_and_save_precision_casts(flags_run
     assert max(norms) <= 0.05 * 1.01
     assert max(norms) > 0.04, "the cap was never reached; raise the learning rate of this test"
     assert trainer.max_norm_logs["max_norm/keys_scaled"] > 0
+    # sd-scripts' names: the mean norm is `norm/avg_key_norm`.
+    assert set(trainer.max_norm_logs) == {"max_norm/keys_scaled", "max_norm/max_key_norm", "norm/avg_key_norm"}
 
 
 def test_text_encoder_only_full_bf16_text_encoder_lr_and_no_metadata(tiny_setup, tmp_path, fresh_accelerate_state):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import stat
 
@@ -64,6 +65,33 @@ def test_failed_atomic_write_keeps_the_previous_file(tmp_path):
     with pytest.raises(AnimaError, match="cannot write .*x.safetensors: disk full; nothing was replaced"):
         files.atomic_write(target, fail)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+@pytest.mark.parametrize(("position", "current_epoch"), [
+    (Position(epoch=2, batches_done=3, global_step=17), 3),  # part-way through the third epoch
+    (Position(epoch=2, batches_done=5, global_step=15), 3),  # after the third epoch's last step, before its end
+    (Position(epoch=3, batches_done=0, global_step=15), 3),  # written by the third epoch's end
+])
+def test_train_state_json_holds_sd_scripts_counters(tmp_path, position, current_epoch):
+    # sd-scripts writes current_epoch (the 1-based epoch the state's last step is in) and current_step (the
+    # optimizer steps done); the exact position is kept beside them and read back.
+    write_train_state(tmp_path, TrainState(position=position, seed=1))
+    data = json.loads((tmp_path / "train_state.json").read_text())
+    assert (data["current_epoch"], data["current_step"]) == (current_epoch, position.global_step)
+    assert read_train_state(tmp_path).position == position
+
+
+def test_train_state_of_the_previous_format_still_reads(tmp_path):
+    # Format 2 kept the 0-based epoch in progress under current_epoch.
+    (tmp_path / "train_state.json").write_text(
+        '{"format": 2, "kind": "periodic", "current_epoch": 1, "epoch_step": 4, "global_step": 9, "seed": 3}')
+    assert read_train_state(tmp_path).position == Position(epoch=1, batches_done=4, global_step=9)
+
+
+def test_a_state_folder_written_by_sd_scripts_is_refused_naming_its_lora_weights(tmp_path):
+    (tmp_path / "train_state.json").write_text('{"current_epoch": 2, "current_step": 40}')
+    with pytest.raises(AnimaError, match=r"written by sd-scripts.*--network_weights .*model\.safetensors"):
+        read_train_state(tmp_path)
 
 
 def test_train_state_round_trip_and_bad_folder(tmp_path):

@@ -17,9 +17,8 @@ names and behaviour: the run folder `<logging_dir>/<log_prefix><timestamp>`, the
 `--log_tracker_name` (default `network_train`), init kwargs from `--log_tracker_config`, `--wandb_run_name`,
 `--wandb_api_key`, hyperparameters with `--log_config`, and sd-scripts' scalar names (`loss/current`,
 `loss/average`, `loss/epoch_average`, `loss/validation/{step,epoch}_{average,divergence}`, `lr/<group>`,
-`lr/d*lr/<group>`, `max_norm/*`). TensorBoard gets the optimizer step as its x value (the epoch for the
-per-epoch scalars);
-wandb gets `global_step` and `epoch` as values, so its own step keeps increasing.
+`lr/d*lr/<group>`, `max_norm/*`, `norm/avg_key_norm`). TensorBoard gets the optimizer step as its x value (the
+epoch for the per-epoch scalars); wandb gets `global_step` and `epoch` as values, so its own step keeps increasing.
 """
 
 from __future__ import annotations
@@ -70,24 +69,18 @@ def setup_console_logging(level: str | None = None, log_file: str | None = None,
 
 
 class LossRecorder:
-    """Moving average of the per-step loss over the current epoch (`loss/average`)."""
+    """`loss/average`, as sd-scripts computes it: the mean of the latest loss of every batch slot of an epoch.
+    Every micro-batch counts (with gradient accumulation, each of a step's batches); a batch of a later epoch
+    replaces the loss of the same batch of the epoch before, so the mean moves over the last epoch's worth of
+    batches and is never reset (after the last batch of an epoch it is that epoch's mean)."""
 
     def __init__(self) -> None:
-        self.losses: list[float] = []
+        self.losses: dict[int, float] = {}  # batch index in its epoch (0-based) -> latest loss
         self.total = 0.0
 
-    def add(self, epoch_step: int, loss: float) -> None:
-        # epoch_step counts from 0 inside an epoch; a new epoch overwrites the list slot by slot.
-        if epoch_step < len(self.losses):
-            self.total -= self.losses[epoch_step]
-            self.losses[epoch_step] = loss
-        else:
-            self.losses.append(loss)
-        self.total += loss
-
-    def reset(self) -> None:
-        self.losses.clear()
-        self.total = 0.0
+    def add(self, batch: int, loss: float) -> None:
+        self.total += loss - self.losses.get(batch, 0.0)
+        self.losses[batch] = loss
 
     @property
     def average(self) -> float:
@@ -140,22 +133,24 @@ def prepare_tracker_environment(args: argparse.Namespace, run_dir: str | None) -
         wandb.login(key=args.wandb_api_key)
 
 
-def sanitized_config(args: argparse.Namespace) -> dict[str, Any] | None:
+def sanitized_config(args: argparse.Namespace, run_values: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """`--log_config`: the arguments as tracker hyperparameters (None when off). Values a tracker stores
     (None, bool, int, float, str) are kept; lists and other objects become their text; secrets and local
-    paths are left out."""
+    paths are left out. `run_values` replace flags by what the run uses (the drawn seed, the step count of
+    --max_train_epochs, ...), as sd-scripts logs its arguments after filling them in."""
     if not args.log_config:
         return None
     config: dict[str, Any] = {}
-    for key, value in vars(args).items():
+    for key, value in {**vars(args), **(run_values or {})}.items():
         if key in SECRET_ARGS or key in PATH_ARGS:
             continue
         config[key] = value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
     return config
 
 
-def init_trackers(accelerator: Any, args: argparse.Namespace) -> None:
-    """Start the `--log_with` trackers on the main process (a no-op without trackers)."""
+def init_trackers(accelerator: Any, args: argparse.Namespace, run_values: dict[str, Any] | None = None) -> None:
+    """Start the `--log_with` trackers on the main process (a no-op without trackers); `run_values`: see
+    `sanitized_config`."""
     if not args.log_with or not accelerator.is_main_process:
         return
     from library.training.args import read_tracker_config
@@ -166,7 +161,7 @@ def init_trackers(accelerator: Any, args: argparse.Namespace) -> None:
     if args.wandb_run_name:
         # The flag names the run unless the tracker config already does.
         init_kwargs.setdefault("wandb", {}).setdefault("name", args.wandb_run_name)
-    accelerator.init_trackers(args.log_tracker_name or DEFAULT_TRACKER_NAME, config=sanitized_config(args),
+    accelerator.init_trackers(args.log_tracker_name or DEFAULT_TRACKER_NAME, config=sanitized_config(args, run_values),
                               init_kwargs=init_kwargs)
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
@@ -181,14 +176,22 @@ class _QueuedStep:
 
     global_step: int
     epoch: int
-    step_in_epoch: int
+    batch: int  # index in its epoch of the step's last batch
     loss: float | torch.Tensor
+    earlier: list[float | torch.Tensor]  # losses of the step's earlier (accumulation) batches, in order
     logs: dict[str, float | torch.Tensor]
     seconds: float
-    average: float | None = None  # loss/average once the loss counted in the epoch average
+    average: float | None = None  # loss/average once the losses counted in the moving average
 
     def values(self) -> list[float | torch.Tensor]:
-        return [self.loss, *self.logs.values()]
+        return [self.loss, *self.earlier, *self.logs.values()]
+
+    def record(self, losses: LossRecorder) -> None:
+        """Count the step's batch losses (read) in the moving average and keep the average of the step."""
+        for i, loss in enumerate(self.earlier):
+            losses.add(self.batch - len(self.earlier) + i, float(loss))
+        losses.add(self.batch, float(self.loss))
+        self.average = losses.average
 
     @property
     def is_read(self) -> bool:
@@ -230,9 +233,11 @@ class TrainingReporter:
 
     # --- per step ---------------------------------------------------------------------------------------------
 
-    def train_step(self, global_step: int, epoch: int, step_in_epoch: int, loss: float | torch.Tensor,
-                   logs: dict[str, float | torch.Tensor]) -> None:
-        """Report one optimizer step: `loss/current`, `loss/average` (over the epoch so far) and `logs`.
+    def train_step(self, global_step: int, epoch: int, batch: int, loss: float | torch.Tensor,
+                   logs: dict[str, float | torch.Tensor], earlier_losses: Sequence[float | torch.Tensor] = ()) -> None:
+        """Report one optimizer step: `loss/current` (`loss`, of the step's last batch, index `batch` in its
+        epoch), `loss/average` (see `LossRecorder`; `earlier_losses` are the losses of the step's earlier
+        gradient-accumulation batches, which count there too) and `logs`.
 
         Tensor values are read later (see the module docstring); the bar advances now."""
         if not self.is_main:
@@ -243,11 +248,10 @@ class TrainingReporter:
         self.paused_since_last_step = 0.0
         if self.bar is not None:
             self.bar.update(1)
-        step = _QueuedStep(global_step, epoch, step_in_epoch, loss, dict(logs), seconds_per_step)
-        if not isinstance(loss, torch.Tensor) and not self._deferred_average():
-            # A loss already on the host counts in the epoch average now, so the epoch's end needs no read.
-            self.losses.add(step_in_epoch, float(loss))
-            step.average = self.losses.average
+        step = _QueuedStep(global_step, epoch, batch, loss, list(earlier_losses), dict(logs), seconds_per_step)
+        if not any(isinstance(v, torch.Tensor) for v in (loss, *step.earlier)) and not self._deferred_average():
+            # Losses already on the host count in the moving average now, so the epoch's end needs no read.
+            step.record(self.losses)
         self._pending.append(step)
         # Every LOSS_READ_INTERVAL steps the queue is shown. Steps whose values `read_with` already read cost no
         # transfer; when no read carried the older steps' values (only the newest step may wait for the next
@@ -284,6 +288,7 @@ class TrainingReporter:
         self._read_conditions([next(numbers) for _ in conditions])
         for q in self._pending:
             q.loss = next(numbers)
+            q.earlier = [next(numbers) for _ in q.earlier]
             q.logs = {key: next(numbers) for key in q.logs}
         return result
 
@@ -296,19 +301,13 @@ class TrainingReporter:
             return
         numbers = iter(read_scalars([v for queued in pending for v in queued.values()]))
         for queued in pending:
-            loss = next(numbers)
+            queued.loss = next(numbers)
+            queued.earlier = [next(numbers) for _ in queued.earlier]
             if queued.average is None:
-                self.losses.add(queued.step_in_epoch, loss)
-                queued.average = self.losses.average
-            read = {"loss/current": loss, "loss/average": queued.average}
+                queued.record(self.losses)
+            read = {"loss/current": queued.loss, "loss/average": queued.average}
             read.update({key: next(numbers) for key in queued.logs})
             self._show(queued.global_step, queued.epoch, read, queued.seconds)
-
-    def new_epoch(self) -> None:
-        """Start the epoch's loss average afresh (the queued steps of the last epoch keep theirs)."""
-        if self._deferred_average():
-            self.flush()
-        self.losses.reset()
 
     def epoch_average(self) -> float:
         if self._deferred_average():
@@ -479,17 +478,21 @@ def lr_logs(lr_scheduler: Any, descriptions: list[str], optimizer: Any = None) -
     """`lr/<group description>` for every optimizer parameter group (`lr/unet`, `lr/textencoder 1`, ...; a
     tensor where the optimizer computes its LR on the device: the reporter reads it at log time), and for
     D-Adaptation / Prodigy (groups holding their estimate `d`) the effective `lr/d*lr/<group>`: their scheduled
-    lr is a factor (usually 1.0), d times it is the step size actually used."""
+    lr is a factor (usually 1.0), d times it is the step size actually used. ProdigyPlusScheduleFree logs the
+    first group's as `lr/d*lr`, as sd-scripts names it."""
     lrs = lr_scheduler.get_last_lr()
     groups = optimizer.param_groups if optimizer is not None else []
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+    prodigy_plus = type(inner).__name__.lower().endswith("prodigyplusschedulefree")
     logs: dict[str, float | torch.Tensor] = {}
     for i, lr in enumerate(lrs):
         name = descriptions[i] if i < len(descriptions) and descriptions[i] else f"group{i}"
         lr = lr.detach() if isinstance(lr, torch.Tensor) else float(lr)
         logs[f"lr/{name}"] = lr
         d = groups[i].get("d") if i < len(groups) else None
-        if d is not None:
-            logs[f"lr/d*lr/{name}"] = (d.detach() if isinstance(d, torch.Tensor) else float(d)) * lr
+        if d is not None and (i == 0 or not prodigy_plus):
+            logs["lr/d*lr" if prodigy_plus else f"lr/d*lr/{name}"] = (
+                d.detach() if isinstance(d, torch.Tensor) else float(d)) * lr
     return logs
 
 

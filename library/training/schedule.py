@@ -116,11 +116,6 @@ def step_named_by_flags(initial_step: int | None, initial_epoch: int, schedule: 
     return (initial_epoch - 1) * schedule.steps_per_epoch
 
 
-def step_in_epoch(batches_done: int, gradient_accumulation_steps: int) -> int:
-    """0-based index of the optimizer step that the `batches_done`-th batch of an epoch completes."""
-    return math.ceil(batches_done / gradient_accumulation_steps) - 1
-
-
 # --- when things happen ---------------------------------------------------------------------------------------
 
 

@@ -5,9 +5,11 @@ A state folder holds:
   optimizer.pt          the optimizer state dict (loaded with weights_only=True)
   scheduler.pt          the LR scheduler state dict
   rng_<rank>.pt         the Python, NumPy, torch (and CUDA) random states of every process
-  train_state.json      the exact position (epoch in progress, batches of it done, optimizer steps done), the
-                        seed, what the data order depends on (batches per epoch, a dataset fingerprint, the
-                        number of processes) and the run's settings, so that a resume can list every change.
+  train_state.json      sd-scripts' counters (current_epoch: the 1-based epoch of the last step, current_step:
+                        the optimizer steps), the exact position (epoch in progress, batches of it done, optimizer
+                        steps done), the seed, what the data order depends on (batches per epoch, a dataset
+                        fingerprint, the number of processes) and the run's settings, so that a resume can list
+                        every change.
 
 `validate_state_folder` checks all of it (presence, weights_only loading, shapes against the network) before any
 dataset, model or cache is touched; `compare_settings` lists what differs from the new command line.
@@ -35,7 +37,7 @@ TRAIN_STATE_FILE = "train_state.json"
 NETWORK_STATE_FILE = "network.safetensors"
 OPTIMIZER_STATE_FILE = "optimizer.pt"
 SCHEDULER_STATE_FILE = "scheduler.pt"
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 
 # Why a state was written (recorded, shown on resume).
 PERIODIC, END_OF_RUN, INTERRUPTED, NONFINITE = "periodic", "end of run", "interrupted", "non-finite guard"
@@ -199,11 +201,20 @@ class TrainState:
         return self.position.global_step
 
 
+def sd_scripts_epoch(position: Position) -> int:
+    """sd-scripts' `current_epoch` of a state at `position`: the 1-based epoch its last step belongs to (a state
+    written at an epoch's end, holding the next epoch with no batches done, names the epoch that ended)."""
+    return position.epoch + 1 if position.batches_done else position.epoch
+
+
 def write_train_state(folder: Path, state: TrainState) -> None:
     position = state.position
     data = {"format": STATE_FORMAT, "kind": state.kind,
-            # sd-scripts-compatible counter names: the epoch in progress (0-based) and its batches done.
-            "current_epoch": position.epoch, "epoch_step": position.batches_done, "global_step": position.global_step,
+            # sd-scripts' two counters with its values (what tools reading its train_state.json expect) ...
+            "current_epoch": sd_scripts_epoch(position), "current_step": position.global_step,
+            # ... and the exact position: the epoch in progress (0-based), its batches done, the optimizer steps.
+            "epoch_in_progress": position.epoch, "epoch_step": position.batches_done,
+            "global_step": position.global_step,
             "seed": state.seed, "facts": state.facts, "settings": state.settings}
     (Path(folder) / TRAIN_STATE_FILE).write_text(json.dumps(data, indent=1), encoding="utf-8")
 
@@ -214,7 +225,13 @@ def read_train_state(folder: Path) -> TrainState:
         raise AnimaError(f"--resume {folder}: {TRAIN_STATE_FILE} not found; give a folder written by --save_state")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        position = Position(epoch=int(data["current_epoch"]), batches_done=int(data.get("epoch_step", 0)),
+        if isinstance(data, dict) and "format" not in data and "current_step" in data:
+            raise AnimaError(f"--resume {folder}: a state folder written by sd-scripts (accelerate's files), which "
+                             "this trainer cannot continue; start a new run from its LoRA weights with "
+                             f"--network_weights {Path(folder) / 'model.safetensors'}")
+        # Format 2 (before sd-scripts' counters were written) kept the epoch in progress in current_epoch.
+        epoch = data["epoch_in_progress"] if int(data.get("format", 0)) >= 3 else data["current_epoch"]
+        position = Position(epoch=int(epoch), batches_done=int(data.get("epoch_step", 0)),
                             global_step=int(data["global_step"]))
         seed = data.get("seed")
         settings = data.get("settings")
