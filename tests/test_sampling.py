@@ -306,6 +306,40 @@ def test_generate_is_deterministic_for_a_seed_and_skips_unencodable_prompts(tmp_
     assert np.asarray(Image.open(first[0])).std() > 0
 
 
+def test_unseeded_sample_noise_continues_the_torch_random_stream_and_a_seed_reseeds_it(tmp_path, monkeypatch):
+    # The rule (sd-scripts' sampling): every prompt's noise comes from the CPU random stream as it stands when
+    # sampling starts; a seeded prompt re-seeds that stream first, so an unseeded prompt after it continues the
+    # seeded stream. The training's own stream is left as it was.
+    from library.training import sampling
+
+    noises = []
+
+    def recording_sampler(model, noise, sigmas, context, negative_context=None, scale=1.0):
+        noises.append(noise.clone())
+        return noise
+
+    monkeypatch.setattr(sampling, "euler_flow_sample", recording_sampler)
+    model, vae = _StandInDiT(), _StandInVAE()
+    prompts = [SamplePrompt(0, "first", "", width=64, height=64, seed=None, sample_steps=1),
+               SamplePrompt(1, "seeded", "", width=80, height=64, seed=9, sample_steps=1),
+               SamplePrompt(2, "after", "", width=64, height=96, seed=None, sample_steps=1)]
+    encoder = _fake_encodings(prompt_texts(prompts), 8)
+
+    stream = torch.Generator().manual_seed(123)  # what torch.manual_seed(123) puts into the global generator
+    expected = [torch.randn(1, 16, 1, 8, 8, generator=stream)]
+    stream.manual_seed(9)
+    expected += [torch.randn(1, 16, 1, 8, 10, generator=stream), torch.randn(1, 16, 1, 12, 8, generator=stream)]
+
+    for run in ("a", "b"):  # the same random state gives the same samples
+        noises.clear()
+        torch.manual_seed(123)
+        generate_sample_images(model, vae, encoder, prompts, output_dir=tmp_path / run, output_name=None, step=1)
+        assert len(noises) == 3
+        for got, want in zip(noises, expected, strict=True):
+            assert torch.equal(got, want)
+        assert torch.equal(torch.rand(4), torch.rand(4, generator=torch.Generator().manual_seed(123)))
+
+
 def test_cached_encodings_are_looked_up_by_exact_text():
     class Counting:
         def __init__(self):
