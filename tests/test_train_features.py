@@ -154,6 +154,29 @@ def test_sample_at_first_samples_a_resumed_run_before_its_first_step_without_cha
     assert_same_weights(load_file(str(out / "tiny.safetensors")), load_file(str(tmp_path / "tiny.safetensors")))
 
 
+class PromptFileRemovingTrainer(AnimaNetworkTrainer):
+    """Deletes the prompt file before the second sampling."""
+
+    def sample_images(self, args, epoch, step):
+        if step == 2:
+            Path(args.sample_prompts).unlink()
+        return super().sample_images(args, epoch, step)
+
+
+def test_a_prompt_file_removed_during_the_run_skips_that_sampling_with_a_warning(tiny_setup, tmp_path, caplog):
+    # As sd-scripts (it logs the missing file and trains on); the file was checked when the run started.
+    prompts = tmp_path / "prompts.txt"
+    shutil.copy(tiny_setup.sample_prompts, prompts)
+    with caplog.at_level(logging.WARNING):
+        trainer = run(base_argv(tiny_setup, tmp_path / "out", "--max_train_steps", "3", "--sample_prompts",
+                                str(prompts), "--sample_every_n_steps", "1", *COMMON),
+                      trainer_cls=PromptFileRemovingTrainer)
+    assert trainer.global_step == 3 and (tmp_path / "out" / "tiny.safetensors").is_file()
+    names = sorted(p.name for p in (tmp_path / "out" / "sample").iterdir())
+    assert len(names) == 2 and all(n.startswith("tiny_000001_") for n in names), names
+    assert "sample images at step 2 skipped" in caplog.text and "sample images at step 3 skipped" in caplog.text
+
+
 def test_save_last_n_epochs_keeps_only_the_newest_epoch_file(tiny_setup, tmp_path):
     one_batch = tmp_path / "one_batch.toml"  # every image in one batch per bucket: few steps per epoch
     one_batch.write_text(tiny_setup.dataset_toml.read_text().replace("batch_size = 2", "batch_size = 8"))
