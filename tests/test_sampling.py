@@ -104,6 +104,31 @@ flow_shift = 1
                              sample_steps=12, scale=1.0, flow_shift=1.0)
 
 
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("a cat   --n  low res  --w 768", {"prompt": "a cat", "negative_prompt": "low res", "width": 768}),
+        ("a cat --w\t768 --h   832", {"width": 768, "height": 832}),
+        ("a cat --l 1e1", {"scale": 10.0}),
+        ("a cat --l -2", {"scale": -2.0}),
+        ("n foo --w 768", {"prompt": "n foo", "negative_prompt": "", "width": 768}),
+        ("s 7 stairs", {"prompt": "s 7 stairs", "sample_steps": 30}),
+    ],
+)
+def test_txt_options_are_read_whole_after_any_spaces_and_never_from_the_prompt_text(tmp_path, line, expected):
+    [p] = load_sample_prompts(_write(tmp_path, "p.txt", f"  # an indented comment\n{line}\n"))
+    assert {key: getattr(p, key) for key in expected} == expected
+
+
+def test_toml_subset_value_wins_over_the_shared_one_and_json_steps_are_clamped(tmp_path):
+    [p] = load_sample_prompts(_write(tmp_path, "p.toml", '[prompt]\nwidth = 768\n[[prompt.subset]]\nprompt = "a"\n'
+                                                          "width = 512\n"))
+    assert p.width == 512
+    low, high = load_sample_prompts(_write(tmp_path, "p.json", json.dumps(
+        [{"prompt": "a", "sample_steps": 0}, {"prompt": "b", "sample_steps": 2000}])))
+    assert (low.sample_steps, high.sample_steps) == (1, 1000)
+
+
 def test_toml_unknown_key_and_missing_subset_are_errors(tmp_path):
     bad_key = _write(tmp_path, "a.toml", '[prompt]\n[[prompt.subset]]\nprompt = "x"\nwidht = 5\n')
     with pytest.raises(AnimaError, match=r"a\.toml: prompt\.subset\[0\].*unknown sample prompt key.*widht"):
