@@ -304,11 +304,17 @@ class AnimaNetworkTrainer(NetworkTrainer):
         if encoder is None:
             logger.warning("sample images skipped: no text encoder and no cached prompt encodings")
             return []
+        try:
+            prompts = load_sample_prompts(args.sample_prompts)  # read again: it may have been edited since
+        except AnimaError as err:
+            # Checked at start-up; a file removed or broken since then costs this sampling, not the run.
+            logger.warning("sample images at step %d skipped: %s", step, err)
+            return []
         dit = self.accelerator.unwrap_model(self.dit)
         dit.switch_block_swap_for_inference()  # forward-only swapping; a no-op without --blocks_to_swap
         try:
             written = generate_sample_images(
-                dit, self.vae, encoder, load_sample_prompts(args.sample_prompts), output_dir=args.output_dir,
+                dit, self.vae, encoder, prompts, output_dir=args.output_dir,
                 output_name=args.output_name, step=step, epoch=epoch, device=self.device,
                 autocast_dtype=self.weight_dtype if self.weight_dtype != torch.float32 else None, network=self.network,
             )

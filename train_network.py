@@ -374,8 +374,10 @@ class NetworkTrainer:
         self.global_step = self.position.global_step
         first_epoch, skip_batches = schedule.resume_start(self.position, sched)
         self.modes.train_mode()
-        if args.sample_at_first and self.global_step == 0:
-            self.run_sampling(epoch=0, step=0)
+        if args.sample_at_first:
+            # Before the first step, also of a resumed run (as sd-scripts does); a resumed run's files are named
+            # after the step it resumes at, not e000000 like the samples of the untrained LoRA.
+            self.run_sampling(epoch=0 if self.global_step == 0 else None, step=self.global_step)
         # Ctrl-C saves a state: single process only (the processes could not agree on the step).
         self.ctrl_c = CtrlC()
         try:

@@ -104,6 +104,31 @@ flow_shift = 1
                              sample_steps=12, scale=1.0, flow_shift=1.0)
 
 
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("a cat   --n  low res  --w 768", {"prompt": "a cat", "negative_prompt": "low res", "width": 768}),
+        ("a cat --w\t768 --h   832", {"width": 768, "height": 832}),
+        ("a cat --l 1e1", {"scale": 10.0}),
+        ("a cat --l -2", {"scale": -2.0}),
+        ("n foo --w 768", {"prompt": "n foo", "negative_prompt": "", "width": 768}),
+        ("s 7 stairs", {"prompt": "s 7 stairs", "sample_steps": 30}),
+    ],
+)
+def test_txt_options_are_read_whole_after_any_spaces_and_never_from_the_prompt_text(tmp_path, line, expected):
+    [p] = load_sample_prompts(_write(tmp_path, "p.txt", f"  # an indented comment\n{line}\n"))
+    assert {key: getattr(p, key) for key in expected} == expected
+
+
+def test_toml_subset_value_wins_over_the_shared_one_and_json_steps_are_clamped(tmp_path):
+    [p] = load_sample_prompts(_write(tmp_path, "p.toml", '[prompt]\nwidth = 768\n[[prompt.subset]]\nprompt = "a"\n'
+                                                          "width = 512\n"))
+    assert p.width == 512
+    low, high = load_sample_prompts(_write(tmp_path, "p.json", json.dumps(
+        [{"prompt": "a", "sample_steps": 0}, {"prompt": "b", "sample_steps": 2000}])))
+    assert (low.sample_steps, high.sample_steps) == (1, 1000)
+
+
 def test_toml_unknown_key_and_missing_subset_are_errors(tmp_path):
     bad_key = _write(tmp_path, "a.toml", '[prompt]\n[[prompt.subset]]\nprompt = "x"\nwidht = 5\n')
     with pytest.raises(AnimaError, match=r"a\.toml: prompt\.subset\[0\].*unknown sample prompt key.*widht"):
@@ -304,6 +329,40 @@ def test_generate_is_deterministic_for_a_seed_and_skips_unencodable_prompts(tmp_
     assert first[0].name.startswith("e000000_00_")
     assert np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(second[0])))
     assert np.asarray(Image.open(first[0])).std() > 0
+
+
+def test_unseeded_sample_noise_continues_the_torch_random_stream_and_a_seed_reseeds_it(tmp_path, monkeypatch):
+    # The rule (sd-scripts' sampling): every prompt's noise comes from the CPU random stream as it stands when
+    # sampling starts; a seeded prompt re-seeds that stream first, so an unseeded prompt after it continues the
+    # seeded stream. The training's own stream is left as it was.
+    from library.training import sampling
+
+    noises = []
+
+    def recording_sampler(model, noise, sigmas, context, negative_context=None, scale=1.0):
+        noises.append(noise.clone())
+        return noise
+
+    monkeypatch.setattr(sampling, "euler_flow_sample", recording_sampler)
+    model, vae = _StandInDiT(), _StandInVAE()
+    prompts = [SamplePrompt(0, "first", "", width=64, height=64, seed=None, sample_steps=1),
+               SamplePrompt(1, "seeded", "", width=80, height=64, seed=9, sample_steps=1),
+               SamplePrompt(2, "after", "", width=64, height=96, seed=None, sample_steps=1)]
+    encoder = _fake_encodings(prompt_texts(prompts), 8)
+
+    stream = torch.Generator().manual_seed(123)  # what torch.manual_seed(123) puts into the global generator
+    expected = [torch.randn(1, 16, 1, 8, 8, generator=stream)]
+    stream.manual_seed(9)
+    expected += [torch.randn(1, 16, 1, 8, 10, generator=stream), torch.randn(1, 16, 1, 12, 8, generator=stream)]
+
+    for run in ("a", "b"):  # the same random state gives the same samples
+        noises.clear()
+        torch.manual_seed(123)
+        generate_sample_images(model, vae, encoder, prompts, output_dir=tmp_path / run, output_name=None, step=1)
+        assert len(noises) == 3
+        for got, want in zip(noises, expected, strict=True):
+            assert torch.equal(got, want)
+        assert torch.equal(torch.rand(4), torch.rand(4, generator=torch.Generator().manual_seed(123)))
 
 
 def test_cached_encodings_are_looked_up_by_exact_text():

@@ -294,6 +294,20 @@ def test_disk_latent_cache_implies_latent_cache_and_unsloth_implies_checkpointin
     assert any("--gradient_checkpointing" in w for w in warnings)
 
 
+def test_sample_schedule_without_a_prompt_file_and_a_prompt_file_without_a_schedule_are_warned(tmp_path):
+    # Neither makes a sample image (sd-scripts crashes on the first, and is silent on the second).
+    _, warnings = parse("--sample_every_n_steps", "5", "--sample_at_first")
+    assert [w for w in warnings if "no sample images" in w] == [
+        "--sample_every_n_steps, --sample_at_first have no effect without --sample_prompts; no sample images are made"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n", encoding="utf-8")
+    _, warnings = parse("--sample_prompts", str(prompts))
+    assert any(w.startswith("--sample_prompts has no effect without") for w in warnings)
+    for schedule in (("--sample_every_n_epochs", "1"), ("--sample_at_first",)):
+        _, warnings = parse("--sample_prompts", str(prompts), *schedule)
+        assert not any("no sample images" in w for w in warnings)
+
+
 def test_non_positive_sample_cadence_is_disabled_with_a_warning():
     args, warnings = parse("--sample_every_n_steps", "0")
     assert args.sample_every_n_steps is None and any("--sample_every_n_steps" in w for w in warnings)

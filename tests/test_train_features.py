@@ -138,6 +138,45 @@ def test_resume_mid_epoch_from_a_step_state_equals_the_uninterrupted_run(tiny_se
     assert any(not torch.equal(step3[k], final[k]) for k in final if k.endswith("lora_up.weight"))
 
 
+def test_sample_at_first_samples_a_resumed_run_before_its_first_step_without_changing_it(tiny_setup, step_run,
+                                                                                          tmp_path):
+    # As sd-scripts: --sample_at_first samples before training also when the run resumes (named after the resumed
+    # step here); sampling leaves the training random stream alone, so the result is the uninterrupted run's.
+    _, out = step_run
+    resumed = run(base_argv(tiny_setup, tmp_path, "--max_train_steps", "4", "--resume",
+                            str(out / "tiny-step00000003-state"), "--sample_prompts", str(tiny_setup.sample_prompts),
+                            "--sample_at_first", *COMMON))
+    assert resumed.global_step == 4
+    names = sorted(p.name for p in (tmp_path / "sample").iterdir())
+    assert len(names) == 2, names
+    for name, (index, seed) in zip(names, ((0, 1), (1, 2)), strict=True):
+        assert name.startswith(f"tiny_000003_{index:02d}_") and name.endswith(f"_{seed}.png"), names
+    assert_same_weights(load_file(str(out / "tiny.safetensors")), load_file(str(tmp_path / "tiny.safetensors")))
+
+
+class PromptFileRemovingTrainer(AnimaNetworkTrainer):
+    """Deletes the prompt file before the second sampling."""
+
+    def sample_images(self, args, epoch, step):
+        if step == 2:
+            Path(args.sample_prompts).unlink()
+        return super().sample_images(args, epoch, step)
+
+
+def test_a_prompt_file_removed_during_the_run_skips_that_sampling_with_a_warning(tiny_setup, tmp_path, caplog):
+    # As sd-scripts (it logs the missing file and trains on); the file was checked when the run started.
+    prompts = tmp_path / "prompts.txt"
+    shutil.copy(tiny_setup.sample_prompts, prompts)
+    with caplog.at_level(logging.WARNING):
+        trainer = run(base_argv(tiny_setup, tmp_path / "out", "--max_train_steps", "3", "--sample_prompts",
+                                str(prompts), "--sample_every_n_steps", "1", *COMMON),
+                      trainer_cls=PromptFileRemovingTrainer)
+    assert trainer.global_step == 3 and (tmp_path / "out" / "tiny.safetensors").is_file()
+    names = sorted(p.name for p in (tmp_path / "out" / "sample").iterdir())
+    assert len(names) == 2 and all(n.startswith("tiny_000001_") for n in names), names
+    assert "sample images at step 2 skipped" in caplog.text and "sample images at step 3 skipped" in caplog.text
+
+
 def test_save_last_n_epochs_keeps_only_the_newest_epoch_file(tiny_setup, tmp_path):
     one_batch = tmp_path / "one_batch.toml"  # every image in one batch per bucket: few steps per epoch
     one_batch.write_text(tiny_setup.dataset_toml.read_text().replace("batch_size = 2", "batch_size = 8"))

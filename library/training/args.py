@@ -767,6 +767,14 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         if value is not None and value <= 0:
             warnings.append(f"{_flag(name)} {value} is not positive; sampling on that schedule is off")
             setattr(args, name, None)
+    schedule = [_flag(name) for name in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first")
+                if getattr(args, name)]
+    if schedule and not args.sample_prompts:
+        warnings.append(f"{', '.join(schedule)} {'has' if len(schedule) == 1 else 'have'} no effect without "
+                        "--sample_prompts; no sample images are made")
+    elif args.sample_prompts and not schedule:
+        warnings.append("--sample_prompts has no effect without --sample_every_n_steps, --sample_every_n_epochs or "
+                        "--sample_at_first; no sample images are made")
     reject.check(check_flow_matching_options, args.timestep_sampling, args.weighting_scheme,
                  args.discrete_flow_shift, args.logit_std, args.ip_noise_gamma)
     if args.max_nonfinite_steps < 0:

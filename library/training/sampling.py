@@ -436,15 +436,32 @@ def save_png_atomic(pixels: torch.Tensor, path: Path, text: Mapping[str, str] | 
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
-def _initial_noise(prompt: SamplePrompt) -> torch.Tensor:
-    # Drawn on a private CPU generator in fp32 so the image depends only on the seed, not on the device.
-    generator = torch.Generator(device="cpu")
+def _initial_noise(prompt: SamplePrompt, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 noise [1, 16, 1, H/8, W/8] drawn on a CPU generator, so the image does not depend on the device.
+
+    A seeded prompt re-seeds ``generator`` (the values of ``torch.manual_seed(seed)`` then ``torch.randn``); an
+    unseeded one draws from it where it stands. Without ``generator`` a fresh one is used (random if unseeded).
+    """
+    if generator is None:
+        generator = torch.Generator(device="cpu")
+        if prompt.seed is None:
+            generator.seed()
     if prompt.seed is not None:
         generator.manual_seed(prompt.seed)
-    else:
-        generator.seed()
     shape = (1, LATENT_CHANNELS, 1, prompt.height // VAE_STRIDE, prompt.width // VAE_STRIDE)
     return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def training_noise_generator() -> torch.Generator:
+    """A CPU generator at the global torch CPU random state: the noise of a sampling pass, as sd-scripts draws it.
+
+    sd-scripts seeds the global generator for each seeded prompt and draws every prompt's noise from it, so an
+    unseeded prompt continues the training's random stream (or the stream of the seeded prompt before it) and
+    repeats in a run with the same ``--seed``. A copy gives the same values and leaves the global state alone.
+    """
+    generator = torch.Generator(device="cpu")
+    generator.set_state(torch.random.get_rng_state())
+    return generator
 
 
 def _encode_context(model: Any, encoder: PromptEncoder, text: str, device: torch.device,
@@ -482,8 +499,9 @@ def generate_sample_images(
     ``model`` is the DiT (with its LLM adapter, and any LoRA already applied); ``epoch`` is given for
     epoch-triggered and first-step sampling (file names use ``e<epoch>`` then), else ``step`` names the files.
     ``network`` (the LoRA, if it is a separate module) is put in eval mode too, so its dropout is off.
-    A prompt whose text cannot be encoded is skipped with a warning. Train/eval modes and the torch RNG
-    states are restored afterwards. Returns the written files with their prompts.
+    A prompt whose text cannot be encoded is skipped with a warning. The noise of each prompt is drawn as
+    sd-scripts draws it (``training_noise_generator``). Train/eval modes and the torch RNG states are restored
+    afterwards. Returns the written files with their prompts.
     """
     model_device, model_dtype = _module_device_dtype(model)
     device = torch.device(device) if device is not None else model_device
@@ -493,6 +511,7 @@ def generate_sample_images(
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else torch.autocast(device.type, enabled=False))
     eval_modules = [model] if network is None else [model, network]
+    noise_generator = training_noise_generator()
     with preserved_training_state(*eval_modules), torch.no_grad(), autocast:
         for prompt in prompts:
             try:
@@ -500,7 +519,7 @@ def generate_sample_images(
             except KeyError as err:
                 logger.warning("sample prompt %d skipped: its text could not be encoded (%s)", prompt.index, err)
                 continue
-            latents = sample_latents(model, prompt, context, negative)
+            latents = sample_latents(model, prompt, context, negative, generator=noise_generator)
             pixels = decode_latents(vae, latents[:, :, 0], device)  # [1, 3, H, W]
             timestamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
             path = sample_dir / sample_image_filename(output_name, step, epoch, prompt.index, prompt.seed, timestamp)
@@ -524,13 +543,14 @@ def encode_prompt_contexts(model: Any, encoder: PromptEncoder, prompt: SamplePro
 
 
 def sample_latents(model: Callable[..., torch.Tensor], prompt: SamplePrompt, context: torch.Tensor,
-                   negative_context: torch.Tensor | None) -> torch.Tensor:
+                   negative_context: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor:
     """The Euler flow sampler run for one prompt: its seed's noise, its schedule and scale -> fp32 latents
-    [1, 16, 1, H/8, W/8] on the device of ``context``."""
+    [1, 16, 1, H/8, W/8] on the device of ``context``. ``generator``: the CPU generator of an unseeded prompt's
+    noise (re-seeded by a seeded prompt); without it an unseeded prompt gets random noise."""
     logger.info("sampling prompt %d: %r (negative %r, %dx%d, %d steps, scale %g, shift %g, seed %s)",
                 prompt.index, prompt.prompt, prompt.negative_prompt, prompt.width, prompt.height,
                 prompt.sample_steps, prompt.scale, prompt.flow_shift, prompt.seed)
-    noise = _initial_noise(prompt).to(context.device)
+    noise = _initial_noise(prompt, generator).to(context.device)
     sigmas = sampling_sigmas(prompt.sample_steps, prompt.flow_shift)
     return euler_flow_sample(model, noise, sigmas, context, negative_context, prompt.scale)
 
