@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library.data.cache_files import latents_npz_path, text_npz_path
+from library.data.cache_files import latents_npz_path, load_cached_latents, text_npz_path
 from library.data.config import add_dataset_arguments, build_dataset_groups, cache_only_main
 from library.data.latent_cache import cache_group_latents
 from library.data.text_cache import cache_group_text
@@ -348,3 +348,49 @@ def test_latent_cache_crop_ltrb_holds_sd_scripts_letterbox_numbers(tmp_path, ima
     crop = data["crop_ltrb_6x10"]
     assert crop.dtype == np.float64 and crop.tolist() == [6.0, 0.0, 73.5, 48.0]
     assert read_npz(latents_npz_path(images / "a.png", (64, 64)))["crop_ltrb_8x8"].tolist() == [0.0, 0.0, 64.0, 64.0]
+
+
+def shared_folder_args(tmp_path: Path, first: str, second: str) -> argparse.Namespace:
+    """Two datasets at the same resolution over the same image folder, with subset keys `first` / `second`."""
+    dataset = ("[[datasets]]\nresolution = 64\nenable_bucket = true\nmin_bucket_reso = 32\nmax_bucket_reso = 128\n"
+               "bucket_reso_steps = 16\nbatch_size = 2\n  [[datasets.subsets]]\n"
+               f"  image_dir = '{tmp_path / 'img'}'\n  caption_extension = '.txt'\n")
+    toml = tmp_path / "shared.toml"
+    toml.write_text(f"{dataset}  {first}\n{dataset}  {second}\n", encoding="utf-8")
+    parser = argparse.ArgumentParser()
+    add_dataset_arguments(parser)
+    args = parser.parse_args(["--dataset_config", str(toml), "--cache_latents_to_disk"])
+    args.seed = 3
+    args.train_batch_size = 1
+    return args
+
+
+def test_image_in_two_datasets_with_different_resize_interpolation_trains_on_its_own_latents(tmp_path, images,
+                                                                                               caplog):
+    # b.jpg (128x64) and c.webp (64x96) are resized into their buckets, so bilinear and lanczos give other latents;
+    # one disk entry cannot hold both, and the second dataset's copies are kept in memory.
+    args = shared_folder_args(tmp_path, "resize_interpolation = 'lanczos'", "resize_interpolation = 'bilinear'")
+    for run in range(2):
+        vae = FakeVAE()
+        with caplog.at_level(logging.WARNING, logger="library.data.latent_cache"):
+            disk = cache_latents(args, vae)
+        memory = cache_latents(args, FakeVAE(), to_disk=False)
+        assert vae.encoded == (6 if run == 0 else 3)  # the next run re-encodes only the in-memory copies
+        for (_, cached), (_, expected) in zip(disk.image_infos(), memory.image_infos()):
+            got, _ = load_cached_latents(cached, False, None)
+            torch.testing.assert_close(got, expected.latents)
+        assert [info.latents_npz is None for _, info in disk.image_infos()] == [False] * 3 + [True] * 3
+    assert "resize_interpolation lanczos vs bilinear" in caplog.text
+    assert not any("re-encoding" in r.getMessage() for r in caplog.records)
+
+
+def test_image_in_a_flipping_and_a_plain_dataset_shares_one_disk_entry(tmp_path, images):
+    args = shared_folder_args(tmp_path, "flip_aug = true", "flip_aug = false")
+    vae = FakeVAE()
+    first = cache_latents(args, vae)
+    assert vae.encoded == 6  # each image and its mirror once: the entries are shared
+    assert all(info.latents_npz is not None for _, info in first.image_infos())
+    assert "latents_flipped_8x8" in read_npz(latents_npz_path(images / "a.png", (64, 64)))
+    again = FakeVAE()
+    cache_latents(args, again)
+    assert again.encoded == 0
