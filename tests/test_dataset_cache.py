@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library.data.cache_files import latents_npz_path, load_cached_latents, text_npz_path
+from library.data.cache_files import latents_npz_path, load_cached_latents, load_cached_text, text_npz_path
 from library.data.config import add_dataset_arguments, build_dataset_groups, cache_only_main
 from library.data.latent_cache import cache_group_latents
 from library.data.text_cache import cache_group_text
@@ -394,3 +394,25 @@ def test_image_in_a_flipping_and_a_plain_dataset_shares_one_disk_entry(tmp_path,
     again = FakeVAE()
     cache_latents(args, again)
     assert again.encoded == 0
+
+
+def test_image_in_two_datasets_with_different_caption_prefixes_keeps_each_caption_with_text_cache(tmp_path, images):
+    args = shared_folder_args(tmp_path, "caption_prefix = 'one, '", "caption_prefix = 'two, '")
+    args.cache_latents_to_disk = False
+    for run in range(2):
+        encoding = FakeTextEncoding(length=3)
+        train, _ = build_dataset_groups(args)
+        cache_group_text(train, encoding, batch_size=2, to_disk=True, skip_check=False)
+        # The first dataset's captions own the files; the second's are encoded again in every run (memory).
+        assert sorted(caption[:3] for caption in encoding.seen[1:]) == ["one"] * 3 * (run == 0) + ["two"] * 3
+        firsts = [chr(int(load_cached_text(info)["qwen3_embeds"][0, 0])) for _, info in train.image_infos()]
+        assert firsts == ["o"] * 3 + ["t"] * 3
+
+
+def test_image_in_two_datasets_with_the_same_caption_is_text_encoded_once(tmp_path, images):
+    args = shared_folder_args(tmp_path, "flip_aug = true", "flip_aug = false")
+    encoding = FakeTextEncoding()
+    train, _ = build_dataset_groups(args)
+    cache_group_text(train, encoding, batch_size=2, to_disk=True, skip_check=False)
+    assert len(encoding.seen) == 1 + 3  # "" for caption dropout, then each caption once
+    assert len({info.text_npz for _, info in train.image_infos()}) == 3
