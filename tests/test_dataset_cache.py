@@ -416,3 +416,38 @@ def test_image_in_two_datasets_with_the_same_caption_is_text_encoded_once(tmp_pa
     cache_group_text(train, encoding, batch_size=2, to_disk=True, skip_check=False)
     assert len(encoding.seen) == 1 + 3  # "" for caption dropout, then each caption once
     assert len({info.text_npz for _, info in train.image_infos()}) == 3
+
+
+def test_read_only_folder_of_foreign_caches_is_one_error_line_before_encoding_or_used_with_skip_cache_check(
+        tmp_path, images, monkeypatch):
+    import library.data.cache_files as cache_files
+
+    args = make_args(tmp_path, "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk")
+    cache_latents(args, FakeVAE())
+    train, _ = build_dataset_groups(args)
+    cache_group_text(train, FakeTextEncoding(), batch_size=2, to_disk=True, skip_check=False)
+    for npz in images.glob("*.npz"):  # as another tool writes them: the same arrays without a provenance record
+        arrays = {k: v for k, v in read_npz(str(npz)).items() if not k.startswith("provenance")}
+        np.savez(npz, **arrays)
+    real_access = os.access
+    # Root can write anywhere, so the permission is simulated where the cache asks.
+    monkeypatch.setattr(cache_files.os, "access",
+                        lambda path, mode: False if Path(path) == images else real_access(path, mode))
+    vae = FakeVAE()
+    with pytest.raises(AnimaError) as latent_error:
+        cache_latents(args, vae)
+    assert vae.encoded == 0
+    message = str(latent_error.value)
+    assert f"cache folder {images} is not writable" in message and "no provenance recorded" in message
+    assert "--skip_cache_check" in message and "\n" not in message
+    train, _ = build_dataset_groups(args)
+    encoding = FakeTextEncoding()
+    with pytest.raises(AnimaError, match="text-encoder cache .*_anima_te.npz must be written there"):
+        cache_group_text(train, encoding, batch_size=2, to_disk=True, skip_check=False)
+    assert encoding.seen == [""]
+
+    trusted = cache_latents(args, vae, skip_check=True)
+    trusted_encoding = FakeTextEncoding()
+    cache_group_text(trusted, trusted_encoding, batch_size=2, to_disk=True, skip_check=True)
+    assert vae.encoded == 0 and trusted_encoding.seen == [""]  # only the empty caption (caption dropout)
+    assert trusted[0]["latents"] is not None

@@ -33,6 +33,7 @@ from library.data import images as image_io
 from library.data.cache_files import (
     CACHE_FORMAT,
     check_cache_name_collisions,
+    check_rewritable,
     key_suffix,
     latent_problem,
     latents_npz_path,
@@ -155,6 +156,7 @@ def cache_group_latents(group: DatasetGroup, vae: Any, vae_identity: str, *, bat
     followers: list[tuple[ImageInfo, ImageInfo]] = []  # (sample, owner): samples sharing an entry being encoded
     reasons: Counter[str] = Counter()
     examples: dict[str, str] = {}
+    rewrites: list[tuple[str, str]] = []
     for dataset, info in entries:
         if info.latents is not None:
             continue
@@ -169,6 +171,7 @@ def cache_group_latents(group: DatasetGroup, vae: Any, vae_identity: str, *, bat
             if owner is not info:
                 followers.append((info, owner))
                 continue
+            rewrites.append((path, reason))
             if reason != "missing":
                 reasons[reason] += 1
                 examples.setdefault(reason, path)
@@ -178,6 +181,8 @@ def cache_group_latents(group: DatasetGroup, vae: Any, vae_identity: str, *, bat
         logger.info("re-encoding %d latent cache(s): %s (e.g. %s)", count, reason, examples[reason])
     logger.info("latent cache: %d image(s), %d reused from disk, %d to encode", len(entries),
                 len(entries) - len(todo) - len(followers), len(todo))
+    if is_main_process:
+        check_rewritable(rewrites, "latent", skip_check)
 
     bad: list[tuple[str, str]] = []
     with tqdm(total=len(todo), desc="caching latents", unit="img", disable=not todo) as progress:

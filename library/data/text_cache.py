@@ -29,6 +29,7 @@ from library.data.cache_files import (
     DISK_KEYS,
     LOADED_DTYPES,
     check_cache_name_collisions,
+    check_rewritable,
     remove_cache_leftovers,
     text_npz_path,
     text_problem,
@@ -96,6 +97,7 @@ def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int
     in_memory: list[str] = []
     reasons: Counter[str] = Counter()
     examples: dict[str, str] = {}
+    rewrites: list[tuple[str, str]] = []
     for dataset, info in entries:
         subset = dataset.subsets[info.subset_index]
         caption = cached_caption_text(info.caption, subset.captions)
@@ -116,6 +118,7 @@ def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int
             if owner is not info:
                 followers.append((info, owner))
                 continue
+            rewrites.append((path, reason))
             if reason != "missing":
                 reasons[reason] += 1
                 examples.setdefault(reason, path)
@@ -128,6 +131,8 @@ def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int
         logger.info("re-encoding %d text cache(s): %s (e.g. %s)", count, reason, examples[reason])
     logger.info("text-encoder cache: %d caption(s), %d reused from disk, %d to encode", len(entries),
                 len(entries) - len(todo) - len(followers), len(todo))
+    if is_main_process:
+        check_rewritable(rewrites, "text-encoder", skip_check)
 
     step = max(1, batch_size)
     with tqdm(total=len(todo), desc="caching text-encoder outputs", unit="caption", disable=not todo) as progress:
