@@ -451,3 +451,20 @@ def test_read_only_folder_of_foreign_caches_is_one_error_line_before_encoding_or
     cache_group_text(trusted, trusted_encoding, batch_size=2, to_disk=True, skip_check=True)
     assert vae.encoded == 0 and trusted_encoding.seen == [""]  # only the empty caption (caption dropout)
     assert trusted[0]["latents"] is not None
+
+
+def test_latents_rewritten_by_another_tool_under_our_record_are_reencoded(tmp_path, images, caplog):
+    # sd-scripts adds or replaces an entry's arrays and keeps the file's other keys, our provenance record included.
+    args = make_args(tmp_path, "--cache_latents_to_disk")
+    cache_latents(args, FakeVAE())
+    path = latents_npz_path(images / "a.png", (64, 64))
+    arrays = read_npz(path)
+    arrays["latents_8x8"] = arrays["latents_8x8"] + 0.5
+    np.savez(path, **arrays)
+    vae = FakeVAE()
+    with caplog.at_level(logging.INFO, logger="library.data.latent_cache"):
+        cache_latents(args, vae)
+    assert vae.encoded == 1 and "latents rewritten by another tool" in caplog.text
+    again = FakeVAE()
+    cache_latents(args, again)
+    assert again.encoded == 0

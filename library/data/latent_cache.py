@@ -11,7 +11,9 @@ Disk format (readable by sd-scripts, and sd-scripts caches are found here):
 
 Provenance = image fingerprint (size, mtime, SHA-256), bucket, resize size, crop, interpolation, the decode and
 resize pipeline version (`images.PIXEL_PIPELINE`), flip, alpha, the
-conditioning image's fingerprint (masked-loss subsets) and the VAE identity. An entry whose provenance differs from the current settings is re-encoded with a log line.
+conditioning image's fingerprint (masked-loss subsets), the VAE identity and a CRC-32 of the latents (sd-scripts
+rewrites an entry's arrays but keeps this record). An entry whose provenance differs from the current settings
+is re-encoded with a log line.
 An entry without provenance (written by sd-scripts or another tool) cannot be verified, so it is re-encoded
 too; `--skip_cache_check` reuses any entry whose keys are present without looking inside.
 """
@@ -22,6 +24,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import zlib
 from collections import Counter
 from typing import Any, NamedTuple
 
@@ -130,6 +133,10 @@ def _stale_reason(dataset: ImageDataset, info: ImageInfo, path: str, vae_identit
                            else latent_problem(array, info.bucket))
                 if problem is not None:
                     return problem
+                # sd-scripts rewrites an entry's arrays in place and keeps the other keys, this record included.
+                recorded = stored.get("latents_crc32")  # absent in entries written before it was recorded
+                if name == "latents" + suffix and recorded is not None and recorded != _latents_crc32(array):
+                    return "latents rewritten by another tool"
     except NPZ_READ_ERRORS as exc:
         return f"unreadable ({type(exc).__name__})"
     if not image_unchanged(stored.get("image", {}), info.path):
@@ -316,6 +323,7 @@ def _encode_and_store(good: list[tuple[ImageDataset, ImageInfo, tuple[np.ndarray
             suffix = key_suffix(info.bucket)
             provenance = _expected_provenance(dataset, info, vae_identity, flip)
             provenance["image"] = image_fingerprint(info.path)
+            provenance["latents_crc32"] = _latents_crc32(latents[k].numpy())
             if info.conditioning_path is not None:
                 provenance["conditioning_image"] = image_fingerprint(info.conditioning_path)
             arrays = {
@@ -334,6 +342,11 @@ def _encode_and_store(good: list[tuple[ImageDataset, ImageInfo, tuple[np.ndarray
             info.latents = latents[k].clone()
             info.latents_flipped = flipped[k].clone() if flipped is not None else None
             info.cached_loss_mask = mask
+
+
+def _latents_crc32(latent: np.ndarray) -> int:
+    """A checksum of the stored latent values (float32 bytes), recorded so that a rewrite by another tool shows."""
+    return zlib.crc32(np.ascontiguousarray(latent, dtype=np.float32).tobytes())
 
 
 def _letterbox_ltrb(bucket: Size, image_size: Size) -> tuple[float, float, float, float]:
