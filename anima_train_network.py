@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from library.data.config import debug_dataset_main
+from library.data.config import debug_dataset_main, text_encoder_batch_size
 from library.data.latent_cache import cache_group_latents
 from library.data.text_cache import cache_group_text
 from library.errors import AnimaError
@@ -214,10 +214,9 @@ class AnimaNetworkTrainer(NetworkTrainer):
 
     def cache_text_encoder_outputs(self, args: argparse.Namespace, groups: list[Any]) -> None:
         accelerator = self.accelerator
-        batch_size = args.text_encoder_batch_size or args.train_batch_size
         with accelerator.main_process_first(), torch.no_grad():
             for group in groups:
-                cache_group_text(group, self.text_encoding, batch_size=batch_size,
+                cache_group_text(group, self.text_encoding, batch_size=text_encoder_batch_size(args, group),
                                  to_disk=args.cache_text_encoder_outputs_to_disk, skip_check=args.skip_cache_check,
                                  is_main_process=accelerator.is_main_process)
         if args.sample_prompts and accelerator.is_main_process:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library.data.cache_files import latents_npz_path, text_npz_path
+from library.data.cache_files import latents_npz_path, load_cached_latents, load_cached_text, text_npz_path
 from library.data.config import add_dataset_arguments, build_dataset_groups, cache_only_main
 from library.data.latent_cache import cache_group_latents
 from library.data.text_cache import cache_group_text
@@ -348,3 +348,123 @@ def test_latent_cache_crop_ltrb_holds_sd_scripts_letterbox_numbers(tmp_path, ima
     crop = data["crop_ltrb_6x10"]
     assert crop.dtype == np.float64 and crop.tolist() == [6.0, 0.0, 73.5, 48.0]
     assert read_npz(latents_npz_path(images / "a.png", (64, 64)))["crop_ltrb_8x8"].tolist() == [0.0, 0.0, 64.0, 64.0]
+
+
+def shared_folder_args(tmp_path: Path, first: str, second: str) -> argparse.Namespace:
+    """Two datasets at the same resolution over the same image folder, with subset keys `first` / `second`."""
+    dataset = ("[[datasets]]\nresolution = 64\nenable_bucket = true\nmin_bucket_reso = 32\nmax_bucket_reso = 128\n"
+               "bucket_reso_steps = 16\nbatch_size = 2\n  [[datasets.subsets]]\n"
+               f"  image_dir = '{tmp_path / 'img'}'\n  caption_extension = '.txt'\n")
+    toml = tmp_path / "shared.toml"
+    toml.write_text(f"{dataset}  {first}\n{dataset}  {second}\n", encoding="utf-8")
+    parser = argparse.ArgumentParser()
+    add_dataset_arguments(parser)
+    args = parser.parse_args(["--dataset_config", str(toml), "--cache_latents_to_disk"])
+    args.seed = 3
+    args.train_batch_size = 1
+    return args
+
+
+def test_image_in_two_datasets_with_different_resize_interpolation_trains_on_its_own_latents(tmp_path, images,
+                                                                                               caplog):
+    # b.jpg (128x64) and c.webp (64x96) are resized into their buckets, so bilinear and lanczos give other latents;
+    # one disk entry cannot hold both, and the second dataset's copies are kept in memory.
+    args = shared_folder_args(tmp_path, "resize_interpolation = 'lanczos'", "resize_interpolation = 'bilinear'")
+    for run in range(2):
+        vae = FakeVAE()
+        with caplog.at_level(logging.WARNING, logger="library.data.latent_cache"):
+            disk = cache_latents(args, vae)
+        memory = cache_latents(args, FakeVAE(), to_disk=False)
+        assert vae.encoded == (6 if run == 0 else 3)  # the next run re-encodes only the in-memory copies
+        for (_, cached), (_, expected) in zip(disk.image_infos(), memory.image_infos()):
+            got, _ = load_cached_latents(cached, False, None)
+            torch.testing.assert_close(got, expected.latents)
+        assert [info.latents_npz is None for _, info in disk.image_infos()] == [False] * 3 + [True] * 3
+    assert "resize_interpolation lanczos vs bilinear" in caplog.text
+    assert not any("re-encoding" in r.getMessage() for r in caplog.records)
+
+
+def test_image_in_a_flipping_and_a_plain_dataset_shares_one_disk_entry(tmp_path, images):
+    args = shared_folder_args(tmp_path, "flip_aug = true", "flip_aug = false")
+    vae = FakeVAE()
+    first = cache_latents(args, vae)
+    assert vae.encoded == 6  # each image and its mirror once: the entries are shared
+    assert all(info.latents_npz is not None for _, info in first.image_infos())
+    assert "latents_flipped_8x8" in read_npz(latents_npz_path(images / "a.png", (64, 64)))
+    again = FakeVAE()
+    cache_latents(args, again)
+    assert again.encoded == 0
+
+
+def test_image_in_two_datasets_with_different_caption_prefixes_keeps_each_caption_with_text_cache(tmp_path, images):
+    args = shared_folder_args(tmp_path, "caption_prefix = 'one, '", "caption_prefix = 'two, '")
+    args.cache_latents_to_disk = False
+    for run in range(2):
+        encoding = FakeTextEncoding(length=3)
+        train, _ = build_dataset_groups(args)
+        cache_group_text(train, encoding, batch_size=2, to_disk=True, skip_check=False)
+        # The first dataset's captions own the files; the second's are encoded again in every run (memory).
+        assert sorted(caption[:3] for caption in encoding.seen[1:]) == ["one"] * 3 * (run == 0) + ["two"] * 3
+        firsts = [chr(int(load_cached_text(info)["qwen3_embeds"][0, 0])) for _, info in train.image_infos()]
+        assert firsts == ["o"] * 3 + ["t"] * 3
+
+
+def test_image_in_two_datasets_with_the_same_caption_is_text_encoded_once(tmp_path, images):
+    args = shared_folder_args(tmp_path, "flip_aug = true", "flip_aug = false")
+    encoding = FakeTextEncoding()
+    train, _ = build_dataset_groups(args)
+    cache_group_text(train, encoding, batch_size=2, to_disk=True, skip_check=False)
+    assert len(encoding.seen) == 1 + 3  # "" for caption dropout, then each caption once
+    assert len({info.text_npz for _, info in train.image_infos()}) == 3
+
+
+def test_read_only_folder_of_foreign_caches_is_one_error_line_before_encoding_or_used_with_skip_cache_check(
+        tmp_path, images, monkeypatch):
+    import library.data.cache_files as cache_files
+
+    args = make_args(tmp_path, "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk")
+    cache_latents(args, FakeVAE())
+    train, _ = build_dataset_groups(args)
+    cache_group_text(train, FakeTextEncoding(), batch_size=2, to_disk=True, skip_check=False)
+    for npz in images.glob("*.npz"):  # as another tool writes them: the same arrays without a provenance record
+        arrays = {k: v for k, v in read_npz(str(npz)).items() if not k.startswith("provenance")}
+        np.savez(npz, **arrays)
+    real_access = os.access
+    # Root can write anywhere, so the permission is simulated where the cache asks.
+    monkeypatch.setattr(cache_files.os, "access",
+                        lambda path, mode: False if Path(path) == images else real_access(path, mode))
+    vae = FakeVAE()
+    with pytest.raises(AnimaError) as latent_error:
+        cache_latents(args, vae)
+    assert vae.encoded == 0
+    message = str(latent_error.value)
+    assert f"cache folder {images} is not writable" in message and "no provenance recorded" in message
+    assert "--skip_cache_check" in message and "\n" not in message
+    train, _ = build_dataset_groups(args)
+    encoding = FakeTextEncoding()
+    with pytest.raises(AnimaError, match="text-encoder cache .*_anima_te.npz must be written there"):
+        cache_group_text(train, encoding, batch_size=2, to_disk=True, skip_check=False)
+    assert encoding.seen == [""]
+
+    trusted = cache_latents(args, vae, skip_check=True)
+    trusted_encoding = FakeTextEncoding()
+    cache_group_text(trusted, trusted_encoding, batch_size=2, to_disk=True, skip_check=True)
+    assert vae.encoded == 0 and trusted_encoding.seen == [""]  # only the empty caption (caption dropout)
+    assert trusted[0]["latents"] is not None
+
+
+def test_latents_rewritten_by_another_tool_under_our_record_are_reencoded(tmp_path, images, caplog):
+    # sd-scripts adds or replaces an entry's arrays and keeps the file's other keys, our provenance record included.
+    args = make_args(tmp_path, "--cache_latents_to_disk")
+    cache_latents(args, FakeVAE())
+    path = latents_npz_path(images / "a.png", (64, 64))
+    arrays = read_npz(path)
+    arrays["latents_8x8"] = arrays["latents_8x8"] + 0.5
+    np.savez(path, **arrays)
+    vae = FakeVAE()
+    with caplog.at_level(logging.INFO, logger="library.data.latent_cache"):
+        cache_latents(args, vae)
+    assert vae.encoded == 1 and "latents rewritten by another tool" in caplog.text
+    again = FakeVAE()
+    cache_latents(args, again)
+    assert again.encoded == 0

@@ -22,6 +22,7 @@ from library.data.config import (
     cache_only_main,
     debug_dataset_main,
     make_dataloader,
+    text_encoder_batch_size,
 )
 from library.data.records import RESIZE_INTERPOLATIONS
 
@@ -144,6 +145,19 @@ def test_text_encoder_batch_size_sets_the_caching_batch(tmp_path, folder):
     encoding = CountingTextEncoding()
     cache_only_main(folder_args(tmp_path, "--cache_text_encoder_outputs_to_disk"), load_text_encoding=lambda: encoding)
     assert max(encoding.batch_sizes) == 2  # default: the dataset batch size
+
+
+def test_text_encoder_batch_size_defaults_to_the_dataset_batch_size_not_train_batch_size(tmp_path, folder):
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 3\n  [[datasets.subsets]]\n  image_dir = '{folder}'\n"
+                    f"[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = '{folder}'\n",
+                    encoding="utf-8")
+    args = make_args("--dataset_config", str(toml))
+    args.train_batch_size = 1  # the second dataset's batch size
+    train, _ = build_dataset_groups(args)
+    assert text_encoder_batch_size(args, train) == 3  # the largest dataset batch size of the group
+    args.text_encoder_batch_size = 2
+    assert text_encoder_batch_size(args, train) == 2
 
 
 class FakeVAE:

@@ -98,6 +98,18 @@ def remove_cache_leftovers(infos: list[ImageInfo]) -> None:
         remove_leftovers(folder)
 
 
+def check_rewritable(rewrites: list[tuple[str, str]], kind: str, skip_check: bool) -> None:
+    """Disk cache files about to be (re)written, as (path, why), must sit in writable folders: one error line
+    before any encoding otherwise (a read-only folder of another tool's caches works with --skip_cache_check)."""
+    for path, why in rewrites:
+        folder = os.path.dirname(path) or "."
+        if not os.access(folder, os.W_OK | os.X_OK):
+            hint = "" if skip_check else (", or pass --skip_cache_check to use files that have the needed keys as "
+                                          "they are")
+            raise AnimaError(f"cache folder {folder} is not writable, and the {kind} cache {os.path.basename(path)} "
+                             f"must be written there ({why}); make the folder writable{hint}")
+
+
 def loss_mask_key(subset: Any, info: ImageInfo) -> str | None:
     """The cache key prefix of a sample's loss mask: conditioning image, alpha channel, or None (no mask)."""
     if info.conditioning_path is not None:

@@ -712,6 +712,12 @@ def _log_summary(train: DatasetGroup, val: DatasetGroup | None) -> None:
 # Cache-only mode
 
 
+def text_encoder_batch_size(args: argparse.Namespace, group: DatasetGroup) -> int:
+    """Captions per text-encoder call while caching: --text_encoder_batch_size, else the dataset batch size (the
+    largest of the group's datasets), as in sd-scripts."""
+    return getattr(args, "text_encoder_batch_size", None) or max(d.config.batch_size for d in group.datasets)
+
+
 def cache_only_main(args: argparse.Namespace, *, load_vae: Callable[[], tuple[Any, str]] | None = None,
                     load_text_encoding: Callable[[], Any] | None = None,
                     is_main_process: bool = True) -> tuple[DatasetGroup, DatasetGroup | None]:
@@ -742,10 +748,8 @@ def cache_only_main(args: argparse.Namespace, *, load_vae: Callable[[], tuple[An
             raise AnimaError("--cache_text_encoder_outputs_to_disk needs the text encoder: give --qwen3")
         text_encoding = load_text_encoding()
         for group in groups:
-            batch_size = getattr(args, "text_encoder_batch_size", None) or max(
-                d.config.batch_size for d in group.datasets)
-            cache_group_text(group, text_encoding, batch_size=batch_size, to_disk=True,
-                                             skip_check=skip_check, is_main_process=is_main_process)
+            cache_group_text(group, text_encoding, batch_size=text_encoder_batch_size(args, group), to_disk=True,
+                             skip_check=skip_check, is_main_process=is_main_process)
     return train, val
 
 

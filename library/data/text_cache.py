@@ -29,6 +29,7 @@ from library.data.cache_files import (
     DISK_KEYS,
     LOADED_DTYPES,
     check_cache_name_collisions,
+    check_rewritable,
     remove_cache_leftovers,
     text_npz_path,
     text_problem,
@@ -87,38 +88,60 @@ def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int
     with torch.no_grad():
         group.empty_text = _split_batch(text_encoding.encode([""]), 1)[0]
 
-    todo: list[tuple[ImageInfo, str, float]] = []
+    todo: list[tuple[ImageInfo, str, float, bool]] = []  # (sample, caption, dropout rate, written to disk)
+    # One file per image: the first sample of an image decides its caption; later samples of that image with
+    # the same caption share the file, those with another one (other prefix, suffix, ...) are cached in memory.
+    file_caption: dict[str, str] = {}
+    owners: dict[str, ImageInfo] = {}  # file -> the sample that encodes it in this run
+    followers: list[tuple[ImageInfo, ImageInfo]] = []
+    in_memory: list[str] = []
     reasons: Counter[str] = Counter()
     examples: dict[str, str] = {}
+    rewrites: list[tuple[str, str]] = []
     for dataset, info in entries:
         subset = dataset.subsets[info.subset_index]
         caption = cached_caption_text(info.caption, subset.captions)
         if info.text is not None:
             continue
-        if to_disk:
+        disk = to_disk
+        if disk:
             path = text_npz_path(info.path)
+            if file_caption.setdefault(path, caption) != caption:
+                in_memory.append(str(info.path))
+                disk = False
+        if disk:
             reason = _stale_reason(path, caption, identity, skip_check)
             if reason is None:
                 info.text_npz = path
                 continue
+            owner = owners.setdefault(path, info)
+            if owner is not info:
+                followers.append((info, owner))
+                continue
+            rewrites.append((path, reason))
             if reason != "missing":
                 reasons[reason] += 1
                 examples.setdefault(reason, path)
-        todo.append((info, caption, subset.captions.caption_dropout_rate))
+        todo.append((info, caption, subset.captions.caption_dropout_rate, disk))
+    if in_memory:
+        shown = ", ".join(in_memory[:5]) + (f" and {len(in_memory) - 5} more" if len(in_memory) > 5 else "")
+        logger.warning("%d image(s) appear in several subsets with different cached captions; their text cache "
+                       "file holds one caption, so these are cached in memory: %s", len(in_memory), shown)
     for reason, count in reasons.items():
         logger.info("re-encoding %d text cache(s): %s (e.g. %s)", count, reason, examples[reason])
     logger.info("text-encoder cache: %d caption(s), %d reused from disk, %d to encode", len(entries),
-                len(entries) - len(todo), len(todo))
+                len(entries) - len(todo) - len(followers), len(todo))
+    if is_main_process:
+        check_rewritable(rewrites, "text-encoder", skip_check)
 
-    write = to_disk and is_main_process
     step = max(1, batch_size)
     with tqdm(total=len(todo), desc="caching text-encoder outputs", unit="caption", disable=not todo) as progress:
         for start in range(0, len(todo), step):
             batch = todo[start: start + step]
             with torch.no_grad():
-                outputs = _split_batch(text_encoding.encode([caption for _, caption, _ in batch]), len(batch))
-            for (info, caption, rate), output in zip(batch, outputs):
-                if write:
+                outputs = _split_batch(text_encoding.encode([caption for _, caption, _, _ in batch]), len(batch))
+            for (info, caption, rate, disk), output in zip(batch, outputs):
+                if disk and is_main_process:
                     path = text_npz_path(info.path)
                     arrays = {disk: output[key].numpy().astype(dtype) for key, (disk, dtype) in DISK_KEYS.items()}
                     arrays["caption_dropout_rate"] = np.array(rate, dtype=np.float32)
@@ -129,5 +152,7 @@ def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int
                 else:
                     info.text = output
             progress.update(len(batch))
+    for info, owner in followers:
+        info.text_npz, info.text = owner.text_npz, owner.text
 
 
