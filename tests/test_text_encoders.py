@@ -165,6 +165,18 @@ def test_qwen3_side_adds_no_special_tokens_and_pads_right(qwen3_tokenizer, t5_to
     assert tokens.qwen3_mask[0].tolist() == [1] * len(raw) + [0] * (8 - len(raw))
 
 
+def test_caption_weights_are_tokenised_as_plain_text(qwen3_tokenizer, t5_tokenizer):
+    # "(tag:1.2)" is not a prompt weight here: both sides see the literal characters, brackets and number included.
+    caption = "1girl, (red hair:1.2), ((smile))"
+    tokens = AnimaTokenizer(qwen3_tokenizer, t5_tokenizer, 32, 32)([caption])
+    raw_qwen3 = qwen3_tokenizer.encode(caption, add_special_tokens=False)
+    raw_t5 = t5_tokenizer.encode(caption)  # ends with </s>
+    assert tokens.qwen3_ids[0, : len(raw_qwen3)].tolist() == raw_qwen3
+    assert tokens.t5_ids[0, : len(raw_t5)].tolist() == raw_t5
+    assert qwen3_tokenizer.decode(raw_qwen3) == caption
+    assert int(tokens.qwen3_mask.sum()) == len(raw_qwen3) and int(tokens.t5_mask.sum()) == len(raw_t5)
+
+
 def test_bad_max_length_is_rejected_naming_the_flag(qwen3_tokenizer, t5_tokenizer):
     with pytest.raises(AnimaError, match="--qwen3_max_token_length"):
         AnimaTokenizer(qwen3_tokenizer, t5_tokenizer, qwen3_max_length=0)
@@ -263,6 +275,11 @@ def test_bfloat16_load_keeps_rope_in_float32(qwen3_tiny_dir, golden_tokenizer, g
     encoder = load_qwen3_text_encoder(qwen3_tiny_dir)  # default dtype bf16
     assert all(p.dtype == torch.bfloat16 for p in encoder.parameters())
     assert encoder.rotary_emb.inv_freq.dtype == torch.float32 and not encoder.rotary_emb.inv_freq.is_meta
+    # theta^(-2k/d) in float32, not rounded to bf16 (a bf16 table turns token p by up to ~0.0012*p rad).
+    values = json.loads((qwen3_tiny_dir / "config.json").read_text())
+    exponents = torch.arange(0, values["head_dim"], 2, dtype=torch.float32) / values["head_dim"]
+    expected = 1.0 / float(values["rope_theta"]) ** exponents
+    torch.testing.assert_close(encoder.rotary_emb.inv_freq, expected, rtol=1e-6, atol=0)
     captions, golden = golden_text
     out = AnimaTextEncoding(golden_tokenizer, encoder, "cpu", torch.bfloat16).encode(captions)
     assert out["qwen3_embeds"].dtype == torch.float32
