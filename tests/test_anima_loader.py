@@ -313,3 +313,15 @@ def test_scaled_float8_checkpoints_are_refused_in_one_line(tmp_path, tiny_weight
     with pytest.raises(AnimaError, match=expected) as error:
         load_anima_model(path)
     assert "\n" not in str(error.value)
+
+
+def test_rope_angles_stay_float32_when_the_weights_load_in_bf16(golden_dir):
+    """The position tables are not cast with the weights: bf16 weights rotate by the float32 angles."""
+    model = load_anima_model(golden_dir / "dit_tiny.safetensors", dtype=torch.bfloat16)
+    angles = model.rope_angles(1, 64, 64)
+    assert angles.dtype == torch.float32
+    # Height half of the table (head_dim 64: dim_h = 20 after dim_t = 24): angle = h * theta_h^(-2k/20),
+    # theta_h = 10000 * 4^(20/18); the last row is h = 63, w = 63.
+    theta_h = 10000.0 * 4.0 ** (20 / 18)
+    expected = 63 * theta_h ** (-torch.arange(0, 20, 2, dtype=torch.float64) / 20)
+    torch.testing.assert_close(angles[-1, 12:22].double(), expected, rtol=1e-6, atol=1e-5)
