@@ -256,3 +256,72 @@ def test_missing_inference_key_is_named(tmp_path, tiny_weights):
     save_file(weights, str(path))
     with pytest.raises(AnimaError, match=r"incomplete\.safetensors is missing blocks\.0\.self_attn\.q_norm\.weight"):
         load_anima_model(path)
+
+
+def _save_in_parts(tmp_path, weights: dict[str, torch.Tensor], count: int) -> list:
+    keys = sorted(weights)
+    paths = []
+    for index in range(count):
+        path = tmp_path / f"anima-{index + 1:05d}-of-{count:05d}.safetensors"
+        save_file({"net." + k: weights[k] for k in keys[index::count]}, str(path))
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("given", [0, 2])
+def test_a_checkpoint_split_in_parts_loads_whole_from_any_part(tmp_path, tiny_weights, given):
+    paths = _save_in_parts(tmp_path, tiny_weights, 3)
+    _assert_same_weights(load_anima_model(paths[given]), tiny_weights)
+    assert load_anima_model(paths[given], device="meta").config.num_blocks == 2  # the header-only input check too
+
+
+def test_a_missing_part_of_a_split_checkpoint_is_named(tmp_path, tiny_weights):
+    paths = _save_in_parts(tmp_path, tiny_weights, 3)
+    paths[1].unlink()
+    with pytest.raises(AnimaError, match=r"split in 3, but .*anima-00002-of-00003\.safetensors is missing"):
+        load_anima_model(paths[0])
+
+
+def test_parts_holding_the_same_tensor_twice_are_refused(tmp_path, tiny_weights):
+    paths = _save_in_parts(tmp_path, tiny_weights, 2)
+    first = load_file(str(paths[0]))
+    save_file({**load_file(str(paths[1])), "net.x_embedder.proj.1.weight": first["net.x_embedder.proj.1.weight"]},
+              str(paths[1]))
+    with pytest.raises(AnimaError, match="holds some tensors twice"):
+        load_anima_model(paths[0])
+
+
+def test_plain_float8_weights_are_upcast_to_the_load_dtype(tmp_path, tiny_weights):
+    weights = {k: (t.to(torch.float8_e4m3fn) if t.ndim == 2 and k.startswith("blocks.") else t)
+               for k, t in tiny_weights.items()}
+    path = tmp_path / "fp8.safetensors"
+    save_file({"net." + k: t for k, t in weights.items()}, str(path))
+    state = load_anima_model(path, dtype=torch.bfloat16).state_dict()
+    key = "blocks.0.mlp.layer1.weight"
+    assert state[key].dtype == torch.bfloat16
+    assert torch.equal(state[key], weights[key].to(torch.bfloat16))  # the float8 value itself, no scale applied
+
+
+@pytest.mark.parametrize("marker", ["blocks.0.mlp.layer1.scale_weight", "scaled_fp8"])
+def test_scaled_float8_checkpoints_are_refused_in_one_line(tmp_path, tiny_weights, marker):
+    weights = {"net." + k: t for k, t in tiny_weights.items()}
+    weights["net.blocks.0.mlp.layer1.weight"] = tiny_weights["blocks.0.mlp.layer1.weight"].to(torch.float8_e4m3fn)
+    weights[marker] = torch.ones(())
+    path = tmp_path / "scaled.safetensors"
+    save_file(weights, str(path))
+    expected = r"^--pretrained_model_name_or_path: .*scaled-float8 checkpoint .*bf16"
+    with pytest.raises(AnimaError, match=expected) as error:
+        load_anima_model(path)
+    assert "\n" not in str(error.value)
+
+
+def test_rope_angles_stay_float32_when_the_weights_load_in_bf16(golden_dir):
+    """The position tables are not cast with the weights: bf16 weights rotate by the float32 angles."""
+    model = load_anima_model(golden_dir / "dit_tiny.safetensors", dtype=torch.bfloat16)
+    angles = model.rope_angles(1, 64, 64)
+    assert angles.dtype == torch.float32
+    # Height half of the table (head_dim 64: dim_h = 20 after dim_t = 24): angle = h * theta_h^(-2k/20),
+    # theta_h = 10000 * 4^(20/18); the last row is h = 63, w = 63.
+    theta_h = 10000.0 * 4.0 ** (20 / 18)
+    expected = 63 * theta_h ** (-torch.arange(0, 20, 2, dtype=torch.float64) / 20)
+    torch.testing.assert_close(angles[-1, 12:22].double(), expected, rtol=1e-6, atol=1e-5)

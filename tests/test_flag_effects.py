@@ -138,3 +138,13 @@ def test_converter_argparse_errors_are_one_line_with_a_suggestion(capsys):
     assert convert_lora.main(["--srcc", "a.safetensors", "--dst", "b.safetensors", "--to", "comfy"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--srcc: did you mean --src?" in lines[0] and lines[0].startswith("error: ")
+
+
+@pytest.mark.parametrize(("extra", "expected"), [([], torch.bfloat16), (["--no_half_vae"], torch.float32)])
+def test_vae_loads_in_the_mixed_precision_dtype_unless_no_half_vae(golden_dir, extra, expected):
+    args, _ = parse_args(["--vae", str(golden_dir / "vae_tiny.safetensors"), "--mixed_precision", "bf16", *extra])
+    trainer = AnimaNetworkTrainer()
+    trainer.args, trainer.weight_dtype = args, torch.bfloat16
+    trainer.accelerator = SimpleNamespace(device=torch.device("cpu"))
+    vae, _identity = trainer.load_vae(args)
+    assert {p.dtype for p in vae.parameters()} == {expected}

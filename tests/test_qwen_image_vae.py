@@ -287,6 +287,17 @@ def test_missing_key_is_named(vae_file, tmp_path):
         load_vae(path)
 
 
+@pytest.mark.parametrize("marker", ["decoder.conv_out.scale_weight", "scaled_fp8"])
+def test_scaled_float8_file_is_refused_in_one_line(vae_file, tmp_path, marker):
+    state_dict = load_file(vae_file)
+    state_dict[marker] = torch.ones(())
+    path = tmp_path / "vae_scaled.safetensors"
+    save_file(state_dict, path)
+    with pytest.raises(AnimaError, match=r"^--vae: .*scaled-float8 checkpoint") as info:
+        load_vae(path)
+    assert "\n" not in str(info.value)
+
+
 def test_unexpected_key_and_shape_mismatch_are_named(vae_file, tmp_path):
     state_dict = load_file(vae_file)
     state_dict["decoder.extra.weight"] = torch.zeros(1)

@@ -362,6 +362,29 @@ def test_incomplete_checkpoint_lists_missing_keys(qwen3_tiny_dir, tmp_path):
         load_qwen3_text_encoder(single, dtype=torch.float32, config_path=qwen3_tiny_dir / "config.json")
 
 
+def test_scaled_float8_single_file_is_refused_not_loaded_without_its_scales(qwen3_tiny_dir, tmp_path):
+    state = load_file(str(qwen3_tiny_dir / "model.safetensors"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    scale = state[key].abs().max() / 448
+    state[key] = (state[key] / scale).to(torch.float8_e4m3fn)
+    state[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+    path = tmp_path / "qwen3_scaled_fp8.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(AnimaError, match=r"^--qwen3: .*scaled-float8 checkpoint .*up_proj\.scale_weight") as info:
+        load_qwen3_text_encoder(path, dtype=torch.float32, config_path=qwen3_tiny_dir / "config.json")
+    assert "\n" not in str(info.value)
+
+
+def test_plain_float8_single_file_loads_upcast(qwen3_tiny_dir, tmp_path):
+    state = load_file(str(qwen3_tiny_dir / "model.safetensors"))
+    key = "model.layers.1.self_attn.q_proj.weight"
+    state[key] = state[key].to(torch.float8_e4m3fn)
+    path = tmp_path / "qwen3_fp8.safetensors"
+    save_file(state, str(path))
+    model = load_qwen3_text_encoder(path, dtype=torch.bfloat16, config_path=qwen3_tiny_dir / "config.json")
+    assert torch.equal(model.state_dict()[key.removeprefix("model.")], state[key].to(torch.bfloat16))
+
+
 def test_non_qwen3_config_is_rejected(tokenizers_dir, qwen3_tiny_dir, tmp_path):
     single = _single_file_copy(qwen3_tiny_dir, tmp_path / "tiny.safetensors")
     with pytest.raises(AnimaError, match="model_type 't5'"):

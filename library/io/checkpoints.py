@@ -20,6 +20,7 @@ no tensors) end in one ``AnimaError`` line naming the flag, the file and the fix
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
@@ -36,6 +37,9 @@ NESTED_STATE_DICT_KEYS = ("state_dict", "model")
 
 SAFETENSORS = "safetensors"
 TORCH = "torch"
+
+# One file of a set split by size: ``<stem>00001-of-00003.safetensors`` (sd-scripts' and Hugging Face's names).
+_SHARD_NAME = re.compile(r"^(.*?)(\d+)-of-(\d+)\.safetensors$")
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 _LEGACY_TORCH_MAGIC = b"\x80"  # a pickle protocol header: torch.save's legacy format
@@ -105,6 +109,25 @@ _KIND_FRAGMENTS: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
+# Keys of "scaled" float8 files (ComfyUI's scaled_fp8 and similar): float8 weights that mean something only once
+# multiplied by a per-tensor scale stored next to them.
+_SCALED_FLOAT8_KEY = re.compile(r"(^|\.)(scaled_fp8|scale_weight|scale_input|weight_scale|input_scale)$")
+
+
+def check_not_scaled_float8(keys: Iterable[str], flag: str, path: str | os.PathLike) -> None:
+    """One error for a scaled-float8 checkpoint: its weights are float8 values that need their stored scales.
+
+    sd-scripts' loaders stop at the scale keys (DiT, VAE) or load the float8 values without their scales
+    (Qwen3 single files); plain float8 files (no scale keys) are read like any other dtype, upcast.
+    """
+    found = sorted(key for key in keys if _SCALED_FLOAT8_KEY.search(key))
+    if found:
+        raise AnimaError(
+            f"{flag}: {path} is a scaled-float8 checkpoint ({sample_keys(found, 2)}: float8 weights with "
+            "per-tensor scales), which is not supported; pass the bf16, fp16 or fp32 release of the model"
+        )
+
+
 def guess_checkpoint_kind(keys: Iterable[str]) -> str:
     """A short description of what a state dict with these keys probably is (for error messages)."""
     joined = "\n".join(sorted(keys)[:2000])
@@ -148,6 +171,24 @@ def checkpoint_format(path: str | os.PathLike, flag: str, what: str) -> str:
             f"({', '.join(TORCH_SUFFIXES)}); pass {what}"
         )
     return sniffed
+
+
+def shard_paths(path: str | os.PathLike, flag: str) -> list[Path]:
+    """Every file of the split set ``path`` belongs to (``...-00002-of-00003.safetensors`` -> all three, in
+    order), as sd-scripts' DiT loader reads them; ``[path]`` for any other name. A missing part is one error."""
+    path = Path(path)
+    match = _SHARD_NAME.match(path.name)
+    if match is None or path.is_dir():
+        return [path]
+    stem, index, count = match.group(1), match.group(2), match.group(3)
+    parts = [path.with_name(f"{stem}{i:0{len(index)}d}-of-{count}.safetensors") for i in range(1, int(count) + 1)]
+    missing = [str(part) for part in parts if not part.is_file()]
+    if missing and path.is_file():
+        raise AnimaError(
+            f"{flag}: {path} is part of a file split in {int(count)}, but {missing[0]} is missing; put all parts "
+            "in the same folder"
+        )
+    return parts if not missing else [path]
 
 
 def _first_line(error: BaseException) -> str:

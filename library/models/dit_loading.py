@@ -10,7 +10,15 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from library.errors import AnimaError
-from library.io.checkpoints import CheckpointFile, guess_checkpoint_kind, open_checkpoint, sample_keys, strip_prefix
+from library.io.checkpoints import (
+    CheckpointFile,
+    check_not_scaled_float8,
+    guess_checkpoint_kind,
+    open_checkpoint,
+    sample_keys,
+    shard_paths,
+    strip_prefix,
+)
 from library.models.attention import check_attn_mode
 from library.models.dit import Anima, AnimaConfig
 
@@ -139,24 +147,34 @@ def load_anima_model(
     """Load an Anima DiT (+ LLM adapter) checkpoint; the config is inferred from the weights.
 
     Accepts ``net.``, ``diffusion_model.`` and ``model.diffusion_model.`` key prefixes and ignores the derived
-    ``pos_embedder.*`` RoPE tables. ``llm_adapter_path`` weights replace or complete the adapter. All floating
-    weights are cast to ``dtype`` on ``device``; the model is returned in eval mode with gradients enabled
-    (the trainer decides what trains). ``device="meta"`` checks the files from their headers and returns a
-    weightless model.
+    ``pos_embedder.*`` RoPE tables; a ``...-00001-of-0000N.safetensors`` name loads all N parts. Scaled-float8
+    files are refused (plain float8 weights are upcast). ``llm_adapter_path`` weights replace or complete the
+    adapter. All floating weights are cast to ``dtype`` on ``device``; the model is returned in eval mode with
+    gradients enabled (the trainer decides what trains). ``device="meta"`` checks the files from their headers
+    and returns a weightless model.
     """
     attn_mode = check_attn_mode(attn_mode, training=False)
     path = os.fspath(path)
     with contextlib.ExitStack() as stack:
-        dit = stack.enter_context(open_checkpoint(path, MODEL_FLAG, DIT_WHAT))
+        # A file split in parts (``...-00001-of-00002.safetensors``) is read whole, as sd-scripts does.
+        parts = [stack.enter_context(open_checkpoint(p, MODEL_FLAG, DIT_WHAT)) for p in shard_paths(path, MODEL_FLAG)]
         # Every check below runs on shapes from the file headers (meta tensors), before any weight is read.
-        sources = {key: (dit, file_key) for key, file_key in _model_key_map(dit.keys()).items()}
+        file_keys = [key for part in parts for key in part.keys()]
+        check_not_scaled_float8(file_keys, MODEL_FLAG, path)
+        sources = {key: (part, file_key) for part in parts for key, file_key in _model_key_map(part.keys()).items()}
+        if len(sources) != sum(len(_model_key_map(part.keys())) for part in parts):
+            raise AnimaError(
+                f"{MODEL_FLAG}: {path} holds some tensors twice (under two key prefixes, or in two parts of a split "
+                "file); pass a checkpoint with each tensor once"
+            )
         if "x_embedder.proj.1.weight" not in sources:
             raise AnimaError(
                 f"{MODEL_FLAG}: {path} is not an Anima DiT checkpoint (no x_embedder.proj.1.weight; it looks like "
-                f"{guess_checkpoint_kind(dit.keys())}; found {sample_keys(dit.keys(), 3)}); pass {DIT_WHAT}"
+                f"{guess_checkpoint_kind(file_keys)}; found {sample_keys(file_keys, 3)}); pass {DIT_WHAT}"
             )
         if llm_adapter_path is not None:
             adapter = stack.enter_context(open_checkpoint(os.fspath(llm_adapter_path), ADAPTER_FLAG, ADAPTER_WHAT))
+            check_not_scaled_float8(adapter.keys(), ADAPTER_FLAG, llm_adapter_path)
             sources.update({key: (adapter, file_key) for key, file_key in _adapter_key_map(adapter).items()})
         if not any(key.startswith("llm_adapter.") for key in sources):
             raise AnimaError(

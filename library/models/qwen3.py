@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 
 from library.errors import AnimaError
-from library.io.checkpoints import CheckpointFile, guess_checkpoint_kind, open_checkpoint, sample_keys, strip_prefix
+from library.io.checkpoints import (
+    CheckpointFile,
+    check_not_scaled_float8,
+    guess_checkpoint_kind,
+    open_checkpoint,
+    sample_keys,
+    strip_prefix,
+)
 from library.models.tokenizers import (
     AnimaTokenizer,
     TokenizedCaptions,
@@ -146,6 +153,7 @@ def load_qwen3_text_encoder(
     with contextlib.ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(file, QWEN3_FLAG, QWEN3_WHAT)) for file in weight_files]
         config = _read_qwen3_config(config_file)
+        check_not_scaled_float8([key for checkpoint in checkpoints for key in checkpoint.keys()], QWEN3_FLAG, path)
         # Check every key and shape (from the file headers) before any weight is read.
         sources: dict[str, tuple[CheckpointFile, str]] = {}
         file_shapes: dict[str, tuple[int, ...]] = {}

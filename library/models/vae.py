@@ -42,7 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import AnimaError
-from library.io.checkpoints import VIDEO_VAE_KIND, find_prefix, guess_checkpoint_kind, open_checkpoint, sample_keys
+from library.io.checkpoints import (
+    VIDEO_VAE_KIND,
+    check_not_scaled_float8,
+    find_prefix,
+    guess_checkpoint_kind,
+    open_checkpoint,
+    sample_keys,
+)
 from library.models.vae_keys import (
     DIFFUSERS_ANCHOR_KEY,
     ORIGINAL_ANCHOR_KEY,
@@ -647,6 +654,7 @@ def load_vae(
     with open_checkpoint(_resolve_vae_file(Path(path)), VAE_FLAG, VAE_WHAT) as checkpoint:
         file = checkpoint.path
         # Names, shapes and the config are checked on meta tensors before any weight is read.
+        check_not_scaled_float8(checkpoint.keys(), VAE_FLAG, file)
         key_map = _diffusers_key_map(checkpoint.keys(), file)
         file_shapes = checkpoint.meta_state_dict()
         shapes = {key: file_shapes[file_key] for key, file_key in key_map.items()}
