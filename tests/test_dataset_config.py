@@ -278,6 +278,17 @@ def test_command_line_dreambooth_folders_with_reg(tmp_path):
     assert {i.caption for i in dataset.infos} == {"sks dog", "dog"}
 
 
+def test_prior_loss_weight_zero_gives_regularization_images_zero_weight(tmp_path):
+    # 0 is a weight like any other: the reg samples stay in the batches and add nothing to the loss.
+    write_image(tmp_path / "train" / "2_sks" / "a.png", 64, 64)
+    write_image(tmp_path / "reg" / "1_dog" / "r.png", 64, 64)
+    args = make_args("--train_data_dir", str(tmp_path / "train"), "--reg_data_dir", str(tmp_path / "reg"),
+                     "--resolution", "64", "--prior_loss_weight", "0")
+    train, _ = build_dataset_groups(args)
+    weights = sorted(float(train[i]["loss_weights"][0]) for i in range(len(train)))
+    assert weights == [0.0, 0.0, 1.0, 1.0]
+
+
 def test_folder_repeats_are_the_integer_before_the_first_underscore(tmp_path):
     # sd-scripts reads "<repeats>_<class tokens>" with int() on the text before the first "_" (so "+3" and "5 " are
     # numbers) and keeps the rest, underscores included, as the class tokens.

@@ -611,7 +611,8 @@ def build_dataset_groups(args: argparse.Namespace, seed: int | None = None
     if seed is None:
         seed = random.randint(0, 2**31)
     dataset_seed = random.Random(seed).randint(0, 2**31)
-    prior_loss_weight = float(getattr(args, "prior_loss_weight", 1.0) or 1.0)
+    prior_loss_weight = getattr(args, "prior_loss_weight", None)  # 0 is a weight (reg images add no loss)
+    prior_loss_weight = 1.0 if prior_loss_weight is None else float(prior_loss_weight)
     strict = bool(getattr(args, "strict_images", False))
     bad_images = BadImages(strict)
 
