@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,28 @@ def test_command_line_dreambooth_folders_with_reg(tmp_path):
     weights = sorted(float(train[i]["loss_weights"][0]) for i in range(len(train)))
     assert weights == [0.5] * 6 + [1.0] * 6
     assert {i.caption for i in dataset.infos} == {"sks dog", "dog"}
+
+
+def test_prior_loss_weight_zero_gives_regularization_images_zero_weight(tmp_path):
+    # 0 is a weight like any other: the reg samples stay in the batches and add nothing to the loss.
+    write_image(tmp_path / "train" / "2_sks" / "a.png", 64, 64)
+    write_image(tmp_path / "reg" / "1_dog" / "r.png", 64, 64)
+    args = make_args("--train_data_dir", str(tmp_path / "train"), "--reg_data_dir", str(tmp_path / "reg"),
+                     "--resolution", "64", "--prior_loss_weight", "0")
+    train, _ = build_dataset_groups(args)
+    weights = sorted(float(train[i]["loss_weights"][0]) for i in range(len(train)))
+    assert weights == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_prior_loss_weight_without_regularization_images_warns(tmp_path, caplog):
+    write_image(tmp_path / "train" / "2_sks" / "a.png", 64, 64)
+    base = ("--train_data_dir", str(tmp_path / "train"), "--resolution", "64")
+    with caplog.at_level(logging.WARNING):
+        build_dataset_groups(make_args(*base))
+    assert not any("--prior_loss_weight" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.WARNING):
+        build_dataset_groups(make_args(*base, "--prior_loss_weight", "0.5"))
+    assert any("--prior_loss_weight 0.5 has no effect" in r.getMessage() for r in caplog.records)
 
 
 def test_folder_repeats_are_the_integer_before_the_first_underscore(tmp_path):

@@ -267,6 +267,44 @@ def test_latent_cache_keeps_the_conditioning_mask_and_flips_it(tmp_path, to_disk
         assert data["conditioning_mask_8x8"].shape == (64, 64) and "alpha_mask_8x8" not in data
 
 
+def alpha_dataset(tmp_path: Path, subset_keys: str) -> argparse.Namespace:
+    """RGBA images whose alpha channel is a copy of their red channel, larger than their buckets (so they are
+    shrunk with area filtering, which treats every channel alike)."""
+    for i, (width, height) in enumerate(((150, 100), (100, 140), (90, 90))):
+        rgb = noise(width, height, 20 + i)
+        save(tmp_path / "img" / f"{i}.png", np.dstack([rgb, rgb[..., 0]]))
+    return toml_args(tmp_path, "resolution = 64\nbatch_size = 3", f"alpha_mask = true\n{subset_keys}")
+
+
+def test_alpha_mask_follows_random_crop_flip_and_resize_exactly(tmp_path):
+    train, _ = build_dataset_groups(alpha_dataset(tmp_path, "random_crop = true\nflip_aug = true"))
+    for epoch in range(1, 5):
+        train.set_current_epoch(epoch)
+        batch = train[0]
+        red = (batch["images"][:, :1] + 1) / 2
+        torch.testing.assert_close(batch["loss_masks"], red, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("to_disk", [False, True])
+def test_latent_cache_keeps_the_alpha_mask_and_flips_it_with_the_latent(tmp_path, to_disk):
+    args = alpha_dataset(tmp_path, "flip_aug = true")
+    live, _ = build_dataset_groups(args)
+    cached, _ = build_dataset_groups(args)
+    cache_group_latents(cached, FakeVAE(), "vae", batch_size=1, to_disk=to_disk, skip_check=False)
+    for epoch in range(1, 7):
+        live.set_current_epoch(epoch)
+        cached.set_current_epoch(epoch)
+        live_batch, cached_batch = live[0], cached[0]
+        assert cached_batch["images"] is None
+        assert torch.equal(cached_batch["loss_masks"], live_batch["loss_masks"])
+        # FakeVAE pools 8x8 blocks: the latent's first channel is the pooled red channel, i.e. the pooled mask.
+        pooled = torch.nn.functional.avg_pool2d(live_batch["loss_masks"] * 2 - 1, 8)[:, 0]
+        torch.testing.assert_close(cached_batch["latents"][:, 0], pooled, atol=1e-5, rtol=0)
+    if to_disk:
+        data = read_npz(latents_npz_path(tmp_path / "img" / "0.png", (150, 100)))
+        assert data["alpha_mask_8x8"].shape == (64, 64)
+
+
 def test_changed_conditioning_image_reencodes_the_disk_cache(tmp_path):
     args = mask_dataset(tmp_path)
     train, _ = build_dataset_groups(args)

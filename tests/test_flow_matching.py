@@ -449,6 +449,17 @@ def test_weighting_mask_and_sample_weights_apply_in_order():
     torch.testing.assert_close(loss, torch.tensor([2.0 * 0.5, 3.0 * 0.5 * 0.5]))
 
 
+@pytest.mark.parametrize("loss_type", ["l2", "l1", "huber", "smooth_l1"])
+def test_mask_scales_the_elementwise_loss_not_the_difference(loss_type):
+    # A mask of 0.5 halves each element's loss (ℓ(d)·m, not ℓ(d·m)), for every loss type.
+    pred, target = torch.full((1, 1, 2, 2), 2.0), torch.zeros(1, 1, 2, 2)
+    c = torch.tensor([0.3])
+    full = {"l2": 4.0, "l1": 2.0, "huber": 2 * 0.3 * (math.sqrt(4 + 0.09) - 0.3),
+            "smooth_l1": 2 * (math.sqrt(4 + 0.09) - 0.3)}[loss_type]
+    loss = per_sample_loss(pred, target, loss_type, huber_c=c, mask=torch.full((1, 16, 16), 0.5))
+    torch.testing.assert_close(loss, torch.tensor([0.5 * full]))
+
+
 def test_loss_mask_is_area_resized_without_renormalisation():
     loss = torch.ones(1, 1, 2, 2)
     mask = torch.tensor([[[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0]]])

@@ -611,7 +611,8 @@ def build_dataset_groups(args: argparse.Namespace, seed: int | None = None
     if seed is None:
         seed = random.randint(0, 2**31)
     dataset_seed = random.Random(seed).randint(0, 2**31)
-    prior_loss_weight = float(getattr(args, "prior_loss_weight", 1.0) or 1.0)
+    prior_loss_weight = getattr(args, "prior_loss_weight", None)  # 0 is a weight (reg images add no loss)
+    prior_loss_weight = 1.0 if prior_loss_weight is None else float(prior_loss_weight)
     strict = bool(getattr(args, "strict_images", False))
     bad_images = BadImages(strict)
 
@@ -638,6 +639,9 @@ def build_dataset_groups(args: argparse.Namespace, seed: int | None = None
         raise AnimaError(f"{source}: no training images found in {searched}; check image_dir / metadata_file and the "
                          "image extensions (.png .jpg .jpeg .webp .bmp)")
 
+    if prior_loss_weight != 1.0 and not any(d.num_reg_images for d in train_datasets):
+        logger.warning("--prior_loss_weight %g has no effect: no dataset has regularization images (is_reg = "
+                       "true or --reg_data_dir)", prior_loss_weight)
     from_config = bool(getattr(args, "dataset_config", None))
     train_group = DatasetGroup(train_datasets, seed=dataset_seed, from_config=from_config, strict_images=strict)
     val_group = (DatasetGroup(val_datasets, seed=dataset_seed, from_config=from_config, is_validation=True,
