@@ -63,6 +63,15 @@ def test_dynamo_backend_without_compile_warns_and_compile_defaults_to_inductor()
     assert args.dynamo_backend == "inductor"
 
 
+def test_persistent_loader_workers_without_workers_warn_and_a_negative_worker_count_is_an_error():
+    _, warnings = parse_args(["--persistent_data_loader_workers", "--max_data_loader_n_workers", "0"])
+    assert warnings == ["--persistent_data_loader_workers has no effect with --max_data_loader_n_workers 0 (no "
+                        "worker processes); ignored"]
+    assert parse_args(["--persistent_data_loader_workers", "--max_data_loader_n_workers", "2"])[1] == []
+    with pytest.raises(AnimaError, match="--max_data_loader_n_workers -1 is negative"):
+        parse_args(["--max_data_loader_n_workers", "-1"])
+
+
 # --- --min_timestep / --max_timestep ------------------------------------------------------------------------
 
 

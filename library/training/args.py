@@ -808,6 +808,12 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     if tracker_flags and not args.log_with:
         warnings.append(f"{', '.join(_flag(f) for f in tracker_flags)} have no effect without --log_with "
                         "or --logging_dir")
+    if args.max_data_loader_n_workers < 0:
+        reject(f"--max_data_loader_n_workers {args.max_data_loader_n_workers} is negative; use 0 (load the batches "
+               "in the training process) or more")
+    elif args.persistent_data_loader_workers and args.max_data_loader_n_workers == 0:
+        warnings.append("--persistent_data_loader_workers has no effect with --max_data_loader_n_workers 0 (no "
+                        "worker processes); ignored")
     wandb_flags = [f for f in ("wandb_run_name", "wandb_api_key") if getattr(args, f)]
     if wandb_flags and args.log_with not in ("wandb", "all"):
         warnings.append(f"{', '.join(_flag(f) for f in wandb_flags)} have no effect without --log_with wandb")
