@@ -304,3 +304,82 @@ def test_cache_info_writes_sizes_once_and_reuses_them(tmp_path):
     info_file.write_text("{broken", encoding="utf-8")
     with pytest.raises(AnimaError, match="metadata_cache.json"):
         toml_group(tmp_path, "resolution = 64", "cache_info = true")
+
+
+def _bucketed_run_group(tmp_path: Path):
+    """Two subsets with repeats and a regularisation subset, three aspect ratios, batches of 3, caption and
+    flip augmentation."""
+    sizes = [(64, 64), (96, 64), (64, 96)]
+    for folder, count in (("a", 4), ("b", 3), ("reg", 2)):
+        for i in range(count):
+            write_image(tmp_path / folder / f"{folder}{i}.png", *sizes[i % 3])
+            (tmp_path / folder / f"{folder}{i}.caption").write_text(f"{folder}{i}, red, blue, green", encoding="utf-8")
+    toml = tmp_path / "ds.toml"
+    toml.write_text(
+        "[[datasets]]\nresolution = 64\nbatch_size = 3\nenable_bucket = true\nmin_bucket_reso = 32\n"
+        "max_bucket_reso = 128\nbucket_reso_steps = 16\n"
+        f"  [[datasets.subsets]]\n  image_dir = '{tmp_path / 'a'}'\n  num_repeats = 2\n  flip_aug = true\n"
+        "  shuffle_caption = true\n  keep_tokens = 1\n"
+        f"  [[datasets.subsets]]\n  image_dir = '{tmp_path / 'b'}'\n  num_repeats = 3\n  caption_dropout_rate = 0.5\n"
+        f"  [[datasets.subsets]]\n  image_dir = '{tmp_path / 'reg'}'\n  is_reg = true\n", encoding="utf-8")
+    return build_dataset_groups(make_args("--dataset_config", str(toml)))[0]
+
+
+def _trainer_batches(group, workers: int, persistent: bool, epochs: int, start: tuple[int, int] = (0, 0)):
+    """(epoch, image names, captions, pixels) of every batch, iterated as the trainer iterates its loader."""
+    from anima_train_network import AnimaNetworkTrainer
+    from library.training.args import parse_args
+
+    trainer = AnimaNetworkTrainer()
+    trainer.seed = 7
+    accelerator = trainer.setup_accelerator(parse_args(["--seed", "7"])[0])
+    loader = accelerator.prepare(make_dataloader(group, num_workers=workers, persistent_workers=persistent, seed=7))
+    first_epoch, skip = start
+    batches = []
+    for epoch in range(first_epoch, epochs):
+        group.set_current_epoch(epoch + 1)
+        loader.set_epoch(epoch)
+        for batch in accelerator.skip_first_batches(loader, skip) if skip and epoch == first_epoch else loader:
+            batches.append((epoch, [Path(k).name for k in batch["image_keys"]], batch["captions"], batch["images"]))
+    return batches
+
+
+def _same_batches(one, other) -> bool:
+    return len(one) == len(other) and all(a[:3] == b[:3] and torch.equal(a[3], b[3]) for a, b in zip(one, other))
+
+
+def test_each_epoch_holds_every_image_num_repeats_times_in_one_bucket_batches(tmp_path):
+    group = _bucketed_run_group(tmp_path)
+    batches = _trainer_batches(group, workers=0, persistent=False, epochs=3)
+    expected = {**{f"a{i}.png": 2 for i in range(4)}, **{f"b{i}.png": 3 for i in range(3)}}
+    expected.update({"reg0.png": 9, "reg1.png": 8})  # 17 regularisation samples: as many as training samples
+    orders = []
+    for epoch in range(3):
+        epoch_batches = [b for b in batches if b[0] == epoch]
+        assert len(epoch_batches) == len(group)
+        counts: dict[str, int] = {}
+        for _, names, captions, images in epoch_batches:
+            assert 1 <= len(names) <= 3 and images.shape[0] == len(names)  # one bucket per batch
+            for name, caption in zip(names, captions):
+                counts[name] = counts.get(name, 0) + 1
+                tags = caption.split(", ")
+                if name.startswith("a"):  # keep_tokens = 1: the first tag stays first, the rest are shuffled
+                    assert tags[0] == name[:-4] and sorted(tags[1:]) == ["blue", "green", "red"]
+                elif caption:  # b: dropped (empty) or unchanged
+                    assert caption == f"{name[:-4]}, red, blue, green"
+        assert counts == expected
+        orders.append([b[1] for b in epoch_batches])
+    assert orders[0] != orders[1] != orders[2]
+
+
+def test_batches_are_the_same_with_any_loader_workers_and_a_resumed_epoch_continues_them(tmp_path):
+    group = _bucketed_run_group(tmp_path)
+    reference = _trainer_batches(group, workers=0, persistent=False, epochs=3)
+    assert _same_batches(_trainer_batches(group, workers=2, persistent=False, epochs=3), reference)
+    assert _same_batches(_trainer_batches(group, workers=2, persistent=True, epochs=3), reference)
+    per_epoch = len(group)
+    # A run resumed after 4 batches of its second epoch sees the rest of the uninterrupted sequence.
+    assert _same_batches(_trainer_batches(group, workers=0, persistent=False, epochs=3, start=(1, 4)),
+                         reference[per_epoch + 4:])
+    assert _same_batches(_trainer_batches(group, workers=2, persistent=True, epochs=3, start=(1, 4)),
+                         reference[per_epoch + 4:])
