@@ -276,7 +276,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
         """latents x0 [B, 16, h, w] -> velocity prediction, target ε − x0, σ [B], loss weight [B]."""
         batch_size, weight_dtype = latents.shape[0], self.weight_dtype
         # sd-scripts' draw order: ε (in the latents' dtype), σ, then the ip_noise_gamma draws.
-        noise = torch.randn_like(latents)
+        noise = flow_matching.training_noise(latents)
         sigmas, timesteps = flow_matching.training_noise_levels(
             batch_size, args.timestep_sampling, sigmoid_scale=args.sigmoid_scale,
             discrete_flow_shift=args.discrete_flow_shift, weighting_scheme=args.weighting_scheme,

@@ -232,7 +232,7 @@ def test_validation_split_without_seed_shuffles_subsets_in_turn_and_holds_out_th
 def test_metadata_from_config_lists_datasets_tags_and_buckets(tmp_path):
     write_image(tmp_path / "img" / "a.png", 64, 64)
     (tmp_path / "img" / "a.caption").write_text("red, blue", encoding="utf-8")
-    train, _ = toml_group(tmp_path, "resolution = 64", "num_repeats = 3")
+    train, _ = toml_group(tmp_path, "resolution = 64\nenable_bucket = true\nmin_bucket_reso = 64\nbucket_reso_steps = 64", "num_repeats = 3")
     import json
     meta = group_metadata(train)
     datasets = json.loads(meta["ss_datasets"])
@@ -240,6 +240,16 @@ def test_metadata_from_config_lists_datasets_tags_and_buckets(tmp_path):
     assert json.loads(meta["ss_tag_frequency"]) == {"img": {"red": 1, "blue": 1}}  # each image once
     assert datasets[0]["bucket_info"]["buckets"]["0"]["count"] == 3
     assert meta["ss_num_train_images"] == "3"
+
+
+def test_metadata_without_bucketing_records_no_bucket_table(tmp_path):
+    import json
+    write_image(tmp_path / "img" / "a.png", 64, 64)
+    train, _ = toml_group(tmp_path, "resolution = 64\nenable_bucket = false")
+    assert json.loads(group_metadata(train)["ss_datasets"])[0]["bucket_info"] is None
+    write_image(tmp_path / "dirs" / "1_cat" / "a.png", 64, 64)
+    train, _ = build_dataset_groups(make_args("--train_data_dir", str(tmp_path / "dirs"), "--resolution", "64"))
+    assert json.loads(group_metadata(train)["ss_bucket_info"]) is None
 
 
 def test_tag_frequency_counts_each_caption_once_lower_cased_at_commas_and_fine_tuning_tags_only(tmp_path):

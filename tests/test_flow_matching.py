@@ -22,6 +22,7 @@ from library.training.flow_matching import (
     noisy_input,
     sampling_sigmas,
     shift_sigmas,
+    training_noise,
     training_noise_levels,
     velocity_target,
 )
@@ -472,3 +473,15 @@ def test_conditioning_image_mask_uses_red_channel_mapped_to_unit_range():
     mask = conditioning_image_to_mask(image)
     assert mask.shape == (1, 1, 2, 2)
     torch.testing.assert_close(mask, torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]]))
+
+
+def test_training_noise_is_drawn_in_row_major_order_for_any_latent_layout():
+    latents = torch.zeros(2, 16, 10, 6).to(memory_format=torch.channels_last)  # as live VAE latents can be
+    torch.manual_seed(3)
+    noise = training_noise(latents)
+    after = torch.randn(2)
+    torch.manual_seed(3)
+    expected = torch.randn(2, 16, 10, 6)
+    assert noise.is_contiguous() and noise.dtype == latents.dtype
+    assert torch.equal(noise, expected)
+    assert torch.equal(after, torch.randn(2))  # the next draw (σ) sees the same generator state

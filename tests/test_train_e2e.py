@@ -85,6 +85,7 @@ def test_outputs_are_named_and_carry_metadata(two_epoch_run):
                        "modelspec.architecture": "anima-preview/lora", "modelspec.title": "tiny"}.items():
         assert meta.get(key) == value, key
     assert "ss_network_args" in meta and '"dropout"' in meta["ss_network_args"]
+    assert meta["ss_multires_noise_discount"] == "0.3"  # unset: the flag's documented default, not "None"
     assert len(meta["sshs_model_hash"]) == 64 and len(meta["ss_new_sd_model_hash"]) == 64
     with safe_open(str(out / "tiny-000001.safetensors"), "pt") as f:
         assert f.metadata()["ss_epoch"] == "1"

@@ -38,6 +38,12 @@ def _dataset_dirs(dataset: ImageDataset) -> dict[str, dict[str, int]]:
     return dirs
 
 
+def _bucket_metadata(dataset: ImageDataset) -> dict[str, Any] | None:
+    """The bucket table, or None (JSON null) without bucketing, as sd-scripts records it: every image is then
+    scaled and cropped to the one resolution, so there are no buckets to describe."""
+    return dataset.bucket_info() if dataset.config.enable_bucket else None
+
+
 def _subset_metadata(dataset: ImageDataset, index: int) -> dict[str, Any]:
     subset = dataset.subsets[index]
     options = subset.captions
@@ -98,7 +104,7 @@ def group_metadata(group: DatasetGroup) -> dict[str, str]:
                 "min_bucket_reso": cfg.min_bucket_reso if cfg.enable_bucket else None,
                 "max_bucket_reso": cfg.max_bucket_reso if cfg.enable_bucket else None,
                 "tag_frequency": _dataset_tag_frequency(dataset),
-                "bucket_info": dataset.bucket_info(),
+                "bucket_info": _bucket_metadata(dataset),
                 "resize_interpolation": cfg.resize_interpolation,
                 "subsets": [_subset_metadata(dataset, i) for i in range(len(dataset.subsets))],
             })
@@ -134,5 +140,5 @@ def group_metadata(group: DatasetGroup) -> dict[str, str]:
         "ss_dataset_dirs": json.dumps(train_dirs),
         "ss_reg_dataset_dirs": json.dumps(reg_dirs),
         "ss_tag_frequency": json.dumps(tag_freq),
-        "ss_bucket_info": json.dumps(dataset.bucket_info()),
+        "ss_bucket_info": json.dumps(_bucket_metadata(dataset)),
     }

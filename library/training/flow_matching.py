@@ -45,6 +45,13 @@ def check_flow_matching_options(
         raise AnimaError(f"--ip_noise_gamma must be >= 0 (got {ip_noise_gamma})")
 
 
+def training_noise(latents: torch.Tensor) -> torch.Tensor:
+    """ε ~ N(0, I) shaped like `latents`, in their dtype and device, drawn in row-major order whatever their memory
+    layout: live VAE latents can come out channels-last, and a layout-preserving draw would place the same random
+    stream differently (and, on the CPU, consume it differently), so a seed would give other ε and σ values."""
+    return torch.randn_like(latents, memory_format=torch.contiguous_format)
+
+
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """S(σ; s) = s·σ / (1 + (s − 1)·σ): moves mass towards noisier σ for s > 1; keeps 0 → 0 and 1 → 1."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)

@@ -41,6 +41,9 @@ MODEL_SPEC_TEXT_FIELDS: dict[str, str] = {
 # --- the run's claim on its output ------------------------------------------------------------------------
 
 
+MULTIRES_NOISE_DISCOUNT_DEFAULT = 0.3  # sd-scripts' default for --multires_noise_discount
+
+
 def claim_output(args: argparse.Namespace) -> RunLock | None:
     """Take the run lock of (--output_dir, --output_name) and remove what killed runs left in --output_dir.
 
@@ -231,7 +234,9 @@ def training_metadata(
         "ss_lowram": args.lowram,
         "ss_noise_offset": args.noise_offset,
         "ss_multires_noise_iterations": args.multires_noise_iterations,
-        "ss_multires_noise_discount": args.multires_noise_discount,
+        # Unset, it records the flag's sd-scripts default (0.3), as sd-scripts files do; the flag has no effect here.
+        "ss_multires_noise_discount": (MULTIRES_NOISE_DISCOUNT_DEFAULT if args.multires_noise_discount is None
+                                       else args.multires_noise_discount),
         "ss_adaptive_noise_scale": args.adaptive_noise_scale,
         "ss_zero_terminal_snr": args.zero_terminal_snr,
         "ss_training_comment": args.training_comment,
