@@ -271,9 +271,8 @@ class NetworkTrainer:
         have dropped undecodable images since the image scan)."""
         from library.data.config import make_dataloader
 
-        workers = min(args.max_data_loader_n_workers, max((torch.multiprocessing.cpu_count() or 1) - 1, 0))
         train_loader, val_loader = (
-            make_dataloader(group, num_workers=workers, persistent_workers=args.persistent_data_loader_workers,
+            make_dataloader(group, num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,
                             seed=self.seed) if group is not None else None
             for group in (self.train_group, self.val_group))
         run_schedule = schedule.schedule_from_args(args, len(train_loader), self.accelerator.num_processes)

@@ -121,6 +121,17 @@ def test_worker_flags_reach_the_data_loader(tmp_path, folder):
     assert loader.num_workers == 0 and not loader.persistent_workers
 
 
+
+def test_loader_workers_are_capped_at_the_cpu_count(tmp_path, folder, monkeypatch):
+    import library.data.datasets as datasets
+
+    train, _ = build_dataset_groups(folder_args(tmp_path))
+    monkeypatch.setattr(datasets.os, "cpu_count", lambda: 1)
+    assert make_dataloader(train, num_workers=8, persistent_workers=False, seed=0).num_workers == 1
+    assert make_dataloader(train, num_workers=0, persistent_workers=False, seed=0).num_workers == 0
+    monkeypatch.setattr(datasets.os, "cpu_count", lambda: None)  # unknown: one worker
+    assert make_dataloader(train, num_workers=8, persistent_workers=False, seed=0).num_workers == 1
+
 class CountingTextEncoding:
     identity = "counting-te"
 

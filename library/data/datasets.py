@@ -651,7 +651,8 @@ def _first_item(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def make_dataloader(group: DatasetGroup, *, num_workers: int, persistent_workers: bool, seed: int) -> DataLoader:
-    """A DataLoader over whole-batch items, shuffled by a generator seeded with `seed`.
+    """A DataLoader over whole-batch items, shuffled by a generator seeded with `seed`; `num_workers` is capped
+    at the CPU count, as sd-scripts caps it (the batches do not depend on the number of workers).
 
     With CUDA the batches come in page-locked (pinned) memory, so the trainer's `non_blocking` copies to the GPU
     run asynchronously instead of stalling the host; without CUDA pinning would only cost memory."""
