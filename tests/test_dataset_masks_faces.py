@@ -250,9 +250,9 @@ def mask_dataset(tmp_path: Path, *argv: str) -> argparse.Namespace:
                      *argv, masked_loss=True)
 
 
-@pytest.mark.parametrize("to_disk", [False, True])
-def test_latent_cache_keeps_the_conditioning_mask_and_flips_it(tmp_path, to_disk):
-    args = mask_dataset(tmp_path)
+def live_and_cached_batches(args: argparse.Namespace, to_disk: bool):
+    """(live, latent-cached) first batches of the same dataset over six epochs (each epoch flips anew); the cached
+    batch has no pixels and the live batch's loss masks."""
     live, _ = build_dataset_groups(args)
     cached, _ = build_dataset_groups(args)
     cache_group_latents(cached, FakeVAE(), "vae", batch_size=1, to_disk=to_disk, skip_check=False)
@@ -262,6 +262,12 @@ def test_latent_cache_keeps_the_conditioning_mask_and_flips_it(tmp_path, to_disk
         live_batch, cached_batch = live[0], cached[0]
         assert cached_batch["images"] is None
         assert torch.equal(cached_batch["loss_masks"], live_batch["loss_masks"])
+        yield live_batch, cached_batch
+
+
+@pytest.mark.parametrize("to_disk", [False, True])
+def test_latent_cache_keeps_the_conditioning_mask_and_flips_it(tmp_path, to_disk):
+    assert len(list(live_and_cached_batches(mask_dataset(tmp_path), to_disk))) == 6
     if to_disk:
         data = read_npz(latents_npz_path(tmp_path / "img" / "a.png", (96, 64)))
         assert data["conditioning_mask_8x8"].shape == (64, 64) and "alpha_mask_8x8" not in data
@@ -287,16 +293,7 @@ def test_alpha_mask_follows_random_crop_flip_and_resize_exactly(tmp_path):
 
 @pytest.mark.parametrize("to_disk", [False, True])
 def test_latent_cache_keeps_the_alpha_mask_and_flips_it_with_the_latent(tmp_path, to_disk):
-    args = alpha_dataset(tmp_path, "flip_aug = true")
-    live, _ = build_dataset_groups(args)
-    cached, _ = build_dataset_groups(args)
-    cache_group_latents(cached, FakeVAE(), "vae", batch_size=1, to_disk=to_disk, skip_check=False)
-    for epoch in range(1, 7):
-        live.set_current_epoch(epoch)
-        cached.set_current_epoch(epoch)
-        live_batch, cached_batch = live[0], cached[0]
-        assert cached_batch["images"] is None
-        assert torch.equal(cached_batch["loss_masks"], live_batch["loss_masks"])
+    for live_batch, cached_batch in live_and_cached_batches(alpha_dataset(tmp_path, "flip_aug = true"), to_disk):
         # FakeVAE pools 8x8 blocks: the latent's first channel is the pooled red channel, i.e. the pooled mask.
         pooled = torch.nn.functional.avg_pool2d(live_batch["loss_masks"] * 2 - 1, 8)[:, 0]
         torch.testing.assert_close(cached_batch["latents"][:, 0], pooled, atol=1e-5, rtol=0)
