@@ -61,9 +61,9 @@ class BadImages:
 
     def report(self) -> None:
         if self.items:
-            listing = "; ".join(f"{p} ({r})" for p, r in self.items)
+            described = "; ".join(f"{p} ({r})" for p, r in self.items)
             logger.warning("skipped %d unusable image(s) (use --strict_images to stop instead): %s",
-                           len(self.items), listing)
+                           len(self.items), described)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,9 +130,8 @@ def _attach_face_boxes(subset: SubsetConfig, infos: list[ImageInfo]) -> None:
         if info.face is None:
             without.append(info.path.name)
     if without:
-        shown = ", ".join(without[:5]) + (f" and {len(without) - 5} more" if len(without) > 5 else "")
         logger.warning("%s: %d image(s) have no face box in their name (name_cx_cy_w_h) and are cropped as if "
-                       "face_crop_aug_range were off: %s", subset.where, len(without), shown)
+                       "face_crop_aug_range were off: %s", subset.where, len(without), listing(without, 5))
 
 
 def _attach_conditioning_images(subset: SubsetConfig, infos: list[ImageInfo],
@@ -184,9 +183,8 @@ def _read_caption(image_path: Path, subset: SubsetConfig) -> str | None:
 
 def _warn_missing_captions(subset: SubsetConfig, image_dir: Path, missing: list[str]) -> None:
     used = f"class_tokens {subset.class_tokens!r}" if subset.class_tokens else "an empty caption"
-    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
     logger.warning("%s: %d image(s) have no %s caption file, %s is used: %s",
-                   subset.where, len(missing), subset.caption_extension, used, shown)
+                   subset.where, len(missing), subset.caption_extension, used, listing(missing, 5))
     others = [ext for ext in OTHER_CAPTION_EXTENSIONS if ext != subset.caption_extension
               and any(image_dir.glob(f"*{ext}"))]
     if others:
@@ -418,11 +416,11 @@ class ImageDataset:
         if enlarged:
             logger.warning("%s: %d image(s) are far below the bucket resolution and are enlarged more than %gx per "
                            "side, which trains on blurry pixels; use larger images or a lower resolution: %s",
-                           where, len(enlarged), UPSCALE_WARN_FACTOR, _listing(enlarged))
+                           where, len(enlarged), UPSCALE_WARN_FACTOR, listing(enlarged))
         if cropped:
             logger.warning("%s: %d image(s) have an aspect ratio beyond the bucket range and lose more than %d%% of "
                            "the picture to the crop; widen min_bucket_reso/max_bucket_reso or crop them yourself: %s",
-                           where, len(cropped), round(CROP_WARN_FRACTION * 100), _listing(cropped))
+                           where, len(cropped), round(CROP_WARN_FRACTION * 100), listing(cropped))
 
     def shuffle(self, epoch: int) -> None:
         """Shuffle slot order and bucket contents, seeded by seed + epoch (independent of earlier epochs)."""
@@ -536,7 +534,8 @@ class ImageDataset:
         return image_io.plan_bucket_crop(info.resized, info.bucket, rng if subset.random_crop else None)
 
 
-def _listing(items: list[str], shown: int = 10) -> str:
+def listing(items: list[str], shown: int = 10) -> str:
+    """The first `shown` items for a log line, then how many more: ``"a, b and 3 more"``."""
     return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
@@ -636,10 +635,10 @@ class DatasetGroup(Dataset):
         if not bad:
             return
         strict = self.strict_images
-        listing = "; ".join(f"{p} ({r})" for p, r in bad)
+        described = "; ".join(f"{p} ({r})" for p, r in bad)
         if strict:
-            raise AnimaError(f"unusable image(s) found while caching: {listing}; fix or remove them")
-        logger.warning("skipped %d image(s) that could not be decoded while caching: %s", len(bad), listing)
+            raise AnimaError(f"unusable image(s) found while caching: {described}; fix or remove them")
+        logger.warning("skipped %d image(s) that could not be decoded while caching: %s", len(bad), described)
         paths = {p for p, _ in bad}
         for dataset in self.datasets:
             dataset.drop_images(paths)

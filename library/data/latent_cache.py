@@ -44,7 +44,7 @@ from library.data.cache_files import (
     mask_problem,
     remove_cache_leftovers,
 )
-from library.data.datasets import DatasetGroup, ImageDataset
+from library.data.datasets import DatasetGroup, ImageDataset, listing
 from library.data.records import ImageInfo, Size
 from library.errors import AnimaError
 from library.io.files import file_sha256
@@ -248,10 +248,9 @@ def _plan_disk_entries(entries: list[tuple[ImageDataset, ImageInfo]], vae_identi
         flip[key] = flip.get(key, False) or dataset.subsets[info.subset_index].flip_aug
         shared[id(info)] = key
     if in_memory:
-        shown = ", ".join(in_memory[:5]) + (f" and {len(in_memory) - 5} more" if len(in_memory) > 5 else "")
         logger.warning("%d image(s) appear in several subsets with different pixel settings at the same bucket; "
                        "their latent cache file holds one version, so these are cached in memory: %s",
-                       len(in_memory), shown)
+                       len(in_memory), listing(in_memory, 5))
     return {ident: flip[key] for ident, key in shared.items()}
 
 

@@ -35,7 +35,7 @@ from library.data.cache_files import (
     text_problem,
 )
 from library.data.captions import cached_caption_text
-from library.data.datasets import DatasetGroup
+from library.data.datasets import DatasetGroup, listing
 from library.data.records import ImageInfo
 from library.errors import AnimaError
 from library.io.npz import NPZ_READ_ERRORS, merge_into_npz
@@ -124,9 +124,8 @@ def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int
                 examples.setdefault(reason, path)
         todo.append((info, caption, subset.captions.caption_dropout_rate, disk))
     if in_memory:
-        shown = ", ".join(in_memory[:5]) + (f" and {len(in_memory) - 5} more" if len(in_memory) > 5 else "")
         logger.warning("%d image(s) appear in several subsets with different cached captions; their text cache "
-                       "file holds one caption, so these are cached in memory: %s", len(in_memory), shown)
+                       "file holds one caption, so these are cached in memory: %s", len(in_memory), listing(in_memory, 5))
     for reason, count in reasons.items():
         logger.info("re-encoding %d text cache(s): %s (e.g. %s)", count, reason, examples[reason])
     logger.info("text-encoder cache: %d caption(s), %d reused from disk, %d to encode", len(entries),
