@@ -161,8 +161,9 @@ def load_anima_model(
         # Every check below runs on shapes from the file headers (meta tensors), before any weight is read.
         file_keys = [key for part in parts for key in part.keys()]
         check_not_scaled_float8(file_keys, MODEL_FLAG, path)
-        sources = {key: (part, file_key) for part in parts for key, file_key in _model_key_map(part.keys()).items()}
-        if len(sources) != sum(len(_model_key_map(part.keys())) for part in parts):
+        key_maps = [(part, _model_key_map(part.keys())) for part in parts]
+        sources = {key: (part, file_key) for part, key_map in key_maps for key, file_key in key_map.items()}
+        if len(sources) != sum(len(key_map) for _, key_map in key_maps):
             raise AnimaError(
                 f"{MODEL_FLAG}: {path} holds some tensors twice (under two key prefixes, or in two parts of a split "
                 "file); pass a checkpoint with each tensor once"
