@@ -272,8 +272,9 @@ class NetworkTrainer:
         from library.data.config import make_dataloader
 
         train_loader, val_loader = (
-            make_dataloader(group, num_workers=args.max_data_loader_n_workers, persistent_workers=args.persistent_data_loader_workers,
-                            seed=self.seed) if group is not None else None
+            make_dataloader(group, num_workers=args.max_data_loader_n_workers,
+                            persistent_workers=args.persistent_data_loader_workers, seed=self.seed)
+            if group is not None else None
             for group in (self.train_group, self.val_group))
         run_schedule = schedule.schedule_from_args(args, len(train_loader), self.accelerator.num_processes)
         if args.max_train_epochs is not None:

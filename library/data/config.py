@@ -744,8 +744,8 @@ def cache_only_main(args: argparse.Namespace, *, load_vae: Callable[[], tuple[An
             raise AnimaError("--cache_latents_to_disk needs the VAE: give --vae")
         vae, identity = load_vae()
         for group in groups:
-            cache_group_latents(group, vae, identity, batch_size=int(getattr(args, "vae_batch_size", 1) or 1), to_disk=True,
-                                skip_check=skip_check, is_main_process=is_main_process)
+            cache_group_latents(group, vae, identity, batch_size=int(getattr(args, "vae_batch_size", 1) or 1),
+                                to_disk=True, skip_check=skip_check, is_main_process=is_main_process)
         del vae
     if want_text:
         if load_text_encoding is None:

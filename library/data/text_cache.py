@@ -125,7 +125,8 @@ def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int
         todo.append((info, caption, subset.captions.caption_dropout_rate, disk))
     if in_memory:
         logger.warning("%d image(s) appear in several subsets with different cached captions; their text cache "
-                       "file holds one caption, so these are cached in memory: %s", len(in_memory), listing(in_memory, 5))
+                       "file holds one caption, so these are cached in memory: %s", len(in_memory),
+                       listing(in_memory, 5))
     for reason, count in reasons.items():
         logger.info("re-encoding %d text cache(s): %s (e.g. %s)", count, reason, examples[reason])
     logger.info("text-encoder cache: %d caption(s), %d reused from disk, %d to encode", len(entries),
