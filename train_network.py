@@ -126,6 +126,11 @@ class NetworkTrainer:
                                  self.network_size)
             return None
         self.text_encoders = self.load_frozen_models(args, self.groups())
+        if args.cache_text_encoder_outputs:
+            # Outputs cached, the encoder not trained: its weights go before the DiT loads (a full-size Qwen3 is
+            # 2.2 GiB in float32). The weightless structure stays, so the network builds (and drops) its
+            # text-encoder modules as before, drawing the same initial LoRA weights.
+            self.text_encoders = [te.to(torch.device("meta")) for te in self.text_encoders]
         self.accelerator.wait_for_everyone()
         self.dit = self.load_dit(args)
         self.network, self.network_args, self.train_te = self.create_network(args)

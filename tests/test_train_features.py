@@ -684,3 +684,21 @@ def test_validate_every_n_epochs_picks_the_epochs_that_validate(tiny_setup, val_
                       dataset=val_toml), trainer_cls=SigmaRecordingTrainer)
         counts[name] = len(SigmaRecordingTrainer.validation_sigmas) // 4  # four passes per validation batch
     assert counts == {"default": 3, "every_2": 1}  # after each epoch by default; after epoch 2 only
+
+
+def test_cached_text_encoder_outputs_release_the_encoder_weights_before_the_dit_loads(tiny_setup, tmp_path,
+                                                                                      monkeypatch):
+    # A full-size Qwen3 is 2.2 GiB in float32: it must not be held beside the DiT once its outputs are cached.
+    devices_at_dit_load = []
+    load_dit = AnimaNetworkTrainer.load_dit
+
+    def recording_load_dit(self, args):
+        devices_at_dit_load.extend(p.device.type for te in self.text_encoders for p in te.parameters())
+        return load_dit(self, args)
+
+    monkeypatch.setattr(AnimaNetworkTrainer, "load_dit", recording_load_dit)
+    args, _ = parse_args(tiny_train_argv(tiny_setup, tmp_path / "out", "--max_train_steps", "1",
+                                         "--network_train_unet_only"))
+    AnimaNetworkTrainer().train(args)
+    assert devices_at_dit_load and set(devices_at_dit_load) == {"meta"}
+    assert (tmp_path / "out" / "tiny.safetensors").exists()
