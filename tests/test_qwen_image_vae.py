@@ -173,6 +173,23 @@ def test_bf16_encode_decode_stays_close_to_fp32(vae_file, golden, reference_outp
     assert max_rel_err(decoded.float(), reference_outputs[1]) < 0.1
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_latent_normalisation_uses_sd_scripts_arithmetic_in_the_vae_dtype(vae_file, golden, dtype):
+    """sd-scripts normalises as (mu - mean) * (1/std) and un-normalises as z / (1/std) + mean, in the VAE's
+    dtype with both constants rounded to it: a bf16 VAE must cache the same latents bit for bit."""
+    model = load_vae(vae_file, dtype=dtype)
+    mean = torch.tensor(LATENTS_MEAN).view(1, 16, 1, 1).to(dtype)
+    inv_std = (1.0 / torch.tensor(LATENTS_STD).view(1, 16, 1, 1)).to(dtype)
+    seen: list[torch.Tensor] = []
+    model.post_quant_conv.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    with torch.no_grad():
+        mu, _ = model.encode_posterior(golden["in.pixels"])
+        latents = model.encode_pixels_to_latents(golden["in.pixels"])
+        model.decode_latents_to_pixels(golden["out.latents"])
+    assert torch.equal(latents, (mu - mean) * inv_std)
+    assert torch.equal(seen[0], golden["out.latents"].to(dtype) / inv_std + mean)
+
 # --- chunking and the cache flag ---------------------------------------------------------------------------
 
 

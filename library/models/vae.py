@@ -490,9 +490,13 @@ class QwenImageVAE(nn.Module):
         return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = torch.tensor(LATENTS_MEAN, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
-        std = torch.tensor(LATENTS_STD, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
-        return mean, std
+        """(mean, 1/std) as [1, 16, 1, 1] in `like`'s dtype. The reciprocal is taken in float32 and then
+        rounded, and the normalisation runs in the latents' own dtype, as sd-scripts does: a bf16 VAE then
+        caches the same latents bit for bit (in bf16 the mean moves by up to 4e-3 and 1/std by 0.3 %, so float32
+        constants would give other latents)."""
+        mean = torch.tensor(LATENTS_MEAN, dtype=torch.float32).view(1, -1, 1, 1)
+        inv_std = 1.0 / torch.tensor(LATENTS_STD, dtype=torch.float32).view(1, -1, 1, 1)
+        return mean.to(like.device, like.dtype), inv_std.to(like.device, like.dtype)
 
     # -- public API ---------------------------------------------------------------------------------------
 
@@ -508,22 +512,22 @@ class QwenImageVAE(nn.Module):
 
     def encode_pixels_to_latents(self, pixels: torch.Tensor, check_range: bool = True) -> torch.Tensor:
         """pixels [B, 3, H, W] in [-1, 1] -> normalized latents [B, 16, H/8, W/8] (posterior mean, no sampling):
-        (mean - LATENTS_MEAN) / LATENTS_STD. 5-D [B, 3, 1, H, W] input gives 5-D output. `check_range=False`
+        (mean - LATENTS_MEAN) * (1 / LATENTS_STD). 5-D [B, 3, 1, H, W] input gives 5-D output. `check_range=False`
         skips the range check (a device read) for pixels that are in range by construction."""
         x, was_5d = self._to_frame(pixels, "pixels", self.config.in_channels, SCALE_FACTOR)
         if check_range:
             _check_pixel_range(x)
         mu, _ = self._posterior(x)
-        stat_mean, stat_std = self._latent_stats(mu)
-        latents = ((mu.float() - stat_mean) / stat_std).to(mu.dtype)
+        stat_mean, inv_std = self._latent_stats(mu)
+        latents = (mu - stat_mean) * inv_std
         return latents.unsqueeze(2) if was_5d else latents
 
     def decode_latents_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """normalized latents [B, 16, h, w] -> pixels [B, 3, 8h, 8w] clamped to [-1, 1].
         5-D [B, 16, 1, h, w] input gives 5-D output."""
         z, was_5d = self._to_frame(latents, "latents", self.config.z_dim, 1)
-        stat_mean, stat_std = self._latent_stats(z)
-        z = (z.float() * stat_std + stat_mean).to(z.dtype)
+        stat_mean, inv_std = self._latent_stats(z)
+        z = z / inv_std + stat_mean
         pixels = self.decoder(self.post_quant_conv(z)).clamp(-1.0, 1.0)
         return pixels.unsqueeze(2) if was_5d else pixels
 
