@@ -454,6 +454,16 @@ class NetworkTrainer:
         logger.warning("non-finite loss or gradient after step %d (epoch %d, batch %d): step skipped; images %s, "
                        "sigmas %s", position.global_step, position.epoch + 1, position.batches_done + 1,
                        list(batch.get("image_keys") or []), [round(x, 4) for x in sigmas])
+        broken = files.first_non_finite(dict(self.network.named_parameters()))
+        if broken is not None:
+            # The last counted step had a finite loss and gradients but its update broke the weights: there is no
+            # good state in memory to save, and every further step would be skipped too.
+            raise AnimaError(
+                f"the update of step {position.global_step} turned the LoRA weights NaN or infinite ({broken}) from a "
+                "finite loss and gradients: the optimizer's own arithmetic overflowed (a far too high "
+                "--learning_rate, or a tiny eps with float16 weights); nothing more is saved, as it would hold "
+                f"those weights; lower --learning_rate and restart, or resume from a state saved before step "
+                f"{position.global_step}")
         if not stop:
             return
         good_position, good_rng = self.guard.streak_start

@@ -63,6 +63,46 @@ def test_huge_learning_rate_stops_after_k_steps_with_a_resumable_state_and_no_na
                                         load_file(str(guard_state / "network.safetensors")).items()})
 
 
+def test_an_update_that_breaks_the_weights_stops_at_once_without_saving_them(tiny_setup, tmp_path, monkeypatch,
+                                                                            capsys):
+    """Step 1's loss and gradients are finite, but its update writes NaN into the weights (as AdamW does with
+    float16 state): the next loss is NaN, and no 'last good' state can be saved, since none is in memory."""
+    real_step = torch.optim.AdamW.step
+
+    def nan_writing_step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", nan_writing_step)
+    out = tmp_path / "out"
+    args = tiny_train_argv(tiny_setup, out, *COMMON, "--max_train_steps", "6", "--max_nonfinite_steps", "3",
+                           "--save_state")
+    assert anima_train_network.main(args) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: the update of step 1 turned the LoRA weights NaN or infinite (lora_unet_"), line
+    assert err.count("step skipped") == 1  # stopped at the first skipped step, not after three
+    assert not list(out.glob("*-state")) and not list(out.glob("*.safetensors"))
+
+
+def test_full_fp16_with_an_eps_that_is_zero_in_float16_is_refused_before_work_starts(tiny_setup, tmp_path, capsys,
+                                                                                    fresh_accelerate_state):
+    out = tmp_path / "out"
+    args = tiny_train_argv(tiny_setup, out, *COMMON, "--mixed_precision", "fp16", "--full_fp16",
+                           "--max_train_steps", "2")
+    assert anima_train_network.main([*args, "--optimizer_type", "AdamW"]) == 2
+    line = last_error(capsys)
+    assert "--full_fp16 with --optimizer_type AdamW" in line and "eps=1e-08 is 0 in float16" in line
+    assert not out.exists() or not any(out.iterdir())
+    assert anima_train_network.main([*args, "--optimizer_type", "RAdam", "--optimizer_args", "eps=1e-9"]) == 2
+    assert "--optimizer_args eps=1e-09 is 0 in float16" in last_error(capsys)
+    # An eps that float16 holds, and an optimizer without one, train.
+    assert anima_train_network.main([*args, "--optimizer_type", "AdamW", "--optimizer_args", "eps=1e-4"]) == 0
+    assert all_finite(out / "tiny.safetensors")
+    assert anima_train_network.main([*args, "--optimizer_type", "Lion", "--output_name", "lion"]) == 0
+    assert all_finite(out / "lion.safetensors")
+
 class PoisonThreeBatches(AnimaNetworkTrainer):
     """The three batches after step 2 give a NaN loss: with --max_nonfinite_steps 3 the run stops there."""
 

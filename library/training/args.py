@@ -26,7 +26,12 @@ from library.models.dit import AnimaConfig
 from library.models.offload_checkpointing import checkpoint_offload_mode
 from library.training.flow_matching import TIMESTEP_SAMPLING_METHODS, WEIGHTING_SCHEMES, check_flow_matching_options
 from library.training.losses import HUBER_SCHEDULES, LOSS_TYPES, check_loss_options
-from library.training.optimizers import check_fused_backward_pass, optimizer_type_names, resolve_optimizer_type
+from library.training.optimizers import (
+    check_full_fp16_optimizer,
+    check_fused_backward_pass,
+    optimizer_type_names,
+    resolve_optimizer_type,
+)
 from library.training.outputs import MODEL_SPEC_TEXT_FIELDS, thumbnail_data_url
 from library.training.schedulers import LR_SCHEDULERS, NO_WARMUP_SCHEDULERS, check_no_warmup, parse_int_or_float
 from networks import LYCORIS_MODULE
@@ -240,7 +245,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("train_batch_size", type=int, default=1, help="batch size per process")
     a("gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     a("mixed_precision", choices=list(MIXED_PRECISION_DTYPES), default="no", help="autocast and frozen-model dtype")
-    a("full_fp16", action="store_true", help="keep the LoRA weights in fp16 (needs --mixed_precision fp16)")
+    a("full_fp16", action="store_true", help="keep the LoRA weights in fp16 (needs --mixed_precision fp16; an "
+      "optimizer eps that is 0 in fp16, like AdamW's 1e-8, is refused: use AdamW8bit, Lion or eps=1e-4)")
     a("full_bf16", action="store_true", help="keep the LoRA weights in bf16 (needs --mixed_precision bf16)")
     a("fp8_base", action="store_true",
       help="store the frozen DiT block projections (attention q/k/v/output, MLP) as float8_e4m3fn with one scale "
@@ -741,7 +747,10 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         reject("--full_fp16 and --full_bf16 exclude each other; keep one")
 
     # Optimizer.
-    reject.check(resolve_optimizer_type, args.optimizer_type, args.use_8bit_adam, args.use_lion_optimizer)
+    optimizer_type = reject.check(resolve_optimizer_type, args.optimizer_type, args.use_8bit_adam,
+                                  args.use_lion_optimizer)
+    if args.full_fp16 and optimizer_type:
+        reject.check(check_full_fp16_optimizer, optimizer_type, args.optimizer_args)
     if args.fused_backward_pass:
         reject.check(check_fused_backward_pass, (args.optimizer_type or "").lower() == "adafactor",
                      args.gradient_accumulation_steps)
@@ -885,12 +894,14 @@ class _Rejections:
     def __call__(self, message: str) -> None:
         self.messages.append(message)
 
-    def check(self, rule: Callable[..., Any], *rule_args: Any) -> None:
-        """Run a rule its owner module states (it raises AnimaError) and collect its message."""
+    def check(self, rule: Callable[..., Any], *rule_args: Any) -> Any:
+        """Run a rule its owner module states (it raises AnimaError) and collect its message. Returns what the
+        rule returns, None when it refused."""
         try:
-            rule(*rule_args)
+            return rule(*rule_args)
         except AnimaError as exc:
             self.messages.append(str(exc))
+            return None
 
     def raise_if_any(self) -> None:
         if self.messages:

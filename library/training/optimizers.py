@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
+import inspect
 import logging
 import math
 import re
@@ -327,6 +328,51 @@ def _prepare_adafactor(param_groups: list[Any], lr: float, kwargs: dict[str, Any
     return None
 
 
+def optimizer_class(optimizer_type: str) -> tuple[type, dict[str, Any]]:
+    """The class a resolved --optimizer_type names, and the settings its name adds when --optimizer_args lacks
+    them (SGDNesterov: momentum=0.9)."""
+    key = optimizer_type.lower()
+    if key == "adamw":
+        return torch.optim.AdamW, {}
+    if key == "sgdnesterov":
+        return torch.optim.SGD, {"momentum": 0.9}
+    if key == "lion":
+        return Lion, {}
+    if key == "adafactor":
+        return Adafactor, {}
+    if key in _PACKAGED_BY_KEY:
+        module_name, class_name, pip_name, defaults = _PACKAGED_BY_KEY[key]
+        return _import_attr(module_name, class_name, pip_name, optimizer_type), dict(defaults)
+    return _resolve_torch_or_dotted(optimizer_type), {}
+
+
+def check_full_fp16_optimizer(optimizer_type: str, optimizer_args: list[str] | None) -> None:
+    """--full_fp16 keeps the LoRA weights in float16, and most optimizers keep their state in the weights' dtype.
+    An `eps` below float16's smallest step (6e-8) is 0 there: AdamW's first update of a LoRA down matrix (whose
+    gradient is exactly 0 while the up matrix is still 0) is then 0/0 and the weights turn NaN. Refused before
+    any work starts; bitsandbytes and Adafactor compute in float32 and are fine."""
+    cls, _ = optimizer_class(optimizer_type)
+    if cls is Adafactor or cls.__module__.split(".")[0] == "bitsandbytes":
+        return
+    kwargs = parse_literal_kwargs(optimizer_args, "--optimizer_args")
+    if "eps" in kwargs:
+        eps, origin = kwargs["eps"], "--optimizer_args eps"
+    else:
+        try:
+            default = inspect.signature(cls.__init__).parameters.get("eps")
+        except (TypeError, ValueError):
+            return
+        eps, origin = (default.default if default is not None else None), f"{cls.__name__}'s default eps"
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0 and torch.tensor(
+            float(eps), dtype=torch.float16).item() == 0:
+        raise AnimaError(
+            f"--full_fp16 with --optimizer_type {optimizer_type}: {origin}={eps:g} is 0 in float16, where the "
+            "optimizer keeps its state, so the first update divides 0 by 0 and the LoRA turns NaN; drop "
+            "--full_fp16 (fp16 compute, float32 LoRA weights), use --optimizer_type AdamW8bit, or raise eps "
+            "(e.g. --optimizer_args eps=1e-4)"
+        )
+
+
 def create_optimizer(
     optimizer_type: str,
     param_groups: Iterable[Any],
@@ -355,24 +401,11 @@ def create_optimizer(
             "the optimizer got no trainable parameters (check --network_train_unet_only / text-encoder flags)"
         )
     key = optimizer_type.lower()
-
-    if key == "adamw":
-        cls: type = torch.optim.AdamW
-    elif key == "sgdnesterov":
-        cls = torch.optim.SGD
-        kwargs.setdefault("momentum", 0.9)
-    elif key == "lion":
-        cls = Lion
-    elif key == "adafactor":
-        cls = Adafactor
+    cls, defaults = optimizer_class(optimizer_type)
+    for k, v in defaults.items():
+        kwargs.setdefault(k, v)
+    if cls is Adafactor:
         lr = _prepare_adafactor(param_groups, lr, kwargs)
-    elif key in _PACKAGED_BY_KEY:
-        module_name, class_name, pip_name, defaults = _PACKAGED_BY_KEY[key]
-        cls = _import_attr(module_name, class_name, pip_name, optimizer_type)
-        for k, v in defaults.items():
-            kwargs.setdefault(k, v)
-    else:
-        cls = _resolve_torch_or_dotted(optimizer_type)
 
     fixed = _FIXED_KWARGS.get(key, {})
     for name in fixed.keys() & kwargs.keys():
