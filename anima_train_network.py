@@ -120,11 +120,12 @@ class AnimaNetworkTrainer(NetworkTrainer):
 
     def load_vae(self, args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
         """The VAE on the device and the identity string that ties latent caches to it."""
-        from library.models.vae import load_vae
+        from library.models.vae import LATENT_NORMALISATION, load_vae
 
         vae = load_vae(args.vae, device=self.device, dtype=self.vae_dtype, chunk_size=args.vae_chunk_size,
                        disable_cache=args.vae_disable_cache)
-        return vae, file_identity(args.vae, self.vae_dtype) + f"|chunk{args.vae_chunk_size}"
+        identity = f"{file_identity(args.vae, self.vae_dtype)}|chunk{args.vae_chunk_size}|{LATENT_NORMALISATION}"
+        return vae, identity
 
     def load_dit(self, args: argparse.Namespace) -> torch.nn.Module:
         from library.models.dit_loading import load_anima_model

@@ -10,7 +10,7 @@ import anima_train_network
 from library.training.reporting import logger
 
 
-def test_log_says_disk_caches_were_reused_and_why_a_caption_was_re_encoded(tiny_setup, tmp_path):
+def test_log_says_disk_caches_were_reused_and_why_a_caption_was_re_encoded(tiny_setup, tmp_path, monkeypatch):
     tiny = tiny_setup
     images = tmp_path / "img" / "2_shape"  # DreamBooth folder mode: repeats_name
     shutil.copytree(tiny.dataset_toml.parent / "images", images)
@@ -41,6 +41,13 @@ def test_log_says_disk_caches_were_reused_and_why_a_caption_was_re_encoded(tiny_
     assert f"latent cache: {count} image(s), {count} reused from disk, 0 to encode" in second
     assert "re-encoding 1 text cache(s): caption changed" in second
     assert f"{count - 1} reused from disk, 1 to encode" in second
+    # Latents normalised by an earlier formula are not reused: the formula is part of the VAE's identity.
+    import library.models.vae
+
+    monkeypatch.setattr(library.models.vae, "LATENT_NORMALISATION", "an earlier formula")
+    third = train()
+    assert f"latent cache: {count} image(s), 0 reused from disk, {count} to encode" in third
+    assert "vae changed" in third
 
 
 def test_only_the_main_process_logs_below_errors(monkeypatch):

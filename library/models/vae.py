@@ -59,6 +59,9 @@ from library.models.vae_keys import (
 logger = logging.getLogger(__name__)
 
 SCALE_FACTOR = 8  # pixels per latent, in height and width
+# Names how latents are normalised; part of the latent caches' VAE identity, so that caches written with an
+# earlier formula (float32 (mu - mean) / std) are encoded again.
+LATENT_NORMALISATION = "times-inverse-std-in-vae-dtype"
 LATENT_CHANNELS = 16
 
 # Per-channel statistics of the Qwen-Image latent space: latents = (posterior_mean - MEAN) / STD.
