@@ -34,7 +34,12 @@ from library.io import files
 from library.training import checkpointing, flow_matching, outputs, preflight, schedule
 from library.training import state as train_state
 from library.training.args import MIXED_PRECISION_DTYPES, SAVE_PRECISION_DTYPES
-from library.training.distributed import TrainingModule, allow_module_dropout, process_group_kwargs
+from library.training.distributed import (
+    TrainingModule,
+    allow_module_dropout,
+    lone_cpu_launch_warning,
+    process_group_kwargs,
+)
 from library.training.interrupt import CtrlC
 from library.training.losses import ModelOutput, huber_threshold, per_sample_loss
 from library.training.network_setup import network_from_args, optimizer_from_args, trains_text_encoder
@@ -209,6 +214,9 @@ class NetworkTrainer:
             kwargs_handlers=process_group_kwargs(args),
         )
         set_seed(self.seed)
+        lone_cpu_launch = lone_cpu_launch_warning()
+        if lone_cpu_launch and accelerator.num_processes == 1:
+            logger.warning("%s", lone_cpu_launch)
         if args.cuda_allow_tf32:
             # TF32 tensor cores for float32 matmuls and convolutions (about 10 mantissa bits instead of 23).
             torch.backends.cuda.matmul.allow_tf32 = True

@@ -235,6 +235,30 @@ def test_two_process_accumulation_skips_the_all_reduce_and_ddp_flags_reach_the_w
     assert_identical_ranks(out)
 
 
+def test_accelerate_cpu_launch_with_two_processes_warns_that_it_started_one(tiny, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` without mpirun starts one process; the run says so."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(REPO / "anima_train_network.py"), *base_argv(tiny, tmp_path / "out", "--max_train_steps", "1")]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accelerate launch --cpu with --num_processes above 1 started one process" in result.stderr
+    assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu" in result.stderr
+    assert "1 process(es)" in result.stderr and (tmp_path / "out" / "tiny.safetensors").is_file()
+
+
+def test_lone_cpu_launch_is_told_from_real_multi_process_and_plain_launches():
+    from library.training.distributed import lone_cpu_launch_warning
+
+    lone = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert lone_cpu_launch_warning(lone) is not None
+    assert lone_cpu_launch_warning({**lone, "WORLD_SIZE": "2"}) is None  # --multi_gpu (torchrun)
+    assert lone_cpu_launch_warning({**lone, "OMPI_COMM_WORLD_SIZE": "2"}) is None  # --cpu under mpirun
+    assert lone_cpu_launch_warning({"ACCELERATE_USE_CPU": "True"}) is None  # --cpu --num_processes 1
+    assert lone_cpu_launch_warning({"MASTER_ADDR": "127.0.0.1"}) is None
+
 def test_two_process_ddp_static_graph_reaches_the_wrapper(tiny, tmp_path):
     # With CPU-offload checkpointing: its inner backward gives the LoRA parameters their gradients.
     _, out, infos = run_two_processes(tiny, tmp_path, "--max_train_steps", "2", "--ddp_static_graph",

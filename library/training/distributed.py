@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +69,25 @@ def allow_module_dropout(accelerator: Any, network: torch.nn.Module, args: argpa
                          "or --unsloth_offload_checkpointing on several processes; drop one or use "
                          "--gradient_checkpointing alone")
     accelerator.ddp_handler.find_unused_parameters = True
+
+
+# Set by MPI launchers for each rank: with them `accelerate launch --cpu` does start several processes.
+_MPI_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+
+
+def lone_cpu_launch_warning(environ: Any = None) -> str | None:
+    """`accelerate launch --cpu --num_processes N` (N > 1) without mpirun starts ONE process: accelerate's
+    simple launcher sets the rendezvous address for N but leaves starting them to mpirun. That shows as
+    ACCELERATE_USE_CPU with MASTER_ADDR set and neither a WORLD_SIZE nor an MPI size. Returns the warning to
+    log, or None."""
+    env = os.environ if environ is None else environ
+    if str(env.get("ACCELERATE_USE_CPU", "")).lower() not in ("1", "true", "yes"):
+        return None
+    if "MASTER_ADDR" not in env or "WORLD_SIZE" in env or any(name in env for name in _MPI_SIZE_VARIABLES):
+        return None
+    return ("accelerate launch --cpu with --num_processes above 1 started one process (accelerate's --cpu mode "
+            "expects mpirun to start the others); for several CPU processes run `ACCELERATE_USE_CPU=1 accelerate "
+            "launch --multi_gpu --num_processes N ...` instead; this run trains on one process")
 
 
 def process_group_kwargs(args: argparse.Namespace) -> list[Any]:
