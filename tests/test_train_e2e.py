@@ -235,6 +235,98 @@ def test_two_process_accumulation_skips_the_all_reduce_and_ddp_flags_reach_the_w
     assert_identical_ranks(out)
 
 
+# The noise and noise levels become functions of each sample (random draws differ between processes), so a
+# 2-process step and a 1-process step over the same batches compute the same gradients.
+FIXED_DRAWS_WORKER = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import anima_train_network
+from library.training import flow_matching
+
+real_levels = flow_matching.training_noise_levels
+
+def fixed_levels(*args, **kwargs):
+    sigmas, timesteps = real_levels(*args, **kwargs)
+    return sigmas.fill_(0.6), timesteps.fill_(0.6)
+
+flow_matching.training_noise = lambda latents: torch.sin(latents * 37.0 + 1.0)
+flow_matching.training_noise_levels = fixed_levels
+sys.exit(anima_train_network.main(sys.argv[1:]))
+"""
+
+
+def test_two_processes_take_the_mean_gradient_of_their_batches_as_one_process_accumulating_both(tiny, tmp_path):
+    """Process i trains on batches i, i+2, ... and DDP averages: 2 steps on 2 processes equal 2 steps of one
+    process accumulating the same batch pairs (batch means weighted equally either way)."""
+    worker = tmp_path / "fixed_draws.py"
+    worker.write_text(FIXED_DRAWS_WORKER.format(repo=str(REPO)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # Plain SGD: the update is linear in the gradient, so a sum instead of a mean would show (Adam hides it).
+    flags = ["--max_train_steps", "2", "--learning_rate", "0.5", "--optimizer_type", "SGD"]
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         str(worker), *base_argv(tiny, tmp_path / "two", *flags)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        [sys.executable, str(worker), *base_argv(tiny, tmp_path / "one", *flags, "--gradient_accumulation_steps", "2")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "2 process(es), grad accumulation 1" in two.stderr and "1 process(es), grad accumulation 2" in one.stderr
+    a, b = load_file(str(tmp_path / "two" / "tiny.safetensors")), load_file(str(tmp_path / "one" / "tiny.safetensors"))
+    assert a.keys() == b.keys()
+    moved = 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+        moved += int(key.endswith("lora_up.weight") and bool(a[key].abs().sum() > 0))
+    assert moved > 0, "nothing was trained"
+
+# Counts each process's cache-file writes.
+WRITE_COUNTING_WORKER = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import anima_train_network
+from library.data import latent_cache, text_cache
+
+writes = {{"latents": 0, "text": 0}}
+
+def counting(kind, real):
+    def merge(path, arrays):
+        writes[kind] += 1
+        return real(path, arrays)
+    return merge
+
+latent_cache.merge_into_npz = counting("latents", latent_cache.merge_into_npz)
+text_cache.merge_into_npz = counting("text", text_cache.merge_into_npz)
+code = anima_train_network.main(sys.argv[1:])
+with open(os.path.join({out!r}, "writes" + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump(writes, f)
+sys.exit(code)
+"""
+
+
+def test_two_processes_write_disk_caches_and_sample_images_once(tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    worker = tmp_path / "count_writes.py"
+    worker.write_text(WRITE_COUNTING_WORKER.format(repo=str(REPO), out=str(out)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         str(worker), *base_argv(tiny, out, "--max_train_steps", "1", "--cache_latents_to_disk",
+                                 "--cache_text_encoder_outputs_to_disk", "--sample_prompts", str(tiny.sample_prompts),
+                                 "--sample_at_first")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = len(list(tiny.image_dir.glob("*.png"))) + len(list(tiny.image_dir.glob("*.jpg")))
+    writes = [json.loads((out / f"writes{rank}.json").read_text()) for rank in (0, 1)]
+    assert writes[0] == {"latents": images, "text": images}  # the main process encodes and writes every file
+    assert writes[1] == {"latents": 0, "text": 0}  # the other finds them written and only reads them
+    prompts = [line for line in tiny.sample_prompts.read_text().splitlines() if line and not line.startswith("#")]
+    assert len(list((out / "sample").glob("*.png"))) == len(prompts)  # once, not once per process
+
 def test_accelerate_cpu_launch_with_two_processes_warns_that_it_started_one(tiny, tmp_path):
     """`accelerate launch --cpu --num_processes 2` without mpirun starts one process; the run says so."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
