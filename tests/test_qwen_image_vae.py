@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from library.errors import AnimaError
 from library.models.vae import (
     LATENTS_MEAN,
     LATENTS_STD,
+    CausalConv3d,
+    ChannelRMSNorm,
     QwenImageVAE,
     VAEConfig,
     load_vae,
@@ -177,10 +180,13 @@ def test_bf16_encode_decode_stays_close_to_fp32(vae_file, golden, reference_outp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_latent_normalisation_uses_sd_scripts_arithmetic_in_the_vae_dtype(vae_file, golden, dtype):
     """sd-scripts normalises as (mu - mean) * (1/std) and un-normalises as z / (1/std) + mean, in the VAE's
-    dtype with both constants rounded to it: a bf16 VAE must cache the same latents bit for bit."""
+    dtype, with std rounded to that dtype before the reciprocal (its `1.0 / tensor(std).to(dtype)`): a bf16 VAE
+    must cache the same latents bit for bit."""
     model = load_vae(vae_file, dtype=dtype)
     mean = torch.tensor(LATENTS_MEAN).view(1, 16, 1, 1).to(dtype)
-    inv_std = (1.0 / torch.tensor(LATENTS_STD).view(1, 16, 1, 1)).to(dtype)
+    inv_std = 1.0 / torch.tensor(LATENTS_STD).view(1, 16, 1, 1).to(dtype)
+    if dtype == torch.bfloat16:  # the order of rounding matters here, so the test can tell the two apart
+        assert not torch.equal(inv_std, (1.0 / torch.tensor(LATENTS_STD).view(1, 16, 1, 1)).to(dtype))
     seen: list[torch.Tensor] = []
     model.post_quant_conv.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
     with torch.no_grad():
@@ -189,6 +195,34 @@ def test_latent_normalisation_uses_sd_scripts_arithmetic_in_the_vae_dtype(vae_fi
         model.decode_latents_to_pixels(golden["out.latents"])
     assert torch.equal(latents, (mu - mean) * inv_std)
     assert torch.equal(seen[0], golden["out.latents"].to(dtype) / inv_std + mean)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_channel_rms_norm_is_sd_scripts_normalize_then_scale_then_gamma(grad):
+    """The same ops in the same order as sd-scripts (F.normalize over channels, times sqrt(C), times gamma),
+    with and without autograd (the grad-free path multiplies in place)."""
+    norm = ChannelRMSNorm(8)
+    with torch.no_grad():
+        norm.gamma.copy_(1 + 0.1 * torch.randn(8, 1, 1, 1, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(2, 8, 5, 7, generator=torch.Generator().manual_seed(1)) * 3
+    with torch.set_grad_enabled(grad):
+        y = norm(x)
+    expected = F.normalize(x, dim=1) * 8**0.5 * norm.gamma.detach().reshape(8, 1, 1)
+    assert torch.equal(y.detach(), expected)
+
+
+def test_causal_conv_gives_the_same_bits_for_a_channels_last_input():
+    """The mid-block attention hands on a channels-last tensor; a conv on it would pick another kernel and
+    round differently from sd-scripts, whose padded conv input is always contiguous."""
+    conv = CausalConv3d(16, 16, 3, padding=1)
+    x = torch.randn(1, 16, 12, 10, generator=torch.Generator().manual_seed(2))
+    channels_last = x.to(memory_format=torch.channels_last)
+    assert not channels_last.is_contiguous()
+    with torch.no_grad():
+        assert torch.equal(conv(channels_last), conv(x))
+        conv.chunk_size = 4  # the row-band path too
+        assert torch.equal(conv(channels_last), conv(x))
+
 
 # --- chunking and the cache flag ---------------------------------------------------------------------------
 

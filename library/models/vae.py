@@ -31,7 +31,6 @@ so it changes nothing.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -59,9 +58,9 @@ from library.models.vae_keys import (
 logger = logging.getLogger(__name__)
 
 SCALE_FACTOR = 8  # pixels per latent, in height and width
-# Names how latents are normalised; part of the latent caches' VAE identity, so that caches written with an
-# earlier formula (float32 (mu - mean) / std) are encoded again.
-LATENT_NORMALISATION = "times-inverse-std-in-vae-dtype"
+# Names how latents are computed; part of the latent caches' VAE identity, so that caches written by an
+# earlier formula (float32 (mu - mean) / std; a float32 1/std; another RMS-norm order) are encoded again.
+LATENT_NORMALISATION = "normalize-rms+inverse-of-rounded-std"
 LATENT_CHANNELS = 16
 
 # Per-channel statistics of the Qwen-Image latent space: latents = (posterior_mean - MEAN) / STD.
@@ -146,7 +145,7 @@ def _padded_row_reader(
         rows = x[:, :, max(r0, 0) : min(r1, height)]
         if pre is not None:
             rows = pre(rows)
-        return F.pad(rows, (left, right, max(0, -r0), max(0, r1 - height)))
+        return F.pad(rows, (left, right, max(0, -r0), max(0, r1 - height))).contiguous()  # see CausalConv3d
 
     return read
 
@@ -201,7 +200,9 @@ class CausalConv3d(nn.Conv3d):
         weight = self.weight[:, :, -1]  # [O, I, kH, kW]
         pad = self.spatial_padding
         if self.chunk_size is None or weight.shape[2] == 1 or x.shape[2] <= self.chunk_size:
-            out = F.conv2d(x if pre is None else pre(x), weight, self.bias, padding=pad)
+            # Contiguous, as sd-scripts' F.pad output is: a channels-last input (after the mid-block
+            # attention) picks another conv kernel, which sums in another order.
+            out = F.conv2d((x if pre is None else pre(x)).contiguous(), weight, self.bias, padding=pad)
         else:
             reader = _padded_row_reader(x, pad, pad, pad, pad, pre)
             if residual is not None and _grad_free():
@@ -215,11 +216,11 @@ class CausalConv3d(nn.Conv3d):
 
 
 class ChannelRMSNorm(nn.Module):
-    """y = x / ||x||_2(over channels) * sqrt(C) * gamma (no epsilon beyond a 1e-12 floor, no bias).
+    """y = F.normalize(x, dim=channels) * sqrt(C) * gamma: no epsilon beyond normalize's 1e-12 floor, no bias.
 
     ``gamma`` is (C, 1, 1, 1) in residual blocks and heads, (C, 1, 1) in attention, as in the checkpoint.
-    The norm is accumulated in float32; the per-pixel scale is then applied in the input dtype, which
-    avoids a float32 copy of the activation for bf16/fp16.
+    The ops and their order are sd-scripts' (normalize, times the Python-float scale, times gamma), so float32
+    results round the same; without autograd the two products run in place on normalize's fresh output.
     """
 
     def __init__(self, dim: int, image_shaped_gamma: bool = False) -> None:
@@ -228,10 +229,10 @@ class ChannelRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, C, H, W]
         channels = x.shape[1]
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
-        y = x * (math.sqrt(channels) / norm).to(x.dtype)
+        scale = channels**0.5
+        y = F.normalize(x, dim=1)
         gamma = self.gamma.reshape(channels, 1, 1)
-        return y.mul_(gamma) if _grad_free() else y * gamma
+        return y.mul_(scale).mul_(gamma) if _grad_free() else y * scale * gamma
 
 
 def _norm_silu(norm: ChannelRMSNorm) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -493,13 +494,13 @@ class QwenImageVAE(nn.Module):
         return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, 1/std) as [1, 16, 1, 1] in `like`'s dtype. The reciprocal is taken in float32 and then
-        rounded, and the normalisation runs in the latents' own dtype, as sd-scripts does: a bf16 VAE then
-        caches the same latents bit for bit (in bf16 the mean moves by up to 4e-3 and 1/std by 0.3 %, so float32
-        constants would give other latents)."""
-        mean = torch.tensor(LATENTS_MEAN, dtype=torch.float32).view(1, -1, 1, 1)
-        inv_std = 1.0 / torch.tensor(LATENTS_STD, dtype=torch.float32).view(1, -1, 1, 1)
-        return mean.to(like.device, like.dtype), inv_std.to(like.device, like.dtype)
+        """(mean, 1/std) as [1, 16, 1, 1] in `like`'s dtype. As in sd-scripts, std is rounded to that dtype first
+        and the reciprocal taken there, and the normalisation runs in the latents' own dtype: a bf16 VAE then
+        caches the same latents bit for bit (float32 constants, or a float32 reciprocal rounded afterwards,
+        give other bf16 latents in about a third of the elements)."""
+        mean = torch.tensor(LATENTS_MEAN, dtype=torch.float32).view(1, -1, 1, 1).to(like.device, like.dtype)
+        std = torch.tensor(LATENTS_STD, dtype=torch.float32).view(1, -1, 1, 1).to(like.device, like.dtype)
+        return mean, 1.0 / std
 
     # -- public API ---------------------------------------------------------------------------------------
 
