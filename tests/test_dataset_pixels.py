@@ -323,3 +323,16 @@ def test_tiny_and_extreme_aspect_images_are_listed_in_one_warning_each(tmp_path,
     with caplog.at_level(logging.WARNING):
         train.datasets[0].drop_images({str(img.resolve() / "small.png")})  # rebuilding buckets does not repeat it
     assert not any("far below" in r.getMessage() for r in caplog.records)
+
+
+def test_pixels_become_v_over_255_minus_half_over_half_rounded_as_sd_scripts_rounds_them():
+    """sd-scripts' ToTensor + Normalize([0.5], [0.5]) in float32: divide by 255, subtract 0.5, divide by 0.5, each
+    rounded. Every grey level is compared; 1/127.5 - 1 would round 111 of the 256 differently."""
+    levels = np.arange(256, dtype=np.uint8)
+    rgb = np.stack([levels, levels[::-1], levels], axis=-1).reshape(16, 16, 3)
+    expected = torch.from_numpy(rgb.transpose(2, 0, 1).copy()).float().div(255)
+    expected = expected.sub(torch.tensor([0.5])).div(torch.tensor([0.5]))
+    tensor = image_io.to_tensor(rgb)
+    assert tensor.dtype == torch.float32 and tensor.shape == (3, 16, 16)
+    assert torch.equal(tensor, expected)
+    assert tensor[0].min().item() == -1.0 and tensor[0].max().item() == 1.0

@@ -59,7 +59,7 @@ _CV2_FILTERS = {
 }
 
 # Recorded in the latent-cache provenance: a change to decoding or resizing re-encodes older cache entries.
-PIXEL_PIPELINE = "exif+8bit+sd-scripts-resize"
+PIXEL_PIPELINE = "exif+8bit+sd-scripts-resize+over-255-normalize"
 
 # EXIF orientation -> the transpose that shows the picture upright (the EXIF standard's table); 5-8 turn it by
 # 90 degrees, so width and height swap.
@@ -378,10 +378,12 @@ def split_alpha(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1]."""
+    """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1] as (v / 255 - 0.5) / 0.5, each step rounded to float32:
+    sd-scripts' ToTensor + Normalize([0.5], [0.5]). (v * (1 / 127.5) - 1 rounds 111 of the 256 values otherwise.)"""
     chw = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)  # a fresh, writable copy
-    chw *= 1.0 / 127.5
-    chw -= 1.0
+    chw /= np.float32(255)
+    chw -= np.float32(0.5)
+    chw /= np.float32(0.5)
     return torch.from_numpy(chw)
 
 
