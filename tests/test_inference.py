@@ -75,6 +75,20 @@ def test_renders_a_png_with_two_loras_and_records_the_prompt(setup_and_loras, tm
     assert (pixels(base_png) - pixels(lora_png)).abs().max() > 0  # the LoRAs change the picture
 
 
+def test_a_loras_qwen3_part_changes_the_image_with_a_folder_text_encoder(setup_and_loras, tmp_path):
+    """sd-scripts merges `lora_te_*` only into a single-file Qwen3; here a Hugging Face folder gets it too."""
+    setup, _, second = setup_and_loras
+    assert Path(setup.qwen3_dir).is_dir()
+    text_only = tmp_path / "text_only.safetensors"
+    save_file({k: v for k, v in load_file(str(second)).items() if k.startswith("lora_te_")}, str(text_only))
+    common = [*model_flags(setup), "--prompt", "a red circle", "--seed", "3", *SIZE]
+    assert anima_minimal_inference.main([*common, "--save_path", str(tmp_path / "plain")]) == 0
+    assert anima_minimal_inference.main([*common, "--save_path", str(tmp_path / "te"), "--lora_weight",
+                                         str(text_only)]) == 0
+    [plain_png], [te_png] = pngs(tmp_path / "plain"), pngs(tmp_path / "te")
+    assert (pixels(plain_png) - pixels(te_png)).abs().max() > 0
+
+
 def test_refuses_a_lora_with_a_renamed_key_naming_it(setup_and_loras, tmp_path, capsys):
     setup, first, _ = setup_and_loras
     renamed = {k.replace("blocks_1_mlp_layer2", "blocks_1_mlp_layer9"): v for k, v in load_file(str(first)).items()}
