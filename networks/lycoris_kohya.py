@@ -36,7 +36,16 @@ from networks.lora_format import (
     sample_keys,
     save_lora_file,
 )
-from networks.network_base import most_common, side_learning_rates, text_encoder_root, weights_to_load
+from networks.network_base import (
+    TEXT_ENCODER_SIDE,
+    UNET_SIDE,
+    most_common,
+    side_learning_rates,
+    skip_untrained_sides,
+    text_encoder_root,
+    warn_dropped_side_of_weights,
+    weights_to_load,
+)
 
 MISSING_LIBRARY = (
     "--network_module lycoris.kohya needs the LyCORIS library: pip install lycoris-lora "
@@ -118,6 +127,8 @@ class AnimaLycorisNetwork(lycoris_kohya.LycorisNetworkKohya):
     network_dim: int | None = None  # set from a file's modules (create_network_from_weights)
     network_alpha: float | None = None
     dora_unchecked: bool = False  # built without DoRA on weightless models (see create_network)
+    untrained_sides: frozenset[str] | set[str] = frozenset()  # set by apply_to
+    from_weights: bool = False  # built from a file's modules (--dim_from_weights)
 
     @classmethod
     def adopt(cls, network: lycoris_kohya.LycorisNetworkKohya, algo: str) -> AnimaLycorisNetwork:
@@ -127,7 +138,15 @@ class AnimaLycorisNetwork(lycoris_kohya.LycorisNetworkKohya):
 
     def apply_to(self, text_encoders: Any = None, unet: nn.Module | None = None,
                  apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
+        if self.from_weights:
+            for side, applied, loras in ((TEXT_ENCODER_SIDE, apply_text_encoder, self.text_encoder_loras),
+                                         (UNET_SIDE, apply_unet, self.unet_loras)):
+                if loras and not applied:
+                    warn_dropped_side_of_weights(len(loras), side)
         super().apply_to(text_encoders, unet, bool(apply_text_encoder), bool(apply_unet))
+        # sides left out (--network_train_unet_only, cached text-encoder outputs, ..._text_encoder_only)
+        self.untrained_sides = {side for side, applied in ((TEXT_ENCODER_SIDE, apply_text_encoder),
+                                                           (UNET_SIDE, apply_unet)) if not applied}
 
     def remove_hooks(self) -> None:
         """Give every wrapped layer its own forward back."""
@@ -214,6 +233,10 @@ class AnimaLycorisNetwork(lycoris_kohya.LycorisNetworkKohya):
             raise AnimaError(f"--network_weights {file}: {str(exc).splitlines()[-1].strip()}; use "
                              "--dim_from_weights or the --network_dim / network_args it was trained with") from None
         unexpected = [k for k in result.unexpected_keys if not (self.dora_unchecked and k.endswith(".dora_scale"))]
+        file_modules = sorted({k.split(".")[0] for k in unexpected})
+        skipped = set(skip_untrained_sides(file_modules, self.untrained_sides,
+                                           f"--network_weights {file}"))
+        unexpected = [k for k in unexpected if k.split(".")[0] not in skipped]
         if unexpected:
             raise AnimaError(
                 f"--network_weights {file}: {len(unexpected)} tensor(s) fit no module of this network: "
@@ -286,6 +309,7 @@ def create_network_from_weights(
     kinds = {type(lora).__name__ for lora in network.loras}
     algo = next((name for name, cls in network_module_dict.items() if {cls.__name__} == kinds), "mixed")
     network = AnimaLycorisNetwork.adopt(network, algo)
+    network.from_weights = True
     network.network_dim = most_common(int(lora.lora_dim) for lora in network.loras if getattr(lora, "lora_dim", 0))
     network.network_alpha = most_common(float(lora.alpha) for lora in network.loras
                                         if isinstance(getattr(lora, "alpha", None), torch.Tensor))

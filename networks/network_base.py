@@ -426,11 +426,31 @@ class _Target:
     module: nn.Linear
 
 
-_SIDE_NAMES = {TEXT_ENCODER_SIDE: "text encoder (Qwen3)", UNET_SIDE: "DiT"}
+SIDE_NAMES = {TEXT_ENCODER_SIDE: "text encoder (Qwen3)", UNET_SIDE: "DiT"}
 
 
-def _side_of(lora_name: str) -> str:
+def side_of(lora_name: str) -> str:
     return UNET_SIDE if lora_name.startswith(UNET_PREFIX + "_") else TEXT_ENCODER_SIDE
+
+
+def warn_dropped_side_of_weights(count: int, side: str) -> None:
+    """--dim_from_weights: the file built modules on a side this run does not train."""
+    logger.warning("%d %s LoRA module(s) of the weights are dropped: that side is not trained in this run, so "
+                   "the saved LoRA will not hold them", count, SIDE_NAMES[side])
+
+
+def skip_untrained_sides(names: Sequence[str], untrained_sides: set[str], source: str) -> list[str]:
+    """The module names of ``names`` (a file's modules this network lacks) that belong to a side the run does not
+    train, each side with one warning: they are skipped, as sd-scripts skips them, not refused."""
+    skipped = []
+    for side in sorted(untrained_sides):
+        of_side = [n for n in names if side_of(n) == side]
+        if of_side:
+            logger.warning("%s: %d %s LoRA module(s) not loaded: that side is not trained in this run, so the "
+                           "saved LoRA will not hold them (%s)", source, len(of_side), SIDE_NAMES[side],
+                           sample_keys(of_side))
+            skipped += of_side
+    return skipped
 
 
 def _linear_modules(model: nn.Module | None) -> Iterable[tuple[str, nn.Linear]]:
@@ -621,7 +641,7 @@ class AdapterNetwork(nn.Module):
         indexes = {TEXT_ENCODER_SIDE: _name_index(TEXT_ENCODER_SIDE, te_root), UNET_SIDE: _name_index(UNET_SIDE, unet)}
         targets, unresolved = [], []
         for lora_name in module_shapes:
-            side = _side_of(lora_name)
+            side = side_of(lora_name)
             matches = indexes[side].get(lora_name, [])
             if len(matches) > 1:
                 names = ", ".join(n for n, _ in matches)
@@ -697,11 +717,10 @@ class AdapterNetwork(nn.Module):
         for key, value in side_options.items():
             if value is not None:
                 logger.warning("--network_args %s has no effect: the %s LoRA is not trained in this run", key,
-                               _SIDE_NAMES[side])
+                               SIDE_NAMES[side])
         loras = self.unet_loras if side == UNET_SIDE else self.text_encoder_loras
         if loras and self.from_weights:
-            logger.warning("%d %s LoRA module(s) of the weights are dropped: that side is not trained in this run, so "
-                           "the saved LoRA will not hold them", len(loras), _SIDE_NAMES[side])
+            warn_dropped_side_of_weights(len(loras), side)
         for lora in loras:
             handle = self._hooks.pop(lora.lora_name, None)
             if handle is not None:
@@ -927,14 +946,9 @@ class AdapterNetwork(nn.Module):
         modules = group_by_module(to_sd_scripts_format(raw, add_missing_alpha=False))
         by_name = {lora.lora_name: lora for lora in self.all_loras}
         unexpected = [name for name in modules if name not in by_name]
-        untrained = {side: [n for n in unexpected if _side_of(n) == side] for side in sorted(self.untrained_sides)}
-        for side, names in untrained.items():
-            if names:
-                logger.warning("%s: %d %s LoRA module(s) not loaded: that side is not trained in this run, so the "
-                               "saved LoRA will not hold them (%s)", source, len(names), _SIDE_NAMES[side],
-                               sample_keys(names))
-                unexpected = [n for n in unexpected if n not in names]
-                modules = {n: parts for n, parts in modules.items() if n not in names}
+        skipped = set(skip_untrained_sides(unexpected, self.untrained_sides, source))
+        unexpected = [n for n in unexpected if n not in skipped]
+        modules = {n: parts for n, parts in modules.items() if n not in skipped}
         if unexpected:
             raise AnimaError(
                 f"{source}: {len(unexpected)} module(s) are not part of this network: {sample_keys(unexpected)}; "

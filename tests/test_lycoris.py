@@ -139,6 +139,53 @@ def test_lycoris_weights_reload_into_a_new_network_and_from_the_file(lyco, tmp_p
         lyco.create_network_from_weights(1.0, None, None, None, model, weights_sd=sd)
 
 
+@pytest.mark.parametrize("trained_side", ["dit", "text_encoder"])
+def test_a_two_sided_lycoris_file_loads_into_a_run_training_one_side(lyco, tmp_path, caplog, trained_side):
+    """As with the native networks: the modules of the side left untrained are skipped with one warning, and the
+    trained side gets the file's weights (no refusal of a file from a Qwen3 + DiT run)."""
+    model, te = tiny_dit(), tiny_qwen3()
+    both = lyco.create_network(1.0, 2, 1.0, None, [te], model, algo="lokr", factor="4")
+    both.apply_to([te], model, True, True)
+    randomize(both)
+    path = tmp_path / "both.safetensors"
+    both.save_weights(str(path), torch.float32, None)
+    expected = {k: v.clone() for k, v in both.state_dict().items()}
+    both.remove_hooks()
+
+    one = lyco.create_network(1.0, 2, 1.0, None, [te], model, algo="lokr", factor="4")
+    one.apply_to([te], model, trained_side == "text_encoder", trained_side == "dit")
+    with caplog.at_level(logging.WARNING):
+        assert one.load_weights(str(path)) == []
+    kept, skipped = ("lora_unet_", "lora_te_") if trained_side == "dit" else ("lora_te_", "lora_unet_")
+    assert any(f"{skipped.rstrip('_')}" in r.getMessage() and "not trained in this run" in r.getMessage()
+               for r in caplog.records)
+    loaded = one.state_dict()
+    assert loaded and all(k.startswith(kept) for k in loaded)
+    for key, value in loaded.items():
+        assert torch.equal(value, expected[key]), key
+    one.remove_hooks()
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # --dim_from_weights: the file builds both sides, one is dropped
+        from_file, _ = lyco.create_network_from_weights(1.0, str(path), None, [te], model)
+        from_file.apply_to([te], model, trained_side == "text_encoder", trained_side == "dit")
+    assert any("of the weights are dropped" in r.getMessage() for r in caplog.records)
+    assert from_file.state_dict().keys() == loaded.keys()
+    from_file.remove_hooks()
+
+    other = lyco.create_network(1.0, 2, 1.0, None, [te], model, algo="lokr", factor="4", train_llm_adapter="true")
+    wrong = tmp_path / "wrong.safetensors"
+    other.apply_to([te], model, True, True)
+    randomize(other)
+    other.save_weights(str(wrong), torch.float32, None)
+    other.remove_hooks()
+    plain = lyco.create_network(1.0, 2, 1.0, None, [te], model, algo="lokr", factor="4")
+    plain.apply_to([te], model, False, True)
+    with pytest.raises(AnimaError, match="fit no module of this network"):  # the trained side still must fit
+        plain.load_weights(str(wrong))
+    plain.remove_hooks()
+
+
 @pytest.fixture(scope="module")
 def lycoris_run(tiny_setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("lycoris")
