@@ -219,6 +219,31 @@ def test_trainer_continues_a_lycoris_run_with_dim_from_weights(tiny_setup, lycor
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_trainer_continues_a_two_sided_lycoris_file_with_cached_text_encoder_outputs(lyco, tiny_setup, tmp_path):
+    """The trainer's whole path (input check on weightless models, then the run): a Qwen3 + DiT LyCORIS file
+    continues a run that trains the DiT only, and the saved file holds the DiT modules, continued."""
+    from library.models.dit_loading import load_anima_model
+    from library.models.qwen3 import load_qwen3_text_encoder
+
+    dit = load_anima_model(tiny_setup.dit).requires_grad_(False)
+    qwen3 = load_qwen3_text_encoder(tiny_setup.qwen3_dir, dtype=torch.float32)
+    both = lyco.create_network(1.0, 4, 4.0, None, [qwen3], dit, algo="lokr", factor="4")
+    both.apply_to([qwen3], dit, True, True)
+    randomize(both, std=0.01)
+    start = tmp_path / "both.safetensors"
+    both.save_weights(str(start), torch.float32, None)
+    both.remove_hooks()
+    assert any(k.startswith("lora_te_") for k in load_file(str(start)))
+
+    train_tiny(tiny_setup, tmp_path / "out", "lycoris.kohya", "--max_train_steps", "1", "--learning_rate", "1e-12",
+               "--network_args", "algo=lokr", "factor=4", "--network_weights", str(start))
+    before, after = load_file(str(start)), load_file(str(tmp_path / "out" / "tiny.safetensors"))
+    assert after and all(k.startswith("lora_unet_") for k in after)
+    assert after.keys() == {k for k in before if k.startswith("lora_unet_")}
+    for key in after:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6, msg=key)
+
+
 def test_base_weights_merge_equals_the_attached_lycoris_network(lyco, tmp_path):
     model = tiny_dit()
     network = lyco.create_network(1.0, 2, 1.0, None, None, model, algo="loha")
