@@ -8,7 +8,7 @@
 #   OUT=/some/dir bash bench/gpu_check.sh         # on the device; default OUT: ./gpu_out
 #   bash bench/gpu_check.sh --dry                 # on a CPU: the same steps with tiny sizes (checks the script)
 #
-# Each step has its own time limit (the limits add up to 470 s < 540 s); a failing step does not stop the
+# Each step has its own time limit (the limits add up to 490 s < 540 s); a failing step does not stop the
 # others. Everything a step prints goes to $OUT/run.log; the tables go to $OUT/summary.md. Only those two files
 # are written under $OUT. The step status and the tables are printed last.
 # GPU_CHECK_STEPS="env sdpa" runs only the named steps.
@@ -53,6 +53,7 @@ if [ "$DRY" = 1 ]; then
     TRAIN_512=(--resolution 32 --configs ckpt --config_timeout 60)
     PARITY=(--blocks 3 --model_channels 128 --num_heads 2 --tokens 16 --configs ckpt swap swap-forward fp8)
     SDPA=(--scale 0.0625 --steps 1)
+    VAE_BITS=(--scale 0.0625)
 else
     DEVICE=cuda
     TRAIN_SIZE=(--blocks 28 --warmup 1 --steps 3)
@@ -62,6 +63,7 @@ else
     TRAIN_512=(--resolution 512 --config_timeout 20 --configs plain ckpt swap26+ckpt fp8)
     PARITY=(--blocks 4 --tokens 4096 16)
     SDPA=(--steps 10)
+    VAE_BITS=()
 fi
 GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
 
@@ -71,6 +73,8 @@ step pytest_gpu 75 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rA $GPU_TESTS
 # Swap / offload / fp8 / compile against the plain model at full width, at 4096 tokens and at 16.
 step parity 75 "$PY" bench/bench_gpu_parity.py --device "$DEVICE" "${PARITY[@]}" --summary "$SUMMARY"
 step sdpa 25 "$PY" bench/bench_sdpa.py --device "$DEVICE" "${SDPA[@]}" --summary "$SUMMARY"
+# Whether the VAE's one-slice 2-D causal conv rounds like sd-scripts' padded 3-D conv on this backend.
+step vae_bits 20 "$PY" bench/bench_vae_conv_bits.py --device "$DEVICE" "${VAE_BITS[@]}" --summary "$SUMMARY"
 # Step time, peak allocated/reserved memory and MFU of the 2B DiT's LoRA step per configuration, bf16.
 step train_1024 200 "$PY" bench/bench_train_step.py --device "$DEVICE" "${TRAIN_SIZE[@]}" "${TRAIN_1024[@]}" \
     --summary "$SUMMARY"

@@ -63,7 +63,7 @@ def blocked_imports_script(body: str) -> str:
 
 def test_trainer_and_gpu_bench_modules_import_without_the_packages_missing_on_the_device():
     modules = ["anima_train_network", "train_network", "library.models.dit_loading", "library.training.args",
-               "bench.bench_train_step", "bench.bench_gpu_parity", "bench.bench_sdpa"]
+               "bench.bench_train_step", "bench.bench_gpu_parity", "bench.bench_sdpa", "bench.bench_vae_conv_bits"]
     script = blocked_imports_script("import importlib\n" + "".join(f"importlib.import_module({m!r})\n"
                                                                     for m in modules))
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
@@ -96,14 +96,15 @@ def test_prepare_copies_the_golden_files_into_an_untracked_unignored_folder(tmp_
 @needs_bash
 @pytest.mark.slow
 def test_gpu_check_dry_run_writes_two_files_and_prints_the_tables_last(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_STEPS": "env sdpa", "PYTHON": sys.executable}
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_STEPS": "env sdpa vae_bits", "PYTHON": sys.executable}
     result = subprocess.run(["bash", str(SCRIPT), "--dry"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     written = sorted(p.name for p in (tmp_path / "out").rglob("*"))
     assert written == ["run.log", "summary.md"]  # the device returns at most 8 files
     out = result.stdout
-    assert "env: exit 0" in out and "sdpa: exit 0" in out
+    assert "env: exit 0" in out and "sdpa: exit 0" in out and "vae_bits: exit 0" in out
+    assert "### VAE causal conv" in out[out.index("## Steps"):]
     assert out.index("## Steps") < out.index("### SDPA back-ends at the real shapes")  # tables come last
     assert out.rstrip().endswith("|")
 
@@ -174,7 +175,8 @@ def device_configs(option: str) -> list[str]:
 def test_gpu_check_entry_points_parse_their_device_arguments_without_the_missing_packages():
     """Every python entry point gpu_check.sh runs imports and answers --help on the device image, and the
     configuration names it passes on the device are ones the benchmarks accept."""
-    scripts = ["bench/bench_gpu_parity.py", "bench/bench_sdpa.py", "bench/bench_train_step.py"]
+    scripts = ["bench/bench_gpu_parity.py", "bench/bench_sdpa.py", "bench/bench_train_step.py",
+               "bench/bench_vae_conv_bits.py"]
     body = (
         "import runpy\n"
         "for script in sys.argv[1:]:\n"
