@@ -127,7 +127,7 @@ class AnimaLycorisNetwork(lycoris_kohya.LycorisNetworkKohya):
     network_dim: int | None = None  # set from a file's modules (create_network_from_weights)
     network_alpha: float | None = None
     dora_unchecked: bool = False  # built without DoRA on weightless models (see create_network)
-    untrained_sides: frozenset[str] | set[str] = frozenset()  # set by apply_to
+    untrained_sides: frozenset[str] = frozenset()  # set by apply_to
     from_weights: bool = False  # built from a file's modules (--dim_from_weights)
 
     @classmethod
@@ -138,15 +138,14 @@ class AnimaLycorisNetwork(lycoris_kohya.LycorisNetworkKohya):
 
     def apply_to(self, text_encoders: Any = None, unet: nn.Module | None = None,
                  apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
-        if self.from_weights:
-            for side, applied, loras in ((TEXT_ENCODER_SIDE, apply_text_encoder, self.text_encoder_loras),
-                                         (UNET_SIDE, apply_unet, self.unet_loras)):
-                if loras and not applied:
-                    warn_dropped_side_of_weights(len(loras), side)
-        super().apply_to(text_encoders, unet, bool(apply_text_encoder), bool(apply_unet))
         # sides left out (--network_train_unet_only, cached text-encoder outputs, ..._text_encoder_only)
-        self.untrained_sides = {side for side, applied in ((TEXT_ENCODER_SIDE, apply_text_encoder),
-                                                           (UNET_SIDE, apply_unet)) if not applied}
+        built = {TEXT_ENCODER_SIDE: (apply_text_encoder, self.text_encoder_loras),
+                 UNET_SIDE: (apply_unet, self.unet_loras)}
+        self.untrained_sides = frozenset(side for side, (applied, _) in built.items() if not applied)
+        for side in self.untrained_sides:
+            if self.from_weights and built[side][1]:  # counted before LyCORIS' apply_to empties that side
+                warn_dropped_side_of_weights(len(built[side][1]), side)
+        super().apply_to(text_encoders, unet, bool(apply_text_encoder), bool(apply_unet))
 
     def remove_hooks(self) -> None:
         """Give every wrapped layer its own forward back."""
@@ -234,8 +233,7 @@ class AnimaLycorisNetwork(lycoris_kohya.LycorisNetworkKohya):
                              "--dim_from_weights or the --network_dim / network_args it was trained with") from None
         unexpected = [k for k in result.unexpected_keys if not (self.dora_unchecked and k.endswith(".dora_scale"))]
         file_modules = sorted({k.split(".")[0] for k in unexpected})
-        skipped = set(skip_untrained_sides(file_modules, self.untrained_sides,
-                                           f"--network_weights {file}"))
+        skipped = skip_untrained_sides(file_modules, self.untrained_sides, f"--network_weights {file}")
         unexpected = [k for k in unexpected if k.split(".")[0] not in skipped]
         if unexpected:
             raise AnimaError(

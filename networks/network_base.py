@@ -439,17 +439,17 @@ def warn_dropped_side_of_weights(count: int, side: str) -> None:
                    "the saved LoRA will not hold them", count, SIDE_NAMES[side])
 
 
-def skip_untrained_sides(names: Sequence[str], untrained_sides: set[str], source: str) -> list[str]:
+def skip_untrained_sides(names: Sequence[str], untrained_sides: Iterable[str], source: str) -> set[str]:
     """The module names of ``names`` (a file's modules this network lacks) that belong to a side the run does not
     train, each side with one warning: they are skipped, as sd-scripts skips them, not refused."""
-    skipped = []
+    skipped: set[str] = set()
     for side in sorted(untrained_sides):
         of_side = [n for n in names if side_of(n) == side]
         if of_side:
             logger.warning("%s: %d %s LoRA module(s) not loaded: that side is not trained in this run, so the "
                            "saved LoRA will not hold them (%s)", source, len(of_side), SIDE_NAMES[side],
                            sample_keys(of_side))
-            skipped += of_side
+            skipped.update(of_side)
     return skipped
 
 
@@ -946,7 +946,7 @@ class AdapterNetwork(nn.Module):
         modules = group_by_module(to_sd_scripts_format(raw, add_missing_alpha=False))
         by_name = {lora.lora_name: lora for lora in self.all_loras}
         unexpected = [name for name in modules if name not in by_name]
-        skipped = set(skip_untrained_sides(unexpected, self.untrained_sides, source))
+        skipped = skip_untrained_sides(unexpected, self.untrained_sides, source)
         unexpected = [n for n in unexpected if n not in skipped]
         modules = {n: parts for n, parts in modules.items() if n not in skipped}
         if unexpected:

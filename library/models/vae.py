@@ -411,7 +411,8 @@ def _check_pixel_range(pixels: torch.Tensor) -> None:
     largest = pixels.detach().abs().amax().item()
     if largest > 1.0 + 1e-3:
         raise AnimaError(
-            f"Qwen-Image VAE: pixels must be in [-1, 1] but reach {largest:.4g}; scale 8-bit images as (x / 255 - 0.5) / 0.5"
+            f"Qwen-Image VAE: pixels must be in [-1, 1] but reach {largest:.4g}; "
+            "scale 8-bit images as (x / 255 - 0.5) / 0.5"
         )
 
 
