@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from library.models.dit_loading import load_anima_model
@@ -222,6 +225,31 @@ def test_bf16_weights_give_bf16_output_close_to_float32_reference(golden_dir, go
     assert context.dtype == torch.bfloat16 and pred.dtype == torch.bfloat16
     # bf16 has ~3 significant digits; the reference implementation in bf16 is off by ~1% of max |pred|.
     assert _relative_max_error(pred, golden["out.model_pred"]) < 0.03
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-weights", "bf16-autocast"])
+def test_timestep_embedding_stays_float32_up_to_the_adaln_linears_in_bf16(golden_dir, golden, autocast):
+    # Upstream normalises the float32 sinusoid and runs the adaLN SiLUs in float32; only the Linears round.
+    model = load_anima_model(golden_dir / "dit_tiny.safetensors", dtype=torch.bfloat16)
+    seen = {}
+    hooks = [
+        model.t_embedding_norm.register_forward_hook(lambda m, i, o: seen.__setitem__("norm", (i[0], o))),
+        model.blocks[0].adaln_modulation_self_attn[0].register_forward_hook(
+            lambda m, i, o: seen.__setitem__("silu_in", i[0])
+        ),
+        model.final_layer.adaln_modulation[1].register_forward_hook(lambda m, i, o: seen.__setitem__("down_in", i[0])),
+    ]
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch.no_grad(), context:
+        pred = _predict(model, golden, _context(model, golden))
+    for hook in hooks:
+        hook.remove()
+    norm_in, norm_out = seen["norm"]
+    assert norm_in.dtype == norm_out.dtype == seen["silu_in"].dtype == torch.float32
+    assert torch.equal(seen["silu_in"], norm_out)
+    assert seen["down_in"].dtype == torch.bfloat16  # cast once, after the SiLU
+    assert torch.equal(seen["down_in"], F.silu(norm_out).to(torch.bfloat16))
+    assert pred.dtype == torch.bfloat16 and _relative_max_error(pred, golden["out.model_pred"]) < 0.03
 
 
 def test_bf16_autocast_over_float32_weights_stays_close_to_reference(model, golden):

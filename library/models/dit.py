@@ -136,6 +136,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def linear_input_dtype(x: torch.Tensor, linear: nn.Linear) -> torch.dtype:
+    """The dtype ``linear`` computes in for input x: autocast's when it is on for x's device, else the weight's."""
+    device_type = _autocast_device_type(x)
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return linear.weight.dtype
+
+
 def layer_norm_no_affine(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), eps=NORM_EPS)
 
@@ -419,17 +427,30 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(dim, 3 * dim, bias=False)
 
     def forward(self, sinusoid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sinusoid = sinusoid.to(self.linear_1.weight.dtype)
-        return sinusoid, self.linear_2(self.activation(self.linear_1(sinusoid)))
+        # The sinusoid goes on in float32 (to t_embedding_norm and the adaLN SiLUs, as upstream keeps it); only the
+        # adaLN-LoRA branch computes in the Linear's dtype.
+        hidden = self.activation(self.linear_1(sinusoid.to(linear_input_dtype(sinusoid, self.linear_1))))
+        return sinusoid, self.linear_2(hidden)
 
 
-def _adaln_modulation(model_channels: int, adaln_lora_dim: int, chunks: int) -> nn.Sequential:
-    # SiLU -> low-rank down -> up; keys ``.1.weight`` and ``.2.weight``.
-    return nn.Sequential(
-        nn.SiLU(),
-        nn.Linear(model_channels, adaln_lora_dim, bias=False),
-        nn.Linear(adaln_lora_dim, chunks * model_channels, bias=False),
-    )
+class AdaLNModulation(nn.Sequential):
+    """SiLU -> low-rank down -> up (keys ``.1.weight`` and ``.2.weight``): emb [B, 1, D] -> [B, 1, chunks * D].
+
+    The SiLU runs in emb's dtype (float32 for the normed timestep embedding, as upstream) and its result is cast
+    once to the dtype the down projection computes in.
+    """
+
+    def __init__(self, model_channels: int, adaln_lora_dim: int, chunks: int):
+        super().__init__(
+            nn.SiLU(),
+            nn.Linear(model_channels, adaln_lora_dim, bias=False),
+            nn.Linear(adaln_lora_dim, chunks * model_channels, bias=False),
+        )
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        activation, down, up = self[0], self[1], self[2]
+        hidden = activation(emb)
+        return up(down(hidden.to(linear_input_dtype(hidden, down))))
 
 
 class DiTAttention(QKNormAttention):
@@ -472,9 +493,9 @@ class Block(nn.Module):
         self.self_attn = DiTAttention(d, d, config.num_heads)
         self.cross_attn = DiTAttention(d, config.crossattn_emb_channels, config.num_heads)
         self.mlp = FeedForward(d, config.mlp_channels)
-        self.adaln_modulation_self_attn = _adaln_modulation(d, config.adaln_lora_dim, 3)
-        self.adaln_modulation_cross_attn = _adaln_modulation(d, config.adaln_lora_dim, 3)
-        self.adaln_modulation_mlp = _adaln_modulation(d, config.adaln_lora_dim, 3)
+        self.adaln_modulation_self_attn = AdaLNModulation(d, config.adaln_lora_dim, 3)
+        self.adaln_modulation_cross_attn = AdaLNModulation(d, config.adaln_lora_dim, 3)
+        self.adaln_modulation_mlp = AdaLNModulation(d, config.adaln_lora_dim, 3)
         self.gradient_checkpointing = False
         self.checkpoint_offload: str | None = None  # None, CPU_OFFLOAD or UNSLOTH_OFFLOAD
         self.compiled_body = None  # torch.compile'd _body (Anima.compile_blocks), run inside the checkpointing
@@ -534,7 +555,7 @@ class FinalLayer(nn.Module):
         d = config.model_channels
         out_features = config.patch_spatial**2 * config.patch_temporal * config.out_channels
         self.linear = nn.Linear(d, out_features, bias=False)
-        self.adaln_modulation = _adaln_modulation(d, config.adaln_lora_dim, 2)
+        self.adaln_modulation = AdaLNModulation(d, config.adaln_lora_dim, 2)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, adaln_lora: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1]
