@@ -128,20 +128,13 @@ def autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the next Linear computes in: autocast's when it is on for x's device, else x's own."""
+def compute_dtype(x: torch.Tensor, otherwise: torch.dtype | None = None) -> torch.dtype:
+    """The dtype the next Linear computes in: autocast's when it is on for x's device, else ``otherwise`` (the
+    Linear's weight dtype, where x may differ from it) or x's own."""
     device_type = _autocast_device_type(x)
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
-def linear_input_dtype(x: torch.Tensor, linear: nn.Linear) -> torch.dtype:
-    """The dtype ``linear`` computes in for input x: autocast's when it is on for x's device, else the weight's."""
-    device_type = _autocast_device_type(x)
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return linear.weight.dtype
+    return x.dtype if otherwise is None else otherwise
 
 
 def layer_norm_no_affine(x: torch.Tensor) -> torch.Tensor:
@@ -429,7 +422,7 @@ class TimestepEmbedding(nn.Module):
     def forward(self, sinusoid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The sinusoid goes on in float32 (to t_embedding_norm and the adaLN SiLUs, as upstream keeps it); only the
         # adaLN-LoRA branch computes in the Linear's dtype.
-        hidden = self.activation(self.linear_1(sinusoid.to(linear_input_dtype(sinusoid, self.linear_1))))
+        hidden = self.activation(self.linear_1(sinusoid.to(compute_dtype(sinusoid, self.linear_1.weight.dtype))))
         return sinusoid, self.linear_2(hidden)
 
 
@@ -450,7 +443,7 @@ class AdaLNModulation(nn.Sequential):
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         activation, down, up = self[0], self[1], self[2]
         hidden = activation(emb)
-        return up(down(hidden.to(linear_input_dtype(hidden, down))))
+        return up(down(hidden.to(compute_dtype(hidden, down.weight.dtype))))
 
 
 class DiTAttention(QKNormAttention):
