@@ -1,0 +1,380 @@
+"""Whole LoRA training steps of this trainer against upstream sd-scripts' ``anima_train_network.py`` (CPU).
+
+Both trainers train the tiny setup (``examples/make_tiny_setup.py``) with the same flags, each in its own process,
+sd-scripts with its model loaders pointed at the tiny sizes. The two draw different random numbers before the
+network exists (see the README on seeds), so a probe saves sd-scripts' global torch generator state when the
+network is created and when each step starts drawing noise and σ, and this trainer loads the same states at the
+same two points. The figures per case: the largest |difference| over all tensors of the two LoRA files, and the
+largest and mean |difference| of the first step's prediction (the DiT output).
+
+    python bench/bench_sd_scripts_parity.py --sd_scripts ~/sd-scripts --work /tmp/sds_parity
+    python bench/bench_sd_scripts_parity.py --sd_scripts ~/sd-scripts --work /tmp/sds_parity --cases base lion
+    python bench/bench_sd_scripts_parity.py --sd_scripts ~/sd-scripts --work /tmp/sds_parity \\
+        --custom "--mixed_precision bf16 --max_train_steps 1"   # any flags on top of the shared ones
+    python bench/bench_sd_scripts_parity.py --list
+
+The sd-scripts checkout needs its own extra packages (``pip install voluptuous imagesize``; lion-pytorch and
+prodigyopt for those cases). Where torchvision does not import, a minimal stand-in of the few transforms that its
+dataset code calls (``bench/sd_scripts_shims``) is put on its path. One line per case, then one JSON object
+``{"<case>": {"lora": .., "first_prediction": .., "first_prediction_mean": ..}, ...}`` on the last line (``null``
+where a trainer failed; its log is in ``--work``).
+Results are in docs/benchmarks.md, "Training steps against sd-scripts with the generators aligned".
+
+This file must not import this project's ``library`` at module level: in the sd-scripts process that name is
+sd-scripts' own package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIMS = Path(__file__).resolve().parent / "sd_scripts_shims"
+
+CACHED = "--cache_latents --cache_text_encoder_outputs --network_train_unet_only"
+# name -> (dataset: "one" = one image, batch 1; "two" = two copies of it, batch 2), flags on top of SHARED_FLAGS
+CASES: dict[str, tuple[str, str]] = {
+    "base": ("one", CACHED),
+    "checkpointing": ("one", f"{CACHED} --gradient_checkpointing"),
+    "ip_noise": ("one", f"{CACHED} --ip_noise_gamma 0.1 --ip_noise_gamma_random_strength"),
+    "accumulation": ("one", f"{CACHED} --gradient_accumulation_steps 2"),
+    "dropouts": ("one", f'{CACHED} --network_args "rank_dropout=0.3" "module_dropout=0.2"'),
+    "flux_shift": ("one", f"{CACHED} --timestep_sampling flux_shift"),
+    "sigma_sqrt": ("one", f"{CACHED} --timestep_sampling sigma --weighting_scheme sigma_sqrt"),
+    "loraplus": ("one", f'{CACHED} --network_args "loraplus_lr_ratio=4"'),
+    "l1": ("one", f"{CACHED} --loss_type l1"),
+    "adafactor": ("one", f'{CACHED} --optimizer_type Adafactor --optimizer_args "relative_step=False" '
+                         '"scale_parameter=False" "warmup_init=False"'),
+    "lion": ("one", f'{CACHED} --optimizer_type Lion --learning_rate 1e-4 --optimizer_args "weight_decay=0.1"'),
+    "prodigy": ("one", f"{CACHED} --optimizer_type Prodigy --learning_rate 1.0"),
+    "live_latents": ("one", "--cache_text_encoder_outputs --network_train_unet_only"),
+    "qwen3_lora": ("one", "--cache_latents"),
+    "bf16_first_step": ("one", f"{CACHED} --mixed_precision bf16 --max_train_steps 1"),
+    "batch2": ("two", CACHED),
+    "batch2_qwen3_lora": ("two", "--cache_latents"),
+}
+
+
+def shared_flags(tiny: Path, dataset_toml: Path) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(tiny / "dit.safetensors"), "--qwen3", str(tiny / "qwen3"),
+        "--vae", str(tiny / "vae.safetensors"), "--t5_tokenizer_path", str(tiny / "t5_tokenizer"),
+        "--dataset_config", str(dataset_toml), "--save_model_as", "safetensors",
+        "--network_module", "networks.lora_anima", "--network_dim", "4", "--network_alpha", "2",
+        "--learning_rate", "1e-3", "--seed", "42", "--mixed_precision", "no", "--max_data_loader_n_workers", "0",
+        "--qwen3_max_token_length", "32", "--t5_max_token_length", "32", "--optimizer_type", "AdamW",
+        "--max_train_steps", "3", "--output_name", "lora",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Probes (both processes)
+
+
+def _wrap_create_network(module, rng_dir: Path, save: bool) -> None:
+    import torch
+
+    original = module.create_network
+
+    def create_network(*args, **kwargs):
+        path = rng_dir / "network.pt"
+        if save:
+            torch.save(torch.random.get_rng_state(), path)
+        else:
+            torch.random.set_rng_state(torch.load(path, weights_only=True))
+        return original(*args, **kwargs)
+
+    module.create_network = create_network
+
+
+def _wrap_step(cls, method: str, rng_dir: Path, save: bool) -> None:
+    import torch
+
+    original = getattr(cls, method)
+    calls = [0]
+
+    def step(self, *args, **kwargs):
+        path = rng_dir / f"step{calls[0]}.pt"
+        calls[0] += 1
+        if save:
+            torch.save(torch.random.get_rng_state(), path)
+        elif path.exists():
+            torch.random.set_rng_state(torch.load(path, weights_only=True))
+        return original(self, *args, **kwargs)
+
+    setattr(cls, method, step)
+
+
+def _wrap_first_prediction(cls, path: Path) -> None:
+    original = cls.forward
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if not path.exists():
+            import torch
+
+            torch.save(out.detach().float(), path)
+        return out
+
+    cls.forward = forward
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sd-scripts' process
+
+
+def _prepare_sd_scripts_imports(sd_scripts: Path) -> None:
+    try:
+        import torchvision  # noqa: F401
+
+        stand_in = False
+    except Exception:  # not installed, or a build that does not import beside this torch
+        for module in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[module]
+        stand_in = True
+    # After that attempt (a failed torchvision import replaces the transformers module object) and before the
+    # stand-in is on the path (transformers would take it for torchvision).
+    import transformers  # noqa: F401
+
+    # Loading these (sd-scripts does, at import) resets the lazy module's names: load them before the stand-ins.
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, tokenization_utils_base  # noqa: F401
+
+    module = sys.modules["transformers"]
+    # Names sd-scripts imports from transformers at module level that transformers 5 no longer has; the Anima
+    # path never calls them.
+    for name in ("CLIPFeatureExtractor",):
+        try:
+            getattr(module, name)
+        except Exception:
+            setattr(module, name, type(name, (), {}))
+    tokenizer_base = tokenization_utils_base.PreTrainedTokenizerBase
+    if not hasattr(tokenizer_base, "batch_encode_plus"):
+        tokenizer_base.batch_encode_plus = lambda self, *a, **kw: self(*a, **kw)
+    if stand_in:
+        sys.path.insert(0, str(SHIMS))
+    sys.path.insert(0, str(sd_scripts))
+
+
+def _point_sd_scripts_at_tiny_models(tiny: dict) -> None:
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+
+    from library import anima_models, anima_utils  # sd-scripts' package
+    from library import qwen_image_autoencoder_kl as qwen_vae
+
+    def load_anima_model(device, dit_path, attn_mode, split_attn, loading_device, dit_weight_dtype,
+                         fp8_scaled=False, lora_weights_list=None, lora_multipliers=None):
+        if fp8_scaled or lora_weights_list:
+            raise SystemExit("error: the tiny loader does not do fp8_scaled or merged LoRAs")
+        real_adapter = anima_models.LLMAdapter
+        # Its model class builds the released adapter sizes; build the tiny one in its place, in the same
+        # registration order (it fixes the order LoRA modules are made in, hence their initial weights).
+        anima_models.LLMAdapter = lambda **kw: real_adapter(**tiny["adapter"], self_attn=True)
+        try:
+            with init_empty_weights():  # as upstream: building the model draws no random numbers
+                model = anima_models.Anima(**tiny["dit"], use_llm_adapter=True, attn_mode=attn_mode,
+                                           split_attn=split_attn)
+        finally:
+            anima_models.LLMAdapter = real_adapter
+        state = {k.removeprefix("net."): v for k, v in load_file(dit_path).items()}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        buffers = ("seq", "dim_spatial_range", "dim_temporal_range", "inv_freq")  # not in the file
+        missing = [k for k in missing if not k.endswith(buffers)]
+        if missing or unexpected:
+            raise SystemExit(f"error: tiny DiT keys do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if dit_weight_dtype is not None:
+            model.to(dit_weight_dtype)
+        return model.to(loading_device)
+
+    real_vae = qwen_vae.AutoencoderKLQwenImage
+    anima_utils.load_anima_model = load_anima_model
+    qwen_vae.AutoencoderKLQwenImage = lambda **kw: real_vae(**{**kw, "base_dim": tiny["vae_base_dim"]})
+
+
+def run_sd_scripts(sd_scripts: Path, rng_dir: Path, tiny: dict, argv: list[str]) -> None:
+    _prepare_sd_scripts_imports(sd_scripts)
+    _point_sd_scripts_at_tiny_models(tiny)
+    import anima_train_network
+    from library import anima_models, train_util
+    from networks import lora_anima
+
+    _wrap_create_network(lora_anima, rng_dir, save=True)
+    _wrap_step(anima_train_network.AnimaNetworkTrainer, "get_noise_pred_and_target", rng_dir, save=True)
+    _wrap_first_prediction(anima_models.Anima, rng_dir / "pred_sd_scripts.pt")
+    sys.argv = ["anima_train_network.py", *argv]
+    parser = anima_train_network.setup_parser()
+    args = parser.parse_args()
+    train_util.verify_command_line_training_args(args)
+    args = train_util.read_config_from_file(args, parser)
+    anima_train_network.AnimaNetworkTrainer().train(args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# This trainer's process
+
+
+def run_ours(rng_dir: Path, argv: list[str]) -> int:
+    sys.path.insert(0, str(REPO_ROOT))
+    import anima_train_network
+    from library.models import dit
+    from networks import lora_anima
+
+    _wrap_create_network(lora_anima, rng_dir, save=False)
+    _wrap_step(anima_train_network.AnimaNetworkTrainer, "noise_pred_and_target", rng_dir, save=False)
+    _wrap_first_prediction(dit.Anima, rng_dir / "pred_ours.pt")
+    return anima_train_network.main(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def tiny_sizes() -> dict:
+    """sd-scripts' Anima / LLMAdapter keyword arguments for the tiny checkpoint, from library.models.tiny."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from library.models.tiny import VAE_BASE_DIM, tiny_dit_config
+
+    c = tiny_dit_config()
+    dit = dict(
+        max_img_h=512, max_img_w=512, max_frames=128, in_channels=c.in_channels, out_channels=c.out_channels,
+        patch_spatial=c.patch_spatial, patch_temporal=c.patch_temporal, model_channels=c.model_channels,
+        concat_padding_mask=True, crossattn_emb_channels=c.crossattn_emb_channels, pos_emb_cls="rope3d",
+        pos_emb_learnable=True, pos_emb_interpolation="crop", min_fps=1, max_fps=30, use_adaln_lora=True,
+        adaln_lora_dim=c.adaln_lora_dim, num_blocks=c.num_blocks, num_heads=c.num_heads,
+        extra_per_block_abs_pos_emb=False, rope_h_extrapolation_ratio=c.rope_h_extrapolation_ratio,
+        rope_w_extrapolation_ratio=c.rope_w_extrapolation_ratio, rope_t_extrapolation_ratio=c.rope_t_extrapolation_ratio,
+        extra_h_extrapolation_ratio=1.0, extra_w_extrapolation_ratio=1.0, extra_t_extrapolation_ratio=1.0,
+        rope_enable_fps_modulation=False,
+    )
+    adapter = dict(source_dim=c.adapter_source_dim, target_dim=c.adapter_model_dim, model_dim=c.adapter_model_dim,
+                   num_layers=c.adapter_num_layers, num_heads=c.adapter_num_heads)
+    return {"dit": dit, "adapter": adapter, "vae_base_dim": VAE_BASE_DIM}
+
+
+def _write_datasets(work: Path) -> dict[str, Path]:
+    """one/: the first 64 x 64 image, batch 1; two/: two copies of it, batch 2 (in-batch order cannot matter)."""
+    tiny_images = work / "tiny" / "images"
+    first = sorted(tiny_images.glob("*.png"))[0]
+    caption = first.with_suffix(".txt")
+    tomls = {}
+    for name, copies, batch in (("one", 1, 1), ("two", 2, 2)):
+        images = work / name / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        for i in range(copies):
+            (images / f"{i}.png").write_bytes(first.read_bytes())
+            (images / f"{i}.txt").write_bytes(caption.read_bytes())
+        toml = work / name / "dataset.toml"
+        toml.write_text(
+            f"[general]\ncaption_extension = \".txt\"\n\n[[datasets]]\nresolution = 64\nbatch_size = {batch}\n"
+            "enable_bucket = true\nmin_bucket_reso = 32\nmax_bucket_reso = 128\nbucket_reso_steps = 16\n\n"
+            f"[[datasets.subsets]]\nimage_dir = \"{images}\"\nnum_repeats = 1\n",
+            encoding="utf-8",
+        )
+        tomls[name] = toml
+    return tomls
+
+
+def max_abs_diff(a_path: Path, b_path: Path) -> float:
+    from safetensors.torch import load_file
+
+    a, b = load_file(a_path), load_file(b_path)
+    if a.keys() != b.keys():
+        raise SystemExit(f"error: the LoRA files have different keys: {sorted(a.keys() ^ b.keys())[:5]}")
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def run_case(name: str, dataset: str, extra: str, sd_scripts: Path, work: Path, tomls: dict, tiny: dict) -> dict | None:
+    """Max |difference| over the LoRA tensors after the run, and max / mean |difference| of the first step's
+    prediction; None where a trainer failed."""
+    case_dir = work / "cases" / name
+    rng_dir = case_dir / "rng"
+    for sub in ("rng", "sd_scripts", "ours"):
+        (case_dir / sub).mkdir(parents=True, exist_ok=True)
+    for stale in rng_dir.glob("*.pt"):
+        stale.unlink()
+    flags = shared_flags(work / "tiny", tomls[dataset]) + shlex.split(extra)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    me = str(Path(__file__).resolve())
+    for role, cwd in (("sd_scripts", sd_scripts), ("ours", REPO_ROOT)):
+        out = case_dir / role
+        command = [sys.executable, me, "--role", role, "--sd_scripts", str(sd_scripts), "--rng_dir", str(rng_dir),
+                   "--tiny_json", json.dumps(tiny), "--", *flags, "--output_dir", str(out)]
+        with open(case_dir / f"{role}.log", "w", encoding="utf-8") as log:
+            rc = subprocess.call(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if rc != 0 or not (out / "lora.safetensors").exists():
+            print(f"{name}: {role} failed (exit {rc}), see {case_dir / (role + '.log')}", flush=True)
+            return None
+    import torch
+
+    first = torch.load(rng_dir / "pred_ours.pt") - torch.load(rng_dir / "pred_sd_scripts.pt")
+    return {
+        "lora": max_abs_diff(case_dir / "sd_scripts" / "lora.safetensors", case_dir / "ours" / "lora.safetensors"),
+        "first_prediction": first.abs().max().item(),
+        "first_prediction_mean": first.abs().mean().item(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sd_scripts", type=Path, help="an sd-scripts checkout (with anima_train_network.py)")
+    parser.add_argument("--work", type=Path, help="scratch folder (tiny setup, logs, LoRA files)")
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), help="cases to run (default: all)")
+    parser.add_argument("--custom", help='one extra case: flags on top of the shared ones (dataset "one")')
+    parser.add_argument("--list", action="store_true", help="print the cases and their flags")
+    parser.add_argument("--role", choices=("sd_scripts", "ours"), help=argparse.SUPPRESS)
+    parser.add_argument("--rng_dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tiny_json", help=argparse.SUPPRESS)
+    args, trainer_argv = parser.parse_known_args(argv)
+    trainer_argv = [a for a in trainer_argv if a != "--"]
+
+    if args.role == "sd_scripts":
+        run_sd_scripts(args.sd_scripts.resolve(), args.rng_dir, json.loads(args.tiny_json), trainer_argv)
+        return 0
+    if args.role == "ours":
+        return run_ours(args.rng_dir, trainer_argv)
+    if args.list:
+        for name, (dataset, extra) in CASES.items():
+            print(f"{name:18s} dataset {dataset}: {extra}")
+        return 0
+    if args.sd_scripts is None or args.work is None:
+        parser.error("--sd_scripts and --work are required")
+    sd_scripts = args.sd_scripts.expanduser().resolve()
+    if not (sd_scripts / "anima_train_network.py").is_file():
+        print(f"error: --sd_scripts {sd_scripts} has no anima_train_network.py; pass an sd-scripts checkout",
+              file=sys.stderr)
+        return 2
+    work = args.work.expanduser().resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    setup = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "make_tiny_setup.py"), str(work / "tiny")],
+                           capture_output=True, text=True)
+    if setup.returncode != 0:
+        print(f"error: examples/make_tiny_setup.py failed: {setup.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return 2
+    tomls = _write_datasets(work)
+    tiny = tiny_sizes()
+
+    cases = {name: CASES[name] for name in (args.cases or ([] if args.custom else list(CASES)))}
+    if args.custom:
+        cases["custom_" + hashlib.md5(args.custom.encode()).hexdigest()[:6]] = ("one", args.custom)
+    results: dict[str, dict | None] = {}
+    print(f"{'case':18s} {'LoRA':>8s} {'pred max':>8s} {'mean':>8s}   flags")
+    for name, (dataset, extra) in cases.items():
+        result = results[name] = run_case(name, dataset, extra, sd_scripts, work, tomls, tiny)
+        if result is None:
+            shown = f"{'failed':>8s} {'':8s} {'':8s}"
+        else:
+            shown = " ".join(f"{result[k]:8.2g}" for k in ("lora", "first_prediction", "first_prediction_mean"))
+        print(f"{name:18s} {shown}   {extra}", flush=True)
+    print(json.dumps(results))
+    return 0 if all(v is not None for v in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""bench/bench_sd_scripts_parity.py: what can be checked without an sd-scripts checkout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import toml
+import torch
+from safetensors import safe_open
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+import bench_sd_scripts_parity as parity  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def test_parity_tool_does_not_import_the_project_library_at_module_level():
+    # In the sd-scripts process ``library`` must resolve to sd-scripts' own package.
+    code = "import sys; import bench_sd_scripts_parity; print(sorted({'library', 'networks'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT / "bench", capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_parity_tool_tiny_sizes_match_the_tiny_checkpoint(tmp_path):
+    from library.models.tiny import write_tiny_anima_setup
+
+    setup = write_tiny_anima_setup(tmp_path / "tiny", num_images=1)
+    sizes = parity.tiny_sizes()
+    with safe_open(setup.dit, "pt") as f:
+        shape = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    dit, adapter = sizes["dit"], sizes["adapter"]
+    assert shape["net.x_embedder.proj.1.weight"][0] == dit["model_channels"]
+    assert shape["net.blocks.0.adaln_modulation_self_attn.1.weight"][0] == dit["adaln_lora_dim"]
+    assert shape["net.blocks.0.cross_attn.k_proj.weight"][1] == dit["crossattn_emb_channels"]
+    assert max(int(k.split(".")[2]) for k in shape if k.startswith("net.blocks.")) + 1 == dit["num_blocks"]
+    assert shape["net.llm_adapter.blocks.0.cross_attn.k_proj.weight"][1] == adapter["source_dim"]
+    assert shape["net.llm_adapter.out_proj.weight"] == (adapter["target_dim"], adapter["model_dim"])
+    assert max(int(k.split(".")[3]) for k in shape if k.startswith("net.llm_adapter.blocks.")) + 1 == adapter[
+        "num_layers"]
+    with safe_open(setup.vae, "pt") as f:
+        first_conv = [k for k in f.keys() if k.startswith("encoder.conv_in") and k.endswith("weight")][0]
+        assert f.get_slice(first_conv).get_shape()[0] == sizes["vae_base_dim"]
+
+
+def test_parity_tool_batch_two_dataset_holds_two_copies_of_one_image(tmp_path):
+    from library.models.tiny import write_tiny_anima_setup
+
+    write_tiny_anima_setup(tmp_path / "tiny", num_images=2)
+    tomls = parity._write_datasets(tmp_path)
+    for name, count in (("one", 1), ("two", 2)):
+        config = toml.load(tomls[name])
+        assert config["datasets"][0]["batch_size"] == count
+        images = sorted(Path(config["datasets"][0]["subsets"][0]["image_dir"]).glob("*.png"))
+        assert len(images) == count and len({p.read_bytes() for p in images}) == 1
+
+
+def test_parity_tool_step_probe_replays_the_saved_generator_state(tmp_path):
+    # The alignment the tool rests on: the loading side draws what the saving side drew at each call.
+    def make_trainer():
+        return types.SimpleNamespace(step=lambda self: torch.rand(3))
+
+    saver, loader = make_trainer(), make_trainer()
+    parity._wrap_step(saver, "step", tmp_path, save=True)
+    parity._wrap_step(loader, "step", tmp_path, save=False)
+    torch.manual_seed(1)
+    saved = [saver.step(None) for _ in range(3)]
+    torch.manual_seed(2)
+    replayed = [loader.step(None) for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(saved, replayed))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step0.pt", "step1.pt", "step2.pt"]
+
+
+def test_parity_tool_refuses_a_folder_without_the_upstream_trainer(tmp_path, capsys):
+    assert parity.main(["--sd_scripts", str(tmp_path), "--work", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --sd_scripts") and "anima_train_network.py" in err[0]
+    assert not (tmp_path / "work").exists()
