@@ -145,16 +145,25 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     """LayerNorm(x) * (1 + scale) + shift, returned in the compute dtype (see ``compute_dtype``).
 
     x: [B, L, D]; shift/scale: [B, 1, D]. float32 x: computed in float32 and cast once, so every Linear and LoRA
-    reading the result shares one copy. 16-bit x: the norm kernel keeps float32 statistics and writes x's dtype;
-    the affine part is one fused multiply-add.
+    reading the result shares one copy. 16-bit x: (1 + scale) and shift of each sample are the norm kernel's own
+    affine parameters, so h is computed in float32 inside that one kernel and rounded once, as upstream's float32
+    h (CUDA autocast runs layer_norm in float32) is rounded where each Linear casts it. One pass over x per sample;
+    with several samples the rows are joined (one copy).
     """
     if x.dtype == torch.float32:
         h = layer_norm_no_affine(x) * (1 + scale) + shift
         dtype = compute_dtype(x)
         return h if dtype == h.dtype else h.to(dtype)
+    weight, bias = (1 + scale).to(x.dtype), shift.to(x.dtype)  # [B, 1, D]
+    width = (x.shape[-1],)
     with autocast_off(x):
-        normed = layer_norm_no_affine(x)
-    return torch.addcmul(shift.to(x.dtype), normed, (1 + scale).to(x.dtype))
+        if x.shape[0] == 1:
+            return F.layer_norm(x, width, weight.reshape(-1), bias.reshape(-1), NORM_EPS)
+        rows = [
+            F.layer_norm(row, width, w.reshape(-1), b.reshape(-1), NORM_EPS)
+            for row, w, b in zip(x.split(1), weight, bias)
+        ]
+    return torch.cat(rows)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
