@@ -259,22 +259,37 @@ def test_bf16_autocast_over_float32_weights_stays_close_to_reference(model, gold
     assert _relative_max_error(pred, golden["out.model_pred"]) < 0.03
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_bf16_modulation_is_the_float32_one_rounded_once(batch):
-    # Upstream under CUDA autocast: layer_norm in float32, h = LN(x) * (1 + scale) + shift in float32, rounded to
-    # bf16 where each Linear casts it. Ours computes the affine inside the bf16 norm kernel: the same rounding but
-    # for float32 ties (fused multiply-add); two roundings (norm, then affine) would differ in ~30% of the values.
+def _assert_modulation_is_upstreams_float32_value_rounded_once(device: str, batch: int) -> None:
     from library.models.dit import modulate
 
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(batch, 256, 128, generator=gen) * 3).bfloat16()
-    scale = (torch.randn(batch, 1, 128, generator=gen) * 0.3).bfloat16()
-    shift = (torch.randn(batch, 1, 128, generator=gen) * 0.3).bfloat16()
+    x = (torch.randn(batch, 256, 128, generator=gen) * 3).bfloat16().to(device)
+    scale = (torch.randn(batch, 1, 128, generator=gen) * 0.3).bfloat16().to(device)
+    shift = (torch.randn(batch, 1, 128, generator=gen) * 0.3).bfloat16().to(device)
     upstream = (F.layer_norm(x.float(), (128,), eps=1e-6) * (1 + scale) + shift).bfloat16()
-    h = modulate(x, shift, scale)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        h = modulate(x, shift, scale)
     assert h.dtype == torch.bfloat16 and h.shape == x.shape
     differing = h != upstream
     assert differing.float().mean() < 1e-3
     # Where they differ, by one bf16 step at most.
     ulp = upstream.float().abs().clamp_min(2**-126) * 2**-7
     assert ((h.float() - upstream.float()).abs() <= ulp * 1.01)[differing].all()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bf16_modulation_is_the_float32_one_rounded_once(batch):
+    # Upstream under CUDA autocast: layer_norm in float32, h = LN(x) * (1 + scale) + shift in float32, rounded to
+    # bf16 where each Linear casts it. Ours computes the affine inside the bf16 norm kernel: the same rounding but
+    # for float32 ties (fused multiply-add); two roundings (norm, then affine) would differ in ~30% of the values.
+    _assert_modulation_is_upstreams_float32_value_rounded_once("cpu", batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gpu_bf16_modulation_is_upstreams_cuda_autocast_value(batch):
+    # The premise: CUDA autocast runs layer_norm in float32, so upstream's h is float32 until a Linear casts it.
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert F.layer_norm(torch.ones(2, 8, device="cuda", dtype=torch.bfloat16), (8,)).dtype == torch.float32
+    _assert_modulation_is_upstreams_float32_value_rounded_once("cuda", batch)
