@@ -12,6 +12,11 @@ largest and mean |difference| of the first step's prediction (the DiT output).
     python bench/bench_sd_scripts_parity.py --sd_scripts ~/sd-scripts --work /tmp/sds_parity \\
         --custom "--mixed_precision bf16 --max_train_steps 1"   # any flags on top of the shared ones
     python bench/bench_sd_scripts_parity.py --list
+    python bench/bench_sd_scripts_parity.py --sd_scripts ~/sd-scripts --work /tmp/sds_parity --layers
+
+``--layers`` instead runs one forward of the tiny DiT under CPU bf16 autocast in each process (same random
+inputs, batch 1) with a hook on every module, and prints each module's largest |difference| in call order
+(``EQUAL`` where the bits agree): where the two implementations' roundings part.
 
 The sd-scripts checkout needs its own extra packages (``pip install voluptuous imagesize``; lion-pytorch and
 prodigyopt for those cases). Where torchvision does not import, a minimal stand-in of the few transforms that its
@@ -216,6 +221,98 @@ def run_sd_scripts(sd_scripts: Path, rng_dir: Path, tiny: dict, argv: list[str])
     anima_train_network.AnimaNetworkTrainer().train(args)
 
 
+def _record_module_outputs(model) -> dict:
+    """Forward hooks on every named module: {name: float32 copy of its (first) output}, in call order."""
+    import torch
+
+    outputs: dict = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            if isinstance(output, tuple):
+                output = output[0]
+            if torch.is_tensor(output) and name not in outputs:
+                outputs[name] = output.detach().float().clone()
+
+        return record
+
+    for name, module in model.named_modules():
+        module.register_forward_hook(hook(name or "<model>"))
+    return outputs
+
+
+def layers_sd_scripts(sd_scripts: Path, tiny: dict, dit_path: Path, inputs_path: Path, out_path: Path) -> None:
+    _prepare_sd_scripts_imports(sd_scripts)
+    _point_sd_scripts_at_tiny_models(tiny)
+    import torch
+
+    from library import anima_utils
+
+    torch.set_num_threads(1)
+    g = torch.load(inputs_path, weights_only=True)
+    model = anima_utils.load_anima_model("cpu", str(dit_path), "torch", False, "cpu", torch.bfloat16)
+    model.requires_grad_(False)
+    outputs = _record_module_outputs(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(g["latents"].bfloat16(), g["timesteps"], g["qwen3"].bfloat16(), padding_mask=g["padding"].bfloat16(),
+              target_input_ids=g["t5_ids"], target_attention_mask=g["t5_mask"], source_attention_mask=g["qwen3_mask"])
+    torch.save(outputs, out_path)
+
+
+def layers_ours(dit_path: Path, inputs_path: Path, out_path: Path) -> None:
+    sys.path.insert(0, str(REPO_ROOT))
+    import torch
+
+    from library.models.dit_loading import load_anima_model
+
+    torch.set_num_threads(1)
+    g = torch.load(inputs_path, weights_only=True)
+    model = load_anima_model(str(dit_path), dtype=torch.bfloat16)
+    model.requires_grad_(False)
+    outputs = _record_module_outputs(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        context = model.encode_text(g["qwen3"].bfloat16(), g["qwen3_mask"], g["t5_ids"], g["t5_mask"])
+        model(g["latents"].bfloat16(), g["timesteps"], context, g["padding"].bfloat16())
+    torch.save(outputs, out_path)
+
+
+def compare_layers(sd_scripts: Path, work: Path, tiny: dict) -> int:
+    """Both processes' per-module bf16 outputs on the same inputs; prints one line per module both have."""
+    import torch
+
+    layers = work / "layers"
+    layers.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    qwen3_tokens, t5_tokens = 10, 12
+    inputs = {
+        "latents": torch.randn(1, 16, 1, 8, 8, generator=gen),
+        "timesteps": torch.tensor([0.6]),
+        "padding": torch.zeros(1, 1, 8, 8),
+        "qwen3": torch.randn(1, qwen3_tokens, tiny["adapter"]["source_dim"], generator=gen),
+        "qwen3_mask": torch.tensor([[1] * 7 + [0] * (qwen3_tokens - 7)]),
+        "t5_ids": torch.tensor([[5, 9, 17, 3, 1] + [0] * (t5_tokens - 5)]),
+        "t5_mask": torch.tensor([[1] * 5 + [0] * (t5_tokens - 5)]),
+    }
+    torch.save(inputs, layers / "inputs.pt")
+    me, dit = str(Path(__file__).resolve()), work / "tiny" / "dit.safetensors"
+    for role, cwd in (("sd_scripts", sd_scripts), ("ours", REPO_ROOT)):
+        command = [sys.executable, me, "--role", f"layers_{role}", "--sd_scripts", str(sd_scripts), "--tiny_json",
+                   json.dumps(tiny), "--rng_dir", str(layers), "--", str(dit)]
+        with open(layers / f"{role}.log", "w", encoding="utf-8") as log:
+            if subprocess.call(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT) != 0:
+                print(f"error: the {role} forward failed; see {layers / (role + '.log')}", file=sys.stderr)
+                return 1
+    theirs = torch.load(layers / "sd_scripts.pt", weights_only=True)
+    ours = torch.load(layers / "ours.pt", weights_only=True)
+    for name, value in theirs.items():
+        mine = ours.get(name)
+        if mine is None or mine.numel() != value.numel():
+            continue
+        diff = (mine.reshape(value.shape) - value).abs().max().item()
+        print(f"{name:48s} {'EQUAL' if diff == 0 else f'{diff:.3g}'}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # This trainer's process
 
@@ -328,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), help="cases to run (default: all)")
     parser.add_argument("--custom", help='one extra case: flags on top of the shared ones (dataset "one")')
     parser.add_argument("--list", action="store_true", help="print the cases and their flags")
-    parser.add_argument("--role", choices=("sd_scripts", "ours"), help=argparse.SUPPRESS)
+    parser.add_argument("--layers", action="store_true",
+                        help="compare every module's output of one bf16 forward instead of training runs")
+    parser.add_argument("--role", choices=("sd_scripts", "ours", "layers_sd_scripts", "layers_ours"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--rng_dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tiny_json", help=argparse.SUPPRESS)
     args, trainer_argv = parser.parse_known_args(argv)
@@ -339,6 +439,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.role == "ours":
         return run_ours(args.rng_dir, trainer_argv)
+    if args.role == "layers_sd_scripts":
+        dit = Path(trainer_argv[0])
+        layers_sd_scripts(args.sd_scripts.resolve(), json.loads(args.tiny_json), dit, args.rng_dir / "inputs.pt",
+                          args.rng_dir / "sd_scripts.pt")
+        return 0
+    if args.role == "layers_ours":
+        layers_ours(Path(trainer_argv[0]), args.rng_dir / "inputs.pt", args.rng_dir / "ours.pt")
+        return 0
     if args.list:
         for name, (dataset, extra) in CASES.items():
             print(f"{name:18s} dataset {dataset}: {extra}")
@@ -359,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tomls = _write_datasets(work)
     tiny = tiny_sizes()
+    if args.layers:
+        return compare_layers(sd_scripts, work, tiny)
 
     cases = {name: CASES[name] for name in (args.cases or ([] if args.custom else list(CASES)))}
     if args.custom:
