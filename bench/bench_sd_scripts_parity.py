@@ -22,7 +22,8 @@ The sd-scripts checkout needs its own extra packages (``pip install voluptuous i
 prodigyopt for those cases). Where torchvision does not import, a minimal stand-in of the few transforms that its
 dataset code calls (``bench/sd_scripts_shims``) is put on its path. One line per case, then one JSON object
 ``{"<case>": {"lora": .., "first_prediction": .., "first_prediction_mean": ..}, ...}`` on the last line (``null``
-where a trainer failed; its log is in ``--work``).
+where a trainer failed; its log is in ``--work``); a case that writes sample images also gets ``"samples"``:
+{image: [largest difference in 8-bit levels, fraction of differing values]}.
 Results are in docs/benchmarks.md, "Training steps against sd-scripts with the generators aligned".
 
 This file must not import this project's ``library`` at module level: in the sd-scripts process that name is
@@ -75,6 +76,10 @@ CASES: dict[str, tuple[str, str]] = {
     "qwen3_lora_rates": ("one", "--cache_latents --text_encoder_lr 5e-4 --unet_lr 2e-3"),
     "adapter_lora": ("one", '--cache_latents --gradient_checkpointing --network_args "train_llm_adapter=True"'),
     "bf16_first_step": ("one", f"{CACHED} --mixed_precision bf16 --max_train_steps 1"),
+    # Sample images before training and after the step: both trainers render the seeded prompts (CFG with a
+    # negative prompt, a flow shift) from the same noise; the tool compares them pixel by pixel.
+    "samples": ("one", f"{CACHED} --max_train_steps 1 --sample_prompts {{tiny}}/sample_prompts.txt --sample_at_first "
+                       "--sample_every_n_steps 1"),
     "batch2": ("two", CACHED),
     "batch2_qwen3_lora": ("two", "--cache_latents"),
 }
@@ -409,7 +414,7 @@ def run_case(name: str, dataset: str, extra: str, sd_scripts: Path, work: Path, 
         (case_dir / sub).mkdir(parents=True, exist_ok=True)
     for stale in rng_dir.glob("*.pt"):
         stale.unlink()
-    flags = shared_flags(work / "tiny", tomls[dataset]) + shlex.split(extra)
+    flags = shared_flags(work / "tiny", tomls[dataset]) + shlex.split(extra.replace("{tiny}", str(work / "tiny")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     me = str(Path(__file__).resolve())
     for role, cwd in (("sd_scripts", sd_scripts), ("ours", REPO_ROOT)):
@@ -424,11 +429,42 @@ def run_case(name: str, dataset: str, extra: str, sd_scripts: Path, work: Path, 
     import torch
 
     first = torch.load(rng_dir / "pred_ours.pt") - torch.load(rng_dir / "pred_sd_scripts.pt")
-    return {
+    result = {
         "lora": max_abs_diff(case_dir / "sd_scripts" / "lora.safetensors", case_dir / "ours" / "lora.safetensors"),
         "first_prediction": first.abs().max().item(),
         "first_prediction_mean": first.abs().mean().item(),
     }
+    samples = compare_samples(case_dir / "sd_scripts" / "sample", case_dir / "ours" / "sample")
+    if samples:
+        result["samples"] = samples
+    return result
+
+
+def compare_samples(theirs: Path, ours: Path) -> dict[str, list[float]]:
+    """{image: [largest difference in 8-bit levels, fraction of differing values]} for the sample images both
+    trainers wrote (matched by name without the time stamp: <output>_<step>_<prompt index>_<time>_<seed>.png)."""
+    import numpy as np
+    from PIL import Image
+
+    def by_key(folder: Path) -> dict[str, Path]:
+        found = {}
+        for path in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+            parts = path.stem.split("_")
+            found["_".join(parts[:-2] + parts[-1:])] = path
+        return found
+
+    mine = by_key(ours)
+    result = {}
+    for key, path in by_key(theirs).items():
+        if key in mine:
+            a = np.asarray(Image.open(path), dtype=np.int16)
+            b = np.asarray(Image.open(mine[key]), dtype=np.int16)
+            if a.shape != b.shape:
+                result[key] = [float("inf"), 1.0]
+                continue
+            difference = np.abs(a - b)
+            result[key] = [int(difference.max()), float((difference > 0).mean())]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -495,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shown = " ".join(f"{result[k]:8.2g}" for k in ("lora", "first_prediction", "first_prediction_mean"))
         print(f"{name:18s} {shown}   {extra}", flush=True)
+        for image, (levels, fraction) in (result or {}).get("samples", {}).items():
+            print(f"{'':18s} sample {image}: max {levels} levels, {fraction:.2%} of the values differ", flush=True)
     print(json.dumps(results))
     return 0 if all(v is not None for v in results.values()) else 1
 

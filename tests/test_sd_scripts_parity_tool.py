@@ -81,3 +81,20 @@ def test_parity_tool_refuses_a_folder_without_the_upstream_trainer(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --sd_scripts") and "anima_train_network.py" in err[0]
     assert not (tmp_path / "work").exists()
+
+
+def test_parity_tool_matches_sample_images_by_step_prompt_and_seed_and_counts_levels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    theirs.mkdir()
+    ours.mkdir()
+    image = np.zeros((4, 4, 3), dtype=np.uint8)
+    Image.fromarray(image).save(theirs / "lora_000001_00_20261203101010_7.png")
+    changed = image.copy()
+    changed[0, 0, 0] = 3
+    Image.fromarray(changed).save(ours / "lora_000001_00_20261203101111_7.png")  # other time stamp, same image
+    Image.fromarray(image).save(ours / "lora_000002_00_20261203101111_7.png")  # only one side
+    result = parity.compare_samples(theirs, ours)
+    assert result == {"lora_000001_00_7": [3, 1 / 48]}
