@@ -16,7 +16,8 @@ largest and mean |difference| of the first step's prediction (the DiT output).
 
 ``--layers`` instead runs one forward of the tiny DiT under CPU bf16 autocast in each process (same random
 inputs, batch 1) with a hook on every module, and prints each module's largest |difference| in call order
-(``EQUAL`` where the bits agree): where the two implementations' roundings part.
+(``EQUAL`` where the bits agree): where the two implementations' roundings part. ``--cuda_layer_norm`` runs
+sd-scripts' layer_norm in float32 there, as CUDA autocast does (CPU autocast runs it in bf16).
 
 The sd-scripts checkout needs its own extra packages (``pip install voluptuous imagesize``; lion-pytorch and
 prodigyopt for those cases). Where torchvision does not import, a minimal stand-in of the few transforms that its
@@ -259,12 +260,34 @@ def _record_module_outputs(model) -> dict:
     return outputs
 
 
-def layers_sd_scripts(sd_scripts: Path, tiny: dict, dit_path: Path, inputs_path: Path, out_path: Path) -> None:
+def _layer_norm_as_under_cuda_autocast() -> None:
+    """CUDA autocast runs layer_norm in float32 (its float32 list); CPU autocast runs it in bf16. Patched in the
+    sd-scripts process, its CPU forward rounds its modulation as it does on a GPU."""
+    import torch
+    import torch.nn.functional as F
+
+    original = F.layer_norm
+
+    def layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        if torch.is_autocast_enabled("cpu") and x.dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", enabled=False):
+                return original(x.float(), shape, None if weight is None else weight.float(),
+                                None if bias is None else bias.float(), eps)
+        return original(x, shape, weight, bias, eps)
+
+    F.layer_norm = layer_norm
+
+
+def layers_sd_scripts(sd_scripts: Path, tiny: dict, dit_path: Path, inputs_path: Path, out_path: Path,
+                      cuda_layer_norm: bool = False) -> None:
     _prepare_sd_scripts_imports(sd_scripts)
     _point_sd_scripts_at_tiny_models(tiny)
     import torch
 
     from library import anima_utils
+
+    if cuda_layer_norm:
+        _layer_norm_as_under_cuda_autocast()
 
     torch.set_num_threads(1)
     g = torch.load(inputs_path, weights_only=True)
@@ -294,7 +317,7 @@ def layers_ours(dit_path: Path, inputs_path: Path, out_path: Path) -> None:
     torch.save(outputs, out_path)
 
 
-def compare_layers(sd_scripts: Path, work: Path, tiny: dict) -> int:
+def compare_layers(sd_scripts: Path, work: Path, tiny: dict, cuda_layer_norm: bool = False) -> int:
     """Both processes' per-module bf16 outputs on the same inputs; prints one line per module both have."""
     import torch
 
@@ -315,19 +338,22 @@ def compare_layers(sd_scripts: Path, work: Path, tiny: dict) -> int:
     me, dit = str(Path(__file__).resolve()), work / "tiny" / "dit.safetensors"
     for role, cwd in (("sd_scripts", sd_scripts), ("ours", REPO_ROOT)):
         command = [sys.executable, me, "--role", f"layers_{role}", "--sd_scripts", str(sd_scripts), "--tiny_json",
-                   json.dumps(tiny), "--rng_dir", str(layers), "--", str(dit)]
+                   json.dumps(tiny), "--rng_dir", str(layers), *(["--cuda_layer_norm"] if cuda_layer_norm else []),
+                   "--", str(dit)]
         with open(layers / f"{role}.log", "w", encoding="utf-8") as log:
             if subprocess.call(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT) != 0:
                 print(f"error: the {role} forward failed; see {layers / (role + '.log')}", file=sys.stderr)
                 return 1
     theirs = torch.load(layers / "sd_scripts.pt", weights_only=True)
     ours = torch.load(layers / "ours.pt", weights_only=True)
+    print(f"{'module':48s} {'max':>8s} {'mean':>9s}")
     for name, value in theirs.items():
         mine = ours.get(name)
         if mine is None or mine.numel() != value.numel():
             continue
-        diff = (mine.reshape(value.shape) - value).abs().max().item()
-        print(f"{name:48s} {'EQUAL' if diff == 0 else f'{diff:.3g}'}")
+        diff = (mine.reshape(value.shape) - value).abs()
+        shown = "EQUAL" if diff.max() == 0 else f"{diff.max().item():8.3g} {diff.mean().item():9.3g}"
+        print(f"{name:48s} {shown}")
     return 0
 
 
@@ -476,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the cases and their flags")
     parser.add_argument("--layers", action="store_true",
                         help="compare every module's output of one bf16 forward instead of training runs")
+    parser.add_argument("--cuda_layer_norm", action="store_true",
+                        help="with --layers: run sd-scripts' layer_norm in float32 under autocast, as CUDA autocast "
+                             "does (CPU autocast runs it in bf16)")
     parser.add_argument("--role", choices=("sd_scripts", "ours", "layers_sd_scripts", "layers_ours"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--rng_dir", type=Path, help=argparse.SUPPRESS)
@@ -491,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "layers_sd_scripts":
         dit = Path(trainer_argv[0])
         layers_sd_scripts(args.sd_scripts.resolve(), json.loads(args.tiny_json), dit, args.rng_dir / "inputs.pt",
-                          args.rng_dir / "sd_scripts.pt")
+                          args.rng_dir / "sd_scripts.pt", cuda_layer_norm=args.cuda_layer_norm)
         return 0
     if args.role == "layers_ours":
         layers_ours(Path(trainer_argv[0]), args.rng_dir / "inputs.pt", args.rng_dir / "ours.pt")
@@ -517,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     tomls = _write_datasets(work)
     tiny = tiny_sizes()
     if args.layers:
-        return compare_layers(sd_scripts, work, tiny)
+        return compare_layers(sd_scripts, work, tiny, cuda_layer_norm=args.cuda_layer_norm)
 
     cases = {name: CASES[name] for name in (args.cases or ([] if args.custom else list(CASES)))}
     if args.custom:
