@@ -98,3 +98,17 @@ def test_parity_tool_matches_sample_images_by_step_prompt_and_seed_and_counts_le
     Image.fromarray(image).save(ours / "lora_000002_00_20261203101111_7.png")  # only one side
     result = parity.compare_samples(theirs, ours)
     assert result == {"lora_000001_00_7": [3, 1 / 48]}
+
+
+def test_parity_tool_cuda_layer_norm_patch_gives_float32_under_cpu_autocast(monkeypatch):
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(F, "layer_norm", F.layer_norm)  # restored after the test
+    x = torch.randn(2, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.layer_norm(x, (8,)).dtype == torch.bfloat16  # CPU autocast's own policy
+        parity._layer_norm_as_under_cuda_autocast()
+        out = F.layer_norm(x, (8,))
+    assert out.dtype == torch.float32
+    assert torch.equal(out, F.layer_norm(x.float(), (8,)))
+    assert F.layer_norm(x, (8,)).dtype == torch.bfloat16  # outside autocast: untouched
