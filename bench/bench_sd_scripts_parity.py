@@ -497,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sd_scripts", type=Path, help="an sd-scripts checkout (with anima_train_network.py)")
     parser.add_argument("--work", type=Path, help="scratch folder (tiny setup, logs, LoRA files)")
-    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), help="cases to run (default: all)")
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), metavar="CASE",
+                        help="cases to run (default: all; --list names them)")
     parser.add_argument("--custom", help='one extra case: flags on top of the shared ones (dataset "one")')
     parser.add_argument("--list", action="store_true", help="print the cases and their flags")
     parser.add_argument("--layers", action="store_true",
