@@ -46,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIMS = Path(__file__).resolve().parent / "sd_scripts_shims"
 
 CACHED = "--cache_latents --cache_text_encoder_outputs --network_train_unet_only"
-# name -> (dataset: "one" = one image, batch 1; "two" = two copies of it, batch 2), flags on top of SHARED_FLAGS
+# name -> (dataset: "one" = one image, batch 1; "two" = two copies of it, batch 2), flags after shared_flags()
 CASES: dict[str, tuple[str, str]] = {
     "base": ("one", CACHED),
     "checkpointing": ("one", f"{CACHED} --gradient_checkpointing"),
@@ -102,35 +102,33 @@ def shared_flags(tiny: Path, dataset_toml: Path) -> list[str]:
 # Probes (both processes)
 
 
-def _wrap_create_network(module, rng_dir: Path, save: bool) -> None:
+def _save_or_replay_rng(path: Path, save: bool) -> None:
+    """sd-scripts' side saves the global torch generator state; ours loads it where sd-scripts saved one."""
     import torch
 
+    if save:
+        torch.save(torch.random.get_rng_state(), path)
+    elif path.exists():
+        torch.random.set_rng_state(torch.load(path, weights_only=True))
+
+
+def _wrap_create_network(module, rng_dir: Path, save: bool) -> None:
     original = module.create_network
 
     def create_network(*args, **kwargs):
-        path = rng_dir / "network.pt"
-        if save:
-            torch.save(torch.random.get_rng_state(), path)
-        else:
-            torch.random.set_rng_state(torch.load(path, weights_only=True))
+        _save_or_replay_rng(rng_dir / "network.pt", save)
         return original(*args, **kwargs)
 
     module.create_network = create_network
 
 
 def _wrap_step(cls, method: str, rng_dir: Path, save: bool) -> None:
-    import torch
-
     original = getattr(cls, method)
     calls = [0]
 
     def step(self, *args, **kwargs):
-        path = rng_dir / f"step{calls[0]}.pt"
+        _save_or_replay_rng(rng_dir / f"step{calls[0]}.pt", save)
         calls[0] += 1
-        if save:
-            torch.save(torch.random.get_rng_state(), path)
-        elif path.exists():
-            torch.random.set_rng_state(torch.load(path, weights_only=True))
         return original(self, *args, **kwargs)
 
     setattr(cls, method, step)
@@ -278,6 +276,18 @@ def _layer_norm_as_under_cuda_autocast() -> None:
     F.layer_norm = layer_norm
 
 
+def _save_bf16_forward_outputs(model, forward, out_path: Path) -> None:
+    """Every module's output of ``forward(model)`` under CPU bf16 autocast, saved to out_path."""
+    import torch
+
+    torch.set_num_threads(1)
+    model.requires_grad_(False)
+    outputs = _record_module_outputs(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        forward(model)
+    torch.save(outputs, out_path)
+
+
 def layers_sd_scripts(sd_scripts: Path, tiny: dict, dit_path: Path, inputs_path: Path, out_path: Path,
                       cuda_layer_norm: bool = False) -> None:
     _prepare_sd_scripts_imports(sd_scripts)
@@ -288,16 +298,15 @@ def layers_sd_scripts(sd_scripts: Path, tiny: dict, dit_path: Path, inputs_path:
 
     if cuda_layer_norm:
         _layer_norm_as_under_cuda_autocast()
-
-    torch.set_num_threads(1)
     g = torch.load(inputs_path, weights_only=True)
     model = anima_utils.load_anima_model("cpu", str(dit_path), "torch", False, "cpu", torch.bfloat16)
-    model.requires_grad_(False)
-    outputs = _record_module_outputs(model)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(g["latents"].bfloat16(), g["timesteps"], g["qwen3"].bfloat16(), padding_mask=g["padding"].bfloat16(),
-              target_input_ids=g["t5_ids"], target_attention_mask=g["t5_mask"], source_attention_mask=g["qwen3_mask"])
-    torch.save(outputs, out_path)
+    _save_bf16_forward_outputs(
+        model,
+        lambda m: m(g["latents"].bfloat16(), g["timesteps"], g["qwen3"].bfloat16(), padding_mask=g["padding"].bfloat16(),
+                    target_input_ids=g["t5_ids"], target_attention_mask=g["t5_mask"],
+                    source_attention_mask=g["qwen3_mask"]),
+        out_path,
+    )
 
 
 def layers_ours(dit_path: Path, inputs_path: Path, out_path: Path) -> None:
@@ -306,15 +315,13 @@ def layers_ours(dit_path: Path, inputs_path: Path, out_path: Path) -> None:
 
     from library.models.dit_loading import load_anima_model
 
-    torch.set_num_threads(1)
     g = torch.load(inputs_path, weights_only=True)
-    model = load_anima_model(str(dit_path), dtype=torch.bfloat16)
-    model.requires_grad_(False)
-    outputs = _record_module_outputs(model)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+
+    def forward(model):
         context = model.encode_text(g["qwen3"].bfloat16(), g["qwen3_mask"], g["t5_ids"], g["t5_mask"])
-        model(g["latents"].bfloat16(), g["timesteps"], context, g["padding"].bfloat16())
-    torch.save(outputs, out_path)
+        return model(g["latents"].bfloat16(), g["timesteps"], context, g["padding"].bfloat16())
+
+    _save_bf16_forward_outputs(load_anima_model(str(dit_path), dtype=torch.bfloat16), forward, out_path)
 
 
 def compare_layers(sd_scripts: Path, work: Path, tiny: dict, cuda_layer_norm: bool = False) -> int:
@@ -335,15 +342,13 @@ def compare_layers(sd_scripts: Path, work: Path, tiny: dict, cuda_layer_norm: bo
         "t5_mask": torch.tensor([[1] * 5 + [0] * (t5_tokens - 5)]),
     }
     torch.save(inputs, layers / "inputs.pt")
-    me, dit = str(Path(__file__).resolve()), work / "tiny" / "dit.safetensors"
-    for role, cwd in (("sd_scripts", sd_scripts), ("ours", REPO_ROOT)):
-        command = [sys.executable, me, "--role", f"layers_{role}", "--sd_scripts", str(sd_scripts), "--tiny_json",
-                   json.dumps(tiny), "--rng_dir", str(layers), *(["--cuda_layer_norm"] if cuda_layer_norm else []),
-                   "--", str(dit)]
-        with open(layers / f"{role}.log", "w", encoding="utf-8") as log:
-            if subprocess.call(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT) != 0:
-                print(f"error: the {role} forward failed; see {layers / (role + '.log')}", file=sys.stderr)
-                return 1
+    options = ["--cuda_layer_norm"] if cuda_layer_norm else []
+    for side in ("sd_scripts", "ours"):
+        rc = _run_side(f"layers_{side}", sd_scripts, layers, tiny, options + ["--", str(work / "tiny" / "dit.safetensors")],
+                       layers / f"{side}.log")
+        if rc != 0:
+            print(f"error: the {side} forward failed; see {layers / (side + '.log')}", file=sys.stderr)
+            return 1
     theirs = torch.load(layers / "sd_scripts.pt", weights_only=True)
     ours = torch.load(layers / "ours.pt", weights_only=True)
     print(f"{'module':48s} {'max':>8s} {'mean':>9s}")
@@ -401,24 +406,19 @@ def tiny_sizes() -> dict:
 
 def _write_datasets(work: Path) -> dict[str, Path]:
     """one/: the first 64 x 64 image, batch 1; two/: two copies of it, batch 2 (in-batch order cannot matter)."""
-    tiny_images = work / "tiny" / "images"
-    first = sorted(tiny_images.glob("*.png"))[0]
+    from library.models.tiny import tiny_dataset_toml_text  # driver process: this project's library
+
+    first = sorted((work / "tiny" / "images").glob("*.png"))[0]
     caption = first.with_suffix(".txt")
     tomls = {}
-    for name, copies, batch in (("one", 1, 1), ("two", 2, 2)):
+    for name, copies in (("one", 1), ("two", 2)):
         images = work / name / "images"
         images.mkdir(parents=True, exist_ok=True)
         for i in range(copies):
             (images / f"{i}.png").write_bytes(first.read_bytes())
             (images / f"{i}.txt").write_bytes(caption.read_bytes())
-        toml = work / name / "dataset.toml"
-        toml.write_text(
-            f"[general]\ncaption_extension = \".txt\"\n\n[[datasets]]\nresolution = 64\nbatch_size = {batch}\n"
-            "enable_bucket = true\nmin_bucket_reso = 32\nmax_bucket_reso = 128\nbucket_reso_steps = 16\n\n"
-            f"[[datasets.subsets]]\nimage_dir = \"{images}\"\nnum_repeats = 1\n",
-            encoding="utf-8",
-        )
-        tomls[name] = toml
+        tomls[name] = work / name / "dataset.toml"
+        tomls[name].write_text(tiny_dataset_toml_text(images, batch_size=copies), encoding="utf-8")
     return tomls
 
 
@@ -431,6 +431,17 @@ def max_abs_diff(a_path: Path, b_path: Path) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+def _run_side(role: str, sd_scripts: Path, rng_dir: Path, tiny: dict, argv: list[str], log_path: Path) -> int:
+    """This file in a fresh process as ``role`` (sd-scripts' roles run inside the checkout); its output to
+    log_path; the exit code."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--sd_scripts", str(sd_scripts),
+               "--rng_dir", str(rng_dir), "--tiny_json", json.dumps(tiny), *argv]
+    cwd = sd_scripts if role.endswith("sd_scripts") else REPO_ROOT
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    with open(log_path, "w", encoding="utf-8") as log:
+        return subprocess.call(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
 def run_case(name: str, dataset: str, extra: str, sd_scripts: Path, work: Path, tomls: dict, tiny: dict) -> dict | None:
     """Max |difference| over the LoRA tensors after the run, and max / mean |difference| of the first step's
     prediction; None where a trainer failed."""
@@ -441,14 +452,10 @@ def run_case(name: str, dataset: str, extra: str, sd_scripts: Path, work: Path, 
     for stale in rng_dir.glob("*.pt"):
         stale.unlink()
     flags = shared_flags(work / "tiny", tomls[dataset]) + shlex.split(extra.replace("{tiny}", str(work / "tiny")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    me = str(Path(__file__).resolve())
-    for role, cwd in (("sd_scripts", sd_scripts), ("ours", REPO_ROOT)):
+    for role in ("sd_scripts", "ours"):
         out = case_dir / role
-        command = [sys.executable, me, "--role", role, "--sd_scripts", str(sd_scripts), "--rng_dir", str(rng_dir),
-                   "--tiny_json", json.dumps(tiny), "--", *flags, "--output_dir", str(out)]
-        with open(case_dir / f"{role}.log", "w", encoding="utf-8") as log:
-            rc = subprocess.call(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        rc = _run_side(role, sd_scripts, rng_dir, tiny, ["--", *flags, "--output_dir", str(out)],
+                       case_dir / f"{role}.log")
         if rc != 0 or not (out / "lora.safetensors").exists():
             print(f"{name}: {role} failed (exit {rc}), see {case_dir / (role + '.log')}", flush=True)
             return None
@@ -544,8 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     if setup.returncode != 0:
         print(f"error: examples/make_tiny_setup.py failed: {setup.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return 2
-    tomls = _write_datasets(work)
     tiny = tiny_sizes()
+    tomls = _write_datasets(work)
     if args.layers:
         return compare_layers(sd_scripts, work, tiny, cuda_layer_norm=args.cuda_layer_norm)
 

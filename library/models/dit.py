@@ -157,7 +157,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     weight, bias = (1 + scale).to(x.dtype), shift.to(x.dtype)  # [B, 1, D]
     width = (x.shape[-1],)
     with autocast_off(x):
-        if x.shape[0] == 1:
+        if x.shape[0] == 1:  # x itself, not a slice: a slice's backward writes a zero-filled full-size gradient
             return F.layer_norm(x, width, weight.reshape(-1), bias.reshape(-1), NORM_EPS)
         rows = [
             F.layer_norm(row, width, w.reshape(-1), b.reshape(-1), NORM_EPS)

@@ -257,11 +257,11 @@ def _toml_value(value: bool | int | float | str) -> str:
     return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
 
 
-def tiny_dataset_toml_text(image_dir: Path) -> str:
+def tiny_dataset_toml_text(image_dir: Path, batch_size: int = 2) -> str:
     """The tiny dataset config as TOML text, written without the ``toml`` package (not on every machine the tests
     run on, e.g. the GPU device image): the same text ``toml.dumps`` gives for this config."""
     general = {"caption_extension": ".txt", "shuffle_caption": False, "keep_tokens": 0}
-    dataset = {"resolution": 64, "batch_size": 2, "enable_bucket": True, "min_bucket_reso": 32,
+    dataset = {"resolution": 64, "batch_size": batch_size, "enable_bucket": True, "min_bucket_reso": 32,
                "max_bucket_reso": 128, "bucket_reso_steps": 16}
     subset = {"image_dir": str(image_dir.resolve()), "num_repeats": 1}
 
