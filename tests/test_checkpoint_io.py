@@ -1,5 +1,8 @@
 """library.io.checkpoints: one reader for every checkpoint format, header-only inspection, one-line errors."""
 
+import json
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -82,6 +85,46 @@ def test_loaded_tensors_do_not_depend_on_the_file(tmp_path, suffix):
     with open(path, "r+b") as handle:  # overwrite the (memory-mapped) file in place after loading
         handle.write(b"\x7f" * path.stat().st_size)
     assert torch.equal(loaded["net.a.weight"], WEIGHTS["net.a.weight"])
+
+
+def _resident_file_mib() -> float:
+    """This process's resident file-backed memory (memory-mapped files), from /proc (Linux)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssFile line")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads resident memory from /proc")
+def test_reading_a_large_file_keeps_only_a_window_of_it_mapped(tmp_path, monkeypatch):
+    path = tmp_path / "big.safetensors"
+    tensors = {f"t{i}": torch.full((1024, 1024), float(i), dtype=torch.bfloat16) for i in range(48)}  # 96 MiB
+    save_file(tensors, str(path))
+    monkeypatch.setattr(checkpoint_io, "REMAP_BYTES", 8 * 2**20)
+    opened = []
+    real_safe_open = checkpoint_io.safe_open
+    monkeypatch.setattr(checkpoint_io, "safe_open", lambda *a, **kw: opened.append(a) or real_safe_open(*a, **kw))
+    before = _resident_file_mib()
+    most = 0.0
+    with open_checkpoint(path, "--flag", "a test file") as checkpoint:
+        loaded = {}
+        for key in checkpoint.keys():
+            loaded[key] = checkpoint.tensor(key, dtype=torch.float32)
+            most = max(most, _resident_file_mib() - before)
+    assert all(torch.equal(loaded[k], t.float()) for k, t in tensors.items())
+    assert len(opened) == 1 + 96 // 8  # the first map, then one every 8 MiB read
+    assert most < 32, f"{most:.0f} MiB of the 96 MiB file stayed mapped"  # without reopening: all 96
+
+
+def test_a_file_replaced_while_it_is_read_ends_in_one_error(tmp_path, monkeypatch):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(1024), "b": torch.ones(1024)}, str(path))
+    monkeypatch.setattr(checkpoint_io, "REMAP_BYTES", 1)
+    with open_checkpoint(path, "--flag", "a test file") as checkpoint:
+        replacement = tmp_path / "new.safetensors"
+        save_file({"a": torch.zeros(8), "b": torch.ones(8)}, str(replacement))
+        replacement.replace(path)
+        _one_line_error(lambda: checkpoint.tensor("a"), "changed while it was being read")
 
 
 def test_legacy_torch_format_is_read_without_mmap(tmp_path):
@@ -180,3 +223,14 @@ def test_dit_loader_checks_shapes_before_reading_any_weight(golden_dir, tmp_path
     model = load_anima_model(golden_dir / "dit_tiny.safetensors", dtype=torch.bfloat16)
     assert len(reads) == len(model.state_dict())
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads resident memory from /proc")
+def test_checkpoint_load_bench_reports_the_mapped_window(tmp_path, capsys):
+    from bench.bench_checkpoint_load import main
+
+    main(["--work", str(tmp_path), "--size_mib", "64", "--dtypes", "float32", "--remap_mib", "0", "8"])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(figures) == {"float32/remap0", "float32/remap8"}
+    assert figures["float32/remap0"]["mapped_gib"] >= 0.06  # all 64 MiB of the file
+    assert figures["float32/remap8"]["mapped_gib"] <= 0.03
