@@ -65,6 +65,19 @@ CASES: dict[str, tuple[str, str]] = {
     "cosmap": ("one", f"{CACHED} --timestep_sampling sigma --weighting_scheme cosmap"),
     "sigma_sqrt": ("one", f"{CACHED} --timestep_sampling sigma --weighting_scheme sigma_sqrt"),
     "loraplus": ("one", f'{CACHED} --network_args "loraplus_lr_ratio=4"'),
+    "loraplus_parts": ("one", '--cache_latents --network_args "loraplus_unet_lr_ratio=4" '
+                              '"loraplus_text_encoder_lr_ratio=2"'),
+    "module_patterns": ("one", f'{CACHED} --network_args "exclude_patterns=[\'.*blocks.*\']" '
+                               '"include_patterns=[\'.*blocks\\.1\\..*\']"'),
+    "exclude_mlp": ("one", f'{CACHED} --network_args "exclude_patterns=[\'.*mlp.*\']"'),
+    "reg_dims_lrs": ("one", f'{CACHED} --network_args "network_reg_dims=.*mlp.*=8" "network_reg_lrs=.*attn.*=5e-4"'),
+    "unsloth_offload": ("one", f"{CACHED} --gradient_checkpointing --unsloth_offload_checkpointing"),
+    "cpu_offload": ("one", f"{CACHED} --gradient_checkpointing --cpu_offload_checkpointing"),
+    "mode_scale": ("one", f"{CACHED} --timestep_sampling sigma --weighting_scheme mode --mode_scale 1.29"),
+    "sigmoid": ("one", f"{CACHED} --timestep_sampling sigmoid --sigmoid_scale 2.0"),
+    "uniform": ("one", f"{CACHED} --timestep_sampling uniform"),
+    "optimizer_args": ("one", f'{CACHED} --optimizer_args "weight_decay=0.05" "betas=(0.8,0.95)"'),
+    "constant_warmup": ("one", f"{CACHED} --lr_scheduler constant_with_warmup --lr_warmup_steps 2"),
     "l1": ("one", f"{CACHED} --loss_type l1"),
     "huber": ("one", f"{CACHED} --loss_type huber --huber_schedule constant --huber_c 0.2"),
     "adafactor": ("one", f'{CACHED} --optimizer_type Adafactor --optimizer_args "relative_step=False" '
