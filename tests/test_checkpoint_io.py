@@ -234,3 +234,30 @@ def test_checkpoint_load_bench_reports_the_mapped_window(tmp_path, capsys):
     assert set(figures) == {"float32/remap0", "float32/remap8"}
     assert figures["float32/remap0"]["mapped_gib"] >= 0.06  # all 64 MiB of the file
     assert figures["float32/remap8"]["mapped_gib"] <= 0.03
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_all_finite_finds_one_nan_or_infinity_anywhere(dtype):
+    from library.io.files import all_finite
+
+    for length in (1, 7, 33, 1000):  # below, across and beyond the vector widths of the min/max kernels
+        base = torch.linspace(-3, 3, length, dtype=dtype)
+        assert all_finite(base) and all_finite(base[::2]) and all_finite(base.reshape(1, -1).t())
+        for position in range(length):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                tensor = base.clone()
+                tensor[position] = bad
+                assert not all_finite(tensor), (length, position, bad)
+    assert all_finite(torch.empty(0, 3, dtype=dtype))
+    big = torch.full((2048, 2048), 65000.0, dtype=dtype)  # large but finite (float16's max is 65504)
+    assert all_finite(big)
+    big[2047, 2047] = float("nan")
+    assert not all_finite(big)
+
+
+def test_all_finite_handles_float8():
+    from library.io.files import all_finite
+
+    values = torch.tensor([0.5, -2.0, 448.0]).to(torch.float8_e4m3fn)
+    assert all_finite(values)
+    assert not all_finite(torch.tensor([0.5, float("nan")]).to(torch.float8_e4m3fn))

@@ -9,12 +9,13 @@ Every loader (DiT, VAE, Qwen3, LoRA) goes through ``open_checkpoint``:
   non-tensor entries (step counters, configs) ignored;
 * a file with another or no extension is recognised by its first bytes.
 
-Every floating tensor read is checked to be finite (one ``torch.isfinite(t).all()`` per tensor): a file with
+Every floating tensor read is checked to be finite (one ``all_finite`` min/max pass per tensor): a file with
 NaN or infinite weights ends in one error naming the flag, the file and the first bad tensor.
 
 Reading casts floating tensors to the wanted dtype on the wanted device tensor by tensor, so a 2B model
-loads with one copy of its weights in memory. Problems with the file itself (missing, a folder, unreadable,
-no tensors) end in one ``AnimaError`` line naming the flag, the file and the fix.
+loads with one copy of its weights in memory; the file is reopened after every ``REMAP_BYTES`` read, so that
+the memory-mapped pages already read do not stay resident beside that copy. Problems with the file itself
+(missing, a folder, unreadable, no tensors) end in one ``AnimaError`` line naming the flag, the file and the fix.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from safetensors import safe_open
 
 from library.errors import AnimaError
+from library.io.files import all_finite
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -307,10 +309,10 @@ class CheckpointFile:
         except Exception as error:  # a truncated data section shows up only here
             raise AnimaError(f"{self.flag}: cannot read tensor {key} of {self.path} ({_first_line(error)})") from None
         out = cast_tensor(raw, device, dtype)
-        if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        if out.is_floating_point() and not all_finite(out):
             # One check per tensor while loading: a damaged or diverged file must not start a run that trains
             # on NaN. A finite file can still overflow when cast to a narrower dtype (e.g. float16).
-            overflow = bool(torch.isfinite(raw.float()).all())
+            overflow = all_finite(raw)
             cause = (f"overflows {dtype} when cast; use a wider --mixed_precision (bf16 or no)" if overflow
                      else "holds NaN or infinite values; the file is damaged or comes from a diverged run")
             raise AnimaError(f"{self.flag}: tensor {key} of {self.path} {cause}")
