@@ -275,13 +275,13 @@ def test_text_cache_invalidated_by_caption_edit_and_max_length(tmp_path, images,
     encoding = FakeTextEncoding()
     with caplog.at_level(logging.INFO):
         cache_group_text(train, encoding, batch_size=4, to_disk=True, skip_check=False)
-    assert encoding.seen == ["", "red, pear"]
+    assert encoding.seen == ["red, pear"]  # no subset drops captions: "" is not encoded
     assert any("caption changed" in r.getMessage() for r in caplog.records)
 
     longer = FakeTextEncoding(identity="fake-te|qwen3=16|t5=6", length=16)
     train, _ = build_dataset_groups(args)
     cache_group_text(train, longer, batch_size=4, to_disk=True, skip_check=False)
-    assert len(longer.seen) == 4
+    assert len(longer.seen) == 3
     assert read_npz(text_npz_path(images / "a.png"))["prompt_embeds"].shape == (16, 4)
 
 
@@ -299,13 +299,13 @@ def test_cache_only_mode_writes_both_caches_then_training_reuses_them(tmp_path, 
     args = make_args(tmp_path, "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk")
     vae, encoding = FakeVAE(), FakeTextEncoding()
     cache_only_main(args, load_vae=lambda: (vae, "vae-1"), load_text_encoding=lambda: encoding)
-    assert vae.encoded == 3 and len(encoding.seen) == 4
+    assert vae.encoded == 3 and len(encoding.seen) == 3
     assert len(list(images.glob("*_anima.npz"))) == 3 and len(list(images.glob("*_anima_te.npz"))) == 3
     train, _ = build_dataset_groups(args)
     vae2, encoding2 = FakeVAE(), FakeTextEncoding()
     cache_group_latents(train, vae2, "vae-1", batch_size=2, to_disk=True, skip_check=False)
     cache_group_text(train, encoding2, batch_size=2, to_disk=True, skip_check=False)
-    assert vae2.encoded == 0 and encoding2.seen == [""]
+    assert vae2.encoded == 0 and encoding2.seen == []
     batch = train[0]
     assert batch["latents"] is not None and batch["text"] is not None
 
@@ -404,7 +404,7 @@ def test_image_in_two_datasets_with_different_caption_prefixes_keeps_each_captio
         train, _ = build_dataset_groups(args)
         cache_group_text(train, encoding, batch_size=2, to_disk=True, skip_check=False)
         # The first dataset's captions own the files; the second's are encoded again in every run (memory).
-        assert sorted(caption[:3] for caption in encoding.seen[1:]) == ["one"] * 3 * (run == 0) + ["two"] * 3
+        assert sorted(caption[:3] for caption in encoding.seen) == ["one"] * 3 * (run == 0) + ["two"] * 3
         firsts = [chr(int(load_cached_text(info)["qwen3_embeds"][0, 0])) for _, info in train.image_infos()]
         assert firsts == ["o"] * 3 + ["t"] * 3
 
@@ -414,7 +414,7 @@ def test_image_in_two_datasets_with_the_same_caption_is_text_encoded_once(tmp_pa
     encoding = FakeTextEncoding()
     train, _ = build_dataset_groups(args)
     cache_group_text(train, encoding, batch_size=2, to_disk=True, skip_check=False)
-    assert len(encoding.seen) == 1 + 3  # "" for caption dropout, then each caption once
+    assert len(encoding.seen) == 3  # each caption once (no caption dropout, so no "")
     assert len({info.text_npz for _, info in train.image_infos()}) == 3
 
 
@@ -444,12 +444,12 @@ def test_read_only_folder_of_foreign_caches_is_one_error_line_before_encoding_or
     encoding = FakeTextEncoding()
     with pytest.raises(AnimaError, match="text-encoder cache .*_anima_te.npz must be written there"):
         cache_group_text(train, encoding, batch_size=2, to_disk=True, skip_check=False)
-    assert encoding.seen == [""]
+    assert encoding.seen == []
 
     trusted = cache_latents(args, vae, skip_check=True)
     trusted_encoding = FakeTextEncoding()
     cache_group_text(trusted, trusted_encoding, batch_size=2, to_disk=True, skip_check=True)
-    assert vae.encoded == 0 and trusted_encoding.seen == [""]  # only the empty caption (caption dropout)
+    assert vae.encoded == 0 and trusted_encoding.seen == []  # nothing encoded again
     assert trusted[0]["latents"] is not None
 
 

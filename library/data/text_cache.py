@@ -78,15 +78,18 @@ def _split_batch(outputs: dict[str, torch.Tensor], count: int) -> list[dict[str,
 
 def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int, to_disk: bool, skip_check: bool,
                      is_main_process: bool = True) -> None:
-    """Encode every image's caption (and "" once, for caption dropout) with `text_encoding`."""
+    """Encode every image's caption (and "" once, when a subset drops captions) with `text_encoding`."""
     identity = str(text_encoding.identity)
     entries = group.image_infos()
     if to_disk:
         check_cache_name_collisions([info for _, info in entries], lambda i: text_npz_path(i.path))
         if is_main_process:
             remove_cache_leftovers([info for _, info in entries])
-    with torch.no_grad():
-        group.empty_text = _split_batch(text_encoding.encode([""]), 1)[0]
+    drops_captions = any(subset.captions.caption_dropout_rate > 0 or subset.captions.caption_dropout_every_n_epochs > 0
+                         for dataset in group.datasets for subset in dataset.subsets)
+    if drops_captions:  # one more full text-encoder pass (seconds for Qwen3 on a CPU), only when it can be used
+        with torch.no_grad():
+            group.empty_text = _split_batch(text_encoding.encode([""]), 1)[0]
 
     todo: list[tuple[ImageInfo, str, float, bool]] = []  # (sample, caption, dropout rate, written to disk)
     # One file per image: the first sample of an image decides its caption; later samples of that image with
