@@ -96,14 +96,19 @@ def _resident_file_mib() -> float:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads resident memory from /proc")
-def test_reading_a_large_file_keeps_only_a_window_of_it_mapped(tmp_path, monkeypatch):
-    path = tmp_path / "big.safetensors"
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_reading_a_large_file_keeps_only_a_window_of_it_mapped(tmp_path, monkeypatch, suffix):
+    path = tmp_path / f"big{suffix}"
     tensors = {f"t{i}": torch.full((1024, 1024), float(i), dtype=torch.bfloat16) for i in range(48)}  # 96 MiB
-    save_file(tensors, str(path))
+    torch.save(tensors, path) if suffix == ".pt" else save_file(tensors, str(path))
     monkeypatch.setattr(checkpoint_io, "REMAP_BYTES", 8 * 2**20)
     opened = []
-    real_safe_open = checkpoint_io.safe_open
-    monkeypatch.setattr(checkpoint_io, "safe_open", lambda *a, **kw: opened.append(a) or real_safe_open(*a, **kw))
+    if suffix == ".pt":
+        real_load = torch.load
+        monkeypatch.setattr(torch, "load", lambda *a, **kw: opened.append(a) or real_load(*a, **kw))
+    else:
+        real_safe_open = checkpoint_io.safe_open
+        monkeypatch.setattr(checkpoint_io, "safe_open", lambda *a, **kw: opened.append(a) or real_safe_open(*a, **kw))
     before = _resident_file_mib()
     most = 0.0
     with open_checkpoint(path, "--flag", "a test file") as checkpoint:

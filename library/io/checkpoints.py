@@ -43,7 +43,7 @@ TORCH = "torch"
 # One file of a set split by size: ``<stem>00001-of-00003.safetensors`` (sd-scripts' and Hugging Face's names).
 _SHARD_NAME = re.compile(r"^(.*?)(\d+)-of-(\d+)\.safetensors$")
 
-# safe_open maps the whole file, and every page a read touches stays resident in this process until the map is
+# safe_open and torch.load(mmap=True) map the whole file, and every page a read touches stays resident in this process until the map is
 # dropped: a 3.7 GiB bf16 DiT read into float32 would peak at its 7.4 GiB copy plus the whole file. Reopening the
 # file after this many bytes keeps the mapped part small (the pages stay in the OS page cache, so reads stay fast).
 REMAP_BYTES = 256 * 2**20
@@ -235,7 +235,8 @@ class CheckpointFile:
         self._torch_tensors: dict[str, torch.Tensor] = {}
         self._metadata: dict[str, str] = {}
         self._identity = _file_identity(self.path)
-        self._mapped_bytes = 0  # tensor bytes read through the current safe_open map
+        self._mapped_bytes = 0  # tensor bytes read through the current memory map
+        self._torch_mapped = False  # a torch file loaded with mmap=True (the legacy format cannot be)
         try:
             if self.format == SAFETENSORS:
                 self._safetensors = safe_open(str(self.path), framework="pt", device="cpu")
@@ -258,11 +259,13 @@ class CheckpointFile:
     def _load_torch(self) -> dict[str, torch.Tensor]:
         try:
             loaded = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            self._torch_mapped = True
         except RuntimeError as error:
             if "mmap" not in str(error):
                 raise
             # The legacy (non-zip) torch format cannot be memory-mapped: read it whole.
             loaded = torch.load(self.path, map_location="cpu", weights_only=True)
+            self._torch_mapped = False
         state = _unwrap_state_dict(loaded)
         if not isinstance(state, Mapping):
             raise AnimaError(f"{self.flag}: {self.path} does not hold a state dict (found {type(state).__name__})")
@@ -320,7 +323,7 @@ class CheckpointFile:
             # Still a view of the memory-mapped file (both formats map it): own the data, so that a file
             # overwritten or truncated while training can never change (or crash) the loaded weights.
             out = out.clone()
-        if self._safetensors is not None:
+        if self._safetensors is not None or self._torch_mapped:
             self._mapped_bytes += raw.numel() * raw.element_size()
             del raw  # the last view of the map: reopening below then unmaps it
             if self._mapped_bytes >= REMAP_BYTES:
@@ -330,11 +333,15 @@ class CheckpointFile:
     def _remap(self) -> None:
         """Drop the file's memory map (and the resident pages read through it) and map the file again."""
         self._safetensors = None
+        self._torch_tensors = {}  # a torch file's tensors are views of its one map
         self._mapped_bytes = 0
         if _file_identity(self.path) != self._identity:
             raise AnimaError(f"{self.flag}: {self.path} changed while it was being read; start again once the file "
                              "is completely written")
-        self._safetensors = safe_open(str(self.path), framework="pt", device="cpu")
+        if self.format == SAFETENSORS:
+            self._safetensors = safe_open(str(self.path), framework="pt", device="cpu")
+        else:
+            self._torch_tensors = self._load_torch()
 
     def read(
         self,
