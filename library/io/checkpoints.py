@@ -43,9 +43,10 @@ TORCH = "torch"
 # One file of a set split by size: ``<stem>00001-of-00003.safetensors`` (sd-scripts' and Hugging Face's names).
 _SHARD_NAME = re.compile(r"^(.*?)(\d+)-of-(\d+)\.safetensors$")
 
-# safe_open and torch.load(mmap=True) map the whole file, and every page a read touches stays resident in this process until the map is
-# dropped: a 3.7 GiB bf16 DiT read into float32 would peak at its 7.4 GiB copy plus the whole file. Reopening the
-# file after this many bytes keeps the mapped part small (the pages stay in the OS page cache, so reads stay fast).
+# safe_open and torch.load(mmap=True) map the whole file, and every page a read touches stays resident in this
+# process until the map is dropped: a 3.7 GiB bf16 DiT read into float32 would peak at its 7.4 GiB copy plus the
+# whole file. Reopening the file after this many bytes keeps the mapped part small (the pages stay in the OS page
+# cache, so reads stay fast).
 REMAP_BYTES = 256 * 2**20
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
@@ -239,7 +240,7 @@ class CheckpointFile:
         self._torch_mapped = False  # a torch file loaded with mmap=True (the legacy format cannot be)
         try:
             if self.format == SAFETENSORS:
-                self._safetensors = safe_open(str(self.path), framework="pt", device="cpu")
+                self._safetensors = self._open_safetensors()
                 self._metadata = dict(self._safetensors.metadata() or {})
                 self._keys = list(self._safetensors.keys())
             else:
@@ -330,6 +331,9 @@ class CheckpointFile:
                 self._remap()
         return out
 
+    def _open_safetensors(self):
+        return safe_open(str(self.path), framework="pt", device="cpu")
+
     def _remap(self) -> None:
         """Drop the file's memory map (and the resident pages read through it) and map the file again."""
         self._safetensors = None
@@ -339,7 +343,7 @@ class CheckpointFile:
             raise AnimaError(f"{self.flag}: {self.path} changed while it was being read; start again once the file "
                              "is completely written")
         if self.format == SAFETENSORS:
-            self._safetensors = safe_open(str(self.path), framework="pt", device="cpu")
+            self._safetensors = self._open_safetensors()
         else:
             self._torch_tensors = self._load_torch()
 
