@@ -14,6 +14,16 @@ largest and mean |difference| of the first step's prediction (the DiT output).
     python bench/bench_sd_scripts_parity.py --list
     python bench/bench_sd_scripts_parity.py --sd_scripts ~/sd-scripts --work /tmp/sds_parity --layers
 
+``--full_size`` runs the cases (default: base) on the released model sizes instead: random weights in the released
+file layouts (written once by ``bench/bench_full_size_run.py``'s writer), 256 x 256 images, 512-token captions,
+rank 16, 2 steps; sd-scripts with its own loaders and bundled tokenizer configs. ``--noise_floor`` also runs this
+trainer a second time on two threads from the same generator states: the figures between its own two runs show how
+far float32 rounding alone (another summation order) moves the result. The LoRA figures are the largest and the
+root-sum-square |difference| over all tensors.
+
+    python bench/bench_sd_scripts_parity.py --sd_scripts ~/sd-scripts --work /tmp/sds_full --full_size \
+        --cases base qwen3_lora --noise_floor
+
 ``--layers`` instead runs one forward of the tiny DiT under CPU bf16 autocast in each process (same random
 inputs, batch 1) with a hook on every module, and prints each module's largest |difference| in call order
 (``EQUAL`` where the bits agree): where the two implementations' roundings part. ``--cuda_layer_norm`` runs
@@ -44,6 +54,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIMS = Path(__file__).resolve().parent / "sd_scripts_shims"
+DEFAULT_TOKENIZERS = REPO_ROOT.parent / "shared" / "tokenizers"
+FULL_SIZE_RESOLUTION = 256
 
 CACHED = "--cache_latents --cache_text_encoder_outputs --network_train_unet_only"
 # name -> (dataset: "one" = one image, batch 1; "two" = two copies of it, batch 2), flags after shared_flags()
@@ -108,6 +120,20 @@ def shared_flags(tiny: Path, dataset_toml: Path) -> list[str]:
         "--learning_rate", "1e-3", "--seed", "42", "--mixed_precision", "no", "--max_data_loader_n_workers", "0",
         "--qwen3_max_token_length", "32", "--t5_max_token_length", "32", "--optimizer_type", "AdamW",
         "--max_train_steps", "3", "--output_name", "lora",
+    ]
+
+
+def full_size_flags(full: Path, dataset_toml: Path) -> list[str]:
+    """The released model sizes (bench/bench_full_size_run.py's random files) at the default token lengths (512);
+    sd-scripts reads its bundled tokenizer configs, this trainer the --tokenizers folder (the ``--qwen3_tokenizer_path``
+    it adds is not an sd-scripts flag, so it goes in through the environment, see run_ours)."""
+    return [
+        "--pretrained_model_name_or_path", str(full / "dit.safetensors"),
+        "--qwen3", str(full / "qwen_3_06b_base.safetensors"), "--vae", str(full / "qwen_image_vae.safetensors"),
+        "--dataset_config", str(dataset_toml), "--save_model_as", "safetensors",
+        "--network_module", "networks.lora_anima", "--network_dim", "16", "--network_alpha", "16",
+        "--learning_rate", "1e-3", "--seed", "42", "--mixed_precision", "no", "--max_data_loader_n_workers", "0",
+        "--optimizer_type", "AdamW", "--max_train_steps", "2", "--output_name", "lora",
     ]
 
 
@@ -234,8 +260,10 @@ def _point_sd_scripts_at_tiny_models(tiny: dict) -> None:
 
 
 def run_sd_scripts(sd_scripts: Path, rng_dir: Path, tiny: dict, argv: list[str]) -> None:
+    """tiny: the tiny model sizes, or {} for the released sizes (its own loaders as they are)."""
     _prepare_sd_scripts_imports(sd_scripts)
-    _point_sd_scripts_at_tiny_models(tiny)
+    if tiny:
+        _point_sd_scripts_at_tiny_models(tiny)
     import anima_train_network
     from library import anima_models, train_util
     from networks import lora_anima
@@ -379,7 +407,7 @@ def compare_layers(sd_scripts: Path, work: Path, tiny: dict, cuda_layer_norm: bo
 # This trainer's process
 
 
-def run_ours(rng_dir: Path, argv: list[str]) -> int:
+def run_ours(rng_dir: Path, argv: list[str], prediction_file: str = "pred_ours.pt") -> int:
     sys.path.insert(0, str(REPO_ROOT))
     import anima_train_network
     from library.models import dit
@@ -387,7 +415,7 @@ def run_ours(rng_dir: Path, argv: list[str]) -> int:
 
     _wrap_create_network(lora_anima, rng_dir, save=False)
     _wrap_step(anima_train_network.AnimaNetworkTrainer, "noise_pred_and_target", rng_dir, save=False)
-    _wrap_first_prediction(dit.Anima, rng_dir / "pred_ours.pt")
+    _wrap_first_prediction(dit.Anima, rng_dir / prediction_file)
     return anima_train_network.main(argv)
 
 
@@ -417,11 +445,20 @@ def tiny_sizes() -> dict:
     return {"dit": dit, "adapter": adapter, "vae_base_dim": VAE_BASE_DIM}
 
 
-def _write_datasets(work: Path) -> dict[str, Path]:
-    """one/: the first 64 x 64 image, batch 1; two/: two copies of it, batch 2 (in-batch order cannot matter)."""
+def _full_size_dataset_toml_text(image_dir: Path, batch_size: int) -> str:
+    return (f'[general]\ncaption_extension = ".txt"\n\n[[datasets]]\nresolution = {FULL_SIZE_RESOLUTION}\n'
+            f'batch_size = {batch_size}\nenable_bucket = false\n\n[[datasets.subsets]]\n'
+            f'image_dir = "{image_dir.resolve().as_posix()}"\nnum_repeats = 1\n')
+
+
+def _write_datasets(work: Path, full_size: bool = False) -> dict[str, Path]:
+    """one/: the first image (64 x 64 tiny, or 256 x 256 at full size), batch 1; two/: two copies of it, batch 2
+    (in-batch order cannot matter)."""
     from library.models.tiny import tiny_dataset_toml_text  # driver process: this project's library
 
-    first = sorted((work / "tiny" / "images").glob("*.png"))[0]
+    source = work / "full" / "images" if full_size else work / "tiny" / "images"
+    toml_text = _full_size_dataset_toml_text if full_size else tiny_dataset_toml_text
+    first = sorted(source.glob("*.png"))[0]
     caption = first.with_suffix(".txt")
     tomls = {}
     for name, copies in (("one", 1), ("two", 2)):
@@ -431,17 +468,21 @@ def _write_datasets(work: Path) -> dict[str, Path]:
             (images / f"{i}.png").write_bytes(first.read_bytes())
             (images / f"{i}.txt").write_bytes(caption.read_bytes())
         tomls[name] = work / name / "dataset.toml"
-        tomls[name].write_text(tiny_dataset_toml_text(images, batch_size=copies), encoding="utf-8")
+        tomls[name].write_text(toml_text(images, batch_size=copies), encoding="utf-8")
     return tomls
 
 
-def max_abs_diff(a_path: Path, b_path: Path) -> float:
+def lora_differences(a_path: Path, b_path: Path) -> tuple[float, float]:
+    """The largest |difference| over all tensors of two LoRA files, and the root of the summed squares (one
+    sensitive element sets the first, every element counts in the second)."""
     from safetensors.torch import load_file
 
     a, b = load_file(a_path), load_file(b_path)
     if a.keys() != b.keys():
         raise SystemExit(f"error: the LoRA files have different keys: {sorted(a.keys() ^ b.keys())[:5]}")
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    largest = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    squares = sum((a[k].double() - b[k].double()).square().sum().item() for k in a)
+    return largest, squares ** 0.5
 
 
 def _run_side(role: str, sd_scripts: Path, rng_dir: Path, tiny: dict, argv: list[str], log_path: Path) -> int:
@@ -450,36 +491,46 @@ def _run_side(role: str, sd_scripts: Path, rng_dir: Path, tiny: dict, argv: list
     command = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--sd_scripts", str(sd_scripts),
                "--rng_dir", str(rng_dir), "--tiny_json", json.dumps(tiny), *argv]
     cwd = sd_scripts if role.endswith("sd_scripts") else REPO_ROOT
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    threads = "2" if role == "ours_threads" else "1"  # the noise-floor run: other kernels' summation order
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONHASHSEED": "0"}
     with open(log_path, "w", encoding="utf-8") as log:
         return subprocess.call(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def run_case(name: str, dataset: str, extra: str, sd_scripts: Path, work: Path, tomls: dict, tiny: dict) -> dict | None:
-    """Max |difference| over the LoRA tensors after the run, and max / mean |difference| of the first step's
-    prediction; None where a trainer failed."""
+def run_case(name: str, dataset: str, extra: str, sd_scripts: Path, work: Path, base_flags: dict[str, list[str]],
+             tiny: dict, ours_flags: list[str] = (), noise_floor: bool = False) -> dict | None:
+    """Max and root-sum-square |difference| over the LoRA tensors after the run, and max / mean |difference| of the
+    first step's prediction; None where a trainer failed. base_flags: the shared flags per dataset name;
+    ours_flags: added to this trainer's command line only (flags sd-scripts does not have). noise_floor: also run
+    this trainer on two threads (same generator states) and give the same figures between its two runs, under
+    "threads": how far float32 rounding alone moves the result."""
     case_dir = work / "cases" / name
     rng_dir = case_dir / "rng"
-    for sub in ("rng", "sd_scripts", "ours"):
+    roles = ("sd_scripts", "ours", "ours_threads") if noise_floor else ("sd_scripts", "ours")
+    for sub in ("rng", *roles):
         (case_dir / sub).mkdir(parents=True, exist_ok=True)
     for stale in rng_dir.glob("*.pt"):
         stale.unlink()
-    flags = shared_flags(work / "tiny", tomls[dataset]) + shlex.split(extra.replace("{tiny}", str(work / "tiny")))
-    for role in ("sd_scripts", "ours"):
+    flags = base_flags[dataset] + shlex.split(extra.replace("{tiny}", str(work / "tiny")))
+    for role in roles:
         out = case_dir / role
-        rc = _run_side(role, sd_scripts, rng_dir, tiny, ["--", *flags, "--output_dir", str(out)],
+        own = list(ours_flags) if role.startswith("ours") else []
+        rc = _run_side(role, sd_scripts, rng_dir, tiny, ["--", *flags, *own, "--output_dir", str(out)],
                        case_dir / f"{role}.log")
         if rc != 0 or not (out / "lora.safetensors").exists():
             print(f"{name}: {role} failed (exit {rc}), see {case_dir / (role + '.log')}", flush=True)
             return None
     import torch
 
-    first = torch.load(rng_dir / "pred_ours.pt") - torch.load(rng_dir / "pred_sd_scripts.pt")
-    result = {
-        "lora": max_abs_diff(case_dir / "sd_scripts" / "lora.safetensors", case_dir / "ours" / "lora.safetensors"),
-        "first_prediction": first.abs().max().item(),
-        "first_prediction_mean": first.abs().mean().item(),
-    }
+    def figures(a: str, b: str) -> dict[str, float]:
+        first = torch.load(rng_dir / f"pred_{b}.pt") - torch.load(rng_dir / f"pred_{a}.pt")
+        lora_max, lora_rss = lora_differences(case_dir / a / "lora.safetensors", case_dir / b / "lora.safetensors")
+        return {"lora": lora_max, "lora_rss": lora_rss, "first_prediction": first.abs().max().item(),
+                "first_prediction_mean": first.abs().mean().item()}
+
+    result: dict = figures("sd_scripts", "ours")
+    if noise_floor:
+        result["threads"] = figures("ours", "ours_threads")
     samples = compare_samples(case_dir / "sd_scripts" / "sample", case_dir / "ours" / "sample")
     if samples:
         result["samples"] = samples
@@ -526,7 +577,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda_layer_norm", action="store_true",
                         help="with --layers: run sd-scripts' layer_norm in float32 under autocast, as CUDA autocast "
                              "does (CPU autocast runs it in bf16)")
-    parser.add_argument("--role", choices=("sd_scripts", "ours", "layers_sd_scripts", "layers_ours"),
+    parser.add_argument("--full_size", action="store_true",
+                        help="run the cases on the released model sizes (random weights written once into "
+                             "--work/full by bench/bench_full_size_run.py's writer, 256 x 256 images, 512-token "
+                             "captions, rank 16, 2 steps; about 10 GiB and a few minutes per trainer and case)")
+    parser.add_argument("--tokenizers", type=Path, default=DEFAULT_TOKENIZERS,
+                        help="with --full_size: folder with qwen3_06b/ and t5_old/ tokenizer files (this trainer's)")
+    parser.add_argument("--noise_floor", action="store_true",
+                        help="also run this trainer on two threads from the same generator states and give the same "
+                             "figures between its own two runs: what float32 rounding alone moves")
+    parser.add_argument("--role", choices=("sd_scripts", "ours", "ours_threads", "layers_sd_scripts", "layers_ours"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--rng_dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tiny_json", help=argparse.SUPPRESS)
@@ -536,8 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "sd_scripts":
         run_sd_scripts(args.sd_scripts.resolve(), args.rng_dir, json.loads(args.tiny_json), trainer_argv)
         return 0
-    if args.role == "ours":
-        return run_ours(args.rng_dir, trainer_argv)
+    if args.role in ("ours", "ours_threads"):
+        return run_ours(args.rng_dir, trainer_argv, f"pred_{args.role}.pt")
     if args.role == "layers_sd_scripts":
         dit = Path(trainer_argv[0])
         layers_sd_scripts(args.sd_scripts.resolve(), json.loads(args.tiny_json), dit, args.rng_dir / "inputs.pt",
@@ -559,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = args.work.expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if args.full_size:
+        return run_full_size(args, sd_scripts, work)
     setup = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "make_tiny_setup.py"), str(work / "tiny")],
                            capture_output=True, text=True)
     if setup.returncode != 0:
@@ -568,19 +630,56 @@ def main(argv: list[str] | None = None) -> int:
     tomls = _write_datasets(work)
     if args.layers:
         return compare_layers(sd_scripts, work, tiny, cuda_layer_norm=args.cuda_layer_norm)
+    base_flags = {name: shared_flags(work / "tiny", toml) for name, toml in tomls.items()}
+    return run_cases(args, sd_scripts, work, base_flags, tiny)
 
+
+def run_full_size(args: argparse.Namespace, sd_scripts: Path, work: Path) -> int:
+    """The cases at the released model sizes; default case: base."""
+    if args.layers:
+        print("error: --layers compares the tiny model; drop --full_size", file=sys.stderr)
+        return 2
+    tokenizers = args.tokenizers.expanduser().resolve()
+    for folder in ("qwen3_06b", "t5_old"):
+        if not (tokenizers / folder).is_dir():
+            print(f"error: --tokenizers {tokenizers} has no {folder}/ folder; pass the folder holding the Qwen3 and "
+                  "T5 tokenizer files", file=sys.stderr)
+            return 2
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_full_size_run import _write_dataset, _write_models
+
+    full = work / "full"
+    full.mkdir(parents=True, exist_ok=True)
+    _write_models(full, tokenizers)
+    _write_dataset(full)
+    tomls = _write_datasets(work, full_size=True)
+    base_flags = {name: full_size_flags(full, toml) for name, toml in tomls.items()}
+    ours_flags = ["--qwen3_tokenizer_path", str(tokenizers / "qwen3_06b"),
+                  "--t5_tokenizer_path", str(tokenizers / "t5_old")]
+    if not args.cases and not args.custom:
+        args.cases = ["base"]
+    return run_cases(args, sd_scripts, work, base_flags, {}, ours_flags)
+
+
+def run_cases(args: argparse.Namespace, sd_scripts: Path, work: Path, base_flags: dict[str, list[str]], tiny: dict,
+              ours_flags: list[str] = ()) -> int:
     cases = {name: CASES[name] for name in (args.cases or ([] if args.custom else list(CASES)))}
     if args.custom:
         cases["custom_" + hashlib.md5(args.custom.encode()).hexdigest()[:6]] = ("one", args.custom)
     results: dict[str, dict | None] = {}
-    print(f"{'case':18s} {'LoRA':>8s} {'pred max':>8s} {'mean':>8s}   flags")
+    columns = ("lora", "lora_rss", "first_prediction", "first_prediction_mean")
+    print(f"{'case':18s} {'LoRA':>8s} {'LoRA rss':>8s} {'pred max':>8s} {'mean':>8s}   flags")
     for name, (dataset, extra) in cases.items():
-        result = results[name] = run_case(name, dataset, extra, sd_scripts, work, tomls, tiny)
+        result = results[name] = run_case(name, dataset, extra, sd_scripts, work, base_flags, tiny, ours_flags,
+                                          noise_floor=args.noise_floor)
         if result is None:
-            shown = f"{'failed':>8s} {'':8s} {'':8s}"
+            shown = f"{'failed':>8s}" + " " * 27
         else:
-            shown = " ".join(f"{result[k]:8.2g}" for k in ("lora", "first_prediction", "first_prediction_mean"))
+            shown = " ".join(f"{result[k]:8.2g}" for k in columns)
         print(f"{name:18s} {shown}   {extra}", flush=True)
+        if result is not None and "threads" in result:
+            shown = " ".join(f"{result['threads'][k]:8.2g}" for k in columns)
+            print(f"{'':18s} {shown}   (this trainer, 1 against 2 threads)", flush=True)
         for image, (levels, fraction) in (result or {}).get("samples", {}).items():
             print(f"{'':18s} sample {image}: max {levels} levels, {fraction:.2%} of the values differ", flush=True)
     print(json.dumps(results))

@@ -112,3 +112,53 @@ def test_parity_tool_cuda_layer_norm_patch_gives_float32_under_cpu_autocast(monk
     assert out.dtype == torch.float32
     assert torch.equal(out, F.layer_norm(x.float(), (8,)))
     assert F.layer_norm(x, (8,)).dtype == torch.bfloat16  # outside autocast: untouched
+
+
+def test_parity_tool_full_size_datasets_are_256_pixel_copies_of_one_image(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "full" / "images"
+    images.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (256, 256), (i * 100, 0, 0)).save(images / f"img_{i}.png")
+        (images / f"img_{i}.txt").write_text(f"caption {i}\n", encoding="utf-8")
+    tomls = parity._write_datasets(tmp_path, full_size=True)
+    for name, count in (("one", 1), ("two", 2)):
+        config = toml.load(tomls[name])
+        dataset = config["datasets"][0]
+        assert (dataset["resolution"], dataset["batch_size"], dataset["enable_bucket"]) == (256, count, False)
+        copies = sorted(Path(dataset["subsets"][0]["image_dir"]).glob("*"))
+        assert [p.read_bytes() for p in copies if p.suffix == ".png"] == [(images / "img_0.png").read_bytes()] * count
+        assert {p.read_text() for p in copies if p.suffix == ".txt"} == {"caption 0\n"}
+
+
+def test_parity_tool_full_size_flags_parse_with_the_released_token_lengths(tmp_path):
+    from library.training.args import setup_parser
+
+    flags = parity.full_size_flags(tmp_path, tmp_path / "dataset.toml")
+    args = setup_parser().parse_args([*flags, "--qwen3_tokenizer_path", "q", "--output_dir", str(tmp_path)])
+    assert (args.network_dim, args.mixed_precision, args.qwen3_max_token_length) == (16, "no", 512)
+    assert "--qwen3_tokenizer_path" not in flags  # not an sd-scripts flag: only this trainer's side gets it
+
+
+def test_parity_tool_full_size_refuses_a_tokenizer_folder_without_qwen3(tmp_path, capsys):
+    checkout = tmp_path / "sds"
+    checkout.mkdir()
+    (checkout / "anima_train_network.py").write_text("", encoding="utf-8")
+    (tmp_path / "tok" / "t5_old").mkdir(parents=True)
+    code = parity.main(["--sd_scripts", str(checkout), "--work", str(tmp_path / "work"), "--full_size",
+                        "--tokenizers", str(tmp_path / "tok")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --tokenizers") and "qwen3_06b/" in err[0]
+    assert not (tmp_path / "work" / "full").exists()
+
+
+def test_parity_tool_lora_differences_give_the_largest_and_the_root_sum_square(tmp_path):
+    from safetensors.torch import save_file
+
+    a = {"x.lora_down.weight": torch.zeros(2, 3), "x.alpha": torch.tensor(4.0)}
+    b = {"x.lora_down.weight": torch.tensor([[0.0, 3e-3, 0.0], [0.0, 0.0, -4e-3]]), "x.alpha": torch.tensor(4.0)}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    largest, rss = parity.lora_differences(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert abs(largest - 4e-3) < 1e-9 and abs(rss - 5e-3) < 1e-9
