@@ -279,6 +279,69 @@ def run_sd_scripts(sd_scripts: Path, rng_dir: Path, tiny: dict, argv: list[str])
     anima_train_network.AnimaNetworkTrainer().train(args)
 
 
+def infer_sd_scripts(sd_scripts: Path, tiny: dict, argv: list[str]) -> None:
+    """sd-scripts' ``anima_minimal_inference.py argv`` on the tiny models."""
+    import runpy
+
+    _prepare_sd_scripts_imports(sd_scripts)
+    _point_sd_scripts_at_tiny_models(tiny)
+    script = sd_scripts / "anima_minimal_inference.py"
+    sys.argv = [str(script), *argv]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+# One prompt with CFG and a negative prompt at 384 x 384 (576 image tokens): sd-scripts' inference script always
+# runs with split_attn, which below 512 image tokens cuts the cross-attention keys to the image token count (see
+# docs/benchmarks.md); from 512 up both attend to all 512 text tokens.
+INFERENCE_FLAGS = ["--prompt", "a red circle on a white background", "--negative_prompt", "blurry",
+                   "--image_size", "384", "384", "--infer_steps", "4", "--guidance_scale", "3", "--flow_shift", "2",
+                   "--seed", "7", "--device", "cpu"]
+
+
+def compare_inference(sd_scripts: Path, work: Path, tiny: dict) -> int:
+    """Both inference scripts render the same prompt on the tiny models; prints the latent and pixel gaps."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    folder = work / "inference"
+    models = ["--dit", str(work / "tiny" / "dit.safetensors"), "--vae", str(work / "tiny" / "vae.safetensors"),
+              "--text_encoder", str(work / "tiny" / "qwen3")]
+    # sd-scripts' script reads the T5 tokenizer shipped in its configs/t5_old; this one is given the same files.
+    ours_t5 = ["--t5_tokenizer_path", str(sd_scripts / "configs" / "t5_old")]
+    outputs = {}
+    for side in ("sd_scripts", "ours"):
+        out = folder / side
+        if out.exists():
+            for stale in out.iterdir():
+                stale.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        argv = [*models, *INFERENCE_FLAGS, "--output_type", "latent_images", "--save_path", str(out)]
+        if side == "sd_scripts":
+            rc = _run_side("infer_sd_scripts", sd_scripts, folder, tiny, ["--", *argv], folder / f"{side}.log")
+        else:
+            command = [sys.executable, str(REPO_ROOT / "anima_minimal_inference.py"), *argv, *ours_t5]
+            with open(folder / f"{side}.log", "w", encoding="utf-8") as log:
+                rc = subprocess.call(command, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                     stdout=log, stderr=subprocess.STDOUT)
+        latents, images = sorted(out.glob("*.safetensors")), sorted(out.glob("*.png"))
+        if rc != 0 or len(latents) != 1 or len(images) != 1:
+            print(f"error: the {side} inference failed (exit {rc}); see {folder / (side + '.log')}", file=sys.stderr)
+            return 1
+        outputs[side] = (next(iter(load_file(latents[0]).values())).float(), Image.open(images[0]))
+    (theirs_latent, theirs_image), (ours_latent, ours_image) = outputs["sd_scripts"], outputs["ours"]
+    latent_gap = (ours_latent - theirs_latent).abs()
+    pixels = np.abs(np.asarray(ours_image, dtype=np.int16) - np.asarray(theirs_image, dtype=np.int16))
+    result = {"latent_max": latent_gap.max().item(), "latent_mean": latent_gap.mean().item(),
+              "latent_scale": theirs_latent.abs().mean().item(), "pixel_max": int(pixels.max()),
+              "pixel_mean": float(pixels.mean()), "pixels_differing": float((pixels > 0).mean())}
+    print(f"latent |difference| max {result['latent_max']:.3g}, mean {result['latent_mean']:.3g} (mean |latent| "
+          f"{result['latent_scale']:.3g}); pixels max {result['pixel_max']} levels, mean {result['pixel_mean']:.2f}, "
+          f"{result['pixels_differing']:.1%} of the values differ")
+    print(json.dumps(result))
+    return 0
+
+
 def _record_module_outputs(model) -> dict:
     """Forward hooks on every named module: {name: float32 copy of its (first) output}, in call order."""
     import torch
@@ -583,10 +646,14 @@ def main(argv: list[str] | None = None) -> int:
                              "captions, rank 16, 2 steps; about 10 GiB and a few minutes per trainer and case)")
     parser.add_argument("--tokenizers", type=Path, default=DEFAULT_TOKENIZERS,
                         help="with --full_size: folder with qwen3_06b/ and t5_old/ tokenizer files (this trainer's)")
+    parser.add_argument("--inference", action="store_true",
+                        help="instead of training runs: both anima_minimal_inference.py scripts render one prompt "
+                             "(CFG, 384 x 384, 4 steps) on the tiny models; latent and pixel differences")
     parser.add_argument("--noise_floor", action="store_true",
                         help="also run this trainer on two threads from the same generator states and give the same "
                              "figures between its own two runs: what float32 rounding alone moves")
-    parser.add_argument("--role", choices=("sd_scripts", "ours", "ours_threads", "layers_sd_scripts", "layers_ours"),
+    parser.add_argument("--role", choices=("sd_scripts", "ours", "ours_threads", "layers_sd_scripts", "layers_ours",
+                                           "infer_sd_scripts"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--rng_dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tiny_json", help=argparse.SUPPRESS)
@@ -595,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.role == "sd_scripts":
         run_sd_scripts(args.sd_scripts.resolve(), args.rng_dir, json.loads(args.tiny_json), trainer_argv)
+        return 0
+    if args.role == "infer_sd_scripts":
+        infer_sd_scripts(args.sd_scripts.resolve(), json.loads(args.tiny_json), trainer_argv)
         return 0
     if args.role in ("ours", "ours_threads"):
         return run_ours(args.rng_dir, trainer_argv, f"pred_{args.role}.pt")
@@ -630,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     tomls = _write_datasets(work)
     if args.layers:
         return compare_layers(sd_scripts, work, tiny, cuda_layer_norm=args.cuda_layer_norm)
+    if args.inference:
+        return compare_inference(sd_scripts, work, tiny)
     base_flags = {name: shared_flags(work / "tiny", toml) for name, toml in tomls.items()}
     return run_cases(args, sd_scripts, work, base_flags, tiny)
 

@@ -162,3 +162,15 @@ def test_parity_tool_lora_differences_give_the_largest_and_the_root_sum_square(t
     save_file(b, str(tmp_path / "b.safetensors"))
     largest, rss = parity.lora_differences(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     assert abs(largest - 4e-3) < 1e-9 and abs(rss - 5e-3) < 1e-9
+
+
+def test_parity_tool_inference_prompt_parses_and_has_at_least_512_image_tokens(tmp_path):
+    # Below 512 image tokens sd-scripts' inference script (always split_attn) cuts the cross-attention keys, so
+    # the comparison would measure that instead of the two samplers.
+    import anima_minimal_inference
+
+    args = anima_minimal_inference.build_parser().parse_args(
+        ["--vae", "v", "--save_path", str(tmp_path), *parity.INFERENCE_FLAGS])
+    height, width = args.image_size
+    assert (height // 16) * (width // 16) >= 512  # VAE stride 8, patch 2
+    assert args.guidance_scale != 1 and args.negative_prompt and args.seed is not None
