@@ -232,8 +232,8 @@ def _point_sd_scripts_at_tiny_models(tiny: dict) -> None:
 
     def load_anima_model(device, dit_path, attn_mode, split_attn, loading_device, dit_weight_dtype,
                          fp8_scaled=False, lora_weights_list=None, lora_multipliers=None):
-        if fp8_scaled or lora_weights_list:
-            raise SystemExit("error: the tiny loader does not do fp8_scaled or merged LoRAs")
+        if fp8_scaled:
+            raise SystemExit("error: the tiny loader does not do fp8_scaled")
         real_adapter = anima_models.LLMAdapter
         # Its model class builds the released adapter sizes; build the tiny one in its place, in the same
         # registration order (it fixes the order LoRA modules are made in, hence their initial weights).
@@ -244,7 +244,15 @@ def _point_sd_scripts_at_tiny_models(tiny: dict) -> None:
                                            split_attn=split_attn)
         finally:
             anima_models.LLMAdapter = real_adapter
-        state = {k.removeprefix("net."): v for k, v in load_file(dit_path).items()}
+        if lora_weights_list:  # merged into the weights as it loads them, by sd-scripts' own loader
+            state = anima_utils.load_safetensors_with_lora_and_fp8(
+                model_files=dit_path, lora_weights_list=lora_weights_list, lora_multipliers=lora_multipliers,
+                fp8_optimization=False, calc_device=device, move_to_device=False, dit_weight_dtype=dit_weight_dtype,
+                target_keys=anima_utils.FP8_OPTIMIZATION_TARGET_KEYS,
+                exclude_keys=anima_utils.FP8_OPTIMIZATION_EXCLUDE_KEYS,
+                weight_transform_hooks=anima_utils.WeightTransformHooks(rename_hook=lambda k: k.removeprefix("net.")))
+        else:
+            state = {k.removeprefix("net."): v for k, v in load_file(dit_path).items()}
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         buffers = ("seq", "dim_spatial_range", "dim_temporal_range", "inv_freq")  # not in the file
         missing = [k for k in missing if not k.endswith(buffers)]
@@ -298,13 +306,57 @@ INFERENCE_FLAGS = ["--prompt", "a red circle on a white background", "--negative
                    "--seed", "7", "--device", "cpu"]
 
 
+def write_random_lora(dit_path: Path, path: Path, seed: int = 3, up_std: float = 0.3) -> None:
+    """A rank-4 DiT LoRA for the tiny model with random up weights (a trained LoRA's start at zero), so that it
+    moves the image well beyond bf16 rounding."""
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from library.models.dit_loading import load_anima_model
+    from networks import lora_anima
+
+    torch.manual_seed(seed)
+    network = lora_anima.create_network(1.0, 4, 2.0, None, None, load_anima_model(str(dit_path), dtype=torch.float32))
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if name.endswith("lora_up.weight"):
+                parameter.normal_(0.0, up_std)
+    network.save_weights(str(path))
+
+
 def compare_inference(sd_scripts: Path, work: Path, tiny: dict) -> int:
-    """Both inference scripts render the same prompt on the tiny models; prints the latent and pixel gaps."""
-    import numpy as np
-    from PIL import Image
+    """Both inference scripts render the same prompt on the tiny models, without and with a LoRA; prints the
+    latent and pixel gaps."""
+    folder = work / "inference"
+    folder.mkdir(parents=True, exist_ok=True)
+    lora = folder / "random_lora.safetensors"
+    write_random_lora(work / "tiny" / "dit.safetensors", lora)
+    results = {}
+    for name, extra in (("base", []), ("lora", ["--lora_weight", str(lora), "--lora_multiplier", "0.8"])):
+        result = results[name] = _compare_inference_run(sd_scripts, work, folder / name, tiny, extra)
+        if result is None:
+            return 1
+        print(f"{name}: latent |difference| max {result['latent_max']:.3g}, mean {result['latent_mean']:.3g} (mean "
+              f"|latent| {result['latent_scale']:.3g}); pixels max {result['pixel_max']} levels, mean "
+              f"{result['pixel_mean']:.2f}, {result['pixels_differing']:.1%} of the values differ")
+    base, with_lora = (load_latent(folder / n / "ours") for n in ("base", "lora"))
+    results["lora"]["lora_effect_mean"] = (with_lora - base).abs().mean().item()
+    print(f"the LoRA moves this trainer's latent by {results['lora']['lora_effect_mean']:.3g} mean")
+    print(json.dumps(results))
+    return 0
+
+
+def load_latent(folder: Path):
     from safetensors.torch import load_file
 
-    folder = work / "inference"
+    return next(iter(load_file(sorted(folder.glob("*.safetensors"))[0]).values())).float()
+
+
+def _compare_inference_run(sd_scripts: Path, work: Path, folder: Path, tiny: dict, extra: list[str]) -> dict | None:
+    """One render by each script into folder/sd_scripts and folder/ours; the gaps, or None where one failed."""
+    import numpy as np
+    from PIL import Image
+
     models = ["--dit", str(work / "tiny" / "dit.safetensors"), "--vae", str(work / "tiny" / "vae.safetensors"),
               "--text_encoder", str(work / "tiny" / "qwen3")]
     # sd-scripts' script reads the T5 tokenizer shipped in its configs/t5_old; this one is given the same files.
@@ -316,7 +368,7 @@ def compare_inference(sd_scripts: Path, work: Path, tiny: dict) -> int:
             for stale in out.iterdir():
                 stale.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        argv = [*models, *INFERENCE_FLAGS, "--output_type", "latent_images", "--save_path", str(out)]
+        argv = [*models, *INFERENCE_FLAGS, *extra, "--output_type", "latent_images", "--save_path", str(out)]
         if side == "sd_scripts":
             rc = _run_side("infer_sd_scripts", sd_scripts, folder, tiny, ["--", *argv], folder / f"{side}.log")
         else:
@@ -327,19 +379,15 @@ def compare_inference(sd_scripts: Path, work: Path, tiny: dict) -> int:
         latents, images = sorted(out.glob("*.safetensors")), sorted(out.glob("*.png"))
         if rc != 0 or len(latents) != 1 or len(images) != 1:
             print(f"error: the {side} inference failed (exit {rc}); see {folder / (side + '.log')}", file=sys.stderr)
-            return 1
-        outputs[side] = (next(iter(load_file(latents[0]).values())).float(), Image.open(images[0]))
+            return None
+        outputs[side] = (load_latent(out), Image.open(images[0]))
     (theirs_latent, theirs_image), (ours_latent, ours_image) = outputs["sd_scripts"], outputs["ours"]
     latent_gap = (ours_latent - theirs_latent).abs()
     pixels = np.abs(np.asarray(ours_image, dtype=np.int16) - np.asarray(theirs_image, dtype=np.int16))
     result = {"latent_max": latent_gap.max().item(), "latent_mean": latent_gap.mean().item(),
               "latent_scale": theirs_latent.abs().mean().item(), "pixel_max": int(pixels.max()),
               "pixel_mean": float(pixels.mean()), "pixels_differing": float((pixels > 0).mean())}
-    print(f"latent |difference| max {result['latent_max']:.3g}, mean {result['latent_mean']:.3g} (mean |latent| "
-          f"{result['latent_scale']:.3g}); pixels max {result['pixel_max']} levels, mean {result['pixel_mean']:.2f}, "
-          f"{result['pixels_differing']:.1%} of the values differ")
-    print(json.dumps(result))
-    return 0
+    return result
 
 
 def _record_module_outputs(model) -> dict:

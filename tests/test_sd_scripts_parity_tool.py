@@ -174,3 +174,18 @@ def test_parity_tool_inference_prompt_parses_and_has_at_least_512_image_tokens(t
     height, width = args.image_size
     assert (height // 16) * (width // 16) >= 512  # VAE stride 8, patch 2
     assert args.guidance_scale != 1 and args.negative_prompt and args.seed is not None
+
+
+def test_parity_tool_random_lora_has_nonzero_up_weights_on_every_dit_module(tmp_path):
+    from safetensors.torch import load_file
+
+    from library.models.tiny import write_tiny_anima_setup
+
+    setup = write_tiny_anima_setup(tmp_path / "tiny", num_images=1)
+    parity.write_random_lora(Path(setup.dit), tmp_path / "lora.safetensors")
+    state = load_file(tmp_path / "lora.safetensors")
+    ups = {k: v for k, v in state.items() if k.endswith("lora_up.weight")}
+    assert ups and all(k.startswith("lora_unet_") for k in state)
+    assert all(v.abs().max() > 0 for v in ups.values())
+    assert {k.removesuffix(".lora_up.weight") for k in ups} == {
+        k.removesuffix(".lora_down.weight") for k in state if k.endswith("lora_down.weight")}
