@@ -24,6 +24,10 @@ root-sum-square |difference| over all tensors.
     python bench/bench_sd_scripts_parity.py --sd_scripts ~/sd-scripts --work /tmp/sds_full --full_size \
         --cases base qwen3_lora --noise_floor
 
+``--inference`` instead runs both ``anima_minimal_inference.py`` scripts on one prompt (CFG with a negative prompt,
+384 x 384, 4 steps), without and with a random LoRA, and gives the latent and pixel differences (tiny models, or
+the released sizes with ``--full_size``).
+
 ``--layers`` instead runs one forward of the tiny DiT under CPU bf16 autocast in each process (same random
 inputs, batch 1) with a hook on every module, and prints each module's largest |difference| in call order
 (``EQUAL`` where the bits agree): where the two implementations' roundings part. ``--cuda_layer_norm`` runs
@@ -288,11 +292,12 @@ def run_sd_scripts(sd_scripts: Path, rng_dir: Path, tiny: dict, argv: list[str])
 
 
 def infer_sd_scripts(sd_scripts: Path, tiny: dict, argv: list[str]) -> None:
-    """sd-scripts' ``anima_minimal_inference.py argv`` on the tiny models."""
+    """sd-scripts' ``anima_minimal_inference.py argv``, on the tiny models or (tiny {}) its own loaders."""
     import runpy
 
     _prepare_sd_scripts_imports(sd_scripts)
-    _point_sd_scripts_at_tiny_models(tiny)
+    if tiny:
+        _point_sd_scripts_at_tiny_models(tiny)
     script = sd_scripts / "anima_minimal_inference.py"
     sys.argv = [str(script), *argv]
     runpy.run_path(str(script), run_name="__main__")
@@ -324,16 +329,19 @@ def write_random_lora(dit_path: Path, path: Path, seed: int = 3, up_std: float =
     network.save_weights(str(path))
 
 
-def compare_inference(sd_scripts: Path, work: Path, tiny: dict) -> int:
-    """Both inference scripts render the same prompt on the tiny models, without and with a LoRA; prints the
-    latent and pixel gaps."""
-    folder = work / "inference"
+def compare_inference(sd_scripts: Path, folder: Path, models: dict[str, Path], tiny: dict,
+                      ours_flags: list[str] = ()) -> int:
+    """Both inference scripts render the same prompt (models: dit, vae, text_encoder), without and with a LoRA;
+    prints the latent and pixel gaps. tiny: the tiny sizes, or {} for the released ones."""
     folder.mkdir(parents=True, exist_ok=True)
     lora = folder / "random_lora.safetensors"
-    write_random_lora(work / "tiny" / "dit.safetensors", lora)
+    write_random_lora(models["dit"], lora)
+    model_flags = [flag for name, path in models.items() for flag in (f"--{name}", str(path))]
+    # sd-scripts' script reads the T5 tokenizer shipped in its configs/t5_old; this one is given the same files.
+    ours = [*ours_flags, "--t5_tokenizer_path", str(sd_scripts / "configs" / "t5_old")]
     results = {}
     for name, extra in (("base", []), ("lora", ["--lora_weight", str(lora), "--lora_multiplier", "0.8"])):
-        result = results[name] = _compare_inference_run(sd_scripts, work, folder / name, tiny, extra)
+        result = results[name] = _compare_inference_run(sd_scripts, folder / name, tiny, model_flags + extra, ours)
         if result is None:
             return 1
         print(f"{name}: latent |difference| max {result['latent_max']:.3g}, mean {result['latent_mean']:.3g} (mean "
@@ -352,15 +360,12 @@ def load_latent(folder: Path):
     return next(iter(load_file(sorted(folder.glob("*.safetensors"))[0]).values())).float()
 
 
-def _compare_inference_run(sd_scripts: Path, work: Path, folder: Path, tiny: dict, extra: list[str]) -> dict | None:
+def _compare_inference_run(sd_scripts: Path, folder: Path, tiny: dict, flags: list[str],
+                           ours_flags: list[str]) -> dict | None:
     """One render by each script into folder/sd_scripts and folder/ours; the gaps, or None where one failed."""
     import numpy as np
     from PIL import Image
 
-    models = ["--dit", str(work / "tiny" / "dit.safetensors"), "--vae", str(work / "tiny" / "vae.safetensors"),
-              "--text_encoder", str(work / "tiny" / "qwen3")]
-    # sd-scripts' script reads the T5 tokenizer shipped in its configs/t5_old; this one is given the same files.
-    ours_t5 = ["--t5_tokenizer_path", str(sd_scripts / "configs" / "t5_old")]
     outputs = {}
     for side in ("sd_scripts", "ours"):
         out = folder / side
@@ -368,11 +373,11 @@ def _compare_inference_run(sd_scripts: Path, work: Path, folder: Path, tiny: dic
             for stale in out.iterdir():
                 stale.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        argv = [*models, *INFERENCE_FLAGS, *extra, "--output_type", "latent_images", "--save_path", str(out)]
+        argv = [*flags, *INFERENCE_FLAGS, "--output_type", "latent_images", "--save_path", str(out)]
         if side == "sd_scripts":
             rc = _run_side("infer_sd_scripts", sd_scripts, folder, tiny, ["--", *argv], folder / f"{side}.log")
         else:
-            command = [sys.executable, str(REPO_ROOT / "anima_minimal_inference.py"), *argv, *ours_t5]
+            command = [sys.executable, str(REPO_ROOT / "anima_minimal_inference.py"), *argv, *ours_flags]
             with open(folder / f"{side}.log", "w", encoding="utf-8") as log:
                 rc = subprocess.call(command, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                      stdout=log, stderr=subprocess.STDOUT)
@@ -696,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --full_size: folder with qwen3_06b/ and t5_old/ tokenizer files (this trainer's)")
     parser.add_argument("--inference", action="store_true",
                         help="instead of training runs: both anima_minimal_inference.py scripts render one prompt "
-                             "(CFG, 384 x 384, 4 steps) on the tiny models; latent and pixel differences")
+                             "(CFG, 384 x 384, 4 steps), without and with a random LoRA, on the tiny models (with "
+                             "--full_size: the released sizes); latent and pixel differences")
     parser.add_argument("--noise_floor", action="store_true",
                         help="also run this trainer on two threads from the same generator states and give the same "
                              "figures between its own two runs: what float32 rounding alone moves")
@@ -749,7 +755,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.layers:
         return compare_layers(sd_scripts, work, tiny, cuda_layer_norm=args.cuda_layer_norm)
     if args.inference:
-        return compare_inference(sd_scripts, work, tiny)
+        tiny_models = {"dit": work / "tiny" / "dit.safetensors", "vae": work / "tiny" / "vae.safetensors",
+                       "text_encoder": work / "tiny" / "qwen3"}
+        return compare_inference(sd_scripts, work / "inference", tiny_models, tiny)
     base_flags = {name: shared_flags(work / "tiny", toml) for name, toml in tomls.items()}
     return run_cases(args, sd_scripts, work, base_flags, tiny)
 
@@ -771,6 +779,11 @@ def run_full_size(args: argparse.Namespace, sd_scripts: Path, work: Path) -> int
     full = work / "full"
     full.mkdir(parents=True, exist_ok=True)
     _write_models(full, tokenizers)
+    if args.inference:
+        models = {"dit": full / "dit.safetensors", "vae": full / "qwen_image_vae.safetensors",
+                  "text_encoder": full / "qwen_3_06b_base.safetensors"}
+        return compare_inference(sd_scripts, work / "inference_full", models, {},
+                                 ["--qwen3_tokenizer_path", str(tokenizers / "qwen3_06b")])
     _write_dataset(full)
     tomls = _write_datasets(work, full_size=True)
     base_flags = {name: full_size_flags(full, toml) for name, toml in tomls.items()}
