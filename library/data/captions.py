@@ -79,6 +79,11 @@ def caption_file_candidates(image_path: Path, caption_extension: str) -> list[Pa
     return candidates
 
 
+def can_drop_caption(options: CaptionOptions) -> bool:
+    """Whether is_caption_dropped can ever be true for these options."""
+    return options.caption_dropout_rate > 0 or options.caption_dropout_every_n_epochs > 0
+
+
 def is_caption_dropped(options: CaptionOptions, rng: random.Random, epoch: int) -> bool:
     """Whether this sample's caption is replaced by "" (epochs are 1-based while training)."""
     if options.caption_dropout_rate > 0 and rng.random() < options.caption_dropout_rate:

@@ -34,7 +34,7 @@ from library.data.cache_files import (
     text_npz_path,
     text_problem,
 )
-from library.data.captions import cached_caption_text
+from library.data.captions import cached_caption_text, can_drop_caption
 from library.data.datasets import DatasetGroup, listing
 from library.data.records import ImageInfo
 from library.errors import AnimaError
@@ -85,9 +85,8 @@ def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int
         check_cache_name_collisions([info for _, info in entries], lambda i: text_npz_path(i.path))
         if is_main_process:
             remove_cache_leftovers([info for _, info in entries])
-    drops_captions = any(subset.captions.caption_dropout_rate > 0 or subset.captions.caption_dropout_every_n_epochs > 0
-                         for dataset in group.datasets for subset in dataset.subsets)
-    if drops_captions:  # one more full text-encoder pass (seconds for Qwen3 on a CPU), only when it can be used
+    # "" costs one more full text-encoder pass (seconds for Qwen3 on a CPU): encoded only when it can be used.
+    if any(can_drop_caption(subset.captions) for dataset in group.datasets for subset in dataset.subsets):
         with torch.no_grad():
             group.empty_text = _split_batch(text_encoding.encode([""]), 1)[0]
 
