@@ -28,6 +28,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TOKENIZERS = REPO.parent / "shared" / "tokenizers"
 RESOLUTION = 256
+# The random model files, in the released layouts, written into --work.
+DIT_FILE, QWEN3_FILE, VAE_FILE = "dit.safetensors", "qwen_3_06b_base.safetensors", "qwen_image_vae.safetensors"
+
+
+def tokenizers_problem(tokenizers: Path) -> str | None:
+    """The error line for a --tokenizers folder without the Qwen3 or T5 tokenizer folder, else None."""
+    for folder in ("qwen3_06b", "t5_old"):
+        if not (tokenizers / folder).is_dir():
+            return (f"error: --tokenizers {tokenizers} has no {folder}/ folder; pass the folder holding the Qwen3 "
+                    "and T5 tokenizer files")
+    return None
+
+
+def dataset_toml_text(image_dir: Path, batch_size: int = 1) -> str:
+    """A one-subset dataset config over image_dir at RESOLUTION, without buckets."""
+    return (f'[general]\ncaption_extension = ".txt"\n\n[[datasets]]\nresolution = {RESOLUTION}\n'
+            f'batch_size = {batch_size}\nenable_bucket = false\n\n[[datasets.subsets]]\n'
+            f'image_dir = "{image_dir.resolve().as_posix()}"\nnum_repeats = 1\n')
 
 
 def _write_models(work: Path, tokenizers: Path) -> None:
@@ -51,14 +69,14 @@ def _write_models(work: Path, tokenizers: Path) -> None:
             out[key] = draw[key].to(torch.bfloat16)
         return out
 
-    dit_path = work / "dit.safetensors"
+    dit_path = work / DIT_FILE
     if not dit_path.exists():
         with torch.device("meta"):
             dit = Anima(AnimaConfig())
         state = randomized(dit.state_dict())
         save_file({f"net.{k}": v for k, v in state.items()}, str(dit_path), metadata={"format": "pt"})
         del state
-    qwen3_path = work / "qwen_3_06b_base.safetensors"
+    qwen3_path = work / QWEN3_FILE
     if not qwen3_path.exists():
         config = Qwen3Config.from_pretrained(str(tokenizers / "qwen3_06b"))
         with torch.device("meta"):
@@ -66,7 +84,7 @@ def _write_models(work: Path, tokenizers: Path) -> None:
         state = randomized(qwen3.state_dict())
         save_file({f"model.{k}": v for k, v in state.items()}, str(qwen3_path), metadata={"format": "pt"})
         del state
-    vae_path = work / "qwen_image_vae.safetensors"
+    vae_path = work / VAE_FILE
     if not vae_path.exists():
         torch.manual_seed(0)
         vae = QwenImageVAE(VAEConfig())  # PyTorch's default init: finite, image-like latents
@@ -88,17 +106,14 @@ def _write_dataset(work: Path) -> Path:
         image.save(image_dir / f"img_{i}.png")
         (image_dir / f"img_{i}.txt").write_text(caption + "\n", encoding="utf-8")
     toml = work / "dataset.toml"
-    toml.write_text(
-        f'[general]\ncaption_extension = ".txt"\n\n[[datasets]]\nresolution = {RESOLUTION}\nbatch_size = 1\n'
-        f'enable_bucket = false\n\n[[datasets.subsets]]\nimage_dir = "{image_dir.as_posix()}"\nnum_repeats = 1\n',
-        encoding="utf-8")
+    toml.write_text(dataset_toml_text(image_dir), encoding="utf-8")
     return toml
 
 
 def _shared_flags(work: Path, toml: Path, steps: int, name: str) -> list[str]:
     return [
-        "--pretrained_model_name_or_path", str(work / "dit.safetensors"),
-        "--qwen3", str(work / "qwen_3_06b_base.safetensors"), "--vae", str(work / "qwen_image_vae.safetensors"),
+        "--pretrained_model_name_or_path", str(work / DIT_FILE), "--qwen3", str(work / QWEN3_FILE),
+        "--vae", str(work / VAE_FILE),
         "--dataset_config", str(toml), "--output_dir", str(work / f"out_{name}"), "--output_name", "full",
         "--save_model_as", "safetensors", "--network_module", "networks.lora_anima", "--network_dim", "16",
         "--network_alpha", "16", "--network_train_unet_only", "--learning_rate", "1e-4",
@@ -150,10 +165,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    for folder in ("qwen3_06b", "t5_old"):
-        if not (args.tokenizers / folder).is_dir():
-            raise SystemExit(f"error: --tokenizers {args.tokenizers} has no {folder}/ folder; pass the folder "
-                             "holding the Qwen3 and T5 tokenizer files")
+    problem = tokenizers_problem(args.tokenizers)
+    if problem:
+        raise SystemExit(problem)
     if args.sd_scripts is not None and not (args.sd_scripts / "anima_train_network.py").is_file():
         raise SystemExit(f"error: --sd_scripts {args.sd_scripts} has no anima_train_network.py; pass an "
                          "sd-scripts checkout")

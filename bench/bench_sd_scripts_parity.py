@@ -59,7 +59,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIMS = Path(__file__).resolve().parent / "sd_scripts_shims"
 DEFAULT_TOKENIZERS = REPO_ROOT.parent / "shared" / "tokenizers"
-FULL_SIZE_RESOLUTION = 256
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_full_size_run as full_size  # noqa: E402  (standard library only at module level)
 
 CACHED = "--cache_latents --cache_text_encoder_outputs --network_train_unet_only"
 # name -> (dataset: "one" = one image, batch 1; "two" = two copies of it, batch 2), flags after shared_flags()
@@ -128,12 +129,12 @@ def shared_flags(tiny: Path, dataset_toml: Path) -> list[str]:
 
 
 def full_size_flags(full: Path, dataset_toml: Path) -> list[str]:
-    """The released model sizes (bench/bench_full_size_run.py's random files) at the default token lengths (512);
-    sd-scripts reads its bundled tokenizer configs, this trainer the --tokenizers folder (the ``--qwen3_tokenizer_path``
-    it adds is not an sd-scripts flag, so it goes in through the environment, see run_ours)."""
+    """The released model sizes (bench/bench_full_size_run.py's random files) at the default token lengths (512).
+    sd-scripts reads its bundled tokenizer configs; this trainer's tokenizer flags (``--qwen3_tokenizer_path`` is
+    not an sd-scripts flag) are added to its side only (run_full_size's ours_flags)."""
     return [
-        "--pretrained_model_name_or_path", str(full / "dit.safetensors"),
-        "--qwen3", str(full / "qwen_3_06b_base.safetensors"), "--vae", str(full / "qwen_image_vae.safetensors"),
+        "--pretrained_model_name_or_path", str(full / full_size.DIT_FILE), "--qwen3", str(full / full_size.QWEN3_FILE),
+        "--vae", str(full / full_size.VAE_FILE),
         "--dataset_config", str(dataset_toml), "--save_model_as", "safetensors",
         "--network_module", "networks.lora_anima", "--network_dim", "16", "--network_alpha", "16",
         "--learning_rate", "1e-3", "--seed", "42", "--mixed_precision", "no", "--max_data_loader_n_workers", "0",
@@ -271,11 +272,15 @@ def _point_sd_scripts_at_tiny_models(tiny: dict) -> None:
     qwen_vae.AutoencoderKLQwenImage = lambda **kw: real_vae(**{**kw, "base_dim": tiny["vae_base_dim"]})
 
 
-def run_sd_scripts(sd_scripts: Path, rng_dir: Path, tiny: dict, argv: list[str]) -> None:
-    """tiny: the tiny model sizes, or {} for the released sizes (its own loaders as they are)."""
+def _start_sd_scripts_process(sd_scripts: Path, tiny: dict) -> None:
+    """Import stand-ins, then the tiny loaders; tiny {}: the released sizes, its own loaders as they are."""
     _prepare_sd_scripts_imports(sd_scripts)
     if tiny:
         _point_sd_scripts_at_tiny_models(tiny)
+
+
+def run_sd_scripts(sd_scripts: Path, rng_dir: Path, tiny: dict, argv: list[str]) -> None:
+    _start_sd_scripts_process(sd_scripts, tiny)
     import anima_train_network
     from library import anima_models, train_util
     from networks import lora_anima
@@ -295,9 +300,7 @@ def infer_sd_scripts(sd_scripts: Path, tiny: dict, argv: list[str]) -> None:
     """sd-scripts' ``anima_minimal_inference.py argv``, on the tiny models or (tiny {}) its own loaders."""
     import runpy
 
-    _prepare_sd_scripts_imports(sd_scripts)
-    if tiny:
-        _point_sd_scripts_at_tiny_models(tiny)
+    _start_sd_scripts_process(sd_scripts, tiny)
     script = sd_scripts / "anima_minimal_inference.py"
     sys.argv = [str(script), *argv]
     runpy.run_path(str(script), run_name="__main__")
@@ -312,8 +315,8 @@ INFERENCE_FLAGS = ["--prompt", "a red circle on a white background", "--negative
 
 
 def write_random_lora(dit_path: Path, path: Path, seed: int = 3, up_std: float = 0.3) -> None:
-    """A rank-4 DiT LoRA for the tiny model with random up weights (a trained LoRA's start at zero), so that it
-    moves the image well beyond bf16 rounding."""
+    """A rank-4 LoRA on every DiT module of the model in dit_path with random up weights (a trained LoRA's start at
+    zero), so that it moves the image well beyond bf16 rounding."""
     import torch
 
     sys.path.insert(0, str(REPO_ROOT))
@@ -389,10 +392,9 @@ def _compare_inference_run(sd_scripts: Path, folder: Path, tiny: dict, flags: li
     (theirs_latent, theirs_image), (ours_latent, ours_image) = outputs["sd_scripts"], outputs["ours"]
     latent_gap = (ours_latent - theirs_latent).abs()
     pixels = np.abs(np.asarray(ours_image, dtype=np.int16) - np.asarray(theirs_image, dtype=np.int16))
-    result = {"latent_max": latent_gap.max().item(), "latent_mean": latent_gap.mean().item(),
-              "latent_scale": theirs_latent.abs().mean().item(), "pixel_max": int(pixels.max()),
-              "pixel_mean": float(pixels.mean()), "pixels_differing": float((pixels > 0).mean())}
-    return result
+    return {"latent_max": latent_gap.max().item(), "latent_mean": latent_gap.mean().item(),
+            "latent_scale": theirs_latent.abs().mean().item(), "pixel_max": int(pixels.max()),
+            "pixel_mean": float(pixels.mean()), "pixels_differing": float((pixels > 0).mean())}
 
 
 def _record_module_outputs(model) -> dict:
@@ -447,8 +449,7 @@ def _save_bf16_forward_outputs(model, forward, out_path: Path) -> None:
 
 def layers_sd_scripts(sd_scripts: Path, tiny: dict, dit_path: Path, inputs_path: Path, out_path: Path,
                       cuda_layer_norm: bool = False) -> None:
-    _prepare_sd_scripts_imports(sd_scripts)
-    _point_sd_scripts_at_tiny_models(tiny)
+    _start_sd_scripts_process(sd_scripts, tiny)
     import torch
 
     from library import anima_utils
@@ -561,19 +562,13 @@ def tiny_sizes() -> dict:
     return {"dit": dit, "adapter": adapter, "vae_base_dim": VAE_BASE_DIM}
 
 
-def _full_size_dataset_toml_text(image_dir: Path, batch_size: int) -> str:
-    return (f'[general]\ncaption_extension = ".txt"\n\n[[datasets]]\nresolution = {FULL_SIZE_RESOLUTION}\n'
-            f'batch_size = {batch_size}\nenable_bucket = false\n\n[[datasets.subsets]]\n'
-            f'image_dir = "{image_dir.resolve().as_posix()}"\nnum_repeats = 1\n')
-
-
-def _write_datasets(work: Path, full_size: bool = False) -> dict[str, Path]:
+def _write_datasets(work: Path, at_full_size: bool = False) -> dict[str, Path]:
     """one/: the first image (64 x 64 tiny, or 256 x 256 at full size), batch 1; two/: two copies of it, batch 2
     (in-batch order cannot matter)."""
     from library.models.tiny import tiny_dataset_toml_text  # driver process: this project's library
 
-    source = work / "full" / "images" if full_size else work / "tiny" / "images"
-    toml_text = _full_size_dataset_toml_text if full_size else tiny_dataset_toml_text
+    source = work / "full" / "images" if at_full_size else work / "tiny" / "images"
+    toml_text = full_size.dataset_toml_text if at_full_size else tiny_dataset_toml_text
     first = sorted(source.glob("*.png"))[0]
     caption = first.with_suffix(".txt")
     tomls = {}
@@ -768,24 +763,20 @@ def run_full_size(args: argparse.Namespace, sd_scripts: Path, work: Path) -> int
         print("error: --layers compares the tiny model; drop --full_size", file=sys.stderr)
         return 2
     tokenizers = args.tokenizers.expanduser().resolve()
-    for folder in ("qwen3_06b", "t5_old"):
-        if not (tokenizers / folder).is_dir():
-            print(f"error: --tokenizers {tokenizers} has no {folder}/ folder; pass the folder holding the Qwen3 and "
-                  "T5 tokenizer files", file=sys.stderr)
-            return 2
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_full_size_run import _write_dataset, _write_models
-
+    problem = full_size.tokenizers_problem(tokenizers)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     full = work / "full"
     full.mkdir(parents=True, exist_ok=True)
-    _write_models(full, tokenizers)
+    full_size._write_models(full, tokenizers)
     if args.inference:
-        models = {"dit": full / "dit.safetensors", "vae": full / "qwen_image_vae.safetensors",
-                  "text_encoder": full / "qwen_3_06b_base.safetensors"}
+        models = {"dit": full / full_size.DIT_FILE, "vae": full / full_size.VAE_FILE,
+                  "text_encoder": full / full_size.QWEN3_FILE}
         return compare_inference(sd_scripts, work / "inference_full", models, {},
                                  ["--qwen3_tokenizer_path", str(tokenizers / "qwen3_06b")])
-    _write_dataset(full)
-    tomls = _write_datasets(work, full_size=True)
+    full_size._write_dataset(full)
+    tomls = _write_datasets(work, at_full_size=True)
     base_flags = {name: full_size_flags(full, toml) for name, toml in tomls.items()}
     ours_flags = ["--qwen3_tokenizer_path", str(tokenizers / "qwen3_06b"),
                   "--t5_tokenizer_path", str(tokenizers / "t5_old")]

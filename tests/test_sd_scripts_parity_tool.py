@@ -122,7 +122,7 @@ def test_parity_tool_full_size_datasets_are_256_pixel_copies_of_one_image(tmp_pa
     for i in range(2):
         Image.new("RGB", (256, 256), (i * 100, 0, 0)).save(images / f"img_{i}.png")
         (images / f"img_{i}.txt").write_text(f"caption {i}\n", encoding="utf-8")
-    tomls = parity._write_datasets(tmp_path, full_size=True)
+    tomls = parity._write_datasets(tmp_path, at_full_size=True)
     for name, count in (("one", 1), ("two", 2)):
         config = toml.load(tomls[name])
         dataset = config["datasets"][0]
