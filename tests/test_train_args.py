@@ -397,13 +397,22 @@ def test_tokenizer_flags_say_they_download_and_missing_folders_fail(tmp_path):
         parse("--qwen3_tokenizer_path", str(tmp_path / "none"))
 
 
-def test_cuda_allow_tf32_sets_the_backend_flags_and_fp32_without_it_warns(monkeypatch, tiny_setup, tmp_path):
+@pytest.fixture
+def tf32_flags_restored():
+    """Both TF32 switches off for the test, then back as they were. Not monkeypatch: torch serves
+    ``matmul.allow_tf32`` through ``__getattr__``, which newer pytest releases cannot restore."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+def test_cuda_allow_tf32_sets_the_backend_flags_and_fp32_without_it_warns(tf32_flags_restored, tiny_setup, tmp_path):
     from train_helpers import tiny_train_argv, trainer_through_caches
 
     from anima_train_network import fp32_without_tf32_warning
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # restored after the test
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     trainer_through_caches(tiny_train_argv(tiny_setup, tmp_path))
     assert torch.backends.cuda.matmul.allow_tf32 is False  # not asked for: untouched
     cuda, two_billion = torch.device("cuda"), 2_000_000_000
