@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,32 @@ MISSING_LIBRARY = (
     "--network_module lycoris.kohya needs the LyCORIS library: pip install lycoris-lora "
     "(or pip install -e .[lycoris]); networks.lokr and networks.loha train LoKr/LoHa without it"
 )
+
+
+def broken_library_message(exc: BaseException) -> str:
+    """The error for a LyCORIS that is installed but raises while it is imported, with both versions."""
+    try:
+        lycoris_version = metadata.version("lycoris-lora")
+    except metadata.PackageNotFoundError:
+        lycoris_version = "unknown"
+    reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+    if len(reason) > 300:
+        reason = reason[:300] + "..."
+    return (
+        f"--network_module lycoris.kohya: the installed LyCORIS (lycoris-lora {lycoris_version}) fails to import "
+        f"beside torch {torch.__version__} ({reason}); install a torch release it supports, or a lycoris-lora "
+        "release that supports this torch; networks.lokr and networks.loha train LoKr/LoHa without it"
+    )
+
+
 try:
     import lycoris.kohya as lycoris_kohya
     from lycoris.config import PRESET
     from lycoris.wrapper import deprecated_arg_dict, network_module_dict
 except ImportError as exc:
     raise AnimaError(MISSING_LIBRARY) from exc
+except Exception as exc:  # installed, but it fails while importing (e.g. on a torch release it does not support)
+    raise AnimaError(broken_library_message(exc)) from exc
 
 logger = logging.getLogger(__name__)
 

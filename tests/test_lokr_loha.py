@@ -161,6 +161,22 @@ def test_missing_lycoris_library_names_the_pip_command(monkeypatch):
         import_network_module("lycoris.kohya")
 
 
+def test_a_lycoris_install_that_fails_to_import_is_one_error_naming_both_versions(monkeypatch, tmp_path):
+    # LyCORIS 4.1.3 raises ValueError at import beside torch 2.6 (a custom-op schema that torch cannot read).
+    fake = tmp_path / "lycoris"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ValueError('infer_schema(func): Parameter shape has unsupported type')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "lycoris" or m.startswith("lycoris.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delitem(sys.modules, "networks.lycoris_kohya", raising=False)
+    with pytest.raises(AnimaError) as error:
+        import_network_module("lycoris.kohya")
+    message = str(error.value)
+    assert "the installed LyCORIS (lycoris-lora " in message and f"beside torch {torch.__version__}" in message
+    assert "ValueError: infer_schema(func)" in message and "networks.lokr" in message
+
+
 def test_network_module_registry_names_every_supported_module():
     assert set(NETWORK_MODULES) == {"networks.lora_anima", "networks.lokr", "networks.loha", "lycoris.kohya"}
     with pytest.raises(AnimaError, match="networks.lora .*networks.lora_anima"):
