@@ -164,10 +164,6 @@ class AnimaNetworkTrainer(NetworkTrainer):
             self.dit.prepare_block_swap_before_forward()
         options = compile_options(args)
         if options is not None:
-            import torch._dynamo
-
-            if args.compile_cache_size_limit is not None:
-                torch._dynamo.config.cache_size_limit = args.compile_cache_size_limit
             logger.info("compiling each DiT block with torch.compile (%s)",
                         ", ".join(f"{k}={v}" for k, v in options.items()))
             self.dit.compile_blocks(**options)

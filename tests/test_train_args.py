@@ -239,11 +239,11 @@ def test_torch_compile_compiles_the_blocks_with_the_dynamo_backend():
 
     args, _ = parse("--torch_compile", "--dynamo_backend", "EAGER")
     assert args.compile and compile_options(args) == {"backend": "eager", "mode": None, "dynamic": None,
-                                                      "fullgraph": False}
+                                                      "fullgraph": False, "cache_size_limit": None}
     args, _ = parse("--compile", "--compile_mode", "max-autotune-no-cudagraphs", "--compile_dynamic", "false",
                     "--compile_fullgraph", "--compile_cache_size_limit", "64")
     assert compile_options(args) == {"backend": "inductor", "mode": "max-autotune-no-cudagraphs", "dynamic": False,
-                                     "fullgraph": True}
+                                     "fullgraph": True, "cache_size_limit": 64}
     args, _ = parse()
     assert compile_options(args) is None
 

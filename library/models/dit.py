@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from library.models.offload_checkpointing import (
     checkpoint_offload_mode,
     checkpoint_with_cpu_offload,
 )
+
+logger = logging.getLogger(__name__)
 
 NORM_EPS = 1e-6
 
@@ -565,6 +568,22 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(x, shift, scale))
 
 
+# Graphs torch.compile keeps per DiT block for the modes a block runs in: the training forward, the no-grad first
+# pass of CPU-offload checkpointing and the eval forward of sampling and validation; one to spare.
+GRAPHS_PER_BLOCK = 4
+# From this release on, torch.compile no longer guards on the identity of each forward hook (the LoRA's), so the
+# blocks share their graphs; before it, every block compiles its own (seen on 2.6 to 2.10; 2.11 shares).
+ONE_GRAPH_FOR_ALL_BLOCKS_SINCE = "2.11"
+
+
+def graphs_needed_per_function(num_blocks: int, torch_version: str | None = None) -> int:
+    """How many graphs torch._dynamo must keep for the blocks' shared body code under this PyTorch release."""
+    version = torch.torch_version.TorchVersion(torch_version or torch.__version__)
+    if version >= ONE_GRAPH_FOR_ALL_BLOCKS_SINCE:
+        return 2 * GRAPHS_PER_BLOCK  # shared by every block; the first block's input needs no grad, the others' do
+    return GRAPHS_PER_BLOCK * num_blocks
+
+
 class Anima(nn.Module):
     """MiniTrainDIT velocity predictor with the LLM adapter as ``llm_adapter``.
 
@@ -630,7 +649,8 @@ class Anima(nn.Module):
             block.checkpoint_offload = None
 
     def compile_blocks(
-        self, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = None, fullgraph: bool = False
+        self, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = None, fullgraph: bool = False,
+        cache_size_limit: int | None = None,
     ) -> None:
         """``torch.compile`` every DiT block's computation (``--compile``), one compiled function per block.
 
@@ -639,7 +659,24 @@ class Anima(nn.Module):
         the block's Linear layers and float8 weights (``--fp8_base``) are traced into the graph. Parameters are
         graph inputs, so block swap re-pointing a block at another device slot needs no recompilation; modes
         that capture CUDA graphs (fixed addresses) are refused with block swap by the trainer.
+
+        ``cache_size_limit`` (``--compile_cache_size_limit``) sets torch._dynamo's limit of graphs per compiled
+        function. Without it, the limit is raised where this PyTorch needs more than its default (see
+        ``graphs_needed_per_function``), so that no block silently falls back to eager.
         """
+        import torch._dynamo
+
+        if cache_size_limit is not None:
+            torch._dynamo.config.cache_size_limit = cache_size_limit
+        else:
+            needed = graphs_needed_per_function(len(self.blocks))
+            if torch._dynamo.config.cache_size_limit < needed:
+                logger.info(
+                    "PyTorch %s compiles a graph of its own for every DiT block (2.11 and newer share one across "
+                    "blocks): torch._dynamo cache_size_limit raised from %d to %d so that no block falls back to "
+                    "eager; --compile_cache_size_limit sets it", torch.__version__,
+                    torch._dynamo.config.cache_size_limit, needed)
+                torch._dynamo.config.cache_size_limit = needed
         for block in self.blocks:
             block.compiled_body = torch.compile(
                 block._body, backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph
