@@ -384,7 +384,12 @@ def test_base_weights_merge_equals_the_attached_network(kind, tmp_path):
 def test_diffusers_anima_loader_does_not_take_lokr_or_loha_keys(tmp_path):
     # docs/lora-formats.md says diffusers cannot load these files: its Anima loader converts the ComfyUI
     # layout's keys and then requires every key to contain "lora".
-    from diffusers.loaders.lora_pipeline import AnimaLoraLoaderMixin
+    try:
+        from diffusers.loaders.lora_pipeline import AnimaLoraLoaderMixin
+    except ImportError:
+        from importlib.metadata import version
+
+        pytest.skip(f"diffusers {version('diffusers')} has no Anima LoRA loader")
 
     model = tiny_dit()
     for module in (lokr_module, loha_module):
