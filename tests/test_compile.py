@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 from train_helpers import tiny_train_argv
 
 from anima_train_network import AnimaNetworkTrainer
-from library.models.dit import ONE_GRAPH_FOR_ALL_BLOCKS_SINCE, Anima, AnimaConfig, graphs_needed_per_function
+from library.models.dit import Anima, AnimaConfig, blocks_share_compiled_graphs, graphs_needed_per_function
 from library.models.fp8 import quantize_linear_weights
 from library.training.args import parse_args
 from networks.lora_anima import create_network
@@ -92,8 +92,7 @@ def test_compiled_blocks_have_no_graph_break_and_match_eager_with_lora(mode, bac
     assert not counters["graph_break"]  # fullgraph=True would also have raised
     # One graph per distinct guard set (the first block's input needs no grad), not one per block, where PyTorch
     # lets the blocks share graphs (2.11 and newer; before, each block has its own: grad and no-grad with offload).
-    shared = torch.torch_version.TorchVersion(torch.__version__) >= ONE_GRAPH_FOR_ALL_BLOCKS_SINCE
-    assert counters["stats"]["unique_graphs"] <= (4 if shared else 2 * len(compiled.blocks))
+    assert counters["stats"]["unique_graphs"] <= (4 if blocks_share_compiled_graphs() else 2 * len(compiled.blocks))
 
 
 def test_compiled_blocks_with_block_swap_match_eager_and_do_not_recompile_per_step():

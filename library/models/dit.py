@@ -576,10 +576,14 @@ GRAPHS_PER_BLOCK = 4
 ONE_GRAPH_FOR_ALL_BLOCKS_SINCE = "2.11"
 
 
+def blocks_share_compiled_graphs(torch_version: str | None = None) -> bool:
+    """Whether this PyTorch release (default: the running one) lets every DiT block use the same compiled graphs."""
+    return torch.torch_version.TorchVersion(torch_version or torch.__version__) >= ONE_GRAPH_FOR_ALL_BLOCKS_SINCE
+
+
 def graphs_needed_per_function(num_blocks: int, torch_version: str | None = None) -> int:
     """How many graphs torch._dynamo must keep for the blocks' shared body code under this PyTorch release."""
-    version = torch.torch_version.TorchVersion(torch_version or torch.__version__)
-    if version >= ONE_GRAPH_FOR_ALL_BLOCKS_SINCE:
+    if blocks_share_compiled_graphs(torch_version):
         return 2 * GRAPHS_PER_BLOCK  # shared by every block; the first block's input needs no grad, the others' do
     return GRAPHS_PER_BLOCK * num_blocks
 

@@ -22,7 +22,7 @@ from library.errors import AnimaError, OneLineErrorParser
 from library.io.files import atomic_write, restore_interrupted_dir
 from library.models.attention import ATTN_MODE_CHOICES
 from library.models.block_swap import max_blocks_to_swap
-from library.models.dit import AnimaConfig
+from library.models.dit import GRAPHS_PER_BLOCK, ONE_GRAPH_FOR_ALL_BLOCKS_SINCE, AnimaConfig
 from library.models.offload_checkpointing import checkpoint_offload_mode
 from library.training.flow_matching import TIMESTEP_SAMPLING_METHODS, WEIGHTING_SCHEMES, check_flow_matching_options
 from library.training.losses import HUBER_SCHEDULES, LOSS_TYPES, check_loss_options
@@ -444,7 +444,8 @@ def _add_compile_arguments(parser: argparse.ArgumentParser) -> None:
       help="fail instead of splitting a block's graph (needs --compile)")
     a("compile_cache_size_limit", type=int, default=None,
       help="torch._dynamo.config.cache_size_limit, graphs kept per compiled function (default: PyTorch's 8, raised "
-      "to 4 per DiT block on PyTorch before 2.11, which compiles every block on its own; needs --compile)")
+      f"to {GRAPHS_PER_BLOCK} per DiT block on PyTorch before {ONE_GRAPH_FOR_ALL_BLOCKS_SINCE}, which compiles every "
+      "block on its own; needs --compile)")
 
 
 def compile_options(args: argparse.Namespace) -> dict[str, Any] | None:
