@@ -65,11 +65,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, nargs="+", default=[1024, 512], help="square image sizes")
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     parser.add_argument("--network_dim", type=int, default=16)
+    parser.add_argument("--network_alpha", type=float, default=16.0,
+                        help="LoRA alpha (default 16: scale 1 at rank 16, as bench_gpu_parity.py builds it, so that "
+                             "both compile the same block graph and the second finds it in inductor's cache)")
     parser.add_argument("--attn_mode", default="torch")
     parser.add_argument("--context_length", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--config_timeout", type=float, default=120.0, help="seconds per configuration")
+    parser.add_argument("--compile_timeout", type=float, default=None,
+                        help="seconds for a configuration with compile, whose first step compiles the block "
+                             "(default: --config_timeout)")
     parser.add_argument("--compile_backend", default=None, help="default: inductor on CUDA, eager on CPU")
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by name)")
     parser.add_argument("--profile", action="store_true", help="kernel-time breakdown of one step per config")
@@ -164,7 +170,7 @@ def run_worker(args: argparse.Namespace) -> None:
     if options["compile"] and not hasattr(model, "compile_blocks"):
         print(json.dumps({"skipped": "compile: --compile (Anima.compile_blocks) is not in this checkout"}))
         return
-    network = create_network(1.0, args.network_dim, 1.0, None, [], model)
+    network = create_network(1.0, args.network_dim, args.network_alpha, None, [], model)
     network.apply_to([], model, False, True)
     network.to(device)
     if options["checkpointing"]:
@@ -231,7 +237,8 @@ def main() -> None:
     for name in args.configs:
         parse_config(name)  # fail before the first measurement
     lines = [f"device={args.device} dtype={args.dtype or 'default'} blocks={args.blocks} width={args.model_channels} "
-             f"network_dim={args.network_dim} attn_mode={args.attn_mode} steps={args.steps} batch=1", "",
+             f"network_dim={args.network_dim} network_alpha={args.network_alpha:g} attn_mode={args.attn_mode} "
+             f"steps={args.steps} batch=1", "",
              "| config | resolution | step ms | peak alloc MiB | peak reserved MiB | MFU | command |",
              "|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
@@ -245,7 +252,8 @@ def main() -> None:
         for name in args.configs:
             command = [sys.executable, __file__, "--device", args.device, "--blocks", str(args.blocks),
                        "--model_channels", str(args.model_channels), "--num_heads", str(args.num_heads),
-                       "--network_dim", str(args.network_dim), "--attn_mode", args.attn_mode,
+                       "--network_dim", str(args.network_dim), "--network_alpha", str(args.network_alpha),
+                       "--attn_mode", args.attn_mode,
                        "--context_length", str(args.context_length), "--warmup", str(args.warmup),
                        "--steps", str(args.steps), "--worker", f"{name}@{resolution}"]  # fmt: skip
             if args.dtype:
@@ -258,11 +266,13 @@ def main() -> None:
             user_flags = command[2:command.index("--worker")] + command[command.index("--worker") + 2:]
             shown = shlex.join(["python", "bench/bench_train_step.py", *user_flags, "--configs", name,
                                 "--resolution", str(resolution)])
+            timeout = args.config_timeout
+            if parse_config(name)["compile"] and args.compile_timeout is not None:
+                timeout = args.compile_timeout
             try:
-                result = subprocess.run(command, capture_output=True, text=True, check=False,
-                                        timeout=args.config_timeout)
+                result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout)
             except subprocess.TimeoutExpired:
-                row = f"| {name} | {resolution} | timed out after {args.config_timeout:.0f} s | | | | `{shown}` |"
+                row = f"| {name} | {resolution} | timed out after {timeout:.0f} s | | | | `{shown}` |"
             else:
                 last = (result.stdout.strip().splitlines() or ["{}"])[-1]
                 if result.returncode != 0 or not last.startswith("{"):
