@@ -187,7 +187,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
             self.dit, batch_size=batch, tokens=tokens, context_tokens=args.t5_max_token_length,
             adapter_context_tokens=args.qwen3_max_token_length, fp8=bool(args.fp8_base),
             trainable_bytes=sum(p.numel() * p.element_size() for p in self.network.parameters()),
-            element_size=4 if self.weight_dtype == torch.float32 else 2)
+            compute_dtype=self.weight_dtype)
         checkpointing = checkpointing_mode(args)
         plan = block_swap.plan_blocks_to_swap(memory, free, checkpointing)
         message = (f"{plan.describe()} (batch {batch} x {tokens} image tokens, checkpointing {checkpointing}, "

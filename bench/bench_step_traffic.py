@@ -3,6 +3,7 @@
 Examples:
     python bench/bench_step_traffic.py --tokens 4096 --json           # 1024² image, the numbers in benchmarks.md
     python bench/bench_step_traffic.py --tokens 4096 --fp8_base --json
+    python bench/bench_step_traffic.py --tokens 4096 --mixed_precision fp16 --json
     python bench/bench_step_traffic.py --tokens 1024 --top 15          # 512², with the heaviest kernels listed
 
 One 2B DiT block (width 2048, 16 heads, MLP 8192, 512 text tokens of width 1024) with the LoRA attached (rank 16,
@@ -43,12 +44,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.models.dit import AnimaConfig, Block  # noqa: E402
+from library.models.dit import AnimaConfig, Block, residual_stream_dtype  # noqa: E402
 from library.models.fp8 import quantize_linear_weights, weight_bytes  # noqa: E402
 from networks.lora_anima import create_network  # noqa: E402
 
 GIB = 2**30
-LOW_PRECISION = torch.bfloat16
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed_precision
 
 # CUDA autocast's op lists (aten/src/ATen/autocast_mode.h), by the name of the Python-level call.
 AUTOCAST_LOWER_PRECISION = {
@@ -71,13 +72,14 @@ class EmulatedCudaAutocast(TorchFunctionMode):
     """CUDA autocast's casting rules for tensors of any device (here: meta), active while the CUDA autocast flag is
     set; ``with torch.autocast("cuda", enabled=False)`` inside the model therefore switches it off as on a GPU."""
 
-    def __init__(self) -> None:
+    def __init__(self, low_precision: torch.dtype) -> None:
         super().__init__()
+        self.low_precision = low_precision
         self._cache: dict[int, torch.Tensor] = {}
 
     def _cast(self, value, dtype: torch.dtype, from_dtypes: tuple[torch.dtype, ...]):
         if isinstance(value, torch.Tensor) and value.dtype in from_dtypes:
-            cacheable = dtype == LOW_PRECISION and value.is_leaf and value.requires_grad
+            cacheable = dtype == self.low_precision and value.is_leaf and value.requires_grad
             if cacheable and id(value) in self._cache:
                 return self._cache[id(value)]
             cast = value.to(dtype)
@@ -98,7 +100,7 @@ class EmulatedCudaAutocast(TorchFunctionMode):
         if not torch.is_autocast_enabled("cuda"):
             pass
         elif name in AUTOCAST_LOWER_PRECISION:
-            args, kwargs = self._cast_all(args, kwargs, LOW_PRECISION, (torch.float32,))
+            args, kwargs = self._cast_all(args, kwargs, self.low_precision, (torch.float32,))
             if name == "scaled_dot_product_attention":
                 return flash_attention(*args, **kwargs)
         elif name in AUTOCAST_FP32 or (name in AUTOCAST_FP32_UNLESS_DTYPE and kwargs.get("dtype") is None):
@@ -261,9 +263,10 @@ class _BlockHost(torch.nn.Module):
         self.blocks = torch.nn.ModuleList([block])
 
 
-def build_block(config: AnimaConfig, rank: int, fp8_base: bool) -> tuple[Block, torch.nn.Module]:
+def build_block(config: AnimaConfig, rank: int, fp8_base: bool,
+                dtype: torch.dtype = torch.bfloat16) -> tuple[Block, torch.nn.Module]:
     with torch.device("meta"):
-        block = Block(config).to(LOW_PRECISION)
+        block = Block(config).to(dtype)
     block.requires_grad_(False)
     host = _BlockHost(block)
     network = create_network(1.0, rank, 1.0, None, None, host).to("meta")  # built on CPU: alpha is read once
@@ -275,29 +278,32 @@ def build_block(config: AnimaConfig, rank: int, fp8_base: bool) -> tuple[Block, 
     return block, network
 
 
-def rope_tables_for(tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables_for(tokens: int, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     angles = torch.empty(tokens, head_dim, device="meta")
     from library.models.dit import rope_tables
 
-    return rope_tables(angles, LOW_PRECISION)
+    return rope_tables(angles, dtype)
 
 
-def measure(tokens: int, context_tokens: int, rank: int, fp8_base: bool, batch: int = 1) -> dict:
+def measure(tokens: int, context_tokens: int, rank: int, fp8_base: bool, batch: int = 1,
+            mixed_precision: str = "bf16") -> dict:
+    dtype = PRECISIONS[mixed_precision]
     config = AnimaConfig()
-    block, network = build_block(config, rank, fp8_base)
+    block, network = build_block(config, rank, fp8_base, dtype)
     d, dh = config.model_channels, config.head_dim
     meta = {"device": "meta"}
-    x = torch.empty(batch, tokens, d, dtype=LOW_PRECISION, requires_grad=True, **meta)
-    emb = torch.empty(batch, 1, d, dtype=LOW_PRECISION, **meta)
-    adaln_lora = torch.empty(batch, 1, 3 * d, dtype=LOW_PRECISION, **meta)
-    context = torch.empty(batch, context_tokens, config.crossattn_emb_channels, dtype=LOW_PRECISION, **meta)
-    rope_cos, rope_sin = rope_tables_for(tokens, dh)
+    # The hidden states arrive in the DiT's residual-stream dtype (float32 under fp16).
+    x = torch.empty(batch, tokens, d, dtype=residual_stream_dtype(dtype), requires_grad=True, **meta)
+    emb = torch.empty(batch, 1, d, dtype=dtype, **meta)
+    adaln_lora = torch.empty(batch, 1, 3 * d, dtype=dtype, **meta)
+    context = torch.empty(batch, context_tokens, config.crossattn_emb_channels, dtype=dtype, **meta)
+    rope_cos, rope_sin = rope_tables_for(tokens, dh, dtype)
 
     forward, backward = Counts(), Counts()
     torch.set_autocast_enabled("cuda", True)
-    torch.set_autocast_dtype("cuda", LOW_PRECISION)
+    torch.set_autocast_dtype("cuda", dtype)
     try:
-        with EmulatedCudaAutocast(), TrafficCounter(forward):
+        with EmulatedCudaAutocast(dtype), TrafficCounter(forward):
             out = block(x, emb, context, rope_cos, rope_sin, adaln_lora)
     finally:
         torch.set_autocast_enabled("cuda", False)
@@ -311,6 +317,7 @@ def measure(tokens: int, context_tokens: int, rank: int, fp8_base: bool, batch: 
         "batch": batch,
         "rank": rank,
         "fp8_base": fp8_base,
+        "mixed_precision": mixed_precision,
         "lora_modules": len(network.unet_loras),
         "lora_params": lora_params,
         "mem_gib_fwd": round(forward.mem_bytes / GIB, 4),
@@ -338,10 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--fp8_base", action="store_true", help="frozen block Linear weights in float8 + scales")
+    parser.add_argument("--mixed_precision", choices=sorted(PRECISIONS), default="bf16",
+                        help="autocast and frozen-weight dtype (fp16: hidden states in the float32 residual stream)")
     parser.add_argument("--top", type=int, default=10, help="memory-bound ops listed per pass (0: none)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
-    result = measure(args.tokens, args.context_tokens, args.rank, args.fp8_base, args.batch_size)
+    result = measure(args.tokens, args.context_tokens, args.rank, args.fp8_base, args.batch_size,
+                     args.mixed_precision)
     by_op = result.pop("_by_op")
     if not args.json:
         for phase, ops in by_op.items():

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from library.models.dit import Anima, AnimaConfig
 from library.models.dit_loading import load_anima_model
 
 MAX_REL_ERR = 1e-4
@@ -257,6 +258,44 @@ def test_bf16_autocast_over_float32_weights_stays_close_to_reference(model, gold
         pred = _predict(model, golden, _context(model, golden))
     assert torch.isfinite(pred).all()
     assert _relative_max_error(pred, golden["out.model_pred"]) < 0.03
+
+
+@pytest.mark.parametrize("weights", [torch.float32, torch.float16], ids=["float32-weights", "fp16-weights"])
+def test_fp16_autocast_stays_close_to_reference(golden_dir, golden, weights):
+    model = load_anima_model(golden_dir / "dit_tiny.safetensors", dtype=weights)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        pred = _predict(model, golden, _context(model, golden))
+    assert pred.dtype == torch.float16 and _relative_max_error(pred, golden["out.model_pred"]) < 0.01
+
+
+def test_fp16_autocast_keeps_the_residual_stream_float32_where_float16_overflows():
+    """A DiT whose hidden states grow past float16's 65504 while every gate and sub-layer output stays inside it
+    (large adaLN gates): under float16 autocast its blocks get float32 hidden states and the prediction matches
+    float32, where a float16 residual stream turns to inf and then NaN."""
+    torch.manual_seed(0)
+    config = AnimaConfig(num_blocks=4, model_channels=64, num_heads=2, adaln_lora_dim=16, crossattn_emb_channels=32,
+                         adapter_source_dim=32, adapter_model_dim=32, adapter_num_layers=1, adapter_num_heads=2)
+    model = Anima(config)
+    with torch.no_grad():
+        for block in model.blocks:
+            gates = block.adaln_modulation_mlp[2].weight[2 * config.model_channels:]  # [D, lora dim], the mlp gate
+            gates.mul_(3000.0)
+            block.mlp.layer2.weight.mul_(30.0)
+    x, sigmas, context = torch.randn(1, 16, 1, 8, 8), torch.rand(1), torch.randn(1, 8, 32)
+    block_inputs, last_hidden = [], []
+    hooks = [block.register_forward_pre_hook(lambda m, args: block_inputs.append(args[0].dtype))
+             for block in model.blocks]
+    hooks.append(model.blocks[-1].register_forward_hook(lambda m, args, out: last_hidden.append(out.abs().max())))
+    with torch.no_grad():
+        expected = model(x, sigmas, context)
+        with torch.autocast("cpu", dtype=torch.float16):
+            pred = model(x, sigmas, context)
+    for hook in hooks:
+        hook.remove()
+    assert last_hidden[0] > torch.finfo(torch.float16).max  # the float32 run's hidden states: past float16's range
+    assert block_inputs[len(model.blocks):] == [torch.float32] * len(model.blocks)
+    assert pred.dtype == torch.float16 and torch.isfinite(pred).all()
+    assert _relative_max_error(pred, expected) < 0.01
 
 
 def _assert_modulation_is_upstreams_float32_value_rounded_once(device: str, batch: int) -> None:

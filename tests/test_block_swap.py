@@ -375,21 +375,23 @@ def test_fp8_counts_one_byte_per_quantized_linear_weight():
     assert 0.5 * bf16 < fp8 < 0.75 * bf16  # modulation, norms and scales stay wide
 
 
-def test_activation_estimate_covers_what_a_lora_block_saves_for_backward():
-    """The planner's formula against the bytes a LoRA-wrapped block's forward really saves (saved-tensor hooks)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16-autocast"])
+def test_activation_estimate_covers_what_a_lora_block_saves_for_backward(dtype):
+    """The planner's formula against the bytes a LoRA-wrapped block's forward really saves (saved-tensor hooks);
+    fp16 runs under autocast with the block's input in the float32 residual stream, as in the DiT."""
     config = AnimaConfig(model_channels=512, num_heads=8, num_blocks=2, crossattn_emb_channels=256,
                          adapter_source_dim=64, adapter_model_dim=256, adapter_num_layers=1, adapter_num_heads=4)
     torch.manual_seed(0)
-    model = Anima(config).to(torch.bfloat16)
+    model = Anima(config).to(dtype)
     model.requires_grad_(False)
     network = create_network(1.0, 16, 16.0, None, [], model)
     network.apply_to([], model, False, True)
-    network.to(torch.bfloat16)
+    network.to(dtype)
     block = model.blocks[0]
     tokens, context_tokens = 192, 64
-    x = torch.randn(1, tokens, 512, dtype=torch.bfloat16, requires_grad=True)
-    emb, adaln = torch.randn(1, 1, 512, dtype=torch.bfloat16), torch.randn(1, 1, 1536, dtype=torch.bfloat16)
-    context = torch.randn(1, context_tokens, 256, dtype=torch.bfloat16)
+    x = torch.randn(1, tokens, 512, dtype=model.residual_stream_dtype(dtype), requires_grad=True)
+    emb, adaln = torch.randn(1, 1, 512, dtype=dtype), torch.randn(1, 1, 1536, dtype=dtype)
+    context = torch.randn(1, context_tokens, 256, dtype=dtype)
     cos, sin = torch.randn(tokens, 64), torch.randn(tokens, 64)
     kept = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *network.parameters(), x, emb, adaln,
                                                        context, cos, sin)}
@@ -399,11 +401,13 @@ def test_activation_estimate_covers_what_a_lora_block_saves_for_backward():
         saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.float16)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
         block(x, emb, context, cos, sin, adaln)
     measured = sum(nbytes for ptr, nbytes in saved.items() if ptr not in kept)
     estimate = block_swap.block_activation_bytes(batch_size=1, tokens=tokens, context_tokens=context_tokens,
-                                                 model_channels=512, mlp_channels=config.mlp_channels)
+                                                 model_channels=512, mlp_channels=config.mlp_channels,
+                                                 residual_element_size=x.element_size())
     assert measured <= estimate <= 1.35 * measured, (measured, estimate)
 
 
@@ -418,6 +422,18 @@ def test_dit_training_memory_plans_fewer_swapped_blocks_with_fp8():
     budget = bf16.peak_bytes(3, "ckpt")  # bf16 needs 3 blocks swapped in this budget ...
     assert block_swap.plan_blocks_to_swap(bf16, budget, "ckpt").blocks_to_swap == 3
     assert block_swap.plan_blocks_to_swap(fp8, budget, "ckpt").blocks_to_swap < 3  # ... fp8 fewer
+
+
+def test_dit_training_memory_counts_fp16_block_inputs_in_the_float32_residual_stream():
+    model = Anima(tiny_config(model_channels=64, num_heads=4)).to(torch.float16)
+    sizes = dict(batch_size=2, tokens=256, context_tokens=64, adapter_context_tokens=32, trainable_bytes=10_000,
+                 fp8=False)
+    fp16 = block_swap.dit_training_memory(model, compute_dtype=torch.float16, **sizes)
+    bf16 = block_swap.dit_training_memory(model, compute_dtype=torch.bfloat16, **sizes)
+    assert fp16.block_input == 2 * bf16.block_input == 2 * 256 * 64 * 4
+    # Two saved hidden states per block are float32 as well.
+    assert fp16.block_activations - bf16.block_activations == 2 * 2 * 256 * 64 * 2
+    assert fp16.peak_bytes(0, "ckpt") > bf16.peak_bytes(0, "ckpt")
 
 
 def test_free_memory_for_the_plan_counts_what_the_caching_allocator_holds_unused(monkeypatch):

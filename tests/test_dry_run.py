@@ -150,7 +150,7 @@ def test_memory_estimate_is_the_block_swap_planners_peak_plus_a_resident_text_en
     memory = block_swap.dit_training_memory(dit, batch_size=2, tokens=(128 // 16) * (64 // 16),
                                             context_tokens=args.t5_max_token_length,
                                             adapter_context_tokens=args.qwen3_max_token_length, fp8=False,
-                                            trainable_bytes=4000, element_size=4)
+                                            trainable_bytes=4000, compute_dtype=torch.float32)
     assert plain.training_peak == memory.peak_bytes(0, "none") and plain.text_encoder == 0  # cached text: freed
     _, _, checkpointed = estimate("--gradient_checkpointing", "--blocks_to_swap", "1")
     assert checkpointed.training_peak == memory.peak_bytes(1, "ckpt") < plain.training_peak

@@ -269,23 +269,29 @@ CHECKPOINTING_MODES = ("none", "ckpt", "cpu_offload", "unsloth")
 SAVED_D_UNITS_PER_TOKEN = 20
 # Per context token: k and v of the cross-attention (bf16) and the float32 input of its k RMSNorm (2 units).
 SAVED_D_UNITS_PER_CONTEXT_TOKEN = 4
+# Of the per-token units, the hidden states entering the cross-attention and the MLP (saved by their LayerNorms):
+# these are in the residual-stream dtype, float32 under fp16 (``Anima.residual_stream_dtype``).
+SAVED_RESIDUAL_STATES = 2
 # Kept free besides the estimate: cuBLAS/attention workspaces, allocator rounding and fragmentation.
 RESERVE_BYTES = 1 << 30
 RESERVE_FRACTION = 0.1  # of the activation estimate
 
 
 def block_activation_bytes(*, batch_size: int, tokens: int, context_tokens: int, model_channels: int,
-                           mlp_channels: int, element_size: int = 2) -> int:
+                           mlp_channels: int, element_size: int = 2, residual_element_size: int | None = None) -> int:
     """Bytes one DiT block saves for backward in a training forward (no checkpointing):
 
-        B · e · (L · (20·D + 2·F) + 4 · Lc · D)
+        B · (e · (L · (20·D + 2·F) + 4 · Lc · D) + 2 · (er − e) · L · D)
 
     B batch, L image tokens ((H/16)·(W/16) for the 2×2-patched latent of an H×W image), Lc context tokens
-    (--t5_max_token_length), D model width, F MLP width, e the activation element size (2 for bf16/fp16).
+    (--t5_max_token_length), D model width, F MLP width, e the activation element size (2 for bf16/fp16), er that
+    of the residual stream (default e; 4 under fp16), in which two of the saved hidden states are kept.
     """
+    residual_element_size = element_size if residual_element_size is None else residual_element_size
     per_sample = tokens * (SAVED_D_UNITS_PER_TOKEN * model_channels + 2 * mlp_channels)
     per_sample += SAVED_D_UNITS_PER_CONTEXT_TOKEN * context_tokens * model_channels
-    return batch_size * element_size * per_sample
+    residual_extra = SAVED_RESIDUAL_STATES * (residual_element_size - element_size) * tokens * model_channels
+    return batch_size * (element_size * per_sample + residual_extra)
 
 
 def block_weight_bytes(block: nn.Module, fp8: bool = False) -> int:
@@ -344,20 +350,23 @@ class SwapPlan:
 
 def dit_training_memory(dit: nn.Module, *, batch_size: int, tokens: int, context_tokens: int,
                         adapter_context_tokens: int, fp8: bool, trainable_bytes: int,
-                        element_size: int = 2) -> TrainingMemory:
+                        compute_dtype: torch.dtype = torch.bfloat16) -> TrainingMemory:
     """The planner's view of a LoRA training step of `dit` (an `Anima`; its weights may still be in CPU memory).
 
     batch_size x tokens: the largest batch's image tokens; context_tokens: T5 tokens (the DiT's context and the
     adapter's queries); adapter_context_tokens: Qwen3 tokens; fp8 (--fp8_base): block projections counted in
-    float8; trainable_bytes: the LoRA weights, counted 4 times (weights, gradients, two optimizer states).
+    float8; trainable_bytes: the LoRA weights, counted 4 times (weights, gradients, two optimizer states);
+    compute_dtype: the --mixed_precision dtype (activations; block inputs in the DiT's residual-stream dtype).
     """
     config = dit.config
+    element_size = compute_dtype.itemsize
+    residual_element_size = dit.residual_stream_dtype(compute_dtype).itemsize
     block_ids = {id(p) for p in dit.blocks.parameters()}
     non_block = sum(p.numel() * p.element_size() for p in dit.parameters() if id(p) not in block_ids)
-    block_input = batch_size * tokens * config.model_channels * element_size  # [B, L, D]
+    block_input = batch_size * tokens * config.model_channels * residual_element_size
     activations = block_activation_bytes(batch_size=batch_size, tokens=tokens, context_tokens=context_tokens,
                                          model_channels=config.model_channels, mlp_channels=config.mlp_channels,
-                                         element_size=element_size)
+                                         element_size=element_size, residual_element_size=residual_element_size)
     # The LLM adapter keeps as much per token as a DiT block when its LoRA trains, over the T5 tokens.
     adapter = config.adapter_num_layers * block_activation_bytes(
         batch_size=batch_size, tokens=context_tokens, context_tokens=adapter_context_tokens,

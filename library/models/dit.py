@@ -147,32 +147,49 @@ def layer_norm_no_affine(x: torch.Tensor) -> torch.Tensor:
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """LayerNorm(x) * (1 + scale) + shift, returned in the compute dtype (see ``compute_dtype``).
 
-    x: [B, L, D]; shift/scale: [B, 1, D]. float32 x: computed in float32 and cast once, so every Linear and LoRA
-    reading the result shares one copy. 16-bit x: (1 + scale) and shift of each sample are the norm kernel's own
-    affine parameters, so h is computed in float32 inside that one kernel and rounded once, as upstream's float32
-    h (CUDA autocast runs layer_norm in float32) is rounded where each Linear casts it. One pass over x per sample;
-    with several samples the rows are joined (one copy).
+    x: [B, L, D]; shift/scale: [B, 1, D]. float32 x computing in float32: the three ops of upstream's formula.
+    Otherwise (16-bit x, or the float32 residual stream of float16 compute) (1 + scale) and shift of each sample
+    are the norm kernel's own affine parameters, so h is computed in float32 inside that one kernel and rounded
+    once to the compute dtype, as upstream's float32 h (CUDA autocast runs layer_norm in float32) is rounded where
+    each Linear casts it; every Linear and LoRA reading h shares that one copy. One pass over x per sample; with
+    several samples the rows are joined (one copy).
     """
-    if x.dtype == torch.float32:
-        h = layer_norm_no_affine(x) * (1 + scale) + shift
-        dtype = compute_dtype(x)
-        return h if dtype == h.dtype else h.to(dtype)
+    dtype = compute_dtype(x)
+    if x.dtype == torch.float32 and dtype == torch.float32:
+        return layer_norm_no_affine(x) * (1 + scale) + shift
     weight, bias = (1 + scale).to(x.dtype), shift.to(x.dtype)  # [B, 1, D]
     width = (x.shape[-1],)
     with autocast_off(x):
         if x.shape[0] == 1:  # x itself, not a slice: a slice's backward writes a zero-filled full-size gradient
-            return F.layer_norm(x, width, weight.reshape(-1), bias.reshape(-1), NORM_EPS)
-        rows = [
-            F.layer_norm(row, width, w.reshape(-1), b.reshape(-1), NORM_EPS)
-            for row, w, b in zip(x.split(1), weight, bias)
-        ]
-    return torch.cat(rows)
+            h = F.layer_norm(x, width, weight.reshape(-1), bias.reshape(-1), NORM_EPS)
+        else:
+            h = torch.cat([
+                F.layer_norm(row, width, w.reshape(-1), b.reshape(-1), NORM_EPS)
+                for row, w, b in zip(x.split(1), weight, bias)
+            ])
+    return h if h.dtype == dtype else h.to(dtype)
+
+
+def residual_stream_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the blocks' hidden states (the residual stream) when they compute in `compute_dtype`.
+
+    float32 for float16: the hidden states can outgrow float16's range (65504) and would turn to inf / NaN, so the
+    stream stays float32 while attention and MLP still compute in float16 (ComfyUI runs Anima in float16 the same
+    way). bfloat16 has float32's range and keeps its own.
+    """
+    return torch.float32 if compute_dtype == torch.float16 else compute_dtype
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """x + gate * update; one fused kernel for 16-bit hidden states (float32 keeps the separate ops)."""
+    """x + gate * update; one fused kernel, except for float32 throughout (upstream's two ops).
+
+    The float32 stream of float16 compute takes the float16 gate and update as they are: addcmul computes in
+    float32 (no float16 product to overflow) without casting them first (autocast, off here, would)."""
     if x.dtype == torch.float32:
-        return x + gate * update
+        if update.dtype == torch.float32:
+            return x + gate * update
+        with autocast_off(x):
+            return torch.addcmul(x, gate, update)
     return torch.addcmul(x, gate.to(x.dtype), update.to(x.dtype))
 
 
@@ -594,6 +611,8 @@ class Anima(nn.Module):
     attn_mode / split_attn are plain attributes and may be changed after construction.
     """
 
+    residual_stream_dtype = staticmethod(residual_stream_dtype)  # for the memory planner, which cannot import this
+
     def __init__(self, config: AnimaConfig, attn_mode: str = "torch", split_attn: bool = False):
         super().__init__()
         self.config = config
@@ -792,6 +811,9 @@ class Anima(nn.Module):
         x = self.x_embedder(x)  # [B, T', H', W', D]
         grid = x.shape[1:4]
         x = x.flatten(1, 3)  # [B, L, D]
+        device_type = _autocast_device_type(x)
+        if torch.is_autocast_enabled(device_type):
+            x = x.to(residual_stream_dtype(torch.get_autocast_dtype(device_type)))
 
         sinusoid, adaln_lora = self.t_embedder(timesteps.reshape(b))  # [B, 1, D], [B, 1, 3D]
         emb = self.t_embedding_norm(sinusoid)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from library.models import block_swap
+from library.training.args import MIXED_PRECISION_DTYPES
 
 GIB = 1024**3
 
@@ -61,14 +62,15 @@ def estimate_training_memory(args: argparse.Namespace, dit: torch.nn.Module, tra
                              train_group: Any, text_encoder_parameters: int = 0) -> MemoryEstimate:
     """dit: the weightless (meta) DiT from the header check (cast to the training dtype here, which costs
     nothing on the meta device); train_group: the scanned data.DatasetGroup."""
-    element_size = 4 if args.mixed_precision == "no" else 2
-    dit.to(torch.float32 if element_size == 4 else torch.bfloat16)
+    compute_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
+    element_size = compute_dtype.itemsize
+    dit.to(compute_dtype)
     batch, tokens = largest_batch_tokens(train_group)
     lora_bytes = element_size if (args.full_fp16 or args.full_bf16) else 4
     memory = block_swap.dit_training_memory(
         dit, batch_size=batch, tokens=tokens, context_tokens=args.t5_max_token_length,
         adapter_context_tokens=args.qwen3_max_token_length, fp8=bool(args.fp8_base),
-        trainable_bytes=trainable_parameters * lora_bytes, element_size=element_size)
+        trainable_bytes=trainable_parameters * lora_bytes, compute_dtype=compute_dtype)
     swapped = args.blocks_to_swap if isinstance(args.blocks_to_swap, int) else 0
     checkpointing = checkpointing_mode(args)
     text_encoder_resident = not args.cache_text_encoder_outputs or not args.network_train_unet_only
