@@ -5,13 +5,14 @@ forward + backward per configuration and is compared with the plain model (relat
 prediction and of all LoRA gradients), at each --tokens image-token count: the real 1024² count (4096) and a
 tiny one (16), where the copies dwarf the compute and a missing stream wait would show. `swap-forward` is three
 no-grad forwards in a row with block swap (the sampling / validation schedule). fp8 and compile are compared
-the same way and skipped, with a line saying so, in a checkout without them.
+the same way and skipped, with a line saying so, in a checkout without them. fp16 trains in float16 (weights and
+autocast; the hidden states in float32) against the bf16 (on CPU float32) plain model.
 
     python bench/bench_gpu_parity.py                              # CUDA, bf16, 4 full-width blocks
     python bench/bench_gpu_parity.py --device cpu --blocks 3 --model_channels 128 --num_heads 2 --tokens 16
 
 Tolerances (relative L2): 2e-2 for features that recompute or move the same numbers (checkpointing, offload,
-swap, compile), 0.15 for fp8 weights. --summary FILE appends the table to FILE.
+swap, compile), 0.05 for fp16 (another 16-bit format than the reference's), 0.15 for fp8 weights. --summary FILE appends the table to FILE.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from library.models.dit import Anima, AnimaConfig  # noqa: E402
 from networks.lora_anima import create_network  # noqa: E402
 
-CONFIGS = ["ckpt", "cpu_offload", "unsloth", "swap", "swap+ckpt", "swap-forward", "fp8", "compile"]
-TOLERANCE = {"fp8": 0.15}
+CONFIGS = ["ckpt", "cpu_offload", "unsloth", "swap", "swap+ckpt", "swap-forward", "fp8", "fp16", "compile"]
+TOLERANCE = {"fp8": 0.15, "fp16": 0.05}
 DEFAULT_TOLERANCE = 2e-2
 
 
@@ -73,6 +74,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def run_config(name: str, args, device, dtype, batch, reference) -> tuple[str, float | None, float | None, str]:
+    if name == "fp16":  # --mixed_precision fp16: float16 weights and autocast, float32 hidden states
+        dtype = torch.float16
     model, network = build(args, device, dtype)
     swap = args.blocks - 2
     if name == "fp8":

@@ -11,6 +11,7 @@ One step = forward + backward + AdamW step on the LoRA parameters (frozen base w
   fp8          --fp8_base: block projections stored in float8 (`library.models.fp8`; skipped, with a line saying
                so, in a checkout without it)
   compile      --compile: every block compiled (`Anima.compile_blocks`, --compile_backend; skipped likewise)
+  fp16         --mixed_precision fp16: weights and autocast in float16 (hidden states in float32), whatever --dtype
 
     python bench/bench_train_step.py                                     # CUDA, 28 blocks, bf16, 1024 and 512
     python bench/bench_train_step.py --configs plain ckpt swap26+ckpt --resolution 1024 --profile
@@ -86,7 +87,7 @@ def parse_args() -> argparse.Namespace:
 
 def parse_config(name: str) -> dict:
     options = {"checkpointing": False, "cpu_offload": False, "unsloth": False, "swap": 0, "fp8": False,
-               "compile": False}
+               "compile": False, "dtype": None}
     for part in name.split("+"):
         if part == "plain":
             continue
@@ -97,6 +98,8 @@ def parse_config(name: str) -> dict:
             options[part] = True
         elif part in ("fp8", "compile"):
             options[part] = True
+        elif part == "fp16":
+            options["dtype"] = "fp16"
         elif part.startswith("swap") and part[4:].isdigit():
             options["swap"] = int(part[4:])
         else:
@@ -152,7 +155,7 @@ def run_worker(args: argparse.Namespace) -> None:
     resolution = int(resolution)
     options = parse_config(config_name)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[options["dtype"] or args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     torch.manual_seed(0)
 
     config = AnimaConfig(num_blocks=args.blocks, model_channels=args.model_channels, num_heads=args.num_heads)

@@ -48,10 +48,10 @@ step() {  # step NAME SECONDS COMMAND...   (exit 124: hit its time limit)
 if [ "$DRY" = 1 ]; then
     DEVICE=cpu
     TRAIN_SIZE=(--blocks 3 --model_channels 128 --num_heads 2 --context_length 16 --warmup 1 --steps 1)
-    TRAIN_1024=(--resolution 64 --configs plain swap1+ckpt fp8 --config_timeout 60)
+    TRAIN_1024=(--resolution 64 --configs plain swap1+ckpt fp8 fp16 --config_timeout 60)
     PROFILE_1024=(--resolution 64 --configs plain --config_timeout 60)
     TRAIN_512=(--resolution 32 --configs ckpt --config_timeout 60)
-    PARITY=(--blocks 3 --model_channels 128 --num_heads 2 --tokens 16 --configs ckpt swap swap-forward fp8)
+    PARITY=(--blocks 3 --model_channels 128 --num_heads 2 --tokens 16 --configs ckpt swap swap-forward fp8 fp16)
     SDPA=(--scale 0.0625 --steps 1)
     VAE_BITS=(--scale 0.0625)
 else
@@ -59,7 +59,7 @@ else
     TRAIN_SIZE=(--blocks 28 --warmup 1 --steps 3)
     # compile's first step compiles the block (a cold inductor cache, unless the parity step warmed it).
     TRAIN_1024=(--resolution 1024 --config_timeout 60 --compile_timeout 110 --configs plain ckpt unsloth cpu_offload
-                swap8 swap8+ckpt swap26 swap26+ckpt fp8 compile)
+                swap8 swap8+ckpt swap26 swap26+ckpt fp8 fp16 compile)
     PROFILE_1024=(--resolution 1024 --config_timeout 30 --configs plain swap26+ckpt)
     TRAIN_512=(--resolution 512 --config_timeout 20 --configs plain ckpt swap26+ckpt fp8)
     PARITY=(--blocks 4 --tokens 4096 16)

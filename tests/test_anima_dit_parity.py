@@ -268,7 +268,7 @@ def test_fp16_autocast_stays_close_to_reference(golden_dir, golden, weights):
     assert pred.dtype == torch.float16 and _relative_max_error(pred, golden["out.model_pred"]) < 0.01
 
 
-def test_fp16_autocast_keeps_the_residual_stream_float32_where_float16_overflows():
+def _assert_fp16_autocast_keeps_a_float32_residual_stream_where_float16_overflows(device: str) -> None:
     """A DiT whose hidden states grow past float16's 65504 while every gate and sub-layer output stays inside it
     (large adaLN gates): under float16 autocast its blocks get float32 hidden states and the prediction matches
     float32, where a float16 residual stream turns to inf and then NaN."""
@@ -281,14 +281,16 @@ def test_fp16_autocast_keeps_the_residual_stream_float32_where_float16_overflows
             gates = block.adaln_modulation_mlp[2].weight[2 * config.model_channels:]  # [D, lora dim], the mlp gate
             gates.mul_(3000.0)
             block.mlp.layer2.weight.mul_(30.0)
+    model.to(device)
     x, sigmas, context = torch.randn(1, 16, 1, 8, 8), torch.rand(1), torch.randn(1, 8, 32)
+    x, sigmas, context = x.to(device), sigmas.to(device), context.to(device)
     block_inputs, last_hidden = [], []
     hooks = [block.register_forward_pre_hook(lambda m, args: block_inputs.append(args[0].dtype))
              for block in model.blocks]
     hooks.append(model.blocks[-1].register_forward_hook(lambda m, args, out: last_hidden.append(out.abs().max())))
     with torch.no_grad():
         expected = model(x, sigmas, context)
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast(device, dtype=torch.float16):
             pred = model(x, sigmas, context)
     for hook in hooks:
         hook.remove()
@@ -296,6 +298,16 @@ def test_fp16_autocast_keeps_the_residual_stream_float32_where_float16_overflows
     assert block_inputs[len(model.blocks):] == [torch.float32] * len(model.blocks)
     assert pred.dtype == torch.float16 and torch.isfinite(pred).all()
     assert _relative_max_error(pred, expected) < 0.01
+
+
+def test_fp16_autocast_keeps_the_residual_stream_float32_where_float16_overflows():
+    _assert_fp16_autocast_keeps_a_float32_residual_stream_where_float16_overflows("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fp16_autocast_keeps_the_residual_stream_float32_where_float16_overflows():
+    _assert_fp16_autocast_keeps_a_float32_residual_stream_where_float16_overflows("cuda")
 
 
 def _assert_modulation_is_upstreams_float32_value_rounded_once(device: str, batch: int) -> None:
