@@ -477,9 +477,12 @@ class NetworkTrainer:
         good_position, good_rng = self.guard.streak_start
         path = self.writer.save_state(outputs.step_state_name(self.args, good_position.global_step),
                                       position=good_position, kind=train_state.NONFINITE, rng=good_rng)
+        fp16 = ("; float16 itself may overflow (the text encoder and VAE compute in it too): --mixed_precision bf16 "
+                "or no avoids that") if self.args.mixed_precision == "fp16" else ""
         raise AnimaError(f"{self.guard.consecutive} steps in a row had a non-finite loss or gradient (the first after "
                          f"step {good_position.global_step}); the state of the last good step is saved in {path}; "
-                         f"lower --learning_rate (or check the models and data), then continue with --resume {path}")
+                         f"lower --learning_rate (or check the models and data), then continue with --resume {path}"
+                         f"{fp16}")
 
     def train_step(self, args: argparse.Namespace, batch: dict) -> float | torch.Tensor:
         """One micro-batch: forward, backward (DDP averages the gradients on sync steps); on sync steps clip,

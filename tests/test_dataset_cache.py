@@ -468,3 +468,27 @@ def test_latents_rewritten_by_another_tool_under_our_record_are_reencoded(tmp_pa
     again = FakeVAE()
     cache_latents(args, again)
     assert again.encoded == 0
+
+
+class OverflowingTextEncoding(FakeTextEncoding):
+    """A float16 encoder whose output for one caption overflowed to inf."""
+
+    dtype = torch.float16
+
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        outputs = super().encode(captions)
+        for row, caption in enumerate(captions):
+            if caption == "blue, car":
+                outputs["qwen3_embeds"][row, 0] = float("inf")
+        return outputs
+
+
+def test_text_cache_refuses_non_finite_encoder_outputs_naming_the_image_and_writes_nothing(tmp_path, images):
+    args = make_args(tmp_path, "--cache_text_encoder_outputs_to_disk")
+    train, _ = build_dataset_groups(args)
+    with pytest.raises(AnimaError) as error:
+        cache_group_text(train, OverflowingTextEncoding(), batch_size=4, to_disk=True, skip_check=False)
+    message = str(error.value)
+    assert "NaN/inf" in message and str(images / "b.jpg") in message and "'blue, car'" in message
+    assert "in float16" in message and "--mixed_precision bf16" in message
+    assert not list(images.glob("*_anima_te.npz"))

@@ -276,3 +276,21 @@ def test_a_non_finite_micro_batch_skips_its_whole_accumulated_step(tiny_setup, t
     trainer = run(args, PoisonOneMicroBatch)
     assert trainer.poisoned and trainer.unchanged and trainer.guard.skipped == 1
     assert trainer.global_step == 4 and all_finite(tmp_path / "tiny.safetensors")
+
+
+class AlwaysNaN(AnimaNetworkTrainer):
+    def batch_loss(self, args, batch, training):
+        loss = super().batch_loss(args, batch, training)
+        return loss * float("nan") if training else loss
+
+
+@pytest.mark.parametrize("precision", ["no", "fp16"])
+def test_the_guard_stop_names_float16_overflow_only_under_fp16(tiny_setup, tmp_path, monkeypatch, capsys, precision,
+                                                              fresh_accelerate_state):
+    out = tmp_path / precision
+    args = tiny_train_argv(tiny_setup, out, *COMMON, "--mixed_precision", precision, "--max_train_steps", "4")
+    monkeypatch.setattr(anima_train_network, "AnimaNetworkTrainer", AlwaysNaN)
+    assert anima_train_network.main(args) == 2
+    line = last_error(capsys)
+    assert "3 steps in a row had a non-finite loss or gradient" in line
+    assert ("--mixed_precision bf16 or no" in line) == (precision == "fp16")

@@ -76,6 +76,14 @@ def _split_batch(outputs: dict[str, torch.Tensor], count: int) -> list[dict[str,
     return [{k: v[i].clone() for k, v in cpu.items()} for i in range(count)]
 
 
+def _non_finite_message(info: ImageInfo, caption: str, dtype: torch.dtype | None) -> str:
+    shown = caption if len(caption) <= 60 else caption[:57] + "..."
+    advice = ("float16's range is too small for it: use --mixed_precision bf16 (or no)" if dtype == torch.float16
+              else "check the --qwen3 file (it may be damaged)")
+    return (f"the text encoder produced NaN/inf outputs for the caption of {info.path} ({shown!r}) while caching "
+            f"text-encoder outputs, in {str(dtype).replace('torch.', '') if dtype else 'its dtype'}; {advice}")
+
+
 def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int, to_disk: bool, skip_check: bool,
                      is_main_process: bool = True) -> None:
     """Encode every image's caption (and "" once, when a subset drops captions) with `text_encoding`."""
@@ -142,6 +150,9 @@ def cache_group_text(group: DatasetGroup, text_encoding: Any, *, batch_size: int
             batch = todo[start: start + step]
             with torch.no_grad():
                 outputs = _split_batch(text_encoding.encode([caption for _, caption, _, _ in batch]), len(batch))
+            for (info, caption, _, _), output in zip(batch, outputs):
+                if not torch.isfinite(output["qwen3_embeds"]).all():
+                    raise AnimaError(_non_finite_message(info, caption, getattr(text_encoding, "dtype", None)))
             for (info, caption, rate, disk), output in zip(batch, outputs):
                 if disk and is_main_process:
                     path = text_npz_path(info.path)
