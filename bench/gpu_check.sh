@@ -48,7 +48,7 @@ step() {  # step NAME SECONDS COMMAND...   (exit 124: hit its time limit)
 if [ "$DRY" = 1 ]; then
     DEVICE=cpu
     TRAIN_SIZE=(--blocks 3 --model_channels 128 --num_heads 2 --context_length 16 --warmup 1 --steps 1)
-    TRAIN_1024=(--resolution 64 --configs plain swap1+ckpt fp8 fp16 --config_timeout 60)
+    TRAIN_1024=(--resolution 64 --configs plain swap1+ckpt fp8 fp16 --config_timeout 60 --compile_timeout 60)
     PROFILE_1024=(--resolution 64 --configs plain --config_timeout 60)
     TRAIN_512=(--resolution 32 --configs ckpt --config_timeout 60)
     PARITY=(--blocks 3 --model_channels 128 --num_heads 2 --tokens 16 --configs ckpt swap swap-forward fp8 fp16)
