@@ -66,11 +66,12 @@ else
     SDPA=(--steps 10)
     VAE_BITS=()
 fi
-GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
+# test_compile.py last: its inductor compile is the slow one, and a time limit that cuts it leaves the others run.
+GPU_TESTS="$(grep -l "pytest.mark.gpu" tests/test_*.py | grep -v test_compile.py | tr '\n' ' ') tests/test_compile.py"
 
 step env 15 bash -c "nvidia-smi || true; $PY -c 'import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no CUDA\")'; $PY -c 'import importlib.util as u; print({m: bool(u.find_spec(m)) for m in (\"toml\", \"diffusers\", \"bitsandbytes\", \"flash_attn\", \"xformers\")})'"
 # CUDA tests: every test file with a @pytest.mark.gpu test (they import without toml/diffusers/bitsandbytes).
-step pytest_gpu 75 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rA $GPU_TESTS
+step pytest_gpu 75 "$PY" -m pytest -v -p no:cacheprovider -m gpu -rA $GPU_TESTS  # -v: a cut run still shows each result
 # Swap / offload / fp8 / compile against the plain model at full width, at 4096 tokens and at 16.
 step parity 75 "$PY" bench/bench_gpu_parity.py --device "$DEVICE" "${PARITY[@]}" --summary "$SUMMARY"
 step sdpa 25 "$PY" bench/bench_sdpa.py --device "$DEVICE" "${SDPA[@]}" --summary "$SUMMARY"
