@@ -44,6 +44,7 @@ from library.training.sampling import (
     encode_prompt_contexts,
     is_prompt_line,
     load_sample_prompts,
+    non_finite_values,
     prompt_from_fields,
     prompt_from_line,
     sample_latents,
@@ -479,6 +480,10 @@ def render_prompt(args: argparse.Namespace, dit: torch.nn.Module, encoder: Promp
     context, negative = encode_prompt_contexts(dit, encoder, prompt, device, compute_dtype(device),
                                                guidance_below_one=True)
     latents = sample_latents(dit, prompt, context, negative).cpu()
+    problem = non_finite_values(latents, "DiT", compute_dtype(device))
+    if problem is not None:
+        raise AnimaError(f"prompt {prompt.index} ({prompt.prompt[:60]!r}): {problem}; check the --lora_weight "
+                         "files and their --lora_multiplier, and the --dit file")
     stem = f"{_time_flag()}_{prompt.seed}"
     if args.output_type != "images":
         written.append(save_latent(latents, prompt, stem, args))
@@ -498,6 +503,10 @@ def load_image_vae(args: argparse.Namespace, device: torch.device) -> torch.nn.M
 def write_image(vae: torch.nn.Module, rendered: Rendered, device: torch.device, args: argparse.Namespace) -> Path:
     with torch.no_grad():
         pixels = decode_latents(vae, rendered.latents[:, :, 0], device)  # [1, 3, H, W]
+    problem = non_finite_values(pixels, "VAE", compute_dtype(device))
+    if problem is not None:
+        raise AnimaError(f"{problem} while decoding {rendered.stem}; check the --vae file (and --latent_path's "
+                         "latents, when given)")
     return save_image(pixels[0], rendered.stem, rendered.metadata, args)
 
 
@@ -545,6 +554,8 @@ def run_interactive(args: argparse.Namespace, tokenizer: Any, loras: Sequence[Lo
                 files.append(write_image(vae, rendered, device, args))
         except KeyboardInterrupt:  # stops this image only (its files are written whole or not at all)
             print("interrupted; enter the next prompt (Ctrl+D ends)", file=sys.stderr, flush=True)
+        except AnimaError as error:  # e.g. NaN latents: this prompt's image is not written, the session goes on
+            print(f"error: {error}", file=sys.stderr, flush=True)
         for path in files:
             logger.info("wrote %s", path)
         written += files

@@ -174,6 +174,39 @@ def test_interactive_ctrl_c_stops_one_image_and_reads_the_next_line(setup_and_lo
     assert [Image.open(p).info["prompt"] for p in pngs(out)] == ["second"]
 
 
+def nan_for_prompts_containing(word: str, real_sample):
+    def sample(dit, prompt, *args, **kwargs):
+        latents = real_sample(dit, prompt, *args, **kwargs)
+        return latents * float("nan") if word in prompt.prompt else latents
+    return sample
+
+
+def test_nan_latents_end_with_one_error_and_write_nothing(setup_and_loras, tmp_path, monkeypatch, capsys):
+    setup, first, _ = setup_and_loras
+    monkeypatch.setattr(anima_minimal_inference, "sample_latents",
+                        nan_for_prompts_containing("cat", anima_minimal_inference.sample_latents))
+    out = tmp_path / "out"
+    assert anima_minimal_inference.main([*model_flags(setup), "--prompt", "a cat", *SIZE, "--save_path", str(out),
+                                         "--lora_weight", str(first), "--output_type", "latent_images"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: prompt 0 ('a cat'): the DiT produced NaN/inf values in ")
+    assert "--lora_weight" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_interactive_nan_prompt_is_one_error_line_and_the_next_line_renders(setup_and_loras, tmp_path, monkeypatch,
+                                                                           capsys):
+    setup, _, _ = setup_and_loras
+    monkeypatch.setattr(anima_minimal_inference, "sample_latents",
+                        nan_for_prompts_containing("cat", anima_minimal_inference.sample_latents))
+    monkeypatch.setattr("sys.stdin", io.StringIO("a cat --d 1\na dog --d 2\n"))
+    out = tmp_path / "live"
+    assert anima_minimal_inference.main([*model_flags(setup), *SIZE, "--interactive", "--save_path", str(out)]) == 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "NaN/inf" in errors[0]
+    assert [Image.open(p).info["prompt"] for p in pngs(out)] == ["a dog"]
+
+
 def test_latent_output_decodes_later_to_the_same_image(setup_and_loras, tmp_path):
     setup, _, _ = setup_and_loras
     out = tmp_path / "both"

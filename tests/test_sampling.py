@@ -331,6 +331,26 @@ def test_generate_is_deterministic_for_a_seed_and_skips_unencodable_prompts(tmp_
     assert np.asarray(Image.open(first[0])).std() > 0
 
 
+class _OverflowingVAE(_StandInVAE):
+    def decode_latents_to_pixels(self, z):
+        return super().decode_latents_to_pixels(z) * float("inf")
+
+
+@pytest.mark.parametrize("broken", ["DiT", "VAE"])
+def test_non_finite_samples_are_not_written_and_say_which_model_and_why(tmp_path, caplog, broken):
+    model, vae = _StandInDiT(), (_OverflowingVAE() if broken == "VAE" else _StandInVAE())
+    if broken == "DiT":
+        with torch.no_grad():
+            model.proj.bias.fill_(float("nan"))
+    prompts = [SamplePrompt(0, "a cat", "", width=64, height=64, seed=1, sample_steps=2)]
+    written = generate_sample_images(model, vae, _fake_encodings(["a cat", ""], 8), prompts, output_dir=tmp_path,
+                                     output_name="run", step=3, autocast_dtype=torch.float16 if broken == "DiT" else None)
+    assert written == [] and not list((tmp_path / "sample").glob("*"))
+    message = f"sample prompt 0: the {broken} produced NaN/inf values in "
+    assert message in caplog.text and "no image written" in caplog.text
+    assert ("--mixed_precision bf16" if broken == "DiT" else "check the --vae file") in caplog.text
+
+
 def test_unseeded_sample_noise_continues_the_torch_random_stream_and_a_seed_reseeds_it(tmp_path, monkeypatch):
     # The rule (sd-scripts' sampling): every prompt's noise comes from the CPU random stream as it stands when
     # sampling starts; a seeded prompt re-seeds that stream first, so an unseeded prompt after it continues the

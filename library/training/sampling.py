@@ -504,6 +504,7 @@ def generate_sample_images(
     afterwards. Returns the written files with their prompts.
     """
     model_device, model_dtype = _module_device_dtype(model)
+    vae_dtype = _module_device_dtype(vae)[1]
     device = torch.device(device) if device is not None else model_device
     sample_dir = Path(output_dir) / "sample"
     written: list[tuple[Path, SamplePrompt]] = []
@@ -520,12 +521,41 @@ def generate_sample_images(
                 logger.warning("sample prompt %d skipped: its text could not be encoded (%s)", prompt.index, err)
                 continue
             latents = sample_latents(model, prompt, context, negative, generator=noise_generator)
-            pixels = decode_latents(vae, latents[:, :, 0], device)  # [1, 3, H, W]
+            dit_dtype = model_dtype if autocast_dtype is None else autocast_dtype
+            problem = _training_sample_problem(latents, None, dit_dtype, vae_dtype)
+            pixels = decode_latents(vae, latents[:, :, 0], device) if problem is None else None  # [1, 3, H, W]
+            if pixels is not None:
+                problem = _training_sample_problem(latents, pixels, dit_dtype, vae_dtype)
+            if problem is not None:
+                logger.warning("sample prompt %d: %s; no image written", prompt.index, problem)
+                continue
             timestamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
             path = sample_dir / sample_image_filename(output_name, step, epoch, prompt.index, prompt.seed, timestamp)
             save_png_atomic(pixels[0], path)
             written.append((path, prompt))
     return written
+
+
+def non_finite_values(values: torch.Tensor, made_by: str, dtype: torch.dtype) -> str | None:
+    """"the DiT produced NaN/inf values in bfloat16" for sampled latents or decoded pixels holding NaN/inf (they
+    would be written as a black or noise image without a word), else None."""
+    if bool(torch.isfinite(values).all()):
+        return None
+    return f"the {made_by} produced NaN/inf values in {str(dtype).replace('torch.', '')}"
+
+
+def _training_sample_problem(latents: torch.Tensor, pixels: torch.Tensor | None, dit_dtype: torch.dtype,
+                             vae_dtype: torch.dtype) -> str | None:
+    problem = non_finite_values(latents, "DiT", dit_dtype)
+    if problem is not None:
+        advice = ("float16 may overflow: --mixed_precision bf16 or no avoids that" if dit_dtype == torch.float16
+                  else "the LoRA may have diverged: check the loss and --learning_rate")
+        return f"{problem} ({advice})"
+    problem = None if pixels is None else non_finite_values(pixels, "VAE", vae_dtype)
+    if problem is not None:
+        advice = "a 16-bit VAE can overflow: --no_half_vae" if vae_dtype != torch.float32 else "check the --vae file"
+        return f"{problem} ({advice})"
+    return None
 
 
 def encode_prompt_contexts(model: Any, encoder: PromptEncoder, prompt: SamplePrompt, device: torch.device,
