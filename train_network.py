@@ -44,7 +44,7 @@ from library.training.interrupt import CtrlC
 from library.training.losses import ModelOutput, huber_threshold, per_sample_loss
 from library.training.network_setup import network_from_args, optimizer_from_args, trains_text_encoder
 from library.training.nonfinite import NonFiniteGuard
-from library.training.optimizers import ScheduleFreeModes, install_fused_backward_pass
+from library.training.optimizers import ScheduleFreeModes, allow_fp16_gradient_unscaling, install_fused_backward_pass
 from library.training.reporting import (
     TrainingReporter,
     init_trackers,
@@ -214,6 +214,8 @@ class NetworkTrainer:
             kwargs_handlers=process_group_kwargs(args),
         )
         set_seed(self.seed)
+        if args.full_fp16 and accelerator.scaler is not None:
+            allow_fp16_gradient_unscaling(accelerator.scaler)
         lone_cpu_launch = lone_cpu_launch_warning()
         if lone_cpu_launch and accelerator.num_processes == 1:
             logger.warning("%s", lone_cpu_launch)

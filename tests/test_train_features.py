@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from train_helpers import tiny_train_argv, trainer_through_network
 
+import train_network
 from anima_train_network import AnimaNetworkTrainer
 from library.io.run_lock import is_run_lock_file
 from library.training.args import parse_args
@@ -702,3 +703,46 @@ def test_cached_text_encoder_outputs_release_the_encoder_weights_before_the_dit_
     AnimaNetworkTrainer().train(args)
     assert devices_at_dit_load and set(devices_at_dit_load) == {"meta"}
     assert (tmp_path / "out" / "tiny.safetensors").exists()
+
+
+class _ScalingAccelerator(train_network.Accelerator):
+    """accelerate as on CUDA under fp16: a loss scaler (accelerate gives the CPU none)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.mixed_precision == "fp16":
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+            self.native_amp = True
+
+
+def test_full_fp16_steps_through_the_loss_scaler_with_float16_gradients(tiny_setup, tmp_path, monkeypatch,
+                                                                        fresh_accelerate_state):
+    """--full_fp16 gives float16 LoRA gradients, which torch's GradScaler refuses to unscale unless told to; the
+    run must clip and step through the scaler (as on CUDA) and train."""
+    monkeypatch.setattr(train_network, "Accelerator", _ScalingAccelerator)
+    out = tmp_path / "out"
+    argv = tiny_train_argv(tiny_setup, out, "--network_args", "train_llm_adapter=false", "--mixed_precision", "fp16",
+                           "--full_fp16", "--optimizer_args", "eps=1e-4", "--max_grad_norm", "1.0",
+                           "--max_train_steps", "3", "--learning_rate", "1e-3")
+    trainer = AnimaNetworkTrainer()
+    trainer.train(parse_args(argv)[0])
+    assert trainer.accelerator.scaler is not None and trainer.global_step == 3
+    weights = load_file(str(out / "tiny.safetensors"))
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+    assert any(bool(t.abs().sum() > 0) for k, t in weights.items() if "lora_up" in k)  # the steps changed the LoRA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_full_fp16_trains_through_the_cuda_loss_scaler(tiny_setup, tmp_path, fresh_accelerate_state):
+    dataset = tmp_path / "dataset.json"  # JSON: the device image has no toml
+    dataset.write_text(json.dumps({"datasets": [{"resolution": 64, "batch_size": 1, "subsets": [
+        {"image_dir": str(tiny_setup.image_dir), "caption_extension": ".txt"}]}]}), encoding="utf-8")
+    out = tmp_path / "out"
+    argv = tiny_train_argv(tiny_setup, out, "--network_args", "train_llm_adapter=false", "--mixed_precision", "fp16",
+                           "--full_fp16", "--optimizer_args", "eps=1e-4", "--max_grad_norm", "1.0",
+                           "--max_train_steps", "3", "--learning_rate", "1e-3", dataset=dataset)
+    trainer = AnimaNetworkTrainer()
+    trainer.train(parse_args(argv)[0])
+    assert trainer.device.type == "cuda" and trainer.accelerator.scaler is not None and trainer.global_step == 3
+    assert all(bool(torch.isfinite(t).all()) for t in load_file(str(out / "tiny.safetensors")).values())

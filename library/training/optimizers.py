@@ -373,6 +373,20 @@ def check_full_fp16_optimizer(optimizer_type: str, optimizer_args: list[str] | N
         )
 
 
+def allow_fp16_gradient_unscaling(scaler: Any) -> None:
+    """Let the fp16 loss scaler unscale float16 gradients (--full_fp16: float16 LoRA weights, so float16 grads).
+
+    torch's GradScaler refuses them ("Attempting to unscale FP16 gradients.") at the first clip or optimizer step,
+    on CUDA only: accelerate has no scaler on the CPU. Its private ``_unscale_grads_`` takes the switch; the
+    scaled gradients are multiplied in place by 1/scale and checked for inf/NaN as float32 ones are."""
+    unscale = scaler._unscale_grads_
+
+    def unscale_fp16_too(optimizer: Any, inv_scale: torch.Tensor, found_inf: torch.Tensor, allow_fp16: bool):
+        return unscale(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale_fp16_too
+
+
 def create_optimizer(
     optimizer_type: str,
     param_groups: Iterable[Any],
