@@ -326,7 +326,8 @@ class NetworkTrainer:
         if loaded is not None:
             checkpointing.load_state(loaded, network=self.network, optimizer=self.optimizer,
                                      lr_scheduler=self.lr_scheduler, device=self.device,
-                                     rank=self.accelerator.process_index, seed=self.seed)
+                                     rank=self.accelerator.process_index, seed=self.seed,
+                                     scaler=self.accelerator.scaler)
             saved = loaded.train_state.position
             logger.info("resumed from %s (%s state): epoch %d, %d batches of it done, step %d", loaded.folder,
                         loaded.train_state.kind, saved.epoch + 1, saved.batches_done, saved.global_step)

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import tiny_train_argv
+from train_helpers import ScalingAccelerator, tiny_train_argv
 
 import anima_train_network
+import train_network
 from anima_train_network import AnimaNetworkTrainer
 from library.errors import AnimaError
 from library.training import schedule
@@ -101,6 +102,26 @@ def test_end_of_run_state_of_a_part_epoch_resumes_to_the_uninterrupted_run(tiny_
     resumed = run(argv(tiny_setup, tmp_path, "--max_train_steps", "8", "--resume", str(tmp_path / "tiny-state")))
     assert resumed.global_step == 8
     assert_bit_identical(lora(eight_steps / "tiny.safetensors"), lora(tmp_path / "tiny.safetensors"))
+
+
+class _GrowingScaleAccelerator(ScalingAccelerator):
+    growth_interval = 1  # the scale doubles after every step without inf/NaN, so it differs step by step
+
+
+def test_fp16_loss_scaler_state_is_saved_and_resumed_exactly(tiny_setup, tmp_path, monkeypatch,
+                                                             fresh_accelerate_state):
+    """With a loss scaler (CUDA fp16) a state holds its scale and growth counter, and the resumed run goes on
+    from them: the same LoRA bits and the same scale as the uninterrupted run."""
+    monkeypatch.setattr(train_network, "Accelerator", _GrowingScaleAccelerator)
+    fp16 = ("--mixed_precision", "fp16", "--full_fp16", "--optimizer_args", "eps=1e-4")
+    whole = run(argv(tiny_setup, tmp_path / "whole", *fp16, "--max_train_steps", "8"))
+    first = run(argv(tiny_setup, tmp_path / "parts", *fp16, "--max_train_steps", "4", "--save_state"))
+    state = tmp_path / "parts" / "tiny-state"
+    saved = torch.load(state / "scaler.pt", weights_only=True)
+    assert saved["scale"] == first.accelerator.scaler.get_scale() != _GrowingScaleAccelerator.init_scale
+    resumed = run(argv(tiny_setup, tmp_path / "parts", *fp16, "--max_train_steps", "8", "--resume", str(state)))
+    assert resumed.accelerator.scaler.get_scale() == whole.accelerator.scaler.get_scale()
+    assert_bit_identical(lora(tmp_path / "whole" / "tiny.safetensors"), lora(tmp_path / "parts" / "tiny.safetensors"))
 
 
 def test_resume_without_seed_reuses_the_seed_the_state_recorded(tiny_setup, eight_steps, tmp_path):

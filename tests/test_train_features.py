@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from train_helpers import tiny_train_argv, trainer_through_network
+from train_helpers import ScalingAccelerator, tiny_train_argv, trainer_through_network
 
 import train_network
 from anima_train_network import AnimaNetworkTrainer
@@ -705,21 +705,11 @@ def test_cached_text_encoder_outputs_release_the_encoder_weights_before_the_dit_
     assert (tmp_path / "out" / "tiny.safetensors").exists()
 
 
-class _ScalingAccelerator(train_network.Accelerator):
-    """accelerate as on CUDA under fp16: a loss scaler (accelerate gives the CPU none)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.mixed_precision == "fp16":
-            self.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-            self.native_amp = True
-
-
 def test_full_fp16_steps_through_the_loss_scaler_with_float16_gradients(tiny_setup, tmp_path, monkeypatch,
                                                                         fresh_accelerate_state):
     """--full_fp16 gives float16 LoRA gradients, which torch's GradScaler refuses to unscale unless told to; the
     run must clip and step through the scaler (as on CUDA) and train."""
-    monkeypatch.setattr(train_network, "Accelerator", _ScalingAccelerator)
+    monkeypatch.setattr(train_network, "Accelerator", ScalingAccelerator)
     out = tmp_path / "out"
     argv = tiny_train_argv(tiny_setup, out, "--network_args", "train_llm_adapter=false", "--mixed_precision", "fp16",
                            "--full_fp16", "--optimizer_args", "eps=1e-4", "--max_grad_norm", "1.0",

@@ -43,23 +43,25 @@ def gather_objects(accelerator: Accelerator, obj: Any) -> list[Any]:
 
 
 def write_state_folder(path: Path, *, network: Any, optimizer: Any, lr_scheduler: Any, rng_states: list[Any],
-                       record: train_state.TrainState) -> None:
-    """The state folder at `path`, written atomically; refuses non-finite weights."""
+                       record: train_state.TrainState, scaler: Any = None) -> None:
+    """The state folder at `path`, written atomically; refuses non-finite weights. `scaler`: the fp16 loss
+    scaler (accelerate's, on CUDA), or None."""
     weights = {k: v.detach().cpu() for k, v in network.state_dict().items()}
     files.refuse_non_finite(weights, path)
 
     def write(tmp: Path) -> None:
         train_state.write_state_files(tmp, network=weights, optimizer=optimizer.state_dict(),
                                       scheduler=lr_scheduler.state_dict(), rng_states=rng_states,
-                                      train_state=record)
+                                      train_state=record, scaler=None if scaler is None else scaler.state_dict())
         files.fault_point(f"state_write:{record.position.global_step}")
 
     files.atomic_write_dir(path, write)
 
 
 def load_state(loaded: train_state.LoadedState, *, network: Any, optimizer: Any, lr_scheduler: Any,
-               device: torch.device, rank: int, seed: int) -> None:
-    """Put a validated state folder into the network, optimizer, scheduler and this process's random generators."""
+               device: torch.device, rank: int, seed: int, scaler: Any = None) -> None:
+    """Put a validated state folder into the network, optimizer, scheduler, the fp16 loss `scaler` (where both
+    the state and this run have one) and this process's random generators."""
     folder = loaded.folder
     result = network.load_state_dict({k: v.to(device) for k, v in loaded.network.items()}, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -68,6 +70,11 @@ def load_state(loaded: train_state.LoadedState, *, network: Any, optimizer: Any,
                          "use the same --network_dim/--network_args as the saved run")
     optimizer.load_state_dict(loaded.optimizer)
     lr_scheduler.load_state_dict(loaded.scheduler)
+    if scaler is not None and loaded.scaler is not None:
+        scaler.load_state_dict(loaded.scaler)
+    elif scaler is not None:
+        logger.info("--resume %s holds no fp16 loss-scaler state (saved without one): the scale starts afresh",
+                    folder)
     if rank < len(loaded.rng_states):
         restore_rng(loaded.rng_states[rank])
     else:  # more processes than the state had (accepted by --resume_allow_changes): seeded per rank
@@ -114,7 +121,8 @@ class RunWriter:
                 record = train_state.TrainState(position=position, seed=self.seed, kind=kind, facts=self.data_facts,
                                                 settings=train_state.recorded_settings(self.args))
                 write_state_folder(path, network=self.network, optimizer=self.optimizer,
-                                   lr_scheduler=self.lr_scheduler, rng_states=gathered, record=record)
+                                   lr_scheduler=self.lr_scheduler, rng_states=gathered, record=record,
+                                   scaler=self.accelerator.scaler)
                 self.reporter.message(f"saved state {path}")
             self.accelerator.wait_for_everyone()
         return path

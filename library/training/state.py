@@ -37,6 +37,9 @@ TRAIN_STATE_FILE = "train_state.json"
 NETWORK_STATE_FILE = "network.safetensors"
 OPTIMIZER_STATE_FILE = "optimizer.pt"
 SCHEDULER_STATE_FILE = "scheduler.pt"
+# The fp16 loss scaler's scale and growth counter (CUDA fp16 runs): without it a resumed run would start from the
+# initial scale again and skip steps that the uninterrupted run made.
+SCALER_STATE_FILE = "scaler.pt"
 STATE_FORMAT = 3
 
 # Why a state was written (recorded, shown on resume).
@@ -252,14 +255,18 @@ def read_train_state(folder: Path) -> TrainState:
 
 
 def write_state_files(folder: Path, *, network: dict[str, torch.Tensor], optimizer: dict[str, Any],
-                      scheduler: dict[str, Any], rng_states: list[dict[str, Any]], train_state: TrainState) -> None:
-    """Fill `folder` (a temporary folder that files.atomic_write_dir then moves into place)."""
+                      scheduler: dict[str, Any], rng_states: list[dict[str, Any]], train_state: TrainState,
+                      scaler: dict[str, Any] | None = None) -> None:
+    """Fill `folder` (a temporary folder that files.atomic_write_dir then moves into place); `scaler`: the fp16
+    loss scaler's state, where the run has one."""
     import safetensors.torch
 
     weights = {k: v.detach().cpu().contiguous() for k, v in network.items()}
     safetensors.torch.save_file(weights, str(folder / NETWORK_STATE_FILE))
     torch.save(optimizer, folder / OPTIMIZER_STATE_FILE)
     torch.save(scheduler, folder / SCHEDULER_STATE_FILE)
+    if scaler is not None:
+        torch.save(scaler, folder / SCALER_STATE_FILE)
     for rank, rng in enumerate(rng_states):
         torch.save(rng, folder / rng_file_name(rank))
     write_train_state(folder, train_state)
@@ -275,6 +282,7 @@ class LoadedState:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     rng_states: list[dict[str, Any]]
+    scaler: dict[str, Any] | None = None  # the fp16 loss scaler's state, in states of runs that had one
 
 
 def _load_pt(folder: Path, name: str) -> Any:
@@ -333,5 +341,11 @@ def validate_state_folder(folder: Path, network_shapes: dict[str, tuple[int, ...
             raise AnimaError(f"--resume {folder}: {rng_file_name(rank)} is not a random state; use another state "
                              "folder")
         rng_states.append(rng)
+    scaler = None
+    if (folder / SCALER_STATE_FILE).is_file():
+        scaler = _load_pt(folder, SCALER_STATE_FILE)
+        if not isinstance(scaler, dict) or "scale" not in scaler:
+            raise AnimaError(f"--resume {folder}: {SCALER_STATE_FILE} is not a loss-scaler state; use another state "
+                             "folder")
     return LoadedState(folder=folder, train_state=train_state, network=network, optimizer=optimizer,
-                       scheduler=scheduler, rng_states=rng_states)
+                       scheduler=scheduler, rng_states=rng_states, scaler=scaler)
