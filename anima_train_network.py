@@ -33,15 +33,28 @@ ANIMA_METADATA_ARGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scal
 LARGE_DIT_PARAMETERS = 10**9
 
 
-def fp32_without_tf32_warning(device: torch.device, weight_dtype: torch.dtype, num_parameters: int) -> str | None:
-    """The warning for a CUDA run that trains a large DiT in float32 with TF32 off (about 10x slower than bf16
-    on recent GPUs), or None."""
-    if (device.type != "cuda" or weight_dtype != torch.float32 or num_parameters < LARGE_DIT_PARAMETERS
-            or torch.backends.cuda.matmul.allow_tf32):
+def slow_precision_warning(device: torch.device, weight_dtype: torch.dtype, num_parameters: int,
+                           native_bf16: bool = True) -> str | None:
+    """The warning for a CUDA run whose precision leaves the GPU's tensor cores idle when training a large DiT, or
+    None. `native_bf16`: whether the GPU has bf16 (and TF32) tensor cores (compute capability 8.0 and newer).
+
+    Without them (Volta, Turing) bf16 is emulated and float32 runs on the plain cores: fp16, which their tensor
+    cores do run, is the fast choice (the DiT keeps its hidden states in float32 under fp16). With them, float32
+    without TF32 is the slow one (about 10x slower than bf16)."""
+    if device.type != "cuda" or num_parameters < LARGE_DIT_PARAMETERS:
         return None
-    return (f"training the {num_parameters / 1e9:.1f}B-parameter DiT in float32 (--mixed_precision no) without "
-            "TF32: float32 matmuls run without tensor cores, many times slower than bf16; use --mixed_precision "
-            "bf16, or add --cuda_allow_tf32 to keep float32 weights with TF32 matmuls")
+    size = f"{num_parameters / 1e9:.1f}B-parameter DiT"
+    if not native_bf16:
+        if weight_dtype == torch.float16:
+            return None
+        name = "bf16 (emulated here)" if weight_dtype == torch.bfloat16 else "float32"
+        return (f"training the {size} in {name} on a GPU without bf16/TF32 tensor cores (compute capability below "
+                "8.0): many times slower than fp16; use --mixed_precision fp16 (its hidden states stay float32)")
+    if weight_dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
+        return None
+    return (f"training the {size} in float32 (--mixed_precision no) without TF32: float32 matmuls run without "
+            "tensor cores, many times slower than bf16; use --mixed_precision bf16, or add --cuda_allow_tf32 to "
+            "keep float32 weights with TF32 matmuls")
 
 
 def file_identity(path: str, dtype: torch.dtype) -> str:
@@ -136,7 +149,9 @@ class AnimaNetworkTrainer(NetworkTrainer):
         dit = load_anima_model(args.pretrained_model_name_or_path, device=device, dtype=self.weight_dtype,
                                attn_mode=args.attn_mode, split_attn=args.split_attn,
                                llm_adapter_path=args.llm_adapter_path)
-        warning = fp32_without_tf32_warning(self.device, self.weight_dtype, sum(p.numel() for p in dit.parameters()))
+        native_bf16 = self.device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+        warning = slow_precision_warning(self.device, self.weight_dtype, sum(p.numel() for p in dit.parameters()),
+                                         native_bf16)
         if warning:
             logger.warning(warning)
         return dit

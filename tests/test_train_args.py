@@ -411,20 +411,34 @@ def tf32_flags_restored():
 def test_cuda_allow_tf32_sets_the_backend_flags_and_fp32_without_it_warns(tf32_flags_restored, tiny_setup, tmp_path):
     from train_helpers import tiny_train_argv, trainer_through_caches
 
-    from anima_train_network import fp32_without_tf32_warning
+    from anima_train_network import slow_precision_warning
 
     trainer_through_caches(tiny_train_argv(tiny_setup, tmp_path))
     assert torch.backends.cuda.matmul.allow_tf32 is False  # not asked for: untouched
     cuda, two_billion = torch.device("cuda"), 2_000_000_000
-    warning = fp32_without_tf32_warning(cuda, torch.float32, two_billion)
+    warning = slow_precision_warning(cuda, torch.float32, two_billion)
     assert "--cuda_allow_tf32" in warning and "--mixed_precision bf16" in warning and "2.0B" in warning
-    assert fp32_without_tf32_warning(cuda, torch.bfloat16, two_billion) is None  # bf16: tensor cores anyway
-    assert fp32_without_tf32_warning(torch.device("cpu"), torch.float32, two_billion) is None
-    assert fp32_without_tf32_warning(cuda, torch.float32, 10_000_000) is None  # a small DiT: no real cost
+    assert slow_precision_warning(cuda, torch.bfloat16, two_billion) is None  # bf16: tensor cores anyway
+    assert slow_precision_warning(torch.device("cpu"), torch.float32, two_billion) is None
+    assert slow_precision_warning(cuda, torch.float32, 10_000_000) is None  # a small DiT: no real cost
 
     trainer_through_caches(tiny_train_argv(tiny_setup, tmp_path, "--cuda_allow_tf32"))
     assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
-    assert fp32_without_tf32_warning(cuda, torch.float32, two_billion) is None
+    assert slow_precision_warning(cuda, torch.float32, two_billion) is None
+
+
+def test_a_gpu_without_bf16_tensor_cores_is_told_to_train_in_fp16():
+    """Volta / Turing (compute capability below 8.0): bf16 is emulated and there is no TF32, so bf16 and float32
+    both warn with the fp16 advice, whatever --cuda_allow_tf32 says; fp16 does not warn."""
+    from anima_train_network import slow_precision_warning
+
+    cuda, two_billion = torch.device("cuda"), 2_000_000_000
+    for dtype in (torch.bfloat16, torch.float32):
+        warning = slow_precision_warning(cuda, dtype, two_billion, native_bf16=False)
+        assert "--mixed_precision fp16" in warning and "compute capability below 8.0" in warning
+    assert "bf16 (emulated here)" in slow_precision_warning(cuda, torch.bfloat16, two_billion, native_bf16=False)
+    assert slow_precision_warning(cuda, torch.float16, two_billion, native_bf16=False) is None
+    assert slow_precision_warning(cuda, torch.bfloat16, 10_000_000, native_bf16=False) is None
 
 
 def test_parsed_flags_are_already_normalised_so_a_resume_compares_the_same_settings():
