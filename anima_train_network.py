@@ -298,7 +298,7 @@ class AnimaNetworkTrainer(NetworkTrainer):
         )
         noisy = flow_matching.noisy_input(latents, noise, sigmas, weight_dtype, ip_noise_gamma=args.ip_noise_gamma,
                                           ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength)
-        with self.accelerator.autocast():
+        with self.model_autocast():
             context = self.dit.encode_text(text["qwen3_embeds"].to(weight_dtype), text["qwen3_mask"],
                                            text["t5_ids"], text["t5_mask"])
             pred = self.dit(noisy.unsqueeze(2), timesteps, context)  # [B, 16, 1, h, w]

@@ -19,6 +19,7 @@ the others wait.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import time
 from pathlib import Path
@@ -164,6 +165,13 @@ class NetworkTrainer:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def model_autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast of a step's model calls: accelerate's, and torch's own for fp16 where accelerate has none
+        (the CPU), so that an fp16 run computes as on a GPU (the DiT's float32 residual stream needs autocast)."""
+        if self.weight_dtype == torch.float16 and not self.accelerator.native_amp:
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        return self.accelerator.autocast()
 
     def groups(self) -> list[Any]:
         return [g for g in (self.train_group, self.val_group) if g is not None]

@@ -736,3 +736,23 @@ def test_gpu_full_fp16_trains_through_the_cuda_loss_scaler(tiny_setup, tmp_path,
     trainer.train(parse_args(argv)[0])
     assert trainer.device.type == "cuda" and trainer.accelerator.scaler is not None and trainer.global_step == 3
     assert all(bool(torch.isfinite(t).all()) for t in load_file(str(out / "tiny.safetensors")).values())
+
+
+class _RecordingBlockInputs(AnimaNetworkTrainer):
+    dtypes: list[torch.dtype] = []
+
+    def place_dit(self, args):
+        super().place_dit(args)
+        self.dit.blocks[0].register_forward_pre_hook(lambda module, inputs: self.dtypes.append(inputs[0].dtype))
+
+
+def test_fp16_on_the_cpu_autocasts_like_a_gpu_so_the_blocks_get_float32_hidden_states(tiny_setup, tmp_path,
+                                                                                     fresh_accelerate_state):
+    """accelerate runs no fp16 autocast on the CPU: the trainer then autocasts itself, as accelerate does on a GPU,
+    and the DiT keeps its residual stream in float32."""
+    argv = tiny_train_argv(tiny_setup, tmp_path / "out", "--network_args", "train_llm_adapter=false",
+                           "--mixed_precision", "fp16", "--max_train_steps", "2")
+    trainer = _RecordingBlockInputs()
+    trainer.train(parse_args(argv)[0])
+    assert not trainer.accelerator.native_amp and trainer.global_step == 2
+    assert trainer.dtypes and set(trainer.dtypes) == {torch.float32}
