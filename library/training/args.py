@@ -244,7 +244,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     a("max_train_epochs", type=int, default=None, help="number of epochs (overrides --max_train_steps)")
     a("train_batch_size", type=int, default=1, help="batch size per process")
     a("gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    a("mixed_precision", choices=list(MIXED_PRECISION_DTYPES), default="no", help="autocast and frozen-model dtype")
+    a("mixed_precision", choices=list(MIXED_PRECISION_DTYPES), default="no",
+      help="autocast and frozen-model dtype (fp16, for GPUs without bf16: the DiT's hidden states stay float32)")
     a("full_fp16", action="store_true", help="keep the LoRA weights in fp16 (needs --mixed_precision fp16; an "
       "optimizer eps that is 0 in fp16, like AdamW's 1e-8, is refused: use AdamW8bit, Lion or eps=1e-4)")
     a("full_bf16", action="store_true", help="keep the LoRA weights in bf16 (needs --mixed_precision bf16)")
