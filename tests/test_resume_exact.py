@@ -318,3 +318,19 @@ def test_resume_folder_validation_does_not_depend_on_check_inputs_order():
         from library.training.state import validate_state_folder
 
         validate_state_folder(Path("/nonexistent-state"), {})
+
+
+def test_a_state_from_more_visible_gpus_restores_the_generators_of_the_gpus_there_are(monkeypatch):
+    """A state saved where 3 GPUs were visible, resumed where 1 is: device 0's generator is restored and the rest
+    are left (setting all three would fail on device 1)."""
+    from library.training.state import capture_rng, restore_rng
+
+    state = capture_rng()
+    state["cuda"] = [torch.full((4,), i, dtype=torch.uint8) for i in range(3)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda generator_state, device: restored.append(
+        (int(generator_state[0]), device)))
+    restore_rng(state)
+    assert restored == [(0, 0)]

@@ -74,7 +74,10 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One generator per visible GPU when saved; a machine that shows fewer takes those it has (a state from
+        # 8 visible GPUs resumed with 1 would otherwise fail on device 1).
+        for index, generator_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(generator_state, index)
 
 
 # --- what a resume compares ---------------------------------------------------------------------------------
