@@ -44,8 +44,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.models.dit import AnimaConfig, Block, residual_stream_dtype  # noqa: E402
+from library.models.dit import AnimaConfig, Block  # noqa: E402
 from library.models.fp8 import quantize_linear_weights, weight_bytes  # noqa: E402
+from library.models.precision import residual_stream_dtype  # noqa: E402
 from networks.lora_anima import create_network  # noqa: E402
 
 GIB = 2**30

@@ -9,6 +9,7 @@ from fake_cuda_streams import StreamChecker
 from library.errors import AnimaError
 from library.models import block_swap
 from library.models.dit import Anima, AnimaConfig
+from library.models.precision import residual_stream_dtype
 from networks.lora_anima import create_network
 
 NUM_BLOCKS = 6
@@ -389,7 +390,7 @@ def test_activation_estimate_covers_what_a_lora_block_saves_for_backward(dtype):
     network.to(dtype)
     block = model.blocks[0]
     tokens, context_tokens = 192, 64
-    x = torch.randn(1, tokens, 512, dtype=model.residual_stream_dtype(dtype), requires_grad=True)
+    x = torch.randn(1, tokens, 512, dtype=residual_stream_dtype(dtype), requires_grad=True)
     emb, adaln = torch.randn(1, 1, 512, dtype=dtype), torch.randn(1, 1, 1536, dtype=dtype)
     context = torch.randn(1, context_tokens, 256, dtype=dtype)
     cos, sin = torch.randn(tokens, 64), torch.randn(tokens, 64)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from library.errors import AnimaError
+from library.models.precision import residual_stream_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +271,7 @@ SAVED_D_UNITS_PER_TOKEN = 20
 # Per context token: k and v of the cross-attention (bf16) and the float32 input of its k RMSNorm (2 units).
 SAVED_D_UNITS_PER_CONTEXT_TOKEN = 4
 # Of the per-token units, the hidden states entering the cross-attention and the MLP (saved by their LayerNorms):
-# these are in the residual-stream dtype, float32 under fp16 (``Anima.residual_stream_dtype``).
+# these are in the residual-stream dtype, float32 under fp16 (``precision.residual_stream_dtype``).
 SAVED_RESIDUAL_STATES = 2
 # Kept free besides the estimate: cuBLAS/attention workspaces, allocator rounding and fragmentation.
 RESERVE_BYTES = 1 << 30
@@ -360,7 +361,7 @@ def dit_training_memory(dit: nn.Module, *, batch_size: int, tokens: int, context
     """
     config = dit.config
     element_size = compute_dtype.itemsize
-    residual_element_size = dit.residual_stream_dtype(compute_dtype).itemsize
+    residual_element_size = residual_stream_dtype(compute_dtype).itemsize
     block_ids = {id(p) for p in dit.blocks.parameters()}
     non_block = sum(p.numel() * p.element_size() for p in dit.parameters() if id(p) not in block_ids)
     block_input = batch_size * tokens * config.model_channels * residual_element_size

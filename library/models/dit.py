@@ -30,6 +30,7 @@ from library.models.offload_checkpointing import (
     checkpoint_offload_mode,
     checkpoint_with_cpu_offload,
 )
+from library.models.precision import residual_stream_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -168,16 +169,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
                 for row, w, b in zip(x.split(1), weight, bias)
             ])
     return h if h.dtype == dtype else h.to(dtype)
-
-
-def residual_stream_dtype(compute_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the blocks' hidden states (the residual stream) when they compute in `compute_dtype`.
-
-    float32 for float16: the hidden states can outgrow float16's range (65504) and would turn to inf / NaN, so the
-    stream stays float32 while attention and MLP still compute in float16 (ComfyUI runs Anima in float16 the same
-    way). bfloat16 has float32's range and keeps its own.
-    """
-    return torch.float32 if compute_dtype == torch.float16 else compute_dtype
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -610,8 +601,6 @@ class Anima(nn.Module):
 
     attn_mode / split_attn are plain attributes and may be changed after construction.
     """
-
-    residual_stream_dtype = staticmethod(residual_stream_dtype)  # for the memory planner, which cannot import this
 
     def __init__(self, config: AnimaConfig, attn_mode: str = "torch", split_attn: bool = False):
         super().__init__()
