@@ -8,7 +8,7 @@
 #   OUT=/some/dir bash bench/gpu_check.sh         # on the device; default OUT: ./gpu_out
 #   bash bench/gpu_check.sh --dry                 # on a CPU: the same steps with tiny sizes (checks the script)
 #
-# Each step has its own time limit (the limits add up to 510 s < 540 s); a failing step does not stop the
+# Each step has its own time limit (the limits add up to 525 s < 540 s); a failing step does not stop the
 # others. Everything a step prints goes to $OUT/run.log; the tables go to $OUT/summary.md. Only those two files
 # are written under $OUT. The step status and the tables are printed last.
 # GPU_CHECK_STEPS="env sdpa" runs only the named steps.
@@ -71,7 +71,7 @@ GPU_TESTS="$(grep -l "pytest.mark.gpu" tests/test_*.py | grep -v test_compile.py
 
 step env 15 bash -c "nvidia-smi || true; $PY -c 'import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no CUDA\")'; $PY -c 'import importlib.util as u; print({m: bool(u.find_spec(m)) for m in (\"toml\", \"diffusers\", \"bitsandbytes\", \"flash_attn\", \"xformers\")})'"
 # CUDA tests: every test file with a @pytest.mark.gpu test (they import without toml/diffusers/bitsandbytes).
-step pytest_gpu 75 "$PY" -m pytest -v -p no:cacheprovider -m gpu -rA $GPU_TESTS  # -v: a cut run still shows each result
+step pytest_gpu 90 "$PY" -m pytest -v -p no:cacheprovider -m gpu -rA $GPU_TESTS  # -v: a cut run still shows each result
 # Swap / offload / fp8 / compile against the plain model at full width, at 4096 tokens and at 16.
 step parity 75 "$PY" bench/bench_gpu_parity.py --device "$DEVICE" "${PARITY[@]}" --summary "$SUMMARY"
 step sdpa 25 "$PY" bench/bench_sdpa.py --device "$DEVICE" "${SDPA[@]}" --summary "$SUMMARY"
