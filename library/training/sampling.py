@@ -521,11 +521,10 @@ def generate_sample_images(
                 logger.warning("sample prompt %d skipped: its text could not be encoded (%s)", prompt.index, err)
                 continue
             latents = sample_latents(model, prompt, context, negative, generator=noise_generator)
-            dit_dtype = model_dtype if autocast_dtype is None else autocast_dtype
-            problem = _training_sample_problem(latents, None, dit_dtype, vae_dtype)
-            pixels = decode_latents(vae, latents[:, :, 0], device) if problem is None else None  # [1, 3, H, W]
-            if pixels is not None:
-                problem = _training_sample_problem(latents, pixels, dit_dtype, vae_dtype)
+            problem = _training_sample_problem(latents, "DiT", model_dtype if autocast_dtype is None else autocast_dtype)
+            if problem is None:
+                pixels = decode_latents(vae, latents[:, :, 0], device)  # [1, 3, H, W]
+                problem = _training_sample_problem(pixels, "VAE", vae_dtype)
             if problem is not None:
                 logger.warning("sample prompt %d: %s; no image written", prompt.index, problem)
                 continue
@@ -544,18 +543,18 @@ def non_finite_values(values: torch.Tensor, made_by: str, dtype: torch.dtype) ->
     return f"the {made_by} produced NaN/inf values in {str(dtype).replace('torch.', '')}"
 
 
-def _training_sample_problem(latents: torch.Tensor, pixels: torch.Tensor | None, dit_dtype: torch.dtype,
-                             vae_dtype: torch.dtype) -> str | None:
-    problem = non_finite_values(latents, "DiT", dit_dtype)
-    if problem is not None:
-        advice = ("float16 may overflow: --mixed_precision bf16 or no avoids that" if dit_dtype == torch.float16
-                  else "the LoRA may have diverged: check the loss and --learning_rate")
-        return f"{problem} ({advice})"
-    problem = None if pixels is None else non_finite_values(pixels, "VAE", vae_dtype)
-    if problem is not None:
-        advice = "a 16-bit VAE can overflow: --no_half_vae" if vae_dtype != torch.float32 else "check the --vae file"
-        return f"{problem} ({advice})"
-    return None
+def _training_sample_problem(values: torch.Tensor, made_by: str, dtype: torch.dtype) -> str | None:
+    """`non_finite_values` with the trainer's advice for the DiT's latents or the VAE's pixels."""
+    problem = non_finite_values(values, made_by, dtype)
+    if problem is None:
+        return None
+    if made_by == "VAE":
+        advice = "a 16-bit VAE can overflow: --no_half_vae" if dtype != torch.float32 else "check the --vae file"
+    elif dtype == torch.float16:
+        advice = "float16 may overflow: --mixed_precision bf16 or no avoids that"
+    else:
+        advice = "the LoRA may have diverged: check the loss and --learning_rate"
+    return f"{problem} ({advice})"
 
 
 def encode_prompt_contexts(model: Any, encoder: PromptEncoder, prompt: SamplePrompt, device: torch.device,
