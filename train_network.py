@@ -32,6 +32,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from library.data.metadata import group_metadata
 from library.errors import AnimaError
 from library.io import files
+from library.models.precision import FLOAT16_OVERFLOW_ADVICE
 from library.training import checkpointing, flow_matching, outputs, preflight, schedule
 from library.training import state as train_state
 from library.training.args import MIXED_PRECISION_DTYPES, SAVE_PRECISION_DTYPES
@@ -488,8 +489,8 @@ class NetworkTrainer:
         good_position, good_rng = self.guard.streak_start
         path = self.writer.save_state(outputs.step_state_name(self.args, good_position.global_step),
                                       position=good_position, kind=train_state.NONFINITE, rng=good_rng)
-        fp16 = ("; float16 itself may overflow (the text encoder and VAE compute in it too): --mixed_precision bf16 "
-                "or no avoids that") if self.args.mixed_precision == "fp16" else ""
+        fp16 = (f"; {FLOAT16_OVERFLOW_ADVICE} (the text encoder and VAE compute in it too)"
+                if self.args.mixed_precision == "fp16" else "")
         raise AnimaError(f"{self.guard.consecutive} steps in a row had a non-finite loss or gradient (the first after "
                          f"step {good_position.global_step}); the state of the last good step is saved in {path}; "
                          f"lower --learning_rate (or check the models and data), then continue with --resume {path}"

@@ -39,6 +39,7 @@ from library.data.datasets import DatasetGroup, listing
 from library.data.records import ImageInfo
 from library.errors import AnimaError
 from library.io.npz import NPZ_READ_ERRORS, merge_into_npz
+from library.models.precision import FLOAT16_OVERFLOW_ADVICE
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,7 @@ def _split_batch(outputs: dict[str, torch.Tensor], count: int) -> list[dict[str,
 
 def _non_finite_message(info: ImageInfo, caption: str, dtype: torch.dtype | None) -> str:
     shown = caption if len(caption) <= 60 else caption[:57] + "..."
-    advice = ("float16's range is too small for it: use --mixed_precision bf16 (or no)" if dtype == torch.float16
-              else "check the --qwen3 file (it may be damaged)")
+    advice = FLOAT16_OVERFLOW_ADVICE if dtype == torch.float16 else "check the --qwen3 file (it may be damaged)"
     return (f"the text encoder produced NaN/inf outputs for the caption of {info.path} ({shown!r}) while caching "
             f"text-encoder outputs, in {str(dtype).replace('torch.', '') if dtype else 'its dtype'}; {advice}")
 

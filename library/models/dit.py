@@ -168,7 +168,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
                 F.layer_norm(row, width, w.reshape(-1), b.reshape(-1), NORM_EPS)
                 for row, w, b in zip(x.split(1), weight, bias)
             ])
-    return h if h.dtype == dtype else h.to(dtype)
+    return h.to(dtype)  # a no-op when h is already in it
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""The dtype the DiT keeps its hidden states in: one rule, read by the model and by the memory planner
-(``block_swap``), which the model imports."""
+"""float16 facts shared across layers: the dtype the DiT keeps its hidden states in (read by the model and by the
+memory planner, ``block_swap``, which the model imports), and the advice every float16 NaN/inf message gives."""
 
 from __future__ import annotations
 
@@ -14,3 +14,7 @@ def residual_stream_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     way). bfloat16 has float32's range and keeps its own.
     """
     return torch.float32 if compute_dtype == torch.float16 else compute_dtype
+
+
+# What every message about a float16 NaN/inf (text-encoder cache, samples, the non-finite guard's stop) advises.
+FLOAT16_OVERFLOW_ADVICE = "float16 may overflow: --mixed_precision bf16 or no avoids that"

@@ -30,6 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from library.errors import AnimaError
 from library.io.files import atomic_write
+from library.models.precision import FLOAT16_OVERFLOW_ADVICE
 from library.training.flow_matching import sampling_sigmas
 
 logger = logging.getLogger(__name__)
@@ -551,7 +552,7 @@ def _training_sample_problem(values: torch.Tensor, made_by: str, dtype: torch.dt
     if made_by == "VAE":
         advice = "a 16-bit VAE can overflow: --no_half_vae" if dtype != torch.float32 else "check the --vae file"
     elif dtype == torch.float16:
-        advice = "float16 may overflow: --mixed_precision bf16 or no avoids that"
+        advice = FLOAT16_OVERFLOW_ADVICE
     else:
         advice = "the LoRA may have diverged: check the loss and --learning_rate"
     return f"{problem} ({advice})"
