@@ -15,6 +15,10 @@ device sync. Everything else is counted, even though on this CPU run every tenso
 
     python bench/bench_host_syncs.py --json                 # every optimizer; last line one JSON object
     python bench/bench_host_syncs.py --optimizers AdamW --steps 20 --verbose
+    python bench/bench_host_syncs.py --fp16_loss_scaler --json   # AdamW under fp16 with a loss scaler
+
+`--fp16_loss_scaler` runs AdamW with `--mixed_precision fp16` and torch's GradScaler on the CPU, standing in for
+the scaler accelerate creates on CUDA (it creates none on the CPU); its JSON key is `AdamW+fp16_loss_scaler`.
 
 The JSON maps the configuration to host syncs per step: the optimizer (`Adafactor+fused` = Adafactor with
 `--fused_backward_pass`), and AdamW with `--scale_weight_norms` or with latents encoded live every step.
@@ -127,8 +131,33 @@ def optimizer_host_tensors(optimizer: torch.optim.Optimizer) -> set[int]:
             if isinstance(s.get("step"), torch.Tensor) and s["step"].device.type == "cpu"}
 
 
-def count_run(setup, out_dir: Path, optimizer_flags: list[str], warmup: int, steps: int) -> HostSyncCounter:
-    """Train warmup + steps + 1 steps; count from the start of step warmup+1 to the start of step warmup+steps+1."""
+FP16_LOSS_SCALER = "AdamW+fp16_loss_scaler"
+FP16_LOSS_SCALER_FLAGS = ["--optimizer_type", "AdamW", "--mixed_precision", "fp16"]
+
+
+def with_cpu_loss_scaler(accelerator_class: type, **scaler_options) -> type:
+    """An Accelerator that, under fp16, has the loss scaler accelerate creates on CUDA only (a CPU GradScaler with
+    `scaler_options`, e.g. init_scale, growth_interval; the tests use it too)."""
+
+    class ScalingAccelerator(accelerator_class):
+        options = scaler_options
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.mixed_precision == "fp16":
+                self.scaler = torch.amp.GradScaler("cpu", **self.options)
+                self.native_amp = True
+
+    return ScalingAccelerator
+
+
+def count_run(setup, out_dir: Path, optimizer_flags: list[str], warmup: int, steps: int,
+              loss_scaler: bool = False) -> HostSyncCounter:
+    """Train warmup + steps + 1 steps; count from the start of step warmup+1 to the start of step warmup+steps+1.
+    `loss_scaler`: train through a CPU GradScaler (with fp16 flags; see `with_cpu_loss_scaler`)."""
+    from accelerate.state import AcceleratorState
+
+    import train_network
     from anima_train_network import AnimaNetworkTrainer
     from library.training.args import parse_args
 
@@ -156,7 +185,15 @@ def count_run(setup, out_dir: Path, optimizer_flags: list[str], warmup: int, ste
                 counter_box["c"].__exit__(None, None, None)
             return super().train_step(args, batch)
 
-    CountedTrainer().train(args)
+    plain_accelerator = train_network.Accelerator
+    AcceleratorState._reset_state(reset_partial_state=True)  # another --mixed_precision than the run before
+    if loss_scaler:
+        train_network.Accelerator = with_cpu_loss_scaler(plain_accelerator)
+    try:
+        CountedTrainer().train(args)
+    finally:
+        train_network.Accelerator = plain_accelerator
+        AcceleratorState._reset_state(reset_partial_state=True)
     return counter_box["c"]
 
 
@@ -167,6 +204,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="counted steps")
     parser.add_argument("--verbose", action="store_true", help="print where the counted reads happen")
     parser.add_argument("--json", action="store_true", help="end with one JSON line {optimizer: syncs per step}")
+    parser.add_argument("--fp16_loss_scaler", action="store_true",
+                        help=f"also count {FP16_LOSS_SCALER}: AdamW under fp16 with a CPU GradScaler")
     args = parser.parse_args()
     torch.set_num_threads(1)
     import logging
@@ -178,8 +217,11 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         setup = write_tiny_anima_setup(Path(tmp) / "tiny")
-        for name in args.optimizers:
-            counter = count_run(setup, Path(tmp) / name, OPTIMIZERS[name], args.warmup, args.steps)
+        cases = [(name, OPTIMIZERS[name], False) for name in args.optimizers]
+        if args.fp16_loss_scaler:
+            cases.append((FP16_LOSS_SCALER, FP16_LOSS_SCALER_FLAGS, True))
+        for name, flags, loss_scaler in cases:
+            counter = count_run(setup, Path(tmp) / name, flags, args.warmup, args.steps, loss_scaler=loss_scaler)
             per_step = counter.total / args.steps
             result[name] = round(per_step, 3)
             rows.append((name, counter.total, per_step, dict(counter.counts)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.bench_host_syncs import OPTIMIZERS, HostSyncCounter, count_run
+from bench.bench_host_syncs import FP16_LOSS_SCALER_FLAGS, OPTIMIZERS, HostSyncCounter, count_run
 from library.models.dit import LLMAdapter
 from library.training import reporting
 from library.training.reporting import TrainingReporter, read_scalars
@@ -41,6 +41,15 @@ def test_a_training_step_reads_the_device_once_for_the_guard_loss_and_logs_toget
     # across the epoch boundaries (4 steps per epoch here): one read per step in all.
     assert counter.total == steps, counter.sites
     assert all(site.startswith("tolist") and "train_network.py" in site for site in counter.sites), counter.sites
+
+
+def test_an_fp16_loss_scaler_adds_exactly_its_own_inf_check_per_step(tiny_setup, tmp_path):
+    """With a loss scaler (CUDA fp16) torch's GradScaler reads its inf flag before letting the optimizer step: one
+    more read per step, from the scaler, and nothing else."""
+    steps = 8
+    counter = count_run(tiny_setup, tmp_path, FP16_LOSS_SCALER_FLAGS, warmup=2, steps=steps, loss_scaler=True)
+    assert counter.total == 2 * steps, counter.sites
+    assert dict(counter.counts) == {"tolist": steps, "_local_scalar_dense": steps}, counter.sites
 
 
 def test_reporter_reads_queued_losses_at_once_and_prints_the_same_lines(monkeypatch, capsys):

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
-from train_helpers import ScalingAccelerator, tiny_train_argv
+from train_helpers import tiny_train_argv
 
 import anima_train_network
 import train_network
 from anima_train_network import AnimaNetworkTrainer
+from bench.bench_host_syncs import with_cpu_loss_scaler
 from library.errors import AnimaError
 from library.training import schedule
 from library.training.args import parse_args
@@ -104,8 +106,8 @@ def test_end_of_run_state_of_a_part_epoch_resumes_to_the_uninterrupted_run(tiny_
     assert_bit_identical(lora(eight_steps / "tiny.safetensors"), lora(tmp_path / "tiny.safetensors"))
 
 
-class _GrowingScaleAccelerator(ScalingAccelerator):
-    growth_interval = 1  # the scale doubles after every step without inf/NaN, so it differs step by step
+# The scale doubles after every step without inf/NaN, so it differs step by step.
+_GrowingScaleAccelerator = with_cpu_loss_scaler(Accelerator, init_scale=1024.0, growth_interval=1)
 
 
 def test_fp16_loss_scaler_state_is_saved_and_resumed_exactly(tiny_setup, tmp_path, monkeypatch,
@@ -118,7 +120,7 @@ def test_fp16_loss_scaler_state_is_saved_and_resumed_exactly(tiny_setup, tmp_pat
     first = run(argv(tiny_setup, tmp_path / "parts", *fp16, "--max_train_steps", "4", "--save_state"))
     state = tmp_path / "parts" / "tiny-state"
     saved = torch.load(state / "scaler.pt", weights_only=True)
-    assert saved["scale"] == first.accelerator.scaler.get_scale() != _GrowingScaleAccelerator.init_scale
+    assert saved["scale"] == first.accelerator.scaler.get_scale() != _GrowingScaleAccelerator.options["init_scale"]
     resumed = run(argv(tiny_setup, tmp_path / "parts", *fp16, "--max_train_steps", "8", "--resume", str(state)))
     assert resumed.accelerator.scaler.get_scale() == whole.accelerator.scaler.get_scale()
     assert_bit_identical(lora(tmp_path / "whole" / "tiny.safetensors"), lora(tmp_path / "parts" / "tiny.safetensors"))

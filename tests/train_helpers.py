@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 
 from anima_train_network import AnimaNetworkTrainer
+from bench.bench_host_syncs import with_cpu_loss_scaler
 from library.training.args import MIXED_PRECISION_DTYPES, parse_args
 
 
@@ -60,15 +60,6 @@ def train_tiny(tiny, out: Path, network_module: str, *extra: str) -> AnimaNetwor
     return trainer
 
 
-class ScalingAccelerator(Accelerator):
-    """accelerate as on CUDA under fp16: with a loss scaler (accelerate gives the CPU none). Monkeypatch it over
-    ``train_network.Accelerator``; class attributes set the scaler's initial scale and growth interval."""
-
-    init_scale = 1024.0
-    growth_interval = 2000
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.mixed_precision == "fp16":
-            self.scaler = torch.amp.GradScaler("cpu", init_scale=self.init_scale, growth_interval=self.growth_interval)
-            self.native_amp = True
+# accelerate as on CUDA under fp16: with a loss scaler (accelerate gives the CPU none). Monkeypatch it over
+# ``train_network.Accelerator``.
+ScalingAccelerator = with_cpu_loss_scaler(Accelerator, init_scale=1024.0)
